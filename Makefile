@@ -1,0 +1,51 @@
+# inbetweener: `make demo` runs the curate job on generated footage, `make test` runs the tests.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= out/demo
+OPENCV_VERSION := 4.12.0.88
+
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: help install demo test test-fast lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	command -v ffprobe >/dev/null || (apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null) || true
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[pipeline,training,dev]'
+	# Both OpenCV variants share cv2/: put the headless one back last, on purpose (no libGL needed).
+	$(BIN)/pip install -q --force-reinstall --no-deps opencv-python-headless==$(OPENCV_VERSION)
+	$(BIN)/python -c "import cv2, av, scenedetect, ray, torch; print('cv2', cv2.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with every dependency group
+
+demo: $(STAMP)  ## generate sample footage and curate it with local Ray
+	$(BIN)/inbetweener demo --out $(DEMO_OUT)
+
+test: $(STAMP)  ## run the test suite (CPU, offline)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## tests without the slow end-to-end runs
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)  ## curate benchmark: decode vs CPU stages, 1 and 2 workers, peak memory
+	$(BIN)/inbetweener bench curate
+
+clean:  ## remove the venv and outputs
+	rm -rf $(VENV) out .pytest_cache

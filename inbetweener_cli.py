@@ -1,0 +1,56 @@
+"""The `inbetweener` console script: one entry point, one subcommand per job.
+
+Each subcommand is `main(argv=None)` in its own package and is imported only when chosen, so
+that `inbetweener curate` never imports torch and `inbetweener interpolate` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "curate": ("pipeline.cli", "curate_main", "raw footage -> shots -> scores -> shards + manifest + report"),
+    "select": ("pipeline.cli", "select_main", "re-apply thresholds from a manifest and re-shard (no decoding)"),
+    "report": ("pipeline.cli", "report_main", "rebuild report.html from a manifest"),
+    "demo": ("pipeline.cli", "demo_main", "generate sample cartoon footage and curate it with local Ray"),
+    "bench": ("pipeline.bench", "main", "benchmarks (bench curate: decoding vs CPU stages, workers, memory)"),
+    "describe": ("training.describe", "main", "parameter counts per part of a model preset"),
+    "convert": ("training.convert", "main", "write a checkpoint as safetensors with its config"),
+    "train": ("training.train", "main", "train a ToonCrafter stage (rectify, decoder, sketch)"),
+    "interpolate": ("inference.interpolate", "main", "keyframes + prompt (+ sketches) -> in-between frames"),
+    "evaluate": ("inference.evaluate", "main", "metrics on the eval split (FVD, KVD, LPIPS, CLIP, CPBD)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: inbetweener COMMAND [ARGS...]", "", "commands:"]
+    for name, (module, _, text) in COMMANDS.items():
+        if importlib.util.find_spec(module.split(".")[0]) is not None:
+            lines.append(f"  {name:<12} {text}")
+    lines += ["", "Run `inbetweener COMMAND --help` for a command's options and an example."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"inbetweener: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        print(f"inbetweener {name}: not available in this install ({exc})", file=sys.stderr)
+        return 2
+    result = getattr(module, func_name)(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

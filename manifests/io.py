@@ -1,0 +1,115 @@
+"""Reading and writing manifests and shard indexes, with atomic visibility.
+
+A file becomes visible only when complete: everything is written to a temporary name in the same
+folder, then renamed. Readers therefore never see half a manifest, even after `kill -9`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.schema import CLIP_SCHEMA, SCHEMA_VERSION, conform
+
+CODE_VERSION = "0.1.0"
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be read as this project's manifest."""
+
+
+@contextmanager
+def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path | str, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def manifest_metadata(config: dict | None = None) -> dict[bytes, bytes]:
+    return {
+        b"inbetweener.schema_version": SCHEMA_VERSION.encode(),
+        b"inbetweener.code_version": CODE_VERSION.encode(),
+        b"inbetweener.config": json.dumps(config or {}, sort_keys=True, default=str).encode(),
+    }
+
+
+def write_manifest(table: pa.Table, path: Path | str, config: dict | None = None) -> Path:
+    """Write clip rows (any subset of the schema's columns) as a versioned Parquet file."""
+    table = conform(table)
+    table = table.replace_schema_metadata(manifest_metadata(config))
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_manifest(path: Path | str) -> pa.Table:
+    """Read a manifest file (or a folder of parquet parts) and check its schema version."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such manifest")
+    try:
+        if path.is_dir():
+            parts = sorted(path.glob("*.parquet"))
+            if not parts:
+                raise ManifestError(f"{path}: folder holds no .parquet parts")
+            tables = [_read_one(p) for p in parts]
+            return pa.concat_tables(tables)
+        return _read_one(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+
+
+def _read_one(path: Path) -> pa.Table:
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    version = meta.get(b"inbetweener.schema_version", b"").decode()
+    if not version:
+        raise ManifestError(f"{path}: no inbetweener.schema_version in the file metadata; not a clip manifest")
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ManifestError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+    return conform(table.replace_schema_metadata(None))
+
+
+def manifest_config(path: Path | str) -> dict:
+    """The resolved job config stored in a manifest's metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"inbetweener.config", b"{}"))
+
+
+def read_shard_index(shard_dir: Path | str) -> pa.Table:
+    """The rows of every shard in a folder (from the `NNNNNN.parquet` siblings), in shard order."""
+    shard_dir = Path(shard_dir)
+    parts = sorted(p for p in shard_dir.glob("*.parquet") if not p.name.startswith("."))
+    if not parts:
+        return CLIP_SCHEMA.empty_table()
+    return pa.concat_tables([conform(pq.read_table(p).replace_schema_metadata(None)) for p in parts])
+
+
+def list_shards(shard_dir: Path | str) -> list[Path]:
+    """Complete shard tars of a folder in order (temporary files are hidden by a leading dot)."""
+    return sorted(p for p in Path(shard_dir).glob("*.tar") if not p.name.startswith("."))

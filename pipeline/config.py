@@ -1,0 +1,210 @@
+"""The curate job's configuration: one dataclass per stage, YAML files and `--set` overrides.
+
+YAML files and `--set stage.key=value` only override dataclass fields; an unknown stage or key, or
+a value of the wrong type, is an error before any work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; raised before any work starts."""
+
+
+@dataclass
+class ProbeConfig:
+    max_width: int = 4096  # larger frames are an error row (absurd input), not a slow job
+    max_height: int = 4096
+    max_duration_s: float = 6 * 3600.0  # longer than this is an error row
+    vfr_tolerance: float = 0.05  # relative spread of frame intervals tolerated before "variable frame rate"
+    hash_chunk_bytes: int = 1 << 20  # read size while hashing the source content
+
+
+@dataclass
+class ShotsConfig:
+    detector: str = "adaptive"  # PySceneDetect detector: adaptive | content
+    threshold: float = 3.0  # adaptive: ratio threshold; content: content_val threshold (27 is its default)
+    min_content_val: float = 15.0  # adaptive: minimum content change for a cut
+    analysis_width: int = 256  # frames are decoded straight to this size for detection, timing, motion
+    analysis_height: int = 160
+    margin_frames: int = 2  # frames dropped on each side of a cut so no neighbouring-shot frame leaks in
+    min_len_s: float = 1.0  # shorter clips are rejected (reason shots)
+    max_len_s: float = 10.0  # longer shots are cut into windows of this length
+    window_stride_s: float = 0.0  # 0 = back-to-back windows; >0 = start every stride seconds
+    keyframe_width: int = 512  # first/mid/last frames kept for the model stages and thumbnails
+    keyframe_height: int = 320
+
+
+@dataclass
+class TimingConfig:
+    held_threshold: float = 0.6  # mean abs difference (0..255) below which a frame repeats its predecessor
+    dominant_share: float = 0.6  # share of holds of one length needed to call a clip ones/twos/threes
+
+
+@dataclass
+class MotionConfig:
+    min: float = 0.15  # reject below: mean flow magnitude in % of the frame diagonal (static shots)
+    max: float | None = None  # reject above (e.g. flashes, shaky footage); None = no upper bound
+    flow_width: int = 256  # fixed analysis size, so the threshold means the same at any resolution
+    flow_height: int = 160
+    max_pairs: int = 48  # at most this many distinct-drawing pairs are measured per clip (evenly spaced)
+    preset: str = "ultrafast"  # OpenCV DIS preset: ultrafast | fast | medium
+
+
+@dataclass
+class WriteConfig:
+    width: int = 512  # clips are re-encoded at the training resolution (resize + centre crop)
+    height: int = 320
+    fps: float | None = None  # None keeps the source rate; a number resamples by frame selection
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "veryfast"
+    shard_bytes: int = 1 << 30  # target tar size; a shard closes once it reaches this many bytes
+
+
+@dataclass
+class RunConfig:
+    workers: int = 0  # parallel tasks for the CPU stages; 0 = one per CPU Ray sees
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
+    fail_on_error: bool = False  # exit non-zero when any source failed
+    progress: bool = True
+
+
+@dataclass
+class CurateConfig:
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    shots: ShotsConfig = field(default_factory=ShotsConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections: tuple[str, ...]) -> str:
+        """A stable string of some sections: scores depend on these, thresholds do not."""
+        return json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+
+
+# Sections whose values change scores or clip boundaries (a change invalidates finished work);
+# thresholds (motion.min/max) are applied from the manifest and can change freely (`select`).
+SCORING_SECTIONS = ("probe", "shots", "timing")
+THRESHOLD_KEYS = {("motion", "min"), ("motion", "max")}
+
+
+def _coerce(value, annotation, key: str):
+    """Cast a YAML/--set value to a field's annotated type, or raise ConfigError naming the key."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in hints:
+            return None
+        raise ConfigError(f"config key {key!r} cannot be null")
+    for hint in hints:
+        if hint is type(None):
+            continue
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            continue
+        if hint in (int, float):
+            if isinstance(value, bool):
+                continue
+            try:
+                cast = hint(value)
+            except (TypeError, ValueError):
+                continue
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                continue
+            return cast
+        if hint is str:
+            return str(value)
+    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {annotation}")
+
+
+def _parse_scalar(text: str):
+    """`--set` values are YAML scalars: 0.3, true, null, ultrafast."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {text!r}: {exc}") from exc
+
+
+def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateConfig:
+    """Apply {section: {key: value}} to a config, checking every section, key and value."""
+    for section, values in overrides.items():
+        if section not in {f.name for f in dataclasses.fields(config)}:
+            raise ConfigError(f"unknown config section {section!r} (known: {[f.name for f in dataclasses.fields(config)]})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
+        target = getattr(config, section)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown config key {section}.{key} (known: {sorted(fields)})")
+            setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
+    _validate(config)
+    return config
+
+
+def _validate(config: CurateConfig) -> None:
+    checks = [
+        (config.shots.detector in ("adaptive", "content"), "shots.detector must be adaptive or content"),
+        (config.shots.min_len_s > 0, "shots.min_len_s must be > 0"),
+        (config.shots.max_len_s >= config.shots.min_len_s, "shots.max_len_s must be >= shots.min_len_s"),
+        (config.shots.margin_frames >= 0, "shots.margin_frames must be >= 0"),
+        (config.motion.preset in ("ultrafast", "fast", "medium"), "motion.preset must be ultrafast, fast or medium"),
+        (config.motion.max_pairs >= 1, "motion.max_pairs must be >= 1"),
+        (config.write.width % 2 == 0 and config.write.height % 2 == 0, "write.width and write.height must be even"),
+        (config.write.shard_bytes > 0, "write.shard_bytes must be > 0"),
+        (config.write.fps is None or config.write.fps > 0, "write.fps must be > 0 or null"),
+        (config.run.workers >= 0, "run.workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_set(items: list[str]) -> dict[str, dict]:
+    """['motion.min=0.3', 'write.fps=24'] -> {'motion': {'min': 0.3}, 'write': {'fps': 24}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects stage.key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        out.setdefault(section, {})[key] = _parse_scalar(raw)
+    return out
+
+
+def load_config(path: Path | str | None = None, sets: list[str] | None = None) -> CurateConfig:
+    """Defaults, then a YAML file, then `--set` items; every key checked."""
+    config = CurateConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file is a mapping of stage sections")
+        apply_overrides(config, data)
+    if sets:
+        apply_overrides(config, parse_set(sets))
+    return config
+
+
+def config_from_dict(data: dict) -> CurateConfig:
+    return apply_overrides(CurateConfig(), data)

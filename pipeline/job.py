@@ -1,0 +1,300 @@
+"""The curate job: discover -> score (Ray) -> decide -> encode (Ray) -> split -> shards, manifest, report.
+
+Finished work is recorded under OUT/.work so that the same command after a crash (even kill -9)
+continues where it stopped:
+  .work/sources/<uri hash>.parquet   the scored rows of one finished source (written atomically)
+  .work/clips/<clip_id>.mp4          an encoded clip (written atomically)
+  .work/state.json                   the scoring config the work was done with
+  .work/done.json                    what the last finished run produced (a rerun is then a no-op)
+The final steps (shards, manifest, report) are rebuilt from these files and are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.io import atomic_path, read_manifest, write_json_atomic, write_manifest
+from manifests.schema import CLIP_SCHEMA, conform
+from pipeline.config import SCORING_SECTIONS, THRESHOLD_KEYS, ConfigError, CurateConfig
+from pipeline.select import decide
+from pipeline.stages.discover import ProbeStage, discover
+from pipeline.stages.motion import MotionStage
+from pipeline.stages.shots import ShotsStage
+from pipeline.stages.timing import TimingStage
+from pipeline.stages.write import EncodeSource, save_clip, write_shards
+
+WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
+
+
+class Progress:
+    """One line per update: stage, done/total, rate, ETA."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool = True):
+        self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
+        self.done = 0
+        self.items = 0
+        self.start = time.monotonic()
+
+    def update(self, done: int = 1, items: int = 0) -> None:
+        self.done += done
+        self.items += items
+        if not self.enabled:
+            return
+        elapsed = max(1e-6, time.monotonic() - self.start)
+        rate = self.items / elapsed
+        eta = (self.total - self.done) * elapsed / max(1, self.done)
+        print(
+            f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.items} clips, "
+            f"{rate:.1f} clips/s, ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def uri_key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:20]
+
+
+@dataclass
+class JobResult:
+    out: Path
+    manifest: Path
+    report: Path | None
+    sources: int
+    failed_sources: int
+    clips: int
+    kept: int
+    noop: bool = False
+    counts: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [
+            f"sources: {self.sources} ({self.failed_sources} failed)",
+            f"candidate clips: {self.clips}, kept: {self.kept}",
+            f"manifest: {self.manifest}",
+            f"shards:   {self.out / 'shards' / 'train'}  and  {self.out / 'shards' / 'eval'}",
+        ]
+        if self.report:
+            lines.append(f"report:   {self.report}")
+        return "\n".join(lines)
+
+
+class CurateJob:
+    def __init__(self, inputs: list[str], out: Path | str, config: CurateConfig, restart: bool = False):
+        self.inputs = list(inputs)
+        self.out = Path(out)
+        self.config = config
+        self.work = self.out / ".work"
+        self.parts = self.work / "sources"
+        self.clips = self.work / "clips"
+        self.restart = restart
+        self.log = config.run.progress
+
+    # ------------------------------------------------------------------ entry points
+    def run(self) -> JobResult:
+        if not self.inputs:
+            raise ConfigError("no inputs given")
+        sources = discover(self.inputs)
+        if not sources:
+            raise ConfigError(f"no video files found in {self.inputs}")
+        self._check_state()
+        done_key = self._done_key(sources)
+        done_file = self.work / "done.json"
+        manifest = self.out / "manifest.parquet"
+        if done_file.exists() and manifest.exists() and json.loads(done_file.read_text()).get("key") == done_key:
+            table = read_manifest(manifest)
+            result = self._result(table, noop=True)
+            self._say("nothing to do: this job already finished with the same inputs and config")
+            return result
+        self._score(sources)
+        table = self._load_parts(sources)
+        result = self.finalize(table)
+        write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
+        return result
+
+    def finalize(self, table: pa.Table) -> JobResult:
+        """decide -> encode what is missing -> split -> shards -> manifest -> report."""
+        from pipeline.report import write_report
+
+        table = decide(table, self.config)
+        table = self._encode(table)
+        table = self._split(table)
+        table = self._write_shards(table)
+        manifest = self.out / "manifest.parquet"
+        write_manifest(table, manifest, self.config.to_dict())
+        report = write_report(self.out, table, self.config, thumbs=self._thumbs())
+        return self._result(table, report=report)
+
+    # ------------------------------------------------------------------ steps
+    def _check_state(self) -> None:
+        """Finished work is only reused when it was scored with the same scoring config."""
+        state_file = self.work / "state.json"
+        current = self._scoring_fingerprint()
+        if self.restart and self.work.exists():
+            import shutil
+
+            shutil.rmtree(self.work)
+        if state_file.exists():
+            saved = json.loads(state_file.read_text())["scoring"]
+            if saved != current:
+                changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+                raise ConfigError(
+                    f"{self.out} holds work scored with a different config ({', '.join(changed)}); "
+                    "use another --out, or --restart to discard it"
+                )
+        else:
+            write_json_atomic(state_file, {"scoring": current})
+
+    def _scoring_fingerprint(self) -> dict:
+        data = {s: getattr(self.config, s).__dict__ for s in SCORING_SECTIONS}
+        motion = {k: v for k, v in self.config.motion.__dict__.items() if ("motion", k) not in THRESHOLD_KEYS}
+        data["motion"] = motion
+        return json.loads(json.dumps(data, sort_keys=True))
+
+    def _done_key(self, sources: list[str]) -> str:
+        blob = json.dumps({"sources": sources, "config": self.config.to_dict()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def stages(self) -> list:
+        c = self.config
+        return [
+            ProbeStage(**c.probe.__dict__),
+            ShotsStage(**c.shots.__dict__),
+            TimingStage(**c.timing.__dict__),
+            MotionStage(
+                flow_width=c.motion.flow_width,
+                flow_height=c.motion.flow_height,
+                max_pairs=c.motion.max_pairs,
+                preset=c.motion.preset,
+            ),
+        ]
+
+    def _score(self, sources: list[str]) -> None:
+        from pipeline.runner import init_ray, run_stages
+
+        pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
+        if len(pending) < len(sources):
+            self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
+        if not pending:
+            return
+        init_ray(self.config.run.address, num_cpus=self.config.run.workers or None)
+        workers = self._workers()
+        progress = Progress("score", len(pending), "sources", self.log)
+        open_rows: dict[str, list[dict]] = {}
+        expected: dict[str, int] = {}
+        for row in run_stages([{"source_uri": u} for u in pending], self.stages(), workers):
+            uri = row["source_uri"]
+            if row.get("row_kind") == "source_end":
+                expected[uri] = int(row["clips_emitted"])
+            else:
+                open_rows.setdefault(uri, []).append(row)
+            if uri in expected and len(open_rows.get(uri, [])) >= expected[uri]:
+                rows = open_rows.pop(uri, [])
+                self._save_part(uri, rows)
+                expected.pop(uri)
+                progress.update(1, len(rows))
+
+    def _workers(self) -> int:
+        import ray
+
+        if self.config.run.workers:
+            return self.config.run.workers
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def _save_part(self, uri: str, rows: list[dict]) -> None:
+        names = set(WORK_SCHEMA.names)
+        clean = [{k: v for k, v in row.items() if k in names} for row in rows]
+        for row in clean:
+            row.setdefault("split", "none")
+        table = pa.Table.from_pylist(clean, schema=WORK_SCHEMA)
+        with atomic_path(self.parts / f"{uri_key(uri)}.parquet", suffix=".parquet") as tmp:
+            pq.write_table(table, tmp)
+
+    def _load_parts(self, sources: list[str]) -> pa.Table:
+        tables = [pq.read_table(self.parts / f"{uri_key(uri)}.parquet") for uri in sources]
+        table = pa.concat_tables(tables).drop_columns(["thumb"])
+        return conform(table)
+
+    def _thumbs(self) -> dict[str, bytes]:
+        thumbs: dict[str, bytes] = {}
+        if not self.parts.exists():
+            return thumbs
+        for part in sorted(self.parts.glob("*.parquet")):
+            t = pq.read_table(part, columns=["clip_id", "thumb"])
+            for cid, data in zip(t["clip_id"].to_pylist(), t["thumb"].to_pylist()):
+                if data:
+                    thumbs[cid] = data
+        return thumbs
+
+    def _encode(self, table: pa.Table) -> pa.Table:
+        """Encode kept clips that are not in the clip cache yet (one Ray task per source)."""
+        from pipeline.runner import init_ray, run_tasks
+
+        rows = table.to_pylist()
+        jobs: dict[str, dict] = {}
+        for row in rows:
+            if row["status"] == "kept" and not (self.clips / f"{row['clip_id']}.mp4").exists():
+                job = jobs.setdefault(row["source_uri"], {"source_uri": row["source_uri"], "fps": row["fps"], "clips": []})
+                job["clips"].append({k: row[k] for k in ("clip_id", "start_frame", "end_frame")})
+        if jobs:
+            init_ray(self.config.run.address, num_cpus=self.config.run.workers or None)
+            w = self.config.write
+            encoder = EncodeSource(w.width, w.height, w.fps, w.codec, w.crf, w.preset)
+            progress = Progress("write", len(jobs), "sources", self.log)
+            failures: dict[str, str] = {}
+            for result in run_tasks(encoder, list(jobs.values()), self._workers()):
+                for cid, data in result["encoded"].items():
+                    save_clip(self.clips, cid, data)
+                failures.update(result["errors"])
+                progress.update(1, len(result["encoded"]))
+            if failures:
+                for row in rows:
+                    if row["clip_id"] in failures:
+                        row.update(status="error", reason=failures[row["clip_id"]])
+                table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+        return table
+
+    def _split(self, table: pa.Table) -> pa.Table:
+        """Every kept clip goes to train until the dedup-aware split exists; others to none."""
+        splits = ["train" if s == "kept" else "none" for s in table["status"].to_pylist()]
+        idx = table.schema.get_field_index("split")
+        return table.set_column(idx, "split", pa.array(splits, pa.string()))
+
+    def _write_shards(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        order = sorted(range(len(rows)), key=lambda i: (rows[i]["source_uri"], rows[i]["start_frame"] or 0))
+        by_id = {}
+        for split in ("train", "eval"):
+            chosen = [rows[i] for i in order if rows[i]["split"] == split]
+            written = write_shards(chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes)
+            by_id.update({r["clip_id"]: r for r in written})
+        final = []
+        for row in rows:
+            row = by_id.get(row["clip_id"], row)
+            if row["clip_id"] not in by_id:
+                row = {**row, "shard": None, "key": None}
+            final.append(row)
+        final.sort(key=lambda r: (r["source_uri"] or "", r["start_frame"] or 0, r["clip_id"]))
+        return pa.Table.from_pylist(final, schema=CLIP_SCHEMA)
+
+    # ------------------------------------------------------------------ helpers
+    def _result(self, table: pa.Table, report: Path | None = None, noop: bool = False) -> JobResult:
+        rows = table.select(["source_uri", "status", "row_kind"] if "row_kind" in table.column_names else ["source_uri", "status"]).to_pylist()
+        sources = {r["source_uri"] for r in rows}
+        failed = {r["source_uri"] for r in rows if r["status"] == "error"}
+        kept = sum(r["status"] == "kept" for r in rows)
+        clips = sum(1 for r in rows if r["status"] != "error")
+        report_path = report or ((self.out / "report.html") if (self.out / "report.html").exists() else None)
+        return JobResult(self.out, self.out / "manifest.parquet", report_path, len(sources), len(failed), clips, kept, noop)
+
+    def _say(self, text: str) -> None:
+        if self.log:
+            print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,136 @@
+"""discover + probe: list inputs, hash their content, read container facts.
+
+Unreadable, truncated, zero-length, audio-only, variable-frame-rate or absurd inputs become rows
+with `status=error` and a reason; the job goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from manifests.keys import clip_id, source_id_from_stream
+from pipeline.stages.base import Stage
+from pipeline.video import VIDEO_EXTENSIONS, SourceError, is_local, open_binary, probe
+
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+
+
+def discover(inputs: list[str]) -> list[str]:
+    """Expand inputs (files, folders, globs, list files, object-store URIs/prefixes) to source URIs.
+
+    A path that does not exist stays in the list: it becomes an error row, it is never dropped.
+    Order is deterministic (sorted within each input, inputs in the order given, duplicates once).
+    """
+    found: list[str] = []
+    for item in inputs:
+        found.extend(_expand(item))
+    seen: set[str] = set()
+    unique = []
+    for uri in found:
+        if uri not in seen:
+            seen.add(uri)
+            unique.append(uri)
+    return unique
+
+
+def _expand(item: str) -> list[str]:
+    if not is_local(item):
+        return _expand_remote(item)
+    path = Path(item[len("file://") :] if item.startswith("file://") else item)
+    if any(ch in str(path) for ch in "*?["):
+        return sorted(str(Path(p)) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if path.is_dir():
+        return sorted(
+            str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+        )
+    if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
+        out = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entry = line if "://" in line or os.path.isabs(line) else str(path.parent / line)
+                out.extend(_expand(entry))
+        return out
+    return [str(path)]
+
+
+def _expand_remote(uri: str) -> list[str]:
+    """Object-store URIs through fsspec: a prefix lists its videos, a glob is expanded."""
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(uri)
+    protocol = uri.split("://", 1)[0]
+    if any(ch in uri for ch in "*?["):
+        return sorted(f"{protocol}://{p}" for p in paths)
+    target = paths[0]
+    if fs.isdir(target):
+        files = fs.find(target)
+        return sorted(f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS)
+    return [uri]
+
+
+@dataclass
+class ProbeStage(Stage):
+    """Hash the source's bytes and read its container facts; refuse what the job cannot use."""
+
+    max_width: int = 4096
+    max_height: int = 4096
+    max_duration_s: float = 6 * 3600.0
+    vfr_tolerance: float = 0.05
+    hash_chunk_bytes: int = 1 << 20
+
+    name = "probe"
+
+    def process(self, row: dict) -> dict:
+        uri = row["source_uri"]
+        out = dict(row)
+        try:
+            with open_binary(uri) as handle:
+                out["source_id"] = source_id_from_stream(handle, self.hash_chunk_bytes)
+                size = handle.tell()
+            if size == 0:
+                raise SourceError("zero-byte file")
+            info = probe(uri)
+            out.update(codec=info.codec, width=info.width, height=info.height, fps=info.fps, num_frames=info.num_frames)
+            out["duration_s"] = info.duration_s
+            if info.width <= 0 or info.height <= 0:
+                raise SourceError("video stream has no frame size")
+            if info.width > self.max_width or info.height > self.max_height:
+                raise SourceError(
+                    f"frame size {info.width}x{info.height} exceeds probe.max_width x probe.max_height "
+                    f"= {self.max_width}x{self.max_height}"
+                )
+            if info.fps <= 0:
+                raise SourceError("video stream has no frame rate")
+            if info.num_frames <= 0 and info.duration_s <= 0:
+                raise SourceError("video stream has no frames")
+            if info.duration_s > self.max_duration_s:
+                raise SourceError(f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}")
+            if info.vfr_spread > self.vfr_tolerance:
+                raise SourceError(
+                    f"variable frame rate (frame intervals vary by {info.vfr_spread:.0%}); "
+                    "re-encode at a constant rate first"
+                )
+            out["status"] = None
+            out["reason"] = None
+        except SourceError as exc:
+            out.update(error_fields(out, f"probe: {exc}"))
+        return out
+
+
+def error_fields(row: dict, reason: str) -> dict:
+    """The fields of a failed source's row: one row per source, never dropped."""
+    sid = row.get("source_id") or ("uri-" + clip_id(row["source_uri"], 0, 0))
+    return {
+        "source_id": sid,
+        "clip_id": clip_id(sid, -1, -1),
+        "status": "error",
+        "reason": reason,
+        "split": "none",
+        "start_frame": 0,
+        "end_frame": 0,
+        "num_frames": 0,
+    }

@@ -1,0 +1,165 @@
+"""shots: PySceneDetect on frames decoded once, boundaries exact to the frame with a safety margin.
+
+The source is decoded once, straight to the keyframe size (resize to cover + centre crop), and
+each frame is reduced to the analysis size for the detector, timing and motion. Only the current
+shot's frames are held, and long shots are emitted window by window, so memory stays bounded
+whatever the length of the source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from manifests.keys import clip_id
+from pipeline.stages.base import Stage
+from pipeline.stages.discover import error_fields
+from pipeline.video import SourceError, encode_jpeg, iter_frames
+
+
+@dataclass
+class ShotsStage(Stage):
+    """Split a probed source into candidate clips: one row per shot window, plus a source_end row."""
+
+    detector: str = "adaptive"
+    threshold: float = 3.0
+    min_content_val: float = 15.0
+    analysis_width: int = 256
+    analysis_height: int = 160
+    margin_frames: int = 2
+    min_len_s: float = 1.0
+    max_len_s: float = 10.0
+    window_stride_s: float = 0.0
+    keyframe_width: int = 512
+    keyframe_height: int = 320
+
+    name = "shots"
+    emits_many = True
+
+    def process_rows(self, rows: list[dict]) -> Iterator[dict]:
+        for row in rows:
+            if row.get("status") == "error":
+                yield {**row, "row_kind": "error"}
+                yield {"row_kind": "source_end", "source_uri": row["source_uri"], "clips_emitted": 1}
+                continue
+            emitted = 0
+            for out in self.split(row):
+                emitted += 1
+                yield out
+            yield {"row_kind": "source_end", "source_uri": row["source_uri"], "clips_emitted": emitted}
+
+    def _make_detector(self, fps: float):
+        from scenedetect.detectors import AdaptiveDetector, ContentDetector
+
+        min_scene = max(2, int(round(self.min_len_s * fps / 2)))
+        if self.detector == "content":
+            return ContentDetector(threshold=self.threshold, min_scene_len=min_scene)
+        return AdaptiveDetector(adaptive_threshold=self.threshold, min_scene_len=min_scene, min_content_val=self.min_content_val)
+
+    def split(self, source: dict) -> Iterator[dict]:
+        import cv2
+        from scenedetect.common import FrameTimecode
+
+        fps = float(source["fps"])
+        detector = self._make_detector(fps)
+        lag = 8  # frames a cut may be reported late: progressive windows stay this far behind the newest frame
+        shot = _Shot(start=0, index=0, head=0)
+        next_frame = 0
+        try:
+            for image in iter_frames(source["source_uri"], self.keyframe_width, self.keyframe_height):
+                small = cv2.resize(image, (self.analysis_width, self.analysis_height), interpolation=cv2.INTER_AREA)
+                # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
+                for cut in detector.process_frame(FrameTimecode(next_frame, fps=fps), np.ascontiguousarray(small[..., ::-1])):
+                    shot = yield from self._cut(source, shot, cut.frame_num)
+                shot.frames.append((image, cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)))
+                next_frame += 1
+                if len(shot.frames) > self._max_len(fps) + lag + self.margin_frames:
+                    yield from self._windows(source, shot, shot.start + len(shot.frames) - lag, final=False)
+        except SourceError as exc:
+            yield {**source, **error_fields(source, f"shots: {exc}"), "row_kind": "error"}
+            return
+        if next_frame == 0:
+            yield {**source, **error_fields(source, "shots: video stream has no decodable frames"), "row_kind": "error"}
+            return
+        for cut in detector.post_process(FrameTimecode(next_frame, fps=fps)) or []:
+            if shot.start < cut.frame_num < next_frame:
+                shot = yield from self._cut(source, shot, cut.frame_num)
+        yield from self._windows(source, shot, shot.start + len(shot.frames), final=True)
+
+    def _max_len(self, fps: float) -> int:
+        return max(self._min_len(fps), int(round(self.max_len_s * fps)))
+
+    def _min_len(self, fps: float) -> int:
+        return max(2, int(math.ceil(self.min_len_s * fps)))
+
+    def _cut(self, source: dict, shot: _Shot, cut: int):
+        """A cut at frame `cut` (first frame of the new shot): close the shot, keep margins off the cut."""
+        tail = shot.frames[cut - shot.start :]
+        shot.frames = shot.frames[: cut - shot.start]
+        yield from self._windows(source, shot, cut - self.margin_frames, final=True)
+        new = _Shot(start=cut, index=shot.index + 1, head=self.margin_frames)
+        new.frames = tail
+        return new
+
+    def _windows(self, source: dict, shot: _Shot, end: int, final: bool) -> Iterator[dict]:
+        """Emit the shot's windows that end by `end`; on `final`, also the remainder (or a too-short row)."""
+        fps = float(source["fps"])
+        max_len, min_len = self._max_len(fps), self._min_len(fps)
+        stride = max_len if self.window_stride_s <= 0 else max(1, int(round(self.window_stride_s * fps)))
+        start = shot.start + shot.head
+        while end - start >= max_len:
+            yield self._row(source, shot, start, start + max_len)
+            shot.window += 1
+            start += stride
+        if final:
+            length = end - start
+            if length >= min_len:
+                yield self._row(source, shot, start, end)
+            elif length > 0 and shot.window == 0:
+                reason = f"shots: length {length / fps:.2f} s < min_len_s {self.min_len_s:g}"
+                yield self._row(source, shot, start, end, rejected=reason)
+            # a short tail after full windows is not a candidate clip
+            return
+        shot.frames = shot.frames[start - shot.start :]
+        shot.start, shot.head = start, 0
+
+    def _row(self, source: dict, shot: _Shot, start: int, end: int, rejected: str | None = None) -> dict:
+        fps = float(source["fps"])
+        chunk = shot.frames[start - shot.start : end - shot.start]
+        mid = len(chunk) // 2
+        row = {
+            **{k: source.get(k) for k in ("source_id", "source_uri", "fps", "width", "height", "codec")},
+            "clip_id": clip_id(source["source_id"], start, end),
+            "start_frame": start,
+            "end_frame": end,
+            "start_s": start / fps,
+            "end_s": end / fps,
+            "num_frames": end - start,
+            "shot_index": shot.index,
+            "window_index": shot.window,
+            "row_kind": "clip",
+            "status": None,
+            "reason": None,
+        }
+        if chunk:
+            row["thumb"] = encode_jpeg(chunk[mid][0])
+        if rejected:
+            row.update(status="rejected", reason=rejected, split="none")
+            return row
+        row["analysis"] = np.stack([gray for _, gray in chunk])  # [n, ah, aw] uint8
+        row["keyframes"] = [chunk[0][0], chunk[mid][0], chunk[-1][0]]  # first, mid, last RGB
+        return row
+
+
+@dataclass
+class _Shot:
+    """The frames of the shot being read: [start, start + len(frames)) as (keyframe RGB, analysis gray)."""
+
+    start: int
+    index: int
+    head: int  # frames skipped at the start (the safety margin after a cut)
+    window: int = 0
+    frames: list = field(default_factory=list)

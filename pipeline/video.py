@@ -1,0 +1,211 @@
+"""Video I/O with PyAV: opening local or object-store sources, probing, decoding, encoding.
+
+Everything that touches a container lives here so that stages deal in numpy frames and rows.
+PyAV decodes with its bundled FFmpeg (no system ffmpeg needed) and scales in swscale, which is
+cheaper than converting full frames to RGB and resizing them afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif")
+
+
+class SourceError(Exception):
+    """A source that cannot be used; its message becomes the row's reason."""
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+@contextmanager
+def open_binary(uri: str):
+    """A readable binary file for a local path or any fsspec URI (s3://, gs://, memory://...)."""
+    if is_local(uri):
+        path = local_path(uri)
+        if not os.path.exists(path):
+            raise SourceError(f"no such file: {path}")
+        if os.path.isdir(path):
+            raise SourceError(f"is a directory, not a video: {path}")
+        with open(path, "rb") as handle:
+            yield handle
+        return
+    import fsspec
+
+    try:
+        handle = fsspec.open(uri, "rb").open()
+    except FileNotFoundError as exc:
+        raise SourceError(f"no such object: {uri}") from exc
+    except Exception as exc:  # an unreachable store is a per-source error, not a crash
+        raise SourceError(f"cannot open {uri}: {exc}") from exc
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+@contextmanager
+def open_container(uri: str):
+    """An `av` input container, with open failures turned into SourceError."""
+    import av
+
+    with open_binary(uri) as handle:
+        try:
+            container = av.open(local_path(uri) if is_local(uri) else handle, mode="r")
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"not a readable video container ({_short(exc)})") from exc
+        except Exception as exc:
+            raise SourceError(f"cannot open as video ({_short(exc)})") from exc
+        try:
+            yield container
+        finally:
+            container.close()
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+@dataclass
+class ProbeInfo:
+    codec: str
+    width: int
+    height: int
+    fps: float
+    num_frames: int  # from the container; may be an estimate for formats that do not store it
+    duration_s: float
+    vfr_spread: float  # relative spread of packet intervals (0 for constant frame rate)
+
+
+def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
+    """Container facts of the first video stream, and a variable-frame-rate measure from packets."""
+    with open_container(uri) as container:
+        videos = [s for s in container.streams if s.type == "video"]
+        if not videos:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise SourceError(f"no video stream (streams: {', '.join(kinds)})")
+        stream = videos[0]
+        ctx = stream.codec_context
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        duration_s = 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / 1_000_000
+        num_frames = int(stream.frames or round(duration_s * fps))
+        pts = []
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size > 0:
+                    pts.append(packet.pts)
+                if len(pts) >= vfr_packets:
+                    break
+        except Exception as exc:
+            raise SourceError(f"cannot read packets ({_short(exc)})") from exc
+        spread = 0.0
+        if len(pts) >= 3:
+            steps = np.diff(np.sort(np.asarray(pts, dtype=np.float64)))
+            steps = steps[steps > 0]
+            if steps.size:
+                spread = float((steps.max() - steps.min()) / np.median(steps))
+        return ProbeInfo(
+            codec=ctx.name or "unknown",
+            width=int(ctx.width or 0),
+            height=int(ctx.height or 0),
+            fps=fps,
+            num_frames=num_frames,
+            duration_s=duration_s,
+            vfr_spread=spread,
+        )
+
+
+def cover_size(width: int, height: int, out_w: int, out_h: int) -> tuple[int, int]:
+    """The smallest even size >= (out_w, out_h) with the source's aspect (for resize + centre crop)."""
+    scale = max(out_w / width, out_h / height)
+    sw = max(out_w, int(round(width * scale / 2)) * 2)
+    sh = max(out_h, int(round(height * scale / 2)) * 2)
+    return sw, sh
+
+
+def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    top, left = (h - out_h) // 2, (w - out_w) // 2
+    return frame[top : top + out_h, left : left + out_w]
+
+
+def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterator[np.ndarray]:
+    """Decode every frame in order as uint8 RGB [height, width, 3].
+
+    crop=True: resize to cover then centre-crop (the aspect is kept); crop=False: plain resize.
+    Decode failures raise SourceError naming the frame they happened at.
+    """
+    import av
+
+    with open_container(uri) as container:
+        videos = [s for s in container.streams if s.type == "video"]
+        if not videos:
+            raise SourceError("no video stream")
+        stream = videos[0]
+        stream.thread_type = "AUTO"
+        index = 0
+        sw = sh = None
+        try:
+            for frame in container.decode(stream):
+                if sw is None:
+                    sw, sh = cover_size(frame.width, frame.height, width, height) if crop else (width, height)
+                image = frame.to_ndarray(width=sw, height=sh, format="rgb24")
+                if crop and (sw, sh) != (width, height):
+                    image = np.ascontiguousarray(center_crop(image, width, height))
+                yield image
+                index += 1
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+def encode_clip(frames: list[np.ndarray], fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast") -> bytes:
+    """Encode RGB frames [H, W, 3] as an mp4 in memory (yuv420p, constant frame rate)."""
+    import av
+
+    if not frames:
+        raise ValueError("no frames to encode")
+    height, width = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": preset}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def encode_jpeg(image: np.ndarray, width: int = 192, quality: int = 80) -> bytes:
+    """A small JPEG thumbnail of an RGB frame."""
+    import cv2
+
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (width, max(2, int(round(h * width / w)))), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("jpeg encoding failed")
+    return data.tobytes()
