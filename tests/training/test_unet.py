@@ -1,0 +1,113 @@
+"""UNet3D: the reference's outputs on the parity fixtures, tiny shapes, control residuals, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.models.unet import UNET_PRESETS, UNet3D, UNetConfig, unet_config_from_reference
+
+TOL = 1e-4  # parity/README.md: suggested acceptance for single forward passes in float32
+
+
+def _reference_unet(parity, name: str = "unet", **overrides) -> tuple[UNet3D, dict, dict, dict]:
+    spec, state_dict, inputs, outputs = parity(name)
+    kwargs = spec["constructor_kwargs"]
+    kwargs = kwargs.get("unet", kwargs)  # the sketch fixture nests the UNet's kwargs
+    model = UNet3D(unet_config_from_reference({**kwargs, **overrides})).eval()
+    model.load_state_dict(state_dict, strict=True)
+    return model, spec, inputs, outputs
+
+
+def test_config_from_reference_kwargs_expresses_the_fixture(parity):
+    spec, *_ = parity("unet")
+    cfg = unet_config_from_reference(spec["constructor_kwargs"])
+    assert cfg.model_channels == 32 and cfg.channel_mult == (1, 1, 2) and cfg.attention_resolutions == (2, 1)
+    assert cfg.init_attention and cfg.image_cross_attention and cfg.fs_condition and cfg.default_fs == 24
+    assert cfg.temporal_length == 4 and not cfg.gradient_checkpointing and not cfg.temporal_causal
+    with pytest.raises(ValueError, match="use_relative_position"):
+        unet_config_from_reference({**spec["constructor_kwargs"], "use_relative_position": True})
+    with pytest.raises(ValueError, match="unknown"):
+        unet_config_from_reference({"bogus": 1})
+
+
+def test_state_dict_keys_equal_the_reference_fixture(parity):
+    spec, state_dict, _, _ = parity("unet")
+    model = UNet3D(unet_config_from_reference(spec["constructor_kwargs"]))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    assert sorted(ours) == sorted(theirs)
+    assert ours == theirs
+    assert len(ours) == spec["n_state_dict_tensors"]
+
+
+@pytest.mark.parametrize("with_fs", [True, False], ids=["fs", "default_fs"])
+def test_parity_with_reference(parity, with_fs):
+    model, _, inputs, outputs = _reference_unet(parity)
+    fs = inputs["fs"] if with_fs else None
+    with torch.no_grad():
+        y = model(inputs["x"], inputs["timesteps"], inputs["context"], fs=fs)
+    expected = outputs["y"] if with_fs else outputs["y_default_fs"]
+    diff = (y - expected).abs().max().item()
+    assert diff <= TOL, f"max abs diff {diff:.3e}"
+
+
+def test_parity_with_sketch_control_residuals(parity):
+    # The sketch fixture's ControlledUnetModel uses unet.safetensors' weights with temporal_length 16.
+    _, unet_state, _, _ = parity("unet")
+    spec, _, inputs, outputs = parity("sketch")
+    cfg = unet_config_from_reference(spec["constructor_kwargs"]["unet"])
+    model = UNet3D(cfg).eval()
+    model.load_state_dict(unet_state, strict=True)
+    x = torch.cat([inputs["x_noisy"], inputs["c_concat"]], dim=1)
+    control = [outputs[f"control.{i}"] * spec["control_scale"] for i in range(len(model.input_blocks) + 1)]
+    with torch.no_grad():
+        y = model(x, inputs["timesteps"], inputs["c_crossattn"], fs=inputs["fs"], control=control)
+        y0 = model(x, inputs["timesteps"], inputs["c_crossattn"], fs=inputs["fs"])
+    assert (y - outputs["y_controlled"]).abs().max().item() <= TOL
+    assert (y0 - outputs["y_uncontrolled"]).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="residuals"):
+        model(x, inputs["timesteps"], inputs["c_crossattn"], control=control[:-1])
+
+
+def test_tiny_forward_shapes():
+    cfg = UNET_PRESETS["tiny"]
+    model = UNet3D(cfg).eval()
+    b, t = 2, 4
+    x = torch.randn(b, cfg.in_channels, t, 8, 16)
+    context = torch.randn(b, cfg.text_tokens + t * cfg.image_tokens_per_frame, cfg.context_dim)
+    with torch.no_grad():
+        y = model(x, torch.tensor([10, 900]), context, fs=torch.tensor([10, 3]))
+        y_text_only = model(x, torch.tensor([10, 900]), context[:, :77])  # context not split per frame
+    assert y.shape == (b, cfg.out_channels, t, 8, 16)
+    assert y_text_only.shape == y.shape
+
+
+def test_fresh_model_is_zero_initialised_where_the_reference_is():
+    model = UNet3D(UNET_PRESETS["tiny"])
+    assert model.out[-1].weight.abs().sum() == 0 and model.fps_embedding[-1].weight.abs().sum() == 0
+    assert model.input_blocks[1][0].temopral_conv.conv4[-1].weight.abs().sum() == 0
+    assert model.input_blocks[1][1].proj_out.weight.abs().sum() == 0
+
+
+def test_gradient_checkpointing_does_not_change_results():
+    torch.manual_seed(0)
+    plain = UNet3D(UNET_PRESETS["tiny"])
+    for p in plain.parameters():  # no zero branches, so that every path carries gradient
+        torch.nn.init.normal_(p, std=0.1)
+    ckpt = UNet3D(UNetConfig(**{**UNET_PRESETS["tiny"].__dict__, "gradient_checkpointing": True}))
+    ckpt.load_state_dict(plain.state_dict())
+    plain.train()
+    ckpt.train()
+    x = torch.randn(1, 8, 2, 8, 8)
+    context = torch.randn(1, 77 + 32, 32)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # same dropout masks
+        y = model(x, torch.tensor([500]), context, fs=torch.tensor([7]))
+        y.square().mean().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    (y_plain, g_plain), (y_ckpt, g_ckpt) = results
+    assert torch.equal(y_plain, y_ckpt)
+    for a, b in zip(g_plain, g_ckpt, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Networks of ToonCrafter, one file per component, each with a config dataclass and named presets."""
