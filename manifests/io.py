@@ -89,7 +89,9 @@ def _read_one(path: Path) -> pa.Table:
     meta = table.schema.metadata or {}
     version = meta.get(b"inbetweener.schema_version", b"").decode()
     if not version:
-        raise ManifestError(f"{path}: no inbetweener.schema_version in the file metadata; not a clip manifest")
+        raise ManifestError(
+            f"{path}: no inbetweener.schema_version in the file metadata; not a clip manifest"
+        )
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ManifestError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
     return conform(table.replace_schema_metadata(None))

@@ -40,9 +40,17 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("held_ratio", pa.float64(), "fraction of frames that repeat their predecessor"),
     ("timing", pa.string(), "ones / twos / threes / mixed / none"),
     # scores: every stage writes its score, also when it rejects
-    ("motion_mean", pa.float64(), "mean optical-flow magnitude between distinct frames, in % of frame diagonal"),
+    (
+        "motion_mean",
+        pa.float64(),
+        "mean optical-flow magnitude between distinct frames, in % of frame diagonal",
+    ),
     ("motion_p90", pa.float64(), "90th percentile of per-pair mean flow magnitude, in % of frame diagonal"),
-    ("motion_residual", pa.float64(), "mean flow left after removing the median (camera) translation, % of diagonal"),
+    (
+        "motion_residual",
+        pa.float64(),
+        "mean flow left after removing the median (camera) translation, % of diagonal",
+    ),
     ("text_area", pa.float64(), "fraction of the frame covered by text boxes (max over sampled frames)"),
     ("text_backend", pa.string(), "which text detector scored the clip (craft / ppocr)"),
     ("aesthetic_first", pa.float64(), "LAION aesthetic score of the first frame"),
@@ -61,7 +69,11 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("stages_run", pa.list_(pa.string()), "stages that scored this row (skipped stages are absent)"),
     # outcome
     ("status", pa.string(), "kept / rejected / error"),
-    ("reason", pa.string(), "rejecting stage and threshold (e.g. 'motion: motion_mean 0.01 < min 0.3') or the error"),
+    (
+        "reason",
+        pa.string(),
+        "rejecting stage and threshold (e.g. 'motion: motion_mean 0.01 < min 0.3') or the error",
+    ),
     ("split", pa.string(), "train / eval / none"),
     ("shard", pa.string(), "shard path relative to the shards folder (e.g. train/000000.tar), or null"),
     ("key", pa.string(), "sample key inside the shard, or null"),

@@ -145,7 +145,9 @@ def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateC
     """Apply {section: {key: value}} to a config, checking every section, key and value."""
     for section, values in overrides.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
-            raise ConfigError(f"unknown config section {section!r} (known: {[f.name for f in dataclasses.fields(config)]})")
+            raise ConfigError(
+                f"unknown config section {section!r} (known: {[f.name for f in dataclasses.fields(config)]})"
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
         target = getattr(config, section)
@@ -165,9 +167,15 @@ def _validate(config: CurateConfig) -> None:
         (config.shots.min_len_s > 0, "shots.min_len_s must be > 0"),
         (config.shots.max_len_s >= config.shots.min_len_s, "shots.max_len_s must be >= shots.min_len_s"),
         (config.shots.margin_frames >= 0, "shots.margin_frames must be >= 0"),
-        (config.motion.preset in ("ultrafast", "fast", "medium"), "motion.preset must be ultrafast, fast or medium"),
+        (
+            config.motion.preset in ("ultrafast", "fast", "medium"),
+            "motion.preset must be ultrafast, fast or medium",
+        ),
         (config.motion.max_pairs >= 1, "motion.max_pairs must be >= 1"),
-        (config.write.width % 2 == 0 and config.write.height % 2 == 0, "write.width and write.height must be even"),
+        (
+            config.write.width % 2 == 0 and config.write.height % 2 == 0,
+            "write.width and write.height must be even",
+        ),
         (config.write.shard_bytes > 0, "write.shard_bytes must be > 0"),
         (config.write.fps is None or config.write.fps > 0, "write.fps must be > 0 or null"),
         (config.run.workers >= 0, "run.workers must be >= 0"),

@@ -109,7 +109,11 @@ class CurateJob:
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
-        if done_file.exists() and manifest.exists() and json.loads(done_file.read_text()).get("key") == done_key:
+        if (
+            done_file.exists()
+            and manifest.exists()
+            and json.loads(done_file.read_text()).get("key") == done_key
+        ):
             table = read_manifest(manifest)
             result = self._result(table, noop=True)
             self._say("nothing to do: this job already finished with the same inputs and config")
@@ -210,8 +214,16 @@ class CurateJob:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def _save_part(self, uri: str, rows: list[dict]) -> None:
+        floats = {f.name for f in WORK_SCHEMA if pa.types.is_floating(f.type)}
         names = set(WORK_SCHEMA.names)
-        clean = [{k: v for k, v in row.items() if k in names} for row in rows]
+
+        def value(k, v):
+            # Ray fills a column missing from some rows with NaN; only float columns may hold NaN
+            if isinstance(v, float) and v != v and k not in floats:
+                return None
+            return v
+
+        clean = [{k: value(k, v) for k, v in row.items() if k in names} for row in rows]
         for row in clean:
             row.setdefault("split", "none")
         table = pa.Table.from_pylist(clean, schema=WORK_SCHEMA)
@@ -242,7 +254,9 @@ class CurateJob:
         jobs: dict[str, dict] = {}
         for row in rows:
             if row["status"] == "kept" and not (self.clips / f"{row['clip_id']}.mp4").exists():
-                job = jobs.setdefault(row["source_uri"], {"source_uri": row["source_uri"], "fps": row["fps"], "clips": []})
+                job = jobs.setdefault(
+                    row["source_uri"], {"source_uri": row["source_uri"], "fps": row["fps"], "clips": []}
+                )
                 job["clips"].append({k: row[k] for k in ("clip_id", "start_frame", "end_frame")})
         if jobs:
             init_ray(self.config.run.address, num_cpus=self.config.run.workers or None)
@@ -274,7 +288,9 @@ class CurateJob:
         by_id = {}
         for split in ("train", "eval"):
             chosen = [rows[i] for i in order if rows[i]["split"] == split]
-            written = write_shards(chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes)
+            written = write_shards(
+                chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes
+            )
             by_id.update({r["clip_id"]: r for r in written})
         final = []
         for row in rows:
@@ -287,13 +303,19 @@ class CurateJob:
 
     # ------------------------------------------------------------------ helpers
     def _result(self, table: pa.Table, report: Path | None = None, noop: bool = False) -> JobResult:
-        rows = table.select(["source_uri", "status", "row_kind"] if "row_kind" in table.column_names else ["source_uri", "status"]).to_pylist()
+        rows = table.select(
+            ["source_uri", "status", "row_kind"]
+            if "row_kind" in table.column_names
+            else ["source_uri", "status"]
+        ).to_pylist()
         sources = {r["source_uri"] for r in rows}
         failed = {r["source_uri"] for r in rows if r["status"] == "error"}
         kept = sum(r["status"] == "kept" for r in rows)
         clips = sum(1 for r in rows if r["status"] != "error")
         report_path = report or ((self.out / "report.html") if (self.out / "report.html").exists() else None)
-        return JobResult(self.out, self.out / "manifest.parquet", report_path, len(sources), len(failed), clips, kept, noop)
+        return JobResult(
+            self.out, self.out / "manifest.parquet", report_path, len(sources), len(failed), clips, kept, noop
+        )
 
     def _say(self, text: str) -> None:
         if self.log:

@@ -57,7 +57,9 @@ def decide(table: pa.Table, config: CurateConfig) -> pa.Table:
         statuses.append(status)
         reasons.append(reason)
     frozen = thresholds_json(config)
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
+    table = table.set_column(
+        table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string())
+    )
     table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     table = table.set_column(
         table.schema.get_field_index("thresholds"), "thresholds", pa.array([frozen] * len(rows), pa.string())

@@ -16,7 +16,20 @@ from fractions import Fraction
 
 import numpy as np
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".mkv",
+    ".mov",
+    ".avi",
+    ".webm",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".flv",
+    ".wmv",
+    ".gif",
+)
 
 
 class SourceError(Exception):
@@ -177,7 +190,9 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
 
 
-def encode_clip(frames: list[np.ndarray], fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast") -> bytes:
+def encode_clip(
+    frames: list[np.ndarray], fps: float, codec: str = "libx264", crf: int = 18, preset: str = "veryfast"
+) -> bytes:
     """Encode RGB frames [H, W, 3] as an mp4 in memory (yuv420p, constant frame rate)."""
     import av
 
@@ -205,7 +220,9 @@ def encode_jpeg(image: np.ndarray, width: int = 192, quality: int = 80) -> bytes
 
     h, w = image.shape[:2]
     small = cv2.resize(image, (width, max(2, int(round(h * width / w)))), interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, data = cv2.imencode(
+        ".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     if not ok:
         raise ValueError("jpeg encoding failed")
     return data.tobytes()

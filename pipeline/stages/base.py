@@ -42,6 +42,38 @@ class Stage:
         return cls.setup is not Stage.setup
 
 
+class Packed:
+    """Carries an array (or a list of arrays) through Ray as one opaque Python object.
+
+    Ray Data turns ndarray columns into its tensor extension types, which mis-slice stacks of
+    different shapes when blocks are combined; a wrapped value is pickled as-is instead.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (Packed, (self.value,))
+
+
+def _pack(value):
+    if isinstance(value, np.ndarray) or (
+        isinstance(value, list) and value and isinstance(value[0], np.ndarray)
+    ):
+        return Packed(value)
+    return value
+
+
+def _unpack(value):
+    if isinstance(value, Packed):
+        return value.value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def rows_of(batch: Batch) -> list[dict]:
     """Columnar batch -> list of row dicts (numpy scalars become Python scalars)."""
     if not batch:
@@ -50,13 +82,7 @@ def rows_of(batch: Batch) -> list[dict]:
     length = len(batch[names[0]])
     rows = []
     for i in range(length):
-        row = {}
-        for name in names:
-            value = batch[name][i]
-            if isinstance(value, np.generic):
-                value = value.item()
-            row[name] = value
-        rows.append(row)
+        rows.append({name: _unpack(batch[name][i]) for name in names})
     return rows
 
 
@@ -74,6 +100,6 @@ def batch_of(rows: list[dict]) -> Batch:
         values = [row.get(name) for row in rows]
         column = np.empty(len(values), dtype=object)
         for i, value in enumerate(values):
-            column[i] = value
+            column[i] = _pack(value)
         out[name] = column
     return out

@@ -44,7 +44,9 @@ def _expand(item: str) -> list[str]:
         return sorted(str(Path(p)) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if path.is_dir():
         return sorted(
-            str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+            str(p)
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
         )
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
         out = []
@@ -68,7 +70,9 @@ def _expand_remote(uri: str) -> list[str]:
     target = paths[0]
     if fs.isdir(target):
         files = fs.find(target)
-        return sorted(f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS)
+        return sorted(
+            f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
+        )
     return [uri]
 
 
@@ -94,7 +98,13 @@ class ProbeStage(Stage):
             if size == 0:
                 raise SourceError("zero-byte file")
             info = probe(uri)
-            out.update(codec=info.codec, width=info.width, height=info.height, fps=info.fps, num_frames=info.num_frames)
+            out.update(
+                codec=info.codec,
+                width=info.width,
+                height=info.height,
+                fps=info.fps,
+                num_frames=info.num_frames,
+            )
             out["duration_s"] = info.duration_s
             if info.width <= 0 or info.height <= 0:
                 raise SourceError("video stream has no frame size")
@@ -108,7 +118,9 @@ class ProbeStage(Stage):
             if info.num_frames <= 0 and info.duration_s <= 0:
                 raise SourceError("video stream has no frames")
             if info.duration_s > self.max_duration_s:
-                raise SourceError(f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}")
+                raise SourceError(
+                    f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}"
+                )
             if info.vfr_spread > self.vfr_tolerance:
                 raise SourceError(
                     f"variable frame rate (frame intervals vary by {info.vfr_spread:.0%}); "

@@ -57,7 +57,9 @@ class ShotsStage(Stage):
         min_scene = max(2, int(round(self.min_len_s * fps / 2)))
         if self.detector == "content":
             return ContentDetector(threshold=self.threshold, min_scene_len=min_scene)
-        return AdaptiveDetector(adaptive_threshold=self.threshold, min_scene_len=min_scene, min_content_val=self.min_content_val)
+        return AdaptiveDetector(
+            adaptive_threshold=self.threshold, min_scene_len=min_scene, min_content_val=self.min_content_val
+        )
 
     def split(self, source: dict) -> Iterator[dict]:
         import cv2
@@ -65,14 +67,20 @@ class ShotsStage(Stage):
 
         fps = float(source["fps"])
         detector = self._make_detector(fps)
-        lag = 8  # frames a cut may be reported late: progressive windows stay this far behind the newest frame
+        lag = (
+            8  # frames a cut may be reported late: progressive windows stay this far behind the newest frame
+        )
         shot = _Shot(start=0, index=0, head=0)
         next_frame = 0
         try:
             for image in iter_frames(source["source_uri"], self.keyframe_width, self.keyframe_height):
-                small = cv2.resize(image, (self.analysis_width, self.analysis_height), interpolation=cv2.INTER_AREA)
+                small = cv2.resize(
+                    image, (self.analysis_width, self.analysis_height), interpolation=cv2.INTER_AREA
+                )
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
-                for cut in detector.process_frame(FrameTimecode(next_frame, fps=fps), np.ascontiguousarray(small[..., ::-1])):
+                for cut in detector.process_frame(
+                    FrameTimecode(next_frame, fps=fps), np.ascontiguousarray(small[..., ::-1])
+                ):
                     shot = yield from self._cut(source, shot, cut.frame_num)
                 shot.frames.append((image, cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)))
                 next_frame += 1
@@ -82,7 +90,11 @@ class ShotsStage(Stage):
             yield {**source, **error_fields(source, f"shots: {exc}"), "row_kind": "error"}
             return
         if next_frame == 0:
-            yield {**source, **error_fields(source, "shots: video stream has no decodable frames"), "row_kind": "error"}
+            yield {
+                **source,
+                **error_fields(source, "shots: video stream has no decodable frames"),
+                "row_kind": "error",
+            }
             return
         for cut in detector.post_process(FrameTimecode(next_frame, fps=fps)) or []:
             if shot.start < cut.frame_num < next_frame:

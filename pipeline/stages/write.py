@@ -59,7 +59,9 @@ class EncodeSource:
                     cid = clips[i]["clip_id"]
                     buffers[cid].append(image)
                     if len(buffers[cid]) == len(plans[cid]):
-                        encoded[cid] = encode_clip(buffers.pop(cid), out_fps, self.codec, self.crf, self.preset)
+                        encoded[cid] = encode_clip(
+                            buffers.pop(cid), out_fps, self.codec, self.crf, self.preset
+                        )
                 if index >= last:
                     break
         except SourceError as exc:
@@ -87,7 +89,9 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int) -> list[dict]:
+def write_shards(
+    rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int
+) -> list[dict]:
     """Write the given kept rows (in order) as shards of `shard_dir`; returns rows with shard/key set.
 
     The folder is built as `.<name>.tmp` and swapped in whole, so a reader sees either the old
@@ -125,11 +129,13 @@ def write_shards(rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, 
 
     for row in rows:
         if tar is None:
-            tar = tarfile.open(tmp_dir / f"{shard_name(index)}.tar", "w", format=tarfile.USTAR_FORMAT)
+            tar = tarfile.open(tmp_dir / f"{shard_name(index)}.tar", "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
         key = sample_key(row["clip_id"])
         row = {**row, "split": split, "shard": f"{split}/{shard_name(index)}.tar", "key": key}
         mp4 = (clip_dir / f"{row['clip_id']}.mp4").read_bytes()
-        meta = json.dumps({k: row.get(k) for k in CLIP_SCHEMA.names}, sort_keys=True, default=_json_default).encode()
+        meta = json.dumps(
+            {k: row.get(k) for k in CLIP_SCHEMA.names}, sort_keys=True, default=_json_default
+        ).encode()
         _tar_member(tar, f"{key}.mp4", mp4)
         _tar_member(tar, f"{key}.json", meta)
         _tar_member(tar, f"{key}.txt", (row.get("caption") or "").encode())
