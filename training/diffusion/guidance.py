@@ -1,0 +1,67 @@
+"""Conditioning wrappers that turn a network into a sampler's denoiser `(x_t, t) -> v`.
+
+* `hybrid_model_fn`: DynamiCrafter's "hybrid" conditioning (MODEL.md 2.2): the concat latents are stacked on the
+  channel axis of the noisy latent, the cross-attention context and the frame stride go to the network.
+* `cfg_denoiser`: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023, sec. 3.4).
+  ToonCrafter's unconditional branch swaps the context for [text(""), image tokens of a zero image] and keeps
+  `c_concat` and `fs` (MODEL.md 2.6); building that uncond dict is the caller's job, this only combines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training.diffusion.ddim import Denoiser
+
+# (x_t [b, c, t, h, w], t [b], cond) -> model output; cond holds "c_concat", "c_crossattn" and optionally "fs".
+ModelFn = Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor]
+
+
+def hybrid_model_fn(net: Callable[..., Tensor]) -> ModelFn:
+    """Wrap a UNet `net(x, timesteps, context=..., fs=...)` with concat + cross-attention conditioning."""
+
+    def model_fn(x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        x_in = torch.cat([x, cond["c_concat"]], dim=1)  # [b, c + c_concat, t, h, w]
+        return net(x_in, t, context=cond["c_crossattn"], fs=cond.get("fs"))
+
+    return model_fn
+
+
+def rescale_guidance(guided: Tensor, cond_out: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2023 eq. 15-16: match the std of the guided output to the conditional one, blended by phi.
+
+    The std is taken per sample over all non-batch dims (unbiased, as torch.std), in the model's output space (v).
+    """
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def cfg_denoiser(
+    model_fn: ModelFn,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None,
+    scale: float,
+    rescale: float = 0.0,
+) -> Denoiser:
+    """Denoiser with classifier-free guidance: out = u + scale (c - u), then the optional guidance rescale.
+
+    The conditional and unconditional branches run as two sequential calls (conditional first), as the reference
+    does; with `uncond=None` or `scale == 1` only the conditional branch runs.
+    """
+
+    def denoiser(x: Tensor, t: Tensor) -> Tensor:
+        out_cond = model_fn(x, t, cond)
+        if uncond is None or scale == 1.0:
+            return out_cond
+        out_uncond = model_fn(x, t, uncond)
+        guided = out_uncond + scale * (out_cond - out_uncond)
+        if rescale > 0.0:
+            guided = rescale_guidance(guided, out_cond, rescale)
+        return guided
+
+    return denoiser
