@@ -12,6 +12,7 @@ from einops import rearrange
 from training.models.vae import (
     VAE_PRESETS,
     AutoencoderKL,
+    LatentPosterior,
     VAEConfig,
     dropped_frame_indices,
     replace_middle_frames,
@@ -88,6 +89,17 @@ def test_post_quant_conv_is_skipped_on_the_dual_reference_path(reference_vae):
         assert not torch.allclose(
             model.decode(z, timesteps=6), model.decoder(model.post_quant_conv(z), None, 6)
         )
+
+
+def test_posterior_clamps_logvar_and_samples_with_cpu_noise():
+    moments = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    moments[:, 4:] *= 40  # some logvars beyond [-30, 20]
+    posterior = LatentPosterior(moments)
+    assert posterior.logvar.min() >= -30 and posterior.logvar.max() <= 20
+    assert torch.equal(posterior.mode(), moments[:, :4])
+    sample = posterior.sample(generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sample, posterior.mean + posterior.std * noise)
 
 
 def test_middle_frame_replacement_indices():

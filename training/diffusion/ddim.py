@@ -125,10 +125,11 @@ def sample_ddim(
     """Run DDIM from x = x_T over ascending `timesteps` (sampled from the last to the first) and return x_0.
 
     noises: optional per-step Gaussian draws in sampling order ([S, *x.shape] or a sequence of S tensors),
-    e.g. to replay a reference run; otherwise, when eta > 0, they are drawn with `generator`.
+    e.g. to replay a reference run; otherwise, when eta > 0, they are drawn with `generator` (on x's device).
+    dynamic_rescale: undo the training-time x0 shrink with sched["scale_arr"] (ignored when the mapping has none).
     """
     params = ddim_params(
-        timesteps, sched["alphas_cumprod"], eta, sched["scale_arr"] if dynamic_rescale else None
+        timesteps, sched["alphas_cumprod"], eta, sched.get("scale_arr") if dynamic_rescale else None
     )
     total = len(params.timesteps)
     for step, i in enumerate(reversed(range(total))):

@@ -22,7 +22,7 @@ unused. `AutoencoderKL.decode` does the same: post_quant_conv runs for the plain
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -604,8 +604,3 @@ def replace_middle_frames(full: Tensor, dropped: Tensor) -> Tensor:
     t = full.shape[2]
     mid = dropped[:, :, t // 2 - 2 : t // 2]
     return torch.cat([full[:, :, : t // 2 - 1], mid, full[:, :, t // 2 + 1 :]], dim=2)
-
-
-def build_vae(preset: str = "toon-512", **overrides: Any) -> AutoencoderKL:
-    """AutoencoderKL from a named preset, with dataclass-field overrides (e.g. dual_ref=False)."""
-    return AutoencoderKL(replace(VAE_PRESETS[preset], **overrides))
