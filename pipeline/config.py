@@ -136,9 +136,15 @@ def _coerce(value, annotation, key: str):
 def _parse_scalar(text: str):
     """`--set` values are YAML scalars: 0.3, true, null, ultrafast."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse value {text!r}: {exc}") from exc
+    if isinstance(value, str):  # YAML 1.1 reads 1e-2 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateConfig:

@@ -128,6 +128,7 @@ class CurateJob:
         """decide -> encode what is missing -> split -> shards -> manifest -> report."""
         from pipeline.report import write_report
 
+        table = self._drop_duplicate_sources(table)
         table = decide(table, self.config)
         table = self._encode(table)
         table = self._split(table)
@@ -164,7 +165,9 @@ class CurateJob:
         return json.loads(json.dumps(data, sort_keys=True))
 
     def _done_key(self, sources: list[str]) -> str:
-        blob = json.dumps({"sources": sources, "config": self.config.to_dict()}, sort_keys=True, default=str)
+        # how the job runs (workers, address, progress) does not change what it produces
+        config = {k: v for k, v in self.config.to_dict().items() if k != "run"}
+        blob = json.dumps({"sources": sources, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def stages(self) -> list:
@@ -245,6 +248,32 @@ class CurateJob:
                 if data:
                     thumbs[cid] = data
         return thumbs
+
+    def _drop_duplicate_sources(self, table: pa.Table) -> pa.Table:
+        """Byte-identical files under several names: the first (by URI) is curated, each other one
+        becomes a single rejected row naming it, so clip ids stay unique and nothing is lost."""
+        from manifests.keys import clip_id as make_clip_id
+
+        rows = table.to_pylist()
+        first: dict[str, str] = {}
+        for uri in sorted({r["source_uri"] for r in rows if r["status"] != "error" or r["start_frame"] != 0}):
+            sid = next(r["source_id"] for r in rows if r["source_uri"] == uri)
+            first.setdefault(sid, uri)
+        out, marked = [], set()
+        for row in rows:
+            original = first.get(row["source_id"], row["source_uri"])
+            if original == row["source_uri"] or row["status"] == "error":
+                out.append(row)
+            elif row["source_uri"] not in marked:
+                marked.add(row["source_uri"])
+                out.append({
+                    **{k: row[k] for k in ("source_id", "source_uri", "fps", "width", "height", "codec")},
+                    "clip_id": make_clip_id("dup-" + row["source_uri"], 0, 0),
+                    "start_frame": 0, "end_frame": 0, "num_frames": 0,
+                    "status": "rejected", "split": "none",
+                    "reason": f"probe: duplicate: same content as {original}",
+                })  # fmt: skip
+        return pa.Table.from_pylist(out, schema=CLIP_SCHEMA) if marked else table
 
     def _encode(self, table: pa.Table) -> pa.Table:
         """Encode kept clips that are not in the clip cache yet (one Ray task per source)."""

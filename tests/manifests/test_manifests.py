@@ -1,0 +1,84 @@
+"""The data contract: schema, deterministic ids, versioned reading and writing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import CLIP_SCHEMA, SCHEMA_VERSION, ManifestError, clip_id, read_manifest, write_manifest
+from manifests.io import manifest_config, read_shard_index
+from manifests.keys import sample_key, source_id_from_stream
+from manifests.schema import to_table
+
+
+def test_manifests_import_with_pyarrow_alone():
+    code = (
+        "import sys, manifests; bad = {'torch', 'ray', 'av', 'cv2'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_clip_id_is_deterministic_and_depends_on_range_and_content():
+    assert clip_id("abc", 0, 48) == clip_id("abc", 0, 48)
+    assert clip_id("abc", 0, 48) != clip_id("abc", 0, 49)
+    assert clip_id("abc", 0, 48) != clip_id("abd", 0, 48)
+    assert "." not in sample_key(clip_id("abc", 0, 48))
+    with pytest.raises(ValueError):
+        sample_key("a.b")
+
+
+def test_source_id_is_a_content_hash(tmp_path):
+    a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    c.write_bytes(b"other bytes")
+    ids = [source_id_from_stream(p.open("rb")) for p in (a, b, c)]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_write_read_round_trip_keeps_rows_version_and_config(tmp_path):
+    rows = [
+        {
+            "clip_id": "c1",
+            "source_id": "s",
+            "source_uri": "x.mp4",
+            "start_frame": 0,
+            "end_frame": 48,
+            "status": "kept",
+        },
+        {
+            "clip_id": "c2",
+            "source_id": "s",
+            "source_uri": "x.mp4",
+            "status": "error",
+            "reason": "probe: zero-byte file",
+        },
+    ]
+    path = write_manifest(to_table(rows), tmp_path / "m.parquet", config={"motion": {"min": 0.2}})
+    table = read_manifest(path)
+    assert table.schema.equals(CLIP_SCHEMA)
+    assert table["clip_id"].to_pylist() == ["c1", "c2"]
+    assert table["reason"].to_pylist()[1] == "probe: zero-byte file"
+    assert manifest_config(path) == {"motion": {"min": 0.2}}
+    meta = pq.read_schema(path).metadata
+    assert meta[b"inbetweener.schema_version"].decode() == SCHEMA_VERSION
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_extra_columns_and_foreign_files_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="outside the schema"):
+        to_table([{"clip_id": "c", "surprise": 1}])
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    with pytest.raises(ManifestError, match="schema_version"):
+        read_manifest(foreign)
+    with pytest.raises(ManifestError, match="no such manifest"):
+        read_manifest(tmp_path / "missing.parquet")
+
+
+def test_shard_index_of_empty_folder_is_empty(tmp_path):
+    assert read_shard_index(tmp_path).num_rows == 0

@@ -1,0 +1,52 @@
+"""Configuration: YAML and --set override dataclass fields; bad keys and values fail early."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_set
+
+
+def test_set_overrides_fields_with_types():
+    config = load_config(sets=["motion.min=0.3", "write.fps=12", "shots.detector=content", "motion.max=null"])
+    assert config.motion.min == 0.3
+    assert config.write.fps == 12.0
+    assert config.shots.detector == "content"
+    assert config.motion.max is None
+
+
+def test_yaml_file_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("shots:\n  min_len_s: 0.5\n  max_len_s: 4\nwrite:\n  shard_bytes: 1000\n")
+    config = load_config(path, ["shots.max_len_s=5"])
+    assert (config.shots.min_len_s, config.shots.max_len_s, config.write.shard_bytes) == (0.5, 5.0, 1000)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["motion.mni=0.3"], "motion.mni"),
+        (["moton.min=0.3"], "moton"),
+        (["motion.min=fast"], "motion.min"),
+        (["write.width=511"], "write.width"),
+        (["shots.max_len_s=0.1"], "shots.max_len_s"),
+        (["motionmin"], "stage.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(sets=sets)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(path)
+
+
+def test_parse_set_reads_yaml_scalars():
+    assert parse_set(["run.fail_on_error=true", "motion.min=1e-2"]) == {
+        "run": {"fail_on_error": True},
+        "motion": {"min": 0.01},
+    }

@@ -1,0 +1,221 @@
+"""The curate job end to end on Ray local: generated footage -> shards, manifest, report; select; resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import read_manifest
+from manifests.io import list_shards, read_shard_index
+from pipeline import samples
+from pipeline.cli import curate_main, report_main, select_main
+
+pytestmark = pytest.mark.slow
+SMALL_SHARDS = "write.shard_bytes=150000"  # several shards from a few clips
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    footage = root / "footage"
+    truth = samples.generate_footage(footage)
+    bad = samples.make_bad_inputs(footage / "bad")
+    shutil.copy(footage / "episode_01.mp4", footage / "episode_01_copy.mp4")  # same bytes, another name
+    out = root / "out"
+    code = curate_main(
+        [str(footage), str(bad["missing"]), "--out", str(out), "--set", SMALL_SHARDS, "--quiet"]
+    )
+    return {"root": root, "footage": footage, "truth": truth, "bad": bad, "out": out, "code": code}
+
+
+def rows_by_file(table) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        out.setdefault(Path(row["source_uri"]).name, []).append(row)
+    return out
+
+
+def test_job_finishes_and_writes_the_layout(curated):
+    out = curated["out"]
+    assert curated["code"] == 0  # failed sources do not fail the job without --fail-on-error
+    assert (out / "manifest.parquet").is_file()
+    assert (out / "shards" / "train").is_dir() and (out / "shards" / "eval").is_dir()
+    assert (out / "report.html").is_file()
+    assert len(list_shards(out / "shards" / "train")) >= 2  # sized by bytes
+    for tar in list_shards(out / "shards" / "train"):
+        assert tar.with_suffix(".parquet").is_file() and tar.with_suffix(".stats.json").is_file()
+
+
+def test_cuts_static_shot_and_pan(curated):
+    table = read_manifest(curated["out"] / "manifest.parquet")
+    files = rows_by_file(table)
+    margin = 2
+    for name in ("episode_01.mp4", "episode_02.mp4"):
+        info = curated["truth"]["files"][name]
+        starts = [r["start_frame"] for r in files[name]]
+        for cut in info["cuts"]:
+            assert any(abs(s - margin - cut) <= 1 for s in starts), (name, cut, starts)
+        for shot in info["shots"]:
+            row = next(r for r in files[name] if shot["start"] <= r["start_frame"] < shot["end"])
+            if shot["kind"] == "static":
+                assert row["status"] == "rejected" and row["reason"].startswith("motion:")
+                assert row["motion_mean"] == pytest.approx(0.0, abs=0.01)
+            elif shot["kind"] == "pan":  # kept: real motion, but all of it camera motion
+                assert row["status"] == "kept"
+                assert row["motion_residual"] < 0.25 * row["motion_mean"]
+            else:
+                assert row["status"] == "kept", row
+                assert row["timing"] == shot["timing"]
+
+
+def test_bad_and_corrupt_sources_are_error_rows(curated):
+    table = read_manifest(curated["out"] / "manifest.parquet")
+    files = rows_by_file(table)
+    assert [r["status"] for r in files["corrupt.mp4"]] == ["error"]
+    for case in ("not_video", "zero_bytes", "truncated", "no_frames", "vfr", "huge", "audio_only", "missing"):
+        rows = files[curated["bad"][case].name]
+        assert any(r["status"] == "error" and r["reason"] for r in rows), (case, rows)
+        assert all(r["split"] == "none" and r["shard"] is None for r in rows if r["status"] == "error")
+
+
+def test_duplicate_content_is_curated_once(curated):
+    files = rows_by_file(read_manifest(curated["out"] / "manifest.parquet"))
+    (row,) = files["episode_01_copy.mp4"]
+    assert (
+        row["status"] == "rejected"
+        and "same content as" in row["reason"]
+        and "episode_01.mp4" in row["reason"]
+    )
+    assert sum(r["status"] == "kept" for r in files["episode_01.mp4"]) == 3
+
+
+def test_shards_read_back_with_webdataset(curated):
+    import av
+    import webdataset as wds
+
+    out = curated["out"]
+    table = read_manifest(out / "manifest.parquet")
+    kept = {r["key"]: r for r in table.to_pylist() if r["status"] == "kept"}
+    urls = [str(p) for p in list_shards(out / "shards" / "train")]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        seen.append(sample["__key__"])
+        assert set(sample) >= {"mp4", "json", "txt"}
+        with av.open(__import__("io").BytesIO(sample["mp4"])) as container:
+            frames = list(container.decode(video=0))
+        row = kept[sample["__key__"]]
+        assert len(frames) == row["num_frames"]
+        assert (frames[0].width, frames[0].height) == (512, 320)
+    assert len(seen) == len(set(seen)) == len(kept)
+    assert set(seen) == set(kept)
+    index = read_shard_index(out / "shards" / "train")
+    assert sorted(index["key"].to_pylist()) == sorted(seen)
+
+
+def test_rerun_is_a_quick_noop(curated, capsys):
+    footage, out = curated["footage"], curated["out"]
+    before = (out / "manifest.parquet").stat().st_mtime_ns
+    start = time.monotonic()
+    code = curate_main(
+        [str(footage), str(curated["bad"]["missing"]), "--out", str(out), "--set", SMALL_SHARDS]
+    )
+    assert code == 0
+    assert time.monotonic() - start < 10
+    assert "nothing to do" in capsys.readouterr().err
+    assert (out / "manifest.parquet").stat().st_mtime_ns == before
+    code = curate_main([str(footage), str(curated["bad"]["missing"]), "--out", str(out), "--set", SMALL_SHARDS,
+                        "--fail-on-error", "--quiet"])  # fmt: skip
+    assert code == 1
+
+
+def test_select_rethresholds_without_the_footage(curated, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    moved = curated["root"] / "footage_moved"  # sources gone: select must not decode for scoring
+    table = read_manifest(copy / "manifest.parquet")
+    kept_before = [r for r in table.to_pylist() if r["status"] == "kept"]
+    threshold = sorted(r["motion_mean"] for r in kept_before)[len(kept_before) // 2]
+    curated["footage"].rename(moved)
+    try:
+        assert select_main([str(copy), "--set", f"motion.min={threshold}", "--quiet"]) == 0
+    finally:
+        moved.rename(curated["footage"])
+    after = read_manifest(copy / "manifest.parquet").to_pylist()
+    kept_after = [r for r in after if r["status"] == "kept"]
+    assert 0 < len(kept_after) < len(kept_before)
+    assert all(r["motion_mean"] >= threshold for r in kept_after)
+    assert all(
+        r["reason"].startswith("motion:") for r in after if r["status"] == "rejected" and r["motion_mean"]
+    )
+    index = read_shard_index(copy / "shards" / "train")
+    assert sorted(index["clip_id"].to_pylist()) == sorted(r["clip_id"] for r in kept_after)
+    assert select_main([str(copy), "--set", "shots.min_len_s=3"]) == 2  # not a threshold
+
+
+def test_report_shows_funnel_scores_and_thumbnails(curated):
+    out = curated["out"]
+    assert report_main([str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Funnel" in page and "motion: motion_mean &lt; motion.min" in page
+    assert "hist_motion_mean.png" in page and (out / "report_files" / "hist_motion_mean.png").is_file()
+    assert page.count("<img src='report_files/thumb_") >= 5
+    assert "corrupt.mp4" in page
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert curate_main([str(tmp_path), "--out", str(out), "--set", "motion.mni=1"]) == 2
+    assert "motion.mni" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_after_kill_9(tmp_path):
+    footage = tmp_path / "footage"
+    samples.generate_footage(footage)
+    for seed in (1, 2):  # more sources so that the kill lands mid-job
+        samples.generate_footage(footage / f"seed{seed}", seed=seed)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "inbetweener_cli",
+        "curate",
+        str(footage),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--quiet",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    parts = out / ".work" / "sources"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert 2 <= len(finished) < 12, "the kill must land in the middle of the job"
+    assert not (out / "manifest.parquet").exists()
+    done = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming: {len(finished)} of 12 sources already scored" in done.stderr
+    for name, mtime in finished.items():  # finished sources were not redone
+        assert (parts / name).stat().st_mtime_ns == mtime
+    table = read_manifest(out / "manifest.parquet")
+    kept = [r["clip_id"] for r in table.to_pylist() if r["status"] == "kept"]
+    index = read_shard_index(out / "shards" / "train")
+    assert sorted(index["clip_id"].to_pylist()) == sorted(kept)  # every kept clip exactly once
+    assert len(set(kept)) == len(kept) > 0
+    assert pq.read_table(out / "manifest.parquet").num_rows == table.num_rows

@@ -1,0 +1,221 @@
+"""Each stage on its own, without Ray: `s = Stage(...); s.setup(); s(batch)`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import samples
+from pipeline.config import CurateConfig
+from pipeline.select import decide_row, rules
+from pipeline.stages.base import batch_of, rows_of
+from pipeline.stages.discover import ProbeStage, discover
+from pipeline.stages.motion import MotionStage
+from pipeline.stages.shots import ShotsStage
+from pipeline.stages.timing import TimingStage, classify_timing, frame_differences
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    out = tmp_path_factory.mktemp("footage")
+    truth = samples.generate_footage(out)
+    bad = samples.make_bad_inputs(out / "bad")
+    return out, truth, bad
+
+
+def probe(uri: str) -> dict:
+    stage = ProbeStage()
+    stage.setup()
+    return rows_of(stage(batch_of([{"source_uri": uri}])))[0]
+
+
+def test_discover_expands_folders_globs_and_list_files(footage, tmp_path):
+    out, _, _ = footage
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# a list file\n{out / 'episode_01.mp4'}\n{out / 'nope.mp4'}\n")
+    found = discover([str(out), str(out / "episode_0*.mp4"), str(listed)])
+    names = [p.rsplit("/", 1)[-1] for p in found]
+    assert "episode_01.mp4" in names and "title_card.mp4" in names and "corrupt.mp4" in names
+    assert names.count("episode_01.mp4") == 1  # duplicates once
+    assert str(out / "nope.mp4") in found  # a missing path is kept: it becomes an error row
+
+
+def test_discover_reads_object_store_uris():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/raw/a.mp4", b"x")
+    fs.pipe("/bucket/raw/sub/b.mkv", b"y")
+    fs.pipe("/bucket/raw/notes.txt", b"z")
+    assert discover(["memory://bucket/raw"]) == [
+        "memory:///bucket/raw/a.mp4",
+        "memory:///bucket/raw/sub/b.mkv",
+    ]
+
+
+def test_probe_reads_container_facts(footage):
+    out, truth, _ = footage
+    row = probe(str(out / "episode_01.mp4"))
+    info = truth["files"]["episode_01.mp4"]
+    assert row["status"] is None
+    assert (row["width"], row["height"], row["fps"], row["codec"]) == (
+        info["width"],
+        info["height"],
+        24.0,
+        "h264",
+    )
+    assert len(row["source_id"]) == 16
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("not_video", "not a readable video container"),
+        ("zero_bytes", "zero-byte file"),
+        ("truncated", None),  # fails at probe or while decoding (shots); both are error rows
+        ("no_frames", None),
+        ("vfr", "variable frame rate"),
+        ("huge", "exceeds probe.max_width"),
+        ("audio_only", "no video stream"),
+        ("missing", "no such file"),
+    ],
+)
+def test_bad_inputs_become_error_rows(footage, case, reason):
+    _, _, bad = footage
+    row = probe(str(bad[case]))
+    if row["status"] is None:  # passed probe: the decode in shots must turn it into an error row
+        assert reason is None, f"{case} passed probe"
+        stage = ShotsStage()
+        rows = [r for r in stage.process_rows([row]) if r["row_kind"] != "source_end"]
+        errors = [r for r in rows if r["status"] == "error"]
+        assert errors, f"{case}: no error row from shots: {rows}"
+        assert errors[0]["reason"].startswith("shots:")
+        return
+    assert row["status"] == "error"
+    assert row["reason"].startswith("probe:")
+    if reason:
+        assert reason in row["reason"]
+
+
+def test_corrupt_file_is_an_error_row(footage):
+    out, _, _ = footage
+    row = probe(str(out / "corrupt.mp4"))
+    assert row["status"] == "error" and "corrupt.mp4" in row["reason"] or "not a readable" in row["reason"]
+
+
+def clips_of(uri: str, **kwargs) -> list[dict]:
+    stage = ShotsStage(**kwargs)
+    rows = list(stage.process_rows([probe(uri)]))
+    assert rows[-1]["row_kind"] == "source_end" and rows[-1]["clips_emitted"] == len(rows) - 1
+    return rows[:-1]
+
+
+@pytest.mark.parametrize("name", ["episode_01.mp4", "episode_02.mp4"])
+def test_shots_find_every_cut_within_one_frame_with_margin(footage, name):
+    out, truth, _ = footage
+    clips = clips_of(str(out / name))
+    margin = ShotsStage().margin_frames
+    starts = [c["start_frame"] for c in clips]
+    ends = [c["end_frame"] for c in clips]
+    for cut in truth["files"][name]["cuts"]:
+        assert any(abs(s - (cut + margin)) <= 1 for s in starts), (cut, starts)
+        assert any(abs(e - (cut - margin)) <= 1 for e in ends), (cut, ends)
+    # no clip spans a cut: a frame of the neighbouring shot never leaks in
+    for clip in clips:
+        assert not any(clip["start_frame"] < cut < clip["end_frame"] for cut in truth["files"][name]["cuts"])
+    assert len(clips) == len(truth["files"][name]["shots"])
+
+
+def test_long_shots_are_cut_into_windows_and_short_ones_rejected(footage):
+    out, _, _ = footage
+    clips = clips_of(str(out / "episode_01.mp4"), max_len_s=1.0, min_len_s=0.5)
+    assert max(c["num_frames"] for c in clips) == 24
+    assert sum(c["window_index"] > 0 for c in clips) >= 3
+    short = clips_of(str(out / "episode_01.mp4"), min_len_s=2.1, max_len_s=4.0)
+    rejected = [c for c in short if c["status"] == "rejected"]
+    assert rejected and all(c["reason"].startswith("shots: length") for c in rejected)
+
+
+def test_timing_labels_ones_twos_threes_and_static():
+    rng = np.random.default_rng(0)
+    drawings = rng.integers(0, 255, size=(12, 16, 16), dtype=np.uint8)
+    for hold, label in ((1, "ones"), (2, "twos"), (3, "threes")):
+        frames = np.repeat(drawings, hold, axis=0)
+        result = classify_timing(frame_differences(frames), held_threshold=0.6, dominant_share=0.6)
+        assert result["timing"] == label
+        assert result["distinct_frames"] == 12
+        assert result["distinct_idx"].tolist() == list(range(0, 12 * hold, hold))
+    static = classify_timing(frame_differences(np.repeat(drawings[:1], 30, axis=0)), 0.6, 0.6)
+    assert (static["timing"], static["distinct_frames"], static["held_ratio"]) == ("none", 1, 1.0)
+
+
+def test_timing_stage_on_sample_shots(footage):
+    out, truth, _ = footage
+    stage = TimingStage()
+    stage.setup()
+    rows = rows_of(stage(batch_of(clips_of(str(out / "episode_01.mp4")))))
+    expected = [s["timing"] for s in truth["files"]["episode_01.mp4"]["shots"]]
+    assert [r["timing"] for r in rows] == expected
+
+
+def moving_square(dx: int, dy: int, n: int = 6, background_shift: bool = False) -> np.ndarray:
+    frames = []
+    for i in range(n):
+        frame = np.zeros((160, 256), np.uint8)
+        frame[::16, :] = 60 if not background_shift else 0
+        if background_shift:  # a textured background that moves as a whole (a pan)
+            ys, xs = np.mgrid[0:160, 0:256]
+            frame = (((xs + i * dx) // 16 + (ys + i * dy) // 16) % 2 * 120 + 60).astype(np.uint8)
+        else:
+            frame[60 + i * dy : 100 + i * dy, 40 + i * dx : 80 + i * dx] = 220
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def test_motion_is_resolution_independent_and_separates_pans():
+    stage = MotionStage()
+    stage.setup()
+    still = stage.process({"row_kind": "clip", "analysis": moving_square(0, 0)})
+    moving = stage.process({"row_kind": "clip", "analysis": moving_square(4, 0)})
+    assert still["motion_mean"] == pytest.approx(0.0, abs=1e-3)
+    assert moving["motion_mean"] > 0.05
+    # the same motion at twice the resolution gives (about) the same score
+    big = np.stack([np.kron(f, np.ones((2, 2), np.uint8)) for f in moving_square(4, 0)])
+    moving_big = MotionStage().process({"row_kind": "clip", "analysis": big})
+    assert moving_big["motion_mean"] == pytest.approx(moving["motion_mean"], rel=0.35)
+    pan = stage.process({"row_kind": "clip", "analysis": moving_square(3, 0, background_shift=True)})
+    assert pan["motion_mean"] > 0.5
+    assert pan["motion_residual"] < 0.25 * pan["motion_mean"]
+
+
+def test_decide_keeps_errors_and_structural_rejections():
+    active = rules(CurateConfig())
+    assert decide_row({"status": "error", "reason": "probe: x"}, active) == ("error", "probe: x")
+    assert decide_row({"status": "rejected", "reason": "shots: length 0.5 s"}, active)[0] == "rejected"
+    status, reason = decide_row({"status": None, "motion_mean": 0.0}, active)
+    assert status == "rejected" and reason.startswith("motion:")
+    assert decide_row({"status": "rejected", "reason": "motion: old", "motion_mean": 5.0}, active) == (
+        "kept",
+        None,
+    )
+
+
+def test_cpu_stages_never_import_torch(footage):
+    out, _, _ = footage
+    code = f"""
+import sys, json
+from pipeline.stages.discover import ProbeStage
+from pipeline.stages.shots import ShotsStage
+from pipeline.stages.timing import TimingStage
+from pipeline.stages.motion import MotionStage
+row = ProbeStage().process({{"source_uri": {json.dumps(str(out / "episode_02.mp4"))}}})
+rows = [r for r in ShotsStage().process_rows([row]) if r["row_kind"] == "clip"]
+rows = [MotionStage().process(TimingStage().process(r)) for r in rows]
+assert all(r["motion_mean"] is not None for r in rows)
+assert "torch" not in sys.modules, "torch imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
