@@ -94,6 +94,11 @@ class _TextParts(nn.Module):
         self.logit_scale = _logit_scale()  # unused, kept for strict loading
         self.register_buffer("attn_mask", text.attn_mask, persistent=False)  # causal, additive -inf
 
+    def init_buffers(self, device: torch.device | str) -> None:
+        """(Re)create the non-persistent causal mask, e.g. after loading weights into a meta-built model."""
+        n = self.positional_embedding.shape[0]
+        self.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)
+
 
 class _ImageParts(nn.Module):
     """The vision half of open_clip's CLIP plus the text leftovers the reference keeps (it deletes only the
@@ -155,6 +160,9 @@ class CLIPTextEncoder(nn.Module):
         """Prompts -> [len(prompts), 77, text_width] on this module's device."""
         return self(self.tokenize(prompts).to(self.model.positional_embedding.device))
 
+    def init_buffers(self, device: torch.device | str) -> None:
+        self.model.init_buffers(device)
+
 
 def _gaussian_kernel1d(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
     x = torch.arange(size, dtype=like.dtype, device=like.device) - size // 2
@@ -197,6 +205,11 @@ class CLIPImageEncoder(nn.Module):
         self.model = _ImageParts(cfg)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD), persistent=False)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """(Re)create the non-persistent mean/std, e.g. after loading weights into a meta-built model."""
+        self.mean = torch.tensor(CLIP_MEAN, device=device)
+        self.std = torch.tensor(CLIP_STD, device=device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] at any size -> CLIP-normalised [b, 3, image_size, image_size]; squashes, never crops."""

@@ -153,6 +153,12 @@ class ToonCrafter(nn.Module):
     def vae(self) -> AutoencoderKL:
         return self.first_stage_model
 
+    def init_buffers(self, device: torch.device | str) -> None:
+        """(Re)create the buffers that checkpoints do not hold (CLIP's causal mask and mean/std) on `device`:
+        needed after loading weights with `assign=True` into a model built on the meta device."""
+        self.cond_stage_model.init_buffers(device)
+        self.embedder.init_buffers(device)
+
     def schedule(self) -> dict[str, torch.Tensor]:
         """The schedule buffers by name (on the model's device)."""
         return {name: buf for name, buf in self.named_buffers(recurse=False)}

@@ -1,0 +1,200 @@
+"""Checkpoints: exact round trips in every supported format, readable errors, plain -> dual-reference decoder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from einops import rearrange
+from safetensors import safe_open
+
+from training.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    dual_ref_only_keys,
+    load_model,
+    load_state_dict,
+    read_checkpoint,
+    save_safetensors,
+)
+from training.models.tooncrafter import ToonCrafter, ToonCrafterConfig, build_tooncrafter
+
+
+def _randomised(model: ToonCrafter, seed: int = 0) -> ToonCrafter:
+    """Every parameter random (no zero-initialised layer), so that equality checks mean something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ToonCrafter:
+    return _randomised(build_tooncrafter("tiny"))
+
+
+def _assert_equal_state(a: ToonCrafter, b: ToonCrafter) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_safetensors_round_trip_is_exact_and_carries_config_and_version(tiny, tmp_path):
+    path = save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert ToonCrafterConfig.from_dict(json.loads(meta["inbetweener.config"])) == tiny.cfg
+    assert meta["inbetweener.code_version"].startswith("0.1.0")
+    loaded = load_model(path)  # config from the file, no preset
+    assert loaded.cfg == tiny.cfg
+    _assert_equal_state(loaded, tiny)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+
+
+def test_lightning_ckpt_round_trip_is_exact(tiny, tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 1200, "state_dict": tiny.state_dict()}, path)
+    _assert_equal_state(load_model(path, preset="tiny"), tiny)
+
+
+def test_lightning_ckpt_with_pickled_objects_falls_back_with_a_warning(tiny, tmp_path, caplog):
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"hyper_parameters": argparse.Namespace(lr=1e-5), "state_dict": tiny.state_dict()}, path)
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        loaded = load_model(path, preset="tiny")
+    assert "weights_only=False" in caplog.text and str(path) in caplog.text
+    _assert_equal_state(loaded, tiny)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        read_checkpoint(path, allow_pickle=False)
+
+
+def test_deepspeed_module_dict_round_trip_is_exact(tiny, tmp_path):
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    wrapped = {f"_forward_module.{k}": v for k, v in tiny.state_dict().items()}
+    torch.save({"module": wrapped, "global_steps": 5}, path)
+    _assert_equal_state(load_model(path, preset="tiny"), tiny)
+
+
+def test_plain_state_dict_with_legacy_key_names(tiny, tmp_path):
+    path = tmp_path / "weights.pt"
+    legacy = {k.replace("fps_embedding.", "framestride_embed."): v for k, v in tiny.state_dict().items()}
+    assert any("framestride_embed" in k for k in legacy)
+    torch.save(legacy, path)
+    _assert_equal_state(load_model(path, preset="tiny"), tiny)
+
+
+def test_torch_checkpoints_may_carry_their_config(tiny, tmp_path):
+    path = tmp_path / "step_100.ckpt"
+    torch.save({"state_dict": tiny.state_dict(), "inbetweener_config": tiny.cfg.to_dict()}, path)
+    loaded = load_model(path)
+    assert loaded.cfg == tiny.cfg
+    _assert_equal_state(loaded, tiny)
+
+
+def test_half_precision_files_load_into_fp32_models(tiny, tmp_path):
+    path = save_safetensors(tiny, tmp_path / "tiny-bf16.safetensors", dtype=torch.bfloat16)
+    ckpt = read_checkpoint(path)
+    assert ckpt.state_dict["image_proj_model.latents"].dtype == torch.bfloat16
+    assert ckpt.state_dict["alphas_cumprod"].dtype == torch.float32  # buffers keep their precision
+    loaded = load_model(path)
+    assert loaded.image_proj_model.latents.dtype == torch.float32
+    torch.testing.assert_close(
+        loaded.image_proj_model.latents, tiny.image_proj_model.latents, rtol=1e-2, atol=1e-3
+    )
+
+
+def test_a_vae_only_file_is_rejected_with_a_readable_summary(tiny, tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save(tiny.first_stage_model.state_dict(), path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(path, preset="tiny")
+    message = str(info.value)
+    assert str(path) in message
+    n_vae = len(tiny.first_stage_model.state_dict())
+    n_missing = len(tiny.state_dict())
+    assert f"{n_missing} missing, {n_vae} unexpected" in message
+    assert "model.diffusion_model (" in message and "decoder (" in message  # grouped by part, with counts
+    assert "bare `first_stage_model` state dict" in message
+
+
+def test_shape_mismatches_are_listed(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 4, 3, 3)
+    del state["image_proj_model.latents"]
+    state["image_proj_model.extra"] = torch.zeros(1)
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_model(path, preset="tiny")
+    message = str(info.value)
+    assert "1 missing, 1 unexpected, 1 with another shape" in message
+    assert "model.diffusion_model.input_blocks.0.0.weight: file [32, 4, 3, 3], model [32, 8, 3, 3]" in message
+    assert "image_proj_model.latents" in message and "image_proj_model.extra" in message
+
+
+def test_garbage_and_missing_files_fail_clearly(tmp_path):
+    garbage = tmp_path / "model.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match=f"cannot read {garbage}"):
+        load_model(garbage, preset="tiny")
+    bad_st = tmp_path / "model.safetensors"
+    bad_st.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="as safetensors"):
+        load_model(bad_st, preset="tiny")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "absent.ckpt", preset="tiny")
+    no_config = tmp_path / "no_config.pt"
+    torch.save({"a": torch.zeros(1)}, no_config)
+    with pytest.raises(CheckpointError, match="carries no config"):
+        load_model(no_config)
+
+
+def test_plain_decoder_checkpoint_starts_the_dual_reference_decoder_as_the_plain_one(tmp_path, caplog):
+    plain = _randomised(build_tooncrafter("tiny", dual_ref_decoder=False), seed=1)
+    path = save_safetensors(plain, tmp_path / "dynamicrafter.safetensors")
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        dual = load_model(path, dual_ref_decoder=True)
+    added = dual_ref_only_keys(dual.cfg)
+    assert f"initialised the {len(added)} tensors" in caplog.text
+    dual_state, plain_state = dual.state_dict(), plain.state_dict()
+    assert set(dual_state) - set(plain_state) == added
+    for key, value in plain_state.items():
+        assert torch.equal(dual_state[key], value), key
+
+    # The decoder computes what the plain decoder computes, keyframe features or not.
+    video = torch.rand(1, 3, 4, 32, 32) * 2 - 1
+    with torch.no_grad():
+        posterior, refs = dual.first_stage_model.encode_video(video)
+        z = rearrange(posterior.mean, "b c t h w -> (b t) c h w")
+        expected = plain.first_stage_model.decoder(plain.first_stage_model.post_quant_conv(z))
+        ours = dual.first_stage_model.decoder(dual.first_stage_model.post_quant_conv(z), refs, 4)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+    # Into an already built (not meta) model, the same happens in place.
+    fresh = build_tooncrafter("tiny")
+    initialised = load_state_dict(fresh, plain_state, source="plain state dict")
+    assert set(initialised) == added
+
+
+def test_a_dual_reference_file_into_a_plain_model_says_what_to_do(tiny, tmp_path):
+    path = save_safetensors(tiny, tmp_path / "toon.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="dual_ref_decoder=True"):
+        load_model(path, dual_ref_decoder=False)
+
+
+def test_read_checkpoint_reports_what_it_found(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+        read_checkpoint(path)
+    path = tmp_path / "dict.pt"
+    torch.save({"epoch": 1, "optimizer": {}}, path)
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        read_checkpoint(Path(path))

@@ -1,0 +1,429 @@
+"""Reading, checking, loading and writing ToonCrafter checkpoints.
+
+Formats read (`read_checkpoint`):
+* Lightning `.ckpt`: a dict whose `state_dict` entry holds the weights (the released ToonCrafter and
+  DynamiCrafter files). Read with `torch.load(weights_only=True)`; a file that also pickles Python objects
+  (Lightning's training state) is re-read with full unpickling after a warning, unless `allow_pickle=False`.
+* DeepSpeed-style dicts `{"module": state_dict}`; wrapper prefixes (`_forward_module.`, `module.`) are removed.
+* plain `.pt`/`.pth` state dicts, and `.safetensors`.
+A torch checkpoint may carry this project's config as `inbetweener_config` (a dict); a safetensors file as the
+metadata entry `inbetweener.config` (JSON), written by `save_safetensors` with the code version.
+
+Loading is strict: a file that does not match the model raises `CheckpointMismatchError`, which names the file
+and summarises missing and unexpected keys by part (counts and a few examples) and lists shape mismatches. One
+documented exception: a plain-decoder (DynamiCrafter) checkpoint loaded into a model with the dual-reference
+decoder gets the added decoder layers initialised so that the decoder starts as the plain decoder, with a
+warning that counts them. open_clip 3.3 names every CLIP tensor as open_clip 2.22 did (checked by
+tests/training/test_clip.py), so no key mapping is needed; the reference's own legacy rename
+(`framestride_embed` -> `fps_embedding`, DynamiCrafter-256) is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import tempfile
+import zipfile
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from training.models.tooncrafter import ToonCrafter, ToonCrafterConfig, tooncrafter_config
+
+log = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = ("_forward_module.", "module.")  # DeepSpeed / Lightning and DDP wrappers
+LEGACY_RENAMES = {
+    "framestride_embed.": "fps_embedding."
+}  # the reference's fallback loader (DynamiCrafter-256)
+CONFIG_KEY = "inbetweener_config"  # entry of a torch checkpoint dict
+CONFIG_METADATA = "inbetweener.config"  # safetensors metadata entry (JSON)
+VERSION_METADATA = "inbetweener.code_version"
+# Parts of the model, for readable summaries (longest prefix first).
+PARTS = (
+    "model.diffusion_model.",
+    "first_stage_model.encoder.",
+    "first_stage_model.decoder.",
+    "first_stage_model.",
+    "cond_stage_model.model.",
+    "embedder.model.",
+    "image_proj_model.",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A file that cannot be read as a checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint whose keys or shapes do not match the model."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    config: ToonCrafterConfig | None = None  # the config embedded in the file, if any
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when running from a checkout."""
+    try:
+        version = importlib_metadata.version("inbetweener")
+    except importlib_metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return f"{version}+g{sha}" if sha else version
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped: no copy of a 10 GB file
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects besides tensors and allow_pickle is off; "
+                "convert it with `inbetweener convert` on a machine where you trust the file"
+            ) from exc
+        log.warning(
+            "%s holds pickled Python objects besides tensors (e.g. Lightning's training state); "
+            "re-reading it with weights_only=False, which runs code from the file: only for files you trust",
+            path,
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:  # any unpickling failure means: not a checkpoint we can read
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+
+
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _rename_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in LEGACY_RENAMES.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for entry in ("state_dict", "module"):
+            if isinstance(obj.get(entry), Mapping):
+                return dict(obj[entry])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        keys = sorted(str(k) for k in obj)[:10]
+        raise CheckpointError(f"{path}: no state dict found (top-level keys: {keys})")
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+
+
+def _parse_config(value: Any, path: Path) -> ToonCrafterConfig | None:
+    if value is None:
+        return None
+    try:
+        return ToonCrafterConfig.from_dict(json.loads(value) if isinstance(value, str) else dict(value))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: embedded config is not a ToonCrafterConfig: {exc}") from exc
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
+    """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            state_dict = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+        config = _parse_config(meta.get(CONFIG_METADATA), path)
+    else:
+        obj = _torch_load(path, allow_pickle)
+        state_dict = _find_state_dict(obj, path)
+        config = _parse_config(obj.get(CONFIG_KEY), path) if isinstance(obj, Mapping) else None
+        meta = {}
+    non_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if non_tensors:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {non_tensors[:5]}")
+    return Checkpoint(path, _rename_legacy(_strip_wrappers(state_dict)), config, meta)
+
+
+# --- checking --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyReport:
+    missing: list[str]  # in the model, not in the file
+    unexpected: list[str]  # in the file, not in the model
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (key, file shape, model shape)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def compare_keys(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> KeyReport:
+    """Keys and shapes of a state dict against a model's `state_dict()` (works on meta models)."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        (k, tuple(state_dict[k].shape), tuple(expected[k].shape))
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    return KeyReport(missing, unexpected, mismatched)
+
+
+def _part(key: str) -> str:
+    for prefix in PARTS:
+        if key.startswith(prefix):
+            return prefix.rstrip(".")
+    return key.split(".")[0] if "." in key else "(root buffers)"
+
+
+def _group(keys: list[str], examples: int) -> list[str]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        groups[_part(key)].append(key)
+    lines = []
+    for part, members in sorted(groups.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(members[:examples]) + (", ..." if len(members) > examples else "")
+        lines.append(f"    {part} ({len(members)}): {shown}")
+    return lines
+
+
+def _hints(report: KeyReport, expected: Mapping[str, torch.Tensor]) -> list[str]:
+    hints = []
+    for prefix in ("model.diffusion_model.", "first_stage_model.", "image_proj_model."):
+        bare = [k for k in report.unexpected if prefix + k in expected]
+        if report.unexpected and len(bare) >= len(report.unexpected) // 2:
+            hints.append(
+                f"the file looks like a bare `{prefix.rstrip('.')}` state dict (one part, not the model)"
+            )
+    decoder_extra = [k for k in report.unexpected if "attn_refinement" in k or "time_stack" in k]
+    if decoder_extra and not any("attn_refinement" in k for k in expected):
+        hints.append("the file has a dual-reference decoder: build the model with dual_ref_decoder=True")
+    return hints
+
+
+def describe_mismatch(
+    report: KeyReport, source: str, expected: Mapping[str, torch.Tensor], examples: int = 3
+) -> str:
+    """A readable summary: counts, keys grouped by model part with a few examples, shape mismatches, hints."""
+    lines = [
+        f"checkpoint {source} does not match the model: {len(report.missing)} missing, "
+        f"{len(report.unexpected)} unexpected, {len(report.mismatched)} with another shape"
+    ]
+    if report.missing:
+        lines += [f"  missing keys ({len(report.missing)}), by part:", *_group(report.missing, examples)]
+    if report.unexpected:
+        lines += [
+            f"  unexpected keys ({len(report.unexpected)}), by part:",
+            *_group(report.unexpected, examples),
+        ]
+    if report.mismatched:
+        lines.append(f"  shape mismatches ({len(report.mismatched)}):")
+        lines += [f"    {k}: file {list(f)}, model {list(m)}" for k, f, m in report.mismatched[:20]]
+        if len(report.mismatched) > 20:
+            lines.append(f"    ... and {len(report.mismatched) - 20} more")
+    lines += [f"  hint: {h}" for h in _hints(report, expected)]
+    return "\n".join(lines)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def dual_ref_only_keys(cfg: ToonCrafterConfig) -> set[str]:
+    """State-dict keys of the dual-reference decoder that the plain (DynamiCrafter) decoder lacks."""
+    from training.models.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        dual = AutoencoderKL(replace(cfg.vae, dual_ref=True)).state_dict()
+        plain = AutoencoderKL(replace(cfg.vae, dual_ref=False)).state_dict()
+    return {f"first_stage_model.{k}" for k in set(dual) - set(plain)}
+
+
+def _check_schedule(model: ToonCrafter, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    from training.diffusion.schedule import schedule_buffers
+
+    computed = schedule_buffers(model.cfg.schedule)
+    differ = [
+        name
+        for name, value in computed.items()
+        if name in state_dict
+        and not torch.allclose(state_dict[name].float().cpu(), value, rtol=1e-5, atol=1e-7, equal_nan=True)
+    ]
+    if differ:
+        log.warning(
+            "%s: schedule buffers %s differ from the ones the config computes; the file's values are used",
+            source,
+            differ,
+        )
+
+
+def load_state_dict(
+    model: ToonCrafter,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "<state dict>",
+    assign: bool = False,
+) -> list[str]:
+    """Strictly load `state_dict` into `model`; returns the keys it initialised instead of loading (the
+    dual-reference decoder layers when the file has the plain decoder), else []. `assign=True` makes the
+    file's tensors the model's (for a model built on the meta device); the caller then runs
+    `model.init_buffers(device)`."""
+    state_dict = dict(state_dict)
+    expected = model.state_dict()
+    report = compare_keys(expected, state_dict)
+    plain_into_dual = (
+        model.cfg.dual_ref_decoder
+        and report.missing
+        and not report.unexpected
+        and not report.mismatched
+        and set(report.missing) == dual_ref_only_keys(model.cfg)
+    )
+    if not report.ok and not plain_into_dual:
+        raise CheckpointMismatchError(describe_mismatch(report, source, expected))
+    _check_schedule(model, state_dict, source)
+    if not plain_into_dual:
+        model.load_state_dict(state_dict, strict=True, assign=assign)
+        return []
+
+    # A plain-decoder checkpoint: the VAE is built for real (100 M numbers) and started from the plain one.
+    prefix = "first_stage_model."
+    vae = model.first_stage_model
+    if any(p.is_meta for p in vae.parameters()):
+        vae = type(vae)(vae.config)
+    vae_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    initialised = [prefix + k for k in vae.init_dual_ref_from_plain(vae_state)]
+    model.first_stage_model = vae
+    rest = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    result = model.load_state_dict(rest, strict=False, assign=assign)
+    left = [k for k in result.missing_keys if not k.startswith(prefix)]
+    if left or result.unexpected_keys:  # cannot happen after compare_keys; kept as a guard
+        raise CheckpointMismatchError(
+            f"{source}: unexpected partial load: {left[:5]} {result.unexpected_keys[:5]}"
+        )
+    log.warning(
+        "%s has the plain (DynamiCrafter) decoder: initialised the %d tensors of the dual-reference decoder it "
+        "lacks so that the decoder starts as the plain decoder (zero time_stack output convs, zero keyframe "
+        "injection, identity time_mix_conv)",
+        source,
+        len(initialised),
+    )
+    return initialised
+
+
+def _cast(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return dict(state_dict)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def load_model(
+    path: str | Path,
+    preset: str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    allow_pickle: bool = True,
+    **overrides: Any,
+) -> ToonCrafter:
+    """A ToonCrafter with the weights of `path`, on the CPU.
+
+    The config is the one embedded in the file when present, else the named `preset`; `overrides` replace
+    top-level config fields (e.g. `dual_ref_decoder=True` to start ToonCrafter's decoder from a DynamiCrafter
+    checkpoint). Floating tensors are cast to `dtype` (None keeps the file's). The model is built on the meta
+    device and takes the file's tensors, so a 10 GB checkpoint is never held twice.
+    """
+    ckpt = read_checkpoint(path, allow_pickle)
+    if ckpt.config is not None:
+        cfg = replace(ckpt.config, **overrides)
+        if preset is not None:
+            log.info("%s carries its config; preset %r is not used", path, preset)
+    elif preset is not None:
+        cfg = tooncrafter_config(preset, **overrides)
+    else:
+        raise CheckpointError(f"{path} carries no config: pass a preset (e.g. preset='toon-512')")
+    with torch.device("meta"):
+        model = ToonCrafter(cfg)
+    load_state_dict(model, _cast(ckpt.state_dict, dtype), source=str(path), assign=True)
+    model.init_buffers("cpu")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path}: tensors left unloaded: {leftover[:5]}")
+    if dtype is not None:  # the plain->dual path builds the VAE in fp32
+        model.first_stage_model.to(dtype)
+    return model
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def save_safetensors(
+    model: ToonCrafter,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the model's state dict as safetensors, with its config (JSON) and the code version in the metadata.
+
+    `dtype` casts the parameters; buffers (the diffusion schedule) stay as they are, fp32, since fp16 cannot
+    hold alphas_cumprod near t = 999. The file appears only when complete (temporary name, then rename).
+    """
+    path = Path(path)
+    params = {name for name, _ in model.named_parameters()}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if dtype is not None and key in params and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.detach().contiguous().cpu()
+    meta = {
+        "format": "pt",
+        CONFIG_METADATA: json.dumps(model.cfg.to_dict()),
+        VERSION_METADATA: code_version(),
+        **(metadata or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
