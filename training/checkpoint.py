@@ -38,7 +38,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from training.models.tooncrafter import ToonCrafter, ToonCrafterConfig, tooncrafter_config
+from training.models.tooncrafter import (
+    TOONCRAFTER_PRESETS,
+    ToonCrafter,
+    ToonCrafterConfig,
+    tooncrafter_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +360,57 @@ def _cast(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> 
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+def detect_config(
+    state_dict: Mapping[str, torch.Tensor], presets: list[str] | None = None
+) -> ToonCrafterConfig | None:
+    """The preset (with the dual-reference or the plain decoder) whose key layout the state dict has, if any."""
+    for name in presets or list(TOONCRAFTER_PRESETS):
+        for dual_ref in (True, False):
+            cfg = tooncrafter_config(name, dual_ref_decoder=dual_ref)
+            with torch.device("meta"):
+                layout = ToonCrafter(cfg).state_dict()
+            if compare_keys(layout, state_dict).ok:
+                return cfg
+    return None
+
+
+def preset_name(cfg: ToonCrafterConfig) -> str | None:
+    """The name of the preset this config is (ignoring dual_ref_decoder), if any."""
+    for name, preset in TOONCRAFTER_PRESETS.items():
+        if replace(cfg, dual_ref_decoder=preset.dual_ref_decoder) == preset:
+            return name
+    return None
+
+
+def resolve_config(ckpt: Checkpoint, preset: str | None = None, **overrides: Any) -> ToonCrafterConfig:
+    """The config embedded in the file when present, else the named preset, with top-level overrides."""
+    if ckpt.config is not None:
+        if preset is not None:
+            log.info("%s carries its config; preset %r is not used", ckpt.path, preset)
+        return replace(ckpt.config, **overrides)
+    if preset is not None:
+        return tooncrafter_config(preset, **overrides)
+    raise CheckpointError(f"{ckpt.path} carries no config: pass a preset (e.g. preset='toon-512')")
+
+
+def model_from_checkpoint(
+    ckpt: Checkpoint, cfg: ToonCrafterConfig, dtype: torch.dtype | None = torch.float32
+) -> ToonCrafter:
+    """Build `cfg` on the meta device and give it the checkpoint's tensors (cast to `dtype` unless None)."""
+    with torch.device("meta"):
+        model = ToonCrafter(cfg)
+    state_dict = _cast(ckpt.state_dict, dtype)
+    initialised = load_state_dict(model, state_dict, source=str(ckpt.path), assign=True)
+    model.init_buffers("cpu")
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{ckpt.path}: tensors left unloaded: {leftover[:5]}")
+    if initialised:  # the VAE was built anew in the default dtype: follow the file's
+        vae_dtype = next(v.dtype for k, v in state_dict.items() if k.startswith("first_stage_model."))
+        model.first_stage_model.to(vae_dtype)
+    return model
+
+
 def load_model(
     path: str | Path,
     preset: str | None = None,
@@ -370,24 +426,7 @@ def load_model(
     device and takes the file's tensors, so a 10 GB checkpoint is never held twice.
     """
     ckpt = read_checkpoint(path, allow_pickle)
-    if ckpt.config is not None:
-        cfg = replace(ckpt.config, **overrides)
-        if preset is not None:
-            log.info("%s carries its config; preset %r is not used", path, preset)
-    elif preset is not None:
-        cfg = tooncrafter_config(preset, **overrides)
-    else:
-        raise CheckpointError(f"{path} carries no config: pass a preset (e.g. preset='toon-512')")
-    with torch.device("meta"):
-        model = ToonCrafter(cfg)
-    load_state_dict(model, _cast(ckpt.state_dict, dtype), source=str(path), assign=True)
-    model.init_buffers("cpu")
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise CheckpointError(f"{path}: tensors left unloaded: {leftover[:5]}")
-    if dtype is not None:  # the plain->dual path builds the VAE in fp32
-        model.first_stage_model.to(dtype)
-    return model
+    return model_from_checkpoint(ckpt, resolve_config(ckpt, preset, **overrides), dtype)
 
 
 # --- writing ---------------------------------------------------------------------------------------------------

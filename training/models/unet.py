@@ -341,6 +341,28 @@ class UNet3D(nn.Module):
             for p in module.parameters():
                 p.zero_()
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names by kind (MODEL.md 5.4), for freezing by role: `temporal_conv`, `temporal_attention`,
+        `init_attention` (all three temporal), `image_kv` (to_k_ip/to_v_ip) and `spatial` (everything else)."""
+        owners: list[tuple[str, str]] = []  # (module prefix, group)
+        for name, module in self.named_modules():
+            if isinstance(module, TemporalConvBlock):
+                owners.append((name + ".", "temporal_conv"))
+            elif isinstance(module, TemporalTransformer):
+                owners.append(
+                    (name + ".", "init_attention" if name.startswith("init_attn.") else "temporal_attention")
+                )
+            elif name.endswith((".to_k_ip", ".to_v_ip")):
+                owners.append((name + ".", "image_kv"))
+        groups: dict[str, list[str]] = {
+            g: [] for g in ("temporal_conv", "temporal_attention", "init_attention")
+        }
+        groups.update(image_kv=[], spatial=[])
+        for name, _ in self.named_parameters():
+            group = next((g for prefix, g in owners if name.startswith(prefix)), "spatial")
+            groups[group].append(name)
+        return groups
+
     def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, t: int):
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, t, use_reentrant=False)
