@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
-from pipeline.config import THRESHOLD_KEYS, ConfigError, config_from_dict, load_config, parse_set
+from pipeline.config import SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 
 
 def _curate_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def select_main(argv: list[str] | None = None) -> int:
         table = read_manifest(manifest)
         config = config_from_dict(_saved_config(manifest))
         overrides = parse_set(args.sets)
-        allowed = THRESHOLD_KEYS | {("write", "shard_bytes")}
+        allowed = SELECT_KEYS
         for section, values in overrides.items():
             for key in values:
                 if (section, key) not in allowed:
@@ -126,9 +126,17 @@ def report_main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("out", type=Path, help="the output folder of a curate job")
+    p.add_argument(
+        "--leaks",
+        action="store_true",
+        help="list cross-split near-duplicate pairs and shared sources; exit 1 if any",
+    )
     args = p.parse_args(argv)
     from pipeline.job import CurateJob
     from pipeline.report import write_report
+
+    if args.leaks:
+        return _leak_check(args.out / "manifest.parquet")
 
     manifest = args.out / "manifest.parquet"
     try:
@@ -140,6 +148,29 @@ def report_main(argv: list[str] | None = None) -> int:
     path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config)._thumbs())
     print(f"report: {path}")
     return 0
+
+
+def _leak_check(manifest: Path) -> int:
+    from manifests.split import cross_split_pairs
+
+    try:
+        table = read_manifest(manifest)
+        config = config_from_dict(_saved_config(manifest))
+    except (ConfigError, ManifestError) as exc:
+        print(f"inbetweener report: {exc}", file=sys.stderr)
+        return 2
+    rows = [r for r in table.to_pylist() if r["split"] in ("train", "eval")]
+    leaks = cross_split_pairs(rows, config.split.max_distance)
+    if config.split.by_source is False:
+        leaks = [leak for leak in leaks if leak["kind"] != "source"]
+    evals = sum(r["split"] == "eval" for r in rows)
+    print(
+        f"leak check: {len(rows) - evals} train and {evals} eval clips, max distance {config.split.max_distance}"
+    )
+    for leak in leaks:
+        print(f"  {leak['kind']}: {leak['a']} <-> {leak['b']} distance {leak['distance']}")
+    print("no leaks" if not leaks else f"{len(leaks)} leak(s)")
+    return 1 if leaks else 0
 
 
 def demo_main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ class ShotsConfig:
     min_content_val: float = 15.0  # adaptive: minimum content change for a cut
     analysis_width: int = 256  # frames are decoded straight to this size for detection, timing, motion
     analysis_height: int = 160
+    detect_width: int = 128  # the scene detector sees frames this small (cuts are coarse; 4x cheaper)
+    detect_height: int = 80
     margin_frames: int = 2  # frames dropped on each side of a cut so no neighbouring-shot frame leaks in
     min_len_s: float = 1.0  # shorter clips are rejected (reason shots)
     max_len_s: float = 10.0  # longer shots are cut into windows of this length
@@ -52,12 +54,21 @@ class TimingConfig:
 
 @dataclass
 class MotionConfig:
-    min: float = 0.15  # reject below: mean flow magnitude in % of the frame diagonal (static shots)
+    min: float = 0.05  # reject below: mean flow magnitude in % of the frame diagonal (static shots)
     max: float | None = None  # reject above (e.g. flashes, shaky footage); None = no upper bound
     flow_width: int = 256  # fixed analysis size, so the threshold means the same at any resolution
     flow_height: int = 160
     max_pairs: int = 48  # at most this many distinct-drawing pairs are measured per clip (evenly spaced)
     preset: str = "ultrafast"  # OpenCV DIS preset: ultrafast | fast | medium
+
+
+@dataclass
+class SplitConfig:
+    eval_size: int = 1000  # clips in the held-out eval split (the paper's 1K)
+    max_eval_fraction: float = 0.25  # small jobs: eval never takes more than this share of kept clips
+    max_distance: int = 12  # near-duplicates: summed Hamming distance of the keyframes' 64-bit pHashes
+    by_source: bool = True  # no source spans train and eval (not only no near-duplicate group)
+    seed: int = 0  # changes which components go to eval, deterministically
 
 
 @dataclass
@@ -85,6 +96,7 @@ class CurateConfig:
     shots: ShotsConfig = field(default_factory=ShotsConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -100,6 +112,10 @@ class CurateConfig:
 # thresholds (motion.min/max) are applied from the manifest and can change freely (`select`).
 SCORING_SECTIONS = ("probe", "shots", "timing")
 THRESHOLD_KEYS = {("motion", "min"), ("motion", "max")}
+# what `inbetweener select` may change: thresholds, the split and the shard size (no decoding for scores)
+SELECT_KEYS = (
+    THRESHOLD_KEYS | {("write", "shard_bytes")} | {("split", f.name) for f in dataclasses.fields(SplitConfig)}
+)
 
 
 def _coerce(value, annotation, key: str):
@@ -185,6 +201,9 @@ def _validate(config: CurateConfig) -> None:
         (config.write.shard_bytes > 0, "write.shard_bytes must be > 0"),
         (config.write.fps is None or config.write.fps > 0, "write.fps must be > 0 or null"),
         (config.run.workers >= 0, "run.workers must be >= 0"),
+        (config.split.eval_size >= 0, "split.eval_size must be >= 0"),
+        (0 <= config.split.max_eval_fraction <= 1, "split.max_eval_fraction must be in [0, 1]"),
+        (config.split.max_distance >= 0, "split.max_distance must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,6 +25,7 @@ from manifests.io import atomic_path, read_manifest, write_json_atomic, write_ma
 from manifests.schema import CLIP_SCHEMA, conform
 from pipeline.config import SCORING_SECTIONS, THRESHOLD_KEYS, ConfigError, CurateConfig
 from pipeline.select import decide
+from pipeline.stages.dedup import DedupStage
 from pipeline.stages.discover import ProbeStage, discover
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
@@ -182,6 +183,7 @@ class CurateJob:
                 max_pairs=c.motion.max_pairs,
                 preset=c.motion.preset,
             ),
+            DedupStage(),
         ]
 
     def _score(self, sources: list[str]) -> None:
@@ -306,10 +308,22 @@ class CurateJob:
         return table
 
     def _split(self, table: pa.Table) -> pa.Table:
-        """Every kept clip goes to train until the dedup-aware split exists; others to none."""
-        splits = ["train" if s == "kept" else "none" for s in table["status"].to_pylist()]
-        idx = table.schema.get_field_index("split")
-        return table.set_column(idx, "split", pa.array(splits, pa.string()))
+        """Near-duplicate groups over every scored clip; kept clips split train/eval by whole
+        components (group, and by default source), deterministically; all others get `none`."""
+        from manifests.split import assign_split
+
+        c = self.config.split
+        rows = table.to_pylist()
+        hashed = [r for r in rows if r["phash"]]
+        groups = assign_split(hashed, eval_size=0, max_distance=c.max_distance).group_of
+        kept = [r for r in rows if r["status"] == "kept"]
+        result = assign_split(kept, c.eval_size, c.max_distance, c.by_source, c.max_eval_fraction, c.seed)
+        for row in rows:
+            row["group_id"] = groups.get(row["clip_id"])
+            row["split"] = result.split_of.get(row["clip_id"], "none") if row["status"] == "kept" else "none"
+        if result.eval_size < c.eval_size:
+            self._say(f"eval split: {result.eval_size} clips (asked {c.eval_size}; capped by the job's size)")
+        return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
     def _write_shards(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()

@@ -181,7 +181,8 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
             for frame in container.decode(stream):
                 if sw is None:
                     sw, sh = cover_size(frame.width, frame.height, width, height) if crop else (width, height)
-                image = frame.to_ndarray(width=sw, height=sh, format="rgb24")
+                # AREA: as cheap as a plain RGB conversion (swscale's default bicubic costs ~2.5x)
+                image = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="AREA")
                 if crop and (sw, sh) != (width, height):
                     image = np.ascontiguousarray(center_crop(image, width, height))
                 yield image

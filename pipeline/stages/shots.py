@@ -29,6 +29,8 @@ class ShotsStage(Stage):
     min_content_val: float = 15.0
     analysis_width: int = 256
     analysis_height: int = 160
+    detect_width: int = 128
+    detect_height: int = 80
     margin_frames: int = 2
     min_len_s: float = 1.0
     max_len_s: float = 10.0

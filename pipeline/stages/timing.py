@@ -19,9 +19,9 @@ def frame_differences(frames: np.ndarray) -> np.ndarray:
     """Mean absolute difference between consecutive frames. frames [n, h, w] uint8 -> [n-1] float."""
     if len(frames) < 2:
         return np.zeros(0, dtype=np.float64)
-    a = frames[1:].astype(np.int16)
-    b = frames[:-1].astype(np.int16)
-    return np.abs(a - b).reshape(len(a), -1).mean(axis=1)
+    import cv2
+
+    return np.array([cv2.absdiff(b, a).mean() for a, b in zip(frames[:-1], frames[1:])], dtype=np.float64)
 
 
 def classify_timing(diffs: np.ndarray, held_threshold: float, dominant_share: float) -> dict:

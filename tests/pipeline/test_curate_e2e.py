@@ -219,3 +219,21 @@ def test_resume_after_kill_9(tmp_path):
     assert sorted(index["clip_id"].to_pylist()) == sorted(kept)  # every kept clip exactly once
     assert len(set(kept)) == len(kept) > 0
     assert pq.read_table(out / "manifest.parquet").num_rows == table.num_rows
+
+
+def test_repeated_opening_is_one_group_and_split_does_not_leak(curated, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    assert report_main([str(copy), "--leaks"]) == 0
+    code = select_main([str(copy), "--set", "split.by_source=false", "--set", "split.eval_size=3",
+                        "--set", "split.max_eval_fraction=0.5", "--quiet"])  # fmt: skip
+    assert code == 0
+    rows = read_manifest(copy / "manifest.parquet").to_pylist()
+    files = rows_by_file(read_manifest(copy / "manifest.parquet"))
+    openings = [files[name][0] for name in ("episode_01.mp4", "episode_02.mp4")]
+    assert openings[0]["group_id"] == openings[1]["group_id"] is not None
+    assert openings[0]["split"] == openings[1]["split"]
+    assert sum(r["split"] == "eval" for r in rows) == 3
+    eval_index = read_shard_index(copy / "shards" / "eval")
+    assert sorted(eval_index["clip_id"].to_pylist()) == sorted(r["clip_id"] for r in rows if r["split"] == "eval")
+    assert report_main([str(copy), "--leaks"]) == 0

@@ -1,0 +1,187 @@
+"""`inbetweener bench curate`: decoding throughput vs the CPU stages, 1 and 2 workers, peak memory.
+
+Everything is measured in the same run on the same generated footage, because this machine is
+shared and noisy: the numbers that matter are the ratios.
+  decode      PyAV decode of every frame to RGB arrays at native size, as Ray tasks (one per source)
+  score       the curate job's CPU stages (probe, shots, timing, motion) on the same sources
+  score+write the whole job: scoring, re-encoding kept clips, shards, manifest, report
+Peak memory is the largest sum of RSS over this process and all its descendants (Ray's workers),
+sampled every 50 ms, measured for N and 2N sources to show that the job streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+class PeakMemory:
+    """Largest RSS sum over this process tree while the block runs."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.psutil = psutil
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = self.psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(self.psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def make_footage(root: Path, sources: int, size: tuple[int, int]) -> list[str]:
+    from pipeline import samples
+
+    uris = []
+    seed = 0
+    while len(uris) < sources:
+        folder = root / f"seed{seed}"
+        samples.generate_footage(folder, seed=seed, size=size)
+        for name in ("episode_01.mp4", "episode_02.mp4"):
+            if len(uris) < sources:
+                uris.append(str(folder / name))
+        seed += 1
+    return uris
+
+
+def _decode_all(job: dict) -> dict:
+    from pipeline.video import open_container
+
+    frames = 0
+    with open_container(job["source_uri"]) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            frame.to_ndarray(format="rgb24")
+            frames += 1
+    return {"frames": frames}
+
+
+def bench_decode(uris: list[str], workers: int) -> tuple[float, int]:
+    from pipeline.runner import run_tasks
+
+    start = time.perf_counter()
+    frames = sum(r["frames"] for r in run_tasks(_decode_all, [{"source_uri": u} for u in uris], workers))
+    return time.perf_counter() - start, frames
+
+
+def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tuple[float, int]:
+    from pipeline.config import CurateConfig
+    from pipeline.job import CurateJob
+
+    config = CurateConfig()
+    config.run.workers = workers
+    config.run.progress = False
+    job = CurateJob(uris, out, config)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        if score_only:
+            job._check_state()
+            job._score(uris)
+        else:
+            job.run()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak
+
+
+def run_curate_bench(sources: int, size: tuple[int, int], workers_list: list[int]) -> dict:
+    from pipeline.runner import init_ray, shutdown_ray
+
+    root = Path(tempfile.mkdtemp(prefix="inbetweener-bench-"))
+    try:
+        uris = make_footage(root / "footage", sources * 2, size)
+        init_ray(num_cpus=max(workers_list))
+        bench_decode(uris[:1], 1)  # warm the workers up: Ray start-up is not part of any number
+        results: dict = {"sources": sources, "frame_size": list(size), "workers": {}}
+        for workers in workers_list:
+            d_s, frames = bench_decode(uris[:sources], workers)
+            s_s, s_mem = bench_job(uris[:sources], workers, root / f"score{workers}", score_only=True)
+            j_s, j_mem = bench_job(uris[:sources], workers, root / f"job{workers}", score_only=False)
+            results["workers"][workers] = {
+                "frames": frames,
+                "decode_fps": frames / d_s,
+                "score_fps": frames / s_s,
+                "job_fps": frames / j_s,
+                "score_over_decode": (frames / s_s) / (frames / d_s),
+                "job_over_decode": (frames / j_s) / (frames / d_s),
+                "score_peak_mb": s_mem / 2**20,
+                "job_peak_mb": j_mem / 2**20,
+            }
+        _, mem_2n = bench_job(uris, workers_list[-1], root / "double", score_only=True)
+        results["peak_mb_N"] = results["workers"][workers_list[-1]]["score_peak_mb"]
+        results["peak_mb_2N"] = mem_2n / 2**20
+        if len(workers_list) >= 2:
+            one, two = results["workers"][workers_list[0]], results["workers"][workers_list[-1]]
+            results["score_scaling"] = two["score_fps"] / one["score_fps"]
+            results["decode_scaling"] = two["decode_fps"] / one["decode_fps"]
+        shutdown_ray()
+        return results
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def format_results(r: dict) -> str:
+    lines = [
+        f"curate bench: {r['sources']} sources, {r['frame_size'][0]}x{r['frame_size'][1]}",
+        "workers  frames  decode fps  score fps  score/decode  job fps  job/decode  score peak MB  job peak MB",
+    ]
+    for w, v in r["workers"].items():
+        lines.append(
+            f"{w:>7}  {v['frames']:>6}  {v['decode_fps']:>10.0f}  {v['score_fps']:>9.0f}  {v['score_over_decode']:>12.2f}"
+            f"  {v['job_fps']:>7.0f}  {v['job_over_decode']:>10.2f}  {v['score_peak_mb']:>13.0f}  {v['job_peak_mb']:>11.0f}"
+        )
+    if "score_scaling" in r:
+        lines.append(
+            f"2 workers / 1 worker: score {r['score_scaling']:.2f}x, decode {r['decode_scaling']:.2f}x"
+        )
+    lines.append(
+        f"peak memory, scoring N={r['sources']} vs 2N sources: {r['peak_mb_N']:.0f} MB vs {r['peak_mb_2N']:.0f} MB"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="inbetweener bench",
+        description="Benchmarks that print ratios against a baseline measured in the same run.",
+        epilog="example:\n  inbetweener bench curate --sources 8 --workers 1 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("curate", help="decoding vs the curate job's CPU stages")
+    c.add_argument(
+        "--sources", type=int, default=8, help="sources per measurement (the memory check uses 2x)"
+    )
+    c.add_argument("--width", type=int, default=640)
+    c.add_argument("--height", type=int, default=384)
+    c.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    c.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    results = run_curate_bench(args.sources, (args.width, args.height), sorted(args.workers))
+    print(format_results(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0

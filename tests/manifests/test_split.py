@@ -1,0 +1,99 @@
+"""Near-duplicate grouping and the leak-free split."""
+
+from __future__ import annotations
+
+import random
+
+from manifests.split import assign_split, cross_split_pairs, fingerprint_distance, near_duplicate_pairs
+
+
+def random_fp(rng: random.Random) -> list[int]:
+    return [rng.getrandbits(64) for _ in range(3)]
+
+
+def flip(fp: list[int], bits: int, rng: random.Random) -> list[int]:
+    out = list(fp)
+    for _ in range(bits):
+        i, b = rng.randrange(3), rng.randrange(64)
+        out[i] ^= 1 << b
+    return out
+
+
+def brute_force(fps: dict, max_distance: int) -> list[tuple[str, str, int]]:
+    keys = sorted(fps)
+    out = []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            d = sum(bin(x ^ y).count("1") for x, y in zip(fps[a], fps[b]))
+            if d <= max_distance:
+                out.append((a, b, d))
+    return out
+
+
+def test_banded_search_finds_exactly_the_brute_force_pairs():
+    rng = random.Random(0)
+    fps = {}
+    for i in range(60):
+        base = random_fp(rng)
+        fps[f"c{i:03d}"] = base
+        if i % 3 == 0:  # near copies at several distances around the threshold
+            for j, bits in enumerate((2, 8, 12, 13, 20)):
+                fps[f"c{i:03d}_{j}"] = flip(base, bits, rng)
+    for max_distance in (0, 6, 12):
+        assert near_duplicate_pairs(fps, max_distance) == brute_force(fps, max_distance)
+
+
+def test_fingerprint_distance():
+    assert fingerprint_distance([0b1011, 0], [0b0001, 1]) == 3
+
+
+def make_clips(rng: random.Random, sources: int = 40, per_source: int = 5, opening: bool = True) -> list[dict]:
+    shared_opening = random_fp(rng)
+    clips = []
+    for s in range(sources):
+        for k in range(per_source):
+            fp = flip(shared_opening, 3, rng) if (opening and k == 0) else random_fp(rng)
+            clips.append({"clip_id": f"s{s:02d}c{k}", "source_id": f"src{s:02d}", "phash": fp})
+    return clips
+
+
+def test_split_is_exact_deterministic_and_leak_free_without_sources():
+    rng = random.Random(1)
+    clips = make_clips(rng)
+    result = assign_split(clips, eval_size=30, max_distance=12, by_source=False)
+    assert result.eval_size == 30 == sum(v == "eval" for v in result.split_of.values())
+    # the repeated opening collapses to one group
+    openings = {result.group_of[c["clip_id"]] for c in clips if c["clip_id"].endswith("c0")}
+    assert len(openings) == 1
+    again = assign_split(clips, eval_size=30, max_distance=12, by_source=False)
+    assert again.split_of == result.split_of
+    labelled = [{**c, "split": result.split_of[c["clip_id"]]} for c in clips]
+    assert [leak for leak in cross_split_pairs(labelled) if leak["kind"] == "near-duplicate"] == []
+
+
+def test_split_by_source_keeps_sources_whole():
+    rng = random.Random(2)
+    clips = make_clips(rng, opening=False)
+    result = assign_split(clips, eval_size=20, max_distance=12, by_source=True)
+    assert result.eval_size == 20
+    labelled = [{**c, "split": result.split_of[c["clip_id"]]} for c in clips]
+    assert cross_split_pairs(labelled) == []
+
+
+def test_leak_check_reports_planted_leaks():
+    rng = random.Random(3)
+    base = random_fp(rng)
+    clips = [
+        {"clip_id": "a", "source_id": "s1", "phash": base, "split": "train"},
+        {"clip_id": "b", "source_id": "s2", "phash": flip(base, 4, rng), "split": "eval"},
+        {"clip_id": "c", "source_id": "s2", "phash": random_fp(rng), "split": "train"},
+    ]
+    kinds = sorted(leak["kind"] for leak in cross_split_pairs(clips))
+    assert kinds == ["near-duplicate", "source"]
+
+
+def test_eval_is_capped_for_small_jobs():
+    rng = random.Random(4)
+    clips = make_clips(rng, sources=4, per_source=2, opening=False)
+    result = assign_split(clips, eval_size=1000, max_eval_fraction=0.25)
+    assert result.target == 2 and result.eval_size == 2
