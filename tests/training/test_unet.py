@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models.unet import UNET_PRESETS, UNet3D, UNetConfig, unet_config_from_reference
+from training.models.unet import UNET_PRESETS, UNet3D, unet_config_from_reference
 
 TOL = 1e-4  # parity/README.md: suggested acceptance for single forward passes in float32
 
@@ -90,13 +90,22 @@ def test_fresh_model_is_zero_initialised_where_the_reference_is():
     assert model.input_blocks[1][1].proj_out.weight.abs().sum() == 0
 
 
-def test_gradient_checkpointing_does_not_change_results():
+def test_gradient_checkpointing_does_not_change_results(monkeypatch):
+    import training.models.unet as unet_module
+
+    calls = []
+    real_checkpoint = unet_module.checkpoint
+    monkeypatch.setattr(
+        unet_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    )
     torch.manual_seed(0)
     plain = UNet3D(UNET_PRESETS["tiny"])
     for p in plain.parameters():  # no zero branches, so that every path carries gradient
         torch.nn.init.normal_(p, std=0.1)
-    ckpt = UNet3D(UNetConfig(**{**UNET_PRESETS["tiny"].__dict__, "gradient_checkpointing": True}))
+    ckpt = UNet3D(UNET_PRESETS["tiny"])
     ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_gradient_checkpointing(True)
+    assert ckpt.cfg.gradient_checkpointing
     plain.train()
     ckpt.train()
     x = torch.randn(1, 8, 2, 8, 8)
@@ -108,6 +117,7 @@ def test_gradient_checkpointing_does_not_change_results():
         y.square().mean().backward()
         results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
     (y_plain, g_plain), (y_ckpt, g_ckpt) = results
+    assert len(calls) == len(ckpt.input_blocks) + 1 + 1 + len(ckpt.output_blocks)  # + init_attn + middle
     assert torch.equal(y_plain, y_ckpt)
     for a, b in zip(g_plain, g_ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

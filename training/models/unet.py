@@ -341,6 +341,10 @@ class UNet3D(nn.Module):
             for p in module.parameters():
                 p.zero_()
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (train mode); results are unchanged."""
+        self.cfg = replace(self.cfg, gradient_checkpointing=enabled)
+
     def parameter_groups(self) -> dict[str, list[str]]:
         """Parameter names by kind (MODEL.md 5.4), for freezing by role: `temporal_conv`, `temporal_attention`,
         `init_attention` (all three temporal), `image_kv` (to_k_ip/to_v_ip) and `spatial` (everything else)."""
