@@ -76,6 +76,7 @@ def _short_reason(reason: str | None) -> str:
     words = rest.split()
     if len(words) >= 4 and words[2] in ("<", ">"):
         rest = f"{words[0]} {words[2]} {' '.join(words[3:])}"
+    rest = rest.split(" (", 1)[0]  # errors: group by the problem, the detail stays in the manifest
     return f"{stage}: {rest[:120]}"
 
 

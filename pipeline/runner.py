@@ -51,7 +51,7 @@ def _task_udf(stage: Stage) -> Callable:
 
         def run_many(batch):
             for row in stage.process_rows(rows_of(batch)):
-                yield batch_of([row])
+                yield batch_of([stage.mark(row)])
 
         return run_many
 

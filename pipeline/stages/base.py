@@ -28,7 +28,13 @@ class Stage:
         """Load what the stage needs once per worker (a model, a detector). Default: nothing."""
 
     def __call__(self, batch: Batch) -> Batch:
-        return batch_of(list(self.process_rows(rows_of(batch))))
+        return batch_of([self.mark(row) for row in self.process_rows(rows_of(batch))])
+
+    def mark(self, row: dict) -> dict:
+        """Record in `stages_run` that this stage scored the row (skipped stages stay absent)."""
+        if row.get("row_kind") == "clip" and row.get("status") != "error":
+            row["stages_run"] = [*(row.get("stages_run") or []), self.name]
+        return row
 
     def process_rows(self, rows: list[dict]) -> Iterator[dict]:
         for row in rows:
@@ -69,6 +75,8 @@ def _pack(value):
 def _unpack(value):
     if isinstance(value, Packed):
         return value.value
+    if isinstance(value, np.ndarray):  # Ray's rendering of a list column (real arrays travel Packed)
+        return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     return value

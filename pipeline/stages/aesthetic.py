@@ -1,0 +1,250 @@
+"""aesthetic: the LAION improved aesthetic predictor on the first, middle and last keyframes.
+
+The predictor (christophschuhmann/improved-aesthetic-predictor, `sac+logos+ava1-l14-linearMSE.pth`)
+is an MLP over L2-normalised CLIP ViT-L/14 image embeddings (OpenAI weights, the ones it was trained
+on). Its released layout is `layers` = Linear(768, 1024), Dropout(0.2), Linear(1024, 128),
+Dropout(0.2), Linear(128, 64), Dropout(0.1), Linear(64, 16), Linear(16, 1): no activations (they
+are commented out in the release), so the state dict holds layers.{0,2,4,6,7}.{weight,bias}.
+Scores are on the AVA scale (1..10); `aesthetic_min` is the minimum over the three frames.
+
+The CLIP image embeddings (normalised, float32, [3, D]: first, mid, last) are kept in the heavy
+column `clip_image_emb`, so the alignment stage needs no second image forward.
+
+Defaults and why: CLIP `ViT-L-14` with the `openai` weights (the predictor's input space; QuickGELU
+as OpenAI trained it), fp16 on a GPU (CLIP's own release precision) and fp32 on CPU, the predictor
+always in fp32; preprocessing is open_clip's eval transform (shortest side to 224, bicubic,
+centre crop, CLIP mean/std) done on the device for the whole batch. The reject threshold
+AESTHETIC_MIN = 4.0: flat-colour cartoon frames score lower than photographs on this scale (about
+4.5-5.5), so 4.0 only removes the clearly broken or blank frames; raise it with `select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.models import (
+    WeightFile,
+    aesthetic_file,
+    add_lineage,
+    clip_file,
+    file_sha256,
+    load_verified,
+    resolve_models_dir,
+)
+from pipeline.stages.base import Stage
+
+AESTHETIC_MIN = 4.0  # default aesthetic.min: reject clips whose worst keyframe scores below this
+
+
+# --------------------------------------------------------------------------- CLIP (shared with alignment)
+
+
+def register_clip_config(model: str, models_dir: Path) -> None:
+    """A model name open_clip does not know is read from MODELS_DIR/open_clip/NAME.json (open_clip's
+    model config format: embed_dim, vision_cfg, text_cfg); tests use it for a tiny CLIP."""
+    import open_clip
+
+    path = models_dir / "open_clip" / f"{model}.json"
+    if open_clip.get_model_config(model) is None and path.exists():
+        open_clip.add_model_config(path)
+
+
+def _build_clip(model: str, pretrained: str, device):
+    import open_clip
+
+    quick_gelu = bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
+    return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, device=device)
+
+
+def clip_shapes(model: str, pretrained: str, models_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the open_clip model, built on the meta device (no memory, no weights)."""
+    import torch
+
+    register_clip_config(model, models_dir)
+    with torch.device("meta"):
+        net = _build_clip(model, pretrained, "meta")
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def clip_weight_file(model: str, pretrained: str, models_dir: Path) -> WeightFile:
+    return clip_file(model, pretrained, lambda: clip_shapes(model, pretrained, models_dir))
+
+
+def load_clip(model: str, pretrained: str, models_dir: Path, device="cpu", dtype=None):
+    """open_clip model from MODELS_DIR/open_clip/MODEL.PRETRAINED.safetensors, keys checked."""
+    register_clip_config(model, models_dir)
+    state = load_verified(clip_weight_file(model, pretrained, models_dir), models_dir)
+    net = _build_clip(model, pretrained, "cpu")
+    net.load_state_dict(state)
+    net = net.eval().to(device)
+    return net.to(dtype) if dtype is not None else net
+
+
+def clip_preprocess(frames, cfg: dict):
+    """uint8 [n, h, w, 3] tensor -> [n, 3, S, S] float, open_clip's eval transform on the device:
+    shortest side to S (long side int(S * long / short), as torchvision), bicubic with antialias,
+    rounded to 8 bits like PIL, centre crop, CLIP mean/std."""
+    import torch
+    import torch.nn.functional as F
+
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    x = frames.permute(0, 3, 1, 2).float()  # [n, 3, h, w], 0..255
+    h, w = x.shape[-2:]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    x = x.clamp(0, 255).round() / 255.0
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    x = x[..., top : top + size, left : left + size]
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pick_device(device: str):
+    import torch
+
+    return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(precision: str, device):
+    """auto: fp16 on a GPU, fp32 on CPU."""
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in names:
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    return names[precision]
+
+
+def encode_frames(net, frames: list[np.ndarray], device, dtype, chunk: int = 256) -> np.ndarray:
+    """RGB uint8 frames -> L2-normalised CLIP image embeddings, float32 [n, D] (one forward per frame)."""
+    import torch
+
+    cfg = net.visual.preprocess_cfg
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(frames), chunk):
+            part = frames[i : i + chunk]
+            if len({f.shape for f in part}) == 1:
+                x = clip_preprocess(torch.from_numpy(np.stack(part)).to(device), cfg)
+            else:  # frames of several sizes: each resized on its own, then one batch
+                x = torch.cat([clip_preprocess(torch.from_numpy(f[None]).to(device), cfg) for f in part])
+            emb = net.encode_image(x.to(dtype))
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+def build_aesthetic_mlp(dim: int = 768):
+    """The predictor in its released layout (state dict keys layers.{0,2,4,6,7}.{weight,bias})."""
+    from torch import nn
+
+    head = nn.Module()
+    head.layers = nn.Sequential(
+        nn.Linear(dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+    return head
+
+
+def mlp_shapes(dim: int) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_aesthetic_mlp(dim).state_dict().items()}
+
+
+def load_aesthetic_mlp(models_dir: Path, dim: int = 768, device="cpu"):
+    state = load_verified(aesthetic_file(lambda: mlp_shapes(dim)), models_dir)
+    head = build_aesthetic_mlp(dim)
+    head.load_state_dict(state)
+    return head.eval().to(device)
+
+
+def clip_embed_dim(model: str, models_dir: Path) -> int:
+    import open_clip
+
+    register_clip_config(model, models_dir)
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r} (no MODELS_DIR/open_clip/{model}.json either)")
+    return int(cfg["embed_dim"])
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class AestheticStage(Stage):
+    clip_model: str = "ViT-L-14"  # open_clip model name; the predictor was trained on its embeddings
+    clip_pretrained: str = "openai"  # weights tag: MODELS_DIR/open_clip/<model>.<tag>.safetensors
+    models_dir: str | None = None  # None: $INBETWEENER_MODELS, else ~/.cache/inbetweener/models
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = "auto"  # CLIP tower: auto = fp16 on GPU, fp32 on CPU (the MLP is always fp32)
+    batch_size: int = 64  # clips per call: 3 frames each through CLIP at once
+    num_gpus: float = 0.25  # ViT-L/14 fp16 needs ~1 GB; set 0 on machines without GPU
+
+    name = "aesthetic"
+    num_cpus = 1.0
+
+    def weight_files(self) -> list[WeightFile]:
+        root = resolve_models_dir(self.models_dir)
+        dim = lambda: clip_embed_dim(self.clip_model, root)  # noqa: E731 - deferred: needs open_clip
+        return [
+            aesthetic_file(lambda: mlp_shapes(dim())),
+            clip_weight_file(self.clip_model, self.clip_pretrained, root),
+        ]
+
+    def setup(self) -> None:
+        root = resolve_models_dir(self.models_dir)
+        self._device = pick_device(self.device)
+        self._dtype = pick_dtype(self.precision, self._device)
+        self._clip = load_clip(self.clip_model, self.clip_pretrained, root, self._device, self._dtype)
+        dim = clip_embed_dim(self.clip_model, root)
+        self._mlp = load_aesthetic_mlp(root, dim, self._device)
+        self._model = f"laion-aesthetic sac+logos+ava1-l14-linearMSE on open_clip {self.clip_model}/{self.clip_pretrained}"
+        self._sha256 = file_sha256(root / aesthetic_file().path, root)
+        self._clip_sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
+
+    def scores(self, emb: np.ndarray) -> np.ndarray:
+        """Normalised embeddings [n, D] -> aesthetic scores [n] (fp32 MLP)."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(emb).to(self._device, torch.float32)
+            return self._mlp.layers(x)[:, 0].float().cpu().numpy()
+
+    def process_rows(self, rows: list[dict]):
+        todo = [i for i, r in enumerate(rows) if r.get("row_kind") == "clip" and r.get("keyframes") is not None]
+        frames = [f for i in todo for f in rows[i]["keyframes"][:3]]
+        emb = encode_frames(self._clip, frames, self._device, self._dtype) if frames else None
+        scores = self.scores(emb) if frames else None
+        done = {i: j for j, i in enumerate(todo)}
+        for i, row in enumerate(rows):
+            if i not in done:
+                yield row
+                continue
+            j = done[i]
+            first, mid, last = (float(s) for s in scores[3 * j : 3 * j + 3])
+            yield {
+                **row,
+                "aesthetic_first": first,
+                "aesthetic_mid": mid,
+                "aesthetic_last": last,
+                "aesthetic_min": min(first, mid, last),
+                "clip_image_emb": emb[3 * j : 3 * j + 3].copy(),  # float32 [3, D]: first, mid, last
+                **add_lineage(row, self.name, self._model, self._sha256, clip_sha256=self._clip_sha256),
+            }
