@@ -53,6 +53,11 @@ def count_parts(preset: str, plain_decoder: bool = False) -> list[tuple[str, str
         ("schedule_buffers", "schedule buffers", sum(b.numel() for b in model.buffers(recurse=False))),
         ("total", "total (state dict)", sum(t.numel() for t in model.state_dict().values())),
     ]
+    from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
+
+    with torch.device("meta"):
+        sketch = SketchEncoder(SKETCH_ENCODER_PRESETS[preset])
+    rows.append(("sketch_encoder", "sketch encoder (ControlNet; a separate checkpoint)", numel(sketch)))
     return rows
 
 

@@ -29,6 +29,7 @@ MODEL_MD_COUNTS = {
     "image_proj_model": 48_787_456,
     "schedule buffers": 13_400,
     "total": 2_625_430_449,
+    "sketch encoder": 364_227_952,  # MODEL.md section 4
 }
 
 
