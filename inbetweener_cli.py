@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "curate": ("pipeline.cli", "curate_main", "raw footage -> shots -> scores -> shards + manifest + report"),
     "select": ("pipeline.cli", "select_main", "re-apply thresholds from a manifest and re-shard (no decoding)"),
     "report": ("pipeline.cli", "report_main", "rebuild report.html from a manifest"),
+    "models": ("pipeline.models", "models_main", "list, check and download the weights the stages need"),
     "demo": ("pipeline.cli", "demo_main", "generate sample cartoon footage and curate it with local Ray"),
     "bench": ("pipeline.bench", "main", "benchmarks (bench curate: decoding vs CPU stages, workers, memory)"),
     "describe": ("training.describe", "main", "parameter counts per part of a model preset"),

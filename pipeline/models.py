@@ -84,12 +84,16 @@ CRAFT_FILE = "easyocr/craft_mlt_25k.pth"
 CRAFT_MD5 = "2f8227d2def4037cdb3b34389dcf9ec1"
 CRAFT_URL = "https://github.com/JaidedAI/EasyOCR/releases/download/pre-v1.1.6/craft_mlt_25k.zip"
 AESTHETIC_FILE = "aesthetic/sac+logos+ava1-l14-linearMSE.pth"
-AESTHETIC_URL = (
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
-)
+AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 # open_clip model name + pretrained tag -> hub repo holding `open_clip_model.safetensors`
 CLIP_HUB = {("ViT-L-14", "openai"): "timm/vit_large_patch14_clip_224.openai"}
-BLIP2_REQUIRED_PREFIXES = ("vision_model.", "qformer.", "language_projection.", "language_model.", "query_tokens")
+BLIP2_REQUIRED_PREFIXES = (
+    "vision_model.",
+    "qformer.",
+    "language_projection.",
+    "language_model.",
+    "query_tokens",
+)
 
 
 def craft_file(expect: Callable[[], Shapes] | None = None, optional: bool = False) -> WeightFile:
@@ -269,10 +273,11 @@ def _snapshot_weight_files(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
-def check_hf_snapshot(wf: WeightFile, models_dir: Path) -> list[str]:
+def check_hf_snapshot(folder: Path) -> list[str]:
     """A BLIP-2 snapshot folder: its config, every safetensors shard whole, the keys' top-level parts,
     a tokenizer and an image processor config."""
-    folder = models_dir / wf.path
+    if not folder.is_dir():
+        return [f"{folder}: missing (a Hugging Face snapshot folder)"]
     problems = []
     config = folder / "config.json"
     try:
@@ -305,7 +310,7 @@ def check_file(wf: WeightFile, models_dir: Path, verify_hashes: bool = False) ->
     """Problems with one present WeightFile (empty: fine). Hashes only with verify_hashes (slow)."""
     path = models_dir / wf.path
     if wf.kind == "hf-snapshot":
-        return check_hf_snapshot(wf, models_dir)
+        return check_hf_snapshot(path)
     problems = []
     if wf.size is not None and path.stat().st_size != wf.size:
         problems.append(f"{path}: {path.stat().st_size} bytes, expected {wf.size}")
@@ -322,7 +327,9 @@ def check_file(wf: WeightFile, models_dir: Path, verify_hashes: bool = False) ->
         if wf.sha256 and file_sha256(path, models_dir) != wf.sha256:
             problems.append(f"{path}: sha256 {file_sha256(path, models_dir)}, expected {wf.sha256}")
         if wf.md5 and _digest(path, "md5") != wf.md5:
-            problems.append(f"{path}: md5 {_digest(path, 'md5')}, expected {wf.md5} (as its publisher states)")
+            problems.append(
+                f"{path}: md5 {_digest(path, 'md5')}, expected {wf.md5} (as its publisher states)"
+            )
     return problems
 
 
@@ -333,14 +340,21 @@ def default_stages(names: Iterable[str], models_dir: Path) -> list:
     from pipeline.stages.caption import CaptionStage
     from pipeline.stages.text import TextStage
 
-    classes = {"text": TextStage, "aesthetic": AestheticStage, "caption": CaptionStage, "alignment": AlignmentStage}
+    classes = {
+        "text": TextStage,
+        "aesthetic": AestheticStage,
+        "caption": CaptionStage,
+        "alignment": AlignmentStage,
+    }
     unknown = [n for n in names if n not in classes]
     if unknown:
         raise ValueError(f"unknown model stage(s) {unknown}; known: {sorted(classes)}")
     return [classes[n](models_dir=str(models_dir)) for n in names]
 
 
-def check_weights(stages: Iterable, models_dir: str | os.PathLike | None = None, verify_hashes: bool = False) -> list[str]:
+def check_weights(
+    stages: Iterable, models_dir: str | os.PathLike | None = None, verify_hashes: bool = False
+) -> list[str]:
     """Problems that would stop the given stages (Stage objects or names): each missing file named
     with the command that fetches it, each truncated or wrong file with what was expected.
     An empty list: every stage can load its weights. Call it before any work starts."""
@@ -358,6 +372,33 @@ def check_weights(stages: Iterable, models_dir: str | os.PathLike | None = None,
                 continue
             problems += [f"{stage.name}: {p}" for p in check_file(wf, stage_dir, verify_hashes)]
     return problems
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def pick_device(device: str):
+    """The model stages' device: "auto" = cuda when this worker sees a GPU, else cpu."""
+    import torch
+
+    return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pick_dtype(precision: str, device, gpu_default: str = "fp16"):
+    """The model stages' precision: "auto" = gpu_default on a GPU (bf16 falls back to fp16 where the
+    card lacks it), fp32 on CPU; or fp32 / fp16 / bf16 as asked."""
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        if gpu_default == "bf16" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return names[gpu_default]
+    if precision not in names:
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    return names[precision]
 
 
 # --------------------------------------------------------------------------- hashes and lineage
@@ -401,15 +442,14 @@ def file_sha256(path: Path, models_dir: Path | None = None) -> str:
 
 
 def add_lineage(row: dict, stage: str, model: str, sha256: str | None, **more: str | None) -> dict:
-    """Row fields recording that `stage` scored this row with `model` (weights sha256, and any
-    further weights, e.g. clip_sha256)."""
+    """The row's `models` JSON with `stage` -> {model, sha256 of its weights, any further weights
+    (e.g. clip_sha256)} added. (`stages_run` is kept by Stage.mark.)"""
     try:
         models = json.loads(row.get("models") or "{}")
     except ValueError:
         models = {}
     models[stage] = {"model": model, "sha256": sha256, **more}
-    run = [s for s in (row.get("stages_run") or []) if s != stage] + [stage]
-    return {"models": json.dumps(models, sort_keys=True), "stages_run": run}
+    return {"models": json.dumps(models, sort_keys=True)}
 
 
 # --------------------------------------------------------------------------- downloading
@@ -451,8 +491,23 @@ def _download_hf_file(repo: str, filename: str, dest: Path) -> None:
         os.replace(got, dest)
 
 
+def _check_reachable(host: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, on a machine without network (proxies are trusted as they are)."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise WeightsError(f"cannot reach {host} ({exc}): this machine seems to be offline") from exc
+
+
 def download(wf: WeightFile, models_dir: Path) -> None:
     """Fetch one WeightFile into the models directory (atomically); hashes checked where stated."""
+    from urllib.parse import urlparse
+
+    _check_reachable("huggingface.co" if wf.hf_repo else urlparse(wf.url or "https://github.com").hostname)
     dest = models_dir / wf.path
     dest.parent.mkdir(parents=True, exist_ok=True)
     if wf.kind == "hf-snapshot":
@@ -515,6 +570,13 @@ def _list(stages: list, root: Path, hashes: bool) -> int:
 
 
 def _download(stages: list, root: Path) -> int:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # tests and CI: say so at once instead of timing out
+        print(
+            "inbetweener models download: offline mode (HF_HUB_OFFLINE=1); unset it on a machine that is "
+            "online, or copy the files listed by `inbetweener models list` into the models directory",
+            file=sys.stderr,
+        )
+        return 1
     failed = 0
     for stage in stages:
         for wf in stage.weight_files():
@@ -528,9 +590,8 @@ def _download(stages: list, root: Path) -> int:
                 print(f"{stage.name}: {wf.path} ok ({_human(_size(path))})")
             except Exception as exc:  # offline, 404, bad file: say which and go on with the next
                 failed += 1
-                offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
                 print(
-                    f"{stage.name}: cannot download {wf.path}{offline}: {type(exc).__name__}: {exc}\n"
+                    f"{stage.name}: cannot download {wf.path}: {type(exc).__name__}: {exc}\n"
                     f"  fetch {wf.source()} on a machine that is online and copy it to {path}",
                     file=sys.stderr,
                 )

@@ -27,11 +27,13 @@ import numpy as np
 
 from pipeline.models import (
     WeightFile,
-    aesthetic_file,
     add_lineage,
+    aesthetic_file,
     clip_file,
     file_sha256,
     load_verified,
+    pick_device,
+    pick_dtype,
     resolve_models_dir,
 )
 from pipeline.stages.base import Stage
@@ -101,24 +103,6 @@ def clip_preprocess(frames, cfg: dict):
     mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def pick_device(device: str):
-    import torch
-
-    return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def pick_dtype(precision: str, device):
-    """auto: fp16 on a GPU, fp32 on CPU."""
-    import torch
-
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in names:
-        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
-    return names[precision]
 
 
 def encode_frames(net, frames: list[np.ndarray], device, dtype, chunk: int = 256) -> np.ndarray:
@@ -228,7 +212,9 @@ class AestheticStage(Stage):
             return self._mlp.layers(x)[:, 0].float().cpu().numpy()
 
     def process_rows(self, rows: list[dict]):
-        todo = [i for i, r in enumerate(rows) if r.get("row_kind") == "clip" and r.get("keyframes") is not None]
+        todo = [
+            i for i, r in enumerate(rows) if r.get("row_kind") == "clip" and r.get("keyframes") is not None
+        ]
         frames = [f for i in todo for f in rows[i]["keyframes"][:3]]
         emb = encode_frames(self._clip, frames, self._device, self._dtype) if frames else None
         scores = self.scores(emb) if frames else None

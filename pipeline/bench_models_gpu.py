@@ -1,0 +1,445 @@
+"""GPU benchmark of the curate job's model stages: clips/s and peak GPU memory per stage.
+
+Each stage's model is built at full size with random weights (no download) and driven through the
+stage's own `process_rows` with the pipeline's batch sizes, so preprocessing, transfers and the
+text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at the keyframe size.
+
+  text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
+  aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip
+  alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings
+  caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
+             (random weights never stop early; real captions stop sooner, so this is a floor)
+
+The GPU machine has torch, torchvision and transformers but no open_clip or easyocr: CLIP is then
+`transformers.CLIPModel` with the ViT-L/14 configuration (same shapes, QuickGELU) and CRAFT the
+minimal definition below (same keys and shapes as easyocr's, checked by a test).
+Targets on an H100 (issue 3): aesthetic + alignment >= 1,000 clips/s together, captioning >= 20
+clips/s, CRAFT >= 100 clips/s.
+
+examples:
+  python -m pipeline.bench_models_gpu --out bench_models.json          # on the GPU machine
+  python -m pipeline.bench_models_gpu --device cpu --tiny               # smoke run (a test runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.stages.aesthetic import AestheticStage, build_aesthetic_mlp
+from pipeline.stages.alignment import AlignmentStage
+from pipeline.stages.caption import CaptionStage
+from pipeline.stages.text import CraftDetector, TextStage
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- CRAFT without easyocr
+
+
+def _minimal_craft():
+    """easyocr's CRAFT (same module names, keys and shapes), for machines without easyocr."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torchvision.models import vgg16_bn
+
+    class DoubleConv(nn.Module):
+        def __init__(self, cin, mid, cout):
+            super().__init__()
+            self.conv = nn.Sequential(
+                nn.Conv2d(cin + mid, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                nn.Conv2d(mid, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            )  # fmt: skip
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Trunk(nn.Module):  # easyocr.model.modules.vgg16_bn: torchvision's features in 4 slices + fc6/fc7
+        def __init__(self):
+            super().__init__()
+            features = vgg16_bn(weights=None).features
+            for name, (a, b) in {
+                "slice1": (0, 12),
+                "slice2": (12, 19),
+                "slice3": (19, 29),
+                "slice4": (29, 39),
+            }.items():
+                part = nn.Sequential()
+                for i in range(a, b):
+                    part.add_module(str(i), features[i])
+                setattr(self, name, part)
+            self.slice5 = nn.Sequential(
+                nn.MaxPool2d(3, 1, 1),
+                nn.Conv2d(512, 1024, 3, padding=6, dilation=6),
+                nn.Conv2d(1024, 1024, 1),
+            )
+
+        def forward(self, x):
+            h2 = self.slice1(x)  # relu2_2, 1/2
+            h3 = self.slice2(h2)  # relu3_2, 1/4
+            h4 = self.slice3(h3)  # relu4_3, 1/8
+            h5 = self.slice4(h4)  # relu5_3, 1/16
+            return self.slice5(h5), h5, h4, h3, h2
+
+    class Craft(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.basenet = Trunk()
+            self.upconv1 = DoubleConv(1024, 512, 256)
+            self.upconv2 = DoubleConv(512, 256, 128)
+            self.upconv3 = DoubleConv(256, 128, 64)
+            self.upconv4 = DoubleConv(128, 64, 32)
+            self.conv_cls = nn.Sequential(
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 16, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 2, 1),
+            )  # fmt: skip
+
+        def forward(self, x):
+            s = self.basenet(x)
+            y = self.upconv1(torch.cat([s[0], s[1]], 1))
+            for up, skip in ((self.upconv2, s[2]), (self.upconv3, s[3]), (self.upconv4, s[4])):
+                y = F.interpolate(y, size=skip.shape[2:], mode="bilinear", align_corners=False)
+                y = up(torch.cat([y, skip], 1))
+            return self.conv_cls(y).permute(0, 2, 3, 1), y  # [n, h/2, w/2, 2], features
+
+    return Craft()
+
+
+def build_craft(fallback: bool):
+    if not fallback:
+        try:
+            from easyocr.craft import CRAFT
+
+            return CRAFT(pretrained=False, freeze=False), "easyocr.craft.CRAFT"
+        except ImportError:
+            pass
+    return _minimal_craft(), "minimal CRAFT (bench_models_gpu)"
+
+
+# --------------------------------------------------------------------------- CLIP without open_clip
+
+
+class HFClip:
+    """transformers.CLIPModel behind the three things the stages use from an open_clip model."""
+
+    def __init__(self, model, image_size: int):
+        self.model = model
+        self.visual = model.vision_model
+        self.visual.preprocess_cfg = {
+            "size": (image_size, image_size),
+            "mean": OPENAI_MEAN,
+            "std": OPENAI_STD,
+        }
+
+    @staticmethod
+    def _features(out):
+        return out if hasattr(out, "dim") else out.pooler_output  # transformers 5 returns an output object
+
+    def encode_image(self, x):
+        return self._features(self.model.get_image_features(pixel_values=x))
+
+    def encode_text(self, tokens):
+        return self._features(self.model.get_text_features(input_ids=tokens))
+
+
+def build_clip(tiny: bool, fallback: bool, device, dtype):
+    """(model, tokenizer, description): ViT-L/14 (or a tiny ViT) with the OpenAI layout."""
+    import torch
+
+    if not fallback:
+        try:
+            import open_clip
+
+            name = "ViT-L-14"
+            if tiny:
+                name = "bench-tiny-clip"
+                open_clip.factory._MODEL_CONFIGS[name] = {
+                    "embed_dim": 32,
+                    "vision_cfg": {
+                        "image_size": 32,
+                        "layers": 1,
+                        "width": 32,
+                        "head_width": 16,
+                        "patch_size": 8,
+                    },
+                    "text_cfg": {
+                        "context_length": 77,
+                        "vocab_size": 49408,
+                        "width": 32,
+                        "heads": 2,
+                        "layers": 1,
+                    },
+                }
+            net = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+            return net.eval().to(device, dtype), open_clip.get_tokenizer(name), f"open_clip {name}"
+        except ImportError:
+            pass
+    from transformers import CLIPConfig, CLIPModel
+
+    if tiny:
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
+        vision = {**text, "image_size": 32, "patch_size": 8}
+        dim = 32
+    else:
+        text = {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+        }
+        vision = {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "image_size": 224,
+            "patch_size": 14,
+        }
+        dim = 768
+    config = CLIPConfig(
+        text_config={**text, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+        vision_config={**vision, "hidden_act": "quick_gelu"},
+        projection_dim=dim,
+    )
+    net = CLIPModel(config).eval().to(device, dtype)
+
+    def tokenizer(captions):  # caption-like token ids: 16 words, then padding, EOT last
+        rng = np.random.default_rng(0)
+        ids = np.zeros((len(captions), 77), np.int64)
+        ids[:, 0] = 49406
+        ids[:, 1:17] = rng.integers(1000, 40000, (len(captions), 16))
+        ids[:, 17] = 49407
+        return torch.from_numpy(ids)
+
+    return HFClip(net, vision["image_size"]), tokenizer, "transformers CLIPModel (ViT-L/14 config)"
+
+
+# --------------------------------------------------------------------------- BLIP-2
+
+
+class BenchProcessor:
+    """Blip2Processor's two calls without a tokenizer: the image processor, image tokens + BOS."""
+
+    def __init__(self, image_size: int, queries: int, image_token: int, bos: int):
+        from transformers import BlipImageProcessor
+
+        self.images = BlipImageProcessor(
+            size={"height": image_size, "width": image_size}, image_mean=OPENAI_MEAN, image_std=OPENAI_STD
+        )
+        self.prefix = [image_token] * queries + [bos]
+
+    def __call__(self, images, text, return_tensors="pt"):
+        import torch
+
+        ids = torch.tensor([self.prefix] * len(images))
+        pixels = self.images(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(str(i) for i in row.tolist()) for row in ids]
+
+
+def build_blip2(tiny: bool, device, dtype):
+    """Blip2ForConditionalGeneration shaped like Salesforce/blip2-opt-2.7b (or tiny), random weights."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    if tiny:
+        small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        vision = {**small, "image_size": 32, "patch_size": 8}
+        qformer = {**small, "encoder_hidden_size": 32}
+        opt = {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        opt |= {"word_embed_proj_dim": 32, "vocab_size": 50304, "max_position_embeddings": 128}
+        queries = 4
+    else:  # the released config: EVA ViT-g/14, the default Q-Former, OPT-2.7b
+        vision, qformer, queries = {}, {}, 32
+        opt = {"hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32}
+        opt |= {"word_embed_proj_dim": 2560, "vocab_size": 50304, "max_position_embeddings": 2048}
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config={"model_type": "opt", **opt, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1},
+        num_query_tokens=queries,
+        image_token_index=50265,
+    )
+    with torch.device(device):  # built where it runs: no 15 GB fp32 copy in host memory
+        model = Blip2ForConditionalGeneration(config)
+    model = model.eval().to(dtype)
+    for generation in (model.generation_config, model.language_model.generation_config):
+        generation.eos_token_id = None  # random weights: always generate max_new_tokens (worst case)
+    image_size = config.vision_config.image_size
+    return model, BenchProcessor(image_size, queries, 50265, 2)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(stage, rows: list[dict], device, batches: int) -> dict:
+    """Clips/s of stage.process_rows over `batches` calls after one warm-up call; peak GPU memory."""
+    import torch
+
+    list(stage.process_rows(rows))  # warm-up: cudnn autotuning, allocator, lazy inits
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(batches):
+        out = list(stage.process_rows(rows))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    clips = sum(r.get("row_kind") == "clip" for r in out) * batches
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {
+        "batch_size": len(rows),
+        "batches": batches,
+        "seconds": round(seconds, 4),
+        "clips_per_s": round(clips / seconds, 2),
+        "peak_gpu_mem_gib": None if peak is None else round(peak, 3),
+    }
+
+
+def _rows(n: int, size: tuple[int, int], seed: int = 0) -> list[dict]:
+    """n clip rows with 3 random keyframes [h, w, 3] (random pixels: worst case for text geometry)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
+    return [{"row_kind": "clip", "clip_id": f"c{i}", "keyframes": list(frames)} for i in range(n)]
+
+
+def run(device_name: str, tiny: bool, fallback: bool, batches: int, stages: list[str]) -> dict:
+    import torch
+
+    from pipeline.models import pick_device, pick_dtype
+
+    device = pick_device(device_name)
+    size = (64, 96) if tiny else (320, 512)  # keyframe (h, w): the config's 512x320
+    clip_dtype = pick_dtype("auto", device)
+    batch = {
+        "text": TextStage.batch_size,
+        "aesthetic": AestheticStage.batch_size,
+        "alignment": AlignmentStage.batch_size,
+        "caption": CaptionStage.batch_size,
+    }
+    if tiny:
+        batch = dict.fromkeys(batch, 2)
+    results: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "keyframe_size": [size[1], size[0]],
+        "tiny": tiny,
+        "stages": {},
+    }
+    torch.backends.cudnn.benchmark = True
+
+    if "text" in stages:
+        net, impl = build_craft(fallback)
+        stage = TextStage(backend="craft", device=str(device))
+        stage._frames, stage._backend, stage._model, stage._sha256 = (
+            [0, 1, 2],
+            "craft",
+            "craft (random)",
+            None,
+        )
+        stage._detector = CraftDetector(
+            net.eval().to(device), stage.canvas_size, device, pick_dtype("auto", device)
+        )
+        results["stages"]["text"] = {
+            "model": impl,
+            **measure(stage, _rows(batch["text"], size), device, batches),
+        }
+        del net, stage
+
+    if "aesthetic" in stages or "alignment" in stages:
+        clip, tokenizer, impl = build_clip(tiny, fallback, device, clip_dtype)
+        aesthetic = AestheticStage(device=str(device))
+        aesthetic._device, aesthetic._dtype, aesthetic._clip = device, clip_dtype, clip
+        aesthetic._mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
+        aesthetic._model, aesthetic._sha256, aesthetic._clip_sha256 = "laion (random)", None, None
+        if "aesthetic" in stages:
+            rows = _rows(batch["aesthetic"], size)
+            results["stages"]["aesthetic"] = {"model": impl, **measure(aesthetic, rows, device, batches)}
+        if "alignment" in stages:
+            alignment = AlignmentStage(device=str(device))
+            alignment._device, alignment._dtype, alignment._clip = device, clip_dtype, clip
+            alignment._tokenizer, alignment._model, alignment._sha256 = tokenizer, "clip (random)", None
+            rows = list(aesthetic.process_rows(_rows(batch["alignment"], size)))
+            rows = [{**r, "caption": "a cartoon character walks across a sunny meadow"} for r in rows]
+            results["stages"]["alignment"] = {"model": impl, **measure(alignment, rows, device, batches)}
+        del clip, aesthetic
+        if {"aesthetic", "alignment"} <= set(results["stages"]):
+            a, b = (
+                results["stages"]["aesthetic"]["clips_per_s"],
+                results["stages"]["alignment"]["clips_per_s"],
+            )
+            results["aesthetic_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
+
+    if "caption" in stages:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        dtype = pick_dtype("auto", device, gpu_default="bf16")
+        model, processor = build_blip2(tiny, device, dtype)
+        stage = CaptionStage(device=str(device))
+        stage._frames, stage._device, stage._dtype = [1], device, dtype
+        stage._processor, stage._model, stage._sha256 = processor, model, None
+        impl = "BLIP-2 OPT-2.7b config" if not tiny else "BLIP-2 tiny config"
+        rows = _rows(batch["caption"], size)
+        results["stages"]["caption"] = {
+            "model": impl,
+            "max_new_tokens": stage.max_new_tokens,
+            **measure(stage, rows, device, batches),
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.bench_models_gpu",
+        description="clips/s and peak GPU memory of the model stages at full size with random weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m pipeline.bench_models_gpu --out bench_models.json\n"
+        "  python -m pipeline.bench_models_gpu --device cpu --tiny",
+    )
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto (default)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and frames: a smoke run on CPU")
+    p.add_argument("--fallbacks", action="store_true", help="use the no-open_clip / no-easyocr paths")
+    p.add_argument("--batches", type=int, default=None, help="timed calls per stage (default 5; tiny 1)")
+    p.add_argument("--stages", default="text,aesthetic,alignment,caption", help="comma-separated")
+    p.add_argument("--out", type=Path, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    batches = args.batches or (1 if args.tiny else 5)
+    results = run(args.device, args.tiny, args.fallbacks, batches, stages)
+    print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
+    for name, r in results["stages"].items():
+        mem = "-" if r["peak_gpu_mem_gib"] is None else f"{r['peak_gpu_mem_gib']:.2f} GiB"
+        print(
+            f"  {name:<10} {r['clips_per_s']:>9.1f} clips/s  batch {r['batch_size']:>3}  peak {mem:<10} {r['model']}"
+        )
+    if "aesthetic_plus_alignment_clips_per_s" in results:
+        print(
+            f"  aesthetic + alignment together: {results['aesthetic_plus_alignment_clips_per_s']:.1f} clips/s"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

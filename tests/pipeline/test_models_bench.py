@@ -1,0 +1,31 @@
+"""The GPU benchmark's CPU smoke run, on the paths the GPU machine takes (no open_clip, no easyocr)."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_minimal_craft_has_easyocr_craft_keys_and_shapes():
+    import torch
+
+    from pipeline.bench_models_gpu import _minimal_craft
+    from pipeline.stages.text import craft_shapes
+
+    with torch.device("meta"):
+        mine = {k: tuple(v.shape) for k, v in _minimal_craft().state_dict().items()}
+    assert mine == craft_shapes()
+
+
+def test_bench_smoke_run_on_cpu_writes_every_stage(tmp_path, capsys):
+    from pipeline.bench_models_gpu import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--tiny", "--fallbacks", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["stages"]) == {"text", "aesthetic", "alignment", "caption"}
+    for name, r in results["stages"].items():
+        assert r["clips_per_s"] > 0 and r["batch_size"] == 2, name
+    assert results["stages"]["aesthetic"]["model"].startswith("transformers CLIPModel")
+    assert results["stages"]["text"]["model"].startswith("minimal CRAFT")
+    assert results["aesthetic_plus_alignment_clips_per_s"] > 0
+    assert "clips/s" in capsys.readouterr().out

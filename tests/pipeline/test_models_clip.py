@@ -1,0 +1,165 @@
+"""aesthetic + alignment: a tiny open_clip model and the predictor MLP, randomly initialised, saved
+in the real on-disk formats into a temporary models dir and loaded through the real loaders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import samples
+from pipeline.models import WeightsError, aesthetic_file, check_weights, clip_path
+from pipeline.stages.aesthetic import AestheticStage, build_aesthetic_mlp, clip_preprocess, mlp_shapes
+from pipeline.stages.alignment import AlignmentStage
+
+TINY = "tiny-clip-test"
+TAG = "random"
+TINY_CFG = {  # open_clip's model config format; vocab and context as ViT-L-14 so its tokenizer fits
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "open_clip").mkdir()
+    (root / "open_clip" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(root / "open_clip" / f"{TINY}.json")
+    torch.manual_seed(0)
+    net = open_clip.create_model(TINY, pretrained=None)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / clip_path(TINY, TAG))
+    head = build_aesthetic_mlp(TINY_CFG["embed_dim"])
+    (root / "aesthetic").mkdir()
+    torch.save(head.state_dict(), root / aesthetic_file().path)
+    return root
+
+
+def frames(shot, n=3):
+    it = samples.shot_frames(shot, 0, (512, 320), 24)
+    out = [next(it) for _ in range(24)]
+    return [out[0], out[len(out) // 2], out[-1]][:n]
+
+
+def clip_rows():
+    return [
+        {"row_kind": "clip", "clip_id": "a", "keyframes": frames(samples.EPISODES["episode_01.mp4"][1])},
+        {"row_kind": "clip", "clip_id": "b", "keyframes": frames(samples.TITLE)},
+        {"row_kind": "clip", "clip_id": "short", "status": "rejected"},  # no keyframes: untouched
+    ]
+
+
+def test_predictor_has_the_released_layout():
+    shapes = mlp_shapes(768)
+    assert shapes == {
+        "layers.0.weight": (1024, 768),
+        "layers.0.bias": (1024,),
+        "layers.2.weight": (128, 1024),
+        "layers.2.bias": (128,),
+        "layers.4.weight": (64, 128),
+        "layers.4.bias": (64,),
+        "layers.6.weight": (16, 64),
+        "layers.6.bias": (16,),
+        "layers.7.weight": (1, 16),
+        "layers.7.bias": (1,),
+    }
+
+
+def test_aesthetic_matches_open_clip_own_pipeline(models):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    stage = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    assert check_weights([stage]) == []
+    stage.setup()
+    rows = clip_rows()
+    out = list(stage.process_rows(rows))
+    assert out[2] == rows[2]
+    a = out[0]
+    assert a["clip_image_emb"].shape == (3, 32) and a["clip_image_emb"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a["clip_image_emb"], axis=1), 1.0, rtol=1e-5)
+    assert a["aesthetic_min"] == min(a["aesthetic_first"], a["aesthetic_mid"], a["aesthetic_last"])
+    lineage = json.loads(a["models"])["aesthetic"]
+    assert len(lineage["sha256"]) == 64 and len(lineage["clip_sha256"]) == 64
+
+    # the reference: open_clip's own loader and eval transform, the MLP applied as the release does
+    ref, _, preprocess = open_clip.create_model_and_transforms(
+        TINY, pretrained=str(models / clip_path(TINY, TAG))
+    )
+    head = build_aesthetic_mlp(32)
+    head.load_state_dict(torch.load(models / aesthetic_file().path, weights_only=True))
+    keyframes = rows[0]["keyframes"]
+    pil = torch.stack([preprocess(Image.fromarray(f)) for f in keyframes])
+    mine = clip_preprocess(torch.from_numpy(np.stack(keyframes)), ref.visual.preprocess_cfg)
+    assert mine.shape == pil.shape == (3, 3, 32, 32)
+    # PIL rounds to 8 bits between its two resize passes: a few levels apart on outlines, ~0 elsewhere
+    assert (mine - pil).abs().max() < 0.1 and (mine - pil).abs().mean() < 0.002
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(ref.eval().encode_image(mine), dim=-1)
+        scores = head.eval().layers(emb)[:, 0].numpy()
+    np.testing.assert_allclose(a["clip_image_emb"], emb.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        [a["aesthetic_first"], a["aesthetic_mid"], a["aesthetic_last"]], scores, atol=1e-5
+    )
+
+
+def test_alignment_reuses_the_image_embeddings(models):
+    aesthetic = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    aesthetic.setup()
+    rows = [{**r, "caption": "a cartoon character walking"} for r in aesthetic.process_rows(clip_rows())]
+    stage = AlignmentStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    stage.setup()
+    calls = []
+    stage._clip.visual.register_forward_hook(lambda *args: calls.append(1))
+    out = list(stage.process_rows(rows))
+    assert calls == []  # the image tower never ran: the stored embeddings were used
+    text = stage.text_embeddings(["a cartoon character walking"])[0]
+    a = out[0]
+    np.testing.assert_allclose(
+        [a["clip_sim_first"], a["clip_sim_mid"], a["clip_sim_last"]],
+        rows[0]["clip_image_emb"] @ text,
+        rtol=1e-5,
+    )
+    assert a["clip_sim_min"] == min(a["clip_sim_first"], a["clip_sim_mid"], a["clip_sim_last"])
+    assert "clip_sim_min" not in out[2]  # no keyframes, no caption: not scored
+
+    # without the column (aesthetic skipped) the same numbers come from one image forward here
+    bare = {k: v for k, v in rows[0].items() if k != "clip_image_emb"}
+    again = next(stage.process_rows([bare]))
+    assert calls == [1]
+    assert again["clip_sim_mid"] == pytest.approx(a["clip_sim_mid"], abs=1e-5)
+    assert next(stage.process_rows([{**rows[0], "caption": None}])).get("clip_sim_min") is None
+
+
+def test_missing_truncated_and_wrong_clip_weights_are_named(models, tmp_path):
+    stage = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(tmp_path), device="cpu")
+    problems = check_weights([stage])
+    assert len(problems) == 2
+    assert any("sac+logos+ava1-l14-linearMSE.pth" in p and "download aesthetic" in p for p in problems)
+    assert any(clip_path(TINY, TAG) in p for p in problems)
+
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "aesthetic").mkdir()
+    (tmp_path / "open_clip" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    (tmp_path / aesthetic_file().path).write_bytes((models / aesthetic_file().path).read_bytes())
+    weights = (models / clip_path(TINY, TAG)).read_bytes()
+    (tmp_path / clip_path(TINY, TAG)).write_bytes(weights[: len(weights) // 2])
+    (problem,) = check_weights([stage])
+    assert clip_path(TINY, TAG) in problem and "truncated" in problem
+    with pytest.raises(WeightsError, match="truncated"):
+        stage.setup()
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"visual.proj": torch.zeros(4, 4)}, tmp_path / clip_path(TINY, TAG))
+    (problem,) = check_weights([stage])
+    assert "missing keys" in problem and "shape mismatches" in problem and "visual.proj" in problem

@@ -1,0 +1,97 @@
+"""The models directory, `inbetweener models` (list / check / download offline) and the lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inbetweener_cli import main as cli
+from pipeline.models import (
+    AESTHETIC_FILE,
+    CRAFT_FILE,
+    ENV_VAR,
+    add_lineage,
+    check_weights,
+    file_sha256,
+    resolve_models_dir,
+    safetensors_header,
+)
+
+
+def test_models_dir_is_the_flag_then_the_env_var_then_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_models_dir() == Path.home() / ".cache" / "inbetweener" / "models"
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
+    assert resolve_models_dir() == tmp_path / "env"
+    assert resolve_models_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_list_shows_every_stage_file_and_where_it_comes_from(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from pipeline.stages.aesthetic import build_aesthetic_mlp
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    (tmp_path / "aesthetic").mkdir()
+    torch.save(build_aesthetic_mlp(768).state_dict(), tmp_path / AESTHETIC_FILE)  # the released layout
+    assert cli(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"models directory: {tmp_path} (${ENV_VAR})" in out
+    assert f"{CRAFT_FILE}  missing (optional)" in out  # auto falls back to the embedded PP-OCR
+    assert "[embedded]" in out and "ch_PP-OCRv4_det_infer.onnx" in out
+    digest = file_sha256(tmp_path / AESTHETIC_FILE)
+    assert f"{AESTHETIC_FILE}  present  3.5 MB  sha256 {digest}" in out
+    assert (
+        "open_clip/ViT-L-14.openai.safetensors  MISSING  <- huggingface.co/timm/vit_large_patch14_clip_224.openai"
+        in out
+    )
+    assert "hf/Salesforce/blip2-opt-2.7b  MISSING  <- huggingface.co/Salesforce/blip2-opt-2.7b" in out
+    assert json.loads((tmp_path / ".sha256.json").read_text())  # hashes are cached
+
+
+def test_check_names_each_missing_file_and_the_command_that_fetches_it(tmp_path, capsys):
+    assert cli(["models", "--models-dir", str(tmp_path), "check", "caption", "alignment"]) == 1
+    err = capsys.readouterr().err
+    assert f"caption: missing weights: {tmp_path}/hf/Salesforce/blip2-opt-2.7b" in err
+    assert f"inbetweener models --models-dir {tmp_path} download caption" in err
+    assert "alignment: missing weights" in err and "ViT-L-14.openai.safetensors" in err
+    assert check_weights(["text"], tmp_path) == []  # auto text backend: nothing required
+
+
+def test_download_fails_at_once_and_clearly_when_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli(["models", "--models-dir", str(tmp_path), "download", "aesthetic"]) == 1
+    assert "offline mode (HF_HUB_OFFLINE=1)" in capsys.readouterr().err
+    assert not (tmp_path / AESTHETIC_FILE).exists()
+    assert cli(["models", "download", "nonsense"]) == 2
+
+
+def test_help_has_an_example(capsys):
+    with pytest.raises(SystemExit):
+        cli(["models", "--help"])
+    assert "inbetweener models download aesthetic" in capsys.readouterr().out
+
+
+def test_truncated_safetensors_header_is_detected(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import WeightsError
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(10, 10), "b": torch.ones(3)}, path)
+    assert {k: v["shape"] for k, v in safetensors_header(path).items()} == {"a": [10, 10], "b": [3]}
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(WeightsError, match="truncated"):
+        safetensors_header(path)
+
+
+def test_lineage_merges_stages():
+    row = add_lineage({}, "text", "ppocr:det.onnx", "aa")
+    row = add_lineage(row, "aesthetic", "laion", "bb", clip_sha256="cc")
+    assert json.loads(row["models"]) == {
+        "aesthetic": {"model": "laion", "sha256": "bb", "clip_sha256": "cc"},
+        "text": {"model": "ppocr:det.onnx", "sha256": "aa"},
+    }
