@@ -17,9 +17,10 @@ by the union of the boxes, the maximum over the sampled keyframes.
 
 Defaults and why: all three keyframes (first, mid, last), because a title or a subtitle may cover
 only part of a clip; canvas 960 px on the long side (the 512x320 keyframes run at their own size);
-the reject threshold TEXT_MAX = 0.02 (2% of the frame): one subtitle line covers about 4-8% after
-the box growth and a title card 20% or more (see the tests), while stray false positives on flat
-cartoon props stay near 1%. `text_area` is written for every clip; `select` applies text.max.
+the reject threshold TEXT_MAX = 0.02 (2% of the frame): with ppocr on 512x320 keyframes one
+subtitle line (cv2 font scale 0.4-0.8) covers 3-8% after the box growth, two lines 5-12%, the
+sample title card 21%, a small sign 0.7% and flat cartoon frames 0%; 0.05 would let single small
+subtitle lines through. `text_area` is written for every clip; `select` applies text.max.
 """
 
 from __future__ import annotations
