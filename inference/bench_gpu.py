@@ -1,0 +1,206 @@
+"""GPU check of issue 6: seconds per interpolation and peak memory, with and without torch.compile.
+
+    python -m inference.bench_gpu --json bench.json                   # toon-512, 16x320x512, 50 steps, bf16
+    python -m inference.bench_gpu --preset tiny --device cpu --steps 2 --height 32 --width 64   # smoke test
+
+Random weights of the preset (timing does not depend on their values), built directly on the device. The
+timed path is the one `inbetweener interpolate` runs (inference/sampler.py): VAE encode of the two
+keyframes, 50 DDIM steps x 2 guidance branches of the UNet, the dual-reference decode plus the reference's
+second decode. The context is the CLIP towers' when open_clip is importable, else random text tokens and
+random CLIP image tokens through the real image projector (open_clip is not on the GPU machine; the towers
+cost 0.38 of the sample's 1,343 TFLOP). Anchor: the reference README, ~24 s and ~24 GB on an A100;
+targets on an H100: <= 5 s, <= 16 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# MODEL.md Appendix E (toon-512, b=1, 16 frames at 320x512, 50 steps): the reference's whole sample.
+SAMPLE_TFLOP = 1343.2
+SAMPLE_TFLOP_SINGLE_DECODE = SAMPLE_TFLOP - 33.15
+
+
+class NoCLIPToonCrafter(nn.Module):
+    """ToonCrafter's networks without the CLIP towers (`cond_stage_model` = `embedder` = None), built from the
+    same config and classes, for machines without open_clip."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from training.diffusion.schedule import schedule_buffers
+        from training.models.resampler import Resampler
+        from training.models.tooncrafter import DiffusionWrapper
+        from training.models.unet import UNet3D
+        from training.models.vae import AutoencoderKL
+
+        self.cfg = cfg
+        self.model = DiffusionWrapper(UNet3D(cfg.unet))
+        self.first_stage_model = AutoencoderKL(
+            replace(cfg.vae, dual_ref=cfg.dual_ref_decoder, scale_factor=cfg.scale_factor)
+        )
+        self.image_proj_model = Resampler(cfg.resampler)
+        self.cond_stage_model = self.embedder = None
+        for name, value in schedule_buffers(cfg.schedule).items():
+            self.register_buffer(name, value)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    def schedule(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers(recurse=False))
+
+
+def build(preset: str, device: torch.device, with_clip: bool) -> nn.Module:
+    from training.models.tooncrafter import ToonCrafter, tooncrafter_config
+
+    cfg = tooncrafter_config(preset)
+    with torch.device(device):  # random init on the device: seconds instead of minutes for 2.6 B numbers
+        model = ToonCrafter(cfg) if with_clip else NoCLIPToonCrafter(cfg)
+    if with_clip:
+        model.init_buffers(device)
+    return model
+
+
+def one_sample(im, first, last, settings, seed: int, with_clip: bool) -> dict[str, float]:
+    """One interpolation, timed by phase (synchronised), as sampler.interpolate runs it."""
+    from inference.sampler import decode_latents, encode_context, encode_keyframes, precision, sample_latents
+
+    def sync() -> float:
+        if im.device.type == "cuda":
+            torch.cuda.synchronize(im.device)
+        return time.perf_counter()
+
+    times = {}
+    t0 = sync()
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if with_clip:
+        context, uncond = encode_context(im, ["an anime scene"], first)
+    else:
+        cfg = im.model.cfg
+        text = torch.randn(2, cfg.clip.context_length, cfg.unet.context_dim, generator=generator).to(
+            im.device
+        )
+        clip_tokens = torch.randn(2, 257, cfg.resampler.embedding_dim, generator=generator).to(im.device)
+        with torch.no_grad(), precision(im.device, im.dtype):
+            image = im.model.image_proj_model(clip_tokens)
+        context, uncond = (
+            torch.cat([text[:1], image[:1]], 1).float(),
+            torch.cat([text[1:], image[1:]], 1).float(),
+        )
+    t1 = sync()
+    c_concat, refs = encode_keyframes(im.vae, first, last, settings.frames, generator, im.device)
+    t2 = sync()
+    z = sample_latents(im, c_concat, context, uncond, settings, generator, progress=False)
+    t3 = sync()
+    decode_latents(im, z, refs, settings)
+    t4 = sync()
+    times.update(context=t1 - t0, encode=t2 - t1, sampling=t3 - t2, decode=t4 - t3, total=t4 - t0)
+    return times
+
+
+def bench(args: argparse.Namespace) -> dict:
+    from inference.sampler import InferenceModel, SamplerSettings, default_dtype
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype
+    ) or default_dtype(device)
+    with_clip = importlib.util.find_spec("open_clip") is not None and not args.no_clip
+    settings = SamplerSettings(steps=args.steps, frames=args.frames, reference_decode=not args.single_decode)
+    t0 = time.perf_counter()
+    model = build(args.preset, device, with_clip)
+    build_s = time.perf_counter() - t0
+    g = torch.Generator("cpu").manual_seed(0)
+    first = torch.rand(1, 3, args.height, args.width, generator=g) * 2 - 1
+    last = torch.rand(1, 3, args.height, args.width, generator=g) * 2 - 1
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": {"frames": args.frames, "height": args.height, "width": args.width},
+        "settings": asdict(settings),
+        "context": "CLIP towers"
+        if with_clip
+        else "random text + CLIP-image tokens through the Resampler (no open_clip)",
+        "build_s": round(build_s, 2),
+        "runs": {},
+    }
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    for compiled in modes:
+        im = InferenceModel(model, device, dtype, compile=compiled)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        first_sample = one_sample(im, first, last, settings, 0, with_clip)  # warm-up (and compilation)
+        timed = [one_sample(im, first, last, settings, 1 + i, with_clip) for i in range(args.repeats)]
+        seconds = statistics.median(t["total"] for t in timed)
+        run = {
+            "first_sample_s": round(first_sample["total"], 3),
+            "seconds_per_sample": round(seconds, 3),
+            "phases_s": {k: round(statistics.median(t[k] for t in timed), 3) for k in timed[0]},
+            "repeats": args.repeats,
+        }
+        if device.type == "cuda":
+            run["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            run["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        full_size = (args.preset, args.frames, args.height, args.width, args.steps) == (
+            "toon-512",
+            16,
+            320,
+            512,
+            50,
+        )
+        if full_size:
+            flop = SAMPLE_TFLOP if settings.reference_decode else SAMPLE_TFLOP_SINGLE_DECODE
+            run["tflop_per_s"] = round(flop / seconds, 1)
+        report["runs"]["compiled" if compiled else "eager"] = run
+        print(f"{'compiled' if compiled else 'eager'}: {json.dumps(run)}", flush=True)
+        del im
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.bench_gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="toon-512", choices=("toon-512", "tiny"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on the CPU"
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=2, help="timed samples after one warm-up (median reported)")
+    p.add_argument("--compile", choices=("both", "on", "off"), default="both")
+    p.add_argument("--single-decode", action="store_true", help="skip the reference's second decode")
+    p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
+    p.add_argument("--json", type=Path, help="write the report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(0)
+    report = bench(args)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Clips of a curated split, read back from the curate job's shards (ARCHITECTURE.md, "The data contract").
+
+A source is any of:
+* a curate output folder `OUT` (its `OUT/shards/<split>/*.tar` are read),
+* a folder of shards (`OUT/shards/eval`), or shard files `NNNNNN.tar`,
+* a clip manifest (`OUT/manifest.parquet` or a `manifest/` folder of parts): its kept rows of the split,
+  in manifest order, read from the shards beside it (`OUT/shards/<row.shard>`).
+
+A shard sample is `KEY.mp4` + `KEY.json` (its manifest row) + `KEY.txt` (its caption), consecutive in
+the tar (WebDataset's grouping). Only the standard library's tarfile and PyAV are used (webdataset
+would import torch's data loading machinery for nothing here).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.media import InputError, decode_video
+
+
+@dataclass
+class EvalClip:
+    key: str  # the WebDataset key (= clip_id)
+    mp4: bytes  # the clip as stored
+    caption: str
+    meta: dict = field(default_factory=dict)  # its manifest row
+    shard: str = ""  # the tar it came from
+
+    def frames(self) -> np.ndarray:
+        """Every frame, uint8 [T, H, W, 3]."""
+        return decode_video(self.mp4)
+
+
+def _is_manifest(path: Path) -> bool:
+    return path.suffix == ".parquet" or (path.is_dir() and path.name == "manifest")
+
+
+def _samples(tar_path: Path) -> Iterator[EvalClip]:
+    """The samples of one shard, in order: members grouped by key (the name up to the first dot)."""
+    current: dict[str, bytes] = {}
+    key = None
+
+    def finish() -> EvalClip | None:
+        if key is None or "mp4" not in current:
+            return None
+        meta = json.loads(current["json"]) if "json" in current else {}
+        caption = current["txt"].decode() if "txt" in current else (meta.get("caption") or "")
+        return EvalClip(key, current["mp4"], caption, meta, str(tar_path))
+
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                k, _, ext = name.partition(".")
+                if k != key:
+                    clip = finish()
+                    if clip is not None:
+                        yield clip
+                    key, current = k, {}
+                handle = tar.extractfile(member)
+                current[ext] = handle.read() if handle is not None else b""
+    except tarfile.TarError as exc:
+        raise InputError(f"{tar_path}: not a readable shard ({exc})") from exc
+    clip = finish()
+    if clip is not None:
+        yield clip
+
+
+def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
+    from manifests.io import read_manifest
+
+    table = read_manifest(path)
+    rows = [
+        r
+        for r in table.select(["key", "shard", "split", "status"]).to_pylist()
+        if r["status"] == "kept" and r["split"] == split and r["shard"] and r["key"]
+    ]
+    if not rows:
+        raise InputError(f"{path}: the manifest has no kept rows in the {split!r} split with a shard")
+    root = path.parent / "shards"  # OUT/manifest.parquet or OUT/manifest/ -> OUT/shards
+    wanted: dict[str, set[str]] = {}
+    for r in rows:
+        wanted.setdefault(r["shard"], set()).add(r["key"])
+    found: dict[str, EvalClip] = {}
+    for shard, keys in wanted.items():
+        tar_path = root / shard
+        if not tar_path.is_file():
+            raise InputError(f"{path}: shard {tar_path} named by the manifest is missing")
+        for clip in _samples(tar_path):
+            if clip.key in keys:
+                found[clip.key] = clip
+    for r in rows:
+        if r["key"] in found:
+            yield found.pop(r["key"])
+
+
+def shard_files(source: Path, split: str = "eval") -> list[Path]:
+    """The shard tars a (non-manifest) source names, in order."""
+    from manifests.io import list_shards
+
+    if source.is_file():
+        if source.suffix != ".tar":
+            raise InputError(
+                f"{source}: expected a shard (.tar), a shard folder, a curate output or a manifest"
+            )
+        return [source]
+    if not source.is_dir():
+        raise InputError(f"{source}: no such file or folder")
+    for folder in (source, source / split, source / "shards" / split):
+        tars = list_shards(folder) if folder.is_dir() else []
+        if tars:
+            return tars
+    raise InputError(
+        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/)"
+    )
+
+
+def iter_clips(
+    sources: Sequence[str | Path], split: str = "eval", limit: int | None = None
+) -> Iterator[EvalClip]:
+    """The clips of `sources` in order (sources in the order given), at most `limit`."""
+    count = 0
+    for source in map(Path, sources):
+        if not source.exists():
+            raise InputError(f"{source}: no such file or folder")
+        if _is_manifest(source):
+            clips = _manifest_clips(source, split)
+        else:
+            clips = (c for tar in shard_files(source, split) for c in _samples(tar))
+        for clip in clips:
+            if limit is not None and count >= limit:
+                return
+            yield clip
+            count += 1
+
+
+def clip_window(
+    frames: np.ndarray, num_frames: int = 16, stride: int = 1, start: int = 0
+) -> np.ndarray | None:
+    """Frames start, start + stride, ... (num_frames of them), or None when the clip is too short."""
+    last = start + (num_frames - 1) * stride
+    if last >= len(frames):
+        return None
+    return frames[start : last + 1 : stride]

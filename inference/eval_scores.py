@@ -1,0 +1,289 @@
+"""Per-clip scores and their pooling into the protocol's numbers (shared/reference/METRICS.md).
+
+`Extractors` bundles the four networks the metrics need behind inference/features.py's interfaces, so
+that tests inject small functions and the job loads the real ones (`load_extractors`). `score_clip`
+turns one (generated, ground truth, caption) triple into per-frame scores and I3D features, which are
+cached per clip; `pool_scores` turns the cached per-clip records into FVD, KVD, LPIPS, CLIP_img,
+CLIP_txt and CPBD (`pool_decoder_scores`: PSNR, SSIM, LPIPS of the reconstruction). `markdown_table`
+puts every run's row beside the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.features import ImageEmbedder, PerceptualDistance, TextEmbedder, VideoFeatures
+from inference.metrics import (
+    clip_img_scores,
+    clip_txt_scores,
+    cpbd_frames,
+    frame_average,
+    fvd,
+    kvd,
+    mmd2_unbiased,
+    psnr,
+    real_vs_real_floor,
+    ssim,
+)
+from inference.metrics.lpips import lpips_frames
+
+# METRICS.md: the paper's table (512x320, 1,000 clips) and its decoder ablation (256x256).
+PAPER_ROWS: list[tuple[str, float, float, float, float, float, float]] = [
+    ("AnimeInterp", 196.66, 8.844, 0.1890, 0.8866, 0.3096, 0.5974),
+    ("EISAI", 146.65, 5.558, 0.1702, 0.8983, 0.3947, 0.6443),
+    ("FILM", 189.88, 8.001, 0.2519, 0.9008, 0.3638, 0.6317),
+    ("SEINE", 98.96, 2.93, 0.1733, 0.8531, 0.4262, 0.6403),
+    ("ToonCrafter", 43.92, 1.52, 0.1733, 0.9221, 0.4129, 0.6723),
+]
+PAPER_DECODER_ROWS: list[tuple[str, float, float, float]] = [
+    ("full dual-reference decoder", 33.83, 0.9450, 0.0204),
+    ("without pseudo-3D", 32.51, 0.9270, 0.0326),
+    ("plain image decoder", 29.49, 0.8670, 0.0426),
+]
+
+
+@dataclass
+class Extractors:
+    """The metric networks; `record` (names, files, hashes) goes into the results JSON."""
+
+    video: VideoFeatures | None = None  # [N, 3, T, H, W] 0..255 -> [N, 400]
+    image: ImageEmbedder | None = None  # [N, 3, H, W] [0, 1] -> [N, D]
+    text: TextEmbedder | None = None  # N strings -> [N, D]
+    lpips: PerceptualDistance | None = None  # two [N, 3, H, W] in [-1, 1] -> [N]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"feature extractors missing: {missing}")
+
+
+class _OnDevice:
+    """Moves a distance's inputs to its module's device and the result back to the CPU."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module.to(device), device
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.module(a.to(self.device), b.to(self.device)).float().cpu()
+
+
+class TowerCLIP(torch.nn.Module):
+    """OpenCLIP's `encode_image` / `encode_text` over the ViT-H-14 towers inside a ToonCrafter checkpoint
+    (METRICS.md: no extra download). The image tower is open_clip's VisionTransformer itself (pooled token,
+    ln_post, proj); the text tower runs all 24 blocks (the model's conditioner stops one early), ln_final,
+    the end-of-text token and text_projection, as open_clip's TextTransformer."""
+
+    def __init__(self, text_encoder: torch.nn.Module, image_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_parts = text_encoder.model
+        self.visual = image_encoder.model.visual
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images.to(next(self.visual.parameters()).dtype))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        from training.models.clip import _run_blocks
+
+        m = self.text_parts
+        x = m.token_embedding(tokens) + m.positional_embedding
+        x = _run_blocks(m.transformer, x, len(m.transformer.resblocks), m.attn_mask.to(x.dtype))
+        x = m.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+
+
+def load_extractors(
+    needs: Sequence[str],
+    root: str | os.PathLike | None,
+    device: torch.device,
+    clip_model: Callable[[], torch.nn.Module] | None = None,
+    hash_file: Callable[[Path], str] | None = None,
+) -> Extractors:
+    """The real extractors named in `needs` ("video", "clip", "lpips") from the models dir, on `device`.
+
+    CLIP: the models dir's OpenCLIP ViT-H-14 file when present, else `clip_model()` (the interpolation
+    checkpoint's towers, see TowerCLIP) when given; otherwise the missing file's error."""
+    from inference import features
+    from inference.metrics.lpips import load_lpips
+
+    ex = Extractors()
+
+    def note(name: str, weight: features.WeightFile, extra: dict | None = None) -> None:
+        path = features.require_file(weight, root)
+        ex.record[name] = {
+            "file": str(path),
+            "sha256": hash_file(path) if hash_file else None,
+            **(extra or {}),
+        }
+
+    if "video" in needs:
+        ex.video = features.load_i3d(root).to(device)
+        note("i3d", features.I3D_FILE)
+    if "lpips" in needs:
+        ex.lpips = _OnDevice(load_lpips(root, "alex"), device)
+        for weight in features.LPIPS_FILES["alex"]:
+            note(f"lpips:{Path(weight.relpath).name}", weight)
+    if "clip" in needs:
+        import open_clip
+
+        clip_path = features.models_dir(root) / features.CLIP_FILE.relpath
+        if clip_path.is_file() or clip_model is None:
+            encoder = features.load_open_clip(root)
+            note("clip", features.CLIP_FILE, {"model": "ViT-H-14 laion2b_s32b_b79k"})
+        else:
+            encoder = features.OpenClipEncoder(clip_model(), open_clip.get_tokenizer("ViT-H-14"))
+            ex.record["clip"] = {
+                "model": "ViT-H-14 towers of the interpolation checkpoint (see weights.checkpoint)"
+            }
+        encoder.model = encoder.model.to(device)
+        ex.image, ex.text = encoder.embed_images, encoder.embed_texts
+    return ex
+
+
+# --- one clip --------------------------------------------------------------------------------------------------
+
+
+def _as_model_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> [1, T, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.array(frames, dtype=np.float32)).permute(0, 3, 1, 2)[None] / 127.5 - 1.0
+
+
+def score_clip(gen: np.ndarray, gt: np.ndarray, caption: str, ex: Extractors) -> dict[str, np.ndarray]:
+    """Generated and ground-truth uint8 clips [T, H, W, 3] -> per-frame scores [T] and I3D features [D]."""
+    ex.require("video", "image", "text", "lpips")
+    gen_t, gt_t = _as_model_range(gen), _as_model_range(gt)  # [1, T, 3, H, W]
+    videos = torch.from_numpy(np.stack([gen, gt]).astype(np.float32)).permute(
+        0, 4, 1, 2, 3
+    )  # [2, 3, T, H, W]
+    i3d = np.asarray(ex.video(videos), dtype=np.float64)
+    img = torch.cat([(gen_t[0] + 1) / 2, (gt_t[0] + 1) / 2])  # [2T, 3, H, W] in [0, 1]
+    emb = torch.as_tensor(ex.image(img)).double()
+    t = gen.shape[0]
+    text = torch.as_tensor(ex.text([caption])).double()  # [1, D]
+    return {
+        "i3d_gen": i3d[0],
+        "i3d_real": i3d[1],
+        "lpips": lpips_frames(ex.lpips, gen_t, gt_t)[0].double().numpy(),
+        "clip_img": clip_img_scores(emb[None, :t], emb[None, t:])[0].numpy(),
+        "clip_txt": clip_txt_scores(emb[None, :t], text)[0].numpy(),
+        "cpbd": cpbd_frames(gen),
+        "cpbd_real": cpbd_frames(gt),
+    }
+
+
+def score_reconstruction(rec: np.ndarray, gt: np.ndarray, ex: Extractors) -> dict[str, np.ndarray]:
+    """Decoder reconstruction vs input, uint8 [T, H, W, 3] each -> per-frame PSNR, SSIM, LPIPS."""
+    ex.require("lpips")
+    rec_c, gt_c = torch.from_numpy(rec).permute(0, 3, 1, 2), torch.from_numpy(gt).permute(0, 3, 1, 2)
+    return {
+        "psnr": psnr(rec_c, gt_c).numpy(),
+        "ssim": ssim(rec_c, gt_c).numpy(),
+        "lpips": lpips_frames(ex.lpips, _as_model_range(rec), _as_model_range(gt))[0].double().numpy(),
+    }
+
+
+# --- pooling ---------------------------------------------------------------------------------------------------
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0) -> dict[str, Any]:
+    """Per-clip records -> the protocol's numbers (frame scores pooled over all and interior frames)."""
+    n = len(records)
+    real = np.stack([r["i3d_real"] for r in records])
+    gen = np.stack([r["i3d_gen"] for r in records])
+    out: dict[str, Any] = {"n_clips": n}
+    if n >= 2:
+        mmd2 = mmd2_unbiased(real, gen)
+        out.update(fvd=fvd(real, gen), kvd=kvd(real, gen), kvd_mmd2=mmd2)
+    else:
+        out.update(fvd=None, kvd=None, kvd_mmd2=None, fvd_note="needs at least 2 clips")
+    out["real_vs_real_floor"] = (
+        real_vs_real_floor(real, floor_seed) if n >= 4 else {"note": "needs at least 4 clips"}
+    )
+    for name in ("lpips", "clip_img", "clip_txt", "cpbd", "cpbd_real"):
+        out[name] = frame_average(np.stack([r[name] for r in records]))
+    return out
+
+
+def pool_decoder_scores(records: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n_clips": len(records)}
+    for name in ("psnr", "ssim", "lpips"):
+        out[name] = frame_average(np.stack([r[name] for r in records]))
+    return out
+
+
+# --- tables ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """The paper's rows and every run's row (generation runs, then decoder runs), with N and notes."""
+    gen = [r for r in results if r.get("kind") == "generation"]
+    dec = [r for r in results if r.get("kind") == "decoder"]
+    lines = ["# Evaluation", ""]
+    lines += [
+        "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 512x320.",
+        "",
+        "| method | N | FVD | KVD | LPIPS | CLIP_img | CLIP_txt | CPBD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, *vals in PAPER_ROWS:
+        f, k, lp, ci, ct, cp = vals
+        lines.append(
+            f"| {name} (paper) | 1000 | {f:.2f} | {k:.3f} | {lp:.4f} | {ci:.4f} | {ct:.4f} | {cp:.4f} |"
+        )
+    for r in gen:
+        m = r["metrics"]
+        lines.append(
+            f"| **{r['label']}** | {m['n_clips']} | {_fmt(m['fvd'], 2)} | {_fmt(m['kvd'], 3)} | "
+            f"{_fmt(m['lpips']['all'], 4)} | {_fmt(m['clip_img']['all'], 4)} | {_fmt(m['clip_txt']['all'], 4)} | "
+            f"{_fmt(m['cpbd']['all'], 4)} |"
+        )
+    if gen:
+        lines += ["", "Our runs, more numbers:", ""]
+        for r in gen:
+            m = r["metrics"]
+            floor = m.get("real_vs_real_floor", {})
+            lines.append(
+                f"- {r['label']}: LPIPS interior {_fmt(m['lpips']['interior'], 4)}, CLIP_img interior "
+                f"{_fmt(m['clip_img']['interior'], 4)}, ground-truth CPBD {_fmt(m['cpbd_real']['all'], 4)}, "
+                f"real-vs-real floor FVD {_fmt(floor.get('fvd'), 2)} / KVD {_fmt(floor.get('kvd'), 3)} "
+                f"(halves of {floor.get('n_half', '-')}); results/{r['run']}.json"
+            )
+    if dec:
+        lines += [
+            "",
+            "Decoder reconstruction (PSNR / SSIM / LPIPS; the paper's at 256x256):",
+            "",
+            "| decoder | N | size | PSNR | SSIM | LPIPS |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, p, s, lp in PAPER_DECODER_ROWS:
+            lines.append(f"| {name} (paper) | - | 256x256 | {p:.2f} | {s:.4f} | {lp:.4f} |")
+        for r in dec:
+            m = r["metrics"]
+            size = "x".join(str(v) for v in r["data"]["size"])
+            lines.append(
+                f"| **{r['label']}** | {m['n_clips']} | {size} | {_fmt(m['psnr']['all'], 2)} | "
+                f"{_fmt(m['ssim']['all'], 4)} | {_fmt(m['lpips']['all'], 4)} |"
+            )
+    return "\n".join(lines) + "\n"

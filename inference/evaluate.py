@@ -1,0 +1,391 @@
+"""`inbetweener evaluate`: generate from each eval clip's first and last frames and caption, and score.
+
+One run = one method (the model with its sampling settings, or a classical baseline) on the first N
+clips of the sources. Its generated clips and per-clip scores are cached on disk, keyed by everything
+they depend on, so an interrupted run continues where it stopped and a finished one only re-pools:
+
+    OUT/generated/<run>/<key>.npz    generated frames, uint8 [T, H, W, 3]
+    OUT/scores/<run>/<key>.npz       per-frame scores and I3D features of the clip
+    OUT/results/<run>.json           the numbers, every protocol choice, settings, weight hashes
+    OUT/results.md                   every run in OUT beside the paper's rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.media import InputError, fit_frame, parse_size
+
+log = logging.getLogger("inbetweener.evaluate")
+
+METHODS = {"model": "model", "linear": "linear_blend", "flow": "flow_warp"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+EPILOG = """\
+examples:
+  inbetweener evaluate out/run1 --out out/eval --limit 50                 # the model, first 50 eval clips
+  inbetweener evaluate out/run1/shards/eval --out out/eval --method linear flow model
+  inbetweener evaluate out/run1/manifest.parquet --out out/eval --decoder-only
+
+sources: a curate output folder, its shards/eval folder, shard .tar files, or the clip manifest.
+protocol (shared/reference/METRICS.md): 16-frame windows (frames 0..15 of each clip, --stride to skip),
+  at 320x512; the model gets frames 0 and 15 and the caption; FVD/KVD from StyleGAN-V's I3D; LPIPS
+  (AlexNet, v0.1) over all 16 and the 14 interior frames; CLIP_img/CLIP_txt raw cosines with OpenCLIP
+  ViT-H-14; CPBD on 8-bit luma. --decoder-only: VAE encode + dual-reference decode of all 16 frames at
+  256x256 (scaled to cover, centre-cropped; posterior mean), PSNR/SSIM/LPIPS.
+weights (models dir: --models-dir, $INBETWEENER_MODELS or ~/.cache/inbetweener/models):
+  i3d/i3d_torchscript.pt, lpips/alex.pth, lpips/alexnet-owt-7be5be79.pth, and for CLIP either
+  clip/ViT-H-14-laion2b_s32b_b79k/open_clip_pytorch_model.bin or, when absent, the CLIP towers inside
+  the ToonCrafter checkpoint (tooncrafter/model.ckpt or --checkpoint). `inbetweener interpolate --help`
+  says where the ToonCrafter checkpoint comes from.
+resume: rerun the same command; clips already generated and scored are not redone (ETA on the bar).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inbetweener evaluate",
+        description="FVD, KVD, LPIPS, CLIP_img, CLIP_txt, CPBD of in-betweening on the eval split.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("sources", nargs="+", type=Path, help="curate output, shard folder/files, or manifest")
+    p.add_argument("--out", type=Path, required=True, help="results folder (also the cache)")
+    p.add_argument(
+        "--method", nargs="+", choices=sorted(METHODS), default=["model"], help="what generates (model)"
+    )
+    p.add_argument("--decoder-only", action="store_true", help="VAE reconstruction PSNR/SSIM/LPIPS instead")
+    p.add_argument("--limit", type=int, help="first N clips only")
+    p.add_argument("--split", default="eval", help="split to read from a curate output or manifest (eval)")
+    p.add_argument("--frames", type=int, default=16, help="frames per window (16)")
+    p.add_argument("--stride", type=int, default=1, help="take every n-th frame of the clip (1)")
+    p.add_argument("--size", default="320x512", help="evaluation frame HxW (320x512)")
+    p.add_argument("--decoder-size", type=int, default=256, help="--decoder-only square side (256)")
+    p.add_argument("--checkpoint", type=Path, help="model weights (default: MODELS/tooncrafter/model.ckpt)")
+    p.add_argument("--models-dir", type=Path, help="models dir")
+    p.add_argument("--preset", choices=("toon-512", "tiny"), help="model preset if the file does not say")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=0.7)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--fs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=123, help="base seed; each clip's seed also hashes its key")
+    p.add_argument("--single-decode", action="store_true", help="skip the reference's second decode")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _digest(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    from manifests.io import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError):  # a damaged cache file is redone
+        return None
+
+
+class _Lazy:
+    """A value built on first use (the model and the extractors are loaded only when a clip needs them)."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build, self._value, self.built = build, None, False
+
+    def __call__(self) -> Any:
+        if not self.built:
+            self._value, self.built = self._build(), True
+        return self._value
+
+
+def _clip_seed(seed: int, key: str) -> int:
+    return (seed + zlib.crc32(key.encode())) % 2**31
+
+
+def _windows(args: argparse.Namespace, size: tuple[int, int]):
+    """(clips, skipped): each clip's [T, H, W, 3] ground-truth window at `size`, in source order."""
+    from inference.eval_data import clip_window, iter_clips
+
+    clips, skipped = [], []
+    for clip in iter_clips(args.sources, args.split, args.limit):
+        window = clip_window(clip.frames(), args.frames, args.stride)
+        if window is None:
+            skipped.append(
+                {"key": clip.key, "reason": f"shorter than {args.frames} frames at stride {args.stride}"}
+            )
+            continue
+        if window.shape[1:3] != size:
+            window = np.stack([fit_frame(f, size) for f in window])
+        clips.append((clip.key, window, clip.caption))
+    return clips, skipped
+
+
+def run(args: argparse.Namespace, extractors=None) -> int:
+    import torch
+
+    from inference.eval_scores import (
+        load_extractors,
+        markdown_table,
+        pool_decoder_scores,
+        pool_scores,
+        score_clip,
+        score_reconstruction,
+    )
+    from inference.metrics import protocol_record
+    from inference.sampler import InferenceModel, SamplerSettings, default_device, default_dtype
+    from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
+    from manifests.io import write_json_atomic
+
+    if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
+        raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")
+    size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
+    methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(args.method))
+    needs_model = args.decoder_only or "model" in methods
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("no CUDA device here: use --device cpu")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+    hash_cache = args.out / ".sha256.json"
+
+    # Every input is checked before the device works: checkpoint, metric weights, clips.
+    checkpoint = None
+    if needs_model or (extractors is None and not args.decoder_only):
+        try:
+            checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
+        except InputError:
+            if needs_model:
+                raise  # the baselines only use it for CLIP, when the CLIP file is absent
+    model = _Lazy(lambda: load_tooncrafter(checkpoint, args.preset))
+    placed = _Lazy(lambda: InferenceModel(model(), device, dtype, compile=args.compile))
+    clips, skipped = _windows(args, size)
+    if not clips:
+        raise InputError(f"no usable clips in {[str(s) for s in args.sources]} ({len(skipped)} too short)")
+    if extractors is None:
+        needs = ["lpips"] if args.decoder_only else ["video", "clip", "lpips"]
+        clip_model = None
+        if checkpoint is not None:
+
+            def clip_model():
+                from inference.eval_scores import TowerCLIP
+
+                m = model()  # copies: the sampler moves its own towers between the CPU and the device
+                return TowerCLIP(copy.deepcopy(m.cond_stage_model), copy.deepcopy(m.embedder)).float()
+
+        try:
+            extractors = load_extractors(
+                needs, args.models_dir, device, clip_model, lambda p: file_sha256(p, hash_cache)
+            )
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from exc
+
+    settings = SamplerSettings(
+        steps=args.steps,
+        cfg=args.cfg,
+        guidance_rescale=args.guidance_rescale,
+        eta=args.eta,
+        fs=args.fs,
+        frames=args.frames,
+        reference_decode=not args.single_decode,
+    )
+    try:
+        settings.check()
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    ckpt_ident = None
+    if checkpoint is not None:
+        stat = checkpoint.stat()
+        ckpt_ident = [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns]
+    data = {
+        "sources": [str(s) for s in args.sources],
+        "split": args.split,
+        "frames": args.frames,
+        "stride": args.stride,
+        "size": list(size),
+        "window": f"frames 0, {args.stride}, ..., {(args.frames - 1) * args.stride} of each clip, scaled to cover "
+        f"{size[0]}x{size[1]} and centre-cropped when the clip has another size",
+        "keys_sha256": _digest([k for k, _, _ in clips], 64),
+        "skipped": skipped,
+    }
+    score_id = _digest(extractors.record)
+    from tqdm import tqdm
+
+    for method in methods:
+        start = time.perf_counter()
+        if method == "decoder":
+            gen_id = {
+                "method": "decoder",
+                "checkpoint": ckpt_ident,
+                "size": size,
+                "frames": args.frames,
+                "dtype": str(dtype),
+            }
+        elif method == "model":
+            gen_id = {
+                "method": "model",
+                "checkpoint": ckpt_ident,
+                "settings": asdict(settings),
+                "seed": args.seed,
+                "dtype": str(dtype),
+            }
+        else:
+            gen_id = {"method": METHODS[method], "frames": args.frames}
+        run_name = f"{METHODS.get(method, method)}-{_digest([gen_id, data['size'], args.stride])}"
+        gen_dir, score_dir = args.out / "generated" / run_name, args.out / "scores" / f"{run_name}-{score_id}"
+        generated = cached = 0
+        records = []
+        bar = tqdm(clips, desc=f"{method}", unit="clip", disable=args.quiet, dynamic_ncols=True)
+        for key, gt, caption in bar:
+            record = _load_npz(score_dir / f"{key}.npz")
+            if record is None:
+                if method == "decoder":
+                    record = score_reconstruction(_reconstruct(placed(), gt), gt, extractors)
+                    generated += 1
+                else:
+                    cache = gen_dir / f"{key}.npz"
+                    stored = _load_npz(cache)
+                    if stored is None:
+                        gen = _generate(method, gt, caption, placed, settings, _clip_seed(args.seed, key))
+                        _save_npz(cache, frames=gen)
+                        generated += 1
+                    else:
+                        gen, cached = stored["frames"], cached + 1
+                    record = score_clip(gen, gt, caption, extractors)
+                _save_npz(score_dir / f"{key}.npz", **record)
+            else:
+                cached += 1
+            records.append(record)
+        bar.close()
+        metrics = pool_decoder_scores(records) if method == "decoder" else pool_scores(records)
+        weights: dict[str, Any] = dict(extractors.record)
+        if checkpoint is not None and (
+            method in ("model", "decoder") or "checkpoint" in str(extractors.record.get("clip", ""))
+        ):
+            weights["checkpoint"] = {"file": str(checkpoint), "sha256": file_sha256(checkpoint, hash_cache)}
+        label = {"model": "ToonCrafter (ours)", "decoder": "VAE decoder (ours)"}.get(
+            method, METHODS.get(method, method)
+        )
+        result = {
+            "kind": "decoder" if method == "decoder" else "generation",
+            "method": METHODS.get(method, method),
+            "label": label,
+            "run": run_name,
+            "metrics": metrics,
+            "data": data,
+            "generation": gen_id,
+            "protocol": protocol_record(),
+            "weights": weights,
+            "device": str(device),
+            "timing": {
+                "seconds": round(time.perf_counter() - start, 2),
+                "generated": generated,
+                "cached": cached,
+            },
+            "code_version": _code_version(),
+        }
+        if method == "decoder":
+            result["protocol"]["decoder"] = (
+                "all frames VAE-encoded (posterior mean), decoded together with the first and last frames' "
+                "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
+            )
+        write_json_atomic(args.out / "results" / f"{run_name}.json", result)
+        print(f"{label}: {_summary(metrics)} -> {args.out / 'results' / (run_name + '.json')}")
+    results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
+    table = markdown_table(results)
+    from manifests.io import write_bytes_atomic
+
+    write_bytes_atomic(args.out / "results.md", table.encode())
+    print(f"table: {args.out / 'results.md'}")
+    if device.type == "cuda" and placed.built:
+        log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    return 0
+
+
+def _generate(method: str, gt: np.ndarray, caption: str, placed: _Lazy, settings, seed: int) -> np.ndarray:
+    from inference.baselines import BASELINES
+
+    if method != "model":
+        return BASELINES[METHODS[method]](gt[0], gt[-1], len(gt))
+    from inference.media import to_model_range, to_uint8_frames
+    from inference.sampler import interpolate
+
+    im = placed()
+    video = interpolate(
+        im, to_model_range(gt[0]), to_model_range(gt[-1]), caption, settings, seed, progress=False
+    )
+    return to_uint8_frames(video[0])
+
+
+def _reconstruct(im, gt: np.ndarray) -> np.ndarray:
+    """Encode every frame (posterior mean), decode them together with the first/last frames' features."""
+    import torch
+
+    from inference.media import to_model_range, to_uint8_frames
+    from inference.sampler import precision
+
+    vae = im.vae
+    with torch.no_grad():
+        video = to_model_range(gt).permute(1, 0, 2, 3)[None].to(im.device)  # [1, 3, T, H, W]
+        posterior, refs = vae.encode_video(video)
+        z = vae.config.scale_factor * posterior.mode()
+        with precision(im.device, im.dtype):
+            rec = vae.decode_video(
+                z, refs if vae.config.dual_ref else None, clip_length=z.shape[2], frame_chunk=4
+            )
+    return to_uint8_frames(rec[0].float().cpu())
+
+
+def _summary(m: dict) -> str:
+    if "psnr" in m:
+        return f"N={m['n_clips']} PSNR {m['psnr']['all']:.2f} SSIM {m['ssim']['all']:.4f} LPIPS {m['lpips']['all']:.4f}"
+    fvd = "-" if m["fvd"] is None else f"{m['fvd']:.2f}"
+    return f"N={m['n_clips']} FVD {fvd} LPIPS {m['lpips']['all']:.4f} CLIP_img {m['clip_img']['all']:.4f} CPBD {m['cpbd']['all']:.4f}"
+
+
+def _code_version() -> str:
+    try:
+        from training.checkpoint import code_version
+
+        return code_version()
+    except ImportError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None, *, extractors=None) -> int:
+    """`extractors` (inference.eval_scores.Extractors) replaces the metric networks, e.g. in tests."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return run(args, extractors)
+    except InputError as exc:
+        print(f"inbetweener evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

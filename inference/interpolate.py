@@ -1,0 +1,460 @@
+"""`inbetweener interpolate`: keyframes + prompt (+ sketches) -> in-between frames as mp4, gif and PNGs.
+
+Every input is checked (keyframes readable and of one size, sketches, checkpoint present and of the right
+model, output formats writable) before anything is moved to the GPU. Sampling is inference/sampler.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.media import (
+    OUTPUT_FORMATS,
+    InputError,
+    check_size,
+    fit_frame,
+    frame_size,
+    mp4_available,
+    parse_size,
+    parse_sketch_args,
+    read_image,
+    read_keyframes,
+)
+
+log = logging.getLogger("inbetweener.interpolate")
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+EPILOG = """\
+examples:
+  inbetweener interpolate start.png end.png --prompt "an anime scene" --out out/walk
+  inbetweener interpolate a.png b.png c.png --prompt "a man walking" --out out/chain   # 2 segments, 31 frames
+  inbetweener interpolate a.png b.png --sketch sketches/ --out out/sketched   # sketches/07.png guides frame 7
+  inbetweener interpolate --batch pairs.csv --out out/batch                    # one output folder per row
+
+weights (nothing is downloaded for you):
+  The released ToonCrafter `model.ckpt` (10.5 GB, Hugging Face repo Doubiiu/ToonCrafter):
+      hf download Doubiiu/ToonCrafter model.ckpt --local-dir $INBETWEENER_MODELS/tooncrafter
+  It is looked for at MODELS/tooncrafter/model.ckpt (or model.safetensors), MODELS being --models-dir,
+  else $INBETWEENER_MODELS, else ~/.cache/inbetweener/models; or pass --checkpoint PATH (a .ckpt, a
+  DeepSpeed/.pt file or a safetensors file of `inbetweener convert`/`train`). With --sketch, also
+  `sketch_encoder.ckpt` (1.46 GB, same repo) at MODELS/tooncrafter/ or --sketch-checkpoint PATH.
+
+frame geometry (the reference: resize the short side to 320, centre-crop 320x512):
+  The short side goes to --short-side (320), the long side to the multiple of 64 nearest to the
+  keyframes' aspect; each keyframe is scaled to cover that frame and centre-cropped (only the rounding
+  residue is cut). 16:10 keyframes (e.g. 512x320) give exactly the reference's 320x512; 16:9 gives 320x576;
+  portrait keyframes give portrait output. Outputs are written at that frame size, i.e. at the keyframes'
+  aspect. --size 320x512 forces the reference's box; keyframes narrower than it are scaled to cover
+  (the reference pads them with black bars). Keyframes must share one size.
+
+defaults reproduce the reference (run.sh / the Gradio app):
+  --steps 50 (uniform_trailing DDIM) --eta 1.0 --cfg 7.5 --guidance-rescale 0.7 --fs 10 --frames 16,
+  text + first-keyframe CLIP context, unconditional branch = empty text + zero image, mp4 at 8 fps.
+  Precision: bf16 on a GPU (the reference: fp16 autocast over fp32 weights), fp32 on the CPU.
+
+reference quirks (MODEL.md 3.6):
+  reproduced: post_quant_conv skipped before the dual-reference decoder; the output's first and last
+  frames are the decoder's reconstructions of the keyframes, not pasted copies; frames 7 and 8 come
+  from a second decode without latents 1 and 14 (--single-decode skips that decode). Not reproduced:
+  the reference encodes 8 copies of each keyframe (the same latents; only the RNG stream differs);
+  its noise comes from the global CUDA RNG, here from one seeded CPU generator (same clip on any device).
+  --frames other than 16 changes the image context (the model is trained on 16; quality drops).
+
+chains (--keyframes A B C ... or more than two positionals): segment k goes from keyframe k to k+1 with
+  seed + k; the frame two segments share is written once (from the earlier segment). Sketch indices are
+  global frame numbers over the whole chain.
+
+batch files (--batch): CSV/TSV with a header, or JSON lines, one output folder per row under --out.
+  Columns: start, end (or keyframes: paths separated by ';'), prompt, name, seed, sketch (items as for
+  --sketch, separated by ';'); relative paths are relative to the batch file. A clip manifest
+  (manifest.parquet) works too: each kept clip of --split becomes a row (its first and last frames,
+  its caption as the prompt, its key as the name).
+"""
+
+
+@dataclass
+class Job:
+    """One output: keyframes (uint8, one size), a prompt, optional sketches by global frame index."""
+
+    name: str  # output subfolder under --out ("" = --out itself)
+    keyframes: list[np.ndarray]
+    labels: list[str]  # where each keyframe came from
+    prompt: str
+    seed: int
+    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # grey uint8 [H, W]
+    sketch_labels: dict[int, str] = field(default_factory=dict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inbetweener interpolate",
+        description="Generate the in-between frames of two (or more) keyframes with ToonCrafter.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", metavar="KEYFRAME", help="START END [MORE ...] keyframe images")
+    p.add_argument(
+        "--keyframes", nargs="+", metavar="IMAGE", help="keyframes to chain (instead of positionals)"
+    )
+    p.add_argument(
+        "--batch", type=Path, metavar="FILE", help="CSV/TSV/JSONL list or clip manifest: one output per row"
+    )
+    p.add_argument("--split", default="eval", help="split of a manifest given to --batch (default: eval)")
+    p.add_argument("--prompt", default="", help="text prompt, e.g. 'an anime scene' (default: empty)")
+    p.add_argument(
+        "--sketch", nargs="+", metavar="DIR|FILE|I=FILE", help="sketches of some frames (see above)"
+    )
+    p.add_argument("--out", type=Path, default=Path("out/interpolate"), help="output folder")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.7, help="guidance rescale phi (0.7)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0)")
+    p.add_argument(
+        "--fs", type=int, default=10, help="frame-stride condition, 5-30; smaller = more motion (10)"
+    )
+    p.add_argument("--seed", type=int, default=123, help="random seed (123, as run.sh)")
+    p.add_argument("--frames", type=int, default=16, help="frames per segment, keyframes included (16)")
+    p.add_argument("--sketch-scale", type=float, default=0.6, help="weight of the sketch residuals (0.6)")
+    p.add_argument(
+        "--sketch-blank-frames",
+        action="store_true",
+        help="run frames without a sketch through the sketch encoder as blank pages (the reference) "
+        "instead of leaving them unguided",
+    )
+    p.add_argument("--checkpoint", type=Path, help="model weights (default: MODELS/tooncrafter/model.ckpt)")
+    p.add_argument(
+        "--sketch-checkpoint",
+        type=Path,
+        help="sketch encoder (default: MODELS/tooncrafter/sketch_encoder.ckpt)",
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        help="models dir (default: $INBETWEENER_MODELS or ~/.cache/inbetweener/models)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("toon-512", "tiny"),
+        help="model preset when the file carries no config and its layout is unknown",
+    )
+    p.add_argument("--short-side", type=int, default=320, help="short side of the generated frames (320)")
+    p.add_argument("--size", help="force the frame to HxW (e.g. 320x512, the reference's)")
+    p.add_argument(
+        "--fps", type=float, default=8.0, help="frame rate of the mp4 and gif (8, as the reference)"
+    )
+    p.add_argument("--formats", default="mp4,gif,png", help="outputs to write, from mp4,gif,png (all)")
+    p.add_argument(
+        "--single-decode", action="store_true", help="skip the reference's second decode of the middle frames"
+    )
+    p.add_argument("--decode-chunk", type=int, default=4, help="frames per VAE decoder chunk; 0 = all (4)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="precision (default: bf16 on a GPU, fp32 on the CPU)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (pays off from the 2nd sample)"
+    )
+    p.add_argument(
+        "--keep-clip-on-device", action="store_true", help="keep the CLIP towers on the GPU between clips"
+    )
+    p.add_argument(
+        "--skip-existing", action="store_true", help="batch: skip rows whose output folder is complete"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
+
+
+def _load_sketches(items: list[str], resolve=Path) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    files = parse_sketch_args([str(resolve(i)) if "=" not in i else i for i in items])
+    return {i: read_image(p, grey=True) for i, p in files.items()}, {i: str(p) for i, p in files.items()}
+
+
+def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
+    """Rows of a CSV/TSV/JSONL batch file as jobs (keyframes read and checked)."""
+    text = path.read_text()
+    if path.suffix in (".jsonl", ".ndjson"):
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not JSON lines ({exc})") from exc
+    elif path.suffix in (".csv", ".tsv"):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise InputError(f"{path}: batch files are .csv, .tsv, .jsonl or a clip manifest .parquet")
+
+    def resolve(p: str) -> Path:
+        p = Path(str(p).strip()).expanduser()
+        return p if p.is_absolute() or not (path.parent / p).exists() else path.parent / p
+
+    def split(value) -> list[str]:
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [v for v in (str(value or "").split(";")) if v.strip()]
+
+    jobs = []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        keys = split(row.get("keyframes")) or [row.get("start"), row.get("end")]
+        if any(not k for k in keys):
+            raise InputError(f"{where}: needs `start` and `end` (or `keyframes`) columns")
+        paths = [resolve(k) for k in keys]
+        try:
+            images = read_keyframes(paths)
+            sketches, sketch_labels = _load_sketches(split(row.get("sketch")), resolve)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from exc
+        name = row.get("name") or f"{i:04d}_{paths[0].stem}_{paths[-1].stem}"
+        prompt = row.get("prompt")
+        seed = row.get("seed")
+        jobs.append(
+            Job(
+                _safe_name(str(name)),
+                images,
+                [str(p) for p in paths],
+                args.prompt if prompt is None else str(prompt),
+                args.seed if seed in (None, "") else int(seed),
+                sketches,
+                sketch_labels,
+            )
+        )
+    return jobs
+
+
+def _manifest_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
+    from inference.eval_data import iter_clips
+
+    jobs = []
+    for clip in iter_clips([path], split=args.split):
+        frames = clip.frames()
+        label = f"{clip.shard}:{clip.key}"
+        jobs.append(
+            Job(
+                _safe_name(clip.key),
+                [frames[0], frames[-1]],
+                [f"{label}[0]", f"{label}[-1]"],
+                clip.caption,
+                args.seed,
+            )
+        )
+    return jobs
+
+
+def build_jobs(args: argparse.Namespace) -> list[Job]:
+    if args.batch is not None:
+        if args.inputs or args.keyframes:
+            raise InputError("give keyframes or --batch, not both")
+        if not args.batch.exists():
+            raise InputError(f"batch file {args.batch} not found")
+        is_manifest = args.batch.suffix == ".parquet" or args.batch.is_dir()
+        jobs = _manifest_jobs(args.batch, args) if is_manifest else _row_jobs(args.batch, args)
+        if not jobs:
+            raise InputError(f"{args.batch}: no rows")
+        names = [j.name for j in jobs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InputError(
+                f"{args.batch}: output names used twice: {duplicates[:5]} (give each row a unique `name`)"
+            )
+        return jobs
+    paths = args.keyframes or args.inputs
+    if args.keyframes and args.inputs:
+        raise InputError("give the keyframes either as positionals or with --keyframes, not both")
+    if len(paths or []) < 2:
+        raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
+    images = read_keyframes([Path(p) for p in paths])
+    sketches, labels = _load_sketches(args.sketch or [])
+    return [Job("", images, [str(p) for p in paths], args.prompt, args.seed, sketches, labels)]
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace):
+    from inference.sampler import SamplerSettings
+
+    settings = SamplerSettings(
+        steps=args.steps,
+        cfg=args.cfg,
+        guidance_rescale=args.guidance_rescale,
+        eta=args.eta,
+        fs=args.fs,
+        frames=args.frames,
+        reference_decode=not args.single_decode,
+        decode_chunk=args.decode_chunk or None,
+        sketch_scale=args.sketch_scale,
+        sketch_blank_frames=args.sketch_blank_frames,
+    )
+    try:
+        settings.check()
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return settings
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    from inference.sampler import default_device, default_dtype
+
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError as exc:
+        raise InputError(f"--device {args.device!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+    return device, dtype
+
+
+def _formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
+    if unknown or not formats:
+        raise InputError(f"--formats takes a comma list from {','.join(OUTPUT_FORMATS)}, got {text!r}")
+    if "mp4" in formats and not mp4_available():
+        raise InputError("writing mp4 needs PyAV (`pip install av`); or leave it out: --formats gif,png")
+    return formats
+
+
+def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, multiple: int):
+    """The job's keyframes and sketches fitted to the model frame -> (keyframe tensors, sketch hints, size)."""
+    import torch
+
+    from inference.media import sketch_hint, to_model_range
+
+    h, w = job.keyframes[0].shape[:2]
+    target = size or frame_size(h, w, short_side, multiple)
+    check_size(target, multiple)
+    keyframes = [to_model_range(fit_frame(k, target)) for k in job.keyframes]
+    hints = {i: torch.from_numpy(sketch_hint(fit_frame(s, target))) for i, s in job.sketches.items()}
+    return keyframes, hints, target
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    formats = _formats(args.formats)
+    size = parse_size(args.size) if args.size else None
+    jobs = build_jobs(args)
+    for job in jobs:
+        total = (len(job.keyframes) - 1) * (settings.frames - 1) + 1
+        outside = sorted(i for i in job.sketches if not 0 <= i < total)
+        if outside:
+            raise InputError(f"sketches for frames {outside}: the output has frames 0..{total - 1}")
+    if args.skip_existing:
+        jobs = [j for j in jobs if not (args.out / j.name / "meta.json").is_file()]
+        if not jobs:
+            print("nothing to do: every output exists")
+            return 0
+    device, dtype = _device_and_dtype(args)
+
+    from inference.weights import (
+        SKETCH_FILE,
+        TOONCRAFTER_FILE,
+        find_weights,
+        load_sketch_encoder,
+        load_tooncrafter,
+    )
+
+    checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
+    needs_sketch = any(j.sketches for j in jobs)
+    sketch_path = find_weights(args.sketch_checkpoint, SKETCH_FILE, args.models_dir) if needs_sketch else None
+    model = load_tooncrafter(checkpoint, args.preset)
+    from training.checkpoint import preset_name
+
+    preset = preset_name(model.cfg)
+    multiple = 2 ** (len(model.cfg.vae.ch_mult) - 1) * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    prepared = [prepare_frames(job, size, args.short_side, multiple) for job in jobs]
+    sketch_encoder = load_sketch_encoder(sketch_path, preset) if sketch_path else None
+
+    # Everything is checked: from here on the device works.
+    import torch
+
+    from inference.media import to_uint8_frames, write_outputs
+    from inference.sampler import InferenceModel, interpolate_chain
+    from manifests.io import write_json_atomic
+
+    im = InferenceModel(
+        model,
+        device,
+        dtype,
+        compile=args.compile,
+        sketch_encoder=sketch_encoder,
+        offload_clip=not args.keep_clip_on_device,
+    )
+    from tqdm import tqdm
+
+    rows = tqdm(list(zip(jobs, prepared)), desc="clips", unit="clip", disable=args.quiet or len(jobs) == 1)
+    for job, (keyframes, hints, target) in rows:
+        start = time.perf_counter()
+        video = interpolate_chain(
+            im, keyframes, job.prompt, settings, job.seed, hints, progress=not args.quiet
+        )
+        frames = to_uint8_frames(video)
+        out_dir = args.out / job.name
+        written = write_outputs(frames, out_dir, args.fps, formats)
+        meta = {
+            "keyframes": job.labels,
+            "sketches": {str(k): v for k, v in sorted(job.sketch_labels.items())},
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "frames": int(frames.shape[0]),
+            "size": {"height": target[0], "width": target[1]},
+            "fps": args.fps,
+            "settings": asdict(settings),
+            "checkpoint": str(checkpoint),
+            "sketch_checkpoint": str(sketch_path) if sketch_path else None,
+            "preset": preset,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "compile": args.compile,
+            "seconds": round(time.perf_counter() - start, 3),
+            "outputs": {
+                k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()
+            },
+        }
+        write_json_atomic(out_dir / "meta.json", meta)
+        parts = [str(written[k]) for k in ("mp4", "gif") if k in written]
+        if "png" in written:
+            parts.append(f"{out_dir / 'frames'}/0000..{len(frames) - 1:04d}.png")
+        message = (
+            f"{len(frames)} frames {target[1]}x{target[0]} in {meta['seconds']:.1f}s -> {', '.join(parts)}"
+        )
+        if len(jobs) > 1 and not args.quiet:
+            rows.write(message)  # above the batch's progress bar
+        else:
+            print(message)
+    if device.type == "cuda":
+        log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"inbetweener interpolate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Pictures in and out of the interpolate and evaluate jobs: keyframes, sketches, frame geometry, writers.
+
+Frames are numpy uint8 `[H, W, 3]` (videos `[T, H, W, 3]`) at the edges of the program and float tensors in
+[-1, 1], `c h w`, inside the model. Pillow reads and writes images and GIFs; PyAV (imported only when an mp4
+is written or read) encodes and decodes mp4.
+
+Geometry (`frame_size`, `fit_frame`): the reference resizes the short side to 320 and centre-crops
+320x512 (MODEL.md 2.1). Here the crop box follows the keyframes' aspect instead of being fixed at 512x320:
+the short side goes to `short_side`, the long side to the multiple of the model's size step (64 for
+toon-512) nearest to the keyframes' aspect, and the image is scaled to cover that box and centre-cropped
+(only the rounding residue is cut). A 512x320 (or any 16:10) keyframe therefore gives exactly the
+reference's 320x512 input. `--size HxW` fixes the box; for inputs narrower than the box the reference pads
+with black bars (torchvision's CenterCrop on a too-small image), this code scales to cover instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class InputError(ValueError):
+    """A user input that cannot be used; the message names it and says why."""
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
+    """An image file -> uint8 `[H, W, 3]` RGB (or `[H, W]` grey). Transparency is composited onto white,
+    the paper colour of a drawing."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            image = image.convert("L" if grey else "RGB")
+            return np.asarray(image, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(
+            f"{path} is not an image file that Pillow can read ({exc.__class__.__name__})"
+        ) from exc
+
+
+def read_keyframes(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
+    """Read keyframes and check that they share one size (the model interpolates one frame geometry)."""
+    if len(paths) < 2:
+        raise InputError(f"need at least two keyframes, got {len(paths)}")
+    images = [read_image(p) for p in paths]
+    sizes = {img.shape[:2] for img in images}
+    if len(sizes) > 1:
+        listed = ", ".join(
+            f"{Path(p).name} is {img.shape[1]}x{img.shape[0]}" for p, img in zip(paths, images)
+        )
+        raise InputError(
+            f"keyframes differ in size ({listed}); give keyframes of one size (width x height), e.g. "
+            "frames exported from the same scene"
+        )
+    return images
+
+
+_INDEX = re.compile(r"(\d+)(?!.*\d)")  # the last integer in a name
+
+
+def sketch_index(name: str) -> int | None:
+    """The frame index a sketch file is for: the last integer of its stem (`frame_07.png` -> 7)."""
+    match = _INDEX.search(Path(name).stem)
+    return int(match.group(1)) if match else None
+
+
+def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
+    """`--sketch` values -> {frame index: file}. Each item is a folder (every image in it whose name ends in
+    a number, that number being the frame index), `INDEX=FILE`, or a FILE whose name ends in its index."""
+    out: dict[int, Path] = {}
+
+    def add(index: int, path: Path) -> None:
+        if index in out and out[index] != path:
+            raise InputError(f"two sketches for frame {index}: {out[index]} and {path}")
+        out[index] = path
+
+    for item in items:
+        spec, sep, file = item.partition("=")
+        if sep and spec.strip().isdigit():
+            add(int(spec), Path(file))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            numbered = [(sketch_index(p.name), p) for p in files]
+            if not any(i is not None for i, _ in numbered):
+                raise InputError(
+                    f"sketch folder {path} holds no image named by its frame index (e.g. 00.png, frame_07.png)"
+                )
+            for index, p in numbered:
+                if index is not None:
+                    add(index, p)
+        else:
+            index = sketch_index(path.name)
+            if index is None:
+                raise InputError(
+                    f"cannot tell which frame sketch {path} is for: name it by its frame index "
+                    f"(e.g. sketch_07.png) or pass INDEX={path}"
+                )
+            add(index, path)
+    return out
+
+
+# --- geometry --------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`HxW` (e.g. `320x512`) -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise InputError(f"size must be HEIGHTxWIDTH, e.g. 320x512, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def frame_size(height: int, width: int, short_side: int = 320, multiple: int = 64) -> tuple[int, int]:
+    """The model's frame for keyframes of height x width: short side `short_side`, long side the multiple of
+    `multiple` closest to the keyframes' aspect (both sides multiples of `multiple`)."""
+    short = max(multiple, round(short_side / multiple) * multiple)
+    long = max(multiple, round(short * max(height, width) / min(height, width) / multiple) * multiple)
+    return (short, long) if height <= width else (long, short)
+
+
+def check_size(size: tuple[int, int], multiple: int) -> None:
+    h, w = size
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        raise InputError(f"frame size {h}x{w} must be positive multiples of {multiple} for this model")
+
+
+def fit_frame(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scale `image` ([H, W, 3] or [H, W]) to cover `size` = (height, width) and centre-crop it.
+
+    Bilinear with Pillow's antialiasing (what torchvision's Resize does on the reference's PIL images); the
+    crop offset is round((excess) / 2), torchvision's CenterCrop rule."""
+    from PIL import Image
+
+    th, tw = size
+    h, w = image.shape[:2]
+    if (h, w) != (th, tw):
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        image = image[top : top + th, left : left + tw]
+    return np.ascontiguousarray(image)
+
+
+def to_model_range(frames: np.ndarray) -> torch.Tensor:
+    """uint8 `[..., H, W, 3]` -> float32 `[..., 3, H, W]` in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    x = torch.from_numpy(np.array(frames, dtype=np.float32)) / 127.5 - 1.0
+    return x.movedim(-1, -3)
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """A generated clip `[3, T, H, W]` in [-1, 1] -> uint8 `[T, H, W, 3]`, clamped and rounded (the reference
+    truncates instead of rounding: at most one grey level apart)."""
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).numpy()
+
+
+def sketch_hint(image: np.ndarray) -> np.ndarray:
+    """A grey sketch [H, W] uint8 -> the encoder's hint in [0, 1] with lines ~1 on 0 (MODEL.md 4: the
+    reference inverts dark-on-light drawings). A picture that is mostly dark is taken as already inverted."""
+    x = image.astype(np.float32) / 255.0
+    return 1.0 - x if x.mean() > 0.5 else x
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+OUTPUT_FORMATS = ("mp4", "gif", "png")
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_pngs(frames: np.ndarray, folder: Path, first_index: int = 0) -> list[Path]:
+    """frames [T, H, W, 3] -> folder/0000.png, 0001.png, ... (numbered from `first_index`)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(frames):
+        path = folder / f"{first_index + i:04d}.png"
+        tmp = _atomic_target(path)
+        Image.fromarray(frame).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
+    """An endlessly looping GIF (Pillow; one adaptive palette per frame)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    tmp = _atomic_target(path)
+    try:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def mp4_available() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 10) -> Path:
+    """H.264 (libx264, crf 10 as the reference's save_videos; MPEG-4 part 2 where PyAV lacks libx264),
+    yuv420p, constant frame rate. Odd sizes are padded by one edge pixel (yuv420p needs even sizes)."""
+    import av
+
+    t, h, w = frames.shape[:3]
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    try:
+        av.codec.Codec("libx264", "w")
+        codec = "libx264"
+    except Exception:  # PyAV builds without GPL codecs
+        codec = "mpeg4"
+    tmp = _atomic_target(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": str(crf)}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_outputs(
+    frames: np.ndarray,
+    out_dir: Path,
+    fps: float,
+    formats: Iterable[str] = OUTPUT_FORMATS,
+    stem: str = "inbetween",
+) -> dict[str, Path | list[Path]]:
+    """Write a clip [T, H, W, 3] as out_dir/{stem}.mp4, {stem}.gif and frames/0000.png ... (as asked)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path | list[Path]] = {}
+    formats = set(formats)
+    if "png" in formats:
+        written["png"] = write_pngs(frames, out_dir / "frames")
+    if "gif" in formats:
+        written["gif"] = write_gif(frames, out_dir / f"{stem}.gif", fps)
+    if "mp4" in formats:
+        written["mp4"] = write_mp4(frames, out_dir / f"{stem}.mp4", fps)
+    return written
+
+
+def decode_video(source: bytes | str | os.PathLike) -> np.ndarray:
+    """An mp4 (bytes or a path) -> uint8 [T, H, W, 3], every frame in order."""
+    import io
+
+    import av
+
+    handle = io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
+    with av.open(handle) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise InputError("the video holds no frames")
+    return np.stack(frames)

@@ -1,0 +1,371 @@
+"""Keyframes + prompt (+ sketches) -> in-between frames: ToonCrafter's sampling path, reusable by every job.
+
+The story, as the reference runs it (MODEL.md 2 and 3.6), one function each:
+
+1. `encode_context`: text tokens of the prompt and CLIP image tokens of the first keyframe (the last keyframe
+   is not CLIP-encoded), and the unconditional context [text(""), image tokens of a zero image];
+2. `encode_keyframes`: the VAE encodes the two keyframes; their latents, sampled from the posterior and
+   scaled by 0.18215, fill frames 0 and T-1 of the concat channels (the others are zero), and their encoder
+   hidden states are the decoder's reference features;
+3. `sample_latents`: DDIM (`uniform_trailing` steps, eta 1) on the v-prediction UNet with classifier-free
+   guidance 7.5 and guidance rescale 0.7, the concat latents and the frame stride `fs` = 10 in both
+   branches, the dynamic-rescale correction; optionally the sketch encoder's residuals;
+4. `decode_latents`: the dual-reference decoder on all T latents, then the reference app's second decode
+   without latents 1 and T-2 whose frames replace the middle pair (`reference_decode`, MODEL.md 3.6; it
+   costs a second decode, turn it off with `reference_decode=False`).
+
+`interpolate` runs the four on one pair of keyframes; `interpolate_chain` joins several pairs.
+`InferenceModel` places the networks: denoiser, image projector and VAE on the device (the denoiser and
+projector in the run's dtype, the VAE's weights in fp32 with its convs under the same autocast), the CLIP
+towers on the CPU except while they encode. One autocast context (`precision`) owns the precision.
+
+Deviations from the reference, stated:
+* only the two keyframes are VAE-encoded, not 8 copies of each (same latents and features, MODEL.md 3.6);
+* all noise (posterior sample, x_T, per-step DDIM noise) is drawn from one seeded CPU generator and moved,
+  so a seed gives the same clip on any device up to kernel rounding; the reference's RNG stream differs;
+* bf16 weights and autocast on the GPU by default (the reference: fp32 weights, fp16 autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
+from training.diffusion.guidance import cfg_denoiser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a sample depends on besides the inputs and the seed. Defaults = the released model's (MODEL.md 2.7)."""
+
+    steps: int = 50  # DDIM steps (uniform_trailing: 50 -> [19, 39, ..., 999])
+    cfg: float = 7.5  # classifier-free guidance scale (text + image context dropped together)
+    guidance_rescale: float = 0.7  # Lin et al. 2023 rescale, in v-space; 0 turns it off
+    eta: float = 1.0  # DDIM stochasticity (1: ancestral-like, the reference's default)
+    fs: int = 10  # frame-stride condition (the reference's --frame_stride; 5-30, smaller = larger motion)
+    frames: int = 16  # frames per segment, keyframes included (the model is trained on 16)
+    reference_decode: bool = True  # the app's second decode that replaces the middle frames (MODEL.md 3.6)
+    decode_chunk: int | None = 4  # frames per chunk in the VAE decoder's frame-wise layers (memory only)
+    sketch_scale: float = 0.6  # multiplies the sketch encoder's residuals (the community app's default)
+    sketch_blank_frames: bool = False  # True: frames without a sketch go through the encoder as blank hints
+    # (the reference); False: they contribute nothing and cost nothing
+
+    def check(self) -> None:
+        if self.steps < 1 or self.steps > 1000:
+            raise ValueError(f"steps must be in 1..1000, got {self.steps}")
+        if self.frames < 2:
+            raise ValueError(f"frames must be at least 2 (the two keyframes), got {self.frames}")
+        if self.eta < 0 or self.cfg < 0 or not 0 <= self.guidance_rescale <= 1:
+            raise ValueError("eta and cfg must be >= 0 and guidance_rescale in [0, 1]")
+
+
+# --- placement and precision -----------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (range of fp32, tensor cores), fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The one autocast context of a run; fp32 runs without autocast."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class InferenceModel:
+    """A ToonCrafter (training/models/tooncrafter.py) placed for sampling.
+
+    The denoiser and the image projector live on `device` in `dtype`; the VAE lives on `device` with fp32
+    weights (its convs still run in `dtype` under autocast); the CLIP towers (1 B parameters, used once per
+    clip) stay on the CPU and visit the device only while they encode (`offload_clip=False` keeps them
+    there). `compile=True` wraps the UNet in torch.compile (the first sample pays the compilation).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        compile: bool = False,
+        sketch_encoder: nn.Module | None = None,
+        offload_clip: bool = True,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.offload_clip = offload_clip and self.device.type != "cpu"
+        model.model.to(device=self.device, dtype=dtype)  # the DiffusionWrapper holding the UNet
+        model.image_proj_model.to(device=self.device, dtype=dtype)
+        model.first_stage_model.to(device=self.device, dtype=torch.float32)
+        clip_device = torch.device("cpu") if self.offload_clip else self.device
+        for tower in self._towers():
+            tower.to(device=clip_device, dtype=dtype)  # kept in dtype on the CPU: half the bytes to move
+        self.schedule = {k: v.to(self.device, torch.float32) for k, v in model.schedule().items()}
+        self.unet: Callable[..., Tensor] = model.unet
+        if compile:
+            self.unet = torch.compile(model.unet)
+        self.sketch_encoder = None
+        if sketch_encoder is not None:
+            self.sketch_encoder = sketch_encoder.eval().requires_grad_(False).to(self.device, dtype)
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.model.first_stage_model
+
+    @property
+    def multiple(self) -> int:
+        """Frame sides must be multiples of this: VAE downsampling x UNet downsampling."""
+        cfg = self.model.cfg
+        return 2 ** (len(cfg.vae.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+    def _towers(self) -> list[nn.Module]:
+        # A container without CLIP towers (None) is accepted: bench_gpu.py runs where open_clip is absent.
+        return [t for t in (self.model.cond_stage_model, self.model.embedder) if t is not None]
+
+    @contextlib.contextmanager
+    def clip_on_device(self) -> Iterator[None]:
+        towers = self._towers()
+        if not self.offload_clip:
+            yield
+            return
+        for tower in towers:
+            tower.to(self.device)
+        try:
+            yield
+        finally:
+            for tower in towers:
+                tower.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# --- the four steps --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_context(im: InferenceModel, prompts: Sequence[str], first: Tensor) -> tuple[Tensor, Tensor]:
+    """prompts (b) and first keyframes [b, 3, H, W] in [-1, 1] -> (context, unconditional context), each
+    [b, 77 + image tokens, d] on the device. Only the first keyframe is CLIP-encoded (MODEL.md 2.3)."""
+    model = im.model
+    with im.clip_on_device(), precision(im.device, im.dtype):
+        images = first.to(im.device)
+        text = model.cond_stage_model.encode(list(prompts))
+        empty = model.cond_stage_model.encode([""] * len(prompts))
+        clip_tokens = model.embedder(torch.cat([images, torch.zeros_like(images)]))
+    with precision(im.device, im.dtype):
+        image = model.image_proj_model(clip_tokens.to(im.device))  # [2b, frames * 16, d]
+    b = len(prompts)
+    context = torch.cat([text.to(im.device), image[:b]], dim=1)
+    uncond = torch.cat([empty.to(im.device), image[b:]], dim=1)
+    return context.float(), uncond.float()
+
+
+@torch.no_grad()
+def encode_keyframes(
+    vae: nn.Module, first: Tensor, last: Tensor, frames: int, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, list[Tensor]]:
+    """Keyframes [b, 3, H, W] in [-1, 1] -> (concat latents [b, e, frames, h, w]: z_first, zeros, z_last;
+    the decoder's reference features: 5 tensors [b, C_i, 2, H_i, W_i]). The VAE runs in fp32."""
+    video = torch.stack([first, last], dim=2).to(device, torch.float32)  # [b, 3, 2, H, W]
+    posterior, refs = vae.encode_video(video)
+    z = vae.config.scale_factor * posterior.sample(generator=generator)  # [b, e, 2, h, w]
+    c_concat = z.new_zeros(z.shape[0], z.shape[1], frames, *z.shape[3:])
+    c_concat[:, :, 0], c_concat[:, :, -1] = z[:, :, 0], z[:, :, 1]
+    return c_concat, refs
+
+
+@dataclass
+class SketchGuide:
+    """Sketches of some frames: hint [b, 1, T, H, W] in [0, 1] (lines ~1), mask [b, T] (True: sketched)."""
+
+    hint: Tensor
+    mask: Tensor
+
+
+def _model_fn(im: InferenceModel, settings: SamplerSettings, sketch: SketchGuide | None):
+    """(x_t, t, cond) -> v in fp32: the hybrid conditioning of the reference, plus the sketch residuals
+    computed for each guidance branch with that branch's context (MODEL.md 4)."""
+
+    def model_fn(x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        control = None
+        if sketch is not None and im.sketch_encoder is not None:
+            mask = None if settings.sketch_blank_frames else sketch.mask
+            control = im.sketch_encoder(
+                x, sketch.hint, t, cond["c_crossattn"], sketch_mask=mask, scale=settings.sketch_scale
+            )
+        x_in = torch.cat([x, cond["c_concat"]], dim=1)  # [b, 8, t, h, w]
+        return im.unet(x_in, t, cond["c_crossattn"], fs=cond["fs"], control=control).float()
+
+    return model_fn
+
+
+@torch.no_grad()
+def sample_latents(
+    im: InferenceModel,
+    c_concat: Tensor,
+    context: Tensor,
+    uncond: Tensor,
+    settings: SamplerSettings,
+    generator: torch.Generator,
+    sketch: SketchGuide | None = None,
+    progress: bool | Callable[[StepInfo], None] = True,
+) -> Tensor:
+    """DDIM with CFG from x_T ~ N(0, I) to the clean latent [b, e, T, h, w] (fp32). Noise comes from the
+    CPU `generator`: x_T first, then one draw per step (when eta > 0)."""
+    fs = torch.full((c_concat.shape[0],), settings.fs, dtype=torch.long, device=im.device)
+    cond = {"c_concat": c_concat, "c_crossattn": context, "fs": fs}
+    uncond_dict = {"c_concat": c_concat, "c_crossattn": uncond, "fs": fs}
+    if sketch is not None:
+        sketch = SketchGuide(sketch.hint.to(im.device), sketch.mask.to(im.device))
+    denoiser = cfg_denoiser(
+        _model_fn(im, settings, sketch), cond, uncond_dict, settings.cfg, settings.guidance_rescale
+    )
+    shape = tuple(c_concat.shape)
+    x_t = torch.randn(shape, generator=generator).to(im.device)
+    noises = None
+    if settings.eta > 0:  # drawn up front on the CPU: the same numbers on any device
+        noises = torch.randn((settings.steps, *shape), generator=generator)
+    callback, bar = _progress(progress, settings.steps)
+    try:
+        with precision(im.device, im.dtype):
+            return sample_ddim(
+                denoiser,
+                x_t,
+                uniform_trailing_timesteps(settings.steps, len(im.schedule["alphas_cumprod"])),
+                im.schedule,
+                eta=settings.eta,
+                dynamic_rescale=True,
+                noises=noises,
+                callback=callback,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(progress: bool | Callable[[StepInfo], None], total: int):
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sampling", unit="step", leave=False, dynamic_ncols=True)
+    return (lambda info: bar.update(1)), bar
+
+
+@torch.no_grad()
+def decode_latents(
+    im: InferenceModel, z: Tensor, refs: Sequence[Tensor], settings: SamplerSettings
+) -> Tensor:
+    """Latents [b, e, T, h, w] -> frames [b, 3, T, H, W] in [-1, 1], fp32 on the CPU. The dual-reference
+    decoder sees all T frames at once (clip_length = T) with the keyframes' features; the plain decoder of a
+    DynamiCrafter checkpoint takes no features and no second decode."""
+    vae = im.vae
+    t = z.shape[2]
+    with precision(im.device, im.dtype):
+        if not vae.config.dual_ref:
+            video = vae.decode_video(z, None, clip_length=t, frame_chunk=settings.decode_chunk)
+        elif settings.reference_decode and t >= 4:
+            video = vae.decode_inbetween(z, refs, clip_length=t, frame_chunk=settings.decode_chunk)
+        else:
+            video = vae.decode_video(z, refs, clip_length=t, frame_chunk=settings.decode_chunk)
+    return video.float().cpu()
+
+
+# --- whole clips -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def interpolate(
+    im: InferenceModel,
+    first: Tensor,
+    last: Tensor,
+    prompt: str | Sequence[str],
+    settings: SamplerSettings = SamplerSettings(),
+    seed: int = 123,
+    sketch: SketchGuide | None = None,
+    progress: bool | Callable[[StepInfo], None] = True,
+) -> Tensor:
+    """Two keyframes [b, 3, H, W] (or [3, H, W]) in [-1, 1] + prompt(s) -> [b, 3, T, H, W] in [-1, 1].
+
+    Frames 0 and T-1 are the decoder's reconstructions of the keyframes, not pasted copies (as the reference).
+    H and W must be multiples of `im.multiple`."""
+    settings.check()
+    if first.ndim == 3:
+        first, last = first[None], last[None]
+    prompts = [prompt] * first.shape[0] if isinstance(prompt, str) else list(prompt)
+    h, w = first.shape[-2:]
+    if h % im.multiple or w % im.multiple:
+        raise ValueError(f"frame {h}x{w}: sides must be multiples of {im.multiple}")
+    if settings.frames != im.model.cfg.unet.temporal_length:
+        log.warning(
+            "%d frames: the model is trained on %d; other lengths change its image context (MODEL.md 7)",
+            settings.frames,
+            im.model.cfg.unet.temporal_length,
+        )
+    generator = torch.Generator("cpu").manual_seed(seed)
+    context, uncond = encode_context(im, prompts, first)
+    c_concat, refs = encode_keyframes(im.vae, first, last, settings.frames, generator, im.device)
+    z = sample_latents(im, c_concat, context, uncond, settings, generator, sketch, progress)
+    return decode_latents(im, z, refs, settings)
+
+
+def segment_sketches(
+    sketches: Mapping[int, Tensor], segment: int, frames: int, batch: int = 1
+) -> SketchGuide | None:
+    """The sketches of chained segment `segment`: global frame g lies in segments whose range
+    [k (T-1), k (T-1) + T-1] holds it (a keyframe's sketch serves both segments that share the keyframe)."""
+    start = segment * (frames - 1)
+    local = {g - start: s for g, s in sketches.items() if start <= g < start + frames}
+    if not local:
+        return None
+    h, w = next(iter(local.values())).shape[-2:]
+    hint = torch.zeros(batch, 1, frames, h, w)
+    mask = torch.zeros(batch, frames, dtype=torch.bool)
+    for i, s in local.items():
+        hint[:, 0, i], mask[:, i] = s, True
+    return SketchGuide(hint, mask)
+
+
+@torch.no_grad()
+def interpolate_chain(
+    im: InferenceModel,
+    keyframes: Sequence[Tensor],
+    prompt: str,
+    settings: SamplerSettings = SamplerSettings(),
+    seed: int = 123,
+    sketches: Mapping[int, Tensor] | None = None,
+    progress: bool | Callable[[StepInfo], None] = True,
+) -> Tensor:
+    """Keyframes K_0..K_n ([3, H, W] each) -> one clip [3, n (T-1) + 1, H, W]: segment k interpolates
+    K_k -> K_{k+1} with seed + k; the frame two segments share (a keyframe) is kept once, from the earlier
+    segment. `sketches` maps global frame indices to hints [H, W] in [0, 1]."""
+    if len(keyframes) < 2:
+        raise ValueError("need at least two keyframes")
+    sketches = sketches or {}
+    total = (len(keyframes) - 1) * (settings.frames - 1) + 1
+    outside = sorted(g for g in sketches if not 0 <= g < total)
+    if outside:
+        raise ValueError(f"sketches for frames {outside} lie outside the {total} output frames")
+    parts = []
+    for k in range(len(keyframes) - 1):
+        guide = segment_sketches(sketches, k, settings.frames)
+        clip = interpolate(im, keyframes[k], keyframes[k + 1], prompt, settings, seed + k, guide, progress)[0]
+        parts.append(clip if k == 0 else clip[:, 1:])
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,25 @@
+"""The GPU check's script runs end to end in its CPU smoke mode (the numbers come from a GPU run)."""
+
+from __future__ import annotations
+
+import json
+
+from inference import bench_gpu
+
+
+def test_bench_smoke_mode_reports_time_per_sample(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
+            "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out)]  # fmt: skip
+    assert bench_gpu.main(argv) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"]["eager"]
+    assert report["shape"] == {"frames": 16, "height": 32, "width": 64} and report["dtype"] == "float32"
+    assert run["seconds_per_sample"] > 0 and set(run["phases_s"]) == {
+        "context",
+        "encode",
+        "sampling",
+        "decode",
+        "total",
+    }
+    assert "Resampler" in report["context"]

@@ -1,0 +1,298 @@
+"""`inbetweener evaluate` on tiny eval shards in the curate job's format, with a tiny model and injected
+feature extractors: the JSON and the table, resuming, the baselines, the decoder-only mode, the sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from inference import evaluate as cli
+from inference.eval_data import clip_window, iter_clips
+from inference.eval_scores import Extractors, markdown_table, pool_scores
+from inference.weights import file_sha256
+from manifests.io import write_manifest
+from manifests.schema import to_table
+from training.checkpoint import save_safetensors
+from training.models.tooncrafter import build_tooncrafter
+
+W, H = 64, 32  # the clips' size (the tiny model's frame: multiples of 32)
+CLIPS = {"clip000a": 18, "clip000b": 17, "clip000c": 10}  # key -> frames; the last is too short for 16
+
+
+def _clip_frames(n: int, seed: int) -> np.ndarray:
+    """A square gliding over a flat background, n frames uint8 [n, H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    background, colour = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    frames = np.empty((n, H, W, 3), np.uint8)
+    frames[:] = background
+    for i in range(n):
+        x = 2 + i * 2
+        frames[i, 8:24, x : x + 16] = colour
+    return frames
+
+
+def _mp4(frames: np.ndarray, fps: int = 24) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory) -> Path:
+    """OUT/shards/eval/000000.tar (+ OUT/manifest.parquet) as the curate job writes them."""
+    out = tmp_path_factory.mktemp("curated")
+    shard_dir = out / "shards" / "eval"
+    shard_dir.mkdir(parents=True)
+    rows = []
+    with tarfile.open(shard_dir / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (key, n) in enumerate(CLIPS.items()):
+            row = {"clip_id": key, "key": key, "shard": "eval/000000.tar", "split": "eval", "status": "kept",
+                   "caption": f"a square moving right, clip {i}", "num_frames": n, "width": W, "height": H}  # fmt: skip
+            _member(tar, f"{key}.mp4", _mp4(_clip_frames(n, i)))
+            _member(tar, f"{key}.json", json.dumps(row).encode())
+            _member(tar, f"{key}.txt", row["caption"].encode())
+            rows.append(row)
+    write_manifest(
+        to_table([*rows, {"clip_id": "rejected", "status": "rejected", "split": "none"}]),
+        out / "manifest.parquet",
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = build_tooncrafter("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # no zero-initialised layer: every part shapes the output
+                p.normal_(0, 0.05)
+    return save_safetensors(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+class _Counting:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def fake_extractors() -> Extractors:
+    """Cheap deterministic stand-ins with the real interfaces (and value ranges checked)."""
+
+    def video(v: torch.Tensor) -> torch.Tensor:  # [N, 3, T, H, W] in 0..255
+        assert v.ndim == 5 and v.shape[1] == 3 and v.max() <= 255 and v.min() >= 0
+        return torch.cat([v.mean(dim=(2, 3, 4)), v.std(dim=(2, 3, 4))], dim=1).double()  # [N, 6]
+
+    def image(x: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] in [0, 1]
+        assert x.ndim == 4 and x.min() >= 0 and x.max() <= 1
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)) + 0.1], dim=1).double()
+
+    def text(texts) -> torch.Tensor:
+        return torch.tensor([[len(t) % 7 + 1.0, 1.0, 2.0, 0.5, 0.5, 0.5] for t in texts], dtype=torch.float64)
+
+    def lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [-1, 1]
+        assert a.min() >= -1 and a.max() <= 1
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    return Extractors(
+        _Counting(video),
+        image,
+        text,
+        lpips,
+        record={"video": "test: mean/std", "clip": "test", "lpips": "test: L1"},
+    )
+
+
+TINY = ["--size", f"{H}x{W}", "--steps", "1", "--device", "cpu", "--quiet"]
+
+
+def test_evaluate_limit_2_writes_the_json_and_the_table_and_resumes(curated, checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--limit", "2", "--checkpoint", str(checkpoint), *TINY]
+    ex = fake_extractors()
+    assert cli.main(argv, extractors=ex) == 0
+    (result_path,) = sorted((out / "results").glob("model-*.json"))
+    result = json.loads(result_path.read_text())
+    m = result["metrics"]
+    assert m["n_clips"] == 2 and result["timing"]["generated"] == 2
+    for name in ("fvd", "kvd", "kvd_mmd2"):
+        assert np.isfinite(m[name])
+    for name in ("lpips", "clip_img", "clip_txt", "cpbd"):
+        assert set(m[name]) == {"all", "interior"} and np.isfinite(m[name]["all"])
+    assert m["real_vs_real_floor"] == {"note": "needs at least 4 clips"}
+    assert result["protocol"]["kvd"]["kernel"].startswith("(x.y/d + 1)^3")
+    assert result["weights"]["checkpoint"]["sha256"] == file_sha256(checkpoint)
+    assert result["weights"]["video"] == "test: mean/std"
+    assert result["generation"]["settings"]["cfg"] == 7.5 and result["generation"]["settings"]["steps"] == 1
+    assert result["data"]["frames"] == 16 and result["data"]["size"] == [H, W]
+    generated = sorted(p.name for p in (out / "generated" / result["run"]).glob("*.npz"))
+    assert generated == ["clip000a.npz", "clip000b.npz"]
+    with np.load(out / "generated" / result["run"] / "clip000a.npz") as f:
+        assert f["frames"].shape == (16, H, W, 3) and f["frames"].dtype == np.uint8
+    table = (out / "results.md").read_text()
+    assert "| ToonCrafter (paper) | 1000 | 43.92 |" in table and "**ToonCrafter (ours)** | 2 |" in table
+
+    # a second run redoes nothing: every clip comes from the cache
+    calls = ex.video.calls
+    assert cli.main(argv, extractors=ex) == 0
+    again = json.loads(result_path.read_text())
+    assert again["timing"] == {**again["timing"], "generated": 0, "cached": 2}
+    assert again["metrics"] == result["metrics"] and ex.video.calls == calls
+
+
+def test_the_baselines_run_through_the_same_code(curated, tmp_path):
+    out = tmp_path / "eval"
+    argv = [
+        str(curated / "shards" / "eval"),
+        "--out",
+        str(out),
+        "--method",
+        "linear",
+        "flow",
+        "--limit",
+        "2",
+        *TINY,
+    ]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    results = {
+        json.loads(p.read_text())["method"]: json.loads(p.read_text())
+        for p in (out / "results").glob("*.json")
+    }
+    assert set(results) == {"linear_blend", "flow_warp"}
+    for r in results.values():
+        assert r["metrics"]["n_clips"] == 2 and "checkpoint" not in r["weights"]
+        assert r["metrics"]["lpips"]["all"] > 0  # the interior frames differ from the ground truth
+    table = (out / "results.md").read_text()
+    assert "**linear_blend** | 2 |" in table and "**flow_warp** | 2 |" in table and "EISAI (paper)" in table
+
+
+def test_decoder_only_scores_the_reconstruction(curated, checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    argv = [str(curated / "manifest.parquet"), "--out", str(out), "--decoder-only", "--decoder-size", "32",
+            "--limit", "2", "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet"]  # fmt: skip
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    (path,) = (out / "results").glob("decoder-*.json")
+    result = json.loads(path.read_text())
+    m = result["metrics"]
+    assert result["kind"] == "decoder" and m["n_clips"] == 2 and result["data"]["size"] == [32, 32]
+    assert 0 < m["psnr"]["all"] < 100 and -1 <= m["ssim"]["all"] <= 1 and m["lpips"]["all"] >= 0
+    assert "full dual-reference decoder (paper)" in (out / "results.md").read_text()
+
+
+def test_missing_metric_weights_are_named(curated, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
+    argv = [str(curated), "--out", str(tmp_path / "e"), "--method", "linear", "--limit", "1", *TINY]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "i3d/i3d_torchscript.pt" in err and "INBETWEENER_MODELS" in err
+
+
+def test_sources_shards_folder_and_manifest_agree(curated):
+    by_folder = [(c.key, c.caption) for c in iter_clips([curated])]
+    by_shards = [(c.key, c.caption) for c in iter_clips([curated / "shards" / "eval" / "000000.tar"])]
+    by_manifest = [(c.key, c.caption) for c in iter_clips([curated / "manifest.parquet"])]
+    assert (
+        by_folder
+        == by_shards
+        == by_manifest
+        == [(k, f"a square moving right, clip {i}") for i, k in enumerate(CLIPS)]
+    )
+    assert [c.key for c in iter_clips([curated], limit=2)] == ["clip000a", "clip000b"]
+    clip = next(iter_clips([curated]))
+    frames = clip.frames()
+    assert frames.shape == (18, H, W, 3)
+    assert clip_window(frames, 16).shape[0] == 16 and clip_window(frames, 16, stride=2) is None
+    assert clip.meta["num_frames"] == 18
+
+
+def test_too_short_clips_are_skipped_and_reported(curated, tmp_path):
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    (path,) = (out / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["metrics"]["n_clips"] == 2
+    assert result["data"]["skipped"] == [{"key": "clip000c", "reason": "shorter than 16 frames at stride 1"}]
+
+
+def test_pooling_and_table_on_hand_made_records():
+    rng = np.random.default_rng(0)
+    records = [
+        {
+            "i3d_gen": rng.normal(size=4),
+            "i3d_real": rng.normal(size=4),
+            "lpips": np.full(4, 0.2),
+            "clip_img": np.array([1.0, 0.5, 0.5, 1.0]),
+            "clip_txt": np.full(4, 0.3),
+            "cpbd": np.full(4, 0.6),
+            "cpbd_real": np.full(4, 0.7),
+        }  # fmt: skip
+        for _ in range(4)
+    ]
+    m = pool_scores(records)
+    assert m["clip_img"] == {"all": 0.75, "interior": 0.5} and m["real_vs_real_floor"]["n_half"] == 2
+    table = markdown_table([{"kind": "generation", "label": "x", "run": "x-1", "metrics": m}])
+    assert "| **x** | 4 |" in table and "0.7500" in table
+
+
+def test_clip_from_the_checkpoint_towers_equals_open_clip():
+    """TowerCLIP (CLIP metrics from the ToonCrafter checkpoint's towers) computes open_clip's own
+    encode_image / encode_text when open_clip's CLIP holds the same weights."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    from inference.eval_scores import TowerCLIP
+
+    torch.manual_seed(0)
+    model = build_tooncrafter("tiny").eval()
+    c = model.cfg.clip
+    reference = open_clip.CLIP(
+        c.embed_dim,
+        CLIPVisionCfg(
+            image_size=c.image_size,
+            patch_size=c.patch_size,
+            width=c.vision_width,
+            layers=c.vision_layers,
+            head_width=c.vision_head_width,
+        ),
+        CLIPTextCfg(
+            context_length=c.context_length,
+            vocab_size=c.vocab_size,
+            width=c.text_width,
+            heads=c.text_heads,
+            layers=c.text_layers,
+        ),
+    ).eval()
+    state = {k: v for k, v in model.cond_stage_model.model.state_dict().items() if k != "logit_scale"}
+    state |= {f"visual.{k}": v for k, v in model.embedder.model.visual.state_dict().items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"logit_scale"}
+    towers = TowerCLIP(model.cond_stage_model, model.embedder)
+    images = torch.randn(2, 3, c.image_size, c.image_size)
+    tokens = open_clip.tokenize(["a square moving right", "an anime scene"])
+    with torch.no_grad():
+        torch.testing.assert_close(towers.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(towers.encode_text(tokens), reference.encode_text(tokens))

@@ -1,0 +1,336 @@
+"""`inbetweener interpolate` end to end on the tiny preset, its checks before any GPU work, and the sampler.
+
+The tiny checkpoint is written by the real `save_safetensors` and read back by the real loader. Frames
+are 32x64 (the tiny model's size step is 32) and sampling uses 1-2 steps: the properties under test
+(counts, sizes, aspect, chaining, seeding, errors) do not depend on the step count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from inference import interpolate as cli
+from inference.media import frame_size, parse_sketch_args, sketch_index
+from inference.sampler import InferenceModel, SamplerSettings, SketchGuide, interpolate, interpolate_chain
+from training.checkpoint import save_safetensors
+from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
+from training.models.tooncrafter import build_tooncrafter
+
+FAST = ["--short-side", "32", "--steps", "1", "--quiet", "--device", "cpu"]
+
+
+def _keyframe(path: Path, size: tuple[int, int], shift: int) -> Path:
+    """A flat-colour cartoon frame of size (width, height): a red square on white, moved by `shift`."""
+    w, h = size
+    image = np.full((h, w, 3), 255, np.uint8)
+    image[h // 4 : 3 * h // 4, shift : shift + h // 2] = (220, 30, 30)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def randomised_tiny(seed: int = 0):
+    """The tiny model with its zero-initialised layers made random, so that every part shapes the output."""
+    torch.manual_seed(seed)
+    model = build_tooncrafter("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return randomised_tiny()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("interp")
+    ckpt = save_safetensors(tiny_model, root / "tiny.safetensors")
+    keys = {
+        "a": _keyframe(root / "a.png", (80, 40), 4),  # 2:1 landscape
+        "b": _keyframe(root / "b.png", (80, 40), 50),
+        "c": _keyframe(root / "c.png", (80, 40), 20),
+        "small": _keyframe(root / "small.png", (60, 40), 4),
+    }
+    return root, ckpt, keys
+
+
+def _decode_mp4(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _gif_size_and_seconds(path: Path) -> tuple[tuple[int, int], float]:
+    """(size, playing time): Pillow merges identical consecutive frames into one longer frame."""
+    with Image.open(path) as gif:
+        total = 0
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            total += gif.info["duration"]
+        return gif.size, total / 1000
+
+
+def test_writes_mp4_gif_and_numbered_pngs_at_the_keyframes_aspect(files, tmp_path):
+    root, ckpt, keys = files
+    out = tmp_path / "out"
+    rc = cli.main(
+        [
+            str(keys["a"]),
+            str(keys["b"]),
+            "--prompt",
+            "a red box",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    pngs = sorted((out / "frames").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:04d}.png" for i in range(16)]
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.size == (64, 32)  # width, height: the keyframes' 2:1 aspect, short side 32
+    size, seconds = _gif_size_and_seconds(out / "inbetween.gif")
+    assert size == (64, 32) and seconds == pytest.approx(16 / 8, abs=16 * 0.01)  # 16 frames at 8 fps
+    video = _decode_mp4(out / "inbetween.mp4")
+    assert video.shape == (16, 32, 64, 3)
+    frames = np.stack([np.asarray(Image.open(p)) for p in pngs]).astype(float)
+    assert (
+        frames.std() > 1 and np.abs(np.diff(frames, axis=0)).mean() > 0
+    )  # an image sequence, not a constant
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["frames"] == 16 and meta["size"] == {"height": 32, "width": 64}
+    assert meta["settings"]["cfg"] == 7.5 and meta["settings"]["fs"] == 10 and meta["seed"] == 123
+    assert meta["preset"] == "tiny" and meta["prompt"] == "a red box"
+
+
+def test_frame_geometry_follows_the_keyframes_aspect():
+    assert frame_size(320, 512) == (320, 512)  # the reference's frame, exactly
+    assert frame_size(1080, 1920) == (320, 576)  # 16:9
+    assert frame_size(1920, 1080) == (576, 320)  # portrait stays portrait
+    assert frame_size(480, 640) == (320, 448)  # 4:3: nearest multiple of 64
+    assert frame_size(40, 80, short_side=32, multiple=32) == (32, 64)
+
+
+def test_chained_keyframes_share_their_frames_once_and_take_sketches(files, tmp_path):
+    root, ckpt, keys = files
+    sketch_ckpt = tmp_path / "sketch_encoder.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"]).state_dict().items()},
+        str(sketch_ckpt),
+    )
+    sketches = tmp_path / "sketches"
+    sketches.mkdir()
+    _keyframe(sketches / "03.png", (80, 40), 30)  # frame 3 = keyframe b, shared by both segments
+    _keyframe(sketches / "frame_5.png", (80, 40), 40)
+    out = tmp_path / "chain"
+    args = [
+        "--keyframes",
+        str(keys["a"]),
+        str(keys["b"]),
+        str(keys["c"]),
+        "--frames",
+        "4",
+        "--formats",
+        "png",
+    ]
+    args += ["--sketch", str(sketches), "--sketch-checkpoint", str(sketch_ckpt)]
+    assert cli.main([*args, "--checkpoint", str(ckpt), "--out", str(out), *FAST]) == 0
+    assert len(list((out / "frames").glob("*.png"))) == 2 * (4 - 1) + 1  # 7, not 8
+    meta = json.loads((out / "meta.json").read_text())
+    assert sorted(meta["sketches"]) == ["3", "5"] and meta["sketch_checkpoint"] == str(sketch_ckpt)
+
+
+def test_batch_writes_one_output_per_row(files, tmp_path):
+    root, ckpt, keys = files
+    batch = tmp_path / "pairs.csv"
+    with batch.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start", "end", "prompt", "name"])
+        writer.writerow([str(keys["a"]), str(keys["b"]), "a box moving right", "right"])
+        writer.writerow([str(keys["b"]), str(keys["c"]), "", ""])
+    out = tmp_path / "batch"
+    assert (
+        cli.main(
+            [
+                "--batch",
+                str(batch),
+                "--frames",
+                "4",
+                "--formats",
+                "png,gif",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["0001_b_c", "right"]
+    for name in folders:
+        assert len(list((out / name / "frames").glob("*.png"))) == 4
+        assert (out / name / "inbetween.gif").is_file()
+    assert json.loads((out / "right" / "meta.json").read_text())["prompt"] == "a box moving right"
+
+
+# --- errors, all raised before the model reaches a device ------------------------------------------------------
+
+
+@pytest.fixture
+def no_device_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was placed on a device before the inputs were checked")
+
+    monkeypatch.setattr(InferenceModel, "__init__", refuse)
+
+
+def _error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_keyframes_of_different_sizes(files, capsys, no_device_work):
+    root, ckpt, keys = files
+    err = _error(capsys, [str(keys["a"]), str(keys["small"]), "--checkpoint", str(ckpt), *FAST])
+    assert "differ in size" in err and "80x40" in err and "60x40" in err
+
+
+def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
+    root, ckpt, keys = files
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    err = _error(capsys, [str(keys["a"]), str(notes), "--checkpoint", str(ckpt), *FAST])
+    assert "notes.png is not an image file" in err
+    err = _error(capsys, [str(keys["a"]), str(tmp_path / "absent.png"), "--checkpoint", str(ckpt), *FAST])
+    assert "absent.png: no such file" in err
+
+
+def test_a_missing_checkpoint_says_what_to_download_and_where(
+    files, tmp_path, capsys, monkeypatch, no_device_work
+):
+    root, ckpt, keys = files
+    models = tmp_path / "models"
+    monkeypatch.setenv("INBETWEENER_MODELS", str(models))
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), *FAST])
+    assert "Doubiiu/ToonCrafter" in err and "model.ckpt" in err
+    assert str(models / "tooncrafter" / "model.ckpt") in err and "--checkpoint" in err
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(tmp_path / "nope.ckpt"), *FAST])
+    assert "nope.ckpt not found" in err and "Doubiiu/ToonCrafter" in err
+
+
+def test_the_models_dir_copy_is_found(files, tmp_path, monkeypatch):
+    root, ckpt, keys = files
+    models = tmp_path / "models"
+    (models / "tooncrafter").mkdir(parents=True)
+    (models / "tooncrafter" / "model.safetensors").symlink_to(ckpt)
+    monkeypatch.setenv("INBETWEENER_MODELS", str(models))
+    out = tmp_path / "o"
+    assert (
+        cli.main(
+            [str(keys["a"]), str(keys["b"]), "--frames", "2", "--formats", "png", "--out", str(out), *FAST]
+        )
+        == 0
+    )
+    assert len(list((out / "frames").glob("*.png"))) == 2
+
+
+def test_a_checkpoint_of_another_model(files, tmp_path, capsys, no_device_work):
+    root, ckpt, keys = files
+    wrong = tmp_path / "sketch_encoder.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"]).state_dict().items()},
+        str(wrong),
+    )
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(wrong), *FAST])
+    assert "is not a checkpoint of the ToonCrafter model" in err and "missing" in err
+    assert "--sketch-checkpoint" in err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00" * 64)
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(garbage), *FAST])
+    assert "garbage.ckpt" in err and "not a checkpoint of the ToonCrafter model" in err
+
+
+def test_sketch_errors(files, tmp_path, capsys, monkeypatch, no_device_work):
+    root, ckpt, keys = files
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
+    sketch = _keyframe(tmp_path / "sketch_09.png", (80, 40), 10)
+    argv = [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *FAST]
+    err = _error(capsys, [*argv, "--sketch", str(sketch)])
+    assert "sketch_encoder.ckpt" in err and "--sketch-checkpoint" in err
+    err = _error(capsys, [*argv, "--sketch", f"20={sketch}"])
+    assert "frames [20]" in err and "0..15" in err
+
+
+def test_help_explains_weights_geometry_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "Doubiiu/ToonCrafter",
+        "model.ckpt",
+        "INBETWEENER_MODELS",
+        "--checkpoint",
+        "centre-crop",
+        "320x512",
+        "--steps 50",
+    ):
+        assert needle in text
+
+
+def test_sketch_arguments():
+    assert sketch_index("frame_07.png") == 7 and sketch_index("sketch.png") is None
+    assert parse_sketch_args(["3=a.png", "b_12.png"]) == {3: Path("a.png"), 12: Path("b_12.png")}
+
+
+# --- the sampler -----------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_sketches_steer_it(tiny_model):
+    torch.manual_seed(1)
+    encoder = SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"])
+    with torch.no_grad():  # non-zero output convs, so that the residuals are not zero
+        for conv in encoder.output_convs():
+            conv.weight.normal_(0, 0.5)
+    im = InferenceModel(tiny_model, "cpu", torch.float32, sketch_encoder=encoder)
+    settings = SamplerSettings(steps=1, frames=4)
+    first, last = torch.rand(3, 64, 64) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1
+    a = interpolate(im, first, last, "x", settings, seed=5, progress=False)
+    b = interpolate(im, first, last, "x", settings, seed=5, progress=False)
+    c = interpolate(im, first, last, "x", settings, seed=6, progress=False)
+    assert a.shape == (1, 3, 4, 64, 64) and a.min() >= -1.5 and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    hint = torch.zeros(1, 1, 4, 64, 64)
+    hint[0, 0, 1, 16:48, 16:48] = 1.0
+    guide = SketchGuide(hint, torch.tensor([[False, True, False, False]]))
+    s = interpolate(im, first, last, "x", settings, seed=5, sketch=guide, progress=False)
+    assert not torch.allclose(s, a)
+
+
+def test_chain_keeps_each_segment_and_drops_only_the_shared_frame(tiny_model):
+    im = InferenceModel(tiny_model, "cpu", torch.float32)
+    settings = SamplerSettings(steps=1, frames=3)
+    keys = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(3)]
+    chain = interpolate_chain(im, keys, "x", settings, seed=9, progress=False)
+    first = interpolate(im, keys[0], keys[1], "x", settings, seed=9, progress=False)[0]
+    second = interpolate(im, keys[1], keys[2], "x", settings, seed=10, progress=False)[0]
+    assert chain.shape[1] == 5
+    assert torch.equal(chain[:, :3], first) and torch.equal(chain[:, 3:], second[:, 1:])
