@@ -23,7 +23,8 @@ Deviations from the reference, stated:
 * only the two keyframes are VAE-encoded, not 8 copies of each (same latents and features, MODEL.md 3.6);
 * all noise (posterior sample, x_T, per-step DDIM noise) is drawn from one seeded CPU generator and moved,
   so a seed gives the same clip on any device up to kernel rounding; the reference's RNG stream differs;
-* bf16 weights and autocast on the GPU by default (the reference: fp32 weights, fp16 autocast).
+* bf16 weights and autocast on the GPU by default (the reference: fp32 weights, fp16 autocast);
+* the two guidance branches run as one batch of 2 (`batch_cfg`; the reference: two sequential calls).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
-from training.diffusion.guidance import cfg_denoiser
+from training.diffusion.guidance import cfg_denoiser, rescale_guidance
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class SamplerSettings:
     sketch_scale: float = 0.6  # multiplies the sketch encoder's residuals (the community app's default)
     sketch_blank_frames: bool = False  # True: frames without a sketch go through the encoder as blank hints
     # (the reference); False: they contribute nothing and cost nothing
+    batch_cfg: bool = True  # both guidance branches in one UNet call of batch 2 (the reference: two calls;
+    # same math up to kernel rounding)
 
     def check(self) -> None:
         if self.steps < 1 or self.steps > 1000:
@@ -197,21 +200,45 @@ class SketchGuide:
     mask: Tensor
 
 
-def _model_fn(im: InferenceModel, settings: SamplerSettings, sketch: SketchGuide | None):
+def _model_fn(im: InferenceModel, settings: SamplerSettings):
     """(x_t, t, cond) -> v in fp32: the hybrid conditioning of the reference, plus the sketch residuals
-    computed for each guidance branch with that branch's context (MODEL.md 4)."""
+    (cond["hint"], cond["sketch_mask"]) computed for each guidance branch with that branch's context
+    (MODEL.md 4)."""
 
     def model_fn(x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
         control = None
-        if sketch is not None and im.sketch_encoder is not None:
-            mask = None if settings.sketch_blank_frames else sketch.mask
+        if cond.get("hint") is not None and im.sketch_encoder is not None:
+            mask = None if settings.sketch_blank_frames else cond["sketch_mask"]
             control = im.sketch_encoder(
-                x, sketch.hint, t, cond["c_crossattn"], sketch_mask=mask, scale=settings.sketch_scale
+                x, cond["hint"], t, cond["c_crossattn"], sketch_mask=mask, scale=settings.sketch_scale
             )
         x_in = torch.cat([x, cond["c_concat"]], dim=1)  # [b, 8, t, h, w]
         return im.unet(x_in, t, cond["c_crossattn"], fs=cond["fs"], control=control).float()
 
     return model_fn
+
+
+def batched_cfg_denoiser(
+    model_fn: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor],
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any],
+    scale: float,
+    rescale: float = 0.0,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Classifier-free guidance with both branches in one network call of batch 2b (conditional first).
+
+    The same combination as training/diffusion/guidance.cfg_denoiser (u + s (c - u), then the guidance
+    rescale); the reference runs the branches one after the other. One call of twice the batch halves the
+    kernel launches per step: toon-512 at 16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample
+    eager (inference/bench_gpu.py)."""
+    both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
+
+    def denoiser(x: Tensor, t: Tensor) -> Tensor:
+        out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        guided = out_uncond + scale * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, rescale) if rescale > 0.0 else guided
+
+    return denoiser
 
 
 @torch.no_grad()
@@ -228,13 +255,13 @@ def sample_latents(
     """DDIM with CFG from x_T ~ N(0, I) to the clean latent [b, e, T, h, w] (fp32). Noise comes from the
     CPU `generator`: x_T first, then one draw per step (when eta > 0)."""
     fs = torch.full((c_concat.shape[0],), settings.fs, dtype=torch.long, device=im.device)
-    cond = {"c_concat": c_concat, "c_crossattn": context, "fs": fs}
-    uncond_dict = {"c_concat": c_concat, "c_crossattn": uncond, "fs": fs}
+    hint = mask = None
     if sketch is not None:
-        sketch = SketchGuide(sketch.hint.to(im.device), sketch.mask.to(im.device))
-    denoiser = cfg_denoiser(
-        _model_fn(im, settings, sketch), cond, uncond_dict, settings.cfg, settings.guidance_rescale
-    )
+        hint, mask = sketch.hint.to(im.device), sketch.mask.to(im.device)
+    cond = {"c_concat": c_concat, "c_crossattn": context, "fs": fs, "hint": hint, "sketch_mask": mask}
+    uncond_dict = {**cond, "c_crossattn": uncond}  # the concat latents, fs and sketches stay (MODEL.md 2.6)
+    guidance = batched_cfg_denoiser if settings.batch_cfg and settings.cfg != 1.0 else cfg_denoiser
+    denoiser = guidance(_model_fn(im, settings), cond, uncond_dict, settings.cfg, settings.guidance_rescale)
     shape = tuple(c_concat.shape)
     x_t = torch.randn(shape, generator=generator).to(im.device)
     noises = None

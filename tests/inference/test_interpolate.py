@@ -304,13 +304,25 @@ def test_sketch_arguments():
 # --- the sampler -----------------------------------------------------------------------------------------------
 
 
-def test_seeded_sampling_is_reproducible_and_sketches_steer_it(tiny_model):
+@pytest.fixture(scope="module")
+def sketchy(tiny_model):
+    """The tiny model placed on the CPU with a sketch encoder whose output convs are not zero."""
     torch.manual_seed(1)
     encoder = SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"])
-    with torch.no_grad():  # non-zero output convs, so that the residuals are not zero
+    with torch.no_grad():
         for conv in encoder.output_convs():
             conv.weight.normal_(0, 0.5)
-    im = InferenceModel(tiny_model, "cpu", torch.float32, sketch_encoder=encoder)
+    return InferenceModel(tiny_model, "cpu", torch.float32, sketch_encoder=encoder)
+
+
+def _guide() -> SketchGuide:
+    hint = torch.zeros(1, 1, 4, 64, 64)
+    hint[0, 0, 1, 16:48, 16:48] = 1.0
+    return SketchGuide(hint, torch.tensor([[False, True, False, False]]))
+
+
+def test_seeded_sampling_is_reproducible_and_sketches_steer_it(sketchy):
+    im = sketchy
     settings = SamplerSettings(steps=1, frames=4)
     first, last = torch.rand(3, 64, 64) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1
     a = interpolate(im, first, last, "x", settings, seed=5, progress=False)
@@ -318,11 +330,26 @@ def test_seeded_sampling_is_reproducible_and_sketches_steer_it(tiny_model):
     c = interpolate(im, first, last, "x", settings, seed=6, progress=False)
     assert a.shape == (1, 3, 4, 64, 64) and a.min() >= -1.5 and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
-    hint = torch.zeros(1, 1, 4, 64, 64)
-    hint[0, 0, 1, 16:48, 16:48] = 1.0
-    guide = SketchGuide(hint, torch.tensor([[False, True, False, False]]))
-    s = interpolate(im, first, last, "x", settings, seed=5, sketch=guide, progress=False)
+    s = interpolate(im, first, last, "x", settings, seed=5, sketch=_guide(), progress=False)
     assert not torch.allclose(s, a)
+
+
+def test_batched_guidance_equals_the_reference_two_calls(sketchy):
+    first, last = torch.rand(3, 64, 64) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1
+    runs = [
+        interpolate(
+            sketchy,
+            first,
+            last,
+            "x",
+            SamplerSettings(steps=2, frames=4, batch_cfg=batched),
+            3,
+            _guide(),
+            False,
+        )
+        for batched in (True, False)
+    ]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
 
 
 def test_chain_keeps_each_segment_and_drops_only_the_shared_frame(tiny_model):
