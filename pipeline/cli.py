@@ -37,6 +37,17 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=int, help="parallel CPU workers (default: one per CPU)")
+    p.add_argument(
+        "--models-dir",
+        help="model weights folder (default: $INBETWEENER_MODELS, else ~/.cache/inbetweener/models)",
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["text", "aesthetic", "caption", "alignment"],
+        help="do not run this model stage (repeatable); manifest and report say it did not run",
+    )
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any source failed")
     p.add_argument("--restart", action="store_true", help="discard finished work in OUT/.work and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -48,7 +59,13 @@ def curate_main(argv: list[str] | None = None) -> int:
     from pipeline.job import CurateJob
 
     try:
-        config = load_config(args.config, args.sets)
+        sets = list(args.sets) + [f"{stage}.enabled=false" for stage in args.skip]
+        if args.models_dir:
+            sets += [
+                f"{stage}.models_dir={args.models_dir}"
+                for stage in ("text", "aesthetic", "caption", "alignment")
+            ]
+        config = load_config(args.config, sets)
         if args.address:
             config.run.address = args.address
         if args.workers is not None:
@@ -192,4 +209,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     if not args.no_fetch:
         samples.fetch_big_buck_bunny(footage / "real" / "bigbuckbunny.mp4")
     print(f"sample footage: {footage}")
-    return curate_main([str(footage), "--out", str(args.out / "curated")])
+    # No downloads in the demo: the text stage runs on the PP-OCR weights inside the rapidocr wheel;
+    # the stages whose weights must be fetched are skipped explicitly (the report says so).
+    skips = ["--skip", "aesthetic", "--skip", "caption", "--skip", "alignment"]
+    return curate_main([str(footage), "--out", str(args.out / "curated"), *skips])

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.stages.aesthetic import AestheticStage
+from pipeline.stages.alignment import AlignmentStage
+from pipeline.stages.caption import CaptionStage
+from pipeline.stages.text import TextStage
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; raised before any work starts."""
@@ -62,6 +67,38 @@ class MotionConfig:
     preset: str = "ultrafast"  # OpenCV DIS preset: ultrafast | fast | medium
 
 
+# The model stages' sections are their stage parameters (the stage dataclasses document each
+# field) plus whether the stage runs and its threshold, so a parameter is declared once.
+@dataclass
+class TextConfig(TextStage):
+    enabled: bool = True  # False (or --skip text): the stage does not run; manifest and report say so
+    max: float | None = (
+        0.05  # reject above: fraction of the frame covered by text boxes (title cards, credits)
+    )
+
+
+@dataclass
+class AestheticConfig(AestheticStage):
+    enabled: bool = True
+    min: float | None = 4.0  # reject below: the minimum LAION aesthetic score of first/mid/last (scale ~1-10)
+
+
+@dataclass
+class CaptionConfig(CaptionStage):
+    enabled: bool = True
+
+
+@dataclass
+class AlignmentConfig(AlignmentStage):
+    enabled: bool = True
+    min: float | None = (
+        0.18  # reject below: the minimum CLIP cosine similarity of the caption to first/mid/last
+    )
+
+
+MODEL_STAGES = ("text", "aesthetic", "caption", "alignment")
+
+
 @dataclass
 class SplitConfig:
     eval_size: int = 1000  # clips in the held-out eval split (the paper's 1K)
@@ -96,6 +133,10 @@ class CurateConfig:
     shots: ShotsConfig = field(default_factory=ShotsConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -111,7 +152,15 @@ class CurateConfig:
 # Sections whose values change scores or clip boundaries (a change invalidates finished work);
 # thresholds (motion.min/max) are applied from the manifest and can change freely (`select`).
 SCORING_SECTIONS = ("probe", "shots", "timing")
-THRESHOLD_KEYS = {("motion", "min"), ("motion", "max")}
+THRESHOLD_KEYS = {
+    ("motion", "min"),
+    ("motion", "max"),
+    ("text", "max"),
+    ("aesthetic", "min"),
+    ("alignment", "min"),
+}
+# how a stage runs, not what it scores: may differ between a run and its resume
+RUNTIME_KEYS = {"device", "batch_size", "num_gpus", "threads", "models_dir", "precision"}
 # what `inbetweener select` may change: thresholds, the split and the shard size (no decoding for scores)
 SELECT_KEYS = (
     THRESHOLD_KEYS | {("write", "shard_bytes")} | {("split", f.name) for f in dataclasses.fields(SplitConfig)}
@@ -202,6 +251,11 @@ def _validate(config: CurateConfig) -> None:
         (config.write.fps is None or config.write.fps > 0, "write.fps must be > 0 or null"),
         (config.run.workers >= 0, "run.workers must be >= 0"),
         (config.split.eval_size >= 0, "split.eval_size must be >= 0"),
+        (
+            not config.alignment.enabled or (config.aesthetic.enabled and config.caption.enabled),
+            "alignment compares the caption with the aesthetic stage's CLIP image embeddings: "
+            "skip alignment too (--skip alignment), or enable aesthetic and caption",
+        ),
         (0 <= config.split.max_eval_fraction <= 1, "split.max_eval_fraction must be in [0, 1]"),
         (config.split.max_distance >= 0, "split.max_distance must be >= 0"),
     ]

@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 
 from manifests.io import atomic_path, read_manifest, write_json_atomic, write_manifest
 from manifests.schema import CLIP_SCHEMA, conform
-from pipeline.config import SCORING_SECTIONS, THRESHOLD_KEYS, ConfigError, CurateConfig
+from pipeline.config import (
+    MODEL_STAGES,
+    RUNTIME_KEYS,
+    SCORING_SECTIONS,
+    THRESHOLD_KEYS,
+    ConfigError,
+    CurateConfig,
+)
 from pipeline.select import decide
 from pipeline.stages.dedup import DedupStage
 from pipeline.stages.discover import ProbeStage, discover
@@ -107,6 +114,7 @@ class CurateJob:
         if not sources:
             raise ConfigError(f"no video files found in {self.inputs}")
         self._check_state()
+        self.check_weights()
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
@@ -160,10 +168,42 @@ class CurateJob:
             write_json_atomic(state_file, {"scoring": current})
 
     def _scoring_fingerprint(self) -> dict:
+        """The settings scores depend on: not thresholds, not how stages run (device, batch size)."""
         data = {s: getattr(self.config, s).__dict__ for s in SCORING_SECTIONS}
-        motion = {k: v for k, v in self.config.motion.__dict__.items() if ("motion", k) not in THRESHOLD_KEYS}
-        data["motion"] = motion
-        return json.loads(json.dumps(data, sort_keys=True))
+        for section in ("motion", *MODEL_STAGES):
+            values = getattr(self.config, section).__dict__
+            data[section] = {
+                k: v
+                for k, v in values.items()
+                if (section, k) not in THRESHOLD_KEYS and k not in RUNTIME_KEYS
+            }
+        return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+    def model_stages(self) -> list:
+        """The enabled model stages, built from their config sections (threshold and switch removed)."""
+        import dataclasses
+
+        stages = []
+        for name in MODEL_STAGES:
+            section = getattr(self.config, name)
+            if not section.enabled:
+                continue
+            cls = type(section).__mro__[1]  # the stage class the section extends
+            params = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+            stages.append(cls(**params))
+        return stages
+
+    def check_weights(self) -> None:
+        """Stop before any work when an enabled stage's weights are missing or wrong."""
+        from pipeline.models import check_weights
+
+        problems = check_weights(self.model_stages())
+        if problems:
+            lines = "\n  ".join(problems)
+            raise ConfigError(
+                f"model weights are missing or wrong:\n  {lines}\n"
+                "fetch them (inbetweener models download STAGE), or skip the stage explicitly (--skip STAGE)"
+            )
 
     def _done_key(self, sources: list[str]) -> str:
         # how the job runs (workers, address, progress) does not change what it produces
@@ -184,17 +224,18 @@ class CurateJob:
                 preset=c.motion.preset,
             ),
             DedupStage(),
+            *self.model_stages(),
         ]
 
     def _score(self, sources: list[str]) -> None:
-        from pipeline.runner import init_ray, run_stages
+        from pipeline.runner import run_stages
 
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
         if len(pending) < len(sources):
             self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
         if not pending:
             return
-        init_ray(self.config.run.address, num_cpus=self.config.run.workers or None)
+        self._init_ray()
         workers = self._workers()
         progress = Progress("score", len(pending), "sources", self.log)
         open_rows: dict[str, list[dict]] = {}
@@ -211,12 +252,23 @@ class CurateJob:
                 expected.pop(uri)
                 progress.update(1, len(rows))
 
+    def _init_ray(self) -> None:
+        """A local Ray gets one CPU slot per worker plus one per model-stage actor: an actor holds
+        its slot for the whole job, and the CPU stages must still get `workers` slots beside it."""
+        import os
+
+        from pipeline.runner import init_ray
+
+        workers = self.config.run.workers or os.cpu_count() or 1
+        init_ray(self.config.run.address, num_cpus=workers + len(self.model_stages()))
+
     def _workers(self) -> int:
         import ray
 
         if self.config.run.workers:
             return self.config.run.workers
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actors = len(self.model_stages())
+        return max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
 
     def _save_part(self, uri: str, rows: list[dict]) -> None:
         floats = {f.name for f in WORK_SCHEMA if pa.types.is_floating(f.type)}
@@ -279,7 +331,7 @@ class CurateJob:
 
     def _encode(self, table: pa.Table) -> pa.Table:
         """Encode kept clips that are not in the clip cache yet (one Ray task per source)."""
-        from pipeline.runner import init_ray, run_tasks
+        from pipeline.runner import run_tasks
 
         rows = table.to_pylist()
         jobs: dict[str, dict] = {}
@@ -290,7 +342,7 @@ class CurateJob:
                 )
                 job["clips"].append({k: row[k] for k in ("clip_id", "start_frame", "end_frame")})
         if jobs:
-            init_ray(self.config.run.address, num_cpus=self.config.run.workers or None)
+            self._init_ray()
             w = self.config.write
             encoder = EncodeSource(w.width, w.height, w.fps, w.codec, w.crf, w.preset)
             progress = Progress("write", len(jobs), "sources", self.log)

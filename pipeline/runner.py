@@ -12,9 +12,11 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-from pipeline.stages.base import Stage, batch_of, rows_of
+import numpy as np
 
-HEAVY_COLUMNS = ("analysis", "keyframes", "distinct_idx")
+from pipeline.stages.base import Packed, Stage, batch_of, rows_of
+
+HEAVY_COLUMNS = ("analysis", "keyframes", "distinct_idx", "clip_image_emb")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -45,18 +47,35 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+# Rows travel through Ray as one opaque column: stages add columns as they go, rows of one batch
+# may lack some (an error row has no scores), and Ray would otherwise infer a column's type per
+# block and fail to merge blocks where it is null in one and a string in another.
+ROW = "row"
+
+
+def _unwrap(ray_batch) -> list[dict]:
+    return [packed.value for packed in ray_batch[ROW]]
+
+
+def _wrap(rows: list[dict]) -> dict:
+    column = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):
+        column[i] = Packed(row)
+    return {ROW: column}
+
+
 def _task_udf(stage: Stage) -> Callable:
     """A plain function for Ray tasks; a stage that emits many rows yields them one by one."""
     if stage.emits_many:
 
-        def run_many(batch):
-            for row in stage.process_rows(rows_of(batch)):
-                yield batch_of([stage.mark(row)])
+        def run_many(ray_batch):
+            for row in stage.process_rows(_unwrap(ray_batch)):
+                yield _wrap([stage.mark(row)])
 
         return run_many
 
-    def run(batch):
-        return stage(batch)
+    def run(ray_batch):
+        return _wrap(rows_of(stage(batch_of(_unwrap(ray_batch)))))
 
     return run
 
@@ -68,29 +87,43 @@ class _ActorUDF:
         self.stage = stage
         self.stage.setup()
 
-    def __call__(self, batch):
-        return self.stage(batch)
+    def __call__(self, ray_batch):
+        return _wrap(rows_of(self.stage(batch_of(_unwrap(ray_batch)))))
 
 
-def _drop_heavy(batch):
-    return {k: v for k, v in batch.items() if k not in HEAVY_COLUMNS}
+def _keep_apart() -> dict:
+    """No extra remote args. Giving an actor stage a `ray_remote_args_fn` keeps Ray Data from fusing
+    the CPU task chain into the model actor, which would run all decoding inside the few actors."""
+    return {}
+
+
+def _drop_heavy(ray_batch):
+    return _wrap([{k: v for k, v in row.items() if k not in HEAVY_COLUMNS} for row in _unwrap(ray_batch)])
 
 
 def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> Iterator[dict]:
     """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped)."""
     import ray
 
-    ds = ray.data.from_items(list(items), override_num_blocks=max(1, len(items)))
+    ds = ray.data.from_items(
+        [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
+    )
+    gpus = ray.cluster_resources().get("GPU", 0)
     for stage in stages:
         common = {"batch_format": "numpy", "num_cpus": stage.num_cpus}
-        if stage.num_gpus:
-            common["num_gpus"] = stage.num_gpus
         if stage.has_setup():
+            # a model stage: one actor per declared GPU share; on a machine without GPU it runs on
+            # the CPU as a single actor (its device setting picks the CPU there)
+            num_gpus = stage.num_gpus if gpus else 0
+            pool = max(1, int(gpus / num_gpus)) if num_gpus else 1
+            if num_gpus:
+                common["num_gpus"] = num_gpus
             ds = ds.map_batches(
                 _ActorUDF,
                 fn_constructor_args=(stage,),
                 batch_size=stage.batch_size,
-                concurrency=(1, max(1, workers)),
+                concurrency=pool,
+                ray_remote_args_fn=_keep_apart,
                 **common,
             )
         else:
@@ -98,17 +131,19 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
             ds = ds.map_batches(_task_udf(stage), batch_size=None, concurrency=max(1, workers), **common)
     ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", concurrency=max(1, workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        yield from rows_of(batch)
+        yield from _unwrap(batch)
 
 
 def run_tasks(fn: Callable[[dict], dict], items: Sequence[dict], workers: int) -> Iterator[dict]:
     """Map a function over items as Ray tasks (one item per task), streaming results back."""
     import ray
 
-    def udf(batch):
-        return batch_of([fn(row) for row in rows_of(batch)])
+    def udf(ray_batch):
+        return _wrap([fn(row) for row in _unwrap(ray_batch)])
 
-    ds = ray.data.from_items(list(items), override_num_blocks=max(1, len(items)))
+    ds = ray.data.from_items(
+        [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
+    )
     ds = ds.map_batches(udf, batch_size=None, batch_format="numpy", concurrency=max(1, workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-        yield from rows_of(batch)
+        yield from _unwrap(batch)

@@ -23,6 +23,12 @@ def rules(config: CurateConfig) -> list[tuple[str, str, str, float]]:
         out.append(("motion", "motion_mean", "min", config.motion.min))
     if config.motion.max is not None:
         out.append(("motion", "motion_mean", "max", config.motion.max))
+    if config.text.enabled and config.text.max is not None:
+        out.append(("text", "text_area", "max", config.text.max))
+    if config.aesthetic.enabled and config.aesthetic.min is not None:
+        out.append(("aesthetic", "aesthetic_min", "min", config.aesthetic.min))
+    if config.alignment.enabled and config.alignment.min is not None:
+        out.append(("alignment", "clip_sim_min", "min", config.alignment.min))
     return out
 
 
