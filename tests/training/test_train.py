@@ -1,0 +1,383 @@
+"""`inbetweener train` end to end on the CPU with the `tiny` preset, through `main([...])`.
+
+Shards come from tests/training/conftest.py (tarfile + PyAV, the curate job's format; no Ray). Runs use one
+torch thread: on a shared 2-core machine a 2-thread OpenMP pool stalls whenever one core is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import roles
+from training.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+OVERFIT_STEPS, OVERFIT_LR = 30, 3e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(stage: str, out: Path, data: Path, *extra: str) -> Path:
+    argv = [
+        stage,
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.sample_every=0",
+        *extra,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def latest(out: Path) -> Path:
+    root = out / "checkpoints"
+    return root / (root / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def dc_checkpoint(tmp_path_factory) -> Path:
+    """A tiny DynamiCrafter-like checkpoint (plain decoder) as `inbetweener convert` writes it."""
+    from training.checkpoint import save_safetensors
+    from training.models.tooncrafter import build_tooncrafter
+
+    torch.manual_seed(42)
+    model = build_tooncrafter("tiny", dual_ref_decoder=False)
+    with torch.no_grad():  # non-zero output layers, so that every trained tensor gets a gradient
+        for p in model.unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return save_safetensors(model, tmp_path_factory.mktemp("dc") / "dc_interp_tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def rectify_run(tmp_path_factory, dc_checkpoint: Path, corrupt_shards: Path) -> Path:
+    """3 rectify steps from the DynamiCrafter-like checkpoint, reading shards that include a garbage shard,
+    a truncated shard and undecodable / too short samples."""
+    out = tmp_path_factory.mktemp("rectify")
+    return train(
+        "rectify",
+        out,
+        corrupt_shards,
+        "--init",
+        str(dc_checkpoint),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.ckpt_every=3",
+        "--set",
+        "train.ema_decay=0",
+    )
+
+
+def test_rectify_updates_only_spatial_layers_and_projector(rectify_run: Path, dc_checkpoint: Path):
+    """Frozen: temporal convs, temporal transformers, init_attn, VAE, CLIP towers (bitwise unchanged);
+    trained: the UNet's spatial layers with the image K/V, and the Resampler (every tensor moved)."""
+    from training.engine import TrainConfig
+    from training.train import initial_model
+
+    model = initial_model(TrainConfig(preset="tiny", init_checkpoint=str(dc_checkpoint)))  # as the run began
+    start, params = model.state_dict(), {n for n, _ in model.named_parameters()}
+    after = load_file(str(latest(rectify_run) / "model.safetensors"))
+    assert set(after) == set(start)  # the full ToonCrafter, dual-reference decoder included
+    trained = set(roles.STAGE_ROLES["rectify"])
+    moved: dict[str, list[bool]] = {}
+    for key in params:
+        changed = not torch.equal(after[key], start[key])
+        moved.setdefault(roles.role(key), []).append(changed)
+    for role, flags in moved.items():
+        if role in trained:
+            assert all(flags), f"{role}: {flags.count(False)} of {len(flags)} trained tensors did not move"
+        else:
+            assert not any(flags), f"{role} is frozen but {sum(flags)} tensors changed"
+    assert {"temporal_conv", "temporal_attention", "init_attention", "vae_encoder", "clip_text"} <= set(moved)
+    state = torch.load(latest(rectify_run) / "state.pt", weights_only=False)
+    n_trained = sum(1 for key in params if roles.role(key) in trained)
+    assert len(state["trainable"]) == n_trained  # the optimizer holds the trained tensors only
+    assert len(state["optimizers"]["model"]["param_groups"][0]["params"]) == n_trained
+
+
+def test_corrupt_shards_do_not_stop_training(rectify_run: Path):
+    rows = metrics(rectify_run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["data/bad_shards"] == 2  # the garbage and the truncated tar
+    assert rows[-1]["data/corrupt"] >= 1
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+
+
+def test_rectify_checkpoint_loads_for_inference(rectify_run: Path):
+    """The exported file is a ToonCrafter state dict in safetensors with the model config and the run's
+    resolved config in its metadata, and `interpolate`'s loader takes it."""
+    from safetensors import safe_open
+
+    path = latest(rectify_run) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["inbetweener.run_config"])["stage"] == "rectify"
+    assert json.loads(meta["inbetweener.config"])["dual_ref_decoder"] is True
+    assert (latest(rectify_run) / "config.yaml").is_file()
+    assert any((rectify_run / "tb").glob("events.out.tfevents.*"))
+    weights = pytest.importorskip("inference.weights")
+    model = weights.load_tooncrafter(path)
+    assert model.cfg.unet.model_channels == 32
+
+
+@pytest.fixture(scope="module")
+def lpips_models(tmp_path_factory) -> Path:
+    """A models dir holding LPIPS-AlexNet weight files in the real formats (random values)."""
+    from inference.metrics.lpips import LPIPS
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "lpips").mkdir()
+    torch.manual_seed(0)
+    net = LPIPS("alex")
+    torch.save(
+        {f"features.{k}": v for k, v in net.features.state_dict().items()},
+        root / "lpips" / "alexnet-owt-7be5be79.pth",
+    )
+    lins = {k: v.abs() for k, v in net.state_dict().items() if k.startswith("lin")}
+    torch.save(lins, root / "lpips" / "alex.pth")
+    return root
+
+
+def test_decoder_stage_trains_the_decoder_with_lpips_discriminator_and_eval(
+    tmp_path, train_shards, lpips_models
+):
+    out = train(
+        "decoder",
+        tmp_path / "dec",
+        train_shards,
+        "--models-dir",
+        str(lpips_models),
+        "--set",
+        "train.steps=2",
+        "--set",
+        "decoder.disc_start=1",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.sample_every=2",
+        "--set",
+        "train.ckpt_every=2",
+    )
+    rows = metrics(out)
+    assert "train/lpips" in rows[0] and "train/d_loss" not in rows[0]  # discriminator after its warm-up
+    assert "train/d_loss" in rows[1] and "train/g_adv" in rows[1]
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert evals and {"eval/ssim", "eval/lpips"} <= set(evals[0]) and np.isfinite(evals[0]["eval/psnr"])
+    assert any((out / "samples").glob("samples_reconstruction_*.gif"))
+    state = torch.load(latest(out) / "state.pt", weights_only=False)
+    model_keys = [k for k in state["trainable"] if not k.startswith("discriminator.")]
+    assert model_keys and all(k.startswith("model.first_stage_model.decoder.") for k in model_keys)
+    assert "discriminator" in state["optimizers"]
+
+
+def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_path, train_shards):
+    with pytest.raises(SystemExit, match=r"lpips/alex\.pth[\s\S]*--no-lpips"):
+        train("decoder", tmp_path / "dec", train_shards, "--models-dir", str(tmp_path / "empty"))
+
+
+def test_sketch_stage_trains_the_encoder_only(tmp_path, train_shards):
+    out = train(
+        "sketch", tmp_path / "sk", train_shards, "--set", "train.steps=2", "--set", "train.ckpt_every=2"
+    )
+    folder = latest(out)
+    state = torch.load(folder / "state.pt", weights_only=False)
+    assert state["trainable"] and all(k.startswith("encoder.") for k in state["trainable"])
+    assert not (folder / "model.safetensors").exists()  # the ToonCrafter is frozen: nothing new to export
+    weights = pytest.importorskip("inference.weights")
+    encoder = weights.load_sketch_encoder(folder / "sketch_encoder.safetensors", "tiny")
+    assert sum(p.numel() for p in encoder.parameters()) > 0
+    assert 0 < metrics(out)[-1]["train/sketch_rate"] <= 1
+
+
+def test_anime2sketch_loads_when_present_and_xdog_otherwise(tmp_path):
+    from training.stages.sketch import Anime2Sketch, SketchConfig, XDoG, load_extractor
+
+    cfg = SketchConfig(anime2sketch_size=256)
+    assert isinstance(load_extractor(cfg, tmp_path)[1], XDoG)
+    with pytest.raises(SystemExit, match="sketch_extractor.pth"):
+        load_extractor(SketchConfig(extractor="anime2sketch"), tmp_path)
+    net = Anime2Sketch()
+    assert sum(p.numel() for p in net.parameters()) == 54_405_505  # the 218 MB netG / sketch_extractor.pth
+    (tmp_path / "tooncrafter").mkdir()
+    torch.save(
+        {f"module.{k}": v for k, v in net.state_dict().items()},
+        tmp_path / "tooncrafter" / "sketch_extractor.pth",
+    )
+    name, loaded = load_extractor(cfg, tmp_path)
+    assert name.startswith("anime2sketch")
+    with torch.no_grad():
+        sketch = loaded(torch.rand(1, 3, 40, 64) * 2 - 1)
+    assert sketch.shape == (1, 1, 40, 64) and sketch.min() >= 0 and sketch.max() <= 1
+
+
+def test_overfit_one_clip(tmp_path, one_clip_shard):
+    """A few dozen rectify steps on one clip lower its loss clearly: the loss at fixed timesteps, noise and
+    posterior samples (the per-step training loss is too noisy to compare: t is drawn every step)."""
+    from training import data
+    from training.checkpoint import load_model
+    from training.engine import TrainConfig
+    from training.stages.common import diffusion_step
+    from training.train import initial_model
+
+    out = train(
+        "rectify",
+        tmp_path / "fit",
+        one_clip_shard,
+        "--set",
+        f"train.steps={OVERFIT_STEPS}",
+        "--set",
+        "train.global_batch=1",
+        "--set",
+        f"train.lr={OVERFIT_LR}",
+        "--set",
+        "train.ema_decay=0",
+        "--set",
+        f"train.ckpt_every={OVERFIT_STEPS}",
+    )
+    with open(one_clip_shard / "000000.tar", "rb") as f:
+        sample = next(data.iter_tar_samples(f))
+    window = data.decode_window(sample, data.DataConfig(frames=4, height=64, width=96), None)
+    batch = data.collate([window] * 8)
+
+    def fixed_loss(model) -> float:
+        model.eval()
+        torch.manual_seed(0)  # the same timesteps, noise and posterior samples for both models
+        with torch.no_grad():
+            return float(diffusion_step(model, batch, uncond_prob=0.0)["loss"])
+
+    before = fixed_loss(initial_model(TrainConfig(preset="tiny")))
+    after = fixed_loss(load_model(latest(out) / "model.safetensors"))
+    print(
+        f"overfit: {OVERFIT_STEPS} steps, fixed-noise loss {before:.4f} -> {after:.4f} ({after / before:.2f}x)"
+    )
+    assert after < 0.6 * before  # measured 0.295 -> 0.148; the rest is the random VAE's posterior noise
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, train_shards):
+    """4 steps in one go vs 2 + --resume 2: bitwise equal trained weights, optimizer moments, EMA and
+    losses. 2 DataLoader workers and 3 micro-batches per step, so the resumed loader must rotate its
+    workers; sample videos in between must not touch the training RNG."""
+    common = [
+        "--set",
+        "data.num_workers=2",
+        "--set",
+        "train.global_batch=3",
+        "--set",
+        "train.ckpt_every=2",
+        "--set",
+        "train.sample_every=1",
+    ]
+    whole = train("rectify", tmp_path / "whole", train_shards, *common, "--set", "train.steps=4")
+    split = train("rectify", tmp_path / "split", train_shards, *common, "--set", "train.steps=2")
+    train("rectify", split, train_shards, *common, "--set", "train.steps=4", "--resume")
+    a = torch.load(latest(whole) / "state.pt", weights_only=False)
+    b = torch.load(latest(split) / "state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key in a["trainable"]:
+        assert torch.equal(a["trainable"][key], b["trainable"][key]), key
+        assert torch.equal(a["ema"]["shadow"][key], b["ema"]["shadow"][key]), key
+    for k, moments in a["optimizers"]["model"]["state"].items():
+        assert torch.equal(moments["exp_avg_sq"], b["optimizers"]["model"]["state"][k]["exp_avg_sq"])
+    assert [r["train/loss"] for r in metrics(whole)] == [r["train/loss"] for r in metrics(split)]
+    exported_a, exported_b = (
+        load_file(str(latest(whole) / "model.safetensors")),
+        load_file(str(latest(split) / "model.safetensors")),
+    )
+    assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_ddp(tmp_path, train_shards):
+    """torchrun with 2 CPU processes (gloo): DDP, one micro-batch per rank, a checkpoint at the end."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.train",
+        "rectify",
+        "--preset",
+        "tiny",
+        "--data",
+        str(train_shards),
+        "--out",
+        str(out),
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "data.num_workers=0",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s) on cpu" in result.stdout and "-> global batch 2" in result.stdout
+    assert {p.name for p in latest(out).iterdir()} >= {
+        "model.safetensors",
+        "state.pt",
+        "rank_0.pt",
+        "rank_1.pt",
+    }
+
+
+def test_bench_gpu_smoke_mode(tmp_path):
+    """The GPU benchmark's CPU smoke mode: the same code path at the tiny preset."""
+    from training import bench_gpu
+
+    path = tmp_path / "bench.json"
+    assert (
+        bench_gpu.main(
+            [
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--batches",
+                "1,2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(path.read_text())
+    rows = {(r["stage"], r["batch"]): r for r in report["rows"]}
+    assert set(rows) == {("rectify", 1), ("rectify", 2), ("decoder", 1)}
+    assert report["rectify_largest_batch"] == 2
+    assert all(r["s_per_step"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
+    assert report["rectify_tflop_per_clip"]["source"] == "FlopCounterMode"

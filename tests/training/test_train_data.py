@@ -1,0 +1,204 @@
+"""Training data, parameter roles and run configs: the parts of `inbetweener train` that need no training.
+
+Shards are written by tests/training/conftest.py with tarfile + PyAV in the curate job's format (no Ray).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import data, roles
+
+
+def windows_of(shards: list[str], cfg: data.DataConfig, batch: int, count: int, state=None):
+    loader = data.make_loader(shards, cfg, batch, seed=5, state=state)
+    it = iter(loader)
+    out = []
+    for _ in range(count):
+        b = next(it)
+        loader.dataset.state.consume(b)
+        out.append(b)
+    return out, loader.dataset.state
+
+
+def test_window_is_16_frames_at_320x512_with_stride_condition(tmp_path):
+    from conftest import clip_sample, write_shard
+
+    write_shard(tmp_path / "000000.tar", [clip_sample("big", 60, (512, 320), 3, caption="a ball")])
+    cfg = data.DataConfig(num_workers=0)  # defaults: 16 frames at 320x512, stride 1..6, fs = fps // stride
+    with open(tmp_path / "000000.tar", "rb") as f:
+        sample = next(data.iter_tar_samples(f))
+    strides = set()
+    for seed in range(8):
+        w = data.decode_window(sample, cfg, np.random.default_rng(seed))
+        assert w["video"].shape == (3, 16, 320, 512) and w["video"].dtype == torch.uint8
+        assert 1 <= w["stride"] <= min(6, 59 // 15)
+        assert w["fs"] == 24 // w["stride"] and w["caption"] == "a ball"
+        strides.add(w["stride"])
+    assert len(strides) > 1  # the stride is drawn
+    batch = data.collate([w, w])
+    assert torch.equal(batch["first"], batch["video"][:, :, 0]) and torch.equal(
+        batch["last"], batch["video"][:, :, -1]
+    )
+
+
+def test_cover_crop_policy_never_pads():
+    """Scale to cover 320x512, then centre crop: a 4:3 frame is cropped top and bottom, never padded."""
+    frame = torch.zeros(2, 480, 640, 3, dtype=torch.uint8)
+    frame[:, :, :, 0] = 200  # a flat red frame
+    frame[:, 240, :, 1] = 255  # one green row in the middle
+    out = data.cover_crop(frame, 320, 512, "center", None)  # [3, t, 320, 512]
+    assert out.shape == (3, 2, 320, 512)
+    assert (out[0] == 200).all()  # no black border anywhere
+    assert out[1, :, 155:165].max() > 100 and out[1, :, :100].max() == 0  # the middle row stays in the middle
+    same = data.cover_crop(torch.full((1, 320, 512, 3), 7, dtype=torch.uint8), 320, 512, "center", None)
+    assert (same == 7).all()  # curated clips (already 512x320) pass through unchanged
+
+
+def test_shard_specs(train_shards: Path, tmp_path: Path):
+    train_dir = train_shards / "shards" / "train"
+    expected = [str(p) for p in sorted(train_dir.glob("*.tar"))]
+    assert data.split_dirs(str(train_shards)) == (str(train_dir), str(train_shards / "shards" / "eval"))
+    assert data.list_shards(str(train_dir)) == expected
+    assert data.list_shards(str(train_dir / "*.tar")) == expected
+    assert data.list_shards(str(train_dir / "{000000..000001}.tar")) == expected
+    (tmp_path / "list.txt").write_text("\n".join(expected) + "\n")
+    assert data.list_shards(str(tmp_path / "list.txt")) == expected
+    assert data.list_shards(f"file://{train_dir}/") == [f"file://{p}" for p in expected]
+    # URLs and pipes stream the same samples as local files
+    for url in (f"file://{expected[0]}", f"pipe:cat {expected[0]}"):
+        with data.open_shard(url) as stream:
+            keys = [s["__key__"] for s in data.iter_tar_samples(stream)]
+        assert keys == ["clip000", "clip001", "clip002"]
+
+
+def test_stream_resumes_at_the_same_sample_with_workers(train_shards: Path):
+    """Batches after a saved position equal those of an uninterrupted stream (2 workers, odd split point:
+    the resumed loader must rotate its workers), across an epoch boundary."""
+    shards = data.list_shards(str(train_shards / "shards" / "train"))
+    cfg = data.DataConfig(frames=4, height=32, width=48, num_workers=2, shuffle_buffer=3)
+    whole, _ = windows_of(shards, cfg, 1, 9)
+    head, state = windows_of(shards, cfg, 1, 5)
+    state = data.DataState.from_dict(state.to_dict())  # as stored in a checkpoint
+    tail, _ = windows_of(shards, cfg, 1, 4, state=state)
+    assert [b["key"] for b in head + tail] == [b["key"] for b in whole]
+    for a, b in zip(head + tail, whole):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["fs"], b["fs"])
+    assert any(b["state"].epoch == 1 for b in whole)  # 9 batches of 6 clips cross into epoch 1
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(corrupt_shards: Path):
+    shards = data.list_shards(str(corrupt_shards))
+    cfg = data.DataConfig(
+        frames=4, height=32, width=48, num_workers=0, shuffle_buffer=2, shuffle_shards=False
+    )
+    batches, state = windows_of(shards, cfg, 2, 10)  # more than one epoch of the readable clips
+    keys = {k for b in batches for k in b["key"]}
+    assert "fine" in keys and "broken" not in keys and "short" not in keys
+    skipped = state.skipped()
+    assert skipped["corrupt"] >= 1 and skipped["too_short"] >= 1
+    assert skipped["bad_shards"] == 2  # the garbage and the truncated tar (read again every epoch)
+
+
+def test_interpolation_conditioning():
+    z = torch.randn(2, 4, 16, 5, 8)
+    c = data.interp_concat(z)
+    assert torch.equal(c[:, :, 0], z[:, :, 0]) and torch.equal(c[:, :, -1], z[:, :, -1])
+    assert (c[:, :, 1:-1] == 0).all()
+    torch.manual_seed(0)
+    text, image = data.conditioning_dropout(200_000, 0.05)
+    rates = [(text & ~image).float().mean(), (text & image).float().mean(), (~text & image).float().mean()]
+    for rate in rates:  # text only, both, image only: 5 % each (DynamiCrafter's uncond_prob 0.05)
+        assert abs(float(rate) - 0.05) < 0.003
+    assert abs(float((~text & ~image).float().mean()) - 0.85) < 0.004
+
+
+def test_roles_of_toon512_match_the_reference_counts():
+    """MODEL.md 5.4: temporal 545.32 M frozen; rectify trains 942.3 M (spatial + image K/V + projector)."""
+    from training.models.tooncrafter import ToonCrafter, tooncrafter_config
+
+    with torch.device("meta"):
+        model = ToonCrafter(tooncrafter_config("toon-512"))
+    roles.set_trainable(model, roles.STAGE_ROLES["rectify"])
+    table = {r: (n, trained) for r, _, n, trained in roles.role_table(model)}
+    assert table["temporal_conv"] == (266_891_520, False)
+    assert table["temporal_attention"] == (272_850_880, False)
+    assert table["init_attention"] == (5_580_736, False)
+    assert table["image_kv"] == (25_559_040, True)
+    assert table["spatial"] == (867_972_804, True)
+    assert table["image_proj"] == (48_787_456, True)
+    assert sum(n for n, t in table.values() if t) == 942_319_300
+    assert not any(t for r, (_, t) in table.items() if r.startswith(("vae", "clip")))
+
+
+def test_roles_from_names_agree_with_module_types():
+    from training.models.attention import TemporalTransformer
+    from training.models.tooncrafter import build_tooncrafter
+    from training.models.unet import TemporalConvBlock
+
+    model = build_tooncrafter("tiny")
+    by_type = {}
+    for name, module in model.unet.named_modules():
+        kind = None
+        if isinstance(module, TemporalConvBlock):
+            kind = "temporal_conv"
+        elif isinstance(module, TemporalTransformer):
+            kind = "init_attention" if name.startswith("init_attn") else "temporal_attention"
+        if kind:
+            for pname, _ in module.named_parameters(prefix=f"model.diffusion_model.{name}"):
+                by_type[pname] = kind
+    for name, _ in model.named_parameters():
+        if name.startswith("model.diffusion_model."):
+            expected = by_type.get(name, "image_kv" if "_ip." in name else "spatial")
+            assert roles.role(name) == expected, name
+
+
+def test_run_config_layers_and_errors(tmp_path: Path):
+    from training import engine
+    from training.train import parse_args, resolve_config
+
+    for stage, lr, batch, steps in (
+        ("rectify", 1e-6, 32, 50_000),
+        ("decoder", 4.5e-6, 16, 60_000),
+        ("sketch", 5e-5, 32, 50_000),
+    ):
+        repo_config = Path(__file__).resolve().parents[2] / "configs" / f"{stage}.yaml"
+        for args in (["--out", "x"], ["--out", "x", "--config", str(repo_config)]):
+            run = resolve_config(parse_args([stage, *args]))
+            assert (run.train.lr, run.train.global_batch, run.train.steps) == (lr, batch, steps)
+    run = resolve_config(
+        parse_args(
+            ["rectify", "--out", "x", "--preset", "tiny", "--set", "train.lr=3e-4", "--set", "data.frames=8"]
+        )
+    )
+    assert (
+        run.train.lr == 3e-4 and run.data.frames == 8 and run.train.steps == 20
+    )  # preset profile, then --set
+    (tmp_path / "bad.yaml").write_text("train:\n  learning_rate: 1.0e-5\n")
+    with pytest.raises(ValueError, match="unknown key config.train.learning_rate"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--config", str(tmp_path / "bad.yaml")]))
+    with pytest.raises(ValueError, match="config.data.frames: expected int"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "data.frames=many"]))
+    with pytest.raises(ValueError, match="other stages"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "decoder.lpips_weight=0"]))
+    assert engine.parse_set(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_help_has_an_example(capsys):
+    from training.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["rectify", "--help"])
+    assert exc.value.code == 0
+    assert "inbetweener train rectify --preset tiny --data" in capsys.readouterr().out
+
+
+def test_data_position_mismatch_is_refused(train_shards: Path):
+    shards = data.list_shards(str(train_shards / "shards" / "train"))
+    cfg = data.DataConfig(num_workers=2)
+    with pytest.raises(ValueError, match="same"):
+        data.ClipStream(shards, cfg, 1, 0, state=data.DataState(world=1, workers=4))

@@ -1,0 +1,286 @@
+"""GPU check of the training issue: step time, throughput, peak memory and MFU of the training steps.
+
+    python -m training.bench_gpu                           # toon-512 on cuda: rectify batch search, decoder batch 1
+    python -m training.bench_gpu --preset tiny --device cpu   # smoke mode (a test runs it)
+    python -m training.bench_gpu --json bench.json --batches 1,2,3,4,6,8
+
+What it measures, with random weights (no checkpoint, no data: synthetic uint8 clips), fp32 weights with
+bf16 autocast on CUDA, gradient checkpointing on:
+* `rectify`: the full training step of training/stages/rectify.py (VAE encode + CLIP + Resampler + UNet
+  forward/backward + AdamW on the 942 M trained parameters), at each batch per GPU of `--batches` in
+  increasing order until one runs out of memory; the largest that fits is reported.
+* `decoder`: the decoder stage's step (encode, dual-reference decode with grads, L1 + LPIPS-VGG (random
+  weights, the architecture is what costs) + patch discriminator G term, AdamW) at batch 1.
+Per case: seconds per step (median of --steps after --warmup), samples/s, peak allocated memory, and
+model FLOPs utilisation = model FLOPs per step / time / peak. Model FLOPs per clip are MODEL.md
+Appendix E's counts for toon-512 (rectify 49.24 TFLOP, decoder 113.56 TFLOP; recompute not counted), and
+torch's FlopCounterMode on one step without checkpointing for other presets (or with --count-flops). The
+peak is the card's dense bf16 spec (H100/H200 SXM 989.4 TFLOP/s, A100 312) or --peak-tflops; a measured
+bf16 matmul rate is reported beside it.
+
+Needs torch (and open_clip_torch, for the CLIP towers' classes) only: no Ray, webdataset or PyAV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+# Model FLOPs per clip and step (forward + backward, no recompute), MODEL.md Appendix E, toon-512.
+TABLE_TFLOP = {"rectify": 49.24, "decoder": 113.56}
+SPEC_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.05}
+SHAPES = {"toon-512": (16, 320, 512), "tiny": (4, 64, 96)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m training.bench_gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="toon-512", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", default="1,2,3,4,6,8", help="rectify batches per GPU to try, increasing")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case")
+    p.add_argument("--no-decoder", action="store_true", help="skip the decoder step")
+    p.add_argument("--no-rectify", action="store_true", help="skip the rectify steps")
+    p.add_argument(
+        "--count-flops", action="store_true", help="count FLOPs with FlopCounterMode also for toon-512"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak of the card (default: by name)"
+    )
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(b: int, shape: tuple[int, int, int], device: torch.device) -> dict[str, Any]:
+    frames, h, w = shape
+    g = torch.Generator().manual_seed(b)
+    video = torch.randint(0, 256, (b, 3, frames, h, w), generator=g, dtype=torch.uint8).to(device)
+    return {
+        "video": video,
+        "first": video[:, :, 0].clone(),
+        "last": video[:, :, -1].clone(),
+        "caption": ["a cartoon character walks across the room"] * b,
+        "fs": torch.full((b,), 10, dtype=torch.long, device=device),
+    }
+
+
+def _build(stage: str, preset: str, device: torch.device, checkpointing: bool):
+    """(step module, trainable params, optimizer) for `stage` with random weights on `device`."""
+    from training.engine import TrainConfig
+    from training.models.tooncrafter import build_tooncrafter
+    from training.stages import decoder, rectify
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_tooncrafter(preset)
+    model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=checkpointing)
+    run = argparse.Namespace(
+        train=TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0),
+        data=None,
+        rectify=rectify.RectifyConfig(),
+        decoder=None,
+    )
+    if stage == "rectify":
+        built = rectify.build(model, run, None)
+        disc = None
+    else:
+        from inference.metrics.lpips import LPIPS
+
+        run.decoder = decoder.DecoderConfig(lpips_weight=0.0, disc_start=0)
+        built = decoder.build(model, run, None)
+        built.net.perceptual = LPIPS("vgg")  # random weights: the cost is the architecture's
+        built.net.cfg = dataclasses.replace(run.decoder, lpips_weight=1.0)
+        disc = built.discriminator
+    net = built.net.to(device).train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    if disc is not None:
+        disc.to(device).requires_grad_(False)
+    return net, params, opt, disc
+
+
+def _step(net, params, opt, disc, batch, amp: torch.dtype | None, device: torch.device) -> None:
+    ctx = (
+        torch.autocast(device.type, dtype=amp)
+        if amp is not None
+        else torch.autocast(device.type, enabled=False)
+    )
+    with ctx:
+        out = net(batch, disc) if disc is not None else net(batch)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure(
+    built,
+    stage: str,
+    b: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    amp,
+    flops_per_clip: float | None,
+) -> dict[str, Any] | None:
+    """One batch size on the built step -> dict of numbers, or None when it runs out of memory."""
+    net, params, opt, disc = built
+    shape = SHAPES[args.preset]
+    try:
+        batch = _batch(b, shape, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.warmup):
+            _step(net, params, opt, disc, batch, amp, device)
+        times = []
+        for _ in range(args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(net, params, opt, disc, batch, amp, device)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        return None
+    sec = statistics.median(times)
+    row = {
+        "stage": stage,
+        "batch": b,
+        "frames": shape[0],
+        "height": shape[1],
+        "width": shape[2],
+        "s_per_step": sec,
+        "samples_per_s": b / sec,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "tflop_per_step": flops_per_clip * b / 1e12 if flops_per_clip else None,
+    }
+    if flops_per_clip:
+        row["achieved_tflops"] = flops_per_clip * b / sec / 1e12
+    return row
+
+
+def count_flops(stage: str, args: argparse.Namespace, device: torch.device, amp) -> float:
+    """Model FLOPs of one clip's step (forward + backward, checkpointing off so nothing is counted twice)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, params, opt, disc = _build(stage, args.preset, device, checkpointing=False)
+    batch = _batch(1, SHAPES[args.preset], device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        ctx = (
+            torch.autocast(device.type, dtype=amp)
+            if amp is not None
+            else torch.autocast(device.type, enabled=False)
+        )
+        with ctx:
+            out = net(batch, disc) if disc is not None else net(batch)
+        out["loss"].backward()
+    del net, params, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return float(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device, amp) -> float | None:
+    """A measured dense bf16 matmul rate (8192^3), the practical ceiling beside the spec peak."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    _sync(device)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)
+        return 2
+    amp = torch.bfloat16 if device.type == "cuda" else None  # the training default (train.precision auto)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in SPEC_BF16_TFLOPS.items() if k in name), None)
+    report: dict[str, Any] = {
+        "device": name,
+        "preset": args.preset,
+        "torch": torch.__version__,
+        "autocast": str(amp),
+        "gradient_checkpointing": True,
+        "peak_bf16_tflops": peak,
+        "matmul_bf16_tflops": matmul_tflops(device, amp),
+        "rows": [],
+    }
+    stages = [s for s, skip in (("rectify", args.no_rectify), ("decoder", args.no_decoder)) if not skip]
+    for stage in stages:
+        if args.preset == "toon-512" and not args.count_flops:
+            flops, source = TABLE_TFLOP[stage] * 1e12, "MODEL.md Appendix E"
+        else:
+            flops, source = count_flops(stage, args, device, amp), "FlopCounterMode"
+        report[f"{stage}_tflop_per_clip"] = {"value": flops / 1e12, "source": source}
+        batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
+        built = _build(stage, args.preset, device, checkpointing=True)
+        for b in batches:
+            row = measure(built, stage, b, args, device, amp, flops)
+            if row is None:
+                print(f"{stage} batch {b}: out of memory", flush=True)
+                report["rows"].append({"stage": stage, "batch": b, "oom": True})
+                break
+            if peak and row.get("achieved_tflops"):
+                row["mfu"] = row["achieved_tflops"] / peak
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        del built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fitting = [r for r in report["rows"] if r["stage"] == "rectify" and not r.get("oom")]
+    report["rectify_largest_batch"] = max((r["batch"] for r in fitting), default=None)
+    print(_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['device']}, {report['preset']}, bf16 autocast, gradient checkpointing; "
+        f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
+        "| stage | batch | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r.get("oom"):
+            lines.append(f"| {r['stage']} | {r['batch']} | OOM | | | | |")
+            continue
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        tf = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        lines.append(
+            f"| {r['stage']} | {r['batch']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.2f} | {mem} | {tf} | {mfu} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""Training data: 16-frame windows streamed from the curate job's WebDataset shards, resumable exactly.
+
+A shard is a plain tar of samples `KEY.mp4` (the clip), `KEY.json` (its manifest row), `KEY.txt` (its
+caption, may be empty). Shards are named by a folder (a curate `OUT`, `OUT/shards/train`, or any folder
+of `.tar` files), a glob, a `{000000..000099}` brace pattern, a list file (`.txt`: one shard per line),
+`pipe:COMMAND` (the command writes the tar to stdout, webdataset's convention), or any fsspec URL
+(`s3://`, `gs://`, `https://`, `file://`; a URL ending in `/` lists its `*.tar`).
+
+The stream (one per reading slot = rank x DataLoader worker) is a pure function of (seed, epoch, slot):
+    shards, permuted per epoch -> this slot's part (whole shards when there are at least as many shards
+    as slots, else every slots-th sample of every shard) -> tar members grouped by key -> a shuffle
+    buffer -> decode one window per clip (crop/stride drawn from a per-clip seed) -> batches.
+Its position is (epoch, samples out of the shuffle buffer). A checkpoint stores each slot's position;
+a resumed stream re-reads the current epoch's tar bytes up to that position without decoding them, so
+the batches after a resume equal those of an uninterrupted run. Workers are rotated on resume so that
+the DataLoader's round-robin continues with the worker whose turn it was.
+
+Nothing here is fatal for bad input: an unreadable or truncated shard, a sample without a readable
+mp4, a clip shorter than one window are skipped and counted (`SlotState.counts`), and the trainer logs
+the counts. webdataset (the library) is not used: its pipeline exposes no position to resume from, and
+the GPU machines have only torch.
+
+Window policy (stated, as the issue asks):
+* frames: `frames` frames at a stride drawn uniformly from [stride_min, stride_max], limited so the
+  window fits in the clip; the start is uniform over the positions that fit (DynamiCrafter's WebVid
+  loader: random stride 1..6, random start).
+* size: scaled to cover height x width (the smallest scale at which both sides fit; antialiased
+  bilinear), then cropped to height x width (centre crop by default, `crop: random` draws one offset per
+  clip). For clips wider than 1.6:1 this equals the reference's resize-short-side + centre crop; for
+  narrower clips it never pads. The curate job already writes 512x320 clips, for which it is a no-op.
+* frame-stride condition `fs`: with `fs_mode: fps` (the reference's `fps_condition_type: fps`, MODEL.md
+  2.4) the clip's frame rate divided by the stride, floored (DynamiCrafter: `fps_ori // frame_stride`);
+  with `fs_mode: stride` the stride itself.
+
+Interpolation conditioning (MODEL.md 2.8): `interp_concat` keeps the first and last frames' latents in
+the concat channels and zeros between; `conditioning_dropout` draws DynamiCrafter's 5/5/5 % events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import logging
+import os
+import re
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    train: str = (
+        ""  # train shards (folder, glob, brace pattern, list file, pipe:CMD, fsspec URL); set by --data
+    )
+    eval: str = ""  # eval shards, same forms; empty: the `eval` split beside `train` when there is one
+    frames: int = 16  # frames per window (the UNet's temporal_length)
+    height: int = 320  # window height in pixels
+    width: int = 512  # window width in pixels
+    stride_min: int = 1  # smallest frame stride (DynamiCrafter: random stride 1..6)
+    stride_max: int = 6  # largest frame stride
+    fs_mode: str = "fps"  # frame-stride condition: "fps" = clip fps // stride (the reference), "stride"
+    crop: str = "center"  # "center" or "random" (one offset per clip)
+    shuffle_buffer: int = 100  # samples held by the shuffle buffer of each reading slot
+    shuffle_shards: bool = True  # permute the shard order every epoch
+    num_workers: int = 4  # DataLoader worker processes per rank (0: read in the training process)
+    prefetch_factor: int = 2  # batches prefetched per worker
+
+
+# --- where the shards are ------------------------------------------------------------------------------------
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """`a{000..002}b` -> [a000b, a001b, a002b] (zero padding kept), `{x,y}` alternatives; nested left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [out for option in options for out in _expand_braces(head + option + tail)]
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def split_dirs(spec: str) -> tuple[str, str]:
+    """(train, eval) shard specs for `--data`: a curate OUT folder gives OUT/shards/{train,eval}."""
+    path = Path(spec)
+    if not _is_url(spec) and (path / "shards" / "train").is_dir():
+        return str(path / "shards" / "train"), str(path / "shards" / "eval")
+    if not _is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
+        return spec, str(path.parent / "eval")
+    return spec, ""
+
+
+def list_shards(spec: str) -> list[str]:
+    """Shard URLs/paths named by `spec` (see the module docstring), in a stable order."""
+    if not spec:
+        return []
+    if spec.startswith("pipe:"):
+        return _expand_braces(spec)
+    if "://" in spec:
+        import fsspec
+
+        if "{" in spec:
+            return _expand_braces(spec)
+        fs, _, paths = fsspec.get_fs_token_paths(spec)
+        protocol = spec.split("://", 1)[0]
+        if "*" in spec or spec.endswith("/"):
+            pattern = paths[0].rstrip("/") + ("/*.tar" if spec.endswith("/") else "")
+            return [f"{protocol}://{p}" for p in sorted(fs.glob(pattern))]
+        return [spec]
+    if "{" in spec:
+        return _expand_braces(spec)
+    if any(c in spec for c in "*?["):
+        return sorted(glob.glob(spec))
+    path = Path(spec)
+    if path.is_dir():
+        return [str(p) for p in sorted(path.glob("*.tar"))]
+    if path.suffix in (".txt", ".lst", ".list") and path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        return [line for line in lines if line and not line.startswith("#")]
+    if path.is_file():
+        return [str(path)]
+    raise FileNotFoundError(f"no shards at {spec!r}: not a folder, a file, a glob, a pattern or a URL")
+
+
+@contextlib.contextmanager
+def open_shard(url: str) -> Iterator[Any]:
+    """A readable binary stream of one shard: local file, `pipe:COMMAND`, or fsspec URL."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            proc.kill()
+            proc.wait()
+            # a failed command gives an empty or cut stream, which tarfile reports as a bad shard
+    elif "://" in url:
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            yield f
+    else:
+        with open(url, "rb") as f:
+            yield f
+
+
+def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """Samples of a WebDataset tar read as a stream: {"__key__": key, ext: bytes, ...}.
+
+    Members are grouped by key (the path up to the first dot of the file name), as webdataset does;
+    a sample ends where the key changes. Errors of a truncated or garbled tar propagate.
+    """
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, name = os.path.split(member.name)
+            if "." not in name or name.startswith("."):
+                continue
+            stem, ext = name.split(".", 1)
+            key = f"{folder}/{stem}" if folder else stem
+            data = tar.extractfile(member).read()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = data
+    if current is not None:
+        yield current
+
+
+# --- one window from one clip ------------------------------------------------------------------------------
+
+
+class SampleError(Exception):
+    """A sample that cannot give a window; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
+    text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    return text or str(meta.get("caption") or "")
+
+
+def _decode_frames(data: bytes, needed_last: int) -> tuple[list[Any], float]:
+    """PyAV frames 0..needed_last (fewer if the clip is shorter) and the stream's frame rate."""
+    import av
+
+    frames = []
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        for frame in container.decode(stream):
+            frames.append(frame)
+            if len(frames) > needed_last:
+                break
+    return frames, rate
+
+
+def _clip_length(data: bytes, meta: dict[str, Any]) -> int:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        n = int(container.streams.video[0].frames or 0)
+    return n or int(meta.get("num_frames") or 0)
+
+
+def cover_crop(video: torch.Tensor, height: int, width: int, crop: str, rng: np.random.Generator | None):
+    """uint8 [t, H0, W0, 3] -> uint8 [3, t, height, width]: scale to cover, then crop (module docstring)."""
+    t, h0, w0, _ = video.shape
+    x = video.permute(0, 3, 1, 2)  # [t, 3, H0, W0]
+    scale = max(height / h0, width / w0)
+    size = (max(height, round(h0 * scale)), max(width, round(w0 * scale)))
+    if size != (h0, w0):
+        x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    dy, dx = size[0] - height, size[1] - width
+    if crop == "random" and rng is not None:
+        top, left = int(rng.integers(dy + 1)), int(rng.integers(dx + 1))
+    else:
+        top, left = dy // 2, dx // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return x.permute(1, 0, 2, 3).contiguous()  # [3, t, height, width]
+
+
+def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Generator | None) -> dict[str, Any]:
+    """One training window from one sample; `rng=None` gives the eval window (stride_min, start 0, centre).
+
+    -> {"video": uint8 [3, frames, height, width], "caption", "fs", "stride", "fps", "key"}.
+    Raises SampleError("corrupt" | "too_short", ...) for samples that cannot give one.
+    """
+    import json
+
+    key = sample["__key__"]
+    data = sample.get("mp4")
+    if not data:
+        raise SampleError("corrupt", f"{key}: no mp4 member")
+    try:
+        meta = json.loads(sample["json"]) if sample.get("json") else {}
+    except ValueError:
+        meta = {}
+    try:
+        n = _clip_length(data, meta)
+    except Exception as exc:  # PyAV raises many types for broken files
+        raise SampleError("corrupt", f"{key}: {exc}") from exc
+    for attempt in range(2):  # a container that over-states its length is decoded once more with the true one
+        longest = (n - 1) // (cfg.frames - 1) if n >= cfg.frames else 0
+        if longest < cfg.stride_min:
+            raise SampleError(
+                "too_short", f"{key}: {n} frames, a window needs {cfg.frames} at stride {cfg.stride_min}"
+            )
+        hi = min(cfg.stride_max, longest)
+        stride = cfg.stride_min if rng is None else int(rng.integers(cfg.stride_min, hi + 1))
+        span = stride * (cfg.frames - 1)
+        start = 0 if rng is None else int(rng.integers(n - span))
+        try:
+            frames, rate = _decode_frames(data, start + span)
+        except Exception as exc:
+            raise SampleError("corrupt", f"{key}: {exc}") from exc
+        if len(frames) > start + span:
+            break
+        if attempt or not frames:
+            raise SampleError("corrupt", f"{key}: decodes {len(frames)} frames, {n} stated")
+        n = len(frames)
+    picked = np.stack([frames[start + i * stride].to_ndarray(format="rgb24") for i in range(cfg.frames)])
+    video = cover_crop(torch.from_numpy(picked), cfg.height, cfg.width, cfg.crop, rng)
+    fps = rate or float(meta.get("fps") or 0) or 24.0
+    fs = max(1, int(fps // stride)) if cfg.fs_mode == "fps" else stride
+    return {
+        "video": video,
+        "caption": _caption(sample, meta),
+        "fs": fs,
+        "stride": stride,
+        "fps": fps,
+        "key": key,
+    }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Windows -> a batch: video uint8 [b, 3, t, H, W], first/last uint8 [b, 3, H, W] (the keyframes),
+    fs/stride long [b], fps float [b], caption/key lists."""
+    video = torch.stack([it["video"] for it in items])
+    return {
+        "video": video,
+        "first": video[:, :, 0].clone(),
+        "last": video[:, :, -1].clone(),
+        "caption": [it["caption"] for it in items],
+        "fs": torch.tensor([it["fs"] for it in items], dtype=torch.long),
+        "stride": torch.tensor([it["stride"] for it in items], dtype=torch.long),
+        "fps": torch.tensor([it["fps"] for it in items], dtype=torch.float32),
+        "key": [it["key"] for it in items],
+    }
+
+
+def to_model_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (on the tensor's device)."""
+    return video.float() / 127.5 - 1.0
+
+
+# --- the resumable stream ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SlotState:
+    """Position of one reading slot: everything it emitted up to (epoch, pos) went into yielded batches."""
+
+    slot: int = 0
+    epoch: int = 0
+    pos: int = 0  # samples out of the shuffle buffer in this epoch (decoded or skipped)
+    counts: dict[str, int] = field(default_factory=dict)  # corrupt / too_short samples since the start
+    bad_shards: list[str] = field(default_factory=list)  # "epoch:url" of shards that failed to read
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "counts": dict(self.counts),
+            "bad_shards": list(self.bad_shards),
+        }
+
+
+@dataclass
+class DataState:
+    """What a rank's trainer consumed: batches so far and the latest position of every slot."""
+
+    world: int = 1
+    workers: int = 0
+    batches: int = 0
+    slots: dict[int, SlotState] = field(default_factory=dict)
+
+    def consume(self, batch: dict[str, Any]) -> None:
+        self.batches += 1
+        state = batch["state"]
+        self.slots[state.slot] = state
+
+    def skipped(self) -> dict[str, int]:
+        """Totals over this rank's slots: corrupt and too_short samples, distinct unreadable shards."""
+        out = {"corrupt": 0, "too_short": 0}
+        for s in self.slots.values():
+            for k, v in s.counts.items():
+                out[k] = out.get(k, 0) + v
+        out["bad_shards"] = len({b.split(":", 1)[1] for s in self.slots.values() for b in s.bad_shards})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "workers": self.workers,
+            "batches": self.batches,
+            "slots": {str(k): v.to_dict() for k, v in self.slots.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataState:
+        slots = {int(k): SlotState(**v) for k, v in d["slots"].items()}
+        return cls(world=d["world"], workers=d["workers"], batches=d["batches"], slots=slots)
+
+
+def _raw_samples(shards: list[str], slot: int, slots: int, epoch: int, bad: list[str]) -> Iterator[dict]:
+    if len(shards) >= slots:
+        mine, take = shards[slot::slots], None  # whole shards per slot
+    else:
+        mine, take = shards, slot  # fewer shards than slots: every slots-th sample of every shard
+    index = 0
+    for url in mine:
+        try:
+            with open_shard(url) as stream:
+                for sample in iter_tar_samples(stream):
+                    if take is None or index % slots == take:
+                        yield sample
+                    index += 1
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
+            tag = f"{epoch}:{url}"
+            if tag not in bad:
+                bad.append(tag)
+                log.warning("skipping the rest of unreadable shard %s: %s", url, exc)
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer (webdataset's `shuffle`): emit a random held sample per new one."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(len(buffer)))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    order = rng.permutation(len(buffer))
+    for j in order:
+        yield buffer[j]
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The window draws of one clip in one epoch: independent of the reading history."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+class ClipStream(IterableDataset):
+    """Endless batches of windows for one rank; each DataLoader worker is one reading slot."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        cfg: DataConfig,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        state: DataState | None = None,
+    ):
+        if not shards:
+            raise ValueError("no training shards: pass --data (a curate OUT folder, a shard folder or a URL)")
+        self.shards, self.cfg, self.batch_size, self.seed = shards, cfg, batch_size, seed
+        self.rank, self.world = rank, world
+        self.state = state or DataState(world=world, workers=cfg.num_workers)
+        if self.state.world != world or self.state.workers != cfg.num_workers:
+            raise ValueError(
+                f"the data position was saved with {self.state.world} rank(s) x {self.state.workers} worker(s); "
+                f"resume with the same (now {world} x {cfg.num_workers}) to continue the same sample order"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers = max(1, self.cfg.num_workers)
+        physical = info.id if info is not None else 0
+        worker = (physical + self.state.batches) % workers  # whose turn it was when the state was saved
+        slot = self.rank * workers + worker
+        start = self.state.slots.get(slot, SlotState(slot=slot))
+        counts = {"corrupt": 0, "too_short": 0, **start.counts}
+        bad = list(start.bad_shards)
+        epoch, skip = start.epoch, start.pos
+        pending: list[dict[str, Any]] = []
+        while True:
+            order = list(self.shards)
+            if self.cfg.shuffle_shards:
+                order = [order[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+            rng = np.random.default_rng([self.seed, epoch, slot])
+            raw = _raw_samples(order, slot, self.world * workers, epoch, bad)
+            pos = good = 0
+            for sample in _shuffled(raw, self.cfg.shuffle_buffer, rng):
+                pos += 1
+                if pos <= skip:
+                    continue  # replaying up to the saved position: bytes read, nothing decoded
+                try:
+                    item = decode_window(sample, self.cfg, sample_rng(self.seed, epoch, sample["__key__"]))
+                except SampleError as exc:
+                    counts[exc.reason] = counts.get(exc.reason, 0) + 1
+                    log.warning("skipping sample: %s", exc)
+                    continue
+                good += 1
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    batch = collate(pending)
+                    batch["state"] = SlotState(slot, epoch, pos, dict(counts), list(bad))
+                    pending = []
+                    yield batch
+            if good == 0 and skip == 0 and pos > 0:
+                raise RuntimeError(
+                    f"reading slot {slot} found no usable clip in a whole epoch of {self.shards[:3]}... "
+                    f"({counts}, bad shards {len(bad)})"
+                )
+            if pos == 0:
+                raise RuntimeError(
+                    f"reading slot {slot} of {self.world * workers} gets no samples from {len(self.shards)} shard(s): "
+                    "fewer samples than ranks x workers? lower data.num_workers"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(
+    shards: list[str],
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    state: DataState | None = None,
+) -> DataLoader:
+    """The rank's DataLoader: workers build whole batches; in-order round-robin over workers.
+
+    The loader gets its own generator so that creating it never draws from the training RNG.
+    """
+    dataset = ClipStream(shards, cfg, batch_size, seed, rank, world, state)
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def eval_windows(shards: list[str], cfg: DataConfig, count: int) -> list[dict[str, Any]]:
+    """The first `count` usable eval windows in shard order (stride_min, start 0, centre crop)."""
+    out: list[dict[str, Any]] = []
+    for sample in _raw_samples(shards, 0, 1, 0, []):
+        try:
+            out.append(decode_window(sample, cfg, None))
+        except SampleError:
+            continue
+        if len(out) >= count:
+            break
+    return out
+
+
+# --- the interpolation conditioning (MODEL.md 2.2, 2.8) ----------------------------------------------------
+
+
+def interp_concat(z: torch.Tensor) -> torch.Tensor:
+    """Concat condition from clip latents z [b, c, t, h, w]: the first and last frames' latents, zeros
+    between (DynamiCrafter's `interp_mode`; ToonCrafter's release dropped this training branch)."""
+    cond = torch.zeros_like(z)
+    cond[:, :, 0] = z[:, :, 0]
+    cond[:, :, -1] = z[:, :, -1]
+    return cond
+
+
+def conditioning_dropout(
+    batch: int, p: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamiCrafter's classifier-free-guidance dropout: r ~ U(0, 1) per clip; text dropped if r < 2p,
+    image dropped if p <= r < 3p; so text only, both, image only are three disjoint events of p each
+    (uncond_prob p = 0.05 in config_interp.yaml). -> (drop_text [b] bool, drop_image [b] bool)."""
+    r = torch.rand(batch, device=device)
+    return r < 2 * p, (r >= p) & (r < 3 * p)

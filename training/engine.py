@@ -1,0 +1,579 @@
+"""The machinery every training stage shares; the loop itself reads top to bottom in train.py.
+
+* `TrainConfig`: the engine's knobs (optimizer, batch, precision, checkpoints, logging).
+* config files: `load_overrides` / `apply_overrides` (YAML and `--set key=value` only override dataclass
+  fields; an unknown key is an error, a value of the wrong type too).
+* distributed: `init_distributed` (torchrun's env: DDP over NCCL on GPUs, gloo on CPU; one process without
+  torchrun), `wrap` (DDP, or FSDP2 `fully_shard` per UNet block).
+* precision: `pick_device` and `autocast` (bf16 autocast on CUDA, fp32 on CPU): the one place they are
+  decided.
+* `EMA` of the trained weights; `capture_rng` / `restore_rng`.
+* checkpoints: a folder per step, `OUT/checkpoints/step_NNNNNNN/`, written under a temporary name and
+  renamed when complete, then named in `OUT/checkpoints/latest`:
+      model.safetensors / sketch_encoder.safetensors   the weights for inference (EMA), config in metadata
+      state.pt        trained weights (raw), optimizer(s), EMA, step (rank 0; FSDP: shard_RANK.pt per rank)
+      rank_RANK.pt    that rank's data position and RNG states
+      config.yaml     the resolved run config
+  Frozen weights are not in the state: they never change, and a resume rebuilds them exactly as the run
+  began (the init checkpoint, or the seeded random init).
+* `Logger`: TensorBoard (scalars, sample videos as frame strips and GIFs) and `metrics.jsonl`, rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "toon-512"  # model preset (training/models/tooncrafter.py); set by --preset
+    init_checkpoint: str = (
+        ""  # weights to start from (DynamiCrafter-interp / ToonCrafter / rectified); "" = random
+    )
+    steps: int = 50_000  # optimizer steps
+    global_batch: int = 32  # clips per optimizer step over all ranks = micro_batch x ranks x accumulation
+    micro_batch: int = 1  # clips per forward pass per rank
+    lr: float = 1e-6  # AdamW learning rate (constant after warm-up, as the reference)
+    warmup_steps: int = 0  # linear learning-rate warm-up (the reference has none)
+    weight_decay: float = 0.01  # AdamW weight decay (torch's default, which the reference uses)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 0.5  # max global gradient norm (DynamiCrafter: gradient_clip_val 0.5); 0 disables
+    ema_decay: float = 0.9999  # EMA of the trained weights, exported for inference; 0 exports the raw weights
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
+    gradient_checkpointing: bool = True  # recompute UNet / sketch-encoder / decoder blocks in backward
+    fsdp: bool = False  # shard the UNet with FSDP2 (fully_shard per block) instead of replicating it (DDP)
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda"
+    seed: int = 123  # model init (without init_checkpoint), data order, noise
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the last step)
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    log_every: int = 10  # steps between scalar logs
+    sample_every: int = 1000  # steps between sample videos in TensorBoard; 0 disables
+    sample_clips: int = 2  # clips per sample video log
+    sample_steps: int = 25  # DDIM steps of the sample videos
+    eval_every: int = 0  # steps between eval-split metrics (stages that have them); 0 disables
+    eval_clips: int = 16  # eval-split clips per evaluation
+
+
+# --- config files ---------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            args = typing.get_args(hint)
+            item = args[0] if args else Any
+            return tuple(_coerce(v, item, where) if item is not Any else v for v in value)
+    elif hint is Any:
+        return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def apply_overrides(obj: Any, values: Mapping[str, Any], where: str = "config") -> Any:
+    """A copy of dataclass `obj` with `values` applied (nested dataclasses from nested mappings).
+
+    Unknown keys and values of the wrong type raise ValueError naming the key."""
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError(f"{where} is not a config section")
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown key {where}.{key}; known keys: {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}.{key} is a section: give a mapping")
+            changes[key] = apply_overrides(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "data.frames=16"]` -> {"train": {"lr": 1e-4}, "data": {"frames": 16}} (YAML values)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_overrides(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (empty file: no overrides)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: a config file is a mapping of sections (train, data, <stage>)")
+    return dict(data)
+
+
+def merge_overrides(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers win, recursively."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_overrides(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists (for JSON/YAML)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+# --- distributed, device, precision ------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun's environment -> a process group (NCCL on CUDA, gloo on CPU); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device == "cuda":
+        return torch.device(f"cuda:{d.local_rank}")
+    return torch.device(cfg.device)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for "auto"; fp16 is not offered (it would need loss scaling)."""
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    raise ValueError(f"train.precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step so that micro_batch x world x steps = global_batch."""
+    per_step = cfg.micro_batch * world
+    if cfg.global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch {cfg.global_batch} is not a multiple of micro_batch {cfg.micro_batch} x "
+            f"{world} rank(s); change one of them"
+        )
+    return cfg.global_batch // per_step
+
+
+def wrap(
+    net: nn.Module, d: Dist, device: torch.device, shard_blocks: list[nn.Module] | None = None
+) -> nn.Module:
+    """The module the loop calls: `net` itself on one process; DDP over the trainable parameters; or with
+    `shard_blocks` (FSDP), FSDP2 `fully_shard` on each of them in order (inner blocks first, then their
+    containers); every trained parameter must lie in one, the rest (frozen towers) stays replicated.
+    Frozen parameters are left out of DDP's gradient reduction and of its start-up broadcast (every rank
+    built them identically)."""
+    if not d.active:
+        return net
+    if shard_blocks is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (d.world,))
+        for block in shard_blocks:
+            fully_shard(block, mesh=mesh)
+        unsharded = [
+            n for n, p in net.named_parameters() if p.requires_grad and not hasattr(p, "device_mesh")
+        ]
+        if unsharded:
+            raise ValueError(f"FSDP: trained parameters outside the sharded blocks: {unsharded[:5]}")
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, p in net.named_parameters() if not p.requires_grad]
+    frozen += [name for name, _ in net.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def no_sync(wrapped: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if skip and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's part of an FSDP (DTensor) parameter; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP (DTensor) parameter (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
+    if not d.active:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+# --- EMA and RNG -----------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the trained weights, in fp32, with the LDM warm-up
+    decay_n = min(decay, (1 + n) / (10 + n)) (LitEma)."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.names = list(params)
+        self.shadow = [p.detach().float().clone() for p in params.values()]
+
+    @torch.no_grad()
+    def update(self, params: Mapping[str, nn.Parameter]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = [p.detach().float() for p in params.values()]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+        """Swap the EMA weights into `params` for the duration (bitwise restored after)."""
+        backup = [p.detach().clone() for p in params.values()]
+        with torch.no_grad():
+            for p, s in zip(params.values(), self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params.values(), backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "shadow": {n: local(s).cpu() for n, s in zip(self.names, self.shadow)},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        with torch.no_grad():
+            for n, s in zip(self.names, self.shadow):
+                local(s).copy_(state["shadow"][n])
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The folder named by OUT/checkpoints/latest, if any."""
+    pointer = checkpoint_root(out) / "latest"
+    if not pointer.is_file():
+        return None
+    folder = checkpoint_root(out) / pointer.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def config_changes(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs from the checkpoint's config.yaml: {"train.steps": (old, new)}."""
+    import yaml
+
+    saved = yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(saved), flat(config)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    state = opt.state_dict()
+    state["state"] = {
+        k: {n: local(v).cpu() if torch.is_tensor(v) else v for n, v in s.items()}
+        for k, s in state["state"].items()
+    }
+    return state
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state written by `_optimizer_state`; FSDP moments go back into DTensors like their params."""
+    opt.load_state_dict(state)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        for name, value in list(opt.state.get(p, {}).items()):
+            if torch.is_tensor(value) and hasattr(p, "device_mesh") and not hasattr(value, "device_mesh"):
+                from torch.distributed.tensor import DTensor
+
+                if value.dim() == 0:  # `step` stays a plain tensor
+                    continue
+                opt.state[p][name] = DTensor.from_local(
+                    value.to(local(p).device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )  # uneven shards
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    d: Dist,
+    *,
+    trainable: Mapping[str, nn.Parameter],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    ema: EMA | None,
+    rank_state: dict[str, Any],
+    config: dict[str, Any],
+    export: typing.Callable[[Path], None],
+    keep: int,
+    sharded: bool,
+) -> Path | None:
+    """Write the checkpoint of `step` (every rank calls this; see the module docstring for the files)."""
+    import yaml
+
+    root = checkpoint_root(out)
+    name = f"step_{step:07d}"
+    tmp = root / f".{name}.tmp"
+    if d.main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    export(tmp)  # collective under FSDP; writes on rank 0
+    state = {
+        "step": step,
+        "trainable": {n: local(p).detach().cpu() for n, p in trainable.items()},
+        "optimizers": {k: _optimizer_state(o) for k, o in optimizers.items()},
+        "ema": ema.state_dict() if ema is not None else None,
+    }
+    if sharded:
+        torch.save(state, tmp / f"shard_{d.rank}.pt")
+    elif d.main:
+        torch.save(state, tmp / "state.pt")
+    torch.save(rank_state, tmp / f"rank_{d.rank}.pt")
+    barrier(d)
+    if not d.main:
+        barrier(d)
+        return None
+    meta = {"step": step, "world": d.world, "sharded": sharded}
+    (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(name + "\n")
+    pointer.replace(root / "latest")
+    if keep > 0:
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(
+    folder: Path,
+    d: Dist,
+    *,
+    trainable: Mapping[str, nn.Parameter],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    ema: EMA | None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore what `save_checkpoint` wrote into the live objects; -> (step, this rank's rank_state)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["world"] != d.world:
+        raise ValueError(
+            f"{folder} was written by {meta['world']} rank(s); resume it with the same number (now {d.world})"
+        )
+    state_file = folder / (f"shard_{d.rank}.pt" if meta["sharded"] else "state.pt")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    missing = sorted(set(trainable) - set(state["trainable"]))
+    if missing:
+        raise ValueError(f"{state_file} lacks trained parameters {missing[:5]}: another stage or model?")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            local(p).copy_(state["trainable"][n])
+    for k, opt in optimizers.items():
+        _load_optimizer_state(opt, state["optimizers"][k])
+    if ema is not None:
+        if state["ema"] is None:
+            raise ValueError(f"{state_file} has no EMA but train.ema_decay > 0")
+        ema.load_state_dict(state["ema"])
+    rank_state = torch.load(folder / f"rank_{d.rank}.pt", map_location="cpu", weights_only=False)
+    return int(state["step"]), rank_state
+
+
+# --- logging -------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """TensorBoard + metrics.jsonl on rank 0; does nothing on the other ranks."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out) / "tb"))
+            self.jsonl = (Path(out) / "metrics.jsonl").open("a")
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def videos(self, step: int, tag: str, video: torch.Tensor, fps: int = 8) -> None:
+        """video [b, 3, t, H, W] in [-1, 1]: one image per clip (its frames side by side) and an animated
+        GIF beside the logs (`samples/TAG_STEP.gif`; TensorBoard's own add_video needs moviepy)."""
+        if not self.enabled:
+            return
+        frames = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        strip = torch.cat(list(frames.permute(0, 2, 1, 3, 4)), dim=2)  # [t, 3, b*H, W]
+        strip = torch.cat(list(strip), dim=2)  # [3, b*H, t*W]
+        self.writer.add_image(tag, strip, step)
+        self.writer.flush()
+        folder = Path(self.writer.log_dir).parent / "samples"
+        folder.mkdir(exist_ok=True)
+        _write_gif(folder / f"{tag.replace('/', '_')}_{step:07d}.gif", frames, fps)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _write_gif(path: Path, frames: torch.Tensor, fps: int) -> None:
+    """frames uint8 [b, 3, t, H, W] -> one GIF with the clips side by side (PIL when installed)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    grid = torch.cat(list(frames), dim=3)  # [3, t, H, b*W]
+    images = [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in grid.permute(1, 0, 2, 3)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

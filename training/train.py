@@ -1,0 +1,437 @@
+"""`inbetweener train {rectify,decoder,sketch}`: the three ToonCrafter training stages on curated shards.
+
+The config of a run is resolved in layers, later ones winning: the dataclass defaults (TrainConfig,
+DataConfig, the stage's config) <- the stage's paper defaults <- the preset's profile (`tiny`: a small,
+fast CPU run) <- `--config FILE.yaml` <- `--set section.key=value`. YAML and --set only override fields;
+an unknown key is an error. The resolved config is printed, and saved with every checkpoint.
+
+One process, or many under torchrun (DDP; `--set train.fsdp=true` shards the UNet with FSDP2). The loop
+below reads top to bottom: batches -> forward under autocast -> backward (gradient accumulation to the
+global batch) -> clip -> step -> EMA -> logs, sample videos, eval, checkpoints. `--resume` continues from
+OUT/checkpoints/latest exactly: weights, optimizer, EMA, step, data position and RNG states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from training import engine
+from training.data import (
+    DataConfig,
+    DataState,
+    collate,
+    eval_windows,
+    list_shards,
+    make_loader,
+    split_dirs,
+    to_model_range,
+)
+from training.engine import TrainConfig
+from training.roles import format_role_table
+from training.stages import decoder, rectify, sketch
+
+log = logging.getLogger("training.train")
+
+STAGES = {"rectify": rectify, "decoder": decoder, "sketch": sketch}
+
+EXAMPLES = """examples:
+  inbetweener train rectify --preset tiny --data out/demo --out runs/rectify-tiny
+  inbetweener train rectify --data s3://bucket/curated/shards/train/ --out runs/rectify \\
+      --config configs/rectify.yaml --set train.init_checkpoint=models/dynamicrafter_512_interp/model.ckpt
+  torchrun --nproc_per_node 8 -m training.train rectify --data /data/curated --out runs/rectify \\
+      --config configs/rectify.yaml --set train.micro_batch=2
+  inbetweener train decoder --data out/demo --out runs/decoder --config configs/decoder.yaml --no-lpips
+  inbetweener train sketch --data out/demo --out runs/sketch --config configs/sketch.yaml \\
+      --set train.init_checkpoint=runs/rectify/checkpoints/step_0050000/model.safetensors
+  inbetweener train rectify --preset tiny --data out/demo --out runs/rectify-tiny --resume
+
+--data takes a curate OUT folder (its shards/train, with shards/eval as the eval split), a folder of
+.tar shards, a glob, a {000000..000099} pattern, a list file, pipe:COMMAND or an fsspec URL.
+"""
+
+# The `tiny` preset's profile: a run that finishes in well under a minute on a laptop CPU.
+TINY_PROFILE: dict[str, dict[str, Any]] = {
+    "train": {
+        "steps": 20,
+        "global_batch": 2,
+        "micro_batch": 1,
+        "lr": 1e-4,
+        "ckpt_every": 10,
+        "log_every": 1,
+        "sample_every": 10,
+        "sample_clips": 1,
+        "sample_steps": 4,
+        "eval_every": 10,
+        "eval_clips": 2,
+        "ema_decay": 0.99,
+    },
+    "data": {"frames": 4, "height": 64, "width": 96, "num_workers": 1, "shuffle_buffer": 8},
+    "decoder": {"lpips_net": "alex", "disc_start": 10, "disc_channels": 32},
+}
+
+
+@dataclass
+class RunConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rectify: rectify.RectifyConfig = field(default_factory=rectify.RectifyConfig)
+    decoder: decoder.DecoderConfig = field(default_factory=decoder.DecoderConfig)
+    sketch: sketch.SketchConfig = field(default_factory=sketch.SketchConfig)
+
+    def for_stage(self, stage: str) -> dict[str, Any]:
+        """The sections a stage's run uses (what is printed and saved)."""
+        return {
+            "stage": stage,
+            "train": engine.to_plain(self.train),
+            "data": engine.to_plain(self.data),
+            stage: engine.to_plain(getattr(self, stage)),
+        }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="inbetweener train",
+        description="Train a ToonCrafter stage: rectify (spatial layers + image projector), decoder "
+        "(dual-reference decoder), sketch (sketch encoder).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, module in STAGES.items():
+        p = sub.add_parser(
+            name,
+            help=(module.__doc__ or "").splitlines()[0],
+            epilog=EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--data", help="training shards (see below); a curate OUT folder also gives the eval split"
+        )
+        p.add_argument("--out", required=True, help="run folder: checkpoints/, tb/, metrics.jsonl, samples/")
+        p.add_argument("--preset", choices=["tiny", "toon-512"], help="model preset (default toon-512)")
+        p.add_argument(
+            "--config", action="append", default=[], help="YAML overriding config fields (repeatable)"
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one field, e.g. train.lr=1e-5 data.num_workers=8",
+        )
+        p.add_argument("--init", help="init checkpoint (= train.init_checkpoint)")
+        p.add_argument(
+            "--models-dir", help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS"
+        )
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+        if name == "decoder":
+            p.add_argument(
+                "--no-lpips", action="store_true", help="train without LPIPS (= decoder.lpips_weight=0)"
+            )
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults <- the stage's paper settings <- the preset profile <- --config files <- --set (docstring)."""
+    cli: dict[str, Any] = {"train": {}, "data": {}}
+    if args.preset:
+        cli["train"]["preset"] = args.preset
+    if args.init:
+        cli["train"]["init_checkpoint"] = args.init
+    if args.data:
+        train_spec, eval_spec = split_dirs(args.data)
+        cli["data"]["train"] = train_spec
+        if eval_spec:
+            cli["data"]["eval"] = eval_spec
+    if getattr(args, "no_lpips", False):
+        cli["decoder"] = {"lpips_weight": 0.0}
+    files = [engine.load_overrides(path) for path in args.config]
+    sets = engine.parse_set(args.set)
+    preset = "toon-512"
+    for layer in [*files, cli, sets]:
+        preset = layer.get("train", {}).get("preset", preset)
+    layers = [{"train": STAGES[args.stage].TRAIN_DEFAULTS}]
+    if preset == "tiny":
+        layers.append(TINY_PROFILE)
+    layers += [*files, cli, sets]
+    merged = engine.merge_overrides(*layers)
+    wrong = sorted((set(STAGES) - {args.stage}) & {key for layer in [*files, sets] for key in layer})
+    if wrong:
+        raise ValueError(f"sections {wrong} belong to other stages than {args.stage!r}")
+    return engine.apply_overrides(RunConfig(), merged, "config")
+
+
+def initial_model(cfg: TrainConfig):
+    """The ToonCrafter the stage starts from, identical on every rank: the init checkpoint (a plain
+    DynamiCrafter decoder becomes a dual-reference one that starts as the plain one), or a seeded random
+    init when there is none (tests, benchmarks)."""
+    from training.checkpoint import load_model
+    from training.models.tooncrafter import build_tooncrafter
+
+    torch.manual_seed(cfg.seed)
+    if cfg.init_checkpoint:
+        return load_model(cfg.init_checkpoint, preset=cfg.preset, dual_ref_decoder=True)
+    log.warning("no train.init_checkpoint: starting from a random %s model (fine for tests only)", cfg.preset)
+    return build_tooncrafter(cfg.preset)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = resolve_config(args)
+    tc, stage_name = run.train, args.stage
+    out = Path(args.out)
+    models_dir = Path(args.models_dir) if args.models_dir else None
+
+    # --- processes, device, precision: decided here and nowhere else -------------------------------------
+    d = engine.init_distributed(tc.device)
+    device = engine.pick_device(tc, d)
+    amp = engine.autocast_dtype(tc, device)
+    accum = engine.accumulation_steps(tc, d.world)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(run.for_stage(stage_name), indent=1))
+        print(
+            f"{d.world} rank(s) on {device.type}, autocast {amp}, {accum} micro-batch(es) of {tc.micro_batch} "
+            f"per step -> global batch {tc.global_batch}",
+            flush=True,
+        )
+
+    # --- model and stage ------------------------------------------------------------------------------------
+    model = initial_model(tc)
+    model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=tc.gradient_checkpointing)
+    stage = STAGES[stage_name].build(model, run, models_dir)
+    if d.main:
+        print(format_role_table(stage.roles), flush=True)
+    stage.net.to(device)
+    net = engine.wrap(stage.net, d, device, stage.shard_blocks if tc.fsdp and stage.shard_blocks else None)
+    trainable = {n: p for n, p in stage.net.named_parameters() if p.requires_grad}
+    optimizers = {
+        "model": torch.optim.AdamW(
+            trainable.values(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
+        )
+    }
+    disc = disc_net = None
+    if stage.discriminator is not None:
+        disc = stage.discriminator.to(device).train()
+        disc_net = engine.wrap(disc, d, device)
+        trainable.update({f"discriminator.{n}": p for n, p in disc.named_parameters()})
+        disc_lr = run.decoder.disc_lr or tc.lr
+        optimizers["discriminator"] = torch.optim.AdamW(
+            disc.parameters(), lr=disc_lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay
+        )
+    ema_params = {n: p for n, p in trainable.items() if not n.startswith("discriminator.")}
+    ema = engine.EMA(ema_params, tc.ema_decay) if tc.ema_decay > 0 else None
+
+    # --- where to start: fresh, or exactly where the last checkpoint stopped ---------------------------------
+    step, data_state = 0, None
+    if args.resume:
+        folder = engine.latest_checkpoint(out)
+        if folder is None:
+            raise SystemExit(f"--resume: no checkpoint in {engine.checkpoint_root(out)}")
+        step, rank_state = engine.load_checkpoint(
+            folder, d, trainable=trainable, optimizers=optimizers, ema=ema
+        )
+        data_state = DataState.from_dict(rank_state["data"])
+        engine.restore_rng(rank_state["rng"], device)
+        if d.main:
+            changed = engine.config_changes(folder, run.for_stage(stage_name))
+            print(
+                f"resumed from {folder} at step {step}" + (f"; config changed: {changed}" if changed else ""),
+                flush=True,
+            )
+    else:
+        torch.manual_seed(tc.seed + d.rank)  # noise differs per rank, identically on every run
+    shards = list_shards(run.data.train)
+    loader = make_loader(shards, run.data, tc.micro_batch, tc.seed, d.rank, d.world, data_state)
+    data_state = loader.dataset.state
+    batches = iter(loader)
+    sample_batch = None
+    samples_here = d.main or (tc.fsdp and d.active)  # sharded weights: every rank takes part in sampling
+    if samples_here and tc.sample_every > 0:
+        eval_shards = list_shards(run.data.eval) if run.data.eval else []
+        windows = eval_windows(eval_shards or shards, run.data, tc.sample_clips)
+        sample_batch = collate(windows) if windows else None
+
+    logger = engine.Logger(out, d.main)
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage_name}", unit="step", dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), step
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    while step < tc.steps:
+        lr = lr_at(step, tc)
+        for group in optimizers["model"].param_groups:
+            group["lr"] = lr
+        use_disc = disc is not None and run.decoder.disc_start >= 0 and step >= run.decoder.disc_start
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            batch = next(batches)
+            data_state.consume(batch)
+            batch = to_device(batch, device)
+            last = micro == accum - 1
+            if disc is not None:
+                disc.requires_grad_(False)  # the generator's loss must not train the discriminator
+            with engine.no_sync(net, not last), engine.autocast(device, amp):
+                outputs = net(batch, disc) if use_disc else net(batch)
+            (outputs["loss"] / accum).backward()
+            if use_disc:
+                disc.requires_grad_(True)
+                with engine.no_sync(disc_net, not last), engine.autocast(device, amp):
+                    fake = outputs["recon"]  # [(b t), 3, H, W], detached
+                    real = rearrange(to_model_range(batch["video"]), "b c t h w -> (b t) c h w")
+                    logits = disc_net(torch.cat([real.to(fake.dtype), fake]))  # one pass: real, then fake
+                    d_loss = decoder.hinge_d_loss(*logits.float().chunk(2))
+                (d_loss / accum).backward()
+                outputs["d_loss"] = d_loss.detach()
+            for k, v in outputs.items():
+                if torch.is_tensor(v) and v.ndim == 0:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(ema_params.values()), tc.grad_clip or math.inf)
+        optimizers["model"].step()
+        optimizers["model"].zero_grad(set_to_none=True)
+        if use_disc:
+            optimizers["discriminator"].step()
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(ema_params)
+        step += 1
+
+        if step % tc.log_every == 0 or step == tc.steps:
+            now = time.perf_counter()
+            skipped = data_state.skipped()
+            values = {
+                **{f"train/{k}": v for k, v in sums.items()},
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/samples_per_s": tc.global_batch * (step - step_last) / max(now - t_last, 1e-9),
+                **{f"data/{k}": v for k, v in skipped.items()},
+            }
+            values = _mean_over_ranks(values, d, device)
+            logger.scalars(step, values)
+            t_last, step_last = now, step
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{values['train/loss']:.4f}",
+                    lr=f"{lr:.2e}",
+                    sps=f"{values['train/samples_per_s']:.2f}",
+                )
+        if bar is not None:
+            bar.update(1)
+        if sample_batch is not None and tc.sample_every > 0 and step % tc.sample_every == 0:
+            _log_samples(stage, stage.net, ema, ema_params, sample_batch, device, amp, logger, step, tc.seed)
+        if stage.evaluate is not None and tc.eval_every > 0 and step % tc.eval_every == 0 and d.main:
+            with _ema_applied(ema, ema_params), _eval_mode(stage.net), engine.autocast(device, amp):
+                logger.scalars(step, stage.evaluate())
+        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or step == tc.steps:
+            metadata = {
+                "inbetweener.stage": stage_name,
+                "inbetweener.step": str(step),
+                "inbetweener.run_config": json.dumps(run.for_stage(stage_name)),
+            }
+
+            def export(folder: Path, metadata: dict[str, str] = metadata) -> None:
+                with _ema_applied(ema, ema_params):
+                    stage.export(folder, metadata)
+
+            rank_state = {"data": data_state.to_dict(), "rng": engine.capture_rng(device)}
+            engine.save_checkpoint(
+                out,
+                step,
+                d,
+                trainable=trainable,
+                optimizers=optimizers,
+                ema=ema,
+                rank_state=rank_state,
+                config=run.for_stage(stage_name),
+                export=export,
+                keep=tc.keep_checkpoints,
+                sharded=tc.fsdp and d.active,
+            )
+
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if d.main:
+        print(
+            f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {data_state.skipped()}"
+        )
+    engine.barrier(d)
+    if d.active:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _mean_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:
+    """Losses averaged over ranks; throughput and data counts summed (every rank calls this)."""
+    if not d.active:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    summed = {k for k in keys if k.startswith("data/") or k == "train/samples_per_s"}
+    out = {k: v if k in summed else v / d.world for k, v in zip(keys, t.tolist())}
+    out["train/lr"] = values["train/lr"]
+    return out
+
+
+class _ema_applied:  # noqa: N801 (a context manager used like a function)
+    def __init__(self, ema: engine.EMA | None, params: dict[str, torch.nn.Parameter]):
+        self.cm = ema.applied(params) if ema is not None else None
+
+    def __enter__(self) -> None:
+        if self.cm is not None:
+            self.cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cm is not None:
+            self.cm.__exit__(*exc)
+
+
+class _eval_mode:  # noqa: N801
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+
+    def __enter__(self) -> None:
+        self.net.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.net.train()
+
+
+def _log_samples(stage, net, ema, ema_params, batch, device, amp, logger, step: int, seed: int) -> None:
+    """Sample videos with the EMA weights, from a generator of their own (the training RNG is untouched)."""
+    generator = torch.Generator(device).manual_seed(seed + step)
+    with _ema_applied(ema, ema_params), _eval_mode(net), engine.autocast(device, amp), torch.no_grad():
+        videos = stage.samples(to_device(batch, device), generator)
+    for tag, video in videos.items():
+        logger.videos(step, tag, video)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
