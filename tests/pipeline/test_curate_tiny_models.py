@@ -1,0 +1,94 @@
+"""The whole curate job with every model stage, on Ray local, with tiny random models saved in the
+real on-disk formats and loaded through the real loaders (no downloadable weights needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_models_caption import REPO, save_tiny_blip2
+from test_models_clip import TAG, TINY, TINY_CFG
+
+from manifests import read_manifest
+from manifests.io import list_shards
+from pipeline import samples
+from pipeline.cli import curate_main, report_main
+from pipeline.models import aesthetic_file, clip_path, craft_file
+from pipeline.stages.aesthetic import build_aesthetic_mlp
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    import open_clip
+    import torch
+    from easyocr.craft import CRAFT
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "open_clip").mkdir()
+    (root / "open_clip" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(root / "open_clip" / f"{TINY}.json")
+    torch.manual_seed(0)
+    net = open_clip.create_model(TINY, pretrained=None)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / clip_path(TINY, TAG))
+    (root / "aesthetic").mkdir()
+    torch.save(build_aesthetic_mlp(TINY_CFG["embed_dim"]).state_dict(), root / aesthetic_file().path)
+    craft = root / craft_file().path
+    craft.parent.mkdir(parents=True)
+    torch.save(
+        {f"module.{k}": v for k, v in CRAFT(pretrained=False, freeze=False).state_dict().items()}, craft
+    )
+    save_tiny_blip2(root / "hf" / REPO)
+    return root
+
+
+def test_curate_with_every_model_stage(models_dir, tmp_path):
+    footage = tmp_path / "footage"
+    samples.generate_footage(footage)
+    out = tmp_path / "out"
+    sets = [
+        f"aesthetic.clip_model={TINY}", f"aesthetic.clip_pretrained={TAG}",
+        f"alignment.clip_model={TINY}", f"alignment.clip_pretrained={TAG}",
+        f"caption.model={REPO}", "caption.max_new_tokens=4",
+        "text.backend=craft", "text.canvas_size=320",
+        # random models give arbitrary scores: no threshold on them, the plumbing is what is tested
+        "aesthetic.min=null", "alignment.min=null", "text.max=null",
+        "split.by_source=false", "split.eval_size=2", "split.max_eval_fraction=0.5",
+    ]  # fmt: skip
+    args = [str(footage), "--out", str(out), "--models-dir", str(models_dir), "--quiet"]
+    assert curate_main(args + [a for s in sets for a in ("--set", s)]) == 0
+    rows = read_manifest(out / "manifest.parquet").to_pylist()
+    clips = [r for r in rows if r["status"] != "error"]
+    assert clips and all(
+        r["text_backend"] == "craft" and r["text_area"] is not None and r["aesthetic_min"] is not None
+        and isinstance(r["caption"], str) and r["clip_sim_min"] is not None
+        for r in clips
+    )  # fmt: skip
+    assert all(set(r["stages_run"]) >= {"text", "aesthetic", "caption", "alignment"} for r in clips)
+    lineage = json.loads(clips[0]["models"])
+    assert set(lineage) >= {"text", "aesthetic", "caption", "alignment"}
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert sum(r["split"] == "eval" for r in kept) == 2
+    assert len(list_shards(out / "shards" / "eval")) == 1
+    import webdataset as wds
+
+    texts = {
+        s["__key__"]: s["txt"].decode()
+        for s in wds.WebDataset([str(p) for p in list_shards(out / "shards" / "train")], shardshuffle=False)
+    }
+    by_key = {r["key"]: r for r in kept}
+    assert texts and all(texts[k] == by_key[k]["caption"] for k in texts)
+    assert report_main([str(out), "--leaks"]) == 0
+
+
+def test_missing_weights_stop_the_job_before_any_work(tmp_path, capsys):
+    footage = tmp_path / "footage"
+    samples.generate_footage(footage)
+    out = tmp_path / "out"
+    code = curate_main([str(footage), "--out", str(out), "--models-dir", str(tmp_path / "empty"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "sac+logos+ava1-l14-linearMSE.pth" in err and "inbetweener models" in err and "--skip" in err
+    assert not (out / ".work" / "sources").exists()
