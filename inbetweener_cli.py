@@ -12,7 +12,11 @@ import sys
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "curate": ("pipeline.cli", "curate_main", "raw footage -> shots -> scores -> shards + manifest + report"),
-    "select": ("pipeline.cli", "select_main", "re-apply thresholds from a manifest and re-shard (no decoding)"),
+    "select": (
+        "pipeline.cli",
+        "select_main",
+        "re-apply thresholds from a manifest and re-shard (no decoding)",
+    ),
     "report": ("pipeline.cli", "report_main", "rebuild report.html from a manifest"),
     "models": ("pipeline.models", "models_main", "list, check and download the weights the stages need"),
     "demo": ("pipeline.cli", "demo_main", "generate sample cartoon footage and curate it with local Ray"),
