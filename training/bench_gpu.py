@@ -80,9 +80,20 @@ def _batch(b: int, shape: tuple[int, int, int], device: torch.device) -> dict[st
     }
 
 
-def _build(stage: str, preset: str, device: torch.device, checkpointing: bool):
-    """(step module, trainable params, optimizer) for `stage` with random weights on `device`."""
-    from training.engine import TrainConfig
+@dataclasses.dataclass
+class Case:
+    """A training step ready to run: the stage's step module, what it trains, AdamW and the EMA."""
+
+    net: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    ema: Any
+    disc: torch.nn.Module | None
+
+
+def _build(stage: str, preset: str, device: torch.device, checkpointing: bool) -> Case:
+    """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
+    from training.engine import EMA, TrainConfig
     from training.models.tooncrafter import build_tooncrafter
     from training.stages import decoder, rectify
 
@@ -90,47 +101,42 @@ def _build(stage: str, preset: str, device: torch.device, checkpointing: bool):
     with torch.device(device):
         model = build_tooncrafter(preset)
     model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=checkpointing)
-    run = argparse.Namespace(
-        train=TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0),
-        data=None,
-        rectify=rectify.RectifyConfig(),
-        decoder=None,
-    )
+    train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0)
+    run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)
+    disc = None
     if stage == "rectify":
         built = rectify.build(model, run, None)
-        disc = None
     else:
         from inference.metrics.lpips import LPIPS
 
+        # LPIPS-VGG with random weights (the cost is the architecture's) and the discriminator's G term;
+        # the discriminator's own update is not timed.
         run.decoder = decoder.DecoderConfig(lpips_weight=0.0, disc_start=0)
         built = decoder.build(model, run, None)
-        built.net.perceptual = LPIPS("vgg")  # random weights: the cost is the architecture's
+        built.net.perceptual = LPIPS("vgg")
         built.net.cfg = dataclasses.replace(run.decoder, lpips_weight=1.0)
-        disc = built.discriminator
+        disc = built.discriminator.to(device).requires_grad_(False)
     net = built.net.to(device).train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    if disc is not None:
-        disc.to(device).requires_grad_(False)
-    return net, params, opt, disc
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=1e-6)
+    return Case(net, params, opt, EMA(params, train.ema_decay), disc)
 
 
-def _step(net, params, opt, disc, batch, amp: torch.dtype | None, device: torch.device) -> None:
-    ctx = (
-        torch.autocast(device.type, dtype=amp)
-        if amp is not None
-        else torch.autocast(device.type, enabled=False)
-    )
-    with ctx:
-        out = net(batch, disc) if disc is not None else net(batch)
+def _step(case: Case, batch: dict[str, Any], amp: torch.dtype | None, device: torch.device) -> None:
+    """forward under autocast, backward, clip, AdamW, EMA: one micro-batch of train.py's loop."""
+    from training.engine import autocast
+
+    with autocast(device, amp):
+        out = case.net(batch, case.disc) if case.disc is not None else case.net(batch)
     out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(params, 0.5)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    torch.nn.utils.clip_grad_norm_(list(case.params.values()), 0.5)
+    case.opt.step()
+    case.opt.zero_grad(set_to_none=True)
+    case.ema.update(case.params)
 
 
 def measure(
-    built,
+    case: Case,
     stage: str,
     b: int,
     args: argparse.Namespace,
@@ -139,7 +145,6 @@ def measure(
     flops_per_clip: float | None,
 ) -> dict[str, Any] | None:
     """One batch size on the built step -> dict of numbers, or None when it runs out of memory."""
-    net, params, opt, disc = built
     shape = SHAPES[args.preset]
     try:
         batch = _batch(b, shape, device)
@@ -147,16 +152,16 @@ def measure(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.warmup):
-            _step(net, params, opt, disc, batch, amp, device)
+            _step(case, batch, amp, device)
         times = []
         for _ in range(args.steps):
             _sync(device)
             t0 = time.perf_counter()
-            _step(net, params, opt, disc, batch, amp, device)
+            _step(case, batch, amp, device)
             _sync(device)
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError:
-        opt.zero_grad(set_to_none=True)
+        case.opt.zero_grad(set_to_none=True)
         return None
     sec = statistics.median(times)
     row = {
@@ -179,19 +184,16 @@ def count_flops(stage: str, args: argparse.Namespace, device: torch.device, amp)
     """Model FLOPs of one clip's step (forward + backward, checkpointing off so nothing is counted twice)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net, params, opt, disc = _build(stage, args.preset, device, checkpointing=False)
+    from training.engine import autocast
+
+    case = _build(stage, args.preset, device, checkpointing=False)
     batch = _batch(1, SHAPES[args.preset], device)
     counter = FlopCounterMode(display=False)
     with counter:
-        ctx = (
-            torch.autocast(device.type, dtype=amp)
-            if amp is not None
-            else torch.autocast(device.type, enabled=False)
-        )
-        with ctx:
-            out = net(batch, disc) if disc is not None else net(batch)
+        with autocast(device, amp):
+            out = case.net(batch, case.disc) if case.disc is not None else case.net(batch)
         out["loss"].backward()
-    del net, params, opt
+    del case, out
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return float(counter.get_total_flops())
@@ -239,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             flops, source = count_flops(stage, args, device, amp), "FlopCounterMode"
         report[f"{stage}_tflop_per_clip"] = {"value": flops / 1e12, "source": source}
         batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
-        built = _build(stage, args.preset, device, checkpointing=True)
+        case = _build(stage, args.preset, device, checkpointing=True)
         for b in batches:
-            row = measure(built, stage, b, args, device, amp, flops)
+            row = measure(case, stage, b, args, device, amp, flops)
             if row is None:
                 print(f"{stage} batch {b}: out of memory", flush=True)
                 report["rows"].append({"stage": stage, "batch": b, "oom": True})
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["mfu"] = row["achieved_tflops"] / peak
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
-        del built
+        del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fitting = [r for r in report["rows"] if r["stage"] == "rectify" and not r.get("oom")]
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['device']}, {report['preset']}, bf16 autocast, gradient checkpointing; "
+        f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
         "| stage | batch | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|",
