@@ -158,7 +158,14 @@ def open_shard(url: str) -> Iterator[Any]:
     elif "://" in url:
         import fsspec
 
-        with fsspec.open(url, "rb") as f:
+        try:
+            opened = fsspec.open(url, "rb")
+        except ImportError as exc:  # a missing backend is a setup error, not a bad shard: stop
+            raise RuntimeError(
+                f"cannot open {url}: {exc}. Install the fsspec backend (https: aiohttp, s3: s3fs, gs: gcsfs) "
+                f"or stream it with pipe:, e.g. 'pipe:curl -sL {url}'"
+            ) from exc
+        with opened as f:
             yield f
     else:
         with open(url, "rb") as f:
