@@ -1,6 +1,6 @@
 """Per-clip scores and their pooling into the protocol's numbers (shared/reference/METRICS.md).
 
-`Extractors` bundles the four networks the metrics need behind inference/features.py's interfaces, so
+`Extractors` bundles the four networks the metrics need behind training/features.py's interfaces, so
 that tests inject small functions and the job loads the real ones (`load_extractors`). `score_clip`
 turns one (generated, ground truth, caption) triple into per-frame scores and I3D features, which are
 cached per clip; `pool_scores` turns the cached per-clip records into FVD, KVD, LPIPS, CLIP_img,
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.features import ImageEmbedder, PerceptualDistance, TextEmbedder, VideoFeatures
-from inference.metrics import (
+from training.features import ImageEmbedder, PerceptualDistance, TextEmbedder, VideoFeatures
+from training.metrics import (
     clip_img_scores,
     clip_txt_scores,
     cpbd_frames,
@@ -33,7 +33,7 @@ from inference.metrics import (
     real_vs_real_floor,
     ssim,
 )
-from inference.metrics.lpips import lpips_frames
+from training.metrics.lpips import lpips_frames
 
 # METRICS.md: the paper's table (512x320, 1,000 clips) and its decoder ablation (256x256).
 PAPER_ROWS: list[tuple[str, float, float, float, float, float, float]] = [
@@ -114,8 +114,8 @@ def load_extractors(
 
     CLIP: the models dir's OpenCLIP ViT-H-14 file when present, else `clip_model()` (the interpolation
     checkpoint's towers, see TowerCLIP) when given; otherwise the missing file's error."""
-    from inference import features
-    from inference.metrics.lpips import load_lpips
+    from training import features
+    from training.metrics.lpips import load_lpips
 
     ex = Extractors()
 

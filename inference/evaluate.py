@@ -157,10 +157,10 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         score_clip,
         score_reconstruction,
     )
-    from inference.metrics import protocol_record
     from inference.sampler import InferenceModel, SamplerSettings, default_device, default_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
     from manifests.io import write_json_atomic
+    from training.metrics import protocol_record
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")

@@ -1,7 +1,7 @@
 """Where the interpolation model's files are, and loading them for inference with errors a user can act on.
 
 Nothing downloads. The models dir is `--models-dir`, else `$INBETWEENER_MODELS`, else
-`~/.cache/inbetweener/models` (inference/features.py); the released files go under `tooncrafter/`.
+`~/.cache/inbetweener/models` (training/features.py); the released files go under `tooncrafter/`.
 Loading goes through training/checkpoint.py (every format it reads, strict keys): the config embedded
 in the file wins, else the preset whose key layout the file has, else `--preset`.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inference.features import MODELS_DIR_ENV, WeightFile, models_dir
 from inference.media import InputError
+from training.features import MODELS_DIR_ENV, WeightFile, models_dir
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@
 Everything is measured in the same run on the same generated footage, because this machine is
 shared and noisy: the numbers that matter are the ratios.
   decode      PyAV decode of every frame to RGB arrays at native size, as Ray tasks (one per source)
-  score       the curate job's CPU stages (probe, shots, timing, motion) on the same sources
-  score+write the whole job: scoring, re-encoding kept clips, shards, manifest, report
+  score       the curate job's CPU stages (probe, shots, timing, motion, dedup) on the same sources
+  score+write the whole CPU job: scoring, re-encoding kept clips, shards, manifest, report
+              (the model stages are off: they are measured on a GPU by pipeline/bench_models_gpu.py)
 Peak memory is the largest sum of RSS over this process and all its descendants (Ray's workers),
 sampled every 50 ms, measured for N and 2N sources to show that the job streams.
 """
@@ -73,7 +74,7 @@ def _decode_all(job: dict) -> dict:
     frames = 0
     with open_container(job["source_uri"]) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
         for frame in container.decode(stream):
             frame.to_ndarray(format="rgb24")
             frames += 1
@@ -93,6 +94,8 @@ def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tup
     from pipeline.job import CurateJob
 
     config = CurateConfig()
+    for stage in ("text", "aesthetic", "caption", "alignment"):  # the CPU half only: no model stages
+        getattr(config, stage).enabled = False
     config.run.workers = workers
     config.run.progress = False
     job = CurateJob(uris, out, config)

@@ -253,22 +253,20 @@ class CurateJob:
                 progress.update(1, len(rows))
 
     def _init_ray(self) -> None:
-        """A local Ray gets one CPU slot per worker plus one per model-stage actor: an actor holds
-        its slot for the whole job, and the CPU stages must still get `workers` slots beside it."""
+        """A local Ray gets one CPU slot per worker, plus room for the model actors' token shares."""
         import os
 
         from pipeline.runner import init_ray
 
         workers = self.config.run.workers or os.cpu_count() or 1
-        init_ray(self.config.run.address, num_cpus=workers + len(self.model_stages()))
+        init_ray(self.config.run.address, num_cpus=workers + 1)
 
     def _workers(self) -> int:
         import ray
 
         if self.config.run.workers:
             return self.config.run.workers
-        actors = len(self.model_stages())
-        return max(1, int(ray.cluster_resources().get("CPU", 1)) - actors)
+        return max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
 
     def _save_part(self, uri: str, rows: list[dict]) -> None:
         floats = {f.name for f in WORK_SCHEMA if pa.types.is_floating(f.type)}

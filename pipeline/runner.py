@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.stages.base import Packed, Stage, batch_of, rows_of
 
 HEAVY_COLUMNS = ("analysis", "keyframes", "distinct_idx", "clip_image_emb")
+CPU_ACTOR_SHARE = 0.1  # CPU slot a model actor reserves on a machine without GPUs
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -118,6 +119,10 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
             pool = max(1, int(gpus / num_gpus)) if num_gpus else 1
             if num_gpus:
                 common["num_gpus"] = num_gpus
+            else:
+                # CPU-only: an actor holds its slot for the whole job; a full CPU each would starve
+                # the CPU stages (and deadlock a small machine), so it reserves a token share
+                common["num_cpus"] = CPU_ACTOR_SHARE
             ds = ds.map_batches(
                 _ActorUDF,
                 fn_constructor_args=(stage,),

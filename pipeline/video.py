@@ -168,23 +168,29 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
     Decode failures raise SourceError naming the frame they happened at.
     """
     import av
+    import cv2
 
     with open_container(uri) as container:
         videos = [s for s in container.streams if s.type == "video"]
         if not videos:
             raise SourceError("no video stream")
         stream = videos[0]
-        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
         index = 0
-        sw = sh = None
+        size = None
         try:
             for frame in container.decode(stream):
-                if sw is None:
-                    sw, sh = cover_size(frame.width, frame.height, width, height) if crop else (width, height)
-                # AREA: as cheap as a plain RGB conversion (swscale's default bicubic costs ~2.5x)
-                image = frame.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="AREA")
-                if crop and (sw, sh) != (width, height):
-                    image = np.ascontiguousarray(center_crop(image, width, height))
+                # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than
+                # converting and resizing with OpenCV (measured: see BENCHMARKS.md)
+                image = frame.to_ndarray(format="rgb24")
+                if size is None:
+                    size = cover_size(frame.width, frame.height, width, height) if crop else (width, height)
+                    shrink = min(size[0] / frame.width, size[1] / frame.height)
+                    interp = cv2.INTER_AREA if shrink < 0.5 else cv2.INTER_LINEAR
+                if size != (frame.width, frame.height):
+                    image = cv2.resize(image, size, interpolation=interp)
+                if crop and size != (width, height):
+                    image = center_crop(image, width, height)  # a view: OpenCV and numpy take strided rows
                 yield image
                 index += 1
         except av.error.FFmpegError as exc:

@@ -107,7 +107,7 @@ def _build(stage: str, preset: str, device: torch.device, checkpointing: bool) -
     if stage == "rectify":
         built = rectify.build(model, run, None)
     else:
-        from inference.metrics.lpips import LPIPS
+        from training.metrics.lpips import LPIPS
 
         # LPIPS-VGG with random weights (the cost is the architecture's) and the discriminator's G term;
         # the discriminator's own update is not timed.

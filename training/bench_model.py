@@ -54,7 +54,15 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float | None]:
     return statistics.median(times), _peak_gb(device)
 
 
-def run(preset: str, device: torch.device, dtype: torch.dtype, frames: int, steps: int, repeats: int) -> dict:
+def run(
+    preset: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    frames: int,
+    steps: int,
+    repeats: int,
+    sample: bool = True,
+) -> dict:
     from training.diffusion.ddim import sample_ddim, uniform_trailing_timesteps
     from training.diffusion.guidance import cfg_denoiser, hybrid_model_fn
     from training.diffusion.schedule import SCHEDULE_PRESETS, schedule_buffers
@@ -65,6 +73,10 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, frames: int, step
     with torch.device(device):
         unet = UNet3D(cfg)
     unet = unet.to(dtype)
+    # norms compute in fp32 (as the reference's GroupNorm32): keep their parameters fp32
+    for module in unet.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.float()
     sched = {k: v.to(device) for k, v in schedule_buffers(SCHEDULE_PRESETS[preset]).items()}
     latent_hw = (40, 64) if preset == "toon-512" else (8, 8)
     ctx_dim = cfg.context_dim
@@ -95,6 +107,8 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, frames: int, step
             results[key]["tflops"] = TRAIN_STEP_TFLOP / seconds
     unet.set_gradient_checkpointing(False)
     unet.eval()
+    if not sample:
+        return results
 
     # (b) DDIM with guidance
     timesteps = uniform_trailing_timesteps(steps).to(device)
@@ -131,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-sample", action="store_true", help="only the training steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     results = run(
-        args.preset, torch.device(args.device), DTYPES[args.dtype], args.frames, args.steps, args.repeats
-    )
+        args.preset, torch.device(args.device), DTYPES[args.dtype], args.frames, args.steps, args.repeats,
+        not args.no_sample,
+    )  # fmt: skip
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -69,9 +69,8 @@ class ShotsStage(Stage):
 
         fps = float(source["fps"])
         detector = self._make_detector(fps)
-        lag = (
-            8  # frames a cut may be reported late: progressive windows stay this far behind the newest frame
-        )
+        lag = 8  # frames a cut may be reported late: progressive windows stay this far behind the newest
+
         shot = _Shot(start=0, index=0, head=0)
         next_frame = 0
         try:
@@ -79,10 +78,12 @@ class ShotsStage(Stage):
                 small = cv2.resize(
                     image, (self.analysis_width, self.analysis_height), interpolation=cv2.INTER_AREA
                 )
+                tiny = cv2.resize(
+                    small, (self.detect_width, self.detect_height), interpolation=cv2.INTER_AREA
+                )
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
-                for cut in detector.process_frame(
-                    FrameTimecode(next_frame, fps=fps), np.ascontiguousarray(small[..., ::-1])
-                ):
+                bgr = cv2.cvtColor(tiny, cv2.COLOR_RGB2BGR)
+                for cut in detector.process_frame(FrameTimecode(next_frame, fps=fps), bgr):
                     shot = yield from self._cut(source, shot, cut.frame_num)
                 shot.frames.append((image, cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)))
                 next_frame += 1

@@ -47,7 +47,9 @@ def test_fingerprint_distance():
     assert fingerprint_distance([0b1011, 0], [0b0001, 1]) == 3
 
 
-def make_clips(rng: random.Random, sources: int = 40, per_source: int = 5, opening: bool = True) -> list[dict]:
+def make_clips(
+    rng: random.Random, sources: int = 40, per_source: int = 5, opening: bool = True
+) -> list[dict]:
     shared_opening = random_fp(rng)
     clips = []
     for s in range(sources):

@@ -147,7 +147,7 @@ def test_rectify_checkpoint_loads_for_inference(rectify_run: Path):
 @pytest.fixture(scope="module")
 def lpips_models(tmp_path_factory) -> Path:
     """A models dir holding LPIPS-AlexNet weight files in the real formats (random values)."""
-    from inference.metrics.lpips import LPIPS
+    from training.metrics.lpips import LPIPS
 
     root = tmp_path_factory.mktemp("models")
     (root / "lpips").mkdir()

@@ -16,7 +16,7 @@ Loss (the reference's is unreleased; this is SD's VAE recipe, stated as the issu
   nothing that breaks an exact resume), hinge losses, a fixed generator weight (SD's adaptive weight needs
   a second backward through the last layer; left out). Its own AdamW (betas 0.5, 0.9, as SD's).
 Eval (every train.eval_every steps, rank 0): PSNR / SSIM at 256x256 and LPIPS (AlexNet) of the EMA
-decoder's reconstructions of the first eval-split clips (inference/metrics; METRICS.md's protocol).
+decoder's reconstructions of the first eval-split clips (training/metrics; METRICS.md's protocol).
 
 Paper defaults: lr 4.5e-6, batch 16, 60K steps (configs/decoder.yaml).
 """
@@ -89,9 +89,9 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def load_perceptual(net: str, models_dir: Path | None) -> nn.Module:
-    """LPIPS from inference/metrics/lpips.py with its weights from the models dir; a clear error otherwise."""
-    from inference.features import MissingWeightsError
-    from inference.metrics.lpips import load_lpips
+    """LPIPS from training/metrics/lpips.py with its weights from the models dir; a clear error otherwise."""
+    from training.features import MissingWeightsError
+    from training.metrics.lpips import load_lpips
 
     try:
         return load_lpips(models_dir, net=net)
@@ -211,9 +211,9 @@ def build(model: ToonCrafter, run: Any, models_dir: Path | None) -> Stage:
 
 def _evaluator(net: DecoderNet, run: Any, shards: list[str], models_dir: Path | None):
     """PSNR / SSIM / LPIPS of reconstructions of the first eval clips (loaded once, decoded in order)."""
-    from inference.features import MissingWeightsError
-    from inference.metrics import psnr, quantize_uint8, resize_frames, ssim
-    from inference.metrics.lpips import load_lpips
+    from training.features import MissingWeightsError
+    from training.metrics import psnr, quantize_uint8, resize_frames, ssim
+    from training.metrics.lpips import load_lpips
 
     cfg: DecoderConfig = run.decoder
     windows = eval_windows(shards, run.data, run.train.eval_clips)

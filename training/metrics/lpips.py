@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.features import LPIPS_FILES, require_file
+from training.features import LPIPS_FILES, require_file
 
 # Backbone layers as torchvision builds them: (op, args); the LPIPS taps are after the ReLUs listed.
 _ALEX = [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool",),

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from inference.metrics.preprocess import rgb_to_luma_uint8
+from training.metrics.preprocess import rgb_to_luma_uint8
 
 BLOCK = 64  # block side in pixels; partial blocks at the right/bottom borders are ignored
 EDGE_BLOCK_FRACTION = 0.002  # a block is an edge block with more Canny pixels than this fraction

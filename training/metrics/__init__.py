@@ -12,8 +12,8 @@ the numbers.
 
 from __future__ import annotations
 
-from inference.metrics.cpbd import cpbd, cpbd_frames
-from inference.metrics.distributions import (
+from training.metrics.cpbd import cpbd, cpbd_frames
+from training.metrics.distributions import (
     KVD_SCALE,
     frechet_distance,
     fvd,
@@ -23,7 +23,7 @@ from inference.metrics.distributions import (
     polynomial_kernel,
     real_vs_real_floor,
 )
-from inference.metrics.frames import (
+from training.metrics.frames import (
     clip_img_scores,
     clip_txt_scores,
     cosine_similarity,
@@ -31,7 +31,7 @@ from inference.metrics.frames import (
     psnr,
     ssim,
 )
-from inference.metrics.preprocess import (
+from training.metrics.preprocess import (
     DECODER_SIZE,
     EVAL_SIZE,
     convert_range,

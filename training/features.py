@@ -1,6 +1,6 @@
 """Feature extractors behind small interfaces, and the loaders that read their weights from the models dir.
 
-The statistics in `inference.metrics` only see arrays; these are the networks that produce them:
+The statistics in `training.metrics` only see arrays; these are the networks that produce them:
 
 | interface | input | output | default implementation | file in the models dir |
 |---|---|---|---|---|

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.metrics import cpbd, cpbd_frames
-from inference.metrics.cpbd import edge_widths, sobel_vertical_edges
+from training.metrics import cpbd, cpbd_frames
+from training.metrics.cpbd import edge_widths, sobel_vertical_edges
 
 
 def _scene(seed: int = 0, size: tuple[int, int] = (192, 256)) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.metrics.preprocess import as_tensor
+from training.metrics.preprocess import as_tensor
 
 
 def _pair(

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.features import (
+from training.features import (
     CLIP_FILE,
     I3D_FILE,
     LPIPS_FILES,
@@ -22,7 +22,7 @@ from inference.features import (
     load_open_clip,
     models_dir,
 )
-from inference.metrics.lpips import LPIPS, load_lpips, lpips_frames
+from training.metrics.lpips import LPIPS, load_lpips, lpips_frames
 
 
 def test_models_dir_resolution(monkeypatch, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from inference.metrics import (
+from training.metrics import (
     frechet_distance,
     fvd,
     gaussian_stats,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.metrics import (
+from training.metrics import (
     DECODER_SIZE,
     EVAL_SIZE,
     convert_range,

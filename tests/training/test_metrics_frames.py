@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from inference.metrics import (
+from training.metrics import (
     clip_img_scores,
     clip_txt_scores,
     cosine_similarity,
