@@ -230,6 +230,8 @@ class CurateJob:
     def _score(self, sources: list[str]) -> None:
         from pipeline.runner import run_stages
 
+        for stale in self.parts.glob(".*"):  # a temporary file a killed run left half-written
+            stale.unlink(missing_ok=True)
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
         if len(pending) < len(sources):
             self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
@@ -294,7 +296,7 @@ class CurateJob:
         thumbs: dict[str, bytes] = {}
         if not self.parts.exists():
             return thumbs
-        for part in sorted(self.parts.glob("*.parquet")):
+        for part in sorted(p for p in self.parts.glob("*.parquet") if not p.name.startswith(".")):
             t = pq.read_table(part, columns=["clip_id", "thumb"])
             for cid, data in zip(t["clip_id"].to_pylist(), t["thumb"].to_pylist()):
                 if data:
