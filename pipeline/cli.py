@@ -152,9 +152,6 @@ def report_main(argv: list[str] | None = None) -> int:
     from pipeline.job import CurateJob
     from pipeline.report import write_report
 
-    if args.leaks:
-        return _leak_check(args.out / "manifest.parquet")
-
     manifest = args.out / "manifest.parquet"
     try:
         table = read_manifest(manifest)
@@ -162,20 +159,16 @@ def report_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"inbetweener report: {exc}", file=sys.stderr)
         return 2
+    if args.leaks:
+        return _leak_check(table, config)
     path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config)._thumbs())
     print(f"report: {path}")
     return 0
 
 
-def _leak_check(manifest: Path) -> int:
+def _leak_check(table, config) -> int:
     from manifests.split import cross_split_pairs
 
-    try:
-        table = read_manifest(manifest)
-        config = config_from_dict(_saved_config(manifest))
-    except (ConfigError, ManifestError) as exc:
-        print(f"inbetweener report: {exc}", file=sys.stderr)
-        return 2
     rows = [r for r in table.to_pylist() if r["split"] in ("train", "eval")]
     leaks = cross_split_pairs(rows, config.split.max_distance)
     if config.split.by_source is False:
