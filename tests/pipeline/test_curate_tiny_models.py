@@ -7,34 +7,23 @@ import json
 
 import pytest
 from test_models_caption import REPO, save_tiny_blip2
-from test_models_clip import TAG, TINY, TINY_CFG
+from test_models_clip import TAG, TINY, save_tiny_clip_models
 
 from manifests import read_manifest
 from manifests.io import list_shards
 from pipeline import samples
 from pipeline.cli import curate_main, report_main
-from pipeline.models import aesthetic_file, clip_path, craft_file
-from pipeline.stages.aesthetic import build_aesthetic_mlp
+from pipeline.models import craft_file
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    import open_clip
     import torch
     from easyocr.craft import CRAFT
-    from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("models")
-    (root / "open_clip").mkdir()
-    (root / "open_clip" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(root / "open_clip" / f"{TINY}.json")
-    torch.manual_seed(0)
-    net = open_clip.create_model(TINY, pretrained=None)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, root / clip_path(TINY, TAG))
-    (root / "aesthetic").mkdir()
-    torch.save(build_aesthetic_mlp(TINY_CFG["embed_dim"]).state_dict(), root / aesthetic_file().path)
+    root = save_tiny_clip_models(tmp_path_factory.mktemp("models"))
     craft = root / craft_file().path
     craft.parent.mkdir(parents=True)
     torch.save(

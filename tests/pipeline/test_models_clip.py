@@ -25,11 +25,15 @@ TINY_CFG = {  # open_clip's model config format; vocab and context as ViT-L-14 s
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    return save_tiny_clip_models(tmp_path_factory.mktemp("models"))
+
+
+def save_tiny_clip_models(root):
+    """A tiny open_clip model and the aesthetic MLP, saved as the real files into a models dir."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("models")
     (root / "open_clip").mkdir()
     (root / "open_clip" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
     open_clip.add_model_config(root / "open_clip" / f"{TINY}.json")
