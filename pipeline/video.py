@@ -1,8 +1,9 @@
 """Video I/O with PyAV: opening local or object-store sources, probing, decoding, encoding.
 
 Everything that touches a container lives here so that stages deal in numpy frames and rows.
-PyAV decodes with its bundled FFmpeg (no system ffmpeg needed) and scales in swscale, which is
-cheaper than converting full frames to RGB and resizing them afterwards.
+PyAV decodes with its bundled FFmpeg (no system ffmpeg needed). Analysis reads the decoder's
+YUV 4:2:0 planes directly and converts to RGB only the few frames a clip keeps (`Picture`);
+writing converts every frame (`iter_frames`). See BENCHMARKS.md for what each path costs.
 """
 
 from __future__ import annotations
@@ -168,7 +169,6 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
     Decode failures raise SourceError naming the frame they happened at.
     """
     import av
-    import cv2
 
     with open_container(uri) as container:
         videos = [s for s in container.streams if s.type == "video"]
@@ -177,24 +177,151 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
         stream = videos[0]
         stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
         index = 0
-        size = None
         try:
             for frame in container.decode(stream):
                 # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than
                 # converting and resizing with OpenCV (measured: see BENCHMARKS.md)
-                image = frame.to_ndarray(format="rgb24")
-                if size is None:
-                    size = cover_size(frame.width, frame.height, width, height) if crop else (width, height)
-                    shrink = min(size[0] / frame.width, size[1] / frame.height)
-                    interp = cv2.INTER_AREA if shrink < 0.5 else cv2.INTER_LINEAR
-                if size != (frame.width, frame.height):
-                    image = cv2.resize(image, size, interpolation=interp)
-                if crop and size != (width, height):
-                    image = center_crop(image, width, height)  # a view: OpenCV and numpy take strided rows
-                yield image
+                yield _fit_rgb(frame.to_ndarray(format="rgb24"), width, height, crop)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+# BT.601 limited-range luma (16..235) to the full-range grey that RGB->grey gives (0..255)
+_LUMA_TO_GRAY = np.clip(np.round((np.arange(256) - 16) * 255.0 / 219.0), 0, 255).astype(np.uint8)
+
+
+class Picture:
+    """One decoded frame at the keyframe size, held as YUV 4:2:0 planes or, failing that, as RGB.
+
+    Most video is 8-bit yuv420p; keeping its planes skips the full-size RGB conversion, the
+    costliest step of analysis, and halves the memory a held frame takes. `rgb()` converts on
+    demand (BT.601 limited range, as swscale's default), for the few frames a clip keeps.
+    """
+
+    __slots__ = ("_y", "_u", "_v", "_rgb")
+
+    def __init__(self, y=None, u=None, v=None, rgb=None):
+        self._y, self._u, self._v, self._rgb = y, u, v, rgb
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = (self._y if self._rgb is None else self._rgb).shape[:2]
+        return w, h
+
+    def rgb(self) -> np.ndarray:
+        """uint8 RGB [h, w, 3]."""
+        if self._rgb is not None:
+            return self._rgb
+        import cv2
+
+        return cv2.cvtColor(_i420(self._y, self._u, self._v), cv2.COLOR_YUV2RGB_I420)
+
+    def gray(self, width: int, height: int) -> np.ndarray:
+        """Full-range uint8 grey [height, width] (as RGB->grey would give), area-averaged."""
+        import cv2
+
+        if self._rgb is not None:
+            small = cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
+            return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+        return cv2.LUT(cv2.resize(self._y, (width, height), interpolation=cv2.INTER_AREA), _LUMA_TO_GRAY)
+
+    def bgr(self, width: int, height: int) -> np.ndarray:
+        """uint8 BGR [height, width, 3], small (for scene detection); width and height even."""
+        import cv2
+
+        if self._rgb is not None:
+            small = cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
+            return cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
+        area = cv2.INTER_AREA
+        y = cv2.resize(self._y, (width, height), interpolation=area)
+        u = cv2.resize(self._u, (width // 2, height // 2), interpolation=area)
+        v = cv2.resize(self._v, (width // 2, height // 2), interpolation=area)
+        return cv2.cvtColor(_i420(y, u, v), cv2.COLOR_YUV2BGR_I420)
+
+
+def _i420(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The contiguous [h * 3 / 2, w] buffer OpenCV's I420 conversions read."""
+    h, w = y.shape
+    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
+
+
+def _plane(frame, index: int, width: int, height: int) -> np.ndarray:
+    """A zero-copy view of one plane of a decoded frame (rows padded to line_size are trimmed)."""
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:height, :width]
+
+
+def _even_crop(size: tuple[int, int], out_w: int, out_h: int) -> tuple[int, int]:
+    """Top-left offsets of a centre crop, even so that the 4:2:0 chroma stays aligned."""
+    return ((size[1] - out_h) // 4) * 2, ((size[0] - out_w) // 4) * 2
+
+
+def iter_pictures(uri: str, width: int, height: int) -> Iterator[Picture]:
+    """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures.
+
+    8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
+    through RGB. Decode failures raise SourceError naming the frame they happened at.
+    """
+    import av
+    import cv2
+
+    if width % 2 or height % 2:
+        raise ValueError(f"keyframe size must be even, got {width}x{height}")
+    with open_container(uri) as container:
+        videos = [s for s in container.streams if s.type == "video"]
+        if not videos:
+            raise SourceError("no video stream")
+        stream = videos[0]
+        stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                fw, fh = frame.width, frame.height
+                if frame.format.name != "yuv420p" or fw % 2 or fh % 2:
+                    yield Picture(rgb=_fit_rgb(frame.to_ndarray(format="rgb24"), width, height, True))
+                    index += 1
+                    continue
+                sw, sh = cover_size(fw, fh, width, height)
+                interp = cv2.INTER_AREA if min(sw / fw, sh / fh) < 0.5 else cv2.INTER_LINEAR
+                top, left = _even_crop((sw, sh), width, height)
+                planes = []
+                for i, (pw, ph, ow, oh) in enumerate(
+                    [
+                        (fw, fh, sw, sh),
+                        (fw // 2, fh // 2, sw // 2, sh // 2),
+                        (fw // 2, fh // 2, sw // 2, sh // 2),
+                    ]
+                ):
+                    data = _plane(frame, i, pw, ph)
+                    # resizing makes a new array; a frame already at size is copied (the decoder reuses buffers)
+                    data = (
+                        cv2.resize(data, (ow, oh), interpolation=interp)
+                        if (ow, oh) != (pw, ph)
+                        else data.copy()
+                    )
+                    scale = 1 if i == 0 else 2
+                    planes.append(
+                        data[top // scale : (top + height) // scale, left // scale : (left + width) // scale]
+                    )
+                yield Picture(*planes)
+                index += 1
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+def _fit_rgb(image: np.ndarray, width: int, height: int, crop: bool) -> np.ndarray:
+    """Resize an RGB frame to cover (width, height) and centre-crop it, or plainly resize it."""
+    import cv2
+
+    h, w = image.shape[:2]
+    size = cover_size(w, h, width, height) if crop else (width, height)
+    if size != (w, h):
+        interp = cv2.INTER_AREA if min(size[0] / w, size[1] / h) < 0.5 else cv2.INTER_LINEAR
+        image = cv2.resize(image, size, interpolation=interp)
+    if crop and size != (width, height):
+        image = center_crop(image, width, height)  # a view: OpenCV and numpy take strided rows
+    return image
 
 
 def encode_clip(

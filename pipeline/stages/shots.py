@@ -1,9 +1,10 @@
 """shots: PySceneDetect on frames decoded once, boundaries exact to the frame with a safety margin.
 
-The source is decoded once, straight to the keyframe size (resize to cover + centre crop), and
-each frame is reduced to the analysis size for the detector, timing and motion. Only the current
-shot's frames are held, and long shots are emitted window by window, so memory stays bounded
-whatever the length of the source.
+The source is decoded once, straight to the keyframe size (resize to cover + centre crop) in the
+decoder's YUV planes, and each frame is reduced to the analysis size for the detector, timing and
+motion; only a clip's first, middle and last frames are converted to RGB. Only the current shot's
+frames are held, and long shots are emitted window by window, so memory stays bounded whatever the
+length of the source.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from manifests.keys import clip_id
 from pipeline.stages.base import Stage
 from pipeline.stages.discover import error_fields
-from pipeline.video import SourceError, encode_jpeg, iter_frames
+from pipeline.video import SourceError, encode_jpeg, iter_pictures
 
 
 @dataclass
@@ -64,7 +65,6 @@ class ShotsStage(Stage):
         )
 
     def split(self, source: dict) -> Iterator[dict]:
-        import cv2
         from scenedetect.common import FrameTimecode
 
         fps = float(source["fps"])
@@ -74,18 +74,12 @@ class ShotsStage(Stage):
         shot = _Shot(start=0, index=0, head=0)
         next_frame = 0
         try:
-            for image in iter_frames(source["source_uri"], self.keyframe_width, self.keyframe_height):
-                small = cv2.resize(
-                    image, (self.analysis_width, self.analysis_height), interpolation=cv2.INTER_AREA
-                )
-                tiny = cv2.resize(
-                    small, (self.detect_width, self.detect_height), interpolation=cv2.INTER_AREA
-                )
+            for picture in iter_pictures(source["source_uri"], self.keyframe_width, self.keyframe_height):
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
-                bgr = cv2.cvtColor(tiny, cv2.COLOR_RGB2BGR)
+                bgr = picture.bgr(self.detect_width, self.detect_height)
                 for cut in detector.process_frame(FrameTimecode(next_frame, fps=fps), bgr):
                     shot = yield from self._cut(source, shot, cut.frame_num)
-                shot.frames.append((image, cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)))
+                shot.frames.append((picture, picture.gray(self.analysis_width, self.analysis_height)))
                 next_frame += 1
                 if len(shot.frames) > self._max_len(fps) + lag + self.margin_frames:
                     yield from self._windows(source, shot, shot.start + len(shot.frames) - lag, final=False)
@@ -159,19 +153,20 @@ class ShotsStage(Stage):
             "status": None,
             "reason": None,
         }
+        middle = chunk[mid][0].rgb() if chunk else None
         if chunk:
-            row["thumb"] = encode_jpeg(chunk[mid][0])
+            row["thumb"] = encode_jpeg(middle)
         if rejected:
             row.update(status="rejected", reason=rejected, split="none")
             return row
         row["analysis"] = np.stack([gray for _, gray in chunk])  # [n, ah, aw] uint8
-        row["keyframes"] = [chunk[0][0], chunk[mid][0], chunk[-1][0]]  # first, mid, last RGB
+        row["keyframes"] = [chunk[0][0].rgb(), middle, chunk[-1][0].rgb()]  # first, mid, last
         return row
 
 
 @dataclass
 class _Shot:
-    """The frames of the shot being read: [start, start + len(frames)) as (keyframe RGB, analysis gray)."""
+    """The frames of the shot being read: [start, start + len(frames)) as (Picture, analysis gray)."""
 
     start: int
     index: int

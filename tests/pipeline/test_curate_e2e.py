@@ -205,15 +205,15 @@ def test_resume_after_kill_9(tmp_path):
     deadline = time.monotonic() + 240
     while (
         time.monotonic() < deadline
-        and len([p for p in parts.glob("*.parquet") if not p.name.startswith(".")]) < 2
+        and not [p for p in parts.glob("*.parquet") if not p.name.startswith(".")]
     ):
-        time.sleep(0.2)
+        time.sleep(0.02)  # parts can land close together: kill as soon as the first one is there
     assert proc.poll() is None, (tmp_path / "first_run.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
     finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet") if not p.name.startswith(".")}
-    assert 2 <= len(finished) < 12, "the kill must land in the middle of the job"
+    assert 1 <= len(finished) < 12, "the kill must land in the middle of the job"
     assert not (out / "manifest.parquet").exists()
     done = subprocess.run(
         [c for c in cmd if c != "--quiet"], env=env, capture_output=True, text=True, timeout=300
