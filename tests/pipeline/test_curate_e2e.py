@@ -203,10 +203,9 @@ def test_resume_after_kill_9(tmp_path):
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     parts = out / ".work" / "sources"
     deadline = time.monotonic() + 240
-    while (
-        time.monotonic() < deadline
-        and not [p for p in parts.glob("*.parquet") if not p.name.startswith(".")]
-    ):
+    while time.monotonic() < deadline and not [
+        p for p in parts.glob("*.parquet") if not p.name.startswith(".")
+    ]:
         time.sleep(0.02)  # parts can land close together: kill as soon as the first one is there
     assert proc.poll() is None, (tmp_path / "first_run.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
