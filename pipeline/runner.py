@@ -98,6 +98,13 @@ def _keep_apart() -> dict:
     return {}
 
 
+def _tasks(workers: int):
+    """At most `workers` tasks of a stage at once (the chain of task stages fuses into one task)."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=max(1, workers))
+
+
 def _drop_heavy(ray_batch):
     return _wrap([{k: v for k, v in row.items() if k not in HEAVY_COLUMNS} for row in _unwrap(ray_batch)])
 
@@ -127,14 +134,14 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 _ActorUDF,
                 fn_constructor_args=(stage,),
                 batch_size=stage.batch_size,
-                concurrency=pool,
+                compute=ray.data.ActorPoolStrategy(size=pool),
                 ray_remote_args_fn=_keep_apart,
                 **common,
             )
         else:
             # tasks: batch_size None keeps each source's block whole, so the chain fuses per source
-            ds = ds.map_batches(_task_udf(stage), batch_size=None, concurrency=max(1, workers), **common)
-    ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", concurrency=max(1, workers))
+            ds = ds.map_batches(_task_udf(stage), batch_size=None, compute=_tasks(workers), **common)
+    ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", compute=_tasks(workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)
 
@@ -149,6 +156,6 @@ def run_tasks(fn: Callable[[dict], dict], items: Sequence[dict], workers: int) -
     ds = ray.data.from_items(
         [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
     )
-    ds = ds.map_batches(udf, batch_size=None, batch_format="numpy", concurrency=max(1, workers))
+    ds = ds.map_batches(udf, batch_size=None, batch_format="numpy", compute=_tasks(workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)

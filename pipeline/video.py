@@ -222,22 +222,37 @@ class Picture:
         import cv2
 
         if self._rgb is not None:
-            small = cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
-            return cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-        return cv2.LUT(cv2.resize(self._y, (width, height), interpolation=cv2.INTER_AREA), _LUMA_TO_GRAY)
+            return cv2.cvtColor(shrink(self._rgb, width, height), cv2.COLOR_RGB2GRAY)
+        return cv2.LUT(shrink(self._y, width, height), _LUMA_TO_GRAY)
 
     def bgr(self, width: int, height: int) -> np.ndarray:
         """uint8 BGR [height, width, 3], small (for scene detection); width and height even."""
         import cv2
 
         if self._rgb is not None:
-            small = cv2.resize(self._rgb, (width, height), interpolation=cv2.INTER_AREA)
-            return cv2.cvtColor(small, cv2.COLOR_RGB2BGR)
-        area = cv2.INTER_AREA
-        y = cv2.resize(self._y, (width, height), interpolation=area)
-        u = cv2.resize(self._u, (width // 2, height // 2), interpolation=area)
-        v = cv2.resize(self._v, (width // 2, height // 2), interpolation=area)
+            return cv2.cvtColor(shrink(self._rgb, width, height), cv2.COLOR_RGB2BGR)
+        y = shrink(self._y, width, height)
+        u = shrink(self._u, width // 2, height // 2)
+        v = shrink(self._v, width // 2, height // 2)
         return cv2.cvtColor(_i420(y, u, v), cv2.COLOR_YUV2BGR_I420)
+
+
+def shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area-average an image down to (width, height), halving first while it is twice the size.
+
+    OpenCV's area resize is several times faster for an exact 2x than for larger factors, and two
+    2x steps average the same pixels as one 4x step.
+    """
+    import cv2
+
+    while image.shape[1] >= 2 * width and image.shape[0] >= 2 * height:
+        h, w = image.shape[:2]
+        if w % 2 or h % 2:
+            break
+        image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def _i420(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
