@@ -44,7 +44,7 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 bench: $(STAMP)  ## curate benchmark: decode vs CPU stages, 1 and 2 workers, peak memory
-	$(BIN)/inbetweener bench curate
+	$(BIN)/inbetweener bench curate --sources 12 --width 960 --height 544 --repeat 2
 
 clean:  ## remove the venv and outputs
 	rm -rf $(VENV) out .pytest_cache
