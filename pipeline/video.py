@@ -105,6 +105,9 @@ class ProbeInfo:
     vfr_spread: float  # relative spread of packet intervals (0 for constant frame rate)
 
 
+_REORDER_DEPTH = 32  # more than any codec's decode-to-presentation reordering (H.264: 16)
+
+
 def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
     """Container facts of the first video stream, and a variable-frame-rate measure from packets."""
     with open_container(uri) as container:
@@ -132,8 +135,13 @@ def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
         except Exception as exc:
             raise SourceError(f"cannot read packets ({_short(exc)})") from exc
         spread = 0.0
-        if len(pts) >= 3:
-            steps = np.diff(np.sort(np.asarray(pts, dtype=np.float64)))
+        ordered = np.sort(np.asarray(pts, dtype=np.float64))
+        if len(pts) >= vfr_packets:
+            # packets come in decode order: with B-frames, a window cut there misses a few of the
+            # largest timestamps, which would look like a gap; drop the reordering depth's worth
+            ordered = ordered[:-_REORDER_DEPTH]
+        if len(ordered) >= 3:
+            steps = np.diff(ordered)
             steps = steps[steps > 0]
             if steps.size:
                 spread = float((steps.max() - steps.min()) / np.median(steps))

@@ -71,6 +71,25 @@ def test_probe_reads_container_facts(footage):
     assert len(row["source_id"]) == 16
 
 
+def test_long_constant_rate_video_with_b_frames_is_not_vfr(tmp_path):
+    """Regression: the frame-rate check reads packets in decode order; with B-frames, a window cut
+    there misses a few timestamps and looked like a jump (every real source over 10 s failed)."""
+    from pipeline.video import probe as probe_container
+
+    shots = [shot for name in sorted(samples.EPISODES) for shot in samples.EPISODES[name]]
+    frames = (
+        frame
+        for seed in range(2)
+        for shot in shots
+        for frame in samples.shot_frames(shot, seed, (96, 64), 24)
+    )
+    path = tmp_path / "long.mp4"
+    assert samples.write_video(path, frames, 24, (96, 64)) > 300  # past the 240 packets the check reads
+    info = probe_container(str(path))
+    assert info.vfr_spread < 0.05
+    assert probe(str(path))["status"] is None
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
