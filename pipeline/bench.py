@@ -56,9 +56,26 @@ class PeakMemory:
         self._thread.join()
 
 
-def make_footage(root: Path, sources: int, size: tuple[int, int]) -> list[str]:
+def make_footage(root: Path, sources: int, size: tuple[int, int], episodes: int = 1) -> list[str]:
+    """`sources` generated videos; with episodes > 1, each chains that many episodes into one longer
+    source (real footage is minutes long: per-source costs then weigh less than with 9 s sources)."""
     from pipeline import samples
 
+    if episodes > 1:
+        names = sorted(samples.EPISODES)
+        root.mkdir(parents=True, exist_ok=True)
+        uris = []
+        for i in range(sources):
+            frames = (
+                frame
+                for k in range(episodes)
+                for shot in samples.EPISODES[names[k % len(names)]]
+                for frame in samples.shot_frames(shot, i * episodes + k, size, 24)
+            )
+            path = root / f"source_{i:03d}.mp4"
+            samples.write_video(path, frames, 24, size)
+            uris.append(str(path))
+        return uris
     uris = []
     seed = 0
     while len(uris) < sources:
@@ -137,15 +154,23 @@ def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tup
     return seconds, memory.peak
 
 
-def run_curate_bench(sources: int, size: tuple[int, int], workers_list: list[int], repeat: int = 1) -> dict:
+def run_curate_bench(
+    sources: int, size: tuple[int, int], workers_list: list[int], repeat: int = 1, episodes: int = 1
+) -> dict:
     from pipeline.runner import init_ray, shutdown_ray
 
     root = Path(tempfile.mkdtemp(prefix="inbetweener-bench-"))
     try:
-        uris = make_footage(root / "footage", sources * 2, size)
+        uris = make_footage(root / "footage", sources * 2, size, episodes)
         init_ray(num_cpus=max(workers_list))
         bench_decode(uris[:1], 1)  # warm the workers up: Ray start-up is not part of any number
-        results: dict = {"sources": sources, "frame_size": list(size), "repeat": repeat, "workers": {}}
+        results: dict = {
+            "sources": sources,
+            "episodes_per_source": episodes,
+            "frame_size": list(size),
+            "repeat": repeat,
+            "workers": {},
+        }
         best: dict = {}
         for attempt in range(repeat):
             for workers in workers_list:
@@ -185,7 +210,8 @@ def run_curate_bench(sources: int, size: tuple[int, int], workers_list: list[int
 
 def format_results(r: dict) -> str:
     lines = [
-        f"curate bench: {r['sources']} sources, {r['frame_size'][0]}x{r['frame_size'][1]},"
+        f"curate bench: {r['sources']} sources of {r['episodes_per_source']} episode(s),"
+        f" {r['frame_size'][0]}x{r['frame_size'][1]},"
         f" best of {r['repeat']}",
         "workers  frames  decode fps  score fps  score/decode  job fps  job/decode  score peak MB  job peak MB",
     ]
@@ -223,9 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--repeat", type=int, default=1, help="take every measurement N times, interleaved; keep the best"
     )
+    c.add_argument(
+        "--episodes", type=int, default=1, help="generated episodes (~9 s each) chained into each source"
+    )
     c.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    results = run_curate_bench(args.sources, (args.width, args.height), sorted(args.workers), args.repeat)
+    results = run_curate_bench(
+        args.sources, (args.width, args.height), sorted(args.workers), args.repeat, args.episodes
+    )
     print(format_results(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
