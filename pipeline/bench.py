@@ -151,7 +151,22 @@ def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tup
         else:
             job.run()
         seconds = time.perf_counter() - start
+    _check_scored(out)
     return seconds, memory.peak
+
+
+def _check_scored(out: Path) -> None:
+    """A source that failed would make its stages look free: the bench refuses to report then."""
+    import pyarrow.parquet as pq
+
+    parts = [p for p in (out / ".work" / "sources").glob("*.parquet") if not p.name.startswith(".")]
+    rows = [
+        r for p in parts for r in pq.read_table(p, columns=["source_uri", "status", "reason"]).to_pylist()
+    ]
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors or not rows:
+        detail = f"{errors[0]['source_uri']}: {errors[0]['reason']}" if errors else "no rows"
+        raise RuntimeError(f"bench footage did not score cleanly ({len(errors)} errors; {detail})")
 
 
 def run_curate_bench(
