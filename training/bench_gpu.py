@@ -5,7 +5,8 @@
     python -m training.bench_gpu --json bench.json --batches 1,2,3,4,6,8
 
 What it measures, with random weights (no checkpoint, no data: synthetic uint8 clips), fp32 weights with
-bf16 autocast on CUDA, gradient checkpointing on:
+bf16 autocast on CUDA, fused AdamW, gradient checkpointing on (--no-checkpointing: off), each UNet block
+torch.compile'd with --compile inductor (train.compile):
 * `rectify`: the full training step of training/stages/rectify.py (VAE encode + CLIP + Resampler + UNet
   forward/backward + AdamW on the 942 M trained parameters), at each batch per GPU of `--batches` in
   increasing order until one runs out of memory; the largest that fits is reported.
@@ -58,6 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="dense bf16 peak of the card (default: by name)"
     )
+    p.add_argument(
+        "--compile",
+        default="",
+        help="torch.compile backend for each UNet block (train.compile), e.g. inductor",
+    )
+    p.add_argument(
+        "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -91,17 +100,18 @@ class Case:
     disc: torch.nn.Module | None
 
 
-def _build(stage: str, preset: str, device: torch.device, checkpointing: bool) -> Case:
+def _build(stage: str, preset: str, device: torch.device, checkpointing: bool, compile: str = "") -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
-    from training.engine import EMA, TrainConfig
+    from training.engine import EMA, TrainConfig, adamw, compile_blocks
     from training.models.tooncrafter import build_tooncrafter
     from training.stages import decoder, rectify
+    from training.stages.common import unet_blocks
 
     torch.manual_seed(0)
     with torch.device(device):
         model = build_tooncrafter(preset)
     model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=checkpointing)
-    train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0)
+    train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0, compile=compile)
     run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)
     disc = None
     if stage == "rectify":
@@ -116,9 +126,10 @@ def _build(stage: str, preset: str, device: torch.device, checkpointing: bool) -
         built.net.perceptual = LPIPS("vgg")
         built.net.cfg = dataclasses.replace(run.decoder, lpips_weight=1.0)
         disc = built.discriminator.to(device).requires_grad_(False)
+    compile_blocks(unet_blocks(model)[:-1], compile)
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=1e-6)
+    opt = adamw(params.values(), train, device)
     return Case(net, params, opt, EMA(params, train.ema_decay), disc)
 
 
@@ -228,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "torch": torch.__version__,
         "autocast": str(amp),
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": not args.no_checkpointing,
+        "compile": args.compile or None,
         "peak_bf16_tflops": peak,
         "matmul_bf16_tflops": matmul_tflops(device, amp),
         "rows": [],
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             flops, source = count_flops(stage, args, device, amp), "FlopCounterMode"
         report[f"{stage}_tflop_per_clip"] = {"value": flops / 1e12, "source": source}
         batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
-        case = _build(stage, args.preset, device, checkpointing=True)
+        case = _build(stage, args.preset, device, not args.no_checkpointing, args.compile)
         for b in batches:
             row = measure(case, stage, b, args, device, amp, flops)
             if row is None:
@@ -266,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing; "
+        f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing"
+        f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
         "| stage | batch | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|",

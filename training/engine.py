@@ -61,6 +61,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of the trained weights, exported for inference; 0 exports the raw weights
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     gradient_checkpointing: bool = True  # recompute UNet / sketch-encoder / decoder blocks in backward
+    compile: str = ""  # torch.compile backend for each UNet block ("inductor" on GPU; "" = eager)
     fsdp: bool = False  # shard the UNet with FSDP2 (fully_shard per block) instead of replicating it (DDP)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda"
     seed: int = 123  # model init (without init_checkpoint), data order, noise
@@ -282,6 +283,27 @@ def wrap(
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
+    """Regional compilation: `torch.compile` each block in place (the UNet repeats a few block types,
+    so this compiles far faster than the whole network, and it composes with checkpointing, DDP and
+    FSDP, which wrap around the blocks). Returns the number of blocks compiled; "" compiles nothing."""
+    if not backend:
+        return 0
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"train.compile: unknown torch.compile backend {backend!r}; one of {sorted(known)}")
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def adamw(params, cfg: TrainConfig, device: torch.device, **overrides: Any) -> torch.optim.AdamW:
+    """AdamW with the config's hyper-parameters; the fused CUDA kernel where every tensor is on CUDA
+    (one launch for all parameters instead of a few per tensor: 942 M parameters in ~1,300 tensors)."""
+    options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "weight_decay": cfg.weight_decay, **overrides}
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **options)
 
 
 def no_sync(wrapped: nn.Module, skip: bool) -> contextlib.AbstractContextManager:

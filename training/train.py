@@ -41,6 +41,7 @@ from training.data import (
 from training.engine import TrainConfig
 from training.roles import format_role_table
 from training.stages import decoder, rectify, sketch
+from training.stages.common import unet_blocks
 
 log = logging.getLogger("training.train")
 
@@ -223,24 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model(tc)
     model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=tc.gradient_checkpointing)
     stage = STAGES[stage_name].build(model, run, models_dir)
+    compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
     if d.main:
         print(format_role_table(stage.roles), flush=True)
+        if compiled:
+            print(f"torch.compile ({tc.compile}): {compiled} UNet blocks, compiled on first use", flush=True)
     stage.net.to(device)
     net = engine.wrap(stage.net, d, device, stage.shard_blocks if tc.fsdp and stage.shard_blocks else None)
     trainable = {n: p for n, p in stage.net.named_parameters() if p.requires_grad}
-    optimizers = {
-        "model": torch.optim.AdamW(
-            trainable.values(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
-        )
-    }
+    optimizers = {"model": engine.adamw(trainable.values(), tc, device)}
     disc = disc_net = None
     if stage.discriminator is not None:
         disc = stage.discriminator.to(device).train()
         disc_net = engine.wrap(disc, d, device)
         trainable.update({f"discriminator.{n}": p for n, p in disc.named_parameters()})
         disc_lr = run.decoder.disc_lr or tc.lr
-        optimizers["discriminator"] = torch.optim.AdamW(
-            disc.parameters(), lr=disc_lr, betas=(0.5, 0.9), weight_decay=tc.weight_decay
+        optimizers["discriminator"] = engine.adamw(
+            disc.parameters(), tc, device, lr=disc_lr, betas=(0.5, 0.9)
         )
     ema_params = {n: p for n, p in trainable.items() if not n.startswith("discriminator.")}
     ema = engine.EMA(ema_params, tc.ema_decay) if tc.ema_decay > 0 else None
