@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -170,11 +170,10 @@ def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
     return frame[top : top + out_h, left : left + out_w]
 
 
-def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterator[np.ndarray]:
-    """Decode every frame in order as uint8 RGB [height, width, 3].
+def _decoded(uri: str, convert: Callable) -> Iterator:
+    """`convert(frame)` for every frame of the first video stream, in order, one decoder thread.
 
-    crop=True: resize to cover then centre-crop (the aspect is kept); crop=False: plain resize.
-    Decode failures raise SourceError naming the frame they happened at.
+    Decode (and conversion) failures raise SourceError naming the frame they happened at.
     """
     import av
 
@@ -187,12 +186,20 @@ def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterato
         index = 0
         try:
             for frame in container.decode(stream):
-                # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than
-                # converting and resizing with OpenCV (measured: see BENCHMARKS.md)
-                yield _fit_rgb(frame.to_ndarray(format="rgb24"), width, height, crop)
+                yield convert(frame)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterator[np.ndarray]:
+    """Decode every frame in order as uint8 RGB [height, width, 3].
+
+    crop=True: resize to cover then centre-crop (the aspect is kept); crop=False: plain resize.
+    """
+    # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than converting and
+    # resizing with OpenCV (measured: see BENCHMARKS.md)
+    return _decoded(uri, lambda frame: _fit_rgb(frame.to_ndarray(format="rgb24"), width, height, crop))
 
 
 # BT.601 limited-range luma (16..235) to the full-range grey that RGB->grey gives (0..255)
@@ -284,53 +291,32 @@ def iter_pictures(uri: str, width: int, height: int) -> Iterator[Picture]:
     """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures.
 
     8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
-    through RGB. Decode failures raise SourceError naming the frame they happened at.
+    through RGB.
     """
-    import av
-    import cv2
-
     if width % 2 or height % 2:
         raise ValueError(f"keyframe size must be even, got {width}x{height}")
-    with open_container(uri) as container:
-        videos = [s for s in container.streams if s.type == "video"]
-        if not videos:
-            raise SourceError("no video stream")
-        stream = videos[0]
-        stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
-        index = 0
-        try:
-            for frame in container.decode(stream):
-                fw, fh = frame.width, frame.height
-                if frame.format.name != "yuv420p" or fw % 2 or fh % 2:
-                    yield Picture(rgb=_fit_rgb(frame.to_ndarray(format="rgb24"), width, height, True))
-                    index += 1
-                    continue
-                sw, sh = cover_size(fw, fh, width, height)
-                interp = cv2.INTER_AREA if min(sw / fw, sh / fh) < 0.5 else cv2.INTER_LINEAR
-                top, left = _even_crop((sw, sh), width, height)
-                planes = []
-                for i, (pw, ph, ow, oh) in enumerate(
-                    [
-                        (fw, fh, sw, sh),
-                        (fw // 2, fh // 2, sw // 2, sh // 2),
-                        (fw // 2, fh // 2, sw // 2, sh // 2),
-                    ]
-                ):
-                    data = _plane(frame, i, pw, ph)
-                    # resizing makes a new array; a frame already at size is copied (the decoder reuses buffers)
-                    data = (
-                        cv2.resize(data, (ow, oh), interpolation=interp)
-                        if (ow, oh) != (pw, ph)
-                        else data.copy()
-                    )
-                    scale = 1 if i == 0 else 2
-                    planes.append(
-                        data[top // scale : (top + height) // scale, left // scale : (left + width) // scale]
-                    )
-                yield Picture(*planes)
-                index += 1
-        except av.error.FFmpegError as exc:
-            raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+    return _decoded(uri, lambda frame: _picture(frame, width, height))
+
+
+def _picture(frame, width: int, height: int) -> Picture:
+    import cv2
+
+    fw, fh = frame.width, frame.height
+    if frame.format.name != "yuv420p" or fw % 2 or fh % 2:
+        return Picture(rgb=_fit_rgb(frame.to_ndarray(format="rgb24"), width, height, True))
+    sw, sh = cover_size(fw, fh, width, height)
+    interp = cv2.INTER_AREA if min(sw / fw, sh / fh) < 0.5 else cv2.INTER_LINEAR
+    top, left = _even_crop((sw, sh), width, height)
+    planes = []
+    for i, (pw, ph, ow, oh) in enumerate(
+        [(fw, fh, sw, sh), (fw // 2, fh // 2, sw // 2, sh // 2), (fw // 2, fh // 2, sw // 2, sh // 2)]
+    ):
+        data = _plane(frame, i, pw, ph)
+        # resizing makes a new array; a frame already at size is copied (the decoder reuses its buffers)
+        data = cv2.resize(data, (ow, oh), interpolation=interp) if (ow, oh) != (pw, ph) else data.copy()
+        scale = 1 if i == 0 else 2
+        planes.append(data[top // scale : (top + height) // scale, left // scale : (left + width) // scale])
+    return Picture(*planes)
 
 
 def _fit_rgb(image: np.ndarray, width: int, height: int, crop: bool) -> np.ndarray:
