@@ -170,7 +170,12 @@ def _check_scored(out: Path) -> None:
 
 
 def run_curate_bench(
-    sources: int, size: tuple[int, int], workers_list: list[int], repeat: int = 1, episodes: int = 1
+    sources: int,
+    size: tuple[int, int],
+    workers_list: list[int],
+    repeat: int = 1,
+    episodes: int = 1,
+    with_job: bool = True,
 ) -> dict:
     from pipeline.runner import init_ray, shutdown_ray
 
@@ -192,7 +197,11 @@ def run_curate_bench(
                 d_s, frames = bench_decode(uris[:sources], workers)
                 out = root / f"run{attempt}"
                 s_s, s_mem = bench_job(uris[:sources], workers, out / f"score{workers}", score_only=True)
-                j_s, j_mem = bench_job(uris[:sources], workers, out / f"job{workers}", score_only=False)
+                j_s, j_mem = (
+                    bench_job(uris[:sources], workers, out / f"job{workers}", score_only=False)
+                    if with_job
+                    else (float("nan"), 0)
+                )
                 shutil.rmtree(out, ignore_errors=True)
                 old = best.get(workers, (float("inf"),) * 3 + (0, 0, 0))
                 best[workers] = (min(old[0], d_s), min(old[1], s_s), min(old[2], j_s),
@@ -208,6 +217,8 @@ def run_curate_bench(
                 "score_peak_mb": s_mem / 2**20,
                 "job_peak_mb": j_mem / 2**20,
             }
+            if not with_job:
+                results["workers"][workers].update(job_fps=None, job_over_decode=None, job_peak_mb=None)
         _, mem_2n = bench_job(uris, workers_list[-1], root / "double", score_only=True)
         results["peak_mb_N"] = results["workers"][workers_list[-1]]["score_peak_mb"]
         results["peak_mb_2N"] = mem_2n / 2**20
@@ -223,6 +234,10 @@ def run_curate_bench(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
 def format_results(r: dict) -> str:
     lines = [
         f"curate bench: {r['sources']} sources of {r['episodes_per_source']} episode(s),"
@@ -233,7 +248,8 @@ def format_results(r: dict) -> str:
     for w, v in r["workers"].items():
         lines.append(
             f"{w:>7}  {v['frames']:>6}  {v['decode_fps']:>10.0f}  {v['score_fps']:>9.0f}  {v['score_over_decode']:>12.2f}"
-            f"  {v['job_fps']:>7.0f}  {v['job_over_decode']:>10.2f}  {v['score_peak_mb']:>13.0f}  {v['job_peak_mb']:>11.0f}"
+            f"  {_num(v['job_fps'], 7, 0)}  {_num(v['job_over_decode'], 10, 2)}  {v['score_peak_mb']:>13.0f}"
+            f"  {_num(v['job_peak_mb'], 11, 0)}"
         )
     if "score_scaling" in r:
         lines.append(
@@ -267,10 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument(
         "--episodes", type=int, default=1, help="generated episodes (~9 s each) chained into each source"
     )
+    c.add_argument(
+        "--no-job", action="store_true", help="skip the whole-job measurement (re-encoding dominates it)"
+    )
     c.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     results = run_curate_bench(
-        args.sources, (args.width, args.height), sorted(args.workers), args.repeat, args.episodes
+        args.sources,
+        (args.width, args.height),
+        sorted(args.workers),
+        args.repeat,
+        args.episodes,
+        not args.no_job,
     )
     print(format_results(results))
     if args.json:
