@@ -191,7 +191,7 @@ def run_curate_bench(
             "repeat": repeat,
             "workers": {},
         }
-        best: dict = {}
+        runs: dict[int, list[tuple]] = {w: [] for w in workers_list}  # (decode s, score s, job s, MBs)
         for attempt in range(repeat):
             for workers in workers_list:
                 d_s, frames = bench_decode(uris[:sources], workers)
@@ -203,9 +203,12 @@ def run_curate_bench(
                     else (float("nan"), 0)
                 )
                 shutil.rmtree(out, ignore_errors=True)
-                old = best.get(workers, (float("inf"),) * 3 + (0, 0, 0))
-                best[workers] = (min(old[0], d_s), min(old[1], s_s), min(old[2], j_s),
-                                 max(old[3], s_mem), max(old[4], j_mem), frames)  # fmt: skip
+                runs[workers].append((d_s, s_s, j_s, s_mem, j_mem))
+        best = {}  # per column: the fastest time and the largest peak over the repeats
+        for workers, rows in runs.items():
+            d_s, s_s, j_s = (min(col) for col in list(zip(*rows))[:3])
+            s_mem, j_mem = (max(col) for col in list(zip(*rows))[3:])
+            best[workers] = (d_s, s_s, j_s, s_mem, j_mem, frames)
         for workers, (d_s, s_s, j_s, s_mem, j_mem, frames) in best.items():
             results["workers"][workers] = {
                 "frames": frames,

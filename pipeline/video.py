@@ -214,10 +214,11 @@ class Picture:
     demand (BT.601 limited range, as swscale's default), for the few frames a clip keeps.
     """
 
-    __slots__ = ("_y", "_u", "_v", "_rgb")
+    __slots__ = ("_y", "_u", "_v", "_rgb", "_small_y")
 
     def __init__(self, y=None, u=None, v=None, rgb=None):
         self._y, self._u, self._v, self._rgb = y, u, v, rgb
+        self._small_y = None  # the luma that gray() reduced; bgr() goes on from it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -238,7 +239,8 @@ class Picture:
 
         if self._rgb is not None:
             return cv2.cvtColor(shrink(self._rgb, width, height), cv2.COLOR_RGB2GRAY)
-        return cv2.LUT(shrink(self._y, width, height), _LUMA_TO_GRAY)
+        self._small_y = shrink(self._y, width, height)
+        return cv2.LUT(self._small_y, _LUMA_TO_GRAY)
 
     def bgr(self, width: int, height: int) -> np.ndarray:
         """uint8 BGR [height, width, 3], small (for scene detection); width and height even."""
@@ -246,10 +248,25 @@ class Picture:
 
         if self._rgb is not None:
             return cv2.cvtColor(shrink(self._rgb, width, height), cv2.COLOR_RGB2BGR)
-        y = shrink(self._y, width, height)
+        small = self._small_y
+        # when both steps are halvings, going on from gray()'s luma gives the same pixels, once less
+        reuse = (
+            small is not None
+            and _halves(self._y.shape, small.shape)
+            and _halves(small.shape, (height, width))
+        )
+        y = shrink(small if reuse else self._y, width, height)
         u = shrink(self._u, width // 2, height // 2)
         v = shrink(self._v, width // 2, height // 2)
         return cv2.cvtColor(_i420(y, u, v), cv2.COLOR_YUV2BGR_I420)
+
+
+def _halves(big: tuple[int, ...], small: tuple[int, ...]) -> bool:
+    """Whether `big` reduces to `small` by exact halvings (at least one)."""
+    h, w = big[:2]
+    while h > small[0] and w > small[1] and h % 2 == 0 and w % 2 == 0:
+        h, w = h // 2, w // 2
+    return (h, w) == tuple(small[:2]) and big[0] > small[0]
 
 
 def shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:

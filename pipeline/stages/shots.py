@@ -75,11 +75,12 @@ class ShotsStage(Stage):
         next_frame = 0
         try:
             for picture in iter_pictures(source["source_uri"], self.keyframe_width, self.keyframe_height):
+                gray = picture.gray(self.analysis_width, self.analysis_height)
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
                 bgr = picture.bgr(self.detect_width, self.detect_height)
                 for cut in detector.process_frame(FrameTimecode(next_frame, fps=fps), bgr):
                     shot = yield from self._cut(source, shot, cut.frame_num)
-                shot.frames.append((picture, picture.gray(self.analysis_width, self.analysis_height)))
+                shot.frames.append((picture, gray))
                 next_frame += 1
                 if len(shot.frames) > self._max_len(fps) + lag + self.margin_frames:
                     yield from self._windows(source, shot, shot.start + len(shot.frames) - lag, final=False)
