@@ -7,10 +7,11 @@ shared and noisy: the numbers that matter are the ratios.
   score+write the whole CPU job: scoring, re-encoding kept clips, shards, manifest, report
               (the model stages are off: they are measured on a GPU by pipeline/bench_models_gpu.py)
 Peak memory is the largest sum of RSS over this process and all its descendants (Ray's workers),
-sampled every 50 ms, measured for N and 2N sources to show that the job streams.
+sampled every 100 ms, measured for N and 2N sources to show that the job streams.
 With --repeat R, every measurement is taken R times, interleaved, and the fastest counts (the usual
-defence against a noisy machine: noise only ever slows a run down). A control measures how well
-this machine runs two CPU-bound processes at once, so a scaling figure can be read against it.
+defence against a noisy machine: noise only ever slows a run down). A control decodes the same
+sources in one and in two plain processes, interleaved with the rest, so a scaling figure can be read
+against what the machine allows at that moment.
 """
 
 from __future__ import annotations
@@ -26,21 +27,31 @@ from pathlib import Path
 
 
 class PeakMemory:
-    """Largest RSS sum over this process tree while the block runs."""
+    """Largest RSS sum over this process tree while the block runs.
 
-    def __init__(self, interval: float = 0.05):
+    Listing a process tree reads every process of the machine, so the tree is listed once a second
+    and its members' RSS read every `interval` (sampling the whole tree every 50 ms cost ~9% of a
+    core, which a 2-worker measurement on 2 cores would pay for)."""
+
+    def __init__(self, interval: float = 0.1, relist: float = 1.0):
         import psutil
 
         self.psutil = psutil
         self.interval = interval
+        self.relist = relist
         self.peak = 0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         me = self.psutil.Process()
+        procs, listed = [me], 0.0
         while not self._stop.is_set():
+            if time.monotonic() - listed >= self.relist:
+                with contextlib.suppress(self.psutil.Error):
+                    procs = [me, *me.children(recursive=True)]
+                listed = time.monotonic()
             total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            for proc in procs:
                 with contextlib.suppress(self.psutil.Error):
                     total += proc.memory_info().rss
             self.peak = max(self.peak, total)
@@ -101,28 +112,26 @@ def _decode_all(job: dict) -> dict:
     return {"frames": frames}
 
 
-def _burn(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
+class PlainProcesses:
+    """The control: the same decoding in 1 and in 2 plain processes (multiprocessing, no Ray), in the
+    same run as the Ray measurements. What two processes gain over one is what the machine allows;
+    what Ray's workers gain beyond that ratio is Ray's own cost."""
 
+    def __init__(self):
+        import multiprocessing
 
-def machine_scaling(repeat: int, n: int = 4_000_000) -> float:
-    """Throughput of two processes running pure-Python work at once over one, best of `repeat`."""
-    import multiprocessing
+        context = multiprocessing.get_context("spawn")  # started before Ray: no Ray state inherited
+        self.pools = {1: context.Pool(1), 2: context.Pool(2)}
 
-    best_one, best_two = float("inf"), float("inf")
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(_burn, [1000, 1000])  # start-up is not measured
-        for _ in range(repeat):
-            start = time.perf_counter()
-            pool.map(_burn, [n])
-            best_one = min(best_one, time.perf_counter() - start)
-            start = time.perf_counter()
-            pool.map(_burn, [n, n], chunksize=1)
-            best_two = min(best_two, time.perf_counter() - start)
-    return 2 * best_one / best_two
+    def decode(self, uris: list[str], processes: int) -> float:
+        jobs = [{"source_uri": u} for u in uris]
+        start = time.perf_counter()
+        self.pools[processes].map(_decode_all, jobs, chunksize=1)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.terminate()
 
 
 def bench_decode(uris: list[str], workers: int) -> tuple[float, int]:
@@ -182,6 +191,10 @@ def run_curate_bench(
     root = Path(tempfile.mkdtemp(prefix="inbetweener-bench-"))
     try:
         uris = make_footage(root / "footage", sources * 2, size, episodes)
+        control = PlainProcesses() if len(workers_list) >= 2 else None
+        if control:  # warm up: process start-up and imports are not part of any number
+            control.decode(uris[:1], 1)
+            control.decode(uris[:2], 2)
         init_ray(num_cpus=max(workers_list))
         bench_decode(uris[:1], 1)  # warm the workers up: Ray start-up is not part of any number
         results: dict = {
@@ -192,7 +205,11 @@ def run_curate_bench(
             "workers": {},
         }
         runs: dict[int, list[tuple]] = {w: [] for w in workers_list}  # (decode s, score s, job s, MBs)
+        plain: dict[int, list[float]] = {1: [], 2: []}  # the control's decode seconds
         for attempt in range(repeat):
+            if control:
+                for processes in (1, 2):
+                    plain[processes].append(control.decode(uris[:sources], processes))
             for workers in workers_list:
                 d_s, frames = bench_decode(uris[:sources], workers)
                 out = root / f"run{attempt}"
@@ -229,11 +246,14 @@ def run_curate_bench(
             one, two = results["workers"][workers_list[0]], results["workers"][workers_list[-1]]
             results["score_scaling"] = two["score_fps"] / one["score_fps"]
             results["decode_scaling"] = two["decode_fps"] / one["decode_fps"]
+        if control:
+            results["plain_decode_scaling"] = min(plain[1]) / min(plain[2])
+            results["plain_decode_fps"] = {p: frames / min(plain[p]) for p in (1, 2)}
         shutdown_ray()
-        if len(workers_list) >= 2:
-            results["machine_scaling"] = machine_scaling(max(repeat, 2))
         return results
     finally:
+        if control:
+            control.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -257,7 +277,7 @@ def format_results(r: dict) -> str:
     if "score_scaling" in r:
         lines.append(
             f"2 workers / 1 worker: score {r['score_scaling']:.2f}x, decode {r['decode_scaling']:.2f}x;"
-            f" this machine runs 2 CPU-bound processes at {r['machine_scaling']:.2f}x one"
+            f" the same decoding in plain processes (no Ray): 2 / 1 = {r['plain_decode_scaling']:.2f}x"
         )
     lines.append(
         f"peak memory, scoring N={r['sources']} vs 2N sources: {r['peak_mb_N']:.0f} MB vs {r['peak_mb_2N']:.0f} MB"

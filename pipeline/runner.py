@@ -65,17 +65,30 @@ def _wrap(rows: list[dict]) -> dict:
     return {ROW: column}
 
 
+def _threads_as_declared(num_cpus: float) -> None:
+    """Keep a task within the CPUs it declared. Ray sets OMP_NUM_THREADS for its workers, but
+    OpenCV's own thread pool ignores it and spreads resizes and optical flow over every core of
+    the machine: one task then borrows its neighbours' cores and N tasks oversubscribe the node."""
+    import cv2
+
+    threads = max(1, round(num_cpus))
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+
+
 def _task_udf(stage: Stage) -> Callable:
     """A plain function for Ray tasks; a stage that emits many rows yields them one by one."""
     if stage.emits_many:
 
         def run_many(ray_batch):
+            _threads_as_declared(stage.num_cpus)
             for row in stage.process_rows(_unwrap(ray_batch)):
                 yield _wrap([stage.mark(row)])
 
         return run_many
 
     def run(ray_batch):
+        _threads_as_declared(stage.num_cpus)
         return _wrap(rows_of(stage(batch_of(_unwrap(ray_batch)))))
 
     return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.bench import format_results, machine_scaling, run_curate_bench
+from pipeline.bench import format_results, run_curate_bench
 
 
 @pytest.mark.slow
@@ -16,11 +16,9 @@ def test_curate_bench_measures_decode_score_and_memory():
         assert row["decode_fps"] > 0 and row["score_fps"] > 0 and row["job_fps"] > 0
         assert row["score_over_decode"] == pytest.approx(row["score_fps"] / row["decode_fps"])
         assert row["score_peak_mb"] > 50  # the driver alone holds more than this
-    assert results["peak_mb_2N"] > 0 and results["machine_scaling"] > 0.3
+    assert results["peak_mb_2N"] > 0
+    # the control decodes the same frames without Ray; two processes can at best double one
+    assert 0.3 < results["plain_decode_scaling"] < 2.6
+    assert results["plain_decode_fps"][1] > 0 and results["plain_decode_fps"][2] > 0
     text = format_results(results)
-    assert "score/decode" in text and "2 CPU-bound processes" in text
-
-
-def test_machine_scaling_is_a_ratio_of_two_processes_to_one():
-    # two processes can at best double the throughput of one (plus timing noise)
-    assert 0.3 < machine_scaling(repeat=1, n=300_000) < 2.6
+    assert "score/decode" in text and "plain processes (no Ray)" in text
