@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stages.aesthetic import AestheticStage, build_aesthetic_mlp
+from pipeline.stages.aesthetic import AestheticStage, build_aesthetic_mlp, compile_image_tower
 from pipeline.stages.alignment import AlignmentStage
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.text import CraftDetector, TextStage
@@ -323,7 +323,9 @@ def _rows(n: int, size: tuple[int, int], seed: int = 0) -> list[dict]:
     return [{"row_kind": "clip", "clip_id": f"c{i}", "keyframes": list(frames)} for i in range(n)]
 
 
-def run(device_name: str, tiny: bool, fallback: bool, batches: int, stages: list[str]) -> dict:
+def run(
+    device_name: str, tiny: bool, fallback: bool, batches: int, stages: list[str], compile_backend: str = ""
+) -> dict:
     import torch
 
     from pipeline.models import pick_device, pick_dtype
@@ -368,7 +370,7 @@ def run(device_name: str, tiny: bool, fallback: bool, batches: int, stages: list
 
     if "aesthetic" in stages or "alignment" in stages:
         clip, tokenizer, impl = build_clip(tiny, fallback, device, clip_dtype)
-        aesthetic = AestheticStage(device=str(device))
+        aesthetic = AestheticStage(device=str(device), batch_size=batch["aesthetic"])
         aesthetic._device, aesthetic._dtype, aesthetic._clip = device, clip_dtype, clip
         aesthetic._mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
         aesthetic._model, aesthetic._sha256, aesthetic._clip_sha256 = "laion (random)", None, None
@@ -382,6 +384,20 @@ def run(device_name: str, tiny: bool, fallback: bool, batches: int, stages: list
             rows = list(aesthetic.process_rows(_rows(batch["alignment"], size)))
             rows = [{**r, "caption": "a cartoon character walks across a sunny meadow"} for r in rows]
             results["stages"]["alignment"] = {"model": impl, **measure(alignment, rows, device, batches)}
+        if "aesthetic" in stages and compile_backend:
+            # the same tower compiled in place, after every eager use (the first call compiles)
+            compile_image_tower(clip, compile_backend)
+            aesthetic.compile = compile_backend  # pads short batches: one shape, one compilation
+            rows = _rows(batch["aesthetic"], size)
+            start = time.perf_counter()
+            list(aesthetic.process_rows(rows))
+            _sync(device)
+            first_call_s = time.perf_counter() - start
+            results["stages"]["aesthetic_compiled"] = {
+                "model": f"{impl}, torch.compile {compile_backend}",
+                "first_call_s": round(first_call_s, 2),
+                **measure(aesthetic, rows, device, batches),
+            }
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):
             a, b = (
@@ -389,6 +405,9 @@ def run(device_name: str, tiny: bool, fallback: bool, batches: int, stages: list
                 results["stages"]["alignment"]["clips_per_s"],
             )
             results["aesthetic_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
+            if "aesthetic_compiled" in results["stages"]:
+                a = results["stages"]["aesthetic_compiled"]["clips_per_s"]
+                results["aesthetic_compiled_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
 
     if "caption" in stages:
         if device.type == "cuda":
@@ -421,11 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallbacks", action="store_true", help="use the no-open_clip / no-easyocr paths")
     p.add_argument("--batches", type=int, default=None, help="timed calls per stage (default 5; tiny 1)")
     p.add_argument("--stages", default="text,aesthetic,alignment,caption", help="comma-separated")
+    p.add_argument(
+        "--compile",
+        default="",
+        metavar="BACKEND",
+        help="also measure the aesthetic stage with its CLIP image tower torch.compile'd (e.g. inductor)",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
-    results = run(args.device, args.tiny, args.fallbacks, batches, stages)
+    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile)
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     for name, r in results["stages"].items():
         mem = "-" if r["peak_gpu_mem_gib"] is None else f"{r['peak_gpu_mem_gib']:.2f} GiB"
@@ -435,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     if "aesthetic_plus_alignment_clips_per_s" in results:
         print(
             f"  aesthetic + alignment together: {results['aesthetic_plus_alignment_clips_per_s']:.1f} clips/s"
+        )
+    if "aesthetic_compiled_plus_alignment_clips_per_s" in results:
+        print(
+            "  aesthetic (compiled) + alignment together:"
+            f" {results['aesthetic_compiled_plus_alignment_clips_per_s']:.1f} clips/s"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -160,7 +160,7 @@ THRESHOLD_KEYS = {
     ("alignment", "min"),
 }
 # how a stage runs, not what it scores: may differ between a run and its resume
-RUNTIME_KEYS = {"device", "batch_size", "num_gpus", "threads", "models_dir", "precision"}
+RUNTIME_KEYS = {"device", "batch_size", "num_gpus", "threads", "models_dir", "precision", "compile"}
 # what `inbetweener select` may change: thresholds, the split and the shard size (no decoding for scores)
 SELECT_KEYS = (
     THRESHOLD_KEYS | {("write", "shard_bytes")} | {("split", f.name) for f in dataclasses.fields(SplitConfig)}
@@ -262,6 +262,13 @@ def _validate(config: CurateConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.aesthetic.enabled and config.aesthetic.compile:  # only then is torch worth importing here
+        from pipeline.stages.aesthetic import check_compile_backend
+
+        try:
+            check_compile_backend(config.aesthetic.compile, "aesthetic.compile")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def parse_set(items: list[str]) -> dict[str, dict]:

@@ -105,8 +105,12 @@ def clip_preprocess(frames, cfg: dict):
     return (x - mean) / std
 
 
-def encode_frames(net, frames: list[np.ndarray], device, dtype, chunk: int = 256) -> np.ndarray:
-    """RGB uint8 frames -> L2-normalised CLIP image embeddings, float32 [n, D] (one forward per frame)."""
+def encode_frames(
+    net, frames: list[np.ndarray], device, dtype, chunk: int = 256, fixed: bool = False
+) -> np.ndarray:
+    """RGB uint8 frames -> L2-normalised CLIP image embeddings, float32 [n, D] (one forward per frame).
+    With `fixed`, every forward sees exactly `chunk` images (a short chunk is padded with blank
+    images whose embeddings are dropped), so a compiled tower meets one shape and compiles once."""
     import torch
 
     cfg = net.visual.preprocess_cfg
@@ -118,9 +122,28 @@ def encode_frames(net, frames: list[np.ndarray], device, dtype, chunk: int = 256
                 x = clip_preprocess(torch.from_numpy(np.stack(part)).to(device), cfg)
             else:  # frames of several sizes: each resized on its own, then one batch
                 x = torch.cat([clip_preprocess(torch.from_numpy(f[None]).to(device), cfg) for f in part])
-            emb = net.encode_image(x.to(dtype))
+            if fixed and len(part) < chunk:
+                x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
+            emb = net.encode_image(x.to(dtype).contiguous())[: len(part)]  # one layout: cropped or padded
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
     return torch.cat(out).numpy()
+
+
+def compile_image_tower(net, backend: str) -> None:
+    """`torch.compile` the image tower in place ("" leaves it eager); an unknown backend is an error
+    naming `aesthetic.compile`."""
+    if not backend:
+        return
+    check_compile_backend(backend, "aesthetic.compile")
+    net.visual.compile(backend=backend, dynamic=False)
+
+
+def check_compile_backend(backend: str, key: str) -> None:
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"{key}: unknown torch.compile backend {backend!r}; one of {sorted(known)}")
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -180,6 +203,7 @@ class AestheticStage(Stage):
     precision: str = "auto"  # CLIP tower: auto = fp16 on GPU, fp32 on CPU (the MLP is always fp32)
     batch_size: int = 64  # clips per call: 3 frames each through CLIP at once
     num_gpus: float = 0.25  # ViT-L/14 fp16 needs ~1 GB; set 0 on machines without GPU
+    compile: str = ""  # a torch.compile backend for the image tower ("inductor" on GPU); "": eager
 
     name = "aesthetic"
     num_cpus = 1.0
@@ -197,6 +221,7 @@ class AestheticStage(Stage):
         self._device = pick_device(self.device)
         self._dtype = pick_dtype(self.precision, self._device)
         self._clip = load_clip(self.clip_model, self.clip_pretrained, root, self._device, self._dtype)
+        compile_image_tower(self._clip, self.compile)
         dim = clip_embed_dim(self.clip_model, root)
         self._mlp = load_aesthetic_mlp(root, dim, self._device)
         self._model = f"laion-aesthetic sac+logos+ava1-l14-linearMSE on open_clip {self.clip_model}/{self.clip_pretrained}"
@@ -216,7 +241,13 @@ class AestheticStage(Stage):
             i for i, r in enumerate(rows) if r.get("row_kind") == "clip" and r.get("keyframes") is not None
         ]
         frames = [f for i in todo for f in rows[i]["keyframes"][:3]]
-        emb = encode_frames(self._clip, frames, self._device, self._dtype) if frames else None
+        emb = (
+            encode_frames(
+                self._clip, frames, self._device, self._dtype, 3 * self.batch_size, fixed=bool(self.compile)
+            )
+            if frames
+            else None
+        )
         scores = self.scores(emb) if frames else None
         done = {i: j for j, i in enumerate(todo)}
         for i, row in enumerate(rows):

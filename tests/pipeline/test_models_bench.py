@@ -29,3 +29,15 @@ def test_bench_smoke_run_on_cpu_writes_every_stage(tmp_path, capsys):
     assert results["stages"]["text"]["model"].startswith("minimal CRAFT")
     assert results["aesthetic_plus_alignment_clips_per_s"] > 0
     assert "clips/s" in capsys.readouterr().out
+
+
+def test_bench_measures_the_compiled_image_tower_beside_the_eager_one(tmp_path):
+    from pipeline.bench_models_gpu import main
+
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic,alignment"]
+    assert main([*args, "--compile", "eager", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    compiled = results["stages"]["aesthetic_compiled"]
+    assert "torch.compile eager" in compiled["model"] and compiled["clips_per_s"] > 0
+    assert compiled["first_call_s"] > 0 and results["aesthetic_compiled_plus_alignment_clips_per_s"] > 0

@@ -167,3 +167,51 @@ def test_missing_truncated_and_wrong_clip_weights_are_named(models, tmp_path):
     save_file({"visual.proj": torch.zeros(4, 4)}, tmp_path / clip_path(TINY, TAG))
     (problem,) = check_weights([stage])
     assert "missing keys" in problem and "shape mismatches" in problem and "visual.proj" in problem
+
+
+def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
+    """aesthetic.compile: short batches are padded to the stage's batch, so the compiled tower meets
+    one input shape (a recompile per batch size would cost more than compiling saves)."""
+    import torch
+    from torch._dynamo import register_backend
+
+    shapes = []
+
+    @register_backend(name="inbetweener_test_counting")
+    def counting(graph, example_inputs):
+        shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward  # run the captured graph as it is
+
+    torch._dynamo.reset()
+    eager = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    eager.setup()
+    compiled = AestheticStage(
+        clip_model=TINY,
+        clip_pretrained=TAG,
+        models_dir=str(models),
+        device="cpu",
+        compile="inbetweener_test_counting",
+    )
+    compiled.batch_size = 2
+    compiled.setup()
+    rows = clip_rows()
+    for batch in (rows[:2], rows[:1], rows):  # 6, 3 and 6 frames (the third row has no keyframes)
+        want, got = list(eager.process_rows(batch)), list(compiled.process_rows(batch))
+        for w, g in zip(want, got, strict=True):
+            if "aesthetic_min" in w:
+                np.testing.assert_allclose(g["clip_image_emb"], w["clip_image_emb"], atol=1e-5)
+                assert g["aesthetic_min"] == pytest.approx(w["aesthetic_min"], abs=1e-5)
+            else:
+                assert "aesthetic_min" not in g
+    assert len(shapes) == 1 and (6, 3, 32, 32) in shapes[0]  # one graph: 3 frames x batch_size clips
+
+    with pytest.raises(ValueError, match="aesthetic.compile: unknown torch.compile backend 'nope'"):
+        AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), compile="nope").setup()
+
+
+def test_unknown_compile_backend_is_a_config_error_before_any_work():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="aesthetic.compile"):
+        load_config(sets=["aesthetic.compile=nope"])
+    assert load_config(sets=["aesthetic.compile=inductor"]).aesthetic.compile == "inductor"
