@@ -5,7 +5,8 @@
 #   model:    UNet training step at batch 1 with gradient checkpointing off and on
 #   clip:     aesthetic + alignment clips/s with the CLIP image tower eager and torch.compile'd
 #   training: rectify step at batch 6, eager and with each UNet block torch.compile'd (same card,
-#             same run, so the two compare), then the largest batch that fits + decoder at batch 1
+#             same run, so the two compare), each timed by part (--breakdown), then the largest
+#             batch that fits + decoder at batch 1
 #   curate:   the model stages' clips/s and peak memory at full size, random weights
 set -u
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ part() {  # part SECONDS command...: run with a time limit; 0 skips the part
 }
 part ${T_MODEL:-60} python3 -m training.bench_model --no-sample --repeats 2 --json "$OUT/model.json" 2>&1 | tail -20
 part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --compile inductor --out "$OUT/clip_compiled.json" 2>&1 | tail -8
-part ${T_EAGER:-60} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --json "$OUT/train_eager6.json" 2>&1 | tail -6
-part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6,8 --steps 3 --warmup 2 --no-decoder --compile inductor --json "$OUT/train_compiled.json" 2>&1 | tail -8
+part ${T_EAGER:-75} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --json "$OUT/train_eager6.json" 2>&1 | tail -8
+part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6,8 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --json "$OUT/train_compiled.json" 2>&1 | tail -10
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20

@@ -17,7 +17,10 @@ model FLOPs utilisation = model FLOPs per step / time / peak. Model FLOPs per cl
 Appendix E's counts for toon-512 (rectify 49.24 TFLOP, decoder 113.56 TFLOP; recompute not counted), and
 torch's FlopCounterMode on one step without checkpointing for other presets (or with --count-flops). The
 peak is the card's dense bf16 spec (H100/H200 SXM 989.4 TFLOP/s, A100 312) or --peak-tflops; a measured
-bf16 matmul rate is reported beside it.
+bf16 matmul rate is reported beside it. With --breakdown, one more step per case is timed by part (CUDA
+events, no sync inside the step): the frozen VAE encoder and CLIP towers, the Resampler, the UNet
+forward, the rest of the forward, the backward, and clipping + AdamW + EMA: where the time goes
+before deciding between compiling, caching the frozen encoders' outputs and larger batches.
 
 Needs torch (and open_clip_torch, for the CLIP towers' classes) only: no Ray, webdataset or PyAV.
 """
@@ -25,11 +28,13 @@ Needs torch (and open_clip_torch, for the CLIP towers' classes) only: no Ray, we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -67,8 +72,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="one extra step per case timed by part (VAE, CLIP towers, Resampler, UNet, backward, optimizer)",
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
+
+
+# Parts of a step's forward timed by --breakdown: module path inside the step's net -> label (a part
+# that a stage's net lacks is skipped).
+PARTS = {
+    "model.first_stage_model.encoder": "VAE encoder (frozen)",
+    "model.cond_stage_model": "CLIP text (frozen)",
+    "model.embedder": "CLIP image (frozen)",
+    "model.image_proj_model": "Resampler",
+    "model.model.diffusion_model": "UNet forward",
+}
+
+
+class Phases:
+    """Time spent in named parts of one step: CUDA events on a GPU (nothing synchronises inside the
+    step, so it runs as it does when timed), the clock on the CPU. Read `totals()` after a sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+        self._handles: list[Any] = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        start = self._now()
+        yield
+        self.spans.append((name, start, self._now()))
+
+    def hook(self, module: torch.nn.Module, name: str) -> None:
+        starts: list[Any] = []
+        self._handles.append(module.register_forward_pre_hook(lambda m, a: starts.append(self._now())))
+        self._handles.append(
+            module.register_forward_hook(lambda m, a, o: self.spans.append((name, starts.pop(), self._now())))
+        )
+
+    def hook_parts(self, net: torch.nn.Module) -> None:
+        for path, name in PARTS.items():
+            try:
+                module = net.get_submodule(path)
+            except AttributeError:
+                continue
+            self.hook(module, name)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for name, start, end in self.spans:
+            out[name] += start.elapsed_time(end) / 1000 if self.cuda else end - start
+        return dict(out)
+
+
+def breakdown(case: Case, batch: dict[str, Any], amp, device: torch.device) -> dict[str, float]:
+    """Seconds of one step by part: the forward's modules (PARTS), the rest of the forward, the
+    backward (with checkpointing: the UNet's recomputed forward too), and clipping + AdamW + EMA."""
+    phases = Phases(device)
+    phases.hook_parts(case.net)
+    try:
+        _step(case, batch, amp, device, phases)
+        _sync(device)
+    finally:
+        phases.remove()
+    totals = phases.totals()
+    parts = sum(v for k, v in totals.items() if k in PARTS.values())
+    totals["forward, rest"] = totals.pop("forward") - parts
+    return totals
 
 
 def _sync(device: torch.device) -> None:
@@ -133,17 +218,26 @@ def _build(stage: str, preset: str, device: torch.device, checkpointing: bool, c
     return Case(net, params, opt, EMA(params, train.ema_decay), disc)
 
 
-def _step(case: Case, batch: dict[str, Any], amp: torch.dtype | None, device: torch.device) -> None:
+def _step(
+    case: Case,
+    batch: dict[str, Any],
+    amp: torch.dtype | None,
+    device: torch.device,
+    phases: Phases | None = None,
+) -> None:
     """forward under autocast, backward, clip, AdamW, EMA: one micro-batch of train.py's loop."""
     from training.engine import autocast
 
-    with autocast(device, amp):
+    span = phases.span if phases is not None else lambda name: contextlib.nullcontext()
+    with span("forward"), autocast(device, amp):
         out = case.net(batch, case.disc) if case.disc is not None else case.net(batch)
-    out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(list(case.params.values()), 0.5)
-    case.opt.step()
-    case.opt.zero_grad(set_to_none=True)
-    case.ema.update(case.params)
+    with span("backward"):
+        out["loss"].backward()
+    with span("clip + AdamW + EMA"):
+        torch.nn.utils.clip_grad_norm_(list(case.params.values()), 0.5)
+        case.opt.step()
+        case.opt.zero_grad(set_to_none=True)
+        case.ema.update(case.params)
 
 
 def measure(
@@ -175,6 +269,7 @@ def measure(
         case.opt.zero_grad(set_to_none=True)
         return None
     sec = statistics.median(times)
+    phases = breakdown(case, batch, amp, device) if args.breakdown else None
     row = {
         "stage": stage,
         "batch": b,
@@ -186,6 +281,8 @@ def measure(
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "tflop_per_step": flops_per_clip * b / 1e12 if flops_per_clip else None,
     }
+    if phases is not None:
+        row["breakdown_s"] = {k: round(v, 4) for k, v in phases.items()}
     if flops_per_clip:
         row["achieved_tflops"] = flops_per_clip * b / sec / 1e12
     return row
@@ -294,6 +391,11 @@ def _table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['stage']} | {r['batch']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.2f} | {mem} | {tf} | {mfu} |"
         )
+    for r in report["rows"]:
+        if r.get("breakdown_s"):
+            total = sum(r["breakdown_s"].values())
+            parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in r["breakdown_s"].items())
+            lines.append(f"{r['stage']} batch {r['batch']}: {parts}")
     return "\n".join(lines)
 
 

@@ -319,6 +319,7 @@ def test_bench_gpu_smoke_mode(tmp_path):
                 "1",
                 "--warmup",
                 "0",
+                "--breakdown",
                 "--json",
                 str(path),
             ]
@@ -331,6 +332,25 @@ def test_bench_gpu_smoke_mode(tmp_path):
     assert report["rectify_largest_batch"] == 2
     assert all(r["s_per_step"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
     assert report["rectify_tflop_per_clip"]["source"] == "FlopCounterMode"
+    # --breakdown: one more step timed by part; every part of the rectify step ran and took time
+    parts = rows[("rectify", 1)]["breakdown_s"]
+    for part in (
+        "VAE encoder (frozen)",
+        "CLIP text (frozen)",
+        "CLIP image (frozen)",
+        "Resampler",
+        "UNet forward",
+        "backward",
+        "clip + AdamW + EMA",
+    ):
+        assert parts[part] > 0, part
+    assert parts["forward, rest"] > -1e-3  # the hooked parts lie inside the forward
+    assert (
+        0.2 * rows[("rectify", 1)]["s_per_step"]
+        < sum(parts.values())
+        < 5 * rows[("rectify", 1)]["s_per_step"]
+    )
+    assert rows[("decoder", 1)]["breakdown_s"]["backward"] > 0
 
 
 def test_compiled_blocks_train_like_eager_ones():
