@@ -205,4 +205,6 @@ def demo_main(argv: list[str] | None = None) -> int:
     # No downloads in the demo: the text stage runs on the PP-OCR weights inside the rapidocr wheel;
     # the stages whose weights must be fetched are skipped explicitly (the report says so).
     skips = ["--skip", "aesthetic", "--skip", "caption", "--skip", "alignment"]
-    return curate_main([str(footage), "--out", str(args.out / "curated"), *skips])
+    # --restart: the footage was just generated again, and work left by an earlier version's demo
+    # (another scoring config) would otherwise stop the job
+    return curate_main([str(footage), "--out", str(args.out / "curated"), "--restart", *skips])
