@@ -3,7 +3,8 @@
 # and ftfy travel as wheels in .whl/). Each part has its own time limit; results land in $OUT.
 # In order of what is least measured so far:
 #   model:    UNet training step at batch 1 with gradient checkpointing off and on
-#   clip:     aesthetic + alignment clips/s with the CLIP image tower eager and torch.compile'd
+#   clip:     aesthetic + alignment clips/s: CLIP forwards of 48 frames (host work overlapping the
+#             GPU) against one forward of 192 per call, and the image tower torch.compile'd
 #   training: rectify step at batch 6, eager and with each UNet block torch.compile'd (same card,
 #             same run, so the two compare), each timed by part (--breakdown), then the largest
 #             batch that fits + decoder at batch 1
@@ -21,7 +22,7 @@ part() {  # part SECONDS command...: run with a time limit; 0 skips the part
   if [ "$limit" -gt 0 ]; then timeout "$limit" "$@"; else echo "skipped: $*"; fi
 }
 part ${T_MODEL:-60} python3 -m training.bench_model --no-sample --repeats 2 --json "$OUT/model.json" 2>&1 | tail -20
-part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --compile inductor --out "$OUT/clip_compiled.json" 2>&1 | tail -8
+part ${T_CLIP:-160} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip_compiled.json" 2>&1 | tail -8
 part ${T_EAGER:-75} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6,8 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --json "$OUT/train_compiled.json" 2>&1 | tail -10
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25

@@ -324,7 +324,13 @@ def _rows(n: int, size: tuple[int, int], seed: int = 0) -> list[dict]:
 
 
 def run(
-    device_name: str, tiny: bool, fallback: bool, batches: int, stages: list[str], compile_backend: str = ""
+    device_name: str,
+    tiny: bool,
+    fallback: bool,
+    batches: int,
+    stages: list[str],
+    compile_backend: str = "",
+    frames_per_forward: tuple[int, ...] = (),
 ) -> dict:
     import torch
 
@@ -376,7 +382,20 @@ def run(
         aesthetic._model, aesthetic._sha256, aesthetic._clip_sha256 = "laion (random)", None, None
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
-            results["stages"]["aesthetic"] = {"model": impl, **measure(aesthetic, rows, device, batches)}
+            results["stages"]["aesthetic"] = {
+                "model": impl,
+                "frames_per_forward": aesthetic.frames_per_forward,
+                **measure(aesthetic, rows, device, batches),
+            }
+            default_fpf = aesthetic.frames_per_forward
+            for fpf in frames_per_forward:  # the same stage with other forward sizes, same run
+                aesthetic.frames_per_forward = fpf
+                results["stages"][f"aesthetic_{fpf}_per_forward"] = {
+                    "model": impl,
+                    "frames_per_forward": fpf,
+                    **measure(aesthetic, rows, device, batches),
+                }
+            aesthetic.frames_per_forward = default_fpf
         if "alignment" in stages:
             alignment = AlignmentStage(device=str(device))
             alignment._device, alignment._dtype, alignment._clip = device, clip_dtype, clip
@@ -387,7 +406,7 @@ def run(
         if "aesthetic" in stages and compile_backend:
             # the same tower compiled in place, after every eager use (the first call compiles)
             compile_image_tower(clip, compile_backend)
-            aesthetic.compile = compile_backend  # pads short batches: one shape, one compilation
+            aesthetic.compile = compile_backend  # pads short chunks: one shape, one compilation
             rows = _rows(batch["aesthetic"], size)
             start = time.perf_counter()
             list(aesthetic.process_rows(rows))
@@ -446,11 +465,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="BACKEND",
         help="also measure the aesthetic stage with its CLIP image tower torch.compile'd (e.g. inductor)",
     )
+    p.add_argument(
+        "--frames-per-forward",
+        default="",
+        metavar="N,M",
+        help="also measure the aesthetic stage with these CLIP forward sizes (the stage's default is 48)",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
-    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile)
+    fpf = tuple(int(x) for x in args.frames_per_forward.split(",") if x.strip())
+    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf)
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     for name, r in results["stages"].items():
         mem = "-" if r["peak_gpu_mem_gib"] is None else f"{r['peak_gpu_mem_gib']:.2f} GiB"

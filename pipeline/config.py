@@ -160,7 +160,16 @@ THRESHOLD_KEYS = {
     ("alignment", "min"),
 }
 # how a stage runs, not what it scores: may differ between a run and its resume
-RUNTIME_KEYS = {"device", "batch_size", "num_gpus", "threads", "models_dir", "precision", "compile"}
+RUNTIME_KEYS = {
+    "device",
+    "batch_size",
+    "num_gpus",
+    "threads",
+    "models_dir",
+    "precision",
+    "compile",
+    "frames_per_forward",
+}
 # what `inbetweener select` may change: thresholds, the split and the shard size (no decoding for scores)
 SELECT_KEYS = (
     THRESHOLD_KEYS | {("write", "shard_bytes")} | {("split", f.name) for f in dataclasses.fields(SplitConfig)}
@@ -258,6 +267,7 @@ def _validate(config: CurateConfig) -> None:
         ),
         (0 <= config.split.max_eval_fraction <= 1, "split.max_eval_fraction must be in [0, 1]"),
         (config.split.max_distance >= 0, "split.max_distance must be >= 0"),
+        (config.aesthetic.frames_per_forward >= 1, "aesthetic.frames_per_forward must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -109,8 +109,11 @@ def encode_frames(
     net, frames: list[np.ndarray], device, dtype, chunk: int = 256, fixed: bool = False
 ) -> np.ndarray:
     """RGB uint8 frames -> L2-normalised CLIP image embeddings, float32 [n, D] (one forward per frame).
-    With `fixed`, every forward sees exactly `chunk` images (a short chunk is padded with blank
-    images whose embeddings are dropped), so a compiled tower meets one shape and compiles once."""
+
+    Frames go to the device `chunk` at a time and nothing waits for the device until the end: on a
+    GPU, the host stacks the next chunk into pinned memory while the device copies and encodes the
+    previous one. With `fixed`, every forward sees exactly `chunk` images (a short chunk is padded
+    with blank images whose embeddings are dropped), so a compiled tower meets one shape."""
     import torch
 
     cfg = net.visual.preprocess_cfg
@@ -119,14 +122,27 @@ def encode_frames(
         for i in range(0, len(frames), chunk):
             part = frames[i : i + chunk]
             if len({f.shape for f in part}) == 1:
-                x = clip_preprocess(torch.from_numpy(np.stack(part)).to(device), cfg)
+                x = clip_preprocess(_upload(part, device), cfg)
             else:  # frames of several sizes: each resized on its own, then one batch
-                x = torch.cat([clip_preprocess(torch.from_numpy(f[None]).to(device), cfg) for f in part])
+                x = torch.cat([clip_preprocess(_upload([f], device), cfg) for f in part])
             if fixed and len(part) < chunk:
                 x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
             emb = net.encode_image(x.to(dtype).contiguous())[: len(part)]  # one layout: cropped or padded
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out).numpy()
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1))
+    return torch.cat(out).cpu().numpy()
+
+
+def _upload(frames: list[np.ndarray], device):
+    """Same-shape uint8 frames -> one [n, h, w, 3] tensor on `device`. To a GPU through pinned memory
+    without waiting (torch's pinned-memory cache keeps the block until the copy out of it is done)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return torch.from_numpy(np.stack(frames)).to(device)
+    dtype = torch.from_numpy(np.empty(0, frames[0].dtype)).dtype
+    host = torch.empty((len(frames), *frames[0].shape), dtype=dtype, pin_memory=True)
+    np.stack(frames, out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def compile_image_tower(net, backend: str) -> None:
@@ -201,9 +217,10 @@ class AestheticStage(Stage):
     models_dir: str | None = None  # None: $INBETWEENER_MODELS, else ~/.cache/inbetweener/models
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "auto"  # CLIP tower: auto = fp16 on GPU, fp32 on CPU (the MLP is always fp32)
-    batch_size: int = 64  # clips per call: 3 frames each through CLIP at once
+    batch_size: int = 64  # clips per call (3 frames each)
     num_gpus: float = 0.25  # ViT-L/14 fp16 needs ~1 GB; set 0 on machines without GPU
     compile: str = ""  # a torch.compile backend for the image tower ("inductor" on GPU); "": eager
+    frames_per_forward: int = 48  # CLIP forward size: the host prepares one chunk while the GPU runs another
 
     name = "aesthetic"
     num_cpus = 1.0
@@ -243,7 +260,12 @@ class AestheticStage(Stage):
         frames = [f for i in todo for f in rows[i]["keyframes"][:3]]
         emb = (
             encode_frames(
-                self._clip, frames, self._device, self._dtype, 3 * self.batch_size, fixed=bool(self.compile)
+                self._clip,
+                frames,
+                self._device,
+                self._dtype,
+                self.frames_per_forward,
+                fixed=bool(self.compile),
             )
             if frames
             else None

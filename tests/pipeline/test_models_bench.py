@@ -31,13 +31,15 @@ def test_bench_smoke_run_on_cpu_writes_every_stage(tmp_path, capsys):
     assert "clips/s" in capsys.readouterr().out
 
 
-def test_bench_measures_the_compiled_image_tower_beside_the_eager_one(tmp_path):
+def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(tmp_path):
     from pipeline.bench_models_gpu import main
 
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic,alignment"]
-    assert main([*args, "--compile", "eager", "--out", str(out)]) == 0
+    assert main([*args, "--compile", "eager", "--frames-per-forward", "2", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
+    assert results["stages"]["aesthetic_2_per_forward"]["frames_per_forward"] == 2
+    assert results["stages"]["aesthetic_2_per_forward"]["clips_per_s"] > 0
     compiled = results["stages"]["aesthetic_compiled"]
     assert "torch.compile eager" in compiled["model"] and compiled["clips_per_s"] > 0
     assert compiled["first_call_s"] > 0 and results["aesthetic_compiled_plus_alignment_clips_per_s"] > 0

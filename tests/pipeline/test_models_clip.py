@@ -170,8 +170,9 @@ def test_missing_truncated_and_wrong_clip_weights_are_named(models, tmp_path):
 
 
 def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
-    """aesthetic.compile: short batches are padded to the stage's batch, so the compiled tower meets
-    one input shape (a recompile per batch size would cost more than compiling saves)."""
+    """aesthetic.compile: short chunks are padded to frames_per_forward, so the compiled tower meets
+    one input shape (a recompile per batch size would cost more than compiling saves); frames sent in
+    several chunks give the embeddings of one forward."""
     import torch
     from torch._dynamo import register_backend
 
@@ -192,18 +193,23 @@ def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
         device="cpu",
         compile="inbetweener_test_counting",
     )
-    compiled.batch_size = 2
+    compiled.frames_per_forward = 6
     compiled.setup()
+    chunked = AestheticStage(  # eager, frames sent in chunks of 4 (the last one short)
+        clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu", frames_per_forward=4
+    )
+    chunked.setup()
     rows = clip_rows()
     for batch in (rows[:2], rows[:1], rows):  # 6, 3 and 6 frames (the third row has no keyframes)
-        want, got = list(eager.process_rows(batch)), list(compiled.process_rows(batch))
-        for w, g in zip(want, got, strict=True):
-            if "aesthetic_min" in w:
-                np.testing.assert_allclose(g["clip_image_emb"], w["clip_image_emb"], atol=1e-5)
-                assert g["aesthetic_min"] == pytest.approx(w["aesthetic_min"], abs=1e-5)
-            else:
-                assert "aesthetic_min" not in g
-    assert len(shapes) == 1 and (6, 3, 32, 32) in shapes[0]  # one graph: 3 frames x batch_size clips
+        want = list(eager.process_rows(batch))
+        for got in (list(compiled.process_rows(batch)), list(chunked.process_rows(batch))):
+            for w, g in zip(want, got, strict=True):
+                if "aesthetic_min" in w:
+                    np.testing.assert_allclose(g["clip_image_emb"], w["clip_image_emb"], atol=1e-5)
+                    assert g["aesthetic_min"] == pytest.approx(w["aesthetic_min"], abs=1e-5)
+                else:
+                    assert "aesthetic_min" not in g
+    assert len(shapes) == 1 and (6, 3, 32, 32) in shapes[0]  # one graph, of frames_per_forward images
 
     with pytest.raises(ValueError, match="aesthetic.compile: unknown torch.compile backend 'nope'"):
         AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), compile="nope").setup()
