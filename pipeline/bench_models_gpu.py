@@ -31,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stages.aesthetic import AestheticStage, build_aesthetic_mlp, compile_image_tower
+from pipeline.stages.aesthetic import (
+    AestheticStage,
+    build_aesthetic_mlp,
+    check_compile_backend,
+    compile_image_tower,
+)
 from pipeline.stages.alignment import AlignmentStage
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.text import CraftDetector, TextStage
@@ -473,9 +478,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
+    try:
+        fpf = tuple(int(x) for x in args.frames_per_forward.split(",") if x.strip())
+        if any(n < 1 for n in fpf):
+            raise ValueError
+    except ValueError:
+        p.error(
+            f"--frames-per-forward: expected positive integers like 48,192, got {args.frames_per_forward!r}"
+        )
+    if args.compile:
+        try:
+            check_compile_backend(args.compile, "--compile")
+        except ValueError as exc:
+            p.error(str(exc))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
-    fpf = tuple(int(x) for x in args.frames_per_forward.split(",") if x.strip())
     results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf)
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     for name, r in results["stages"].items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_minimal_craft_has_easyocr_craft_keys_and_shapes():
     import torch
@@ -43,3 +45,15 @@ def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(
     compiled = results["stages"]["aesthetic_compiled"]
     assert "torch.compile eager" in compiled["model"] and compiled["clips_per_s"] > 0
     assert compiled["first_call_s"] > 0 and results["aesthetic_compiled_plus_alignment_clips_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [("--frames-per-forward=0", "positive integers"), ("--compile=nope", "unknown torch.compile")],
+)
+def test_bench_rejects_bad_options_before_building_models(flag, message, capsys):
+    from pipeline.bench_models_gpu import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", "--tiny", flag])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
