@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
 # The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip
-# and ftfy travel as wheels in .whl/). Each part has its own time limit; results land in $OUT.
-# In order of what is least measured so far:
-#   model:    UNet training step at batch 1 with gradient checkpointing off and on
+# and ftfy travel as wheels in .whl/). Each part has its own time limit, cut to what is left of
+# BUDGET seconds for the whole script; results land in $OUT (at most 8 files come back).
+# In order of what the open issues need most:
+#   unet:     where a sampling UNet forward spends its time (eager, by part), and whether the temporal
+#             convs run faster as Conv3d or as the equivalent Conv2d; the faster one is used below
+#   sample:   `interpolate` seconds per sample and peak memory, eager and torch.compile'd (issues Model
+#             and Inference), with a profiler table of one compiled sample
+#   model:    UNet training step at batch 1 with gradient checkpointing off and on (issue Model)
 #   clip:     aesthetic + alignment clips/s: CLIP forwards of 48 frames (host work overlapping the
 #             GPU) against one forward of 192 per call, and the image tower torch.compile'd
-#   training: rectify step at batch 6, eager and with each UNet block torch.compile'd (same card,
-#             same run, so the two compare), each timed by part (--breakdown), then the largest
-#             batch that fits + decoder at batch 1
-#   curate:   the model stages' clips/s and peak memory at full size, random weights
+#   training: rectify step at batch 6 with each UNet block torch.compile'd, timed by part
+#   T_EAGER / T_TRAIN / T_CURATE: the eager rectify breakdown, the batch search + decoder, the model
+#             stages at full size (0: skipped unless asked for)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+BUDGET=${BUDGET:-570}
+START=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
+exec > >(tee "$OUT/log.txt") 2>&1
+exec 3>&1  # the parts' headers, past the filters on their output
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-part() {  # part SECONDS command...: run with a time limit; 0 skips the part
+part() {  # part SECONDS command...: run with a time limit cut to what is left; 0 or < 20 s skips it
   local limit=$1; shift
-  if [ "$limit" -gt 0 ]; then timeout "$limit" "$@"; else echo "skipped: $*"; fi
+  local left=$((BUDGET - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -ge 20 ]; then
+    echo "== ${limit}s: $*" >&3
+    timeout "$limit" "$@"
+  else
+    echo "== skipped: $*" >&3
+  fi
 }
-part ${T_MODEL:-60} python3 -m training.bench_model --no-sample --repeats 2 --json "$OUT/model.json" 2>&1 | tail -20
-part ${T_CLIP:-160} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip_compiled.json" 2>&1 | tail -8
-part ${T_EAGER:-75} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --json "$OUT/train_eager6.json" 2>&1 | tail -8
-part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6,8 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --json "$OUT/train_compiled.json" 2>&1 | tail -10
+part ${T_UNET:-60} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
+TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
+echo "temporal conv: $TC"
+part ${T_SAMPLE:-230} python3 -m inference.bench_gpu --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
+part ${T_MODEL:-60} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
+part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
+part ${T_COMPILE:-200} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -10
+part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
+echo "== done in $(($(date +%s) - START)) s"

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.models.unet import TEMPORAL_CONV_IMPLS, TemporalConvBlock, set_temporal_conv
+
 # MODEL.md Appendix E (toon-512, b=1, 16 frames at 320x512, 50 steps): the reference's whole sample.
 SAMPLE_TFLOP = 1343.2
 SAMPLE_TFLOP_SINGLE_DECODE = SAMPLE_TFLOP - 33.15
@@ -113,6 +115,17 @@ def one_sample(im, first, last, settings, seed: int, with_clip: bool) -> dict[st
     return times
 
 
+def kernel_table(im, first, last, settings, with_clip: bool, rows: int) -> str:
+    """torch.profiler's table of one whole sample's most expensive operators and kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if im.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_sample(im, first, last, settings, 99, with_clip)
+    sort = "cuda_time_total" if im.device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
+
+
 def bench(args: argparse.Namespace) -> dict:
     from inference.sampler import InferenceModel, SamplerSettings, default_dtype
 
@@ -129,6 +142,7 @@ def bench(args: argparse.Namespace) -> dict:
     )
     t0 = time.perf_counter()
     model = build(args.preset, device, with_clip)
+    set_temporal_conv(model.unet, args.temporal_conv)
     build_s = time.perf_counter() - t0
     g = torch.Generator("cpu").manual_seed(0)
     first = torch.rand(1, 3, args.height, args.width, generator=g) * 2 - 1
@@ -143,6 +157,7 @@ def bench(args: argparse.Namespace) -> dict:
         "context": "CLIP towers"
         if with_clip
         else "random text + CLIP-image tokens through the Resampler (no open_clip)",
+        "temporal_conv": args.temporal_conv,
         "build_s": round(build_s, 2),
         "runs": {},
     }
@@ -176,6 +191,9 @@ def bench(args: argparse.Namespace) -> dict:
             run["tflop_per_s"] = round(flop / seconds, 1)
         report["runs"]["compiled" if compiled else "eager"] = run
         print(f"{'compiled' if compiled else 'eager'}: {json.dumps(run)}", flush=True)
+        if args.profile and compiled == modes[-1]:
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            args.profile.write_text(kernel_table(im, first, last, settings, with_clip, args.profile_rows))
         del im
     return report
 
@@ -200,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="two UNet calls per step, as the reference (default: one of batch 2)",
     )
     p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
+    p.add_argument(
+        "--temporal-conv",
+        choices=TEMPORAL_CONV_IMPLS,
+        default=TemporalConvBlock.impl,
+        help="kernel of the UNet's (3,1,1) temporal convs (same weights and math; see training.profile_unet)",
+    )
+    p.add_argument(
+        "--profile", type=Path, help="write torch.profiler's table of one more sample (last mode) here"
+    )
+    p.add_argument("--profile-rows", type=int, default=40)
     p.add_argument("--json", type=Path, help="write the report here")
     return p
 

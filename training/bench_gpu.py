@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
     )
     p.add_argument(
+        "--temporal-conv",
+        choices=("conv3d", "conv2d"),
+        default="conv3d",
+        help="kernel of the UNet's (3,1,1) temporal convs (same weights and math; see training.profile_unet)",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="one extra step per case timed by part (VAE, CLIP towers, Resampler, UNet, backward, optimizer)",
@@ -185,16 +191,25 @@ class Case:
     disc: torch.nn.Module | None
 
 
-def _build(stage: str, preset: str, device: torch.device, checkpointing: bool, compile: str = "") -> Case:
+def _build(
+    stage: str,
+    preset: str,
+    device: torch.device,
+    checkpointing: bool,
+    compile: str = "",
+    temporal_conv: str = "conv3d",
+) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training.engine import EMA, TrainConfig, adamw, compile_blocks
     from training.models.tooncrafter import build_tooncrafter
+    from training.models.unet import set_temporal_conv
     from training.stages import decoder, rectify
     from training.stages.common import unet_blocks
 
     torch.manual_seed(0)
     with torch.device(device):
         model = build_tooncrafter(preset)
+    set_temporal_conv(model.unet, temporal_conv)
     model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=checkpointing)
     train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0, compile=compile)
     run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)
@@ -338,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "autocast": str(amp),
         "gradient_checkpointing": not args.no_checkpointing,
         "compile": args.compile or None,
+        "temporal_conv": args.temporal_conv,
         "peak_bf16_tflops": peak,
         "matmul_bf16_tflops": matmul_tflops(device, amp),
         "rows": [],
@@ -350,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             flops, source = count_flops(stage, args, device, amp), "FlopCounterMode"
         report[f"{stage}_tflop_per_clip"] = {"value": flops / 1e12, "source": source}
         batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
-        case = _build(stage, args.preset, device, not args.no_checkpointing, args.compile)
+        case = _build(stage, args.preset, device, not args.no_checkpointing, args.compile, args.temporal_conv)
         for b in batches:
             row = measure(case, stage, b, args, device, amp, flops)
             if row is None:

@@ -62,17 +62,19 @@ def run(
     steps: int,
     repeats: int,
     sample: bool = True,
+    temporal_conv: str = "conv3d",
 ) -> dict:
     from training.diffusion.ddim import sample_ddim, uniform_trailing_timesteps
     from training.diffusion.guidance import cfg_denoiser, hybrid_model_fn
     from training.diffusion.schedule import SCHEDULE_PRESETS, schedule_buffers
-    from training.models.unet import UNET_PRESETS, UNet3D
+    from training.models.unet import UNET_PRESETS, UNet3D, set_temporal_conv
 
     torch.manual_seed(0)
     cfg = UNET_PRESETS[preset]
     with torch.device(device):
         unet = UNet3D(cfg)
     unet = unet.to(dtype)
+    set_temporal_conv(unet, temporal_conv)
     # norms compute in fp32 (as the reference's GroupNorm32): keep their parameters fp32
     for module in unet.modules():
         if isinstance(module, torch.nn.GroupNorm):
@@ -84,7 +86,8 @@ def run(
     concat = torch.zeros_like(x0)
     context = torch.randn(1, 77 + 16 * frames, ctx_dim, device=device, dtype=dtype)
     fs = torch.tensor([10], device=device)
-    results: dict = {"preset": preset, "device": str(device), "dtype": str(dtype), "frames": frames}
+    results: dict = {"preset": preset, "device": str(device), "dtype": str(dtype), "frames": frames,
+                     "temporal_conv": temporal_conv}  # fmt: skip
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
 
@@ -146,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-sample", action="store_true", help="only the training steps")
+    p.add_argument("--temporal-conv", choices=("conv3d", "conv2d"), default="conv3d",
+                   help="kernel of the UNet's (3,1,1) temporal convs (same weights and math)")  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     results = run(
         args.preset, torch.device(args.device), DTYPES[args.dtype], args.frames, args.steps, args.repeats,
-        not args.no_sample,
+        not args.no_sample, args.temporal_conv,
     )  # fmt: skip
     print(json.dumps(results, indent=1))
     if args.json:

@@ -10,9 +10,12 @@ from inference import bench_gpu
 def test_bench_smoke_mode_reports_time_per_sample(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
-            "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out)]  # fmt: skip
+            "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out),
+            "--temporal-conv", "conv2d", "--profile", str(tmp_path / "kernels.txt"), "--profile-rows", "5"]  # fmt: skip
     assert bench_gpu.main(argv) == 0
     report = json.loads(out.read_text())
+    assert report["temporal_conv"] == "conv2d"
+    assert "Name" in (tmp_path / "kernels.txt").read_text()  # the profiler's table of one more sample
     run = report["runs"]["eager"]
     assert report["shape"] == {"frames": 16, "height": 32, "width": 64} and report["dtype"] == "float32"
     assert run["seconds_per_sample"] > 0 and set(run["phases_s"]) == {

@@ -52,6 +52,36 @@ def test_parity_with_reference(parity, with_fs):
     assert diff <= TOL, f"max abs diff {diff:.3e}"
 
 
+def test_temporal_conv_as_conv2d_keeps_parity_and_gradients(parity):
+    from training.models.unet import TemporalConvBlock, set_temporal_conv
+
+    model, _, inputs, outputs = _reference_unet(parity)
+    set_temporal_conv(model, "conv2d")
+    blocks = [m for m in model.modules() if isinstance(m, TemporalConvBlock)]
+    assert blocks and all(m.impl == "conv2d" for m in blocks)
+    with torch.no_grad():
+        y = model(inputs["x"], inputs["timesteps"], inputs["context"], fs=inputs["fs"])
+    assert (y - outputs["y"]).abs().max().item() <= TOL
+
+    torch.manual_seed(0)
+    block = TemporalConvBlock(32, dropout=0.0)
+    for p in block.parameters():  # conv4 starts at zero: give every layer weights
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 32, 5, 3, 4)
+    grads = []
+    for impl in ("conv3d", "conv2d"):
+        block.impl = impl
+        block.zero_grad()
+        y = block(x)
+        y.square().sum().backward()
+        grads.append((y.detach(), [p.grad.clone() for p in block.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="conv3d"):
+        set_temporal_conv(model, "conv1d")
+
+
 def test_parity_with_sketch_control_residuals(parity):
     # The sketch fixture's ControlledUnetModel uses unet.safetensors' weights with temporal_length 16.
     _, unet_state, _, _ = parity("unet")

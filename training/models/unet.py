@@ -146,8 +146,17 @@ def _embedding_mlp(model_channels: int, embed_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(model_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
 
+TEMPORAL_CONV_IMPLS = ("conv3d", "conv2d")
+
+
 class TemporalConvBlock(nn.Module):
-    """Four GroupNorm-SiLU-Conv3d(3,1,1) layers over time, residual (from ModelScope). x [b c t h w]."""
+    """Four GroupNorm-SiLU-Conv3d(3,1,1) layers over time, residual (from ModelScope). x [b c t h w].
+
+    `impl` picks the kernel, not the math: "conv3d" calls the Conv3d modules; "conv2d" runs the same
+    weights as a (3, 1) Conv2d over [b, c, t, h*w], which cuDNN may serve with faster kernels. The
+    parameters (and so the checkpoint keys) are the Conv3d's either way; `set_temporal_conv` sets it."""
+
+    impl = "conv3d"
 
     def __init__(self, channels: int, dropout: float):
         super().__init__()
@@ -163,7 +172,36 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = layer(with_dropout=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        if self.impl == "conv3d":
+            return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        h = x
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
+            *pre, conv = layer
+            for module in pre:
+                h = module(h)
+            h = _time_conv2d(h, conv)
+        return x + h
+
+
+def _time_conv2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A (k, 1, 1) Conv3d over x [b, c, t, h, w] computed as a (k, 1) Conv2d over [b, c, t, h*w]."""
+    b, _, t, height, width = x.shape
+    y = F.conv2d(
+        x.reshape(b, x.shape[1], t, height * width),
+        conv.weight.squeeze(-1),
+        conv.bias,
+        padding=(conv.padding[0], 0),
+    )
+    return y.view(b, y.shape[1], t, height, width)
+
+
+def set_temporal_conv(net: nn.Module, impl: str) -> None:
+    """Run every temporal conv block of `net` with `impl` (one of TEMPORAL_CONV_IMPLS)."""
+    if impl not in TEMPORAL_CONV_IMPLS:
+        raise ValueError(f"temporal conv implementation {impl!r}: one of {TEMPORAL_CONV_IMPLS}")
+    for module in net.modules():
+        if isinstance(module, TemporalConvBlock):
+            module.impl = impl
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,31 @@
+"""training.profile_unet (the UNet forward's GPU profile) runs end to end in its CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+
+from training import profile_unet
+from training.models.unet import TEMPORAL_CONV_IMPLS, UNET_PRESETS, TemporalConvBlock, UNet3D
+
+
+def test_profile_smoke_mode_times_parts_and_temporal_conv_variants(tmp_path):
+    out = tmp_path / "unet.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--height", "8", "--width", "8",
+            "--repeats", "1", "--kernels", "5", "--json", str(out)]  # fmt: skip
+    assert profile_unet.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["forward_s"]) == set(TEMPORAL_CONV_IMPLS)
+    assert report["temporal_conv"] == min(report["forward_s"], key=report["forward_s"].get)
+    parts = report["parts_s"]
+    total = parts.pop("total")
+    assert total > 0
+    for name in ("temporal conv blocks", "resblocks' spatial layers", "spatial transformers",
+                 "temporal transformers", "init attention", "attention kernels: spatial self"):  # fmt: skip
+        assert 0 < parts[name] < total, name
+    top_level = [v for k, v in parts.items() if not k.startswith("attention kernels")]
+    assert abs(sum(top_level) - total) <= 1e-3 * total + 1e-4  # the parts and the rest add up to the forward
+    blocks = sum(isinstance(m, TemporalConvBlock) for m in UNet3D(UNET_PRESETS["tiny"]).modules())
+    rows = report["temporal_conv_s"]
+    assert sum(r["blocks"] for r in rows) == blocks  # every block's shape is timed
+    assert all(r[v]["forward_s"] > 0 for r in rows for v in ("conv3d", "conv3d channels_last_3d", "conv2d"))
+    assert "Name" in report["kernels"]

@@ -1,0 +1,305 @@
+"""Where one UNet forward of sampling spends its time, and which temporal-conv kernel is faster (GPU check).
+
+    python -m training.profile_unet --json unet.json      # toon-512, bf16, batch 2 (both guidance branches)
+    python -m training.profile_unet --preset tiny --device cpu --height 8 --width 16 --repeats 1   # smoke
+
+The UNet is placed as `inbetweener interpolate` places it (weights in bf16, bf16 autocast) and run eagerly
+on one denoising call: 16 frames of 40x64 latents (320x512 pixels), the conditional and unconditional
+branches in one batch of 2. It reports:
+* `forward_s`: the whole forward with each temporal-conv implementation of training/models/unet.py
+  ("conv3d": the Conv3d modules; "conv2d": the same weights as a (3, 1) Conv2d), interleaved, median;
+* `parts_s`: one forward timed by part with CUDA events (no sync inside): the ResBlocks' spatial layers,
+  their temporal conv blocks, spatial and temporal transformers, the extra temporal attention after the
+  input conv, up/downsampling, and inside the transformers the attention kernels by kind; the rest is
+  layout changes, embeddings and the output layer;
+* `temporal_conv_s`: one (3, 1, 1) conv alone at every width and size the UNet uses, forward and forward +
+  backward, for Conv3d (contiguous and channels_last_3d input) and the Conv2d form;
+* `kernels`: torch.profiler's table of the forward's most expensive kernels;
+* `temporal_conv`: the faster implementation for the whole forward, for the other GPU scripts'
+  `--temporal-conv`.
+Needs torch only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.bench_gpu import Phases
+from training.models import attention as attention_module
+from training.models.attention import SpatialTransformer, TemporalTransformer
+from training.models.unet import (
+    TEMPORAL_CONV_IMPLS,
+    UNET_PRESETS,
+    Downsample,
+    ResBlock,
+    TemporalConvBlock,
+    UNet3D,
+    Upsample,
+    set_temporal_conv,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype) -> UNet3D:
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet3D(UNET_PRESETS[preset])
+    for p in unet.parameters():  # no zero-initialised branch: every layer does its real work
+        if p.ndim > 1 and p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.02)
+    unet = unet.eval().requires_grad_(False).to(dtype)
+    for module in unet.modules():  # norms compute in fp32 (autocast does so on a GPU): fp32 parameters
+        if isinstance(module, nn.GroupNorm):
+            module.float()
+    return unet
+
+
+def inputs(unet: UNet3D, batch: int, frames: int, height: int, width: int, device: torch.device):
+    cfg = unet.cfg
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, frames, height, width, generator=g)
+    context = torch.randn(
+        batch, cfg.text_tokens + frames * cfg.image_tokens_per_frame, cfg.context_dim, generator=g
+    )
+    timesteps = torch.full((batch,), 500)
+    fs = torch.full((batch,), 10)
+    return tuple(v.to(device) for v in (x, timesteps, context, fs))
+
+
+def timed_forwards(unet, args, device, dtype, repeats: int) -> dict[str, float]:
+    """Median seconds of a forward per temporal-conv implementation, the implementations interleaved."""
+    times: dict[str, list[float]] = {impl: [] for impl in TEMPORAL_CONV_IMPLS}
+    with torch.no_grad(), _autocast(device, dtype):
+        for impl in TEMPORAL_CONV_IMPLS:  # warm-up: cuDNN picks its algorithms once per shape
+            set_temporal_conv(unet, impl)
+            unet(*args)
+        for _ in range(repeats):
+            for impl in TEMPORAL_CONV_IMPLS:
+                set_temporal_conv(unet, impl)
+                _sync(device)
+                start = time.perf_counter()
+                unet(*args)
+                _sync(device)
+                times[impl].append(time.perf_counter() - start)
+    set_temporal_conv(unet, "conv3d")
+    return {impl: statistics.median(v) for impl, v in times.items()}
+
+
+PART_NAMES = {
+    TemporalConvBlock: "temporal conv blocks",
+    ResBlock: "resblocks (with their temporal convs)",
+    SpatialTransformer: "spatial transformers",
+    Downsample: "down/upsampling",
+    Upsample: "down/upsampling",
+}
+
+
+def _attention_kind(inside: list[str], q: torch.Tensor, k: torch.Tensor) -> str:
+    if inside and inside[-1] == "temporal":
+        return "attention kernels: temporal (over frames)"
+    if k.shape[1] == q.shape[1]:
+        return "attention kernels: spatial self"
+    return "attention kernels: cross (text + image)"
+
+
+def part_times(unet: UNet3D, args, device, dtype) -> dict[str, float]:
+    """Seconds of one forward by part (see the module docstring)."""
+    phases = Phases(device)
+    for name, module in unet.named_modules():
+        if isinstance(module, TemporalTransformer):
+            phases.hook(module, "init attention" if name.startswith("init_attn") else "temporal transformers")
+        elif type(module) in PART_NAMES:
+            phases.hook(module, PART_NAMES[type(module)])
+    inside: list[str] = []  # the kind of transformer the running attention belongs to
+    handles = []
+    for module in unet.modules():
+        if isinstance(module, SpatialTransformer | TemporalTransformer):
+            kind = "spatial" if isinstance(module, SpatialTransformer) else "temporal"
+            handles.append(module.register_forward_pre_hook(lambda m, a, kind=kind: inside.append(kind)))
+            handles.append(module.register_forward_hook(lambda m, a, o: inside.pop() and None))
+    real = attention_module.attention
+
+    def timed_attention(q, k, v, heads, causal=False):
+        with phases.span(_attention_kind(inside, q, k)):
+            return real(q, k, v, heads, causal)
+
+    attention_module.attention = timed_attention
+    try:
+        with torch.no_grad(), _autocast(device, dtype), phases.span("forward"):
+            unet(*args)
+        _sync(device)
+    finally:
+        attention_module.attention = real
+        phases.remove()
+        for handle in handles:
+            handle.remove()
+    totals = phases.totals()
+    total = totals.pop("forward")
+    resblocks = totals.pop(PART_NAMES[ResBlock], 0.0)
+    temporal = totals.get(PART_NAMES[TemporalConvBlock], 0.0)
+    totals["resblocks' spatial layers"] = resblocks - temporal
+    nested = ("attention", "resblocks'", PART_NAMES[TemporalConvBlock])  # inside the parts summed here
+    layers = resblocks + sum(v for k, v in totals.items() if not k.startswith(nested))
+    totals["rest (layouts, embeddings, input/output convs)"] = total - layers
+    totals["total"] = total
+    return {k: round(v, 5) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def conv_shapes(cfg, batch: int, frames: int, height: int, width: int) -> list[dict]:
+    """Every (channels, h, w) a temporal conv block sees in one forward, with how many blocks see it
+    (found by a forward on the meta device: no memory, no compute)."""
+    seen: dict[tuple[int, int, int], int] = {}
+
+    def record(module, args):
+        key = (args[0].shape[1], args[0].shape[3], args[0].shape[4])
+        seen[key] = seen.get(key, 0) + 1
+
+    with torch.device("meta"):
+        meta = UNet3D(cfg).eval()
+    for module in meta.modules():
+        if isinstance(module, TemporalConvBlock):
+            module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        meta(*inputs(meta, batch, frames, height, width, torch.device("meta")))
+    return [{"channels": c, "height": h, "width": w, "blocks": n} for (c, h, w), n in sorted(seen.items())]
+
+
+def conv_variants(shapes: list[dict], batch: int, frames: int, device, dtype, repeats: int) -> list[dict]:
+    """One (3, 1, 1) conv per shape: seconds forward and forward + backward, per variant."""
+    rows = []
+    for shape in shapes:
+        c, h, w = shape["channels"], shape["height"], shape["width"]
+        with torch.device(device):
+            conv = nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0)).to(dtype)
+            x = torch.randn(batch, c, frames, h, w, dtype=dtype)
+        rows.append({**shape, **_variant_times(conv, x, device, repeats)})
+    return rows
+
+
+def _variant_times(conv: nn.Conv3d, x: torch.Tensor, device, repeats: int) -> dict[str, dict[str, float]]:
+    def as_conv2d(x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        return F.conv2d(x.reshape(b, c, t, h * w), conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+
+    variants = {
+        "conv3d": (conv, x),
+        "conv3d channels_last_3d": (conv, x.to(memory_format=torch.channels_last_3d)),
+        "conv2d": (as_conv2d, x),
+    }
+    out = {}
+    for name, (fn, inp) in variants.items():
+        out[name] = {
+            "forward_s": _median_time(lambda fn=fn, inp=inp: fn(inp), device, repeats),
+            "forward_backward_s": _median_time(
+                lambda fn=fn, inp=inp: _fwd_bwd(fn, inp, conv), device, repeats
+            ),
+        }
+    return out
+
+
+def _fwd_bwd(fn, inp: torch.Tensor, conv: nn.Module) -> None:
+    x = inp.detach().requires_grad_(True)
+    with torch.enable_grad():
+        conv.weight.requires_grad_(True)
+        fn(x).sum().backward()
+    conv.weight.grad = None
+
+
+def _median_time(fn, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(max(3, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 6)
+
+
+def kernel_table(unet: UNet3D, args, device, dtype, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof, torch.no_grad(), _autocast(device, dtype):
+        unet(*args)
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    unet = build(args.preset, device, dtype)
+    call = inputs(unet, args.batch, args.frames, args.height, args.width, device)
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "latents": {"batch": args.batch, "frames": args.frames, "height": args.height, "width": args.width},
+    }
+    forward = timed_forwards(unet, call, device, dtype, args.repeats)
+    report["forward_s"] = {k: round(v, 5) for k, v in forward.items()}
+    report["temporal_conv"] = min(forward, key=forward.get)
+    print(f"forward: {json.dumps(report['forward_s'])} -> {report['temporal_conv']}", flush=True)
+    report["parts_s"] = part_times(unet, call, device, dtype)
+    print(f"parts: {json.dumps(report['parts_s'])}", flush=True)
+    shapes = conv_shapes(unet.cfg, args.batch, args.frames, args.height, args.width)
+    report["temporal_conv_s"] = conv_variants(shapes, args.batch, args.frames, device, dtype, args.repeats)
+    for row in report["temporal_conv_s"]:
+        print(f"temporal conv: {json.dumps(row)}", flush=True)
+    report["kernels"] = kernel_table(unet, call, device, dtype, args.kernels)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.profile_unet", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="toon-512", choices=sorted(UNET_PRESETS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=2, help="2: both guidance branches in one call")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=40, help="latent height (pixels / 8)")
+    p.add_argument("--width", type=int, default=64, help="latent width (pixels / 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per implementation (median)")
+    p.add_argument("--kernels", type=int, default=25, help="rows of the profiler's kernel table")
+    p.add_argument("--json", type=Path, help="write the report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    print(report["kernels"])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: report[k] for k in ("device", "forward_s", "temporal_conv", "parts_s")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
