@@ -118,6 +118,7 @@ class InferenceModel:
         clip_device = torch.device("cpu") if self.offload_clip else self.device
         for tower in self._towers():
             tower.to(device=clip_device, dtype=dtype)  # kept in dtype on the CPU: half the bytes to move
+        self._clip_host = HostResident(self._towers(), pin=self.offload_clip)
         self.schedule = {k: v.to(self.device, torch.float32) for k, v in model.schedule().items()}
         self.unet: Callable[..., Tensor] = model.unet
         if compile:
@@ -142,19 +143,50 @@ class InferenceModel:
 
     @contextlib.contextmanager
     def clip_on_device(self) -> Iterator[None]:
-        towers = self._towers()
         if not self.offload_clip:
             yield
             return
-        for tower in towers:
-            tower.to(self.device)
+        with self._clip_host.visit(self.device):
+            yield
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class HostResident:
+    """Modules whose weights live in host memory and visit a device for a while.
+
+    The host copies stay where they are (pinned when `pin`, so that the upload runs at full bus speed
+    without waiting); a visit puts device copies in the modules' parameter and buffer slots and, on
+    leaving, the host tensors back: nothing is copied back, since inference does not change weights.
+    Measured on an H100: moving the 1 B-parameter CLIP towers there and back with `.to()` took ~0.9 s
+    per sample."""
+
+    def __init__(self, modules: Sequence[nn.Module], pin: bool):
+        self.slots: list[tuple[dict, str]] = []  # (a module's _parameters or _buffers, name)
+        for module in (m for top in modules for m in top.modules()):
+            for table in (module._parameters, module._buffers):
+                self.slots += [(table, name) for name, t in table.items() if t is not None]
+        if pin:
+            for table, name in self.slots:
+                tensor = table[name]
+                pinned = tensor.detach().pin_memory()
+                table[name] = (
+                    nn.Parameter(pinned, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else pinned
+                )
+
+    @contextlib.contextmanager
+    def visit(self, device: torch.device) -> Iterator[None]:
+        host = [table[name] for table, name in self.slots]
         try:
+            for (table, name), tensor in zip(self.slots, host, strict=True):
+                moved = tensor.detach().to(device, non_blocking=True)
+                table[name] = (
+                    nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+                )
             yield
         finally:
-            for tower in towers:
-                tower.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            for (table, name), tensor in zip(self.slots, host, strict=True):
+                table[name] = tensor
 
 
 # --- the four steps --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Needs torch only. `--preset tiny --device cpu` is the smoke mode the tests run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -75,10 +76,15 @@ def run(
         unet = UNet3D(cfg)
     unet = unet.to(dtype)
     set_temporal_conv(unet, temporal_conv)
-    # norms compute in fp32 (as the reference's GroupNorm32): keep their parameters fp32
-    for module in unet.modules():
+    for module in unet.modules():  # fp32 norm parameters: what autocast computes norms in anyway
         if isinstance(module, torch.nn.GroupNorm):
             module.float()
+
+    def amp() -> contextlib.AbstractContextManager:
+        """bf16/fp16 weights run under autocast, as in training and sampling: the norms then compute in
+        fp32 (the reference's GroupNorm32), which CUDA's group_norm cannot do on bf16 parameters."""
+        return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype)
+
     sched = {k: v.to(device) for k, v in schedule_buffers(SCHEDULE_PRESETS[preset]).items()}
     latent_hw = (40, 64) if preset == "toon-512" else (8, 8)
     ctx_dim = cfg.context_dim
@@ -98,7 +104,8 @@ def run(
 
         def step():
             t = torch.randint(0, 1000, (1,), device=device)
-            v = unet(torch.cat([x0, concat], 1), t, context, fs=fs)
+            with amp():
+                v = unet(torch.cat([x0, concat], 1), t, context, fs=fs)
             loss = torch.nn.functional.mse_loss(v.float(), torch.randn_like(v, dtype=torch.float32))
             loss.backward()
             unet.zero_grad(set_to_none=True)
@@ -130,7 +137,8 @@ def run(
         @torch.no_grad()
         def sample(den=den):
             x_t = torch.randn_like(x0)
-            return sample_ddim(den, x_t, timesteps, sched, eta=1.0)
+            with amp():
+                return sample_ddim(den, x_t, timesteps, sched, eta=1.0)
 
         seconds, peak = timed(sample, device, max(1, repeats // 2))
         results[name] = {"seconds": seconds, "peak_gb": peak, "steps": steps}

@@ -294,6 +294,11 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise ValueError(f"train.compile: unknown torch.compile backend {backend!r}; one of {sorted(known)}")
+    # The blocks share a few forward functions and Dynamo keeps 8 graphs per function by default: the
+    # UNet's blocks need more (one per block shape), or the blocks past the 8th would silently run eager.
+    dynamo = torch._dynamo.config
+    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(blocks))
+    dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 4 * len(blocks))
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)

@@ -377,6 +377,31 @@ def test_compiled_blocks_train_like_eager_ones():
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
 
 
+def test_every_block_is_compiled_past_dynamos_default_limit():
+    """Blocks of one class but different shapes each get their own graph: with Dynamo's default of 8
+    graphs per function, the UNet's blocks past the 8th ran eager on a GPU."""
+    from torch import nn
+
+    from training.engine import compile_blocks
+
+    class Block(nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.proj = nn.Linear(width, width + 1)
+
+        def forward(self, x):
+            return self.proj(x).relu()
+
+    blocks = [Block(w) for w in range(2, 14)]  # 12 shapes
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    assert compile_blocks(blocks, "eager") == len(blocks)
+    for w, block in zip(range(2, 14), blocks, strict=True):
+        block(torch.randn(3, w))
+    assert counters["stats"]["unique_graphs"] - before == len(blocks)
+
+
 def test_unknown_compile_backend_is_named():
     from torch import nn
 
