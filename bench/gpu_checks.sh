@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip
-# and ftfy travel as wheels in .whl/). Each part has its own time limit, cut to what is left of
-# BUDGET seconds for the whole script; results land in $OUT (at most 8 files come back).
-# In order of what the open issues need most:
-#   unet:     where a sampling UNet forward spends its time (eager, by part), and whether the temporal
-#             convs run faster as Conv3d or as the equivalent Conv2d; the faster one is used below
+# and ftfy travel as wheels in .whl/). Each part has its own time limit (T_*, seconds; 0 skips it),
+# cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
+# come back). The defaults run what the last session (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, eager and torch.compile'd (issues Model
-#             and Inference), with a profiler table of one compiled sample
-#   model:    UNet training step at batch 1 with gradient checkpointing off and on (issue Model)
-#   clip:     aesthetic + alignment clips/s: CLIP forwards of 48 frames (host work overlapping the
-#             GPU) against one forward of 192 per call, and the image tower torch.compile'd
-#   training: rectify step at batch 6 with each UNet block torch.compile'd, timed by part
+#             and Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit,
+#             the VAE decoder's blocks compiled), with a profiler table of a short compiled sample
+#   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
+#             torch.compile'd (Dynamo's graph limit raised: the last run fell back to eager), by part
+# Measured already, available again by setting their limits:
+#   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
+#             convs (the faster is used below)
+#   T_MODEL:  UNet training step at batch 1 with gradient checkpointing off and on
+#   T_CLIP:   aesthetic + alignment clips/s, forwards of 48 vs 192 frames, the image tower compiled
 #   T_EAGER / T_TRAIN / T_CURATE: the eager rectify breakdown, the batch search + decoder, the model
-#             stages at full size (0: skipped unless asked for)
+#             stages at full size
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -36,13 +38,13 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
     echo "== skipped: $*" >&3
   fi
 }
-part ${T_UNET:-60} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
+part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-230} python3 -m inference.bench_gpu --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
-part ${T_MODEL:-60} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
-part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
-part ${T_COMPILE:-200} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -10
+part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
+part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
+part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
+part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -10
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-decode", action="store_true", help="skip the reference's second decode")
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet and the VAE decoder's blocks"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

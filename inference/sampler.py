@@ -40,6 +40,8 @@ from torch import Tensor, nn
 
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import cfg_denoiser, rescale_guidance
+from training.engine import compile_blocks
+from training.models.vae import resnet_blocks
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,9 @@ class InferenceModel:
 
     The denoiser and the image projector live on `device` in `dtype`; the VAE lives on `device` with fp32
     weights (its convs still run in `dtype` under autocast); the CLIP towers (1 B parameters, used once per
-    clip) stay on the CPU and visit the device only while they encode (`offload_clip=False` keeps them
-    there). `compile=True` wraps the UNet in torch.compile (the first sample pays the compilation).
+    clip) stay in pinned CPU memory and visit the device only while they encode (`offload_clip=False` keeps
+    them there; on an H100 the visit costs ~0.1 s per sample). `compile=True` wraps the UNet in torch.compile
+    and compiles each residual block of the VAE decoder (the first sample pays the compilation).
     """
 
     def __init__(
@@ -123,6 +126,9 @@ class InferenceModel:
         self.unet: Callable[..., Tensor] = model.unet
         if compile:
             self.unet = torch.compile(model.unet)
+            # The decoder's residual blocks, one graph each: its time goes to fp32 GroupNorm + SiLU around the
+            # convs at full resolution, which compile fuses; far less compile time than the whole decoder.
+            compile_blocks(resnet_blocks(model.first_stage_model.decoder), "inductor")
         self.sketch_encoder = None
         if sketch_encoder is not None:
             self.sketch_encoder = sketch_encoder.eval().requires_grad_(False).to(self.device, dtype)

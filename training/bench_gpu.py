@@ -203,6 +203,7 @@ def _build(
     from training.engine import EMA, TrainConfig, adamw, compile_blocks
     from training.models.tooncrafter import build_tooncrafter
     from training.models.unet import set_temporal_conv
+    from training.models.vae import resnet_blocks
     from training.stages import decoder, rectify
     from training.stages.common import unet_blocks
 
@@ -227,6 +228,7 @@ def _build(
         built.net.cfg = dataclasses.replace(run.decoder, lpips_weight=1.0)
         disc = built.discriminator.to(device).requires_grad_(False)
     compile_blocks(unet_blocks(model)[:-1], compile)
+    compile_blocks(resnet_blocks(model.vae.encoder), compile)  # frozen, as train.py does
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     opt = adamw(params.values(), train, device)

@@ -39,6 +39,7 @@ from training.data import (
     to_model_range,
 )
 from training.engine import TrainConfig
+from training.models.vae import resnet_blocks
 from training.roles import format_role_table
 from training.stages import decoder, rectify, sketch
 from training.stages.common import unet_blocks
@@ -225,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=tc.gradient_checkpointing)
     stage = STAGES[stage_name].build(model, run, models_dir)
     compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
+    frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step
     if d.main:
         print(format_role_table(stage.roles), flush=True)
         if compiled:
-            print(f"torch.compile ({tc.compile}): {compiled} UNet blocks, compiled on first use", flush=True)
+            print(
+                f"torch.compile ({tc.compile}): {compiled} UNet blocks and {frozen} VAE encoder blocks, "
+                "compiled on first use",
+                flush=True,
+            )
     stage.net.to(device)
     net = engine.wrap(stage.net, d, device, stage.shard_blocks if tc.fsdp and stage.shard_blocks else None)
     trainable = {n: p for n, p in stage.net.named_parameters() if p.requires_grad}

@@ -29,3 +29,18 @@ def test_host_resident_weights_visit_a_device_and_come_back_without_a_copy():
     with pytest.raises(RuntimeError, match="encoder"), resident.visit(torch.device("meta")):
         raise RuntimeError("an encoder failed")
     assert all(a is b for a, b in zip(tensors(), host, strict=True))  # back on the host after an error too
+
+
+def test_compile_covers_the_unet_and_each_residual_block_of_the_decoder():
+    from inference.sampler import InferenceModel
+    from training.models.tooncrafter import build_tooncrafter
+    from training.models.vae import resnet_blocks
+
+    model = build_tooncrafter("tiny")
+    eager = InferenceModel(model, "cpu", torch.float32)
+    decoder_blocks = resnet_blocks(model.first_stage_model.decoder)
+    assert eager.unet is model.unet and all(b._compiled_call_impl is None for b in decoder_blocks)
+    compiled = InferenceModel(model, "cpu", torch.float32, compile=True)  # compiles lazily, on first call
+    assert compiled.unet is not model.unet
+    assert len(decoder_blocks) >= 4 and all(b._compiled_call_impl is not None for b in decoder_blocks)
+    assert all(b._compiled_call_impl is None for b in resnet_blocks(model.first_stage_model.encoder))

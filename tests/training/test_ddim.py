@@ -141,3 +141,20 @@ def test_injected_noise_replays_a_run():
     b = sample_ddim(denoiser, x_T, ts, sched, eta=1.0, noises=list(noises))
     c = sample_ddim(denoiser, x_T, ts, sched, eta=1.0, noises=noises * 2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_step_coefficients_computed_once_equal_the_per_step_float32_arithmetic():
+    """The loop's scalars, computed once up front (so the loop never copies a CPU scalar to the device),
+    are bit for bit the reference's per-step float32 values."""
+    from training.diffusion.ddim import ddim_params, step_coefficients
+
+    sched = schedule_buffers(ScheduleConfig())
+    params = ddim_params(uniform_trailing_timesteps(50), sched["alphas_cumprod"], 1.0, sched["scale_arr"])
+    coef = step_coefficients(params, "cpu", torch.float32)
+    for i in range(50):
+        a_prev = params.alphas_prev[i].to(torch.float32)
+        sigma = params.sigmas[i].to(torch.float32)
+        assert torch.equal(coef.x0_scale[i], params.scale_prev[i] / params.scale[i])
+        assert torch.equal(coef.sqrt_alpha_prev[i], a_prev.sqrt())
+        assert torch.equal(coef.dir_coef[i], (1.0 - a_prev - sigma**2).clamp(min=0).sqrt())
+        assert torch.equal(coef.sigma[i], sigma) and coef.noisy[i] == bool(sigma > 0)

@@ -73,6 +73,31 @@ def ddim_params(
     return DDIMParams(ts, alphas, alphas_prev, sigmas, sqrt_one_minus, scale, scale_prev)
 
 
+@dataclass(frozen=True)
+class StepCoefficients:
+    """ddim_step's per-step scalars, [S] each, indexed like DDIMParams: computed on the CPU in float32 as the
+    reference computes them per step, then moved to the sampling device once. A CPU scalar copied to a GPU
+    inside the loop makes the host wait for the device every step (a copy from pageable memory synchronises),
+    so the next step's launches could not overlap the current step's kernels."""
+
+    x0_scale: Tensor  # scale_arr[tau_{i-1}] / scale_arr[tau_i]: the dynamic rescale (1 when off)
+    sqrt_alpha_prev: Tensor  # sqrt(abar_prev)
+    dir_coef: Tensor  # sqrt(1 - abar_prev - sigma^2)
+    sigma: Tensor
+    noisy: tuple[bool, ...]  # sigma > 0, known on the host
+
+
+def step_coefficients(params: DDIMParams, device: torch.device | str, dtype: torch.dtype) -> StepCoefficients:
+    a_prev = params.alphas_prev.to(torch.float32)
+    sigma = params.sigmas.to(torch.float32)
+    dir_coef = (1.0 - a_prev - sigma**2).clamp(min=0).sqrt()
+    x0_scale = params.scale_prev / params.scale
+    return StepCoefficients(
+        *(v.to(device, dtype) for v in (x0_scale, a_prev.sqrt(), dir_coef, sigma)),
+        noisy=tuple(bool(v > 0) for v in sigma),
+    )
+
+
 def ddim_step(
     x: Tensor,
     model_output: Tensor,
@@ -81,21 +106,19 @@ def ddim_step(
     params: DDIMParams,
     sched: Mapping[str, Tensor],
     noise: Tensor | None = None,
+    coef: StepCoefficients | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM update from x_{tau_i} with the network's v prediction -> (x_{tau_{i-1}}, pred_x0).
 
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z (Song et al. eq. 12).
+    `coef`: step_coefficients(params, x.device, x.dtype), computed once per sampling run.
     """
+    coef = coef or step_coefficients(params, x.device, x.dtype)
     eps = eps_from_v(x, model_output, t, sched)
-    pred_x0 = x0_from_v(x, model_output, t, sched)
-    pred_x0 = pred_x0 * (params.scale_prev[i] / params.scale[i]).to(x)  # dynamic rescale; 1.0 when off
-    a_prev = params.alphas_prev[i].to(torch.float32)
-    sigma = params.sigmas[i].to(torch.float32)
-    # clamp: with eta = 1 and abar_t = 0 the direction term is 1 - a - (1 - a) = +-1 ulp
-    dir_coef = (1.0 - a_prev - sigma**2).clamp(min=0).sqrt()
-    x_prev = a_prev.sqrt().to(x) * pred_x0 + dir_coef.to(x) * eps
-    if noise is not None and float(sigma) > 0:
-        x_prev = x_prev + sigma.to(x) * noise
+    pred_x0 = x0_from_v(x, model_output, t, sched) * coef.x0_scale[i]
+    x_prev = coef.sqrt_alpha_prev[i] * pred_x0 + coef.dir_coef[i] * eps
+    if noise is not None and coef.noisy[i]:
+        x_prev = x_prev + coef.sigma[i] * noise
     return x_prev, pred_x0
 
 
@@ -132,6 +155,9 @@ def sample_ddim(
         timesteps, sched["alphas_cumprod"], eta, sched.get("scale_arr") if dynamic_rescale else None
     )
     total = len(params.timesteps)
+    coef = step_coefficients(params, x.device, x.dtype)
+    if isinstance(noises, Tensor):
+        noises = noises.to(x)  # once, not a host-device copy per step
     for step, i in enumerate(reversed(range(total))):
         t_int = int(params.timesteps[i])
         t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
@@ -142,7 +168,7 @@ def sample_ddim(
                 noise = noises[step].to(x)
             else:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x, pred_x0 = ddim_step(x, model_output, t, i, params, sched, noise)
+        x, pred_x0 = ddim_step(x, model_output, t, i, params, sched, noise, coef)
         if callback is not None:
             callback(StepInfo(step, total, t_int, x, pred_x0))
     return x

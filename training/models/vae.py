@@ -122,6 +122,12 @@ class ResnetBlock(nn.Module):
         return _per_frame(self.spatial, x, frame_chunk)
 
 
+def resnet_blocks(module: nn.Module) -> list[ResnetBlock]:
+    """The residual blocks (dual-reference ones included) inside `module`: the units that regional
+    torch.compile fuses (GroupNorm + SiLU + casts around each conv, the VAE's memory-bound work)."""
+    return [m for m in module.modules() if isinstance(m, ResnetBlock)]
+
+
 class TimeStack(nn.Module):
     """Temporal residual block on b c t h w: x + out_layers(in_layers(x)), Conv3d kernel (3,1,1), no time embedding.
 
