@@ -90,6 +90,7 @@ class StepCoefficients:
 def step_coefficients(params: DDIMParams, device: torch.device | str, dtype: torch.dtype) -> StepCoefficients:
     a_prev = params.alphas_prev.to(torch.float32)
     sigma = params.sigmas.to(torch.float32)
+    # clamp: with eta = 1 and abar_t = 0 the direction term is 1 - a - (1 - a) = +-1 ulp
     dir_coef = (1.0 - a_prev - sigma**2).clamp(min=0).sqrt()
     x0_scale = params.scale_prev / params.scale
     return StepCoefficients(

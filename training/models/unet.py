@@ -153,8 +153,9 @@ class TemporalConvBlock(nn.Module):
     """Four GroupNorm-SiLU-Conv3d(3,1,1) layers over time, residual (from ModelScope). x [b c t h w].
 
     `impl` picks the kernel, not the math: "conv3d" calls the Conv3d modules; "conv2d" runs the same
-    weights as a (3, 1) Conv2d over [b, c, t, h*w], which cuDNN may serve with faster kernels. The
-    parameters (and so the checkpoint keys) are the Conv3d's either way; `set_temporal_conv` sets it."""
+    weights as a (3, 1) Conv2d over [b, c, t, h*w] (on an H100 not faster: BENCHMARKS.md; kept so that
+    training.profile_unet compares them on each card). The parameters (and so the checkpoint keys) are
+    the Conv3d's either way; `set_temporal_conv` sets it."""
 
     impl = "conv3d"
 
