@@ -19,6 +19,7 @@ compiled 5.10 s (the first, compiling sample 104 s). Peak allocated 10.53 GiB in
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from training.models.unet import TEMPORAL_CONV_IMPLS, TemporalConvBlock, set_temporal_conv
+from training.profile_unet import kernel_table
 
 # MODEL.md Appendix E (toon-512, b=1, 16 frames at 320x512, 50 steps): the reference's whole sample.
 SAMPLE_TFLOP = 1343.2
@@ -115,17 +117,6 @@ def one_sample(im, first, last, settings, seed: int, with_clip: bool) -> dict[st
     return times
 
 
-def kernel_table(im, first, last, settings, with_clip: bool, rows: int) -> str:
-    """torch.profiler's table of one sample's most expensive operators and kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if im.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        one_sample(im, first, last, settings, 99, with_clip)
-    sort = "cuda_time_total" if im.device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
-
-
 def bench(args: argparse.Namespace) -> dict:
     from inference.sampler import InferenceModel, SamplerSettings, default_dtype
 
@@ -199,7 +190,8 @@ def bench(args: argparse.Namespace) -> dict:
             short = replace(
                 settings, steps=min(settings.steps, args.profile_steps)
             )  # same shapes: no recompiling
-            args.profile.write_text(kernel_table(im, first, last, short, with_clip, args.profile_rows))
+            sample = functools.partial(one_sample, im, first, last, short, 99, with_clip)
+            args.profile.write_text(kernel_table(sample, device, args.profile_rows))
         del im
     return report
 

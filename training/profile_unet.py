@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.bench_gpu import Phases
+from training.bench_gpu import Phases, _sync
+from training.bench_model import DTYPES, timed
 from training.models import attention as attention_module
 from training.models.attention import SpatialTransformer, TemporalTransformer
 from training.models.unet import (
@@ -46,14 +46,8 @@ from training.models.unet import (
     UNet3D,
     Upsample,
     set_temporal_conv,
+    temporal_conv2d,
 )
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -199,14 +193,10 @@ def conv_variants(shapes: list[dict], batch: int, frames: int, device, dtype, re
 
 
 def _variant_times(conv: nn.Conv3d, x: torch.Tensor, device, repeats: int) -> dict[str, dict[str, float]]:
-    def as_conv2d(x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        return F.conv2d(x.reshape(b, c, t, h * w), conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
-
     variants = {
         "conv3d": (conv, x),
         "conv3d channels_last_3d": (conv, x.to(memory_format=torch.channels_last_3d)),
-        "conv2d": (as_conv2d, x),
+        "conv2d": (lambda x: temporal_conv2d(x, conv), x),
     }
     out = {}
     for name, (fn, inp) in variants.items():
@@ -228,26 +218,24 @@ def _fwd_bwd(fn, inp: torch.Tensor, conv: nn.Module) -> None:
 
 
 def _median_time(fn, device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(max(3, repeats)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times), 6)
+    return round(timed(fn, device, max(3, repeats))[0], 6)
 
 
-def kernel_table(unet: UNet3D, args, device, dtype, rows: int) -> str:
+def kernel_table(fn, device: torch.device, rows: int) -> str:
+    """torch.profiler's table of the most expensive operators and kernels of one call of fn()."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof, torch.no_grad(), _autocast(device, dtype):
-        unet(*args)
+    with profile(activities=activities) as prof:
+        fn()
         _sync(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
+
+
+def _forward(unet: UNet3D, args, device, dtype) -> None:
+    with torch.no_grad(), _autocast(device, dtype):
+        unet(*args)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -271,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
     report["temporal_conv_s"] = conv_variants(shapes, args.batch, args.frames, device, dtype, args.repeats)
     for row in report["temporal_conv_s"]:
         print(f"temporal conv: {json.dumps(row)}", flush=True)
-    report["kernels"] = kernel_table(unet, call, device, dtype, args.kernels)
+    report["kernels"] = kernel_table(lambda: _forward(unet, call, device, dtype), device, args.kernels)
     return report
 
 

@@ -180,11 +180,11 @@ class TemporalConvBlock(nn.Module):
             *pre, conv = layer
             for module in pre:
                 h = module(h)
-            h = _time_conv2d(h, conv)
+            h = temporal_conv2d(h, conv)
         return x + h
 
 
-def _time_conv2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+def temporal_conv2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """A (k, 1, 1) Conv3d over x [b, c, t, h, w] computed as a (k, 1) Conv2d over [b, c, t, h*w]."""
     b, _, t, height, width = x.shape
     y = F.conv2d(
