@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -39,6 +40,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress (stages, clips/s, ETA)
     ctx.print_on_execution_start = False
+    # rows travel as pickled Python objects on purpose (see ROW below): say so, instead of Ray
+    # warning once per job that Arrow could not convert them
+    ctx.enable_fallback_to_arrow_object_ext_type = True
+    # Ray Data's console notes repeat the job's own progress lines (its ray-data.log keeps them all)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    # A job with fewer sources (or model batches) than workers is normal: not worth a warning
+    warnings.filterwarnings(
+        "ignore", message="The maximum number of concurrent tasks for", category=UserWarning
+    )
 
 
 def shutdown_ray() -> None:
@@ -105,12 +116,6 @@ class _ActorUDF:
         return _wrap(rows_of(self.stage(batch_of(_unwrap(ray_batch)))))
 
 
-def _keep_apart() -> dict:
-    """No extra remote args. Giving an actor stage a `ray_remote_args_fn` keeps Ray Data from fusing
-    the CPU task chain into the model actor, which would run all decoding inside the few actors."""
-    return {}
-
-
 def _tasks(workers: int):
     """At most `workers` tasks of a stage at once (the chain of task stages fuses into one task)."""
     import ray
@@ -134,7 +139,10 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
         common = {"batch_format": "numpy", "num_cpus": stage.num_cpus}
         if stage.has_setup():
             # a model stage: one actor per declared GPU share; on a machine without GPU it runs on
-            # the CPU as a single actor (its device setting picks the CPU there)
+            # the CPU as a single actor (its device setting picks the CPU there). Ray Data would fuse
+            # the CPU task chain into the actors (all decoding inside the few actors) if the two
+            # asked for the same resources: the actors' GPU share, or their token CPU share below,
+            # keeps them apart (tests/pipeline/test_runner.py checks it).
             num_gpus = stage.num_gpus if gpus else 0
             pool = max(1, int(gpus / num_gpus)) if num_gpus else 1
             if num_gpus:
@@ -148,7 +156,6 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 fn_constructor_args=(stage,),
                 batch_size=stage.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=pool),
-                ray_remote_args_fn=_keep_apart,
                 **common,
             )
         else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from pipeline.runner import init_ray, run_stages
 from pipeline.stages.base import Stage
 
@@ -25,3 +27,37 @@ def test_task_stages_keep_opencv_to_the_cpus_they_declare():
     rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(3)], [OpenCVThreads()], workers=2))
     assert sorted(r["source_uri"] for r in rows) == ["s0", "s1", "s2"]
     assert {r["opencv_threads"] for r in rows} == {1}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_model_actors_do_not_absorb_the_cpu_task_chain(workers: int):
+    """Decoding and scoring run in the task workers; a model stage's actor only runs its model.
+    If Ray Data fused the task chain into the actor pool, every source would be decoded inside the
+    one CPU actor (or the few GPU actors) and the CPU workers would sit idle."""
+    import os
+
+    @dataclass
+    class WhereDecoded(Stage):
+        name = "where_decoded"
+
+        def process(self, row: dict) -> dict:
+            return {**row, "decoded_in": os.getpid()}
+
+    @dataclass
+    class Model(Stage):
+        name = "model"
+        batch_size = 2
+
+        def setup(self) -> None:
+            self.pid = os.getpid()
+
+        def process(self, row: dict) -> dict:
+            return {**row, "model_in": self.pid}
+
+    init_ray(num_cpus=2)
+    items = [{"source_uri": f"s{i}"} for i in range(4)]
+    rows = list(run_stages(items, [WhereDecoded(), Model()], workers=workers))
+    assert sorted(r["source_uri"] for r in rows) == ["s0", "s1", "s2", "s3"]
+    actors = {r["model_in"] for r in rows}
+    assert len(actors) == 1  # no GPU here: one CPU actor
+    assert not actors & {r["decoded_in"] for r in rows}
