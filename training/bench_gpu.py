@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
     )
     p.add_argument(
+        "--checkpoint-levels",
+        default="0",
+        help="rectify: recompute only the UNet blocks at the N finest resolutions (train.checkpoint_levels;"
+        " 0 = all); a list (0,2) measures each on the same built, compiled step",
+    )
+    p.add_argument(
         "--temporal-conv",
         choices=("conv3d", "conv2d"),
         default="conv3d",
@@ -185,6 +191,7 @@ class Case:
     """A training step ready to run: the stage's step module, what it trains, AdamW and the EMA."""
 
     net: torch.nn.Module
+    unet: torch.nn.Module
     params: dict[str, torch.nn.Parameter]
     opt: torch.optim.Optimizer
     ema: Any
@@ -211,7 +218,7 @@ def _build(
     with torch.device(device):
         model = build_tooncrafter(preset)
     set_temporal_conv(model.unet, temporal_conv)
-    model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=checkpointing)
+    model.unet.set_gradient_checkpointing(checkpointing)  # main() picks the levels per measurement
     train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0, compile=compile)
     run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)
     disc = None
@@ -232,7 +239,7 @@ def _build(
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     opt = adamw(params.values(), train, device)
-    return Case(net, params, opt, EMA(params, train.ema_decay), disc)
+    return Case(net, model.unet, params, opt, EMA(params, train.ema_decay), disc)
 
 
 def _step(
@@ -341,6 +348,7 @@ def matmul_tflops(device: torch.device, amp) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    levels_list = _levels(args.checkpoint_levels)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)
@@ -354,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "autocast": str(amp),
         "gradient_checkpointing": not args.no_checkpointing,
+        "checkpoint_levels": levels_list,
         "compile": args.compile or None,
         "temporal_conv": args.temporal_conv,
         "peak_bf16_tflops": peak,
@@ -368,17 +377,31 @@ def main(argv: list[str] | None = None) -> int:
             flops, source = count_flops(stage, args, device, amp), "FlopCounterMode"
         report[f"{stage}_tflop_per_clip"] = {"value": flops / 1e12, "source": source}
         batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
-        case = _build(stage, args.preset, device, not args.no_checkpointing, args.compile, args.temporal_conv)
-        for b in batches:
-            row = measure(case, stage, b, args, device, amp, flops)
-            if row is None:
-                print(f"{stage} batch {b}: out of memory", flush=True)
-                report["rows"].append({"stage": stage, "batch": b, "oom": True})
-                break
-            if peak and row.get("achieved_tflops"):
-                row["mfu"] = row["achieved_tflops"] / peak
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        case = _build(
+            stage,
+            args.preset,
+            device,
+            not args.no_checkpointing,
+            args.compile,
+            args.temporal_conv,
+        )
+        # the same step (and its compiled blocks) under each checkpointing choice; the decoder's own
+        # checkpointing has no levels
+        for levels in levels_list if stage == "rectify" else [0]:
+            case.unet.set_gradient_checkpointing(not args.no_checkpointing, levels)
+            for b in batches:
+                row = measure(case, stage, b, args, device, amp, flops)
+                if row is None:
+                    print(f"{stage} batch {b}, checkpoint levels {levels}: out of memory", flush=True)
+                    report["rows"].append(
+                        {"stage": stage, "batch": b, "checkpoint_levels": levels, "oom": True}
+                    )
+                    break
+                row["checkpoint_levels"] = levels
+                if peak and row.get("achieved_tflops"):
+                    row["mfu"] = row["achieved_tflops"] / peak
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -391,29 +414,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        levels = [-1]
+    if not levels or min(levels) < 0:
+        raise SystemExit(f"--checkpoint-levels: a comma-separated list of integers >= 0, got {text!r}")
+    return levels
+
+
+def _recomputed(report: dict[str, Any], row: dict[str, Any]) -> str:
+    if not report["gradient_checkpointing"]:
+        return "none"
+    if row["stage"] != "rectify" or not row.get("checkpoint_levels"):
+        return "all"
+    return f"{row['checkpoint_levels']} finest"
+
+
 def _table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing"
         f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
-        "| stage | batch | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if r.get("oom"):
-            lines.append(f"| {r['stage']} | {r['batch']} | OOM | | | | |")
+            lines.append(f"| {r['stage']} | {r['batch']} | {_recomputed(report, r)} | OOM | | | | |")
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         tf = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(
-            f"| {r['stage']} | {r['batch']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.2f} | {mem} | {tf} | {mfu} |"
+            f"| {r['stage']} | {r['batch']} | {_recomputed(report, r)} | {r['s_per_step']:.3f} |"
+            f" {r['samples_per_s']:.2f} | {mem} | {tf} | {mfu} |"
         )
     for r in report["rows"]:
         if r.get("breakdown_s"):
             total = sum(r["breakdown_s"].values())
             parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in r["breakdown_s"].items())
-            lines.append(f"{r['stage']} batch {r['batch']}: {parts}")
+            lines.append(f"{r['stage']} batch {r['batch']}, levels {_recomputed(report, r)}: {parts}")
     return "\n".join(lines)
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of the trained weights, exported for inference; 0 exports the raw weights
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     gradient_checkpointing: bool = True  # recompute UNet / sketch-encoder / decoder blocks in backward
+    checkpoint_levels: int = 0  # UNet: recompute only the blocks at the N finest resolutions; 0 = all
     compile: str = ""  # torch.compile backend for each UNet block ("inductor" on GPU; "" = eager)
     fsdp: bool = False  # shard the UNet with FSDP2 (fully_shard per block) instead of replicating it (DDP)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda"

@@ -14,7 +14,6 @@ OUT/checkpoints/latest exactly: weights, optimizer, EMA, step, data position and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -172,7 +171,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     wrong = sorted((set(STAGES) - {args.stage}) & {key for layer in [*files, sets] for key in layer})
     if wrong:
         raise ValueError(f"sections {wrong} belong to other stages than {args.stage!r}")
-    return engine.apply_overrides(RunConfig(), merged, "config")
+    run = engine.apply_overrides(RunConfig(), merged, "config")
+    if run.train.checkpoint_levels < 0:
+        raise ValueError(
+            f"train.checkpoint_levels must be >= 0 (0 = every block), got {run.train.checkpoint_levels}"
+        )
+    return run
 
 
 def initial_model(cfg: TrainConfig):
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- model and stage ------------------------------------------------------------------------------------
     model = initial_model(tc)
-    model.unet.cfg = dataclasses.replace(model.unet.cfg, gradient_checkpointing=tc.gradient_checkpointing)
+    model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
     stage = STAGES[stage_name].build(model, run, models_dir)
     compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
     frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step

@@ -320,6 +320,8 @@ def test_bench_gpu_smoke_mode(tmp_path):
                 "--warmup",
                 "0",
                 "--breakdown",
+                "--checkpoint-levels",
+                "0,1",
                 "--json",
                 str(path),
             ]
@@ -327,8 +329,14 @@ def test_bench_gpu_smoke_mode(tmp_path):
         == 0
     )
     report = json.loads(path.read_text())
-    rows = {(r["stage"], r["batch"]): r for r in report["rows"]}
-    assert set(rows) == {("rectify", 1), ("rectify", 2), ("decoder", 1)}
+    assert {(r["stage"], r["batch"], r["checkpoint_levels"]) for r in report["rows"]} == {
+        ("rectify", 1, 0),
+        ("rectify", 2, 0),
+        ("rectify", 1, 1),
+        ("rectify", 2, 1),
+        ("decoder", 1, 0),
+    }
+    rows = {(r["stage"], r["batch"]): r for r in report["rows"] if r["checkpoint_levels"] == 0}
     assert report["rectify_largest_batch"] == 2
     assert all(r["s_per_step"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
     assert report["rectify_tflop_per_clip"]["source"] == "FlopCounterMode"

@@ -185,6 +185,10 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "data.frames=many"]))
     with pytest.raises(ValueError, match="other stages"):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "decoder.lpips_weight=0"]))
+    with pytest.raises(ValueError, match="train.checkpoint_levels must be >= 0"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.checkpoint_levels=-1"]))
+    run = resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.checkpoint_levels=2"]))
+    assert run.train.checkpoint_levels == 2
     assert engine.parse_set(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 

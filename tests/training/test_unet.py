@@ -151,3 +151,65 @@ def test_gradient_checkpointing_does_not_change_results(monkeypatch):
     assert torch.equal(y_plain, y_ckpt)
     for a, b in zip(g_plain, g_ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _saved_bytes_and_grads(model: UNet3D, x: torch.Tensor, context: torch.Tensor):
+    """Bytes autograd keeps for backward after one forward, and the parameters' gradients."""
+    saved = []
+
+    def pack(t: torch.Tensor):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(1)  # same dropout masks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x, torch.tensor([500]), context, fs=torch.tensor([7]))
+    kept = sum(saved)  # checkpointed blocks keep only their inputs; their recompute happens in backward
+    y.square().mean().backward()
+    return kept, [p.grad.clone() for p in model.parameters()]
+
+
+def test_checkpointing_only_the_finest_levels_trades_memory_for_recompute(monkeypatch):
+    """checkpoint_levels=N recomputes only the blocks at the N finest resolutions: the gradients stay
+    those of the plain network, and the activations kept lie between full checkpointing and none."""
+    import training.models.unet as unet_module
+
+    widths = []
+    real_checkpoint = unet_module.checkpoint
+
+    def counting(block, h, *args, **kwargs):
+        widths.append(h.shape[-1])
+        return real_checkpoint(block, h, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "checkpoint", counting)
+    torch.manual_seed(0)
+    plain = UNet3D(UNET_PRESETS["tiny"])  # levels at widths 8, 4, 2
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, context = torch.randn(1, 8, 2, 8, 8), torch.randn(1, 77 + 32, 32)
+    results = {}
+    for levels in (None, 0, 1, 2):
+        model = UNet3D(UNET_PRESETS["tiny"])
+        model.load_state_dict(plain.state_dict())
+        model.train()
+        if levels is not None:
+            model.set_gradient_checkpointing(True, levels=levels)
+        widths.clear()
+        results[levels] = (*_saved_bytes_and_grads(model, x, context), sorted(set(widths)))
+    assert results[0][2] == [2, 4, 8]  # every level recomputes
+    assert results[1][2] == [8]
+    assert results[2][2] == [4, 8]
+    kept = {levels: r[0] for levels, r in results.items()}
+    assert kept[0] < kept[2] < kept[1] < kept[None]
+    for levels in (0, 1, 2):
+        for a, b in zip(results[None][1], results[levels][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resolution_level_follows_the_downsamplings():
+    from training.models.unet import resolution_level
+
+    assert [resolution_level(64, w) for w in (64, 32, 16, 8)] == [0, 1, 2, 3]
+    assert [resolution_level(68, w) for w in (68, 34, 17, 9)] == [0, 1, 2, 3]  # 17 -> 9 rounds up
+    with pytest.raises(ValueError, match="checkpoint levels"):
+        UNet3D(UNET_PRESETS["tiny"]).set_gradient_checkpointing(True, levels=-1)

@@ -54,6 +54,10 @@ class UNetConfig:
     default_fs: int = 24  # frame stride used when forward gets fs=None
     temporal_length: int = 16  # clip length the model was trained for (forward accepts any t)
     gradient_checkpointing: bool = False  # recompute each block in backward (train mode only)
+    # With gradient_checkpointing: recompute only the blocks whose input is at one of the N finest
+    # resolution levels (1: the latent resolution only); 0 recomputes every block. Every level costs
+    # about the same FLOPs, but the finer a level, the more activation memory per FLOP it holds.
+    checkpoint_levels: int = 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -380,9 +384,12 @@ class UNet3D(nn.Module):
             for p in module.parameters():
                 p.zero_()
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward (train mode); results are unchanged."""
-        self.cfg = replace(self.cfg, gradient_checkpointing=enabled)
+    def set_gradient_checkpointing(self, enabled: bool = True, levels: int = 0) -> None:
+        """Recompute blocks' activations in backward (train mode); results are unchanged. `levels` > 0
+        limits it to the blocks at the `levels` finest resolutions (UNetConfig.checkpoint_levels)."""
+        if levels < 0:
+            raise ValueError(f"checkpoint levels must be >= 0 (0 = every block), got {levels}")
+        self.cfg = replace(self.cfg, gradient_checkpointing=enabled, checkpoint_levels=levels)
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Parameter names by kind (MODEL.md 5.4), for freezing by role: `temporal_conv`, `temporal_attention`,
@@ -406,10 +413,21 @@ class UNet3D(nn.Module):
             groups[group].append(name)
         return groups
 
-    def _run(self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, t: int):
-        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def _run(
+        self, block: UNetBlock, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, t: int, width: int
+    ):
+        if self._recompute(h, width):
             return checkpoint(block, h, emb, context, t, use_reentrant=False)
         return block(h, emb, context, t)
+
+    def _recompute(self, h: torch.Tensor, width: int) -> bool:
+        """Whether the block taking `h` recomputes in backward; `width` is the latent's (level 0) width."""
+        cfg = self.cfg
+        if not (cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return False
+        if cfg.checkpoint_levels <= 0:
+            return True
+        return resolution_level(width, h.shape[-1]) < cfg.checkpoint_levels
 
     def _frame_context(self, context: torch.Tensor, t: int) -> torch.Tensor:
         """[b, l, d] -> [(b t), l', d]: every frame gets the text tokens and, when the context holds
@@ -443,13 +461,14 @@ class UNet3D(nn.Module):
         context = self._frame_context(context, t)  # [(b t), l, d]
 
         h = rearrange(x, "b c t h w -> (b t) c h w")
+        width = h.shape[-1]
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = self._run(block, h, emb, context, t)
+            h = self._run(block, h, emb, context, t, width)
             if i == 0 and cfg.init_attention:
-                h = self._run(self.init_attn, h, emb, context, t)
+                h = self._run(self.init_attn, h, emb, context, t, width)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, t)
+        h = self._run(self.middle_block, h, emb, context, t, width)
 
         residuals = _control_residuals(control, len(skips) + 1, t)
         if residuals:
@@ -458,9 +477,18 @@ class UNet3D(nn.Module):
             skip = skips.pop()
             if residuals:
                 skip = skip + residuals.pop()
-            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, t)
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, t, width)
         y = self.out(h)
         return rearrange(y, "(b t) c h w -> b c t h w", t=t)
+
+
+def resolution_level(latent_width: int, width: int) -> int:
+    """How many 2x downsamplings separate a feature map of `width` from the latent's (0 = the same)."""
+    level = 0
+    while latent_width > width:
+        latent_width = (latent_width + 1) // 2  # a stride-2 conv with padding 1 rounds up
+        level += 1
+    return level
 
 
 def timesteps_embedding_like(timesteps: torch.Tensor, dim: int, x: torch.Tensor) -> torch.Tensor:
