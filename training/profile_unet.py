@@ -18,6 +18,11 @@ branches in one batch of 2. It reports:
 * `temporal_conv`: the faster implementation for the whole forward, for the other GPU scripts'
   `--temporal-conv`.
 Needs torch only.
+
+    python -m training.profile_unet --flops-by-level     # any machine: nothing runs, shapes only
+
+counts a forward's FLOPs per resolution level of the UNet's blocks on the meta device (what
+`train.checkpoint_levels` trades: recomputing level N costs its FLOPs again in backward).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from training.models.unet import (
     TemporalConvBlock,
     UNet3D,
     Upsample,
+    resolution_level,
     set_temporal_conv,
     temporal_conv2d,
 )
@@ -263,6 +269,45 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def flops_by_level(preset: str, batch: int, frames: int, height: int, width: int) -> dict[str, float]:
+    """FLOPs of one forward by the resolution level of each block's input ("level 0" = the latent's),
+    the rest (embeddings, input/output layers) and the total, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet3D(UNET_PRESETS[preset]).eval()
+    x, timesteps, context, fs = inputs(unet, batch, frames, height, width, torch.device("meta"))
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    if unet.cfg.init_attention:
+        blocks.append(unet.init_attn)
+    counted: dict[str, float] = {}
+    started: dict[int, tuple[str, float]] = {}
+    with FlopCounterMode(display=False) as counter:
+
+        def before(module: nn.Module, args: tuple) -> None:
+            level = f"level {resolution_level(width, args[0].shape[-1])}"
+            started[id(module)] = (level, counter.get_total_flops())
+
+        def after(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            level, start = started.pop(id(module))
+            counted[level] = counted.get(level, 0.0) + counter.get_total_flops() - start
+
+        handles = [
+            h for b in blocks for h in (b.register_forward_pre_hook(before), b.register_forward_hook(after))
+        ]
+        try:
+            with torch.no_grad():
+                unet(x, timesteps, context, fs=fs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = float(counter.get_total_flops())
+    report = dict(sorted(counted.items()))
+    report["rest"] = total - sum(counted.values())
+    report["total"] = total
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.profile_unet", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toon-512", choices=sorted(UNET_PRESETS))
@@ -275,11 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per implementation (median)")
     p.add_argument("--kernels", type=int, default=25, help="rows of the profiler's kernel table")
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument(
+        "--flops-by-level", action="store_true", help="only count FLOPs per resolution level (meta device)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.flops_by_level:
+        counts = flops_by_level(args.preset, args.batch, args.frames, args.height, args.width)
+        for part, flops in counts.items():
+            print(f"{part:8s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
+        return 0
     report = run(args)
     print(report["kernels"])
     if args.json:

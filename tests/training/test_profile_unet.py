@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from training import profile_unet
 from training.models.unet import TEMPORAL_CONV_IMPLS, UNET_PRESETS, TemporalConvBlock, UNet3D
 
@@ -29,3 +31,26 @@ def test_profile_smoke_mode_times_parts_and_temporal_conv_variants(tmp_path):
     assert sum(r["blocks"] for r in rows) == blocks  # every block's shape is timed
     assert all(r[v]["forward_s"] > 0 for r in rows for v in ("conv3d", "conv3d channels_last_3d", "conv2d"))
     assert "Name" in report["kernels"]
+
+
+def test_flops_by_level_adds_up_to_the_whole_forward(tmp_path, capsys):
+    """The per-level split that train.checkpoint_levels trades: every block lands in one level, and
+    the levels plus the rest are exactly FlopCounterMode's count of the whole forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = profile_unet.flops_by_level("tiny", 1, 2, 8, 8)
+    assert [k for k in counts if k.startswith("level")] == ["level 0", "level 1", "level 2"]  # widths 8, 4, 2
+    assert all(counts[f"level {i}"] > 0 for i in range(3)) and counts["rest"] > 0
+    with torch.device("meta"):  # where the split is counted (attention counts as the reference's does)
+        unet = UNet3D(UNET_PRESETS["tiny"]).eval()
+    x, timesteps, context, fs = profile_unet.inputs(unet, 1, 2, 8, 8, torch.device("meta"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, timesteps, context, fs=fs)
+    assert counts["total"] == counter.get_total_flops()
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+    out = tmp_path / "levels.json"
+    argv = ["--preset", "tiny", "--flops-by-level", "--batch", "1", "--frames", "2", "--height", "8",
+            "--width", "8", "--json", str(out)]  # fmt: skip
+    assert profile_unet.main(argv) == 0
+    assert json.loads(out.read_text())["flops"] == counts
+    assert "level 2" in capsys.readouterr().out
