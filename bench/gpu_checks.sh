@@ -3,9 +3,10 @@
 # and ftfy travel as wheels in .whl/). Each part has its own time limit (T_*, seconds; 0 skips it),
 # cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
 # come back). The defaults run what the last session (H100, BENCHMARKS.md) left unmeasured:
-#   sample:   `interpolate` seconds per sample and peak memory, eager and torch.compile'd (issues Model
-#             and Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit,
-#             the VAE decoder's blocks compiled), with a profiler table of a short compiled sample
+#   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
+#             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
+#             VAE decoder's blocks compiled), with a profiler table of a short compiled sample; eager
+#             was measured already (SAMPLE_COMPILE=both adds it back)
 #   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
 #             torch.compile'd (Dynamo's graph limit raised: the last run fell back to eager), by part,
 #             recomputing every UNet block, then (LEVELS, default 0,2) only the two finest levels'
@@ -42,10 +43,10 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
+part ${T_SAMPLE:-260} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
-part ${T_COMPILE:-240} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -12
+part ${T_COMPILE:-280} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
