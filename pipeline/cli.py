@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
 from pipeline.config import SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
+from pipeline.select import thresholds_json
 
 
 def _curate_parser() -> argparse.ArgumentParser:
@@ -92,7 +94,8 @@ def select_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener select",
         description="Re-apply thresholds to a finished job's scores and re-shard. Nothing is decoded for scoring; "
-        "clips that become kept are encoded from their sources.",
+        "clips that become kept are encoded from their sources. Thresholds start from those the manifest "
+        "was last written with (by curate or select); --set changes some of them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  inbetweener select out/run1 --set motion.min=0.3",
     )
@@ -121,6 +124,9 @@ def select_main(argv: list[str] | None = None) -> int:
 
         apply_overrides(config, overrides)
         config.run.progress = not args.quiet
+        if not args.quiet:
+            rules = ", ".join(f"{k}={v}" for k, v in json.loads(thresholds_json(config)).items())
+            print(f"thresholds: {rules or 'none'}", flush=True)
         job = CurateJob([], args.out, config)
         result = job.finalize(table)
     except (ConfigError, ManifestError) as exc:

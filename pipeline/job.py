@@ -374,7 +374,11 @@ class CurateJob:
             row["group_id"] = groups.get(row["clip_id"])
             row["split"] = result.split_of.get(row["clip_id"], "none") if row["status"] == "kept" else "none"
         if result.eval_size < c.eval_size:
-            self._say(f"eval split: {result.eval_size} clips (asked {c.eval_size}; capped by the job's size)")
+            units = "sources" if c.by_source else "near-duplicate groups"
+            self._say(
+                f"eval split: {result.eval_size} clips (asked {c.eval_size}; a small job gives eval at most "
+                f"{c.max_eval_fraction:.0%} of its {len(kept)} kept clips, in whole {units})"
+            )
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
     def _write_shards(self, table: pa.Table) -> pa.Table:

@@ -138,7 +138,7 @@ def test_rerun_is_a_quick_noop(curated, capsys):
     assert code == 1
 
 
-def test_select_rethresholds_without_the_footage(curated, tmp_path):
+def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     copy = tmp_path / "out"
     shutil.copytree(curated["out"], copy)
     moved = curated["root"] / "footage_moved"  # sources gone: select must not decode for scoring
@@ -160,6 +160,13 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path):
     index = read_shard_index(copy / "shards" / "train")
     assert sorted(index["clip_id"].to_pylist()) == sorted(r["clip_id"] for r in kept_after)
     assert select_main([str(copy), "--set", "shots.min_len_s=3"]) == 2  # not a threshold
+    capsys.readouterr()
+    assert select_main([str(copy)]) == 0  # thresholds start from the last select's, and it says so
+    assert f"thresholds: motion.min={threshold}," in capsys.readouterr().out
+    again = [
+        r["clip_id"] for r in read_manifest(copy / "manifest.parquet").to_pylist() if r["status"] == "kept"
+    ]
+    assert sorted(again) == sorted(r["clip_id"] for r in kept_after)
 
 
 def test_report_shows_funnel_scores_and_thumbnails(curated):
