@@ -7,7 +7,9 @@ shared and noisy: the numbers that matter are the ratios.
   score+write the whole CPU job: scoring, re-encoding kept clips, shards, manifest, report
               (the model stages are off: they are measured on a GPU by pipeline/bench_models_gpu.py)
 Peak memory is the largest sum of RSS over this process and all its descendants (Ray's workers),
-sampled every 100 ms, measured for N and 2N sources to show that the job streams.
+sampled every 100 ms, measured for N and 2N sources to show that the job streams. The same process
+tree gives the cores Ray's own processes (this driver, raylet, GCS, agents) keep busy while scoring:
+on a machine with as many cores as workers, that load comes out of the workers' share.
 With --repeat R, every measurement is taken R times, interleaved, and the fastest counts (the usual
 defence against a noisy machine: noise only ever slows a run down). A control decodes the same
 sources in one and in two plain processes, interleaved with the rest, so a scaling figure can be read
@@ -27,7 +29,9 @@ from pathlib import Path
 
 
 class PeakMemory:
-    """Largest RSS sum over this process tree while the block runs.
+    """Largest RSS sum over this process tree while the block runs, and the CPU seconds its processes
+    used: `cpu_s["workers"]` for Ray's worker processes, `cpu_s["ray"]` for everything else (this
+    driver, raylet, GCS and Ray's other helpers), whose load competes with the workers for cores.
 
     Listing a process tree reads every process of the machine, so the tree is listed once a second
     and its members' RSS read every `interval` (sampling the whole tree every 50 ms cost ~9% of a
@@ -40,7 +44,20 @@ class PeakMemory:
         self.interval = interval
         self.relist = relist
         self.peak = 0
+        self.cpu_s = {"workers": 0.0, "ray": 0.0}
         self._stop = threading.Event()
+
+    def _cpu_by_process(self) -> dict[int, tuple[str, float]]:
+        me = self.psutil.Process()
+        out = {}
+        with contextlib.suppress(self.psutil.Error):
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(self.psutil.Error):
+                    name = proc.name()  # workers: ray::IDLE, ray::MapBatches(...); not ray::DashboardAgent
+                    kind = "workers" if name.startswith("ray::") and "Agent" not in name else "ray"
+                    times = proc.cpu_times()
+                    out[proc.pid] = (kind, times.user + times.system)
+        return out
 
     def _sample(self) -> None:
         me = self.psutil.Process()
@@ -58,6 +75,7 @@ class PeakMemory:
             time.sleep(self.interval)
 
     def __enter__(self):
+        self._cpu_start = self._cpu_by_process()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -65,6 +83,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        for pid, (kind, seconds) in self._cpu_by_process().items():
+            self.cpu_s[kind] += seconds - self._cpu_start.get(pid, (kind, 0.0))[1]
 
 
 def make_footage(root: Path, sources: int, size: tuple[int, int], episodes: int = 1) -> list[str]:
@@ -142,7 +162,8 @@ def bench_decode(uris: list[str], workers: int) -> tuple[float, int]:
     return time.perf_counter() - start, frames
 
 
-def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tuple[float, int]:
+def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tuple[float, int, float]:
+    """-> (seconds, peak RSS bytes, cores Ray's own processes used on average, the driver included)."""
     from pipeline.config import CurateConfig
     from pipeline.job import CurateJob
 
@@ -161,7 +182,7 @@ def bench_job(uris: list[str], workers: int, out: Path, score_only: bool) -> tup
             job.run()
         seconds = time.perf_counter() - start
     _check_scored(out)
-    return seconds, memory.peak
+    return seconds, memory.peak, memory.cpu_s["ray"] / seconds
 
 
 def _check_scored(out: Path) -> None:
@@ -204,7 +225,7 @@ def run_curate_bench(
             "repeat": repeat,
             "workers": {},
         }
-        runs: dict[int, list[tuple]] = {w: [] for w in workers_list}  # (decode s, score s, job s, MBs)
+        runs: dict[int, list[tuple]] = {w: [] for w in workers_list}  # (decode s, score s, job s, MBs, cores)
         plain: dict[int, list[float]] = {1: [], 2: []}  # the control's decode seconds
         for attempt in range(repeat):
             if control:
@@ -213,20 +234,23 @@ def run_curate_bench(
             for workers in workers_list:
                 d_s, frames = bench_decode(uris[:sources], workers)
                 out = root / f"run{attempt}"
-                s_s, s_mem = bench_job(uris[:sources], workers, out / f"score{workers}", score_only=True)
-                j_s, j_mem = (
+                s_s, s_mem, s_ray = bench_job(
+                    uris[:sources], workers, out / f"score{workers}", score_only=True
+                )
+                j_s, j_mem, _ = (
                     bench_job(uris[:sources], workers, out / f"job{workers}", score_only=False)
                     if with_job
-                    else (float("nan"), 0)
+                    else (float("nan"), 0, 0.0)
                 )
                 shutil.rmtree(out, ignore_errors=True)
-                runs[workers].append((d_s, s_s, j_s, s_mem, j_mem))
+                runs[workers].append((d_s, s_s, j_s, s_mem, j_mem, s_ray))
         best = {}  # per column: the fastest time and the largest peak over the repeats
         for workers, rows in runs.items():
             d_s, s_s, j_s = (min(col) for col in list(zip(*rows))[:3])
-            s_mem, j_mem = (max(col) for col in list(zip(*rows))[3:])
-            best[workers] = (d_s, s_s, j_s, s_mem, j_mem, frames)
-        for workers, (d_s, s_s, j_s, s_mem, j_mem, frames) in best.items():
+            s_mem, j_mem = (max(col) for col in list(zip(*rows))[3:5])
+            s_ray = min(rows, key=lambda row: row[1])[5]  # that of the fastest score run
+            best[workers] = (d_s, s_s, j_s, s_mem, j_mem, s_ray, frames)
+        for workers, (d_s, s_s, j_s, s_mem, j_mem, s_ray, frames) in best.items():
             results["workers"][workers] = {
                 "frames": frames,
                 "decode_fps": frames / d_s,
@@ -236,10 +260,11 @@ def run_curate_bench(
                 "job_over_decode": (frames / j_s) / (frames / d_s),
                 "score_peak_mb": s_mem / 2**20,
                 "job_peak_mb": j_mem / 2**20,
+                "score_ray_cores": s_ray,
             }
             if not with_job:
                 results["workers"][workers].update(job_fps=None, job_over_decode=None, job_peak_mb=None)
-        _, mem_2n = bench_job(uris, workers_list[-1], root / "double", score_only=True)
+        _, mem_2n, _ = bench_job(uris, workers_list[-1], root / "double", score_only=True)
         results["peak_mb_N"] = results["workers"][workers_list[-1]]["score_peak_mb"]
         results["peak_mb_2N"] = mem_2n / 2**20
         if len(workers_list) >= 2:
@@ -279,6 +304,8 @@ def format_results(r: dict) -> str:
             f"2 workers / 1 worker: score {r['score_scaling']:.2f}x, decode {r['decode_scaling']:.2f}x;"
             f" the same decoding in plain processes (no Ray): 2 / 1 = {r['plain_decode_scaling']:.2f}x"
         )
+    cores = ", ".join(f"{w} worker(s) {v['score_ray_cores']:.2f}" for w, v in r["workers"].items())
+    lines.append(f"cores Ray's own processes (driver, raylet, GCS, ...) kept busy while scoring: {cores}")
     lines.append(
         f"peak memory, scoring N={r['sources']} vs 2N sources: {r['peak_mb_N']:.0f} MB vs {r['peak_mb_2N']:.0f} MB"
     )

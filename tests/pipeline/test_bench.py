@@ -16,9 +16,10 @@ def test_curate_bench_measures_decode_score_and_memory():
         assert row["decode_fps"] > 0 and row["score_fps"] > 0 and row["job_fps"] > 0
         assert row["score_over_decode"] == pytest.approx(row["score_fps"] / row["decode_fps"])
         assert row["score_peak_mb"] > 50  # the driver alone holds more than this
+        assert 0 < row["score_ray_cores"] < 2  # the driver at least works; 2 cores is the whole machine
     assert results["peak_mb_2N"] > 0
     # the control decodes the same frames without Ray; two processes can at best double one
     assert 0.3 < results["plain_decode_scaling"] < 2.6
     assert results["plain_decode_fps"][1] > 0 and results["plain_decode_fps"][2] > 0
     text = format_results(results)
-    assert "score/decode" in text and "plain processes (no Ray)" in text
+    assert "score/decode" in text and "plain processes (no Ray)" in text and "Ray's own processes" in text
