@@ -47,25 +47,28 @@ class PeakMemory:
         self.cpu_s = {"workers": 0.0, "ray": 0.0}
         self._stop = threading.Event()
 
-    def _cpu_by_process(self) -> dict[int, tuple[str, float]]:
+    def _tree(self, fallback: list) -> list:
+        """This process and its descendants (Ray's processes); `fallback` if the listing fails."""
         me = self.psutil.Process()
-        out = {}
         with contextlib.suppress(self.psutil.Error):
-            for proc in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(self.psutil.Error):
-                    name = proc.name()  # workers: ray::IDLE, ray::MapBatches(...); not ray::DashboardAgent
-                    kind = "workers" if name.startswith("ray::") and "Agent" not in name else "ray"
-                    times = proc.cpu_times()
-                    out[proc.pid] = (kind, times.user + times.system)
+            return [me, *me.children(recursive=True)]
+        return fallback
+
+    def _cpu_by_process(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for proc in self._tree([]):
+            with contextlib.suppress(self.psutil.Error):
+                name = proc.name()  # workers: ray::IDLE, ray::MapBatches(...); not ray::DashboardAgent
+                kind = "workers" if name.startswith("ray::") and "Agent" not in name else "ray"
+                times = proc.cpu_times()
+                out[proc.pid] = (kind, times.user + times.system)
         return out
 
     def _sample(self) -> None:
-        me = self.psutil.Process()
-        procs, listed = [me], 0.0
+        procs, listed = [self.psutil.Process()], 0.0
         while not self._stop.is_set():
             if time.monotonic() - listed >= self.relist:
-                with contextlib.suppress(self.psutil.Error):
-                    procs = [me, *me.children(recursive=True)]
+                procs = self._tree(procs)
                 listed = time.monotonic()
             total = 0
             for proc in procs:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
 from pipeline.config import SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
-from pipeline.select import thresholds_json
+from pipeline.select import rules
 
 
 def _curate_parser() -> argparse.ArgumentParser:
@@ -125,8 +124,8 @@ def select_main(argv: list[str] | None = None) -> int:
         apply_overrides(config, overrides)
         config.run.progress = not args.quiet
         if not args.quiet:
-            rules = ", ".join(f"{k}={v}" for k, v in json.loads(thresholds_json(config)).items())
-            print(f"thresholds: {rules or 'none'}", flush=True)
+            active = ", ".join(f"{stage}.{cmp}={value}" for stage, _, cmp, value in rules(config))
+            print(f"thresholds: {active or 'none'}", flush=True)
         job = CurateJob([], args.out, config)
         result = job.finalize(table)
     except (ConfigError, ManifestError) as exc:

@@ -415,13 +415,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",")]
-    except ValueError:
-        levels = [-1]
-    if not levels or min(levels) < 0:
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
         raise SystemExit(f"--checkpoint-levels: a comma-separated list of integers >= 0, got {text!r}")
-    return levels
+    return [int(part) for part in parts]
 
 
 def _recomputed(report: dict[str, Any], row: dict[str, Any]) -> str:
