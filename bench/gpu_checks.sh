@@ -2,14 +2,20 @@
 # The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip
 # and ftfy travel as wheels in .whl/). Each part has its own time limit (T_*, seconds; 0 skips it),
 # cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
-# come back). The defaults run what the last session (H100, BENCHMARKS.md) left unmeasured:
+# come back). The console shows each part's summary lines; $OUT/full_log.txt keeps everything they
+# printed, so a part stopped at its limit still shows how far it got.
+# torch.compile's artifacts come back as $OUT/*_cache.xz: put them in .gpucache/ (carried with
+# `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
+# compiling (the last run spent both parts' whole limits compiling).
+# The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
 #             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
-#             VAE decoder's blocks compiled), with a profiler table of a short compiled sample; eager
-#             was measured already (SAMPLE_COMPILE=both adds it back)
+#             VAE decoder's blocks compiled with static shapes), with a profiler table of a short
+#             compiled sample; eager was measured already (SAMPLE_COMPILE=both adds it back)
 #   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
-#             torch.compile'd (Dynamo's graph limit raised: the last run fell back to eager), by part,
-#             recomputing every UNet block, then (LEVELS, default 0,2) only the two finest levels'
+#             torch.compile'd with static shapes (the last measured run compiled most blocks with
+#             symbolic shapes, and stopped at Dynamo's graph limit), by part, recomputing every UNet
+#             block, then (LEVELS, default 0,2) only the two finest levels'
 # Measured already, available again by setting their limits:
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
@@ -27,15 +33,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 exec > >(tee "$OUT/log.txt") 2>&1
 exec 3>&1  # the parts' headers, past the filters on their output
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch; print('torch', torch.__version__)"
+for f in .gpucache/*_cache.xz; do [ -f "$f" ] && cp "$f" "$OUT/" && echo "compile cache carried: $f"; done
 part() {  # part SECONDS command...: run with a time limit cut to what is left; 0 or < 20 s skips it
   local limit=$1; shift
   local left=$((BUDGET - ($(date +%s) - START)))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -ge 20 ]; then
-    echo "== ${limit}s: $*" >&3
-    timeout "$limit" "$@"
+    echo "== ${limit}s: $*" | tee -a "$OUT/full_log.txt" >&3
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/full_log.txt"
   else
     echo "== skipped: $*" >&3
   fi
@@ -43,10 +50,10 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-260} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" 2>&1 | grep -E "^(eager|compiled)|Error" | tail -6
+part ${T_SAMPLE:-250} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -8
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
-part ${T_COMPILE:-280} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --json "$OUT/train_compiled.json" 2>&1 | tail -12
+part ${T_COMPILE:-300} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.engine import cache_saved, load_compile_cache, save_compile_cache
 from training.models.unet import TEMPORAL_CONV_IMPLS, TemporalConvBlock, set_temporal_conv
 from training.profile_unet import kernel_table
 
@@ -152,13 +153,23 @@ def bench(args: argparse.Namespace) -> dict:
         "build_s": round(build_s, 2),
         "runs": {},
     }
+    print(f"built {args.preset} in {build_s:.1f} s", flush=True)
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     for compiled in modes:
+        if compiled and args.compile_cache:
+            loaded = load_compile_cache(args.compile_cache)
+            print(f"compile cache {args.compile_cache}: {'loaded' if loaded else 'absent'}", flush=True)
         im = InferenceModel(model, device, dtype, compile=compiled)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         first_sample = one_sample(im, first, last, settings, 0, with_clip)  # warm-up (and compilation)
+        mode = "compiled" if compiled else "eager"
+        # printed at once: a run stopped at its time limit still tells how long compiling took
+        print(f"{mode} first sample: {first_sample['total']:.1f} s", flush=True)
+        if compiled and args.compile_cache:
+            size = save_compile_cache(args.compile_cache)
+            print(f"compile cache {args.compile_cache}: {cache_saved(size)}", flush=True)
         timed = [one_sample(im, first, last, settings, 1 + i, with_clip) for i in range(args.repeats)]
         seconds = statistics.median(t["total"] for t in timed)
         run = {
@@ -180,8 +191,8 @@ def bench(args: argparse.Namespace) -> dict:
         if full_size:
             flop = SAMPLE_TFLOP if settings.reference_decode else SAMPLE_TFLOP_SINGLE_DECODE
             run["tflop_per_s"] = round(flop / seconds, 1)
-        report["runs"]["compiled" if compiled else "eager"] = run
-        print(f"{'compiled' if compiled else 'eager'}: {json.dumps(run)}", flush=True)
+        report["runs"][mode] = run
+        print(f"{mode}: {json.dumps(run)}", flush=True)
         write_report(
             report, args.json
         )  # after each mode: a run stopped at a time limit keeps what it measured
@@ -220,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential-cfg",
         action="store_true",
         help="two UNet calls per step, as the reference (default: one of batch 2)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="torch.compile's compiled artifacts: loaded before compiling when the file exists, written after"
+        " the first compiled sample (carry it to the next GPU machine of the same torch and card)",
     )
     p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
     p.add_argument(

@@ -35,9 +35,12 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.engine import cache_saved, load_compile_cache, save_compile_cache
 
 # Model FLOPs per clip and step (forward + backward, no recompute), MODEL.md Appendix E, toon-512.
 TABLE_TFLOP = {"rectify": 49.24, "decoder": 113.56}
@@ -68,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile",
         default="",
         help="torch.compile backend for each UNet block (train.compile), e.g. inductor",
+    )
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        help="torch.compile's compiled artifacts: loaded before the first step when the file exists, written"
+        " after each case's first step (carry it to the next GPU machine of the same torch and card)",
     )
     p.add_argument(
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
@@ -280,8 +289,15 @@ def measure(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
+            t0 = time.perf_counter()
             _step(case, batch, amp, device)
+            _sync(device)
+            # printed at once: a run stopped at its time limit still tells how long compiling took
+            print(f"{stage} batch {b}: warm-up step {i + 1} {time.perf_counter() - t0:.1f} s", flush=True)
+            if i == 0 and args.compile and args.compile_cache:
+                size = save_compile_cache(args.compile_cache)
+                print(f"compile cache {args.compile_cache}: {cache_saved(size)}", flush=True)
         times = []
         for _ in range(args.steps):
             _sync(device)
@@ -370,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     stages = [s for s, skip in (("rectify", args.no_rectify), ("decoder", args.no_decoder)) if not skip]
+    if args.compile and args.compile_cache:
+        loaded = load_compile_cache(args.compile_cache)
+        print(f"compile cache {args.compile_cache}: {'loaded' if loaded else 'absent'}", flush=True)
     for stage in stages:
         if args.preset == "toon-512" and not args.count_flops:
             flops, source = TABLE_TFLOP[stage] * 1e12, "MODEL.md Appendix E"

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import lzma
 import os
 import random
 import shutil
@@ -300,9 +301,48 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     dynamo = torch._dynamo.config
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 2 * len(blocks))
     dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 4 * len(blocks))
+    # dynamic=False: the blocks of one class share its forward, so under Dynamo's default the second width
+    # it meets (or the reference decode's 14-frame pass) recompiles that forward with symbolic shapes, a
+    # slower compile of slower kernels: 12 of the tiny rectify step's 17 graphs were symbolic. Static, each
+    # shape gets a graph of its own.
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=False)
     return len(blocks)
+
+
+def load_compile_cache(path: Path) -> bool:
+    """Warm torch.compile's caches (compiled graphs and kernels) from a file `save_compile_cache` wrote,
+    possibly on another machine with the same torch, Triton and GPU: compilation then mostly loads instead
+    of compiling (Dynamo still traces). False when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        data = lzma.decompress(path.read_bytes())
+    except lzma.LZMAError as e:
+        raise ValueError(f"{path}: not a compile cache written by save_compile_cache ({e})") from e
+    torch.compiler.load_cache_artifacts(data)
+    return True
+
+
+def save_compile_cache(path: Path) -> int:
+    """Write what torch.compile has compiled in this process (torch.compiler.save_cache_artifacts, xz
+    compressed) to `path`, atomically; returns the bytes written (0, and no file, when nothing was compiled)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data = lzma.compress(saved[0])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return len(data)
+
+
+def cache_saved(size: int) -> str:
+    """How a bench reports `save_compile_cache`'s result."""
+    return f"saved {size / 2**20:.1f} MiB" if size else "nothing compiled by inductor, nothing saved"
 
 
 def adamw(params, cfg: TrainConfig, device: torch.device, **overrides: Any) -> torch.optim.AdamW:
