@@ -81,8 +81,9 @@ def build(preset: str, device: torch.device, with_clip: bool) -> nn.Module:
     return model
 
 
-def one_sample(im, first, last, settings, seed: int, with_clip: bool) -> dict[str, float]:
-    """One interpolation, timed by phase (synchronised), as sampler.interpolate runs it."""
+def one_sample(im, first, last, settings, seed: int, with_clip: bool, tell=None) -> dict[str, float]:
+    """One interpolation, timed by phase (synchronised), as sampler.interpolate runs it; `tell(phase,
+    seconds)` hears of each phase as it ends (the compiling sample's phases, before a time limit)."""
     from inference.sampler import decode_latents, encode_context, encode_keyframes, precision, sample_latents
 
     def sync() -> float:
@@ -107,13 +108,18 @@ def one_sample(im, first, last, settings, seed: int, with_clip: bool) -> dict[st
             torch.cat([text[:1], image[:1]], 1).float(),
             torch.cat([text[1:], image[1:]], 1).float(),
         )
+    tell = tell or (lambda phase, seconds: None)
     t1 = sync()
+    tell("context", t1 - t0)
     c_concat, refs = encode_keyframes(im.vae, first, last, settings.frames, generator, im.device)
     t2 = sync()
+    tell("encode", t2 - t1)
     z = sample_latents(im, c_concat, context, uncond, settings, generator, progress=False)
     t3 = sync()
+    tell("sampling", t3 - t2)
     decode_latents(im, z, refs, settings)
     t4 = sync()
+    tell("decode", t4 - t3)
     times.update(context=t1 - t0, encode=t2 - t1, sampling=t3 - t2, decode=t4 - t3, total=t4 - t0)
     return times
 
@@ -163,8 +169,12 @@ def bench(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        first_sample = one_sample(im, first, last, settings, 0, with_clip)  # warm-up (and compilation)
         mode = "compiled" if compiled else "eager"
+
+        def tell(phase: str, seconds: float, mode: str = mode) -> None:
+            print(f"{mode} first sample, {phase}: {seconds:.1f} s", flush=True)
+
+        first_sample = one_sample(im, first, last, settings, 0, with_clip, tell)  # warm-up (and compilation)
         # printed at once: a run stopped at its time limit still tells how long compiling took
         print(f"{mode} first sample: {first_sample['total']:.1f} s", flush=True)
         if compiled and args.compile_cache:

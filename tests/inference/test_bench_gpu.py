@@ -7,12 +7,22 @@ import json
 from inference import bench_gpu
 
 
-def test_bench_smoke_mode_reports_time_per_sample(tmp_path):
+def test_bench_smoke_mode_reports_time_per_sample(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
             "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out),
             "--temporal-conv", "conv2d", "--profile", str(tmp_path / "kernels.txt"), "--profile-rows", "5"]  # fmt: skip
     assert bench_gpu.main(argv) == 0
+    printed = capsys.readouterr().out
+    # the warm-up sample's phases are printed as each ends: a run stopped mid-compile still tells where
+    assert [
+        p for p in ("context", "encode", "sampling", "decode") if f"eager first sample, {p}:" in printed
+    ] == [
+        "context",
+        "encode",
+        "sampling",
+        "decode",
+    ]
     report = json.loads(out.read_text())
     assert report["temporal_conv"] == "conv2d"
     assert "Name" in (tmp_path / "kernels.txt").read_text()  # the profiler's table of one more sample
