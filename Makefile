@@ -10,7 +10,7 @@ OPENCV_VERSION := 4.12.0.88
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help install demo test test-fast lint format bench clean
+.PHONY: help install demo test test-fast lint format bench gpu-wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,13 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 bench: $(STAMP)  ## curate benchmark: decode vs CPU stages, 1 and 2 workers, peak memory
 	$(BIN)/inbetweener bench curate --sources 12 --width 960 --height 544 --repeat 2
+
+# The GPU machine (bench/gpu_checks.sh) is offline with torch but not open_clip: its wheels travel in
+# .whl/ (Python 3.12, x86-64 there), carried with the device call.
+gpu-wheels:  ## fetch the wheels bench/gpu_checks.sh installs on the GPU machine into .whl/
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
 
 clean:  ## remove the venv and outputs
 	rm -rf $(VENV) out .pytest_cache

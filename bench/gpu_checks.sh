@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip
-# and ftfy travel as wheels in .whl/). Each part has its own time limit (T_*, seconds; 0 skips it),
+# and ftfy travel as wheels in .whl/: `make gpu-wheels`). Each part has its own time limit (T_*, seconds; 0 skips it),
 # cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
 # come back). The console shows each part's summary lines; $OUT/full_log.txt keeps everything they
 # printed, so a part stopped at its limit still shows how far it got.
