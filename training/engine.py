@@ -328,15 +328,13 @@ def load_compile_cache(path: Path) -> bool:
 def save_compile_cache(path: Path) -> int:
     """Write what torch.compile has compiled in this process (torch.compiler.save_cache_artifacts, xz
     compressed) to `path`, atomically; returns the bytes written (0, and no file, when nothing was compiled)."""
+    from manifests.io import write_bytes_atomic
+
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return 0
     data = lzma.compress(saved[0])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes_atomic(path, data)
     return len(data)
 
 
