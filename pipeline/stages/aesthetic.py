@@ -145,6 +145,33 @@ def _upload(frames: list[np.ndarray], device):
     return host.to(device, non_blocking=True)
 
 
+def encode_text_trimmed(net, tokens):
+    """open_clip's `encode_text` over only the token positions that can reach the pooled feature.
+
+    CLIP's text tower is causal and pools the end-of-text token, so the padding after the longest
+    caption's end-of-text never reaches any caption's feature: the tower runs on the first n
+    positions (n = the last end-of-text position + 1) instead of all 77, the same result for ~4x
+    fewer FLOPs with a caption of ~15 words. Models of another kind (no causal mask, another
+    pooling) take open_clip's own path."""
+    from open_clip.transformer import text_global_pool
+
+    pool = getattr(net, "text_pool_type", None)
+    mask = getattr(net, "attn_mask", None)
+    if pool not in ("argmax", "eos") or mask is None or not hasattr(net, "positional_embedding"):
+        return net.encode_text(tokens)
+    eos = getattr(net, "text_eos_id", None)
+    ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
+    n = int(ends.max()) + 1
+    tokens = tokens[:, :n]
+    cast = net.transformer.get_cast_dtype()
+    x = net.token_embedding(tokens).to(cast) + net.positional_embedding[:n].to(cast)
+    x = net.ln_final(net.transformer(x, attn_mask=mask[:n, :n]))
+    x = text_global_pool(x, tokens, pool, eos_token_id=eos)
+    if net.text_projection is None:
+        return x
+    return net.text_projection(x) if callable(net.text_projection) else x @ net.text_projection
+
+
 def compile_image_tower(net, backend: str) -> None:
     """`torch.compile` the image tower in place ("" leaves it eager); an unknown backend is an error
     naming `aesthetic.compile`."""

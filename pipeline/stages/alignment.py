@@ -32,7 +32,7 @@ from pipeline.models import (
     pick_dtype,
     resolve_models_dir,
 )
-from pipeline.stages.aesthetic import clip_weight_file, encode_frames, load_clip
+from pipeline.stages.aesthetic import clip_weight_file, encode_frames, encode_text_trimmed, load_clip
 from pipeline.stages.base import Stage
 
 ALIGNMENT_MIN = 0.2  # default alignment.min: reject clips whose worst frame/caption cosine is below this
@@ -65,13 +65,14 @@ class AlignmentStage(Stage):
         self._model = f"open_clip {self.clip_model}/{self.clip_pretrained}"
         self._sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
 
-    def text_embeddings(self, captions: list[str]) -> np.ndarray:
-        """Captions -> L2-normalised CLIP text embeddings, float32 [n, D]."""
+    def text_embeddings(self, captions: list[str], trim: bool = True) -> np.ndarray:
+        """Captions -> L2-normalised CLIP text embeddings, float32 [n, D]. `trim=False` runs the text
+        tower over every position (open_clip's own path: the benchmark's baseline)."""
         import torch
 
         with torch.inference_mode():
             tokens = self._tokenizer(captions).to(self._device)  # [n, context_length]
-            emb = self._clip.encode_text(tokens)
+            emb = encode_text_trimmed(self._clip, tokens) if trim else self._clip.encode_text(tokens)
             return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
 
     def process_rows(self, rows: list[dict]):

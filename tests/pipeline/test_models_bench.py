@@ -24,13 +24,14 @@ def test_bench_smoke_run_on_cpu_writes_every_stage(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--tiny", "--fallbacks", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results["stages"]) == {"text", "aesthetic", "alignment", "caption"}
+    assert set(results["stages"]) == {"text", "aesthetic", "alignment", "alignment_all_positions", "caption"}
     for name, r in results["stages"].items():
         assert r["clips_per_s"] > 0 and r["batch_size"] == 2, name
     assert results["stages"]["aesthetic"]["model"].startswith("transformers CLIPModel")
     assert results["stages"]["text"]["model"].startswith("minimal CRAFT")
     assert results["aesthetic_plus_alignment_clips_per_s"] > 0
-    assert "clips/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "clips/s" in printed and "vs all 77 positions:" in printed
 
 
 def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(tmp_path):

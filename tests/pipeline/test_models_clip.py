@@ -143,6 +143,26 @@ def test_alignment_reuses_the_image_embeddings(models):
     assert next(stage.process_rows([{**rows[0], "caption": None}])).get("clip_sim_min") is None
 
 
+def test_text_tower_runs_only_up_to_the_longest_caption_with_open_clip_results(models):
+    import torch
+
+    stage = AlignmentStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    stage.setup()
+    captions = ["a cat", "a cartoon character walks across a sunny meadow at noon", "word " * 100]
+    seen = []
+    stage._clip.transformer.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    tokens = stage._tokenizer(captions)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(stage._clip.encode_text(tokens), dim=-1).numpy()
+    assert seen == [77]
+    for batch in ([0], [0, 1], [0, 1, 2]):  # the longest caption sets how far the tower runs
+        got = stage.text_embeddings([captions[i] for i in batch])
+        np.testing.assert_allclose(got, full[batch], atol=2e-6)
+    longest_short = int(tokens[:2].argmax(dim=-1).max()) + 1
+    assert seen[1:] == [int(tokens[0].argmax()) + 1, longest_short, 77]
+    assert longest_short < 20
+
+
 def test_missing_truncated_and_wrong_clip_weights_are_named(models, tmp_path):
     stage = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(tmp_path), device="cpu")
     problems = check_weights([stage])
