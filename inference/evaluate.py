@@ -98,7 +98,7 @@ def _digest(obj: Any, n: int = 10) -> str:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    from manifests.io import atomic_path
+    from manifests.files import atomic_path
 
     with atomic_path(path, suffix=".npz") as tmp, tmp.open("wb") as f:
         np.savez_compressed(f, **arrays)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     )
     from inference.sampler import InferenceModel, SamplerSettings, default_device, default_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
-    from manifests.io import write_json_atomic
+    from manifests.files import write_json_atomic
     from training.metrics import protocol_record
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         print(f"{label}: {_summary(metrics)} -> {args.out / 'results' / (run_name + '.json')}")
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
     table = markdown_table(results)
-    from manifests.io import write_bytes_atomic
+    from manifests.files import write_bytes_atomic
 
     write_bytes_atomic(args.out / "results.md", table.encode())
     print(f"table: {args.out / 'results.md'}")

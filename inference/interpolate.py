@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
 
     from inference.media import to_uint8_frames, write_outputs
     from inference.sampler import InferenceModel, interpolate_chain
-    from manifests.io import write_json_atomic
+    from manifests.files import write_json_atomic
 
     im = InferenceModel(
         model,

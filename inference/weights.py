@@ -154,7 +154,7 @@ def file_sha256(path: Path, cache: Path | None = None) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     if cache is not None:
-        from manifests.io import write_json_atomic
+        from manifests.files import write_json_atomic
 
         write_json_atomic(cache, {**known, ident: value})
     return value

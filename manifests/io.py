@@ -1,4 +1,4 @@
-"""Reading and writing manifests and shard indexes, with atomic visibility.
+"""Reading and writing manifests and shard indexes, with atomic visibility (manifests/files.py).
 
 A file becomes visible only when complete: everything is written to a temporary name in the same
 folder, then renamed. Readers therefore never see half a manifest, even after `kill -9`.
@@ -7,15 +7,12 @@ folder, then renamed. Readers therefore never see half a manifest, even after `k
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.files import atomic_path
 from manifests.schema import CLIP_SCHEMA, SCHEMA_VERSION, conform
 
 CODE_VERSION = "0.1.0"
@@ -23,31 +20,6 @@ CODE_VERSION = "0.1.0"
 
 class ManifestError(ValueError):
     """A manifest file that cannot be read as this project's manifest."""
-
-
-@contextmanager
-def atomic_path(path: Path | str, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_bytes_atomic(path: Path | str, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_json_atomic(path: Path | str, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def manifest_metadata(config: dict | None = None) -> dict[bytes, bytes]:

@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.io import atomic_path, read_manifest, write_json_atomic, write_manifest
+from manifests.files import atomic_path, write_json_atomic
+from manifests.io import read_manifest, write_manifest
 from manifests.schema import CLIP_SCHEMA, conform
 from pipeline.config import (
     MODEL_STAGES,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from manifests.io import write_bytes_atomic
+from manifests.files import write_bytes_atomic
 from pipeline.config import CurateConfig
 from pipeline.select import rules
 

@@ -328,7 +328,7 @@ def load_compile_cache(path: Path) -> bool:
 def save_compile_cache(path: Path) -> int:
     """Write what torch.compile has compiled in this process (torch.compiler.save_cache_artifacts, xz
     compressed) to `path`, atomically; returns the bytes written (0, and no file, when nothing was compiled)."""
-    from manifests.io import write_bytes_atomic
+    from manifests.files import write_bytes_atomic
 
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.io import atomic_path, write_json_atomic
+from manifests.files import atomic_path, write_json_atomic
 from manifests.keys import sample_key, shard_name
 from manifests.schema import CLIP_SCHEMA, to_table
 from pipeline.video import SourceError, encode_clip, iter_frames

@@ -1,0 +1,91 @@
+"""The GPU checks (bench/gpu_checks.sh) run on a lent machine that has torch, torchvision,
+transformers and OpenCV (the text stage's bench ran there) but not Ray, webdataset or easyocr, and
+maybe not pyarrow or PyAV; open_clip and ftfy travel as wheels. A lazy import of a missing package on
+a bench's path fails there only after minutes of compiling, so each bench's CPU smoke mode runs here
+in a fresh interpreter where those packages cannot load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT = ("pyarrow", "ray", "webdataset", "av", "scenedetect", "easyocr", "rapidocr_onnxruntime")
+
+PRELUDE = f"""
+import importlib.abc, runpy, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def run_as_on_the_gpu_machine(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        },
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_module(module: str, args: list[str], tmp_path: Path) -> str:
+    code = f"sys.argv = [{module!r}, *{args!r}]\nrunpy.run_module({module!r}, run_name='__main__')\n"
+    return run_as_on_the_gpu_machine(code, tmp_path).stdout
+
+
+def test_the_blocked_packages_really_fail_to_import(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + "import manifests.io"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "pyarrow" in proc.stderr and "absent on the GPU machine" in proc.stderr
+
+
+def test_compile_cache_round_trip_without_pyarrow(tmp_path):
+    cache = tmp_path / "sample_cache.xz"
+    code = f"""
+import torch
+from training.engine import load_compile_cache, save_compile_cache
+f = torch.compile(lambda x: x.sin() + 1)
+f(torch.randn(8))
+assert save_compile_cache({str(cache)!r}) > 0
+assert load_compile_cache({str(cache)!r})
+"""
+    run_as_on_the_gpu_machine(code, tmp_path)
+    assert cache.stat().st_size > 0
+
+
+def test_interpolation_bench(tmp_path):
+    out = tmp_path / "sample.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
+            "--repeats", "1", "--compile", "off", "--json", str(out), "--profile", str(tmp_path / "k.txt")]  # fmt: skip
+    assert "eager" in run_module("inference.bench_gpu", args, tmp_path)
+    assert out.exists()
+
+
+def test_training_bench(tmp_path):
+    out = tmp_path / "train.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--batches", "1", "--steps", "1", "--warmup", "0",
+            "--breakdown", "--checkpoint-levels", "0,1", "--json", str(out)]  # fmt: skip
+    run_module("training.bench_gpu", args, tmp_path)
+    assert out.exists()
+
+
+def test_model_stage_bench(tmp_path):
+    out = tmp_path / "models.json"
+    args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--out", str(out)]
+    assert "clips/s" in run_module("pipeline.bench_models_gpu", args, tmp_path)
+    assert out.exists()
