@@ -10,7 +10,8 @@
 # The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
 #             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
-#             VAE decoder's blocks compiled with static shapes), with a profiler table of a short
+#             VAE decoder's blocks compiled with static shapes), then again with cuDNN's autotuning
+#             (cudnn.benchmark; ~3 more samples, no recompiling), with a profiler table of a short
 #             compiled sample; eager was measured already (SAMPLE_COMPILE=both adds it back)
 #   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
 #             torch.compile'd with static shapes (the last measured run compiled most blocks with
@@ -50,7 +51,7 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -8
+part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
 part ${T_COMPILE:-250} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16

@@ -180,32 +180,23 @@ def bench(args: argparse.Namespace) -> dict:
         if compiled and args.compile_cache:
             size = save_compile_cache(args.compile_cache)
             print(f"compile cache {args.compile_cache}: {cache_saved(size)}", flush=True)
-        timed = [one_sample(im, first, last, settings, 1 + i, with_clip) for i in range(args.repeats)]
-        seconds = statistics.median(t["total"] for t in timed)
-        run = {
-            "first_sample_s": round(first_sample["total"], 3),
-            "seconds_per_sample": round(seconds, 3),
-            "phases_s": {k: round(statistics.median(t[k] for t in timed), 3) for k in timed[0]},
-            "repeats": args.repeats,
-        }
-        if device.type == "cuda":
-            run["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            run["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-        full_size = (args.preset, args.frames, args.height, args.width, args.steps) == (
-            "toon-512",
-            16,
-            320,
-            512,
-            50,
-        )
-        if full_size:
-            flop = SAMPLE_TFLOP if settings.reference_decode else SAMPLE_TFLOP_SINGLE_DECODE
-            run["tflop_per_s"] = round(flop / seconds, 1)
-        report["runs"][mode] = run
+        timed = functools.partial(timed_run, im, first, last, settings, with_clip, args, device)
+        report["runs"][mode] = run = {"first_sample_s": round(first_sample["total"], 3), **timed()}
         print(f"{mode}: {json.dumps(run)}", flush=True)
-        write_report(
-            report, args.json
-        )  # after each mode: a run stopped at a time limit keeps what it measured
+        # after each mode: a run stopped at a time limit keeps what it measured
+        write_report(report, args.json)
+        if args.cudnn_benchmark:
+            # The same compiled graphs (the flag is read when a conv runs, not traced), with cuDNN timing
+            # its algorithms for each conv shape during one untimed sample, then the timed ones.
+            torch.backends.cudnn.benchmark = True
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)  # the tuning sample's workspaces count
+            tuning = one_sample(im, first, last, settings, 0, with_clip)
+            run = {"tuning_sample_s": round(tuning["total"], 3), **timed()}
+            torch.backends.cudnn.benchmark = False
+            report["runs"][f"{mode}, cudnn.benchmark"] = run
+            print(f"{mode}, cudnn.benchmark: {json.dumps(run)}", flush=True)
+            write_report(report, args.json)
         if args.profile and compiled == modes[-1]:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             short = replace(
@@ -215,6 +206,25 @@ def bench(args: argparse.Namespace) -> dict:
             args.profile.write_text(kernel_table(sample, device, args.profile_rows))
         del im
     return report
+
+
+def timed_run(im, first, last, settings, with_clip: bool, args, device: torch.device) -> dict:
+    """Median seconds (and phases) of `args.repeats` samples after the warm-up, peak memory since the
+    caller reset the peak counters (before the warm-up), and TFLOP/s at the full size."""
+    timed = [one_sample(im, first, last, settings, 1 + i, with_clip) for i in range(args.repeats)]
+    seconds = statistics.median(t["total"] for t in timed)
+    run = {
+        "seconds_per_sample": round(seconds, 3),
+        "phases_s": {k: round(statistics.median(t[k] for t in timed), 3) for k in timed[0]},
+        "repeats": args.repeats,
+    }
+    if device.type == "cuda":
+        run["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        run["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    if (args.preset, args.frames, args.height, args.width, args.steps) == ("toon-512", 16, 320, 512, 50):
+        flop = SAMPLE_TFLOP if settings.reference_decode else SAMPLE_TFLOP_SINGLE_DECODE
+        run["tflop_per_s"] = round(flop / seconds, 1)
+    return run
 
 
 def write_report(report: dict, path: Path | None) -> None:
@@ -247,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="torch.compile's compiled artifacts: loaded before compiling when the file exists, written after"
         " the first compiled sample (carry it to the next GPU machine of the same torch and card)",
+    )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="after each mode's timing, time it again with torch.backends.cudnn.benchmark on (cuDNN picks each"
+        " conv's algorithm by timing them during one untimed sample; no recompiling)",
     )
     p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
     p.add_argument(
