@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
     )
     p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="then time the first checkpoint-levels case again with torch.backends.cudnn.benchmark on"
+        " (cuDNN picks each conv's algorithm by timing them during the warm-up steps; no recompiling)",
+    )
+    p.add_argument(
         "--checkpoint-levels",
         default="0",
         help="rectify: recompute only the UNet blocks at the N finest resolutions (train.checkpoint_levels;"
@@ -404,10 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             args.compile,
             args.temporal_conv,
         )
-        # the same step (and its compiled blocks) under each checkpointing choice; the decoder's own
-        # checkpointing has no levels
-        for levels in levels_list if stage == "rectify" else [0]:
+        # the same step (and its compiled blocks) under each checkpointing choice (the decoder's own
+        # checkpointing has no levels), then the first choice again with cuDNN's autotuning: the flag is
+        # read when a conv runs, so nothing recompiles, and the case's warm-up steps do the tuning
+        settings = [(levels, False) for levels in (levels_list if stage == "rectify" else [0])]
+        settings += [(settings[0][0], True)] if args.cudnn_benchmark else []
+        for levels, tuned in settings:
             case.unet.set_gradient_checkpointing(not args.no_checkpointing, levels)
+            torch.backends.cudnn.benchmark = tuned
             for b in batches:
                 row = measure(case, stage, b, args, device, amp, flops)
                 if row is None:
@@ -417,10 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     break
                 row["checkpoint_levels"] = levels
+                row["cudnn_benchmark"] = tuned
                 if peak and row.get("achieved_tflops"):
                     row["mfu"] = row["achieved_tflops"] / peak
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
+        torch.backends.cudnn.benchmark = False
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -441,11 +453,12 @@ def _levels(text: str) -> list[int]:
 
 
 def _recomputed(report: dict[str, Any], row: dict[str, Any]) -> str:
+    tuned = ", cudnn.benchmark" if row.get("cudnn_benchmark") else ""
     if not report["gradient_checkpointing"]:
-        return "none"
+        return "none" + tuned
     if row["stage"] != "rectify" or not row.get("checkpoint_levels"):
-        return "all"
-    return f"{row['checkpoint_levels']} finest"
+        return "all" + tuned
+    return f"{row['checkpoint_levels']} finest{tuned}"
 
 
 def _table(report: dict[str, Any]) -> str:

@@ -322,6 +322,7 @@ def test_bench_gpu_smoke_mode(tmp_path):
                 "--breakdown",
                 "--checkpoint-levels",
                 "0,1",
+                "--cudnn-benchmark",
                 "--json",
                 str(path),
             ]
@@ -329,14 +330,25 @@ def test_bench_gpu_smoke_mode(tmp_path):
         == 0
     )
     report = json.loads(path.read_text())
-    assert {(r["stage"], r["batch"], r["checkpoint_levels"]) for r in report["rows"]} == {
-        ("rectify", 1, 0),
-        ("rectify", 2, 0),
-        ("rectify", 1, 1),
-        ("rectify", 2, 1),
-        ("decoder", 1, 0),
+    # each checkpointing choice, then the first again with cuDNN's autotuning (per stage)
+    assert [
+        (r["stage"], r["batch"], r["checkpoint_levels"], r["cudnn_benchmark"]) for r in report["rows"]
+    ] == [
+        ("rectify", 1, 0, False),
+        ("rectify", 2, 0, False),
+        ("rectify", 1, 1, False),
+        ("rectify", 2, 1, False),
+        ("rectify", 1, 0, True),
+        ("rectify", 2, 0, True),
+        ("decoder", 1, 0, False),
+        ("decoder", 1, 0, True),
+    ]
+    assert torch.backends.cudnn.benchmark is False
+    rows = {
+        (r["stage"], r["batch"]): r
+        for r in report["rows"]
+        if r["checkpoint_levels"] == 0 and not r["cudnn_benchmark"]
     }
-    rows = {(r["stage"], r["batch"]): r for r in report["rows"] if r["checkpoint_levels"] == 0}
     assert report["rectify_largest_batch"] == 2
     assert all(r["s_per_step"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
     assert report["rectify_tflop_per_clip"]["source"] == "FlopCounterMode"
