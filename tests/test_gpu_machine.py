@@ -89,3 +89,51 @@ def test_model_stage_bench(tmp_path):
     args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--out", str(out)]
     assert "clips/s" in run_module("pipeline.bench_models_gpu", args, tmp_path)
     assert out.exists()
+
+
+def script_commands() -> list[tuple[str, list[str]]]:
+    """(module, argv) of every `part ... python3 -m MODULE ARGS` line of bench/gpu_checks.sh, with its
+    shell defaults filled in."""
+    import re
+    import shlex
+
+    commands = []
+    for line in (ROOT / "bench" / "gpu_checks.sh").read_text().splitlines():
+        if not line.startswith("part ") or "python3 -m " not in line:
+            continue
+        command = line.split("python3 -m ", 1)[1].split(" 2>&1", 1)[0]
+        command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)
+        command = command.replace("$OUT", "/tmp/out").replace("$TC", "conv3d")
+        module, *argv = shlex.split(command)
+        commands.append((module, argv))
+    return commands
+
+
+def test_every_command_of_the_gpu_script_parses(monkeypatch):
+    """A misspelt flag in bench/gpu_checks.sh would cost a GPU session one of its few minutes: each
+    command's arguments go through its module's own parser here (stopped right after parsing)."""
+    import argparse
+    import importlib
+
+    import pytest
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    commands = script_commands()
+    assert {m for m, _ in commands} >= {
+        "inference.bench_gpu",
+        "training.bench_gpu",
+        "pipeline.bench_models_gpu",
+    }
+    for module, argv in commands:
+        with pytest.raises(Parsed) as parsed:
+            importlib.import_module(module).main(argv)
+        if "--cudnn-benchmark" in argv:
+            assert parsed.value.args[0].cudnn_benchmark, module
