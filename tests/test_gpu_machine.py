@@ -13,21 +13,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT = ("pyarrow", "ray", "webdataset", "av", "scenedetect", "easyocr", "rapidocr_onnxruntime")
 
-PRELUDE = f"""
+
+def prelude(absent: tuple[str, ...] = ABSENT) -> str:
+    return f"""
 import importlib.abc, runpy, sys
 
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT!r}:
+        if name.split(".")[0] in {absent!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
 
 sys.meta_path.insert(0, Absent())
 """
 
 
-def run_as_on_the_gpu_machine(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_as_on_the_gpu_machine(code: str, tmp_path: Path, absent=ABSENT) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-c", PRELUDE + code],
+        [sys.executable, "-c", prelude(absent) + code],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -42,14 +44,14 @@ def run_as_on_the_gpu_machine(code: str, tmp_path: Path) -> subprocess.Completed
     return proc
 
 
-def run_module(module: str, args: list[str], tmp_path: Path) -> str:
+def run_module(module: str, args: list[str], tmp_path: Path, absent=ABSENT) -> str:
     code = f"sys.argv = [{module!r}, *{args!r}]\nrunpy.run_module({module!r}, run_name='__main__')\n"
-    return run_as_on_the_gpu_machine(code, tmp_path).stdout
+    return run_as_on_the_gpu_machine(code, tmp_path, absent).stdout
 
 
 def test_the_blocked_packages_really_fail_to_import(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", PRELUDE + "import manifests.io"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", prelude() + "import manifests.io"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "pyarrow" in proc.stderr and "absent on the GPU machine" in proc.stderr
 
@@ -89,6 +91,13 @@ def test_model_stage_bench(tmp_path):
     args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--out", str(out)]
     assert "clips/s" in run_module("pipeline.bench_models_gpu", args, tmp_path)
     assert out.exists()
+
+
+def test_model_stage_bench_without_the_open_clip_wheels(tmp_path):
+    """Without the carried wheels the bench falls back to transformers' CLIP and its own CRAFT."""
+    args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "text,aesthetic,alignment"]
+    printed = run_module("pipeline.bench_models_gpu", args, tmp_path, (*ABSENT, "open_clip", "ftfy"))
+    assert "transformers CLIPModel" in printed and "vs all 77 positions: " in printed
 
 
 def script_commands() -> list[tuple[str, list[str]]]:

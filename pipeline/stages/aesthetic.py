@@ -153,12 +153,12 @@ def encode_text_trimmed(net, tokens):
     positions (n = the last end-of-text position + 1) instead of all 77, the same result for ~4x
     fewer FLOPs with a caption of ~15 words. Models of another kind (no causal mask, another
     pooling) take open_clip's own path."""
-    from open_clip.transformer import text_global_pool
-
     pool = getattr(net, "text_pool_type", None)
     mask = getattr(net, "attn_mask", None)
     if pool not in ("argmax", "eos") or mask is None or not hasattr(net, "positional_embedding"):
         return net.encode_text(tokens)
+    from open_clip.transformer import text_global_pool  # an open_clip model: open_clip is there
+
     eos = getattr(net, "text_eos_id", None)
     ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
     n = int(ends.max()) + 1
