@@ -146,3 +146,14 @@ def test_every_command_of_the_gpu_script_parses(monkeypatch):
             importlib.import_module(module).main(argv)
         if "--cudnn-benchmark" in argv:
             assert parsed.value.args[0].cudnn_benchmark, module
+
+
+def test_unet_benches(tmp_path):
+    """The parts gpu_checks.sh runs when their limits are set (T_UNET, T_MODEL)."""
+    profile = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--height", "8", "--width", "8",
+               "--repeats", "1", "--kernels", "5", "--json", str(tmp_path / "unet.json")]  # fmt: skip
+    run_module("training.profile_unet", profile, tmp_path)
+    model = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--steps", "2", "--repeats", "1",
+             "--json", str(tmp_path / "model.json")]  # fmt: skip
+    run_module("training.bench_model", model, tmp_path)
+    assert (tmp_path / "unet.json").exists() and (tmp_path / "model.json").exists()
