@@ -279,6 +279,20 @@ def _step(
         case.ema.update(case.params)
 
 
+_graphs_saved = 0
+
+
+def _compiled_since_saved() -> bool:
+    """Whether Dynamo compiled a graph since the last call that said so: the next cases of one step
+    reuse its graphs, and their cache would be the same file again."""
+    import torch._dynamo.utils
+
+    global _graphs_saved
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    new, _graphs_saved = graphs > _graphs_saved, graphs
+    return new
+
+
 def measure(
     case: Case,
     stage: str,
@@ -301,7 +315,7 @@ def measure(
             _sync(device)
             # printed at once: a run stopped at its time limit still tells how long compiling took
             print(f"{stage} batch {b}: warm-up step {i + 1} {time.perf_counter() - t0:.1f} s", flush=True)
-            if i == 0 and args.compile and args.compile_cache:
+            if i == 0 and args.compile and args.compile_cache and _compiled_since_saved():
                 size = save_compile_cache(args.compile_cache)
                 print(f"compile cache {args.compile_cache}: {cache_saved(size)}", flush=True)
         times = []
