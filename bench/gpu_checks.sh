@@ -7,13 +7,18 @@
 # torch.compile's artifacts come back as $OUT/*_cache.xz: put them in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling (the last run spent both parts' whole limits compiling).
-# The sample part gets at most 300 s; the training part (T_COMPILE) whatever BUDGET has left after it.
+# The sample part gets at most 300 s, the CLIP part 150 s; the training part (T_COMPILE) whatever
+# BUDGET has left after them (if that is too little, run the script again at once with T_SAMPLE=0
+# T_CLIP=0: the machine stays warm for a while after each call).
 # The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
 #             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
 #             VAE decoder's blocks compiled with static shapes), then again with cuDNN's autotuning
 #             (cudnn.benchmark; ~3 more samples, no recompiling), with a profiler table of a short
 #             compiled sample; eager was measured already (SAMPLE_COMPILE=both adds it back)
+#   clip:     aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
+#             linears (aesthetic.precision=fp8, new), and how closely the fp8 embeddings follow the
+#             fp16 ones (issue "Curate, part 2": fp16 reached 657 of the 1,000 clips/s target)
 #   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
 #             torch.compile'd with static shapes (the last measured run compiled most blocks with
 #             symbolic shapes, and stopped at Dynamo's graph limit), by part, recomputing every UNet
@@ -23,7 +28,7 @@
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
 #   T_MODEL:  UNet training step at batch 1 with gradient checkpointing off and on
-#   T_CLIP:   aesthetic + alignment clips/s, forwards of 48 vs 192 frames, the image tower compiled
+#   T_CLIP with FPF=192: forwards of 48 vs 192 frames
 #   T_EAGER / T_TRAIN / T_CURATE: the eager rectify breakdown, the batch search + decoder, the model
 #             stages at full size
 set -u
@@ -55,7 +60,7 @@ TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_
 echo "temporal conv: $TC"
 part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
-part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward 192 --compile inductor --out "$OUT/clip.json" 2>&1 | tail -8
+part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING" | tail -12
 part ${T_COMPILE:-600} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25

@@ -5,7 +5,9 @@ stage's own `process_rows` with the pipeline's batch sizes, so preprocessing, tr
 text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at the keyframe size.
 
   text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
-  aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip
+  aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip; with --fp8
+             also the tower with fp8 e4m3 linears (aesthetic.precision=fp8), and how closely its
+             embeddings follow the fp16 tower's on smooth random images (cosine, score change)
   alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings; beside it, the same
              stage with the tower over all 77 positions (its baseline, same run)
   caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
@@ -38,6 +40,7 @@ from pipeline.stages.aesthetic import (
     build_aesthetic_mlp,
     check_compile_backend,
     compile_image_tower,
+    float8_image_tower,
 )
 from pipeline.stages.alignment import AlignmentStage
 from pipeline.stages.caption import CaptionStage
@@ -330,6 +333,41 @@ def _rows(n: int, size: tuple[int, int], seed: int = 0) -> list[dict]:
     return [{"row_kind": "clip", "clip_id": f"c{i}", "keyframes": list(frames)} for i in range(n)]
 
 
+def _smooth_rows(n: int, size: tuple[int, int], seed: int = 2) -> list[dict]:
+    """n clip rows of 3 distinct smooth random images (a 6x10 colour grid upsampled bicubically):
+    closer to drawn frames than pixel noise, for comparing two precisions of one tower."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.rand((3 * n, 3, 6, 10), generator=g) * 255
+    frames = F.interpolate(grid, size=size, mode="bicubic", align_corners=False).clamp(0, 255)
+    frames = frames.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [
+        {"row_kind": "clip", "clip_id": f"s{i}", "keyframes": list(frames[3 * i : 3 * i + 3])}
+        for i in range(n)
+    ]
+
+
+def agreement(reference: list[dict], other: list[dict]) -> dict:
+    """How closely one run of the aesthetic stage follows another on the same rows: cosine (min,
+    mean) and largest L2 distance of the normalised CLIP embeddings. The released predictor is linear
+    in the embedding (no activations), so a score moves by at most |its weight vector| x that
+    distance; with random weights here, the scores themselves would mean nothing."""
+    a = np.concatenate([r["clip_image_emb"] for r in reference])
+    b = np.concatenate([r["clip_image_emb"] for r in other])
+    return {
+        "frames": len(a),
+        "embedding_cosine_min": round(float((a * b).sum(-1).min()), 6),
+        "embedding_cosine_mean": round(float((a * b).sum(-1).mean()), 6),
+        "embedding_l2_max": round(float(np.linalg.norm(a - b, axis=-1).max()), 6),
+    }
+
+
+def _module(clip):
+    return getattr(clip, "model", clip)  # HFClip wraps a CLIPModel; an open_clip model is the module
+
+
 def run(
     device_name: str,
     tiny: bool,
@@ -338,6 +376,7 @@ def run(
     stages: list[str],
     compile_backend: str = "",
     frames_per_forward: tuple[int, ...] = (),
+    fp8: bool = False,
 ) -> dict:
     import torch
 
@@ -403,6 +442,9 @@ def run(
                     **measure(aesthetic, rows, device, batches),
                 }
             aesthetic.frames_per_forward = default_fpf
+            if fp8:  # the fp16 tower's embeddings of the comparison images, before anything compiles
+                smooth = _smooth_rows(8 if tiny else 64, size)
+                reference = list(aesthetic.process_rows(smooth))
         if "alignment" in stages:
             alignment = AlignmentStage(device=str(device))
             alignment._device, alignment._dtype, alignment._clip = device, clip_dtype, clip
@@ -434,6 +476,32 @@ def run(
                 "first_call_s": round(first_call_s, 2),
                 **measure(aesthetic, rows, device, batches),
             }
+        if "aesthetic" in stages and fp8:
+            # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8)
+            clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
+            _module(clip8).load_state_dict(_module(clip).state_dict())
+            counts = float8_image_tower(clip8, device)
+            fast = AestheticStage(device=str(device), batch_size=batch["aesthetic"], precision="fp8")
+            fast._device, fast._dtype, fast._clip, fast._mlp = device, torch.bfloat16, clip8, aesthetic._mlp
+            fast._model, fast._sha256, fast._clip_sha256 = "laion (random)", None, None
+            name, impl8 = "aesthetic_fp8", f"{impl}, fp8 e4m3 linears"
+            if compile_backend:
+                compile_image_tower(clip8, compile_backend)
+                fast.compile = compile_backend
+                name, impl8 = "aesthetic_fp8_compiled", f"{impl8}, torch.compile {compile_backend}"
+            rows = _rows(batch["aesthetic"], size)
+            start = time.perf_counter()
+            list(fast.process_rows(rows))
+            _sync(device)
+            first_call_s = time.perf_counter() - start
+            results["stages"][name] = {
+                "model": impl8,
+                "converted": counts,
+                "first_call_s": round(first_call_s, 2),
+                **measure(fast, rows, device, batches),
+                "agreement_with_fp16": agreement(reference, list(fast.process_rows(smooth))),
+            }
+            del clip8, fast
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):
             a, b = (
@@ -444,6 +512,10 @@ def run(
             if "aesthetic_compiled" in results["stages"]:
                 a = results["stages"]["aesthetic_compiled"]["clips_per_s"]
                 results["aesthetic_compiled_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
+            for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
+                if name in results["stages"]:
+                    a = results["stages"][name]["clips_per_s"]
+                    results[f"{name}_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
 
     if "caption" in stages:
         if device.type == "cuda":
@@ -488,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N,M",
         help="also measure the aesthetic stage with these CLIP forward sizes (the stage's default is 48)",
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also measure the aesthetic stage with fp8 e4m3 linears in the image tower (compiled with"
+        " --compile's backend if given) and its agreement with the fp16 tower",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
     try:
@@ -505,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
-    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf)
+    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf, args.fp8)
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     width = max(map(len, results["stages"]), default=0)
     for name, r in results["stages"].items():
@@ -527,6 +605,18 @@ def main(argv: list[str] | None = None) -> int:
             "  aesthetic (compiled) + alignment together:"
             f" {results['aesthetic_compiled_plus_alignment_clips_per_s']:.1f} clips/s"
         )
+    for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
+        if name in results["stages"]:
+            agree = results["stages"][name]["agreement_with_fp16"]
+            print(
+                f"  {name} vs the fp16 tower on {agree['frames']} smooth random images: embedding cosine"
+                f" min {agree['embedding_cosine_min']:.5f} mean {agree['embedding_cosine_mean']:.5f},"
+                f" largest L2 distance {agree['embedding_l2_max']:.4f}"
+            )
+        if f"{name}_plus_alignment_clips_per_s" in results:
+            print(
+                f"  {name} + alignment together: {results[f'{name}_plus_alignment_clips_per_s']:.1f} clips/s"
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -269,6 +269,11 @@ def _validate(config: CurateConfig) -> None:
         (config.split.max_distance >= 0, "split.max_distance must be >= 0"),
         (config.aesthetic.frames_per_forward >= 1, "aesthetic.frames_per_forward must be >= 1"),
     ]
+    precisions = {"auto", "fp32", "fp16", "bf16"}
+    for name in ("text", "aesthetic", "alignment", "caption"):
+        allowed = precisions | ({"fp8"} if name == "aesthetic" else set())
+        value = getattr(config, name).precision
+        checks.append((value in allowed, f"{name}.precision must be one of {sorted(allowed)}, got {value!r}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -88,8 +88,8 @@ def test_training_bench(tmp_path):
 
 def test_model_stage_bench(tmp_path):
     out = tmp_path / "models.json"
-    args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--out", str(out)]
-    assert "clips/s" in run_module("pipeline.bench_models_gpu", args, tmp_path)
+    args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--fp8", "--out", str(out)]
+    assert "aesthetic_fp8 + alignment together" in run_module("pipeline.bench_models_gpu", args, tmp_path)
     assert out.exists()
 
 

@@ -172,6 +172,27 @@ def encode_text_trimmed(net, tokens):
     return net.text_projection(x) if callable(net.text_projection) else x @ net.text_projection
 
 
+def float8_image_tower(net, device) -> dict[str, int]:
+    """`aesthetic.precision=fp8`: the image tower's linears and attention projections in fp8 e4m3
+    (pipeline/float8.py); the tower must already be in bf16. Returns the conversion counts."""
+    from pipeline.float8 import convert_to_float8, float8_supported
+
+    if not float8_supported(device):
+        import torch
+
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise ValueError(
+            f"aesthetic.precision=fp8 needs fp8 tensor cores (CUDA compute capability 8.9 or later:"
+            f" L4, L40S, H100, ...) or the CPU; {card} has none: use fp16 or bf16"
+        )
+    counts = convert_to_float8(net.visual)
+    if counts["linear"] + counts["attention"] == 0:
+        raise ValueError(
+            "aesthetic.precision=fp8: the CLIP image tower has no layer fp8 can run (widths % 16)"
+        )
+    return counts
+
+
 def compile_image_tower(net, backend: str) -> None:
     """`torch.compile` the image tower in place ("" leaves it eager); an unknown backend is an error
     naming `aesthetic.compile`."""
@@ -243,7 +264,7 @@ class AestheticStage(Stage):
     clip_pretrained: str = "openai"  # weights tag: MODELS_DIR/open_clip/<model>.<tag>.safetensors
     models_dir: str | None = None  # None: $INBETWEENER_MODELS, else ~/.cache/inbetweener/models
     device: str = "auto"  # auto = cuda when available, else cpu
-    precision: str = "auto"  # CLIP tower: auto = fp16 on GPU, fp32 on CPU (the MLP is always fp32)
+    precision: str = "auto"  # CLIP tower: auto = fp16 on GPU, fp32 on CPU; fp32|fp16|bf16|fp8 (MLP: fp32)
     batch_size: int = 64  # clips per call (3 frames each)
     num_gpus: float = 0.25  # ViT-L/14 fp16 needs ~1 GB; set 0 on machines without GPU
     compile: str = ""  # a torch.compile backend for the image tower ("inductor" on GPU); "": eager
@@ -263,12 +284,17 @@ class AestheticStage(Stage):
     def setup(self) -> None:
         root = resolve_models_dir(self.models_dir)
         self._device = pick_device(self.device)
-        self._dtype = pick_dtype(self.precision, self._device)
+        fp8 = self.precision == "fp8"
+        self._dtype = pick_dtype("bf16" if fp8 else self.precision, self._device)
         self._clip = load_clip(self.clip_model, self.clip_pretrained, root, self._device, self._dtype)
+        if fp8:
+            float8_image_tower(self._clip, self._device)
         compile_image_tower(self._clip, self.compile)
         dim = clip_embed_dim(self.clip_model, root)
         self._mlp = load_aesthetic_mlp(root, dim, self._device)
         self._model = f"laion-aesthetic sac+logos+ava1-l14-linearMSE on open_clip {self.clip_model}/{self.clip_pretrained}"
+        if fp8:
+            self._model += " (image tower linears in fp8 e4m3)"
         self._sha256 = file_sha256(root / aesthetic_file().path, root)
         self._clip_sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
 

@@ -34,13 +34,21 @@ def test_bench_smoke_run_on_cpu_writes_every_stage(tmp_path, capsys):
     assert "clips/s" in printed and "vs all 77 positions:" in printed
 
 
-def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(tmp_path):
+def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(tmp_path, capsys):
     from pipeline.bench_models_gpu import main
 
     out = tmp_path / "bench.json"
-    args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic,alignment"]
+    args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic,alignment", "--fp8"]
     assert main([*args, "--compile", "eager", "--frames-per-forward", "2", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
+    fp8 = results["stages"]["aesthetic_fp8_compiled"]  # fp8 linears, compiled like the fp16 row
+    assert "fp8 e4m3" in fp8["model"] and "torch.compile eager" in fp8["model"] and fp8["clips_per_s"] > 0
+    assert fp8["converted"]["linear"] == 6  # transformers' CLIP layer: q, k, v, out, fc1, fc2
+    agree = fp8["agreement_with_fp16"]
+    assert agree["frames"] == 24 and 0.99 < agree["embedding_cosine_min"] <= agree["embedding_cosine_mean"]
+    assert 0 < agree["embedding_l2_max"] < 0.15
+    assert results["aesthetic_fp8_compiled_plus_alignment_clips_per_s"] > 0
+    assert "aesthetic_fp8_compiled vs the fp16 tower on 24 smooth random images" in capsys.readouterr().out
     assert results["stages"]["aesthetic_2_per_forward"]["frames_per_forward"] == 2
     assert results["stages"]["aesthetic_2_per_forward"]["clips_per_s"] > 0
     compiled = results["stages"]["aesthetic_compiled"]

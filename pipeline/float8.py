@@ -1,0 +1,157 @@
+"""fp8 (e4m3) inference linears for the CLIP image tower: `aesthetic.precision=fp8`.
+
+Each converted linear keeps its weight in float8 e4m3 with one scale per output channel, set once
+from the bf16/fp32 weight, and quantises its input on the fly with one scale per row (token), both
+scales chosen so that the row's or channel's largest magnitude maps to e4m3's largest finite value
+(448). The product runs through `torch._scaled_mm` (fp8 tensor cores: compute capability 8.9+, i.e.
+L4, L40S, H100; the CPU also runs it, slowly, which is what the tests use) and comes out in bf16,
+which is why the rest of the tower then runs in bf16. Rowwise scales follow the usual recipe for fp8
+inference of transformers: a per-tensor activation scale lets one outlier token flatten every other
+token to a few e4m3 levels.
+
+What is converted: every `nn.Linear` and every self-attention `nn.MultiheadAttention` (its packed
+in/out projections; attention itself runs in bf16 through SDPA) whose dimensions are multiples of 16,
+the fp8 GEMM's alignment rule; anything else (convolutions, norms, open_clip's `proj` matrix, a
+too-narrow layer) stays as it was. This changes what the tower computes: `pipeline.bench_models_gpu
+--fp8` reports the embeddings' agreement with the fp16 tower beside the speed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+ALIGN = 16  # torch._scaled_mm needs both GEMM dimensions of the weight to be multiples of 16
+
+
+def float8_supported(device: torch.device) -> bool:
+    """Whether `device` runs fp8 GEMMs: the CPU (slowly) and CUDA GPUs of compute capability 8.9+."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return False
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[m, k] -> (e4m3 [m, k], float32 scales [m, 1]) with x ~= q * scale, row by row."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def _aligned(*dims: int) -> bool:
+    return all(d % ALIGN == 0 for d in dims)
+
+
+class Float8Linear(nn.Module):
+    """y = x @ W.T + b with W in e4m3 (per output channel scales) and x quantised per row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        out_features, in_features = weight.shape
+        if not _aligned(out_features, in_features):
+            raise ValueError(
+                f"fp8 linear needs dimensions that are multiples of {ALIGN}, got {tuple(weight.shape)}"
+            )
+        q, scale = quantize_rows(weight.detach())
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_fp8", q)  # [out, in] row-major: its .t() is the column-major operand
+        self.register_buffer("weight_scale", scale.reshape(1, out_features).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Float8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(
+            q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+
+class Float8SelfAttention(nn.Module):
+    """`nn.MultiheadAttention` for self-attention (query, key and value the same tensor) with fp8
+    projections and SDPA in bf16; same call signature and mask conventions, no attention weights."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not convertible_attention(mha):
+            raise ValueError(
+                "fp8 attention needs packed q/k/v projections without bias_k/bias_v or zero attention"
+            )
+        self.num_heads, self.batch_first = mha.num_heads, mha.batch_first
+        self.in_proj = Float8Linear(mha.in_proj_weight, mha.in_proj_bias)
+        self.out_proj = Float8Linear(mha.out_proj.weight, mha.out_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        **_: object,
+    ):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("Float8SelfAttention: self-attention only (key and value must be the query)")
+        if need_weights or key_padding_mask is not None:
+            raise ValueError("Float8SelfAttention: no attention weights and no key_padding_mask")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, n, d = x.shape
+        q, k, v = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # nn.MultiheadAttention: True = masked; SDPA: True = attend
+                attn_mask = ~attn_mask
+            else:
+                attn_mask = attn_mask.to(q.dtype)
+            if attn_mask.dim() == 3:  # [b * heads, n, n]
+                attn_mask = attn_mask.view(b, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def convertible_attention(mha: nn.MultiheadAttention) -> bool:
+    return (
+        mha._qkv_same_embed_dim
+        and mha.in_proj_weight is not None
+        and mha.bias_k is None
+        and mha.add_zero_attn is False
+        and _aligned(mha.embed_dim, mha.head_dim)
+    )
+
+
+def convert_to_float8(module: nn.Module) -> dict[str, int]:
+    """Replace, in place, the fp8-eligible linears and self-attentions under `module` (see the module
+    docstring); returns how many of each were converted and how many were left as they were."""
+    counts = {"linear": 0, "attention": 0, "skipped_linear": 0, "skipped_attention": 0}
+    for name, child in module.named_children():
+        if isinstance(child, nn.MultiheadAttention):  # its forward reads out_proj.weight: all or nothing
+            if convertible_attention(child):
+                setattr(module, name, Float8SelfAttention(child))
+                counts["attention"] += 1
+            else:
+                counts["skipped_attention"] += 1
+        elif isinstance(child, nn.Linear):
+            if _aligned(child.in_features, child.out_features):
+                setattr(module, name, Float8Linear.from_linear(child))
+                counts["linear"] += 1
+            else:
+                counts["skipped_linear"] += 1
+        else:
+            for key, n in convert_to_float8(child).items():
+                counts[key] += n
+    return counts

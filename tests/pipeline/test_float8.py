@@ -1,0 +1,153 @@
+"""fp8 e4m3 linears (aesthetic.precision=fp8): quantisation error bounds, layers that behave like the
+ones they replace, what the conversion touches, and the stage end to end on a tiny saved CLIP.
+torch._scaled_mm runs on the CPU too, so these run the same GEMM path as a GPU, only slower."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.float8 import (
+    E4M3_MAX,
+    Float8Linear,
+    Float8SelfAttention,
+    convert_to_float8,
+    float8_supported,
+    quantize_rows,
+)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_rows_are_quantised_within_e4m3_rounding_each_on_its_own_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g)
+    x[3] *= 1000.0  # an outlier token must not cost the other rows their precision
+    x[5] = 0.0  # an all-zero row stays zero (no division by zero)
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (8, 1)
+    back = q.float() * scale
+    # 3 mantissa bits: half a step is 1/16 of the value; below 2^-6 the subnormal step is 2^-9 (x scale)
+    assert ((back - x).abs() <= x.abs() / 16 + scale * 2**-10 + 1e-12).all()
+    assert torch.equal(back[5], torch.zeros(64))
+    np.testing.assert_allclose(q.float().abs().amax(dim=1)[[0, 3]], E4M3_MAX)  # each row uses the full range
+    for row in (0, 1, 7):
+        assert rel_error(back[row], x[row]) < 0.05
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_follows_the_linear_it_replaces(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=bias)
+    x = torch.randn(2, 5, 64)
+    fast = Float8Linear.from_linear(linear)
+    y = fast(x.bfloat16())
+    assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16
+    # exactly the product of the two quantised operands (up to the bf16 output's rounding) ...
+    qx, sx = quantize_rows(x.bfloat16().reshape(10, 64))
+    want = (qx.float() * sx) @ (fast.weight_fp8.float() * fast.weight_scale.t()).t()
+    if bias:
+        want = want + linear.bias.detach().bfloat16().float()
+    assert rel_error(y.reshape(10, 96), want) < 0.01
+    # ... which is within e4m3's rounding of the full-precision layer (~4% per operand, rms)
+    assert rel_error(y, linear(x).detach()) < 0.08
+    assert fast.weight_fp8.dtype == torch.float8_e4m3fn  # the weight is stored in one byte per value
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Float8Linear.from_linear(nn.Linear(64, 40))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_fp8_self_attention_follows_multihead_attention(batch_first, mask):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+    n = 7
+    x = torch.randn(2, n, 64) if batch_first else torch.randn(n, 2, 64)
+    causal = torch.ones(n, n, dtype=torch.bool).triu(1)  # nn.MultiheadAttention: True = may not attend
+    attn_mask = {None: None, "bool": causal, "float": torch.zeros(n, n).masked_fill(causal, float("-inf"))}[
+        mask
+    ]
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        xb = x.bfloat16()
+        got, weights = Float8SelfAttention(mha)(xb, xb, xb, attn_mask=attn_mask)
+    assert weights is None and got.shape == want.shape
+    assert rel_error(got, want) < 0.12  # two fp8 GEMMs in a row; a wrong mask or head split: ~1
+    with pytest.raises(ValueError, match="self-attention only"):
+        Float8SelfAttention(mha)(x, torch.zeros_like(x), torch.zeros_like(x))
+
+
+def test_conversion_touches_only_the_aligned_linears_and_attentions():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 1),  # not a linear: untouched
+        nn.Linear(16, 32),
+        nn.MultiheadAttention(32, 2, batch_first=True),
+        nn.MultiheadAttention(40, 2, batch_first=True),  # 40 % 16: stays, with its own out_proj
+        nn.Sequential(nn.Linear(32, 20), nn.Linear(20, 16)),  # 20 % 16: both stay
+    )
+    counts = convert_to_float8(net)
+    assert counts == {"linear": 1, "attention": 1, "skipped_linear": 2, "skipped_attention": 1}
+    assert isinstance(net[0], nn.Conv2d) and isinstance(net[1], Float8Linear)
+    assert isinstance(net[2], Float8SelfAttention)
+    assert type(net[3]) is nn.MultiheadAttention and type(net[3].out_proj) is not Float8Linear
+    assert [type(m) for m in net[4]] == [nn.Linear, nn.Linear]
+    x = torch.randn(2, 3, 40)
+    assert net[3](x, x, x)[0].shape == (2, 3, 40)  # the skipped attention still works
+
+
+def test_fp8_needs_fp8_tensor_cores_or_the_cpu():
+    from pipeline.stages.aesthetic import float8_image_tower
+
+    assert float8_supported(torch.device("cpu"))
+    assert not float8_supported(torch.device("meta"))
+    with pytest.raises(
+        ValueError, match=r"aesthetic.precision=fp8 needs fp8 tensor cores .* use fp16 or bf16"
+    ):
+        float8_image_tower(nn.Module(), torch.device("meta"))
+
+
+def test_fp8_aesthetic_stage_follows_the_fp32_stage(tmp_path):
+    """The stage loaded through the real loader with precision=fp8 (a tiny CLIP whose widths are
+    multiples of 16): every linear of the image tower converted, embeddings within a cosine of the
+    fp32 ones, the manifest's lineage says fp8."""
+    from test_models_clip import TAG, TINY, clip_rows, save_tiny_clip_models
+
+    from pipeline.stages.aesthetic import AestheticStage
+
+    models = save_tiny_clip_models(tmp_path)
+    stages = {}
+    for precision in ("fp32", "fp8"):
+        stages[precision] = AestheticStage(
+            clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu", precision=precision
+        )
+        stages[precision].setup()
+    visual = stages["fp8"]._clip.visual
+    assert not any(type(m) is nn.Linear for m in visual.modules())
+    assert (
+        sum(isinstance(m, Float8SelfAttention) for m in visual.modules()) == 1
+    )  # the tiny tower's one block
+    rows = clip_rows()
+    want, got = (list(stages[p].process_rows(rows)) for p in ("fp32", "fp8"))
+    for w, g in zip(want[:2], got[:2], strict=True):
+        cosine = (w["clip_image_emb"] * g["clip_image_emb"]).sum(-1)
+        assert (cosine > 0.995).all(), cosine
+        assert g["aesthetic_min"] == min(g["aesthetic_first"], g["aesthetic_mid"], g["aesthetic_last"])
+    assert got[2] == rows[2]
+    assert "fp8 e4m3" in json.loads(got[0]["models"])["aesthetic"]["model"]
+
+
+def test_precision_values_are_checked_before_any_work():
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config(sets=["aesthetic.precision=fp8"]).aesthetic.precision == "fp8"
+    with pytest.raises(ConfigError, match=r"caption.precision must be one of .*'fp16'.*got 'fp8'"):
+        load_config(sets=["caption.precision=fp8"])
+    with pytest.raises(ConfigError, match="text.precision must be one of"):
+        load_config(sets=["text.precision=half"])
