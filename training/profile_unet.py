@@ -23,6 +23,13 @@ Needs torch only.
 
 counts a forward's FLOPs per resolution level of the UNet's blocks on the meta device (what
 `train.checkpoint_levels` trades: recomputing level N costs its FLOPs again in backward).
+
+    python -m training.profile_unet --layout-decisions   # any machine: traced on the meta device
+
+says whether torch.compile's inductor would run the convs channels-last on a GPU, by its own heuristic
+(`GraphLowering.decide_layout_opt`) applied to the graphs it would be given: the sampling UNet compiled
+whole (an inference graph), and each block as training's regional compilation compiles it (forward
+graphs with gradients). `TORCHINDUCTOR_FORCE_LAYOUT_OPT=1` overrides the heuristic.
 """
 
 from __future__ import annotations
@@ -308,6 +315,56 @@ def flops_by_level(preset: str, batch: int, frames: int, height: int, width: int
     return report
 
 
+def layout_decisions(preset: str, batch: int, frames: int, height: int, width: int) -> dict:
+    """{"sampling": [decision per graph of the whole UNet], "training": {block: [decision per graph]}},
+    True = channels-last, from inductor's heuristic on graphs traced with meta tensors (on a CPU tensor
+    the heuristic always says yes, for oneDNN; a meta tensor takes the GPU's branch). Nothing is compiled."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.graph import GraphLowering
+
+    decisions: list[bool] = []
+
+    def backend(is_inference: bool):
+        def forward_graph(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            decisions.append(bool(GraphLowering.decide_layout_opt(gm, is_inference=is_inference)))
+            return gm.forward  # meta tensors: "runs" without computing anything
+
+        return aot_autograd(fw_compiler=forward_graph)
+
+    with torch.device("meta"):
+        unet = UNet3D(UNET_PRESETS[preset])
+    x, timesteps, context, fs = inputs(unet, batch, frames, height, width, torch.device("meta"))
+    report: dict = {}
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(unet.eval(), backend=backend(True), dynamic=False)(x, timesteps, context, fs=fs)
+    report["sampling"], decisions[:] = list(decisions), []
+
+    unet.train()
+    names = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"]
+    names += [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
+    blocks = dict(zip(names, [*unet.input_blocks, unet.middle_block, *unet.output_blocks], strict=True))
+    calls: dict[str, tuple] = {}
+    handles = [
+        b.register_forward_pre_hook(lambda m, a, k, n=n: calls.setdefault(n, (a, k)), with_kwargs=True)
+        for n, b in blocks.items()
+    ]
+    try:
+        unet(x, timesteps, context, fs=fs)  # eager on meta: each block's inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+    report["training"] = {}
+    for name, block in blocks.items():
+        torch._dynamo.reset()  # one block at a time: no graph shared with an earlier block
+        a, k = calls[name]
+        torch.compile(block, backend=backend(False), dynamic=False)(*a, **k)
+        report["training"][name], decisions[:] = list(decisions), []
+    torch._dynamo.reset()
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.profile_unet", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="toon-512", choices=sorted(UNET_PRESETS))
@@ -323,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flops-by-level", action="store_true", help="only count FLOPs per resolution level (meta device)"
     )
+    p.add_argument(
+        "--layout-decisions",
+        action="store_true",
+        help="only say which graphs inductor would run channels-last on a GPU (meta device)",
+    )
     return p
 
 
@@ -335,6 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
+        return 0
+    if args.layout_decisions:
+        found = layout_decisions(args.preset, args.batch, args.frames, args.height, args.width)
+        word = {True: "channels-last", False: "NCHW"}
+        print(f"sampling, whole UNet: {', '.join(word[d] for d in found['sampling'])}")
+        for name, graphs in found["training"].items():
+            print(f"training, {name}: {', '.join(word[d] for d in graphs)}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"preset": args.preset, **found}, indent=1) + "\n")
         return 0
     report = run(args)
     print(report["kernels"])

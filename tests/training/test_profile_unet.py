@@ -54,3 +54,34 @@ def test_flops_by_level_adds_up_to_the_whole_forward(tmp_path, capsys):
     assert profile_unet.main(argv) == 0
     assert json.loads(out.read_text())["flops"] == counts
     assert "level 2" in capsys.readouterr().out
+
+
+def test_layout_decisions_follow_inductors_rule_block_by_block(tmp_path, capsys):
+    """--layout-decisions labels each training block with inductor's own verdict on its traced graph;
+    for training graphs the heuristic's rule can be read off the block's convs: NCHW when a conv with
+    a kernel longer than 1 has at least twice as many input as output channels, or when every conv is
+    narrow (<= 64 channels each way), else channels-last."""
+    from torch import nn
+
+    out = tmp_path / "layout.json"
+    argv = ["--preset", "tiny", "--layout-decisions", "--batch", "1", "--frames", "2", "--height", "8",
+            "--width", "8", "--json", str(out)]  # fmt: skip
+    assert profile_unet.main(argv) == 0
+    report = json.loads(out.read_text())
+    unet = UNet3D(UNET_PRESETS["tiny"])
+    blocks = {f"input_blocks.{i}": b for i, b in enumerate(unet.input_blocks)}
+    blocks |= {"middle_block": unet.middle_block}
+    blocks |= {f"output_blocks.{i}": b for i, b in enumerate(unet.output_blocks)}
+    assert list(report["training"]) == list(blocks)
+    verdicts = set()
+    for name, block in blocks.items():
+        convs = [m.weight.shape for m in block.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        narrowing = any(w[0] * 2 <= w[1] and w[2] > 1 for w in convs)
+        narrow = all(w[0] <= 64 and w[1] <= 64 for w in convs)
+        expected = bool(convs) and not narrowing and not narrow
+        assert report["training"][name] == [expected], name  # one graph each, no convs: NCHW
+        verdicts.add(expected)
+    assert verdicts == {True, False}  # the tiny preset has blocks of both kinds
+    assert len(report["sampling"]) == 1  # the whole UNet is one graph
+    printed = capsys.readouterr().out
+    assert "sampling, whole UNet:" in printed and "training, output_blocks.1: channels-last" in printed
