@@ -3,6 +3,8 @@
 Cartoon-like clips (flat colours, outlined characters, hard cuts, drawings held on twos, a static
 shot, a pan, a title card, a corrupt file) are drawn with numpy/OpenCV, encoded with PyAV and
 described by `truth.json`, so that every curation stage can be checked against a known answer.
+A seed gives the same pictures and truth every time; the mp4 bytes agree only up to libx264's
+run-to-run noise (tests/pipeline/test_samples.py).
 `make_bad_inputs` writes the inputs the probe stage must survive; `fetch_big_buck_bunny` gets a
 short real clip for manual checks where the network allows.
 
@@ -267,7 +269,7 @@ def write_video(
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = 12
-        stream.codec_context.thread_count = 1  # deterministic and polite on shared cores
+        stream.codec_context.thread_count = 1  # polite on shared cores (x264 is not bit-exact anyway)
         if steps_ms:
             stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
         if codec == "libx264":
