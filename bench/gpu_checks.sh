@@ -62,7 +62,7 @@ TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_
 echo "temporal conv: $TC"
 part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
-part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING" | tail -12
+part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25

@@ -364,6 +364,39 @@ def agreement(reference: list[dict], other: list[dict]) -> dict:
     }
 
 
+def record(results: dict, name: str, row: dict) -> None:
+    """Keep a stage's row and print it at once: a part stopped at its time limit still shows it."""
+    results["stages"][name] = row
+    print(f"measured {name}: {json.dumps(row)}", flush=True)
+
+
+def _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches) -> dict:
+    """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears, compiled with
+    `backend` ("" eager); its row, with the stage under "stage" for the agreement check."""
+    import torch
+
+    clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
+    _module(clip8).load_state_dict(_module(clip).state_dict())
+    counts = float8_image_tower(clip8, device)
+    fast = AestheticStage(device=str(device), batch_size=batch["aesthetic"], precision="fp8")
+    fast._device, fast._dtype, fast._clip, fast._mlp = device, torch.bfloat16, clip8, aesthetic._mlp
+    fast._model, fast._sha256, fast._clip_sha256 = "laion (random)", None, None
+    if backend:
+        compile_image_tower(clip8, backend)
+        fast.compile = backend  # pads short chunks: one shape, one compilation
+    rows = _rows(batch["aesthetic"], size)
+    start = time.perf_counter()
+    list(fast.process_rows(rows))  # the first call (compiles when compiled)
+    _sync(device)
+    first_call_s = round(time.perf_counter() - start, 2)
+    return {
+        "converted": counts,
+        "first_call_s": first_call_s,
+        **measure(fast, rows, device, batches),
+        "stage": fast,
+    }
+
+
 def _module(clip):
     return getattr(clip, "model", clip)  # HFClip wraps a CLIPModel; an open_clip model is the module
 
@@ -414,10 +447,9 @@ def run(
         stage._detector = CraftDetector(
             net.eval().to(device), stage.canvas_size, device, pick_dtype("auto", device)
         )
-        results["stages"]["text"] = {
-            "model": impl,
-            **measure(stage, _rows(batch["text"], size), device, batches),
-        }
+        record(
+            results, "text", {"model": impl, **measure(stage, _rows(batch["text"], size), device, batches)}
+        )
         del net, stage
 
     if "aesthetic" in stages or "alignment" in stages:
@@ -428,19 +460,23 @@ def run(
         aesthetic._model, aesthetic._sha256, aesthetic._clip_sha256 = "laion (random)", None, None
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
-            results["stages"]["aesthetic"] = {
-                "model": impl,
-                "frames_per_forward": aesthetic.frames_per_forward,
-                **measure(aesthetic, rows, device, batches),
-            }
+            record(
+                results,
+                "aesthetic",
+                {
+                    "model": impl,
+                    "frames_per_forward": aesthetic.frames_per_forward,
+                    **measure(aesthetic, rows, device, batches),
+                },
+            )
             default_fpf = aesthetic.frames_per_forward
             for fpf in frames_per_forward:  # the same stage with other forward sizes, same run
                 aesthetic.frames_per_forward = fpf
-                results["stages"][f"aesthetic_{fpf}_per_forward"] = {
-                    "model": impl,
-                    "frames_per_forward": fpf,
-                    **measure(aesthetic, rows, device, batches),
-                }
+                record(
+                    results,
+                    f"aesthetic_{fpf}_per_forward",
+                    {"model": impl, "frames_per_forward": fpf, **measure(aesthetic, rows, device, batches)},
+                )
             aesthetic.frames_per_forward = default_fpf
             if fp8:  # the fp16 tower's embeddings of the comparison images, before anything compiles
                 smooth = _smooth_rows(8 if tiny else 64, size)
@@ -455,13 +491,14 @@ def run(
             emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
             caption = "a cartoon character walks across a sunny meadow"
             rows = [{**r, "caption": caption, "clip_image_emb": emb} for r in _rows(batch["alignment"], size)]
-            results["stages"]["alignment"] = {"model": impl, **measure(alignment, rows, device, batches)}
+            record(results, "alignment", {"model": impl, **measure(alignment, rows, device, batches)})
             # baseline, same run: the text tower over all 77 positions (open_clip's encode_text)
             alignment.text_embeddings = functools.partial(alignment.text_embeddings, trim=False)
-            results["stages"]["alignment_all_positions"] = {
-                "model": impl,
-                **measure(alignment, rows, device, batches),
-            }
+            record(
+                results,
+                "alignment_all_positions",
+                {"model": impl, **measure(alignment, rows, device, batches)},
+            )
         if "aesthetic" in stages and compile_backend:
             # the same tower compiled in place, after every eager use (the first call compiles)
             compile_image_tower(clip, compile_backend)
@@ -471,37 +508,30 @@ def run(
             list(aesthetic.process_rows(rows))
             _sync(device)
             first_call_s = time.perf_counter() - start
-            results["stages"]["aesthetic_compiled"] = {
-                "model": f"{impl}, torch.compile {compile_backend}",
-                "first_call_s": round(first_call_s, 2),
-                **measure(aesthetic, rows, device, batches),
-            }
+            record(
+                results,
+                "aesthetic_compiled",
+                {
+                    "model": f"{impl}, torch.compile {compile_backend}",
+                    "first_call_s": round(first_call_s, 2),
+                    **measure(aesthetic, rows, device, batches),
+                },
+            )
         if "aesthetic" in stages and fp8:
-            # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8)
-            clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
-            _module(clip8).load_state_dict(_module(clip).state_dict())
-            counts = float8_image_tower(clip8, device)
-            fast = AestheticStage(device=str(device), batch_size=batch["aesthetic"], precision="fp8")
-            fast._device, fast._dtype, fast._clip, fast._mlp = device, torch.bfloat16, clip8, aesthetic._mlp
-            fast._model, fast._sha256, fast._clip_sha256 = "laion (random)", None, None
-            name, impl8 = "aesthetic_fp8", f"{impl}, fp8 e4m3 linears"
-            if compile_backend:
-                compile_image_tower(clip8, compile_backend)
-                fast.compile = compile_backend
-                name, impl8 = "aesthetic_fp8_compiled", f"{impl8}, torch.compile {compile_backend}"
-            rows = _rows(batch["aesthetic"], size)
-            start = time.perf_counter()
-            list(fast.process_rows(rows))
-            _sync(device)
-            first_call_s = time.perf_counter() - start
-            results["stages"][name] = {
-                "model": impl8,
-                "converted": counts,
-                "first_call_s": round(first_call_s, 2),
-                **measure(fast, rows, device, batches),
-                "agreement_with_fp16": agreement(reference, list(fast.process_rows(smooth))),
-            }
-            del clip8, fast
+            # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
+            # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager
+            for backend in dict.fromkeys([compile_backend, ""]):
+                name = "aesthetic_fp8_compiled" if backend else "aesthetic_fp8"
+                impl8 = f"{impl}, fp8 e4m3 linears" + (f", torch.compile {backend}" if backend else "")
+                try:
+                    row = _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches)
+                    row["agreement_with_fp16"] = agreement(
+                        reference, list(row.pop("stage").process_rows(smooth))
+                    )
+                    record(results, name, {"model": impl8, **row})
+                    break
+                except Exception as exc:  # one shot on a lent GPU: keep the other rows
+                    record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):
             a, b = (
@@ -513,7 +543,7 @@ def run(
                 a = results["stages"]["aesthetic_compiled"]["clips_per_s"]
                 results["aesthetic_compiled_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
             for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
-                if name in results["stages"]:
+                if "clips_per_s" in results["stages"].get(name, {}):
                     a = results["stages"][name]["clips_per_s"]
                     results[f"{name}_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
 
@@ -527,11 +557,11 @@ def run(
         stage._processor, stage._model, stage._sha256 = processor, model, None
         impl = "BLIP-2 OPT-2.7b config" if not tiny else "BLIP-2 tiny config"
         rows = _rows(batch["caption"], size)
-        results["stages"]["caption"] = {
-            "model": impl,
-            "max_new_tokens": stage.max_new_tokens,
-            **measure(stage, rows, device, batches),
-        }
+        record(
+            results,
+            "caption",
+            {"model": impl, "max_new_tokens": stage.max_new_tokens, **measure(stage, rows, device, batches)},
+        )
     return results
 
 
@@ -587,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     width = max(map(len, results["stages"]), default=0)
     for name, r in results["stages"].items():
+        if "error" in r:
+            print(f"  {name:<{width}} failed: {r['error']}")
+            continue
         mem = "-" if r["peak_gpu_mem_gib"] is None else f"{r['peak_gpu_mem_gib']:.2f} GiB"
         print(
             f"  {name:<{width}} {r['clips_per_s']:>9.1f} clips/s  batch {r['batch_size']:>3}  peak {mem:<10} {r['model']}"
@@ -606,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {results['aesthetic_compiled_plus_alignment_clips_per_s']:.1f} clips/s"
         )
     for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
-        if name in results["stages"]:
+        if "agreement_with_fp16" in results["stages"].get(name, {}):
             agree = results["stages"][name]["agreement_with_fp16"]
             print(
                 f"  {name} vs the fp16 tower on {agree['frames']} smooth random images: embedding cosine"

@@ -66,3 +66,40 @@ def test_bench_rejects_bad_options_before_building_models(flag, message, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["--device", "cpu", "--tiny", flag])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_fp8_compile_is_a_row_and_fp8_runs_eager(tmp_path, capsys, monkeypatch):
+    """A lent GPU gets one run of the bench: if compiling the fp8 tower fails there, the error is
+    kept as a row, fp8 is measured eager instead, and every row was printed as soon as it was measured."""
+    from pipeline import bench_models_gpu
+
+    real = bench_models_gpu._measure_fp8
+
+    def fails_compiled(*args):
+        if args[5]:  # the backend
+            raise RuntimeError("no fp8 kernel for this card")
+        return real(*args)
+
+    monkeypatch.setattr(bench_models_gpu, "_measure_fp8", fails_compiled)
+    out = tmp_path / "bench.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--fallbacks",
+        "--stages",
+        "aesthetic",
+        "--fp8",
+        "--compile",
+        "eager",
+    ]
+    assert bench_models_gpu.main([*argv, "--out", str(out)]) == 0
+    stages = json.loads(out.read_text())["stages"]
+    assert stages["aesthetic_fp8_compiled"]["error"] == "RuntimeError: no fp8 kernel for this card"
+    assert (
+        stages["aesthetic_fp8"]["clips_per_s"] > 0 and "torch.compile" not in stages["aesthetic_fp8"]["model"]
+    )
+    assert stages["aesthetic_fp8"]["agreement_with_fp16"]["embedding_cosine_min"] > 0.99
+    printed = capsys.readouterr().out
+    assert "aesthetic_fp8_compiled failed: RuntimeError: no fp8 kernel" in printed
+    assert printed.index("measured aesthetic: ") < printed.index("measured aesthetic_fp8: ")
