@@ -7,9 +7,10 @@
 # torch.compile's artifacts come back as $OUT/*_cache.xz: put them in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling (the last run spent both parts' whole limits compiling).
-# The sample part gets at most 300 s, the CLIP part 150 s; the training part (T_COMPILE) whatever
-# BUDGET has left after them (if that is too little, run the script again at once with T_SAMPLE=0
-# T_CLIP=0: the machine stays warm for a while after each call).
+# The sample part gets at most 300 s, the CLIP part 150 s, the eager training part 110 s; the
+# compiled training part (T_COMPILE) whatever BUDGET has left after them, which at the default
+# BUDGET=560 is nothing: it gets a call of its own (T_SAMPLE=0 T_CLIP=0 T_EAGER=0), right after the
+# first one or in a later session (its compile alone outlasted 280 s before).
 # The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
 #             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
@@ -19,20 +20,20 @@
 #   clip:     aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
 #             linears (aesthetic.precision=fp8, new), and how closely the fp8 embeddings follow the
 #             fp16 ones (issue "Curate, part 2": fp16 reached 657 of the 1,000 clips/s target)
-#   training: rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
-#             torch.compile'd with static shapes (the last measured run compiled most blocks with
-#             symbolic shapes, and stopped at Dynamo's graph limit), by part, recomputing every UNet
-#             block, then (LEVELS, default 0,2) only the two finest levels, then the first setting
-#             again with cuDNN's autotuning (cudnn.benchmark); FORCE_CL=1 compiles every block
-#             channels-last (inductor's heuristic leaves 8 of the 20 block graphs, the decoder side's
-#             blocks whose convs narrow the channels, in NCHW; BENCHMARKS.md "Planning counts")
+#   eager:    rectify step at batch 6, eager, by part, recomputing every UNet block, then (LEVELS,
+#             default 0,2) only the two finest levels (train.checkpoint_levels: time and memory), then
+#             the first setting again with cuDNN's autotuning (issue "Training")
+#   compiled: the same with each UNet block and the frozen VAE encoder's blocks torch.compile'd with
+#             static shapes (the last measured run compiled most blocks with symbolic shapes, and
+#             stopped at Dynamo's graph limit); FORCE_CL=1 compiles every block channels-last
+#             (inductor's heuristic leaves 10 of the 12 output blocks, whose convs narrow the
+#             channels, in NCHW; BENCHMARKS.md "Planning counts")
 # Measured already, available again by setting their limits:
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
 #   T_MODEL:  UNet training step at batch 1 with gradient checkpointing off and on
 #   T_CLIP with FPF=192: forwards of 48 vs 192 frames
-#   T_EAGER / T_TRAIN / T_CURATE: the eager rectify breakdown, the batch search + decoder, the model
-#             stages at full size
+#   T_TRAIN / T_CURATE: the batch search + decoder, the model stages at full size
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -63,8 +64,8 @@ echo "temporal conv: $TC"
 part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
+part ${T_EAGER:-110} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
 part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | tail -8
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 echo "== done in $(($(date +%s) - START)) s"
