@@ -69,13 +69,13 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))  # [..., in] -> [m, in]
         y = torch._scaled_mm(
             q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
         )
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features)  # [m, out] -> [..., out]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
@@ -111,7 +111,8 @@ class Float8SelfAttention(nn.Module):
             raise ValueError("Float8SelfAttention: no attention weights and no key_padding_mask")
         x = query if self.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
-        q, k, v = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads)  # [b, n, 3, heads, d/heads]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, d/heads]
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # nn.MultiheadAttention: True = masked; SDPA: True = attend
                 attn_mask = ~attn_mask
@@ -120,7 +121,7 @@ class Float8SelfAttention(nn.Module):
             if attn_mask.dim() == 3:  # [b * heads, n, n]
                 attn_mask = attn_mask.view(b, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # [b, heads, n, d/heads] -> [b, n, d]
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
