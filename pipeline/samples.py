@@ -3,8 +3,6 @@
 Cartoon-like clips (flat colours, outlined characters, hard cuts, drawings held on twos, a static
 shot, a pan, a title card, a corrupt file) are drawn with numpy/OpenCV, encoded with PyAV and
 described by `truth.json`, so that every curation stage can be checked against a known answer.
-A seed gives the same pictures and truth every time; the mp4 bytes agree only up to libx264's
-run-to-run noise (tests/pipeline/test_samples.py).
 `make_bad_inputs` writes the inputs the probe stage must survive; `fetch_big_buck_bunny` gets a
 short real clip for manual checks where the network allows.
 
@@ -269,11 +267,11 @@ def write_video(
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = 12
-        stream.codec_context.thread_count = 1  # polite on shared cores (x264 is not bit-exact anyway)
+        stream.codec_context.thread_count = 1  # polite on shared cores
         if steps_ms:
             stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
-        if codec == "libx264":
-            stream.options = {"crf": "18", "preset": preset}
+        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video.py)
+            stream.options = {"crf": "18", "preset": preset, "x264-params": "mbtree=0"}
         else:
             stream.bit_rate = 4_000_000
         n = pts = 0

@@ -77,3 +77,24 @@ def test_odd_keyframe_size_is_refused(tmp_path):
     _write(path, "yuv420p")
     with pytest.raises(ValueError, match="even"):
         next(iter_pictures(str(path), 127, 80))
+
+
+def test_clip_encoding_gives_the_same_bytes_after_decoding():
+    """The shards' clips are encoded with libx264: the same frames must give the same mp4 whatever the
+    process decoded in between (with x264's macroblock-tree rate control they did not)."""
+    import io
+
+    from pipeline import samples
+    from pipeline.video import encode_clip
+
+    frames = [
+        f.copy()
+        for shot in samples.EPISODES["episode_01.mp4"][:3]
+        for f in samples.shot_frames(shot, 0, (320, 192), 24)
+    ]
+    first = encode_clip(frames, 24)
+    for _ in range(3):
+        with av.open(io.BytesIO(first)) as container:  # decoding leaves the heap as the curate job does
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(decoded) == len(frames)
+        assert encode_clip(frames, 24) == first
