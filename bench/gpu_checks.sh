@@ -14,9 +14,11 @@
 # The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
 #   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
 #             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
-#             VAE decoder's blocks compiled with static shapes), then again with cuDNN's autotuning
-#             (cudnn.benchmark; ~3 more samples, no recompiling), with a profiler table of a short
-#             compiled sample; eager was measured already (SAMPLE_COMPILE=both adds it back)
+#             VAE decoder's blocks compiled with static shapes): first the UNet alone compiled (its
+#             compile took 132-140 s before), then with the decoder's blocks too (a compile never yet
+#             seen to finish), each mode again with cuDNN's autotuning (cudnn.benchmark; ~3 more
+#             samples, no recompiling), then a profiler table of a short compiled sample; eager was
+#             measured already (SAMPLE_COMPILE=both: eager, then compiled)
 #   clip:     aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
 #             linears (aesthetic.precision=fp8, new), and how closely the fp8 embeddings follow the
 #             fp16 ones (issue "Curate, part 2": fp16 reached 657 of the 1,000 clips/s target)
@@ -61,7 +63,7 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
+part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-staged}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-110} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12

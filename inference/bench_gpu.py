@@ -9,7 +9,9 @@ keyframes, 50 DDIM steps x 2 guidance branches of the UNet, the dual-reference d
 second decode. The context is the CLIP towers' when open_clip is importable, else random text tokens and
 random CLIP image tokens through the real image projector (open_clip is not on the GPU machine; the towers
 cost 0.38 of the sample's 1,343 TFLOP). Anchor: the reference README, ~24 s and ~24 GB on an A100;
-targets on an H100: <= 5 s, <= 16 GB.
+targets on an H100: <= 5 s, <= 16 GB. `--compile staged` times the UNet compiled with the decoder eager,
+then with the decoder's blocks compiled too, so that a run stopped while the decoder compiles still has
+the first mode's numbers.
 
 Measured on an H200 (torch 2.11, bf16, random context, reference double decode, median of 2 after a warm-up):
 eager with the reference's two guidance calls 10.62 s; eager with one batch-2 call (the default) 8.77 s;
@@ -160,16 +162,16 @@ def bench(args: argparse.Namespace) -> dict:
         "runs": {},
     }
     print(f"built {args.preset} in {build_s:.1f} s", flush=True)
-    modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    for compiled in modes:
-        if compiled and args.compile_cache:
-            loaded = load_compile_cache(args.compile_cache)
-            print(f"compile cache {args.compile_cache}: {'loaded' if loaded else 'absent'}", flush=True)
-        im = InferenceModel(model, device, dtype, compile=compiled)
+    modes = MODES[args.compile]  # (label, compile the UNet, compile the decoder's blocks)
+    if args.compile != "off" and args.compile_cache:
+        loaded = load_compile_cache(args.compile_cache)
+        print(f"compile cache {args.compile_cache}: {'loaded' if loaded else 'absent'}", flush=True)
+    for mode, compiled, decoder in modes:
+        im = InferenceModel(model, device, dtype, compile=compiled, compile_decoder=decoder)
+        report.setdefault("compiled_decoder_blocks", {})[mode] = im.compiled_decoder_blocks
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        mode = "compiled" if compiled else "eager"
 
         def tell(phase: str, seconds: float, mode: str = mode) -> None:
             print(f"{mode} first sample, {phase}: {seconds:.1f} s", flush=True)
@@ -197,7 +199,7 @@ def bench(args: argparse.Namespace) -> dict:
             report["runs"][f"{mode}, cudnn.benchmark"] = run
             print(f"{mode}, cudnn.benchmark: {json.dumps(run)}", flush=True)
             write_report(report, args.json)
-        if args.profile and compiled == modes[-1]:
+        if args.profile and mode == modes[-1][0]:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             short = replace(
                 settings, steps=min(settings.steps, args.profile_steps)
@@ -206,6 +208,16 @@ def bench(args: argparse.Namespace) -> dict:
             args.profile.write_text(kernel_table(sample, device, args.profile_rows))
         del im
     return report
+
+
+# --compile: the modes timed, in order. "staged" first compiles the UNet alone (its graph is then reused),
+# then adds the VAE decoder's blocks: a run stopped while the decoder compiles keeps the UNet's numbers.
+MODES = {
+    "both": [("eager", False, False), ("compiled", True, True)],
+    "on": [("compiled", True, True)],
+    "off": [("eager", False, False)],
+    "staged": [("compiled, UNet only", True, False), ("compiled", True, True)],
+}
 
 
 def timed_run(im, first, last, settings, with_clip: bool, args, device: torch.device) -> dict:
@@ -245,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=320)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="timed samples after one warm-up (median reported)")
-    p.add_argument("--compile", choices=("both", "on", "off"), default="both")
+    p.add_argument(
+        "--compile",
+        choices=tuple(MODES),
+        default="both",
+        help="both: eager, then compiled; staged: the UNet compiled alone, then with the decoder's blocks too",
+    )
     p.add_argument("--single-decode", action="store_true", help="skip the reference's second decode")
     p.add_argument(
         "--sequential-cfg",

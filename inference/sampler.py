@@ -99,7 +99,8 @@ class InferenceModel:
     weights (its convs still run in `dtype` under autocast); the CLIP towers (1 B parameters, used once per
     clip) stay in pinned CPU memory and visit the device only while they encode (`offload_clip=False` keeps
     them there; on an H100 the visit costs ~0.1 s per sample). `compile=True` wraps the UNet in torch.compile
-    and compiles each residual block of the VAE decoder (the first sample pays the compilation).
+    and compiles each residual block of the VAE decoder (the first sample pays the compilation; with
+    `compile_decoder=False` the decoder stays eager).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class InferenceModel:
         compile: bool = False,
         sketch_encoder: nn.Module | None = None,
         offload_clip: bool = True,
+        compile_decoder: bool = True,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = torch.device(device)
@@ -124,11 +126,14 @@ class InferenceModel:
         self._clip_host = HostResident(self._towers(), pin=self.offload_clip)
         self.schedule = {k: v.to(self.device, torch.float32) for k, v in model.schedule().items()}
         self.unet: Callable[..., Tensor] = model.unet
+        self.compiled_decoder_blocks = 0
         if compile:
             self.unet = torch.compile(model.unet)
+        if compile and compile_decoder:
             # The decoder's residual blocks, one graph each: its time goes to fp32 GroupNorm + SiLU around the
             # convs at full resolution, which compile fuses; far less compile time than the whole decoder.
-            compile_blocks(resnet_blocks(model.first_stage_model.decoder), "inductor")
+            decoder = model.first_stage_model.decoder
+            self.compiled_decoder_blocks = compile_blocks(resnet_blocks(decoder), "inductor")
         self.sketch_encoder = None
         if sketch_encoder is not None:
             self.sketch_encoder = sketch_encoder.eval().requires_grad_(False).to(self.device, dtype)

@@ -44,3 +44,28 @@ def test_bench_smoke_mode_reports_time_per_sample(tmp_path, capsys):
     assert tuned["tuning_sample_s"] > 0 and tuned["seconds_per_sample"] > 0 and tuned["repeats"] == 1
     assert set(tuned["phases_s"]) == set(run["phases_s"])
     assert torch.backends.cudnn.benchmark is False
+
+
+def test_staged_compile_times_the_unet_alone_then_with_the_decoder(tmp_path, monkeypatch, capsys):
+    """--compile staged: the UNet compiled with the decoder eager first, then the decoder's blocks too,
+    each mode written to the JSON as soon as it is timed (torch.compile's eager backend here: the
+    plumbing is what is tested; inductor on a GPU)."""
+    real = torch.compile
+
+    def eager_backend(model=None, **kwargs):
+        return real(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
+            "--repeats", "1", "--compile", "staged", "--no-clip", "--json", str(out)]  # fmt: skip
+    try:
+        assert bench_gpu.main(argv) == 0
+    finally:
+        torch._dynamo.reset()
+    report = json.loads(out.read_text())
+    assert list(report["runs"]) == ["compiled, UNet only", "compiled"]
+    assert report["compiled_decoder_blocks"]["compiled, UNet only"] == 0
+    assert report["compiled_decoder_blocks"]["compiled"] > 0
+    assert all(run["seconds_per_sample"] > 0 for run in report["runs"].values())
+    assert "compiled, UNet only first sample, sampling:" in capsys.readouterr().out
