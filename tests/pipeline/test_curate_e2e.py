@@ -206,19 +206,27 @@ def test_resume_after_kill_9(tmp_path):
         *SKIPS,
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    log = (tmp_path / "first_run.log").open("wb")  # a file, not a pipe: nobody drains a pipe here
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     parts = out / ".work" / "sources"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not [
-        p for p in parts.glob("*.parquet") if not p.name.startswith(".")
-    ]:
-        time.sleep(0.02)  # parts can land close together: kill as soon as the first one is there
-    assert proc.poll() is None, (tmp_path / "first_run.log").read_text()[-2000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
-    finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet") if not p.name.startswith(".")}
+    for attempt in range(3):
+        # Ray Data may hand the driver several finished sources at once, and their parts then land
+        # within milliseconds: a kill that came after the last of them is tried again on a fresh run
+        shutil.rmtree(out, ignore_errors=True)
+        log = (tmp_path / f"first_run_{attempt}.log").open("wb")  # a file, not a pipe: nobody drains it
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not [
+            p for p in parts.glob("*.parquet") if not p.name.startswith(".")
+        ]:
+            time.sleep(0.005)  # kill as soon as the first part is there
+        assert proc.poll() is None, (tmp_path / f"first_run_{attempt}.log").read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        finished = {
+            p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet") if not p.name.startswith(".")
+        }
+        if len(finished) < 12:
+            break
     assert 1 <= len(finished) < 12, "the kill must land in the middle of the job"
     assert not (out / "manifest.parquet").exists()
     done = subprocess.run(
