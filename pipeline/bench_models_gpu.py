@@ -7,7 +7,7 @@ text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at th
   text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
   aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip; with --fp8
              also the tower with fp8 e4m3 linears (aesthetic.precision=fp8), and how closely its
-             embeddings follow the fp16 tower's on smooth random images (cosine, score change)
+             embeddings follow the fp16 tower's on smooth random images (cosine, L2 distance)
   alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings; beside it, the same
              stage with the tower over all 77 positions (its baseline, same run)
   caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
@@ -370,6 +370,25 @@ def record(results: dict, name: str, row: dict) -> None:
     print(f"measured {name}: {json.dumps(row)}", flush=True)
 
 
+def _aesthetic_stage(clip, mlp, device, dtype, batch_size: int, precision: str = "auto") -> AestheticStage:
+    """The aesthetic stage around models built here (random weights), as its setup() would leave it."""
+    stage = AestheticStage(device=str(device), batch_size=batch_size, precision=precision)
+    stage._device, stage._dtype, stage._clip, stage._mlp = device, dtype, clip, mlp
+    stage._model, stage._sha256, stage._clip_sha256 = "laion (random)", None, None
+    return stage
+
+
+def _compiled_row(stage: AestheticStage, backend: str, rows: list[dict], device, batches: int) -> dict:
+    """Compile the stage's image tower in place and time it: the first call (which compiles), then
+    `measure`. The stage pads short chunks, so the tower meets one shape and compiles once."""
+    compile_image_tower(stage._clip, backend)
+    stage.compile = backend
+    start = time.perf_counter()
+    list(stage.process_rows(rows))
+    _sync(device)
+    return {"first_call_s": round(time.perf_counter() - start, 2), **measure(stage, rows, device, batches)}
+
+
 def _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches) -> dict:
     """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears, compiled with
     `backend` ("" eager); its row, with the stage under "stage" for the agreement check."""
@@ -378,23 +397,14 @@ def _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, 
     clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
     _module(clip8).load_state_dict(_module(clip).state_dict())
     counts = float8_image_tower(clip8, device)
-    fast = AestheticStage(device=str(device), batch_size=batch["aesthetic"], precision="fp8")
-    fast._device, fast._dtype, fast._clip, fast._mlp = device, torch.bfloat16, clip8, aesthetic._mlp
-    fast._model, fast._sha256, fast._clip_sha256 = "laion (random)", None, None
-    if backend:
-        compile_image_tower(clip8, backend)
-        fast.compile = backend  # pads short chunks: one shape, one compilation
+    fast = _aesthetic_stage(clip8, aesthetic._mlp, device, torch.bfloat16, batch["aesthetic"], "fp8")
     rows = _rows(batch["aesthetic"], size)
-    start = time.perf_counter()
-    list(fast.process_rows(rows))  # the first call (compiles when compiled)
-    _sync(device)
-    first_call_s = round(time.perf_counter() - start, 2)
-    return {
-        "converted": counts,
-        "first_call_s": first_call_s,
-        **measure(fast, rows, device, batches),
-        "stage": fast,
-    }
+    timing = (
+        _compiled_row(fast, backend, rows, device, batches)
+        if backend
+        else measure(fast, rows, device, batches)
+    )
+    return {"converted": counts, **timing, "stage": fast}
 
 
 def _module(clip):
@@ -454,10 +464,8 @@ def run(
 
     if "aesthetic" in stages or "alignment" in stages:
         clip, tokenizer, impl = build_clip(tiny, fallback, device, clip_dtype)
-        aesthetic = AestheticStage(device=str(device), batch_size=batch["aesthetic"])
-        aesthetic._device, aesthetic._dtype, aesthetic._clip = device, clip_dtype, clip
-        aesthetic._mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
-        aesthetic._model, aesthetic._sha256, aesthetic._clip_sha256 = "laion (random)", None, None
+        mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
+        aesthetic = _aesthetic_stage(clip, mlp, device, clip_dtype, batch["aesthetic"])
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
             record(
@@ -500,22 +508,10 @@ def run(
                 {"model": impl, **measure(alignment, rows, device, batches)},
             )
         if "aesthetic" in stages and compile_backend:
-            # the same tower compiled in place, after every eager use (the first call compiles)
-            compile_image_tower(clip, compile_backend)
-            aesthetic.compile = compile_backend  # pads short chunks: one shape, one compilation
-            rows = _rows(batch["aesthetic"], size)
-            start = time.perf_counter()
-            list(aesthetic.process_rows(rows))
-            _sync(device)
-            first_call_s = time.perf_counter() - start
+            # the same tower compiled in place, after every eager use
+            row = _compiled_row(aesthetic, compile_backend, _rows(batch["aesthetic"], size), device, batches)
             record(
-                results,
-                "aesthetic_compiled",
-                {
-                    "model": f"{impl}, torch.compile {compile_backend}",
-                    "first_call_s": round(first_call_s, 2),
-                    **measure(aesthetic, rows, device, batches),
-                },
+                results, "aesthetic_compiled", {"model": f"{impl}, torch.compile {compile_backend}", **row}
             )
         if "aesthetic" in stages and fp8:
             # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
