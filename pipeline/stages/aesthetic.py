@@ -293,8 +293,7 @@ class AestheticStage(Stage):
         dim = clip_embed_dim(self.clip_model, root)
         self._mlp = load_aesthetic_mlp(root, dim, self._device)
         self._model = f"laion-aesthetic sac+logos+ava1-l14-linearMSE on open_clip {self.clip_model}/{self.clip_pretrained}"
-        if fp8:
-            self._model += " (image tower linears in fp8 e4m3)"
+        self._model += " (image tower linears in fp8 e4m3)" if fp8 else ""
         self._sha256 = file_sha256(root / aesthetic_file().path, root)
         self._clip_sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
 
