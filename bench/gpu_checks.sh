@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip
-# and ftfy travel as wheels in .whl/: `make gpu-wheels`). Each part has its own time limit (T_*, seconds; 0 skips it),
+# The GPU checks of the open issues, in one run on a lent GPU machine (torch only there; open_clip,
+# ftfy and torchao travel as wheels in .whl/: `make gpu-wheels`). Each part has its own time limit (T_*, seconds; 0 skips it),
 # cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
 # come back). The console shows each part's summary lines; $OUT/full_log.txt keeps everything they
 # printed, so a part stopped at its limit still shows how far it got.
@@ -29,7 +29,9 @@
 #             static shapes (the last measured run compiled most blocks with symbolic shapes, and
 #             stopped at Dynamo's graph limit); FORCE_CL=1 compiles every block channels-last
 #             (inductor's heuristic leaves 10 of the 12 output blocks, whose convs narrow the
-#             channels, in NCHW; BENCHMARKS.md "Planning counts")
+#             channels, in NCHW; BENCHMARKS.md "Planning counts"); FLOAT8=tensorwise runs the UNet's
+#             large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs):
+#             a call of its own after the bf16 one, whose compile it repeats
 # Measured already, available again by setting their limits:
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
@@ -67,7 +69,7 @@ part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-110} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
-part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 echo "== done in $(($(date +%s) - START)) s"

@@ -6,6 +6,7 @@ in a fresh interpreter where those packages cannot load."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,17 @@ def test_training_bench(tmp_path):
             "--breakdown", "--checkpoint-levels", "0,1", "--json", str(out)]  # fmt: skip
     run_module("training.bench_gpu", args, tmp_path)
     assert out.exists()
+
+
+def test_training_bench_with_fp8_linears(tmp_path):
+    """torchao travels as a wheel too (`make gpu-wheels`); the bench's fp8 rows use it."""
+    out = tmp_path / "train.json"
+    args = ["--preset", "tiny", "--device", "cpu", "--batches", "1", "--steps", "1", "--warmup", "0",
+            "--no-decoder", "--float8", "tensorwise", "--float8-layers", "all", "--json", str(out)]  # fmt: skip
+    printed = run_module("training.bench_gpu", args, tmp_path)
+    report = json.loads(out.read_text())
+    assert report["float8"] == "tensorwise" and report["rectify_float8_linears"] > 0
+    assert "fp8 linears (tensorwise, all)" in printed and report["rows"][0]["s_per_step"] > 0
 
 
 def test_model_stage_bench(tmp_path):

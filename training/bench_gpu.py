@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from training.engine import cache_saved, load_compile_cache, save_compile_cache
+from training.float8 import check_settings as check_float8_settings
 
 # Model FLOPs per clip and step (forward + backward, no recompute), MODEL.md Appendix E, toon-512.
 TABLE_TFLOP = {"rectify": 49.24, "decoder": 113.56}
@@ -80,6 +81,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--no-checkpointing", action="store_true", help="keep activations instead of recomputing them"
+    )
+    p.add_argument(
+        "--float8",
+        default="",
+        help="fp8 GEMMs for the UNet's transformer linears, a torchao recipe (train.float8: tensorwise);"
+        " MFU stays against the bf16 peak",
+    )
+    p.add_argument(
+        "--float8-layers",
+        default="large",
+        help="with --float8: 'large' (layers where fp8 pays on an H100) or 'all' (train.float8_layers)",
     )
     p.add_argument(
         "--cudnn-benchmark",
@@ -211,6 +223,7 @@ class Case:
     opt: torch.optim.Optimizer
     ema: Any
     disc: torch.nn.Module | None
+    float8_linears: int = 0  # UNet linears running fp8 GEMMs (--float8)
 
 
 def _build(
@@ -220,8 +233,11 @@ def _build(
     checkpointing: bool,
     compile: str = "",
     temporal_conv: str = "conv3d",
+    float8: str = "",
+    float8_layers: str = "large",
 ) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
+    from training import float8 as fp8
     from training.engine import EMA, TrainConfig, adamw, compile_blocks
     from training.models.tooncrafter import build_tooncrafter
     from training.models.unet import set_temporal_conv
@@ -249,12 +265,15 @@ def _build(
         built.net.perceptual = LPIPS("vgg")
         built.net.cfg = dataclasses.replace(run.decoder, lpips_weight=1.0)
         disc = built.discriminator.to(device).requires_grad_(False)
+    if float8:
+        fp8.check_device(device)
+    converted = fp8.convert_unet(model.unet, float8, float8_layers)
     compile_blocks(unet_blocks(model)[:-1], compile)
     compile_blocks(resnet_blocks(model.vae.encoder), compile)  # frozen, as train.py does
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     opt = adamw(params.values(), train, device)
-    return Case(net, model.unet, params, opt, EMA(params, train.ema_decay), disc)
+    return Case(net, model.unet, params, opt, EMA(params, train.ema_decay), disc, len(converted))
 
 
 def _step(
@@ -385,6 +404,10 @@ def matmul_tflops(device: torch.device, amp) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     levels_list = _levels(args.checkpoint_levels)
+    try:
+        check_float8_settings(args.float8, args.float8_layers)
+    except ValueError as e:
+        raise SystemExit(f"--float8: {e}") from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)
@@ -404,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         # heuristic leaves the blocks with a conv of >= 2x more input than output channels in NCHW
         "inductor_force_layout_opt": bool(args.compile) and _forced_layout(),
         "temporal_conv": args.temporal_conv,
+        "float8": args.float8 or None,
+        "float8_layers": args.float8_layers if args.float8 else None,
         "peak_bf16_tflops": peak,
         "matmul_bf16_tflops": matmul_tflops(device, amp),
         "rows": [],
@@ -426,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_checkpointing,
             args.compile,
             args.temporal_conv,
+            args.float8,
+            args.float8_layers,
         )
+        if args.float8:
+            report[f"{stage}_float8_linears"] = case.float8_linears
+            print(f"{stage}: {case.float8_linears} UNet linears in fp8 ({args.float8})", flush=True)
         # the same step (and its compiled blocks) under each checkpointing choice (the decoder's own
         # checkpointing has no levels), then the first choice again with cuDNN's autotuning: the flag is
         # read when a conv runs, so nothing recompiles, and the case's warm-up steps do the tuning
@@ -485,10 +515,11 @@ def _recomputed(report: dict[str, Any], row: dict[str, Any]) -> str:
 
 
 def _table(report: dict[str, Any]) -> str:
+    fp8 = f", fp8 linears ({report['float8']}, {report['float8_layers']})" if report.get("float8") else ""
     lines = [
         f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing"
         f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}"
-        f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}; "
+        f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}{fp8}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
         "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|---|",

@@ -24,6 +24,10 @@ Needs torch only.
 counts a forward's FLOPs per resolution level of the UNet's blocks on the meta device (what
 `train.checkpoint_levels` trades: recomputing level N costs its FLOPs again in backward).
 
+    python -m training.profile_unet --float8-share --batch 1   # any machine: nothing runs, shapes only
+
+counts the forward's FLOPs in the linears that each `train.float8` setting runs as fp8 GEMMs.
+
     python -m training.profile_unet --layout-decisions   # any machine: traced on the meta device
 
 says whether torch.compile's inductor would run the convs channels-last on a GPU, by its own heuristic
@@ -315,6 +319,37 @@ def flops_by_level(preset: str, batch: int, frames: int, height: int, width: int
     return report
 
 
+def float8_share(preset: str, batch: int, frames: int, height: int, width: int) -> dict[str, float]:
+    """FLOPs of one forward: in total, in all linears, and in the linears each `train.float8` setting
+    runs in fp8 (training/float8.py), counted on the meta device. A linear's backward costs twice its
+    forward, as a conv's does, so the shares hold for a training step's UNet part too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training import float8
+
+    with torch.device("meta"):
+        unet = UNet3D(UNET_PRESETS[preset]).eval()
+    x, timesteps, context, fs = inputs(unet, batch, frames, height, width, torch.device("meta"))
+    per_linear: dict[int, float] = {}
+
+    def count(module: nn.Linear, args: tuple, output: torch.Tensor) -> None:  # 2 * tokens * K * N
+        per_linear[id(module)] = per_linear.get(id(module), 0.0) + 2.0 * args[0].numel() * module.out_features
+
+    handles = [m.register_forward_hook(count) for m in unet.modules() if isinstance(m, nn.Linear)]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(x, timesteps, context, fs=fs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    report = {"total": float(counter.get_total_flops()), "linears": sum(per_linear.values())}
+    for recipe in float8.RECIPES:
+        for layers in float8.LAYERS:
+            chosen = float8.candidates(unet, layers)
+            report[f"{recipe}, {layers}"] = sum(per_linear.get(id(m), 0.0) for _, m in chosen)
+    return report
+
+
 def layout_decisions(preset: str, batch: int, frames: int, height: int, width: int) -> dict:
     """{"sampling": [decision per graph of the whole UNet], "training": {block: [decision per graph]}},
     True = channels-last, from inductor's heuristic on graphs traced with meta tensors (on a CPU tensor
@@ -381,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--flops-by-level", action="store_true", help="only count FLOPs per resolution level (meta device)"
     )
     p.add_argument(
+        "--float8-share",
+        action="store_true",
+        help="only count the FLOPs in the linears each train.float8 setting converts (meta device)",
+    )
+    p.add_argument(
         "--layout-decisions",
         action="store_true",
         help="only say which graphs inductor would run channels-last on a GPU (meta device)",
@@ -394,6 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         counts = flops_by_level(args.preset, args.batch, args.frames, args.height, args.width)
         for part, flops in counts.items():
             print(f"{part:8s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
+        return 0
+    if args.float8_share:
+        counts = float8_share(args.preset, args.batch, args.frames, args.height, args.width)
+        for part, flops in counts.items():
+            print(f"{part:22s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")

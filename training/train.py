@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from training import engine
+from training import engine, float8
 from training.data import (
     DataConfig,
     DataState,
@@ -176,6 +176,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(
             f"train.checkpoint_levels must be >= 0 (0 = every block), got {run.train.checkpoint_levels}"
         )
+    float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
 
 
@@ -229,10 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model(tc)
     model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
     stage = STAGES[stage_name].build(model, run, models_dir)
+    if tc.float8:
+        float8.check_device(device)
+    fp8_layers = float8.convert_unet(model.unet, tc.float8, tc.float8_layers)
     compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
     frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step
     if d.main:
         print(format_role_table(stage.roles), flush=True)
+        if tc.float8:
+            print(f"fp8 GEMMs ({tc.float8}, torchao): {len(fp8_layers)} UNet transformer linears", flush=True)
+            if device.type == "cuda" and not tc.compile:
+                log.warning("train.float8 without train.compile: each fp8 cast runs as its own pass (slow)")
         if compiled:
             print(
                 f"torch.compile ({tc.compile}): {compiled} UNet blocks and {frozen} VAE encoder blocks, "
