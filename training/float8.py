@@ -4,8 +4,8 @@ torchao's `Float8Linear` replaces an `nn.Linear` in place, keeping its parameter
 names, same dtype: the optimizer, EMA, roles and checkpoints see no change) and casting the input, the
 weight and the output gradient to float8 on the fly for each of the three GEMMs of a training step
 (output, input gradient, weight gradient). The recipe is torchao's `tensorwise`: one dynamic scale per
-tensor, e4m3 for inputs and weights, e5m2 for gradients, cuBLAS's fp8 GEMM. torchao's `rowwise` recipes are
-not offered: with torchao 0.18 they fail in eager mode on this UNet (its transformers feed the linears
+tensor, e4m3 for inputs and weights, e5m2 for gradients, cuBLAS's fp8 GEMM. torchao's `rowwise` recipes
+are not offered: with torchao 0.18 they fail in eager mode on this UNet (its transformers feed the linears
 non-contiguous views, and reshaping a row-scaled fp8 tensor is "not supported yet"), and by torchao's
 size rule below they would convert only the 1280 -> 10240 feed-forward projections, 5.6% of a forward's
 FLOPs against tensorwise's 27.1% (`python -m training.profile_unet --float8-share`).
@@ -16,8 +16,8 @@ latent pixels. The embeddings' MLPs see one token per clip and frame and stay as
 needs both of a weight's dimensions to be multiples of 16; with `train.float8_layers=large` (the default)
 a layer also has to be large enough for fp8 to pay on an H100 by the tables of torchao's README (for
 tensorwise and a weight of N outputs and K inputs: not K <= 4096 with N <= 1024), since the casts cost
-memory traffic that a small GEMM does not win back. `all` converts every layer that fits the rule of 16 (tests use it: the tiny
-preset has no large layer).
+memory traffic that a small GEMM does not win back. `all` converts every layer that fits the rule of
+16 (tests use it: the tiny preset has no large layer).
 
 It needs a CUDA GPU of compute capability 8.9+ (L4, L40S, H100) or the CPU (slow; tests), and it is
 only fast compiled (`train.compile`): eager, each cast is a separate pass over the tensor. The model
