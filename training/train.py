@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_role_table(stage.roles), flush=True)
         if tc.float8:
             print(f"fp8 GEMMs ({tc.float8}, torchao): {len(fp8_layers)} UNet transformer linears", flush=True)
+            if not fp8_layers:
+                log.warning(
+                    "train.float8: no UNet linear of preset %s is large enough to gain from fp8 on a GPU;"
+                    " train.float8_layers=all converts them anyway",
+                    tc.preset,
+                )
             if device.type == "cuda" and not tc.compile:
                 log.warning("train.float8 without train.compile: each fp8 cast runs as its own pass (slow)")
         if compiled:
