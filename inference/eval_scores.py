@@ -35,6 +35,28 @@ from training.metrics import (
 )
 from training.metrics.lpips import lpips_frames
 
+# The metrics of a generation run and of a decoder run (--decoder-only), and the extractor each needs.
+GENERATION_METRICS = ("fvd", "kvd", "lpips", "clip_img", "clip_txt", "cpbd")
+DECODER_METRICS = ("psnr", "ssim", "lpips")
+NEEDS = {"fvd": "video", "kvd": "video", "lpips": "lpips", "clip_img": "clip", "clip_txt": "clip"}
+
+
+# the `Extractors` fields a generation metric calls
+_EXTRACTOR_FIELDS = {
+    "fvd": ("video",),
+    "kvd": ("video",),
+    "lpips": ("lpips",),
+    "clip_img": ("image",),
+    "clip_txt": ("image", "text"),
+}
+
+
+def extractors_for(metrics: Sequence[str]) -> list[str]:
+    """What `load_extractors` has to load for `metrics` ("video", "clip", "lpips"), in that order."""
+    wanted = {NEEDS[m] for m in metrics if m in NEEDS}
+    return [name for name in ("video", "clip", "lpips") if name in wanted]
+
+
 # METRICS.md: the paper's table (512x320, 1,000 clips) and its decoder ablation (256x256).
 PAPER_ROWS: list[tuple[str, float, float, float, float, float, float]] = [
     ("AnimeInterp", 196.66, 8.844, 0.1890, 0.8866, 0.3096, 0.5974),
@@ -159,38 +181,55 @@ def _as_model_range(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(frames, dtype=np.float32)).permute(0, 3, 1, 2)[None] / 127.5 - 1.0
 
 
-def score_clip(gen: np.ndarray, gt: np.ndarray, caption: str, ex: Extractors) -> dict[str, np.ndarray]:
-    """Generated and ground-truth uint8 clips [T, H, W, 3] -> per-frame scores [T] and I3D features [D]."""
-    ex.require("video", "image", "text", "lpips")
+def score_clip(
+    gen: np.ndarray,
+    gt: np.ndarray,
+    caption: str,
+    ex: Extractors,
+    metrics: Sequence[str] = GENERATION_METRICS,
+) -> dict[str, np.ndarray]:
+    """Generated and ground-truth uint8 clips [T, H, W, 3] -> per-frame scores [T] and I3D features [D],
+    for `metrics` only (FVD and KVD pool the I3D features over clips)."""
+    wanted = set(metrics)
+    ex.require(*sorted({name for m in wanted for name in _EXTRACTOR_FIELDS.get(m, ())}))
     gen_t, gt_t = _as_model_range(gen), _as_model_range(gt)  # [1, T, 3, H, W]
-    videos = torch.from_numpy(np.stack([gen, gt]).astype(np.float32)).permute(
-        0, 4, 1, 2, 3
-    )  # [2, 3, T, H, W]
-    i3d = np.asarray(ex.video(videos), dtype=np.float64)
-    img = torch.cat([(gen_t[0] + 1) / 2, (gt_t[0] + 1) / 2])  # [2T, 3, H, W] in [0, 1]
-    emb = torch.as_tensor(ex.image(img)).double()
-    t = gen.shape[0]
-    text = torch.as_tensor(ex.text([caption])).double()  # [1, D]
-    return {
-        "i3d_gen": i3d[0],
-        "i3d_real": i3d[1],
-        "lpips": lpips_frames(ex.lpips, gen_t, gt_t)[0].double().numpy(),
-        "clip_img": clip_img_scores(emb[None, :t], emb[None, t:])[0].numpy(),
-        "clip_txt": clip_txt_scores(emb[None, :t], text)[0].numpy(),
-        "cpbd": cpbd_frames(gen),
-        "cpbd_real": cpbd_frames(gt),
-    }
+    out: dict[str, np.ndarray] = {}
+    if wanted & {"fvd", "kvd"}:
+        videos = torch.from_numpy(np.stack([gen, gt]).astype(np.float32)).permute(
+            0, 4, 1, 2, 3
+        )  # [2, 3, T, H, W]
+        out["i3d_gen"], out["i3d_real"] = np.asarray(ex.video(videos), dtype=np.float64)
+    if "lpips" in wanted:
+        out["lpips"] = lpips_frames(ex.lpips, gen_t, gt_t)[0].double().numpy()
+    if wanted & {"clip_img", "clip_txt"}:
+        img = torch.cat([(gen_t[0] + 1) / 2, (gt_t[0] + 1) / 2])  # [2T, 3, H, W] in [0, 1]
+        emb = torch.as_tensor(ex.image(img)).double()
+        t = gen.shape[0]
+        if "clip_img" in wanted:
+            out["clip_img"] = clip_img_scores(emb[None, :t], emb[None, t:])[0].numpy()
+        if "clip_txt" in wanted:
+            text = torch.as_tensor(ex.text([caption])).double()  # [1, D]
+            out["clip_txt"] = clip_txt_scores(emb[None, :t], text)[0].numpy()
+    if "cpbd" in wanted:
+        out["cpbd"], out["cpbd_real"] = cpbd_frames(gen), cpbd_frames(gt)
+    return out
 
 
-def score_reconstruction(rec: np.ndarray, gt: np.ndarray, ex: Extractors) -> dict[str, np.ndarray]:
-    """Decoder reconstruction vs input, uint8 [T, H, W, 3] each -> per-frame PSNR, SSIM, LPIPS."""
-    ex.require("lpips")
+def score_reconstruction(
+    rec: np.ndarray, gt: np.ndarray, ex: Extractors, metrics: Sequence[str] = DECODER_METRICS
+) -> dict[str, np.ndarray]:
+    """Decoder reconstruction vs input, uint8 [T, H, W, 3] each -> per-frame PSNR, SSIM, LPIPS (of
+    `metrics`)."""
     rec_c, gt_c = torch.from_numpy(rec).permute(0, 3, 1, 2), torch.from_numpy(gt).permute(0, 3, 1, 2)
-    return {
-        "psnr": psnr(rec_c, gt_c).numpy(),
-        "ssim": ssim(rec_c, gt_c).numpy(),
-        "lpips": lpips_frames(ex.lpips, _as_model_range(rec), _as_model_range(gt))[0].double().numpy(),
-    }
+    out: dict[str, np.ndarray] = {}
+    if "psnr" in metrics:
+        out["psnr"] = psnr(rec_c, gt_c).numpy()
+    if "ssim" in metrics:
+        out["ssim"] = ssim(rec_c, gt_c).numpy()
+    if "lpips" in metrics:
+        ex.require("lpips")
+        out["lpips"] = lpips_frames(ex.lpips, _as_model_range(rec), _as_model_range(gt))[0].double().numpy()
+    return out
 
 
 # --- pooling ---------------------------------------------------------------------------------------------------
@@ -200,30 +239,38 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _frame_averages(records: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> dict[str, Any]:
+    """Each frame score pooled over all and interior frames; None for a score the records lack (a
+    metric left out with --metrics)."""
+    return {
+        name: frame_average(np.stack([r[name] for r in records])) if name in records[0] else None
+        for name in names
+    }
+
+
 def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0) -> dict[str, Any]:
     """Per-clip records -> the protocol's numbers (frame scores pooled over all and interior frames)."""
     n = len(records)
-    real = np.stack([r["i3d_real"] for r in records])
-    gen = np.stack([r["i3d_gen"] for r in records])
-    out: dict[str, Any] = {"n_clips": n}
-    if n >= 2:
-        mmd2 = mmd2_unbiased(real, gen)
-        out.update(fvd=fvd(real, gen), kvd=kvd(real, gen), kvd_mmd2=mmd2)
+    out: dict[str, Any] = {"n_clips": n, "fvd": None, "kvd": None, "kvd_mmd2": None}
+    if "i3d_real" in records[0]:
+        real = np.stack([r["i3d_real"] for r in records])
+        gen = np.stack([r["i3d_gen"] for r in records])
+        if n >= 2:
+            mmd2 = mmd2_unbiased(real, gen)
+            out.update(fvd=fvd(real, gen), kvd=kvd(real, gen), kvd_mmd2=mmd2)
+        else:
+            out["fvd_note"] = "needs at least 2 clips"
+        out["real_vs_real_floor"] = (
+            real_vs_real_floor(real, floor_seed) if n >= 4 else {"note": "needs at least 4 clips"}
+        )
     else:
-        out.update(fvd=None, kvd=None, kvd_mmd2=None, fvd_note="needs at least 2 clips")
-    out["real_vs_real_floor"] = (
-        real_vs_real_floor(real, floor_seed) if n >= 4 else {"note": "needs at least 4 clips"}
-    )
-    for name in ("lpips", "clip_img", "clip_txt", "cpbd", "cpbd_real"):
-        out[name] = frame_average(np.stack([r[name] for r in records]))
+        out["fvd_note"] = "not computed (--metrics)"
+    out.update(_frame_averages(records, ("lpips", "clip_img", "clip_txt", "cpbd", "cpbd_real")))
     return out
 
 
 def pool_decoder_scores(records: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n_clips": len(records)}
-    for name in ("psnr", "ssim", "lpips"):
-        out[name] = frame_average(np.stack([r[name] for r in records]))
-    return out
+    return {"n_clips": len(records), **_frame_averages(records, ("psnr", "ssim", "lpips"))}
 
 
 # --- tables ----------------------------------------------------------------------------------------------------
@@ -233,6 +280,12 @@ def _fmt(value: Any, digits: int) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.{digits}f}"
+
+
+def _pooled(m: Mapping[str, Any], name: str, part: str = "all") -> float | None:
+    """A frame score pooled over `part` ("all" or "interior"); None when the run did not compute it."""
+    value = m.get(name)
+    return value.get(part) if value else None
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -255,8 +308,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
         m = r["metrics"]
         lines.append(
             f"| **{r['label']}** | {m['n_clips']} | {_fmt(m['fvd'], 2)} | {_fmt(m['kvd'], 3)} | "
-            f"{_fmt(m['lpips']['all'], 4)} | {_fmt(m['clip_img']['all'], 4)} | {_fmt(m['clip_txt']['all'], 4)} | "
-            f"{_fmt(m['cpbd']['all'], 4)} |"
+            f"{_fmt(_pooled(m, 'lpips'), 4)} | {_fmt(_pooled(m, 'clip_img'), 4)} | "
+            f"{_fmt(_pooled(m, 'clip_txt'), 4)} | {_fmt(_pooled(m, 'cpbd'), 4)} |"
         )
     if gen:
         lines += ["", "Our runs, more numbers:", ""]
@@ -264,8 +317,9 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             m = r["metrics"]
             floor = m.get("real_vs_real_floor", {})
             lines.append(
-                f"- {r['label']}: LPIPS interior {_fmt(m['lpips']['interior'], 4)}, CLIP_img interior "
-                f"{_fmt(m['clip_img']['interior'], 4)}, ground-truth CPBD {_fmt(m['cpbd_real']['all'], 4)}, "
+                f"- {r['label']}: LPIPS interior {_fmt(_pooled(m, 'lpips', 'interior'), 4)}, CLIP_img interior "
+                f"{_fmt(_pooled(m, 'clip_img', 'interior'), 4)}, ground-truth CPBD "
+                f"{_fmt(_pooled(m, 'cpbd_real'), 4)}, "
                 f"real-vs-real floor FVD {_fmt(floor.get('fvd'), 2)} / KVD {_fmt(floor.get('kvd'), 3)} "
                 f"(halves of {floor.get('n_half', '-')}); results/{r['run']}.json"
             )
@@ -283,7 +337,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             m = r["metrics"]
             size = "x".join(str(v) for v in r["data"]["size"])
             lines.append(
-                f"| **{r['label']}** | {m['n_clips']} | {size} | {_fmt(m['psnr']['all'], 2)} | "
-                f"{_fmt(m['ssim']['all'], 4)} | {_fmt(m['lpips']['all'], 4)} |"
+                f"| **{r['label']}** | {m['n_clips']} | {size} | {_fmt(_pooled(m, 'psnr'), 2)} | "
+                f"{_fmt(_pooled(m, 'ssim'), 4)} | {_fmt(_pooled(m, 'lpips'), 4)} |"
             )
     return "\n".join(lines) + "\n"

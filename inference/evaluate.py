@@ -39,6 +39,7 @@ examples:
   inbetweener evaluate out/run1 --out out/eval --limit 50                 # the model, first 50 eval clips
   inbetweener evaluate out/run1/shards/eval --out out/eval --method linear flow model
   inbetweener evaluate out/run1/manifest.parquet --out out/eval --decoder-only
+  inbetweener evaluate out/run1 --out out/eval --method linear flow --metrics cpbd   # needs no weights
 
 sources: a curate output folder, its shards/eval folder, shard .tar files, or the clip manifest.
 protocol (shared/reference/METRICS.md): 16-frame windows (frames 0..15 of each clip, --stride to skip),
@@ -51,6 +52,8 @@ weights (models dir: --models-dir, $INBETWEENER_MODELS or ~/.cache/inbetweener/m
   clip/ViT-H-14-laion2b_s32b_b79k/open_clip_pytorch_model.bin or, when absent, the CLIP towers inside
   the ToonCrafter checkpoint (tooncrafter/model.ckpt or --checkpoint). `inbetweener interpolate --help`
   says where the ToonCrafter checkpoint comes from.
+--metrics: only the named metrics are computed and only their weights are needed (FVD/KVD: I3D; LPIPS:
+  the LPIPS files; CLIP_img/CLIP_txt: CLIP; CPBD, PSNR, SSIM: none); the others are blank in the table.
 resume: rerun the same command; clips already generated and scored are not redone (ETA on the bar).
 """
 
@@ -68,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", nargs="+", choices=sorted(METHODS), default=["model"], help="what generates (model)"
     )
     p.add_argument("--decoder-only", action="store_true", help="VAE reconstruction PSNR/SSIM/LPIPS instead")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="METRIC",
+        help="compute only these (fvd kvd lpips clip_img clip_txt cpbd; --decoder-only: psnr ssim lpips);"
+        " only their weights are needed. Default: all",
+    )
     p.add_argument("--limit", type=int, help="first N clips only")
     p.add_argument("--split", default="eval", help="split to read from a curate output or manifest (eval)")
     p.add_argument("--frames", type=int, default=16, help="frames per window (16)")
@@ -152,6 +162,9 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     import torch
 
     from inference.eval_scores import (
+        DECODER_METRICS,
+        GENERATION_METRICS,
+        extractors_for,
         load_extractors,
         markdown_table,
         pool_decoder_scores,
@@ -169,6 +182,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(args.method))
     needs_model = args.decoder_only or "model" in methods
+    known = DECODER_METRICS if args.decoder_only else GENERATION_METRICS
+    metrics = list(dict.fromkeys(args.metrics or known))
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        mode = "--decoder-only" if args.decoder_only else "a generation run"
+        raise InputError(f"--metrics: {unknown} not among the metrics of {mode}: {' '.join(known)}")
+    needs = extractors_for(metrics)
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("no CUDA device here: use --device cpu")
@@ -177,7 +197,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
     # Every input is checked before the device works: checkpoint, metric weights, clips.
     checkpoint = None
-    if needs_model or (extractors is None and not args.decoder_only):
+    if needs_model or (extractors is None and "clip" in needs):
         try:
             checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
         except InputError:
@@ -189,7 +209,6 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if not clips:
         raise InputError(f"no usable clips in {[str(s) for s in args.sources]} ({len(skipped)} too short)")
     if extractors is None:
-        needs = ["lpips"] if args.decoder_only else ["video", "clip", "lpips"]
         clip_model = None
         if checkpoint is not None:
 
@@ -204,7 +223,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 needs, args.models_dir, device, clip_model, lambda p: file_sha256(p, hash_cache)
             )
         except FileNotFoundError as exc:
-            raise InputError(str(exc)) from exc
+            hint = ""
+            if clip_model is None and "clip" in needs and "clip/" in str(exc):
+                hint = (
+                    f"; or put the ToonCrafter checkpoint at {TOONCRAFTER_FILE.relpath} in the models dir (or"
+                    " pass --checkpoint): its CLIP towers serve instead"
+                )
+            raise InputError(str(exc).rstrip() + hint) from exc
 
     settings = SamplerSettings(
         steps=args.steps,
@@ -234,7 +259,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         "keys_sha256": _digest([k for k, _, _ in clips], 64),
         "skipped": skipped,
     }
-    score_id = _digest(extractors.record)
+    score_id = _digest([extractors.record, sorted(metrics)])
     from tqdm import tqdm
 
     for method in methods:
@@ -266,7 +291,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             record = _load_npz(score_dir / f"{key}.npz")
             if record is None:
                 if method == "decoder":
-                    record = score_reconstruction(_reconstruct(placed(), gt), gt, extractors)
+                    record = score_reconstruction(_reconstruct(placed(), gt), gt, extractors, metrics)
                     generated += 1
                 else:
                     cache = gen_dir / f"{key}.npz"
@@ -277,13 +302,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                         generated += 1
                     else:
                         gen, cached = stored["frames"], cached + 1
-                    record = score_clip(gen, gt, caption, extractors)
+                    record = score_clip(gen, gt, caption, extractors, metrics)
                 _save_npz(score_dir / f"{key}.npz", **record)
             else:
                 cached += 1
             records.append(record)
         bar.close()
-        metrics = pool_decoder_scores(records) if method == "decoder" else pool_scores(records)
+        pooled = pool_decoder_scores(records) if method == "decoder" else pool_scores(records)
         weights: dict[str, Any] = dict(extractors.record)
         if checkpoint is not None and (
             method in ("model", "decoder") or "checkpoint" in str(extractors.record.get("clip", ""))
@@ -297,7 +322,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             "method": METHODS.get(method, method),
             "label": label,
             "run": run_name,
-            "metrics": metrics,
+            "metrics": pooled,
+            "metrics_computed": metrics,
             "data": data,
             "generation": gen_id,
             "protocol": protocol_record(),
@@ -316,7 +342,9 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
             )
         write_json_atomic(args.out / "results" / f"{run_name}.json", result)
-        print(f"{label}: {_summary(metrics)} -> {args.out / 'results' / (run_name + '.json')}")
+        print(
+            f"{label}: {_summary(pooled, method == 'decoder')} -> {args.out / 'results' / (run_name + '.json')}"
+        )
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
     table = markdown_table(results)
     from manifests.files import write_bytes_atomic
@@ -362,11 +390,23 @@ def _reconstruct(im, gt: np.ndarray) -> np.ndarray:
     return to_uint8_frames(rec[0].float().cpu())
 
 
-def _summary(m: dict) -> str:
-    if "psnr" in m:
-        return f"N={m['n_clips']} PSNR {m['psnr']['all']:.2f} SSIM {m['ssim']['all']:.4f} LPIPS {m['lpips']['all']:.4f}"
-    fvd = "-" if m["fvd"] is None else f"{m['fvd']:.2f}"
-    return f"N={m['n_clips']} FVD {fvd} LPIPS {m['lpips']['all']:.4f} CLIP_img {m['clip_img']['all']:.4f} CPBD {m['cpbd']['all']:.4f}"
+def _summary(m: dict, decoder: bool) -> str:
+    """One line of the pooled numbers; a metric the run did not compute is left out."""
+    shown = (
+        [("PSNR", "psnr", 2), ("SSIM", "ssim", 4), ("LPIPS", "lpips", 4)]
+        if decoder
+        else [("FVD", "fvd", 2), ("LPIPS", "lpips", 4), ("CLIP_img", "clip_img", 4), ("CPBD", "cpbd", 4)]
+    )
+    parts = [f"N={m['n_clips']}"]
+    for label, key, digits in shown:
+        value = m.get(key)
+        if isinstance(value, dict):
+            value = value.get("all")
+        if value is not None:
+            parts.append(f"{label} {value:.{digits}f}")
+        elif key == "fvd" and m.get("fvd_note") == "needs at least 2 clips":
+            parts.append("FVD -")
+    return " ".join(parts)
 
 
 def _code_version() -> str:

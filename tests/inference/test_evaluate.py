@@ -210,6 +210,37 @@ def test_missing_metric_weights_are_named(curated, checkpoint, tmp_path, monkeyp
     assert "i3d/i3d_torchscript.pt" in err and "INBETWEENER_MODELS" in err
 
 
+def test_metrics_subset_needs_only_its_weights(curated, tmp_path, monkeypatch, capsys):
+    """--metrics cpbd runs the baselines with an empty models dir (CPBD needs no network); the other
+    metrics are absent from the JSON and blank in the table, and their scores are not computed; a metric
+    of the other mode, or one whose weights are missing, is a clear error before any work."""
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--limit", "2", "--metrics", "cpbd", *TINY]
+    assert cli.main(argv) == 0
+    (path,) = (out / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    m = result["metrics"]
+    assert result["metrics_computed"] == ["cpbd"] and result["weights"] == {}
+    assert 0 <= m["cpbd"]["all"] <= 1 and 0 <= m["cpbd_real"]["all"] <= 1  # 32x64 frames: few edge blocks
+    assert m["fvd"] is None and m["lpips"] is None and m["clip_img"] is None and m["clip_txt"] is None
+    row = next(line for line in (out / "results.md").read_text().splitlines() if "**linear_blend**" in line)
+    assert row == f"| **linear_blend** | 2 | - | - | - | - | - | {m['cpbd']['all']:.4f} |"
+    assert "CPBD" in capsys.readouterr().out
+
+    ex = fake_extractors()  # with every extractor at hand, only the asked scores are computed
+    argv_lpips = [*argv[: -len(TINY) - 1], "lpips", "cpbd", *TINY]
+    assert cli.main(argv_lpips, extractors=ex) == 0 and ex.video.calls == 0
+    (path,) = [p for p in (out / "results").glob("*.json")]
+    assert json.loads(path.read_text())["metrics"]["lpips"]["all"] > 0
+
+    capsys.readouterr()
+    assert cli.main([*argv[: -len(TINY) - 1], "psnr", *TINY]) == 2
+    assert "--metrics: ['psnr'] not among the metrics of a generation run" in capsys.readouterr().err
+    assert cli.main([*argv[: -len(TINY) - 1], "clip_txt", *TINY]) == 2
+    assert "tooncrafter/model.ckpt" in capsys.readouterr().err  # CLIP: its file or the checkpoint's towers
+
+
 def test_sources_shards_folder_and_manifest_agree(curated):
     by_folder = [(c.key, c.caption) for c in iter_clips([curated])]
     by_shards = [(c.key, c.caption) for c in iter_clips([curated / "shards" / "eval" / "000000.tar"])]
