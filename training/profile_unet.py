@@ -430,18 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.flops_by_level:
-        counts = flops_by_level(args.preset, args.batch, args.frames, args.height, args.width)
+    for wanted, count in ((args.flops_by_level, flops_by_level), (args.float8_share, float8_share)):
+        if not wanted:
+            continue
+        counts = count(args.preset, args.batch, args.frames, args.height, args.width)
+        width = max(map(len, counts))
         for part, flops in counts.items():
-            print(f"{part:8s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
-        return 0
-    if args.float8_share:
-        counts = float8_share(args.preset, args.batch, args.frames, args.height, args.width)
-        for part, flops in counts.items():
-            print(f"{part:22s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
+            print(f"{part:{width}s} {flops / 1e12:8.3f} TFLOP  {100 * flops / counts['total']:5.1f}%")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
