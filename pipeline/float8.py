@@ -14,6 +14,11 @@ in/out projections; attention itself runs in bf16 through SDPA) whose dimensions
 the fp8 GEMM's alignment rule; anything else (convolutions, norms, open_clip's `proj` matrix, a
 too-narrow layer) stays as it was. This changes what the tower computes: `pipeline.bench_models_gpu
 --fp8` reports the embeddings' agreement with the fp16 tower beside the speed.
+
+Why not torchao (whose fp8 training linears `train.float8` uses): its fp8 inference path (`quantize_`)
+converts `nn.Linear` modules, while open_clip's attention keeps q, k and v in one packed parameter of
+`nn.MultiheadAttention`, a third of the tower's linear FLOPs, which it would leave in bf16; and the
+curate job's `pipeline` extra does without it.
 """
 
 from __future__ import annotations
