@@ -17,7 +17,7 @@ too-narrow layer) stays as it was. This changes what the tower computes: `pipeli
 
 Why not torchao (whose fp8 training linears `train.float8` uses): its fp8 inference path (`quantize_`)
 converts `nn.Linear` modules, while open_clip's attention keeps q, k and v in one packed parameter of
-`nn.MultiheadAttention`, a third of the tower's linear FLOPs, which it would leave in bf16; and the
+`nn.MultiheadAttention`, a quarter of the tower's linear FLOPs, which it would leave in bf16; and the
 curate job's `pipeline` extra does without it.
 """
 
