@@ -145,3 +145,30 @@ def test_rectify_runs_with_fp8_linears(tmp_path, train_shards, capsys):
     for key in params:
         moved.setdefault(roles.role(key), []).append(not torch.equal(after[key], start[key]))
     assert not any(moved["temporal_attention"]) and any(moved["spatial"])
+
+
+def test_fp8_blocks_compile_without_graph_breaks():
+    """What the GPU run compiles: each UNet block with torchao's fp8 linears goes through Dynamo and
+    AOTAutograd ("aot_eager": no kernels generated) in one graph per block shape, and the compiled step
+    computes the eager one's gradients."""
+    from training import bench_gpu
+
+    device = torch.device("cpu")
+    batch = bench_gpu._batch(1, bench_gpu.SHAPES["tiny"], device)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    grads = []
+    for backend in ("", "aot_eager"):
+        case = bench_gpu._build(
+            "rectify", "tiny", device, True, backend, float8="tensorwise", float8_layers="all"
+        )
+        assert case.float8_linears > 0
+        torch.manual_seed(1)  # the same noise and timesteps for both
+        case.net(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in case.params.items()})
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"], dict(
+        counters["graph_break"]
+    )
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
