@@ -53,7 +53,9 @@ class ShotsConfig:
 
 @dataclass
 class TimingConfig:
-    held_threshold: float = 0.6  # mean abs difference (0..255) below which a frame repeats its predecessor
+    held_threshold: float = 0.6  # mean abs difference (0..255) below which a frame may repeat its predecessor
+    changed_delta: int = 32  # a pixel changed when its grey level moved by more than this (0..255) ...
+    changed_max: float = 0.001  # ... and a frame repeats its predecessor only if at most this share changed
     dominant_share: float = 0.6  # share of holds of one length needed to call a clip ones/twos/threes
 
 

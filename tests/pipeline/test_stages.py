@@ -16,7 +16,7 @@ from pipeline.stages.base import batch_of, rows_of
 from pipeline.stages.discover import ProbeStage, discover
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
-from pipeline.stages.timing import TimingStage, classify_timing, frame_differences
+from pipeline.stages.timing import TimingStage, classify_timing, frame_differences, held_frames
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +164,31 @@ def test_timing_labels_ones_twos_threes_and_static():
     drawings = rng.integers(0, 255, size=(12, 16, 16), dtype=np.uint8)
     for hold, label in ((1, "ones"), (2, "twos"), (3, "threes")):
         frames = np.repeat(drawings, hold, axis=0)
-        result = classify_timing(frame_differences(frames), held_threshold=0.6, dominant_share=0.6)
+        result = classify_timing(held_frames(frames), dominant_share=0.6)
         assert result["timing"] == label
         assert result["distinct_frames"] == 12
         assert result["distinct_idx"].tolist() == list(range(0, 12 * hold, hold))
-    static = classify_timing(frame_differences(np.repeat(drawings[:1], 30, axis=0)), 0.6, 0.6)
+    static = classify_timing(held_frames(np.repeat(drawings[:1], 30, axis=0)), 0.6)
     assert (static["timing"], static["distinct_frames"], static["held_ratio"]) == ("none", 1, 1.0)
+
+
+def test_small_figure_on_a_still_background_is_not_a_hold():
+    """A 16x16 figure moving 3 px per frame over a flat 256x160 background changes the mean difference
+    by ~0.3, under the 0.6 threshold; the strongly changed pixels (96, 0.23%) make each frame new. Codec
+    noise of a held drawing (5% of the pixels off by up to 3 levels, 8 by 40) stays a hold."""
+    frames = np.full((12, 160, 256), 90, np.uint8)
+    for i in range(12):
+        frames[i, 70:86, 20 + 3 * i : 36 + 3 * i] = 250
+    means, changed = frame_differences(frames)
+    assert means.max() < 0.6 and changed.min() > 0.002
+    assert classify_timing(held_frames(frames), 0.6)["timing"] == "ones"
+    rng = np.random.default_rng(1)
+    noisy = np.repeat(frames[:1], 12, axis=0).astype(np.int16)
+    noisy += rng.integers(-3, 4, noisy.shape) * (rng.random(noisy.shape) < 0.05)  # 5% of pixels, +-3
+    for frame in noisy:  # and in each frame 8 pixels of its own off by 40
+        frame[rng.integers(0, 160, 8), rng.integers(0, 256, 8)] += 40
+    result = classify_timing(held_frames(np.clip(noisy, 0, 255).astype(np.uint8)), 0.6)
+    assert (result["timing"], result["distinct_frames"]) == ("none", 1)
 
 
 def test_timing_stage_on_sample_shots(footage):
