@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: content_box
 
 STATUSES = ("kept", "rejected", "error")
 SPLITS = ("train", "eval", "none")
@@ -33,6 +33,12 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("height", pa.int32(), "source frame height in pixels"),
     ("num_frames", pa.int64(), "end_frame - start_frame"),
     ("codec", pa.string(), "source video codec"),
+    (
+        "content_box",
+        pa.list_(pa.int32()),
+        "the picture inside black bars (letterbox/pillarbox) as [x, y, width, height] in source pixels;"
+        " clips are cut from it. Null: the whole frame",
+    ),
     ("shot_index", pa.int32(), "index of the shot in the source"),
     ("window_index", pa.int32(), "index of the window inside a long shot (0 for short shots)"),
     # animation timing
@@ -95,6 +101,10 @@ SCORE_COLUMNS = [
     "clip_sim_last",
     "clip_sim_min",
 ]
+
+
+# What every row of a source repeats from the source's probe.
+SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "width", "height", "codec", "content_box")
 
 
 def empty_row() -> dict:

@@ -32,6 +32,8 @@ class ProbeConfig:
     max_duration_s: float = 6 * 3600.0  # longer than this is an error row
     vfr_tolerance: float = 0.05  # relative spread of frame intervals tolerated before "variable frame rate"
     hash_chunk_bytes: int = 1 << 20  # read size while hashing the source content
+    crop_borders: bool = True  # find letterbox/pillarbox bars on a few keyframes; clips are cut inside them
+    border_luma: int = 12  # a bar's rows/columns: mean grey at most this, no pixel above 3x (0..255)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from manifests.files import atomic_path, write_json_atomic
 from manifests.io import read_manifest, write_manifest
-from manifests.schema import CLIP_SCHEMA, conform
+from manifests.schema import CLIP_SCHEMA, SOURCE_COLUMNS, conform
 from pipeline.config import (
     MODEL_STAGES,
     RUNTIME_KEYS,
@@ -322,7 +322,7 @@ class CurateJob:
             elif row["source_uri"] not in marked:
                 marked.add(row["source_uri"])
                 out.append({
-                    **{k: row[k] for k in ("source_id", "source_uri", "fps", "width", "height", "codec")},
+                    **{k: row[k] for k in SOURCE_COLUMNS},
                     "clip_id": make_clip_id("dup-" + row["source_uri"], 0, 0),
                     "start_frame": 0, "end_frame": 0, "num_frames": 0,
                     "status": "rejected", "split": "none",
@@ -339,7 +339,13 @@ class CurateJob:
         for row in rows:
             if row["status"] == "kept" and not (self.clips / f"{row['clip_id']}.mp4").exists():
                 job = jobs.setdefault(
-                    row["source_uri"], {"source_uri": row["source_uri"], "fps": row["fps"], "clips": []}
+                    row["source_uri"],
+                    {
+                        "source_uri": row["source_uri"],
+                        "fps": row["fps"],
+                        "content_box": row["content_box"],
+                        "clips": [],
+                    },
                 )
                 job["clips"].append({k: row[k] for k in ("clip_id", "start_frame", "end_frame")})
         if jobs:

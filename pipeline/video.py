@@ -192,14 +192,114 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
 
 
-def iter_frames(uri: str, width: int, height: int, crop: bool = True) -> Iterator[np.ndarray]:
+def iter_frames(
+    uri: str, width: int, height: int, crop: bool = True, box: Box | None = None
+) -> Iterator[np.ndarray]:
     """Decode every frame in order as uint8 RGB [height, width, 3].
 
     crop=True: resize to cover then centre-crop (the aspect is kept); crop=False: plain resize.
+    box: only this part of the source frame (the picture inside black bars, `detect_borders`).
     """
     # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than converting and
     # resizing with OpenCV (measured: see BENCHMARKS.md)
-    return _decoded(uri, lambda frame: _fit_rgb(frame.to_ndarray(format="rgb24"), width, height, crop))
+    return _decoded(
+        uri, lambda frame: _fit_rgb(_boxed(frame.to_ndarray(format="rgb24"), box), width, height, crop)
+    )
+
+
+# (x, y, width, height) in source pixels, all even: the picture inside letterbox / pillarbox bars
+Box = tuple[int, int, int, int]
+
+
+def as_box(value) -> Box | None:
+    """A manifest's `content_box` (a list, an array out of Ray Data, or null) as a Box or None."""
+    if value is None or len(value) != 4:
+        return None
+    x, y, w, h = (int(v) for v in value)
+    return x, y, w, h
+
+
+def _boxed(image: np.ndarray, box: Box | None) -> np.ndarray:
+    if box is None:
+        return image
+    x, y, w, h = box
+    return image[y : y + h, x : x + w]
+
+
+def detect_borders(uri: str, samples: int = 8, dark: int = 12) -> Box | None:
+    """The picture area inside black bars (letterbox: top and bottom; pillarbox: left and right), or
+    None when there are none.
+
+    Up to `samples` frames spread over the video are read (a seek, then its first decodable frame, so
+    only keyframes: cheap, but a short video may give fewer distinct frames). A row or column of a
+    frame is black when its mean grey level is at most `dark` and none of its pixels exceeds 3 x
+    `dark` (full-range grey, 0..255); it is a bar when it is black in every sampled frame. Bars are
+    cropped in opposite pairs only, each at least 1% of the frame and the two within a quarter of each
+    other (4 pixels for thin ones), so that a dark sky at the top of every sample is never cut off;
+    at least 3 distinct non-black samples are needed, and the picture left must keep half of each
+    dimension.
+    """
+    import av
+    import cv2
+
+    seen: set[int] = set()
+    rows = cols = None  # running AND over the lit samples: black in every one of them
+    lit = 0
+    with open_container(uri) as container:
+        videos = [s for s in container.streams if s.type == "video"]
+        if not videos:
+            return None
+        stream = videos[0]
+        duration = stream.duration
+        if duration is None and container.duration is not None and stream.time_base:
+            duration = int(container.duration / 1_000_000 / stream.time_base)
+        start = stream.start_time or 0
+        for k in range(samples if duration else 1):
+            try:
+                if duration:
+                    container.seek(start + int(duration * (k + 0.5) / samples), stream=stream)
+                frame = next(container.decode(stream), None)
+            except av.error.FFmpegError:
+                continue
+            if frame is None or frame.pts in seen:
+                continue
+            seen.add(frame.pts)
+            gray = cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY)
+            if gray.max() <= 3 * dark:
+                continue  # a black frame (a fade) says nothing about bars
+            black_rows = (gray.mean(1) <= dark) & (gray.max(1) <= 3 * dark)
+            black_cols = (gray.mean(0) <= dark) & (gray.max(0) <= 3 * dark)
+            if rows is not None and (rows.shape != black_rows.shape or cols.shape != black_cols.shape):
+                return None  # the frame size changes
+            rows = black_rows if rows is None else rows & black_rows
+            cols = black_cols if cols is None else cols & black_cols
+            lit += 1
+            if _bar_pair(rows) == (0, 0) and _bar_pair(cols) == (0, 0):
+                return None  # usually at the first sample: most videos have no bars
+    if lit < 3:
+        return None
+    height, width = len(rows), len(cols)
+    top, bottom = _bar_pair(rows)
+    left, right = _bar_pair(cols)
+    y0, y1 = _even_up(top), height - _even_up(bottom)
+    x0, x1 = _even_up(left), width - _even_up(right)
+    if (y0, y1, x0, x1) == (0, height, 0, width) or y1 - y0 < height / 2 or x1 - x0 < width / 2:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _bar_pair(black: np.ndarray) -> tuple[int, int]:
+    """Lengths of the black runs at both ends of a row/column profile, if they make a pair of bars."""
+    n = len(black)
+    lead = int(np.argmin(black)) if not black.all() else n
+    trail = int(np.argmin(black[::-1])) if not black.all() else n
+    if min(lead, trail) < max(2, 0.01 * n) or abs(lead - trail) > max(4, 0.25 * max(lead, trail)):
+        return 0, 0
+    return lead, trail
+
+
+def _even_up(n: int) -> int:
+    return n + (n % 2)
 
 
 # BT.601 limited-range luma (16..235) to the full-range grey that RGB->grey gives (0..255)
@@ -304,35 +404,39 @@ def _even_crop(size: tuple[int, int], out_w: int, out_h: int) -> tuple[int, int]
     return ((size[1] - out_h) // 4) * 2, ((size[0] - out_w) // 4) * 2
 
 
-def iter_pictures(uri: str, width: int, height: int) -> Iterator[Picture]:
-    """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures.
+def iter_pictures(uri: str, width: int, height: int, box: Box | None = None) -> Iterator[Picture]:
+    """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures;
+    with `box`, only that part of the source frame (the picture inside black bars).
 
     8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
     through RGB.
     """
     if width % 2 or height % 2:
         raise ValueError(f"keyframe size must be even, got {width}x{height}")
-    return _decoded(uri, lambda frame: _picture(frame, width, height))
+    return _decoded(uri, lambda frame: _picture(frame, width, height, box))
 
 
-def _picture(frame, width: int, height: int) -> Picture:
+def _picture(frame, width: int, height: int, box: Box | None = None) -> Picture:
     import cv2
 
     fw, fh = frame.width, frame.height
-    if frame.format.name != "yuv420p" or fw % 2 or fh % 2:
-        return Picture(rgb=_fit_rgb(frame.to_ndarray(format="rgb24"), width, height, True))
-    sw, sh = cover_size(fw, fh, width, height)
-    interp = cv2.INTER_AREA if min(sw / fw, sh / fh) < 0.5 else cv2.INTER_LINEAR
+    x, y, bw, bh = box or (0, 0, fw, fh)
+    if x + bw > fw or y + bh > fh:  # the frame size changed mid-stream: the box no longer applies
+        x, y, bw, bh = 0, 0, fw, fh
+    if frame.format.name != "yuv420p" or any(v % 2 for v in (fw, fh, x, y, bw, bh)):
+        image = _boxed(frame.to_ndarray(format="rgb24"), (x, y, bw, bh))
+        return Picture(rgb=_fit_rgb(image, width, height, True))
+    sw, sh = cover_size(bw, bh, width, height)
+    interp = cv2.INTER_AREA if min(sw / bw, sh / bh) < 0.5 else cv2.INTER_LINEAR
     top, left = _even_crop((sw, sh), width, height)
     planes = []
-    for i, (pw, ph, ow, oh) in enumerate(
-        [(fw, fh, sw, sh), (fw // 2, fh // 2, sw // 2, sh // 2), (fw // 2, fh // 2, sw // 2, sh // 2)]
-    ):
-        data = _plane(frame, i, pw, ph)
+    for i in range(3):
+        s = 1 if i == 0 else 2  # 4:2:0 chroma planes are half size
+        data = _plane(frame, i, fw // s, fh // s)[y // s : (y + bh) // s, x // s : (x + bw) // s]
+        ow, oh = sw // s, sh // s
         # resizing makes a new array; a frame already at size is copied (the decoder reuses its buffers)
-        data = cv2.resize(data, (ow, oh), interpolation=interp) if (ow, oh) != (pw, ph) else data.copy()
-        scale = 1 if i == 0 else 2
-        planes.append(data[top // scale : (top + height) // scale, left // scale : (left + width) // scale])
+        data = cv2.resize(data, (ow, oh), interpolation=interp) if data.shape != (oh, ow) else data.copy()
+        planes.append(data[top // s : (top + height) // s, left // s : (left + width) // s])
     return Picture(*planes)
 
 

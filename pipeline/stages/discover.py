@@ -13,7 +13,7 @@ from pathlib import Path
 
 from manifests.keys import clip_id, source_id_from_stream
 from pipeline.stages.base import Stage
-from pipeline.video import VIDEO_EXTENSIONS, SourceError, is_local, open_binary, probe
+from pipeline.video import VIDEO_EXTENSIONS, SourceError, detect_borders, is_local, open_binary, probe
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
@@ -85,6 +85,8 @@ class ProbeStage(Stage):
     max_duration_s: float = 6 * 3600.0
     vfr_tolerance: float = 0.05
     hash_chunk_bytes: int = 1 << 20
+    crop_borders: bool = True
+    border_luma: int = 12
 
     name = "probe"
 
@@ -126,11 +128,23 @@ class ProbeStage(Stage):
                     f"variable frame rate (frame intervals vary by {info.vfr_spread:.0%}); "
                     "re-encode at a constant rate first"
                 )
+            out["content_box"] = self._content_box(uri)
             out["status"] = None
             out["reason"] = None
         except SourceError as exc:
             out.update(error_fields(out, f"probe: {exc}"))
         return out
+
+    def _content_box(self, uri: str) -> list[int] | None:
+        """The picture inside black bars, or None; a source the detector cannot read is left whole
+        (the shots stage, which decodes every frame, reports what is wrong with it)."""
+        if not self.crop_borders:
+            return None
+        try:
+            box = detect_borders(uri, dark=self.border_luma)
+        except (SourceError, OSError, ValueError):
+            return None
+        return list(box) if box else None
 
 
 def error_fields(row: dict, reason: str) -> dict:

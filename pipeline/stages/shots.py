@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from manifests.keys import clip_id
+from manifests.schema import SOURCE_COLUMNS
 from pipeline.stages.base import Stage
 from pipeline.stages.discover import error_fields
-from pipeline.video import SourceError, encode_jpeg, iter_pictures
+from pipeline.video import SourceError, as_box, encode_jpeg, iter_pictures
 
 
 @dataclass
@@ -74,7 +75,10 @@ class ShotsStage(Stage):
         shot = _Shot(start=0, index=0, head=0)
         next_frame = 0
         try:
-            for picture in iter_pictures(source["source_uri"], self.keyframe_width, self.keyframe_height):
+            box = as_box(source.get("content_box"))
+            for picture in iter_pictures(
+                source["source_uri"], self.keyframe_width, self.keyframe_height, box
+            ):
                 gray = picture.gray(self.analysis_width, self.analysis_height)
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame
                 bgr = picture.bgr(self.detect_width, self.detect_height)
@@ -141,7 +145,7 @@ class ShotsStage(Stage):
         chunk = shot.frames[start - shot.start : end - shot.start]
         mid = len(chunk) // 2
         row = {
-            **{k: source.get(k) for k in ("source_id", "source_uri", "fps", "width", "height", "codec")},
+            **{k: source.get(k) for k in SOURCE_COLUMNS},
             "clip_id": clip_id(source["source_id"], start, end),
             "start_frame": start,
             "end_frame": end,

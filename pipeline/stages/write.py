@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from manifests.files import atomic_path, write_json_atomic
 from manifests.keys import sample_key, shard_name
 from manifests.schema import CLIP_SCHEMA, to_table
-from pipeline.video import SourceError, encode_clip, iter_frames
+from pipeline.video import SourceError, as_box, encode_clip, iter_frames
 
 
 @dataclass
@@ -38,7 +38,8 @@ class EncodeSource:
     preset: str = "veryfast"
 
     def __call__(self, job: dict) -> dict:
-        """job: {source_uri, fps, clips: [{clip_id, start_frame, end_frame}]} -> {clip_id: mp4 bytes}."""
+        """job: {source_uri, fps, content_box, clips: [{clip_id, start_frame, end_frame}]} ->
+        {clip_id: mp4 bytes}."""
         clips = sorted(job["clips"], key=lambda c: c["start_frame"])
         src_fps = float(job["fps"])
         out_fps = float(self.fps or src_fps)
@@ -54,7 +55,8 @@ class EncodeSource:
         errors: dict[str, str] = {}
         last = max(wanted) if wanted else -1
         try:
-            for index, image in enumerate(iter_frames(job["source_uri"], self.width, self.height)):
+            box = as_box(job.get("content_box"))
+            for index, image in enumerate(iter_frames(job["source_uri"], self.width, self.height, box=box)):
                 for i in wanted.get(index, ()):
                     cid = clips[i]["clip_id"]
                     buffers[cid].append(image)

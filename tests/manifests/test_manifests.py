@@ -82,3 +82,18 @@ def test_extra_columns_and_foreign_files_are_errors(tmp_path):
 
 def test_shard_index_of_empty_folder_is_empty(tmp_path):
     assert read_shard_index(tmp_path).num_rows == 0
+
+
+def test_a_manifest_of_schema_1_0_reads_with_the_new_columns_null(tmp_path):
+    """1.1 added `content_box`; a 1.0 file (no such column) still reads, the box null (whole frame);
+    another major version is refused."""
+    old = to_table([{"clip_id": "c1", "source_uri": "a.mp4", "status": "kept"}]).drop_columns(["content_box"])
+    for version, readable in (("1.0", True), ("2.0", False)):
+        path = tmp_path / f"v{version}.parquet"
+        pq.write_table(old.replace_schema_metadata({"inbetweener.schema_version": version}), path)
+        if readable:
+            table = read_manifest(path)
+            assert table.schema.equals(CLIP_SCHEMA) and table["content_box"].to_pylist() == [None]
+        else:
+            with pytest.raises(ManifestError, match="schema version 2.0"):
+                read_manifest(path)

@@ -273,3 +273,39 @@ def test_text_stage_scores_the_title_card_with_the_real_ppocr_weights(curated):
     assert "text" in title["stages_run"] and "caption" not in title["stages_run"]
     page = (curated["out"] / "report.html").read_text()
     assert "Stages that did not run in this job: aesthetic, caption, alignment" in page
+
+
+def test_pillarboxed_source_is_curated_inside_its_bars(tmp_path):
+    """A 4:3 picture inside a 16:9 frame: the probe finds the bars, the manifest records the box, and
+    the written clips (cover-cropped to 512x320) hold no black columns; a source without bars is left
+    whole, and probe.crop_borders=false turns the detection off."""
+    import io
+    import tarfile
+
+    import av
+    from test_video import _boxed_video  # this folder is on sys.path (pytest's prepend import mode)
+
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    _boxed_video(footage / "pillarbox.mp4", (640, 360), (80, 0, 480, 360), frames=48)
+    _boxed_video(footage / "plain.mp4", (640, 360), (0, 0, 640, 360), frames=48)
+    out = tmp_path / "out"
+    assert curate_main([str(footage), "--out", str(out), "--quiet", *SKIPS]) == 0
+    rows = rows_by_file(read_manifest(out / "manifest.parquet"))
+    assert {r["content_box"] and tuple(r["content_box"]) for r in rows["pillarbox.mp4"]} == {
+        (80, 0, 480, 360)
+    }
+    assert all(r["content_box"] is None for r in rows["plain.mp4"])
+    kept = [r for r in rows["pillarbox.mp4"] if r["status"] == "kept"]
+    assert kept
+    for row in kept:
+        with tarfile.open(out / "shards" / row["shard"]) as tar:
+            data = tar.extractfile(f"{row['key']}.mp4").read()
+        with av.open(io.BytesIO(data)) as container:
+            first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+        assert first.shape == (320, 512, 3) and first[:, :4].mean() > 40 and first[:, -4:].mean() > 40
+
+    off = tmp_path / "off"
+    assert curate_main([str(footage / "pillarbox.mp4"), "--out", str(off), "--quiet",
+                        "--set", "probe.crop_borders=false", *SKIPS]) == 0  # fmt: skip
+    assert all(r["content_box"] is None for r in read_manifest(off / "manifest.parquet").to_pylist())

@@ -98,3 +98,59 @@ def test_clip_encoding_gives_the_same_bytes_after_decoding():
             decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(decoded) == len(frames)
         assert encode_clip(frames, 24) == first
+
+
+def _boxed_video(path, size, box, frames=48, keyint=12, night=False, pix_fmt="yuv420p"):
+    """Moving content inside `box` (x, y, w, h) of a black frame; `night`: a flat near-black band over
+    the top third of the content in every frame (a dark sky, not a bar)."""
+    from fractions import Fraction
+
+    w, h = size
+    x0, y0, bw, bh = box
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.options = {"g": str(keyint)}
+        for i in range(frames):
+            image = np.zeros((h, w, 3), np.uint8)
+            picture = np.zeros((bh, bw, 3), np.uint8)
+            picture[:] = (60 + 2 * i, 140, 200 - 2 * i)
+            if night:
+                picture[: bh // 3] = (3, 3, 8)
+            x = (i * 5) % (bw - 40)
+            picture[bh // 2 : bh // 2 + 40, x : x + 40] = (250, 220, 30)
+            image[y0 : y0 + bh, x0 : x0 + bw] = picture
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_black_bars_are_found_in_pairs_and_nothing_else(tmp_path):
+    from pipeline.video import detect_borders
+
+    cases = {
+        "pillarbox": ((320, 180), (40, 0, 240, 180), {}, (40, 0, 240, 180)),
+        "letterbox": ((320, 240), (0, 30, 320, 180), {}, (0, 30, 320, 180)),
+        "no bars": ((320, 180), (0, 0, 320, 180), {}, None),
+        "dark sky in every frame": ((320, 180), (0, 0, 320, 180), {"night": True}, None),
+        "one GOP: fewer than 3 samples": ((320, 180), (40, 0, 240, 180), {"keyint": 250}, None),
+    }
+    for name, (size, box, extra, expected) in cases.items():
+        path = tmp_path / f"{name}.mp4"
+        _boxed_video(path, size, box, **extra)
+        assert detect_borders(str(path)) == expected, name
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_boxed_decoding_drops_the_bars(tmp_path, pix_fmt):
+    """iter_pictures (YUV planes or RGB) and iter_frames cut the clip from the box: no black columns
+    are left, and both paths see the same picture."""
+    path = tmp_path / "pillar.mp4"
+    box = (40, 0, 240, 180)
+    _boxed_video(path, (320, 180), box, frames=4, pix_fmt=pix_fmt)
+    pictures = [p.rgb() for p in iter_pictures(str(path), 128, 80, box)]
+    frames = list(iter_frames(str(path), 128, 80, box=box))
+    unboxed = next(iter(iter_frames(str(path), 128, 80)))
+    for image in (pictures[0], frames[0]):
+        assert image.shape == (80, 128, 3) and image[:, :3].mean() > 40 and image[:, -3:].mean() > 40
+    assert unboxed[:, :3].mean() < 10  # without the box the cover crop keeps part of the bars
+    assert np.abs(pictures[0].astype(int) - frames[0]).mean() < 3
