@@ -163,6 +163,13 @@ def write_report(
         parts.append(
             "<p>Animation timing: " + ", ".join(f"{k}: {v}" for k, v in timings.most_common()) + "</p>"
         )
+    boxed = sorted({r["source_uri"] for r in rows if r.get("content_box") is not None})
+    if boxed:
+        sources = len({r["source_uri"] for r in rows})
+        parts.append(
+            f"<p>Black bars: {len(boxed)} of {sources} sources were cut inside their letterbox/pillarbox"
+            " bars (the manifest's <code>content_box</code>).</p>"
+        )
 
     parts.append("<h2>Kept clips</h2>")
     parts.append(_thumb_block(files, kept[:THUMBS_PER_GROUP], thumbs))

@@ -296,6 +296,7 @@ def test_pillarboxed_source_is_curated_inside_its_bars(tmp_path):
         (80, 0, 480, 360)
     }
     assert all(r["content_box"] is None for r in rows["plain.mp4"])
+    assert "Black bars: 1 of 2 sources were cut inside" in (out / "report.html").read_text()
     kept = [r for r in rows["pillarbox.mp4"] if r["status"] == "kept"]
     assert kept
     for row in kept:
