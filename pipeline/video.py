@@ -226,25 +226,23 @@ def _boxed(image: np.ndarray, box: Box | None) -> np.ndarray:
     return image[y : y + h, x : x + w]
 
 
-def detect_borders(uri: str, samples: int = 8, dark: int = 12) -> Box | None:
+def detect_borders(uri: str, samples: int = 8, dark: int = 12, short_frames: int = 1200) -> Box | None:
     """The picture area inside black bars (letterbox: top and bottom; pillarbox: left and right), or
     None when there are none.
 
-    Up to `samples` frames spread over the video are read (a seek, then its first decodable frame, so
-    only keyframes: cheap, but a short video may give fewer distinct frames). A row or column of a
-    frame is black when its mean grey level is at most `dark` and none of its pixels exceeds 3 x
-    `dark` (full-range grey, 0..255); it is a bar when it is black in every sampled frame. Bars are
-    cropped in opposite pairs only, each at least 1% of the frame and the two within a quarter of each
-    other (4 pixels for thin ones), so that a dark sky at the top of every sample is never cut off;
-    at least 3 distinct non-black samples are needed, and the picture left must keep half of each
-    dimension.
+    Up to `samples` frames spread over the video are read: a seek, then its first decodable frame, so
+    keyframes only, which is cheap. A video of fewer distinct keyframes and at most `short_frames`
+    frames is then read in order, taking frames spread over it. A row or column of a frame is black
+    when its mean grey level is at most `dark` and none of its pixels exceeds 3 x `dark` (full-range
+    grey, 0..255); it is a bar when it is black in every sampled frame. Bars are cropped in opposite
+    pairs only, each at least 1% of the frame and the two within a quarter of each other (4 pixels for
+    thin ones), so that a dark sky at the top of every sample is never cut off. At least 3 distinct
+    non-black samples are needed, and the picture left must keep half of each dimension. Most videos
+    have no dark edges at all: the first sample already rules bars out.
     """
     import av
-    import cv2
 
-    seen: set[int] = set()
-    rows = cols = None  # running AND over the lit samples: black in every one of them
-    lit = 0
+    bars = _Bars(dark)
     with open_container(uri) as container:
         videos = [s for s in container.streams if s.type == "video"]
         if not videos:
@@ -261,31 +259,61 @@ def detect_borders(uri: str, samples: int = 8, dark: int = 12) -> Box | None:
                 frame = next(container.decode(stream), None)
             except av.error.FFmpegError:
                 continue
-            if frame is None or frame.pts in seen:
-                continue
-            seen.add(frame.pts)
-            gray = cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY)
-            if gray.max() <= 3 * dark:
-                continue  # a black frame (a fade) says nothing about bars
-            black_rows = (gray.mean(1) <= dark) & (gray.max(1) <= 3 * dark)
-            black_cols = (gray.mean(0) <= dark) & (gray.max(0) <= 3 * dark)
-            if rows is not None and (rows.shape != black_rows.shape or cols.shape != black_cols.shape):
-                return None  # the frame size changes
-            rows = black_rows if rows is None else rows & black_rows
-            cols = black_cols if cols is None else cols & black_cols
-            lit += 1
-            if _bar_pair(rows) == (0, 0) and _bar_pair(cols) == (0, 0):
-                return None  # usually at the first sample: most videos have no bars
-    if lit < 3:
-        return None
-    height, width = len(rows), len(cols)
-    top, bottom = _bar_pair(rows)
-    left, right = _bar_pair(cols)
-    y0, y1 = _even_up(top), height - _even_up(bottom)
-    x0, x1 = _even_up(left), width - _even_up(right)
-    if (y0, y1, x0, x1) == (0, height, 0, width) or y1 - y0 < height / 2 or x1 - x0 < width / 2:
-        return None
-    return x0, y0, x1 - x0, y1 - y0
+            if frame is not None and not bars.add(frame):
+                return None
+        rate = stream.average_rate or stream.guessed_rate
+        frames = int(stream.frames or (float(duration * stream.time_base * rate) if duration and rate else 0))
+    if bars.lit < 3 and 0 < frames <= short_frames:
+        stride = max(1, frames // samples)
+        with open_container(uri) as container:
+            try:
+                for index, frame in enumerate(container.decode(container.streams.video[0])):
+                    if index % stride == stride // 2 and not bars.add(frame):
+                        return None
+            except av.error.FFmpegError:
+                pass
+    return bars.box()
+
+
+class _Bars:
+    """The rows and columns that are black in every lit frame added so far (see `detect_borders`)."""
+
+    def __init__(self, dark: int):
+        self.dark, self.lit = dark, 0
+        self.rows = self.cols = None
+        self.seen: set[int] = set()
+
+    def add(self, frame) -> bool:
+        """Take a decoded frame into account; False when bars are no longer possible."""
+        import cv2
+
+        if frame.pts in self.seen:
+            return True
+        self.seen.add(frame.pts)
+        gray = cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY)
+        dark = self.dark
+        if gray.max() <= 3 * dark:
+            return True  # a black frame (a fade) says nothing about bars
+        rows = (gray.mean(1) <= dark) & (gray.max(1) <= 3 * dark)
+        cols = (gray.mean(0) <= dark) & (gray.max(0) <= 3 * dark)
+        if self.rows is not None and (self.rows.shape != rows.shape or self.cols.shape != cols.shape):
+            return False  # the frame size changes
+        self.rows = rows if self.rows is None else self.rows & rows
+        self.cols = cols if self.cols is None else self.cols & cols
+        self.lit += 1
+        return _bar_pair(self.rows) != (0, 0) or _bar_pair(self.cols) != (0, 0)
+
+    def box(self) -> Box | None:
+        if self.lit < 3:
+            return None
+        height, width = len(self.rows), len(self.cols)
+        top, bottom = _bar_pair(self.rows)
+        left, right = _bar_pair(self.cols)
+        y0, y1 = _even_up(top), height - _even_up(bottom)
+        x0, x1 = _even_up(left), width - _even_up(right)
+        if (y0, y1, x0, x1) == (0, height, 0, width) or y1 - y0 < height / 2 or x1 - x0 < width / 2:
+            return None
+        return x0, y0, x1 - x0, y1 - y0
 
 
 def _bar_pair(black: np.ndarray) -> tuple[int, int]:

@@ -132,7 +132,8 @@ def test_black_bars_are_found_in_pairs_and_nothing_else(tmp_path):
         "letterbox": ((320, 240), (0, 30, 320, 180), {}, (0, 30, 320, 180)),
         "no bars": ((320, 180), (0, 0, 320, 180), {}, None),
         "dark sky in every frame": ((320, 180), (0, 0, 320, 180), {"night": True}, None),
-        "one GOP: fewer than 3 samples": ((320, 180), (40, 0, 240, 180), {"keyint": 250}, None),
+        "one GOP: frames read in order": ((320, 180), (40, 0, 240, 180), {"keyint": 250}, (40, 0, 240, 180)),
+        "one GOP, dark sky": ((320, 180), (0, 0, 320, 180), {"keyint": 250, "night": True}, None),
     }
     for name, (size, box, extra, expected) in cases.items():
         path = tmp_path / f"{name}.mp4"
