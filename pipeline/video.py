@@ -171,7 +171,9 @@ def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
 
 
 def _decoded(uri: str, convert: Callable) -> Iterator:
-    """`convert(frame)` for every frame of the first video stream, in order, one decoder thread.
+    """`convert(frame, sar)` for every frame of the first video stream, in order, one decoder thread;
+    `sar` is the stream's sample (pixel) aspect ratio, width over height of one stored pixel (DVD
+    video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels).
 
     Decode (and conversion) failures raise SourceError naming the frame they happened at.
     """
@@ -183,13 +185,21 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
             raise SourceError("no video stream")
         stream = videos[0]
         stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
+        sar = _sample_aspect(stream)
         index = 0
         try:
             for frame in container.decode(stream):
-                yield convert(frame)
+                yield convert(frame, sar)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+def _sample_aspect(stream) -> float:
+    """The stream's pixel aspect ratio; 1.0 when unset or absurd."""
+    value = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = float(value) if value else 1.0
+    return sar if 0.25 <= sar <= 4.0 else 1.0
 
 
 def iter_frames(
@@ -197,13 +207,15 @@ def iter_frames(
 ) -> Iterator[np.ndarray]:
     """Decode every frame in order as uint8 RGB [height, width, 3].
 
-    crop=True: resize to cover then centre-crop (the aspect is kept); crop=False: plain resize.
+    crop=True: resize to cover then centre-crop (the displayed aspect is kept: non-square pixels
+    are made square); crop=False: plain resize.
     box: only this part of the source frame (the picture inside black bars, `detect_borders`).
     """
     # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than converting and
     # resizing with OpenCV (measured: see BENCHMARKS.md)
     return _decoded(
-        uri, lambda frame: _fit_rgb(_boxed(frame.to_ndarray(format="rgb24"), box), width, height, crop)
+        uri,
+        lambda frame, sar: _fit_rgb(_boxed(frame.to_ndarray(format="rgb24"), box), width, height, crop, sar),
     )
 
 
@@ -441,10 +453,10 @@ def iter_pictures(uri: str, width: int, height: int, box: Box | None = None) -> 
     """
     if width % 2 or height % 2:
         raise ValueError(f"keyframe size must be even, got {width}x{height}")
-    return _decoded(uri, lambda frame: _picture(frame, width, height, box))
+    return _decoded(uri, lambda frame, sar: _picture(frame, width, height, box, sar))
 
 
-def _picture(frame, width: int, height: int, box: Box | None = None) -> Picture:
+def _picture(frame, width: int, height: int, box: Box | None = None, sar: float = 1.0) -> Picture:
     import cv2
 
     fw, fh = frame.width, frame.height
@@ -453,8 +465,8 @@ def _picture(frame, width: int, height: int, box: Box | None = None) -> Picture:
         x, y, bw, bh = 0, 0, fw, fh
     if frame.format.name != "yuv420p" or any(v % 2 for v in (fw, fh, x, y, bw, bh)):
         image = _boxed(frame.to_ndarray(format="rgb24"), (x, y, bw, bh))
-        return Picture(rgb=_fit_rgb(image, width, height, True))
-    sw, sh = cover_size(bw, bh, width, height)
+        return Picture(rgb=_fit_rgb(image, width, height, True, sar))
+    sw, sh = cover_size(_displayed(bw, sar), bh, width, height)
     interp = cv2.INTER_AREA if min(sw / bw, sh / bh) < 0.5 else cv2.INTER_LINEAR
     top, left = _even_crop((sw, sh), width, height)
     planes = []
@@ -468,12 +480,18 @@ def _picture(frame, width: int, height: int, box: Box | None = None) -> Picture:
     return Picture(*planes)
 
 
-def _fit_rgb(image: np.ndarray, width: int, height: int, crop: bool) -> np.ndarray:
-    """Resize an RGB frame to cover (width, height) and centre-crop it, or plainly resize it."""
+def _displayed(width: int, sar: float) -> int:
+    """The width in square pixels of `width` stored pixels of aspect `sar`."""
+    return max(2, int(round(width * sar)))
+
+
+def _fit_rgb(image: np.ndarray, width: int, height: int, crop: bool, sar: float = 1.0) -> np.ndarray:
+    """Resize an RGB frame to cover (width, height) and centre-crop it, or plainly resize it; `sar`:
+    the stored pixels' aspect (cover keeps the displayed aspect)."""
     import cv2
 
     h, w = image.shape[:2]
-    size = cover_size(w, h, width, height) if crop else (width, height)
+    size = cover_size(_displayed(w, sar), h, width, height) if crop else (width, height)
     if size != (w, h):
         interp = cv2.INTER_AREA if min(size[0] / w, size[1] / h) < 0.5 else cv2.INTER_LINEAR
         image = cv2.resize(image, size, interpolation=interp)

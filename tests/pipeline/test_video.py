@@ -155,3 +155,26 @@ def test_boxed_decoding_drops_the_bars(tmp_path, pix_fmt):
         assert image.shape == (80, 128, 3) and image[:, :3].mean() > 40 and image[:, -3:].mean() > 40
     assert unboxed[:, :3].mean() < 10  # without the box the cover crop keeps part of the bars
     assert np.abs(pictures[0].astype(int) - frames[0]).mean() < 3
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_non_square_pixels_are_made_square(tmp_path, pix_fmt):
+    """An anamorphic DVD-style source (720x480 stored, pixel aspect 32/27, shown 16:9): a circle of the
+    displayed picture is stored as an ellipse; both decode paths give it back round."""
+    from fractions import Fraction
+
+    path = tmp_path / "anamorphic.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = 720, 480, pix_fmt
+        stream.codec_context.sample_aspect_ratio = Fraction(32, 27)
+        ys, xs = np.mgrid[0:480, 0:720]
+        image = np.full((480, 720, 3), (50, 100, 150), np.uint8)
+        image[((xs - 360) * 32 / 27) ** 2 + (ys - 240) ** 2 < 150**2] = 250
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    for frame in (next(iter_frames(str(path), 512, 320)), next(iter_pictures(str(path), 512, 320)).rgb()):
+        rows, cols = np.nonzero(frame.mean(axis=2) > 200)
+        width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
+        assert abs(width / height - 1) < 0.03, (width, height)  # stored pixels as they are: 0.84
