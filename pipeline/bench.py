@@ -123,11 +123,11 @@ def make_footage(root: Path, sources: int, size: tuple[int, int], episodes: int 
 
 
 def _decode_all(job: dict) -> dict:
-    from pipeline.video import open_container
+    from pipeline.video import open_container, video_stream
 
     frames = 0
     with open_container(job["source_uri"]) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
         for frame in container.decode(stream):
             frame.to_ndarray(format="rgb24")

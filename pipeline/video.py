@@ -108,14 +108,21 @@ class ProbeInfo:
 _REORDER_DEPTH = 32  # more than any codec's decode-to-presentation reordering (H.264: 16)
 
 
+def video_stream(container):
+    """The container's main video stream, as FFmpeg chooses it (`av_find_best_stream`: cover art and
+    other stills stored as extra video streams are passed over), or None."""
+    if not container.streams.video:
+        return None
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
     """Container facts of the first video stream, and a variable-frame-rate measure from packets."""
     with open_container(uri) as container:
-        videos = [s for s in container.streams if s.type == "video"]
-        if not videos:
+        stream = video_stream(container)
+        if stream is None:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise SourceError(f"no video stream (streams: {', '.join(kinds)})")
-        stream = videos[0]
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
@@ -180,10 +187,9 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
     import av
 
     with open_container(uri) as container:
-        videos = [s for s in container.streams if s.type == "video"]
-        if not videos:
+        stream = video_stream(container)
+        if stream is None:
             raise SourceError("no video stream")
-        stream = videos[0]
         stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray runs one worker per core
         sar = _sample_aspect(stream)
         index = 0
@@ -256,10 +262,9 @@ def detect_borders(uri: str, samples: int = 8, dark: int = 12, short_frames: int
 
     bars = _Bars(dark)
     with open_container(uri) as container:
-        videos = [s for s in container.streams if s.type == "video"]
-        if not videos:
+        stream = video_stream(container)
+        if stream is None:
             return None
-        stream = videos[0]
         duration = stream.duration
         if duration is None and container.duration is not None and stream.time_base:
             duration = int(container.duration / 1_000_000 / stream.time_base)
@@ -279,7 +284,7 @@ def detect_borders(uri: str, samples: int = 8, dark: int = 12, short_frames: int
         stride = max(1, frames // samples)
         with open_container(uri) as container:
             try:
-                for index, frame in enumerate(container.decode(container.streams.video[0])):
+                for index, frame in enumerate(container.decode(video_stream(container))):
                     if index % stride == stride // 2 and not bars.add(frame):
                         return None
             except av.error.FFmpegError:

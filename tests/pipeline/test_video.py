@@ -178,3 +178,32 @@ def test_non_square_pixels_are_made_square(tmp_path, pix_fmt):
         rows, cols = np.nonzero(frame.mean(axis=2) > 200)
         width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
         assert abs(width / height - 1) < 0.03, (width, height)  # stored pixels as they are: 0.84
+
+
+def test_the_main_video_stream_is_read_not_a_still_before_it(tmp_path):
+    """A container whose first video stream is a one-frame still (cover art, a thumbnail): the probe
+    and the decoder take the main stream, as FFmpeg's own choice does."""
+    from fractions import Fraction
+
+    from pipeline.video import probe
+
+    path = tmp_path / "two_streams.mkv"
+    with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=Fraction(1))
+        still.width, still.height, still.pix_fmt = 64, 64, "yuvj420p"
+        main = container.add_stream("libx264", rate=Fraction(24))
+        main.width, main.height, main.pix_fmt = 320, 192, "yuv420p"
+        for packet in still.encode(
+            av.VideoFrame.from_ndarray(np.full((64, 64, 3), 200, np.uint8), format="rgb24")
+        ):
+            container.mux(packet)
+        container.mux(still.encode())
+        for i in range(24):
+            image = np.zeros((192, 320, 3), np.uint8)
+            image[:, i * 5 : i * 5 + 40] = 255
+            container.mux(main.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(main.encode())
+    info = probe(str(path))
+    assert (info.codec, info.width, info.height, info.fps) == ("h264", 320, 192, 24.0)
+    assert sum(1 for _ in iter_pictures(str(path), 128, 80)) == 24
+    assert len(list(iter_frames(str(path), 128, 80))) == 24
