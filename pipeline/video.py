@@ -9,6 +9,7 @@ writing converts every frame (`iter_frames`). See BENCHMARKS.md for what each pa
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -194,11 +195,46 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
         sar = _sample_aspect(stream)
         index = 0
         try:
-            for frame in container.decode(stream):
+            for frame in _deinterlaced(stream, container.decode(stream)):
                 yield convert(frame, sar)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
+
+
+def _deinterlaced(stream, frames: Iterator) -> Iterator:
+    """The decoded frames, through FFmpeg's bwdif deinterlacer when the first one is interlaced (video
+    from DVDs and broadcast often is): one frame out per frame in, so frame numbers stay those of the
+    source; only frames flagged interlaced change. Progressive video passes untouched, at no cost."""
+    import av
+
+    first = next(frames, None)
+    if first is None:
+        return
+    if not first.interlaced_frame:
+        yield first
+        yield from frames
+        return
+    graph = av.filter.Graph()
+    source = graph.add_buffer(template=stream)
+    bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+    sink = graph.add("buffersink")
+    source.link_to(bwdif)
+    bwdif.link_to(sink)
+    graph.configure()
+
+    def ready() -> Iterator:
+        while True:
+            try:
+                yield sink.pull()
+            except (av.BlockingIOError, av.EOFError):
+                return
+
+    for frame in itertools.chain([first], frames):
+        source.push(frame)
+        yield from ready()
+    source.push(None)  # bwdif holds one frame back to look ahead: flush it
+    yield from ready()
 
 
 def _sample_aspect(stream) -> float:
