@@ -118,7 +118,7 @@ def video_stream(container):
 
 
 def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
-    """Container facts of the first video stream, and a variable-frame-rate measure from packets."""
+    """Container facts of the main video stream, and a variable-frame-rate measure from packets."""
     with open_container(uri) as container:
         stream = video_stream(container)
         if stream is None:
@@ -179,7 +179,7 @@ def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
 
 
 def _decoded(uri: str, convert: Callable) -> Iterator:
-    """`convert(frame, sar)` for every frame of the first video stream, in order, one decoder thread;
+    """`convert(frame, sar)` for every frame of the main video stream, in order, one decoder thread;
     `sar` is the stream's sample (pixel) aspect ratio, width over height of one stored pixel (DVD
     video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels).
 
