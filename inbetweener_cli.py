@@ -29,6 +29,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# what to do after Ctrl-C, for the commands that keep their finished work
+AFTER_INTERRUPT = {
+    "curate": "run the same command again to go on (finished sources are kept)",
+    "train": "run it again with --resume to go on from the last checkpoint",
+    "evaluate": "run the same command again to go on (generated and scored clips are kept)",
+    "interpolate": "with --batch, run it again with --skip-existing to go on",
+}
+
+
 def usage() -> str:
     lines = ["usage: inbetweener COMMAND [ARGS...]", "", "commands:"]
     for name, (module, _, text) in COMMANDS.items():
@@ -53,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"inbetweener {name}: not available in this install ({exc})", file=sys.stderr)
         return 2
-    result = getattr(module, func_name)(rest)
+    try:
+        result = getattr(module, func_name)(rest)
+    except KeyboardInterrupt:
+        hint = AFTER_INTERRUPT.get(name)
+        print(f"\ninbetweener {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
     return int(result or 0)
 
 

@@ -1,0 +1,31 @@
+"""The `inbetweener` entry point: dispatch, unknown commands, and Ctrl-C."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import inbetweener_cli
+
+
+def test_unknown_command_lists_the_commands(capsys):
+    assert inbetweener_cli.main(["curat"]) == 2
+    assert "unknown command 'curat'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["curate", "train", "report"])
+def test_ctrl_c_is_a_short_message_and_code_130(command, monkeypatch, capsys):
+    """No traceback out of Ray or torch: one line, with how to go on where the command keeps its work."""
+    module_name, func_name, _ = inbetweener_cli.COMMANDS[command]
+    module = importlib.import_module(module_name)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, func_name, interrupted)
+    assert inbetweener_cli.main([command, "x"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"inbetweener {command}: interrupted") and "Traceback" not in err
+    hint = inbetweener_cli.AFTER_INTERRUPT.get(command)
+    assert (hint in err) if hint else err.endswith("interrupted")
