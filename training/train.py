@@ -14,6 +14,7 @@ OUT/checkpoints/latest exactly: weights, optimizer, EMA, step, data position and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -204,10 +205,30 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def _input_errors():
+    """A bad setting, a missing shard folder or a wrong checkpoint: one line naming it and exit code 2,
+    not a traceback (errors inside the training loop keep theirs)."""
+    from training.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        print(f"inbetweener train: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run = resolve_config(args)
+    with _input_errors():  # everything the user gave is checked before a model is built
+        run = resolve_config(args)
+        shards = list_shards(run.data.train)
+        if not shards:
+            raise FileNotFoundError(
+                f"no training shards (*.tar) at {run.data.train}: pass --data (a curate OUT folder, a shard"
+                " folder, a glob or a URL)"
+            )
     tc, stage_name = run.train, args.stage
     out = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else None
@@ -227,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # --- model and stage ------------------------------------------------------------------------------------
-    model = initial_model(tc)
-    model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
-    stage = STAGES[stage_name].build(model, run, models_dir)
-    if tc.float8:
-        float8.check_device(device)
-    fp8_layers = float8.convert_unet(model.unet, tc.float8, tc.float8_layers)
-    compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
+    with _input_errors():
+        model = initial_model(tc)
+        model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
+        stage = STAGES[stage_name].build(model, run, models_dir)
+        if tc.float8:
+            float8.check_device(device)
+        fp8_layers = float8.convert_unet(model.unet, tc.float8, tc.float8_layers)
+        compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
     frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step
     if d.main:
         print(format_role_table(stage.roles), flush=True)
@@ -288,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     else:
         torch.manual_seed(tc.seed + d.rank)  # noise differs per rank, identically on every run
-    shards = list_shards(run.data.train)
-    loader = make_loader(shards, run.data, tc.micro_batch, tc.seed, d.rank, d.world, data_state)
+    with _input_errors():  # e.g. resuming with another number of ranks or data workers
+        loader = make_loader(shards, run.data, tc.micro_batch, tc.seed, d.rank, d.world, data_state)
     data_state = loader.dataset.state
     batches = iter(loader)
     sample_batch = None

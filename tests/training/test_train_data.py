@@ -206,3 +206,23 @@ def test_data_position_mismatch_is_refused(train_shards: Path):
     cfg = data.DataConfig(num_workers=2)
     with pytest.raises(ValueError, match="same"):
         data.ClipStream(shards, cfg, 1, 0, state=data.DataState(world=1, workers=4))
+
+
+def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys):
+    """No traceback for what the user gave: an empty or missing shard folder, a bad setting, a file that
+    is not a checkpoint; each is named before any training starts."""
+    from training.train import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    cases = {
+        "no training shards (*.tar) at": ["--data", str(tmp_path / "empty")],
+        "no shards at": ["--data", str(tmp_path / "missing")],
+        "train.float8 must be one of": ["--data", str(train_shards), "--set", "train.float8=fp4"],
+        "notes.ckpt": ["--data", str(train_shards), "--init", str(tmp_path / "notes.ckpt")],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(SystemExit) as exc:
+            main(["rectify", "--preset", "tiny", "--out", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "inbetweener train: error: " in err and message in err, (message, err)
