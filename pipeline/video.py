@@ -203,15 +203,17 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
 
 
 def _deinterlaced(stream, frames: Iterator) -> Iterator:
-    """The decoded frames, through FFmpeg's bwdif deinterlacer when the first one is interlaced (video
-    from DVDs and broadcast often is): one frame out per frame in, so frame numbers stay those of the
-    source; only frames flagged interlaced change. Progressive video passes untouched, at no cost."""
+    """The decoded frames, through FFmpeg's bwdif deinterlacer when the stream says it is interlaced or
+    its first frame is (video from DVDs and broadcast often is): one frame out per frame in, so frame
+    numbers stay those of the source; only frames flagged interlaced change, so a progressive intro
+    passes as it is. Progressive video does not go through the filter at all."""
     import av
 
     first = next(frames, None)
     if first is None:
         return
-    if not first.interlaced_frame:
+    field_order = stream.codec_context.field_order  # 0 unknown, 1 progressive, 2-5 the field orders
+    if not first.interlaced_frame and int(field_order or 0) <= 1:
         yield first
         yield from frames
         return
