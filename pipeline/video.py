@@ -217,13 +217,18 @@ def _deinterlaced(stream, frames: Iterator) -> Iterator:
         yield first
         yield from frames
         return
-    graph = av.filter.Graph()
-    source = graph.add_buffer(template=stream)
-    bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
-    sink = graph.add("buffersink")
-    source.link_to(bwdif)
-    bwdif.link_to(sink)
-    graph.configure()
+    try:
+        graph = av.filter.Graph()
+        source = graph.add_buffer(template=stream)
+        bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+        sink = graph.add("buffersink")
+        source.link_to(bwdif)
+        bwdif.link_to(sink)
+        graph.configure()
+    except (av.error.FFmpegError, ValueError):  # a pixel format bwdif does not take: frames as they are
+        yield first
+        yield from frames
+        return
 
     def ready() -> Iterator:
         while True:
