@@ -52,6 +52,11 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any source failed")
     p.add_argument("--restart", action="store_true", help="discard finished work in OUT/.work and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what the job would do (sources, finished work, stages, weights, thresholds); write nothing",
+    )
     return p
 
 
@@ -75,7 +80,11 @@ def curate_main(argv: list[str] | None = None) -> int:
             config.run.fail_on_error = True
         if args.quiet:
             config.run.progress = False
-        result = CurateJob(args.inputs, args.out, config, restart=args.restart).run()
+        job = CurateJob(args.inputs, args.out, config, restart=args.restart)
+        if args.dry_run:
+            print(job.plan())
+            return 0
+        result = job.run()
     except ConfigError as exc:
         print(f"inbetweener curate: {exc}", file=sys.stderr)
         return 2

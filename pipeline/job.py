@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
 from pipeline.stages.write import EncodeSource, save_clip, write_shards
+from pipeline.video import is_local, local_path
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
 
@@ -133,6 +135,55 @@ class CurateJob:
         result = self.finalize(table)
         write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
+
+    def plan(self) -> str:
+        """What `run` would do, without doing or writing anything (`curate --dry-run`): the sources
+        found, the work already in OUT, the stages and their weights, the thresholds."""
+        if not self.inputs:
+            raise ConfigError("no inputs given")
+        sources = discover(self.inputs)
+        lines = [f"sources: {len(sources)}"]
+        local = [u for u in sources if is_local(u) and os.path.isfile(local_path(u))]
+        if local:
+            size = sum(os.path.getsize(local_path(u)) for u in local)
+            amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+            lines[0] += f" ({len(local)} local files, {amount})"
+        missing = [u for u in sources if is_local(u) and not os.path.exists(local_path(u))]
+        lines += [f"  {u}" for u in sources[:5]] + (
+            [f"  ... and {len(sources) - 5} more"] if len(sources) > 5 else []
+        )
+        if missing:
+            lines.append(f"missing paths (each will be an error row): {len(missing)}")
+        state_file = self.work / "state.json"
+        if self.restart and self.work.exists():
+            lines.append(f"{self.work}: would be discarded (--restart)")
+        elif state_file.exists():
+            same = json.loads(state_file.read_text())["scoring"] == self._scoring_fingerprint()
+            done = sum((self.parts / f"{uri_key(u)}.parquet").exists() for u in sources)
+            lines.append(
+                f"{self.out}: {done} of {len(sources)} sources already scored"
+                if same
+                else f"{self.out}: holds work scored with another config: run would stop (use --restart)"
+            )
+        stages = [type(stage).__name__.removesuffix("Stage").lower() for stage in self.stages()]
+        lines.append("stages: " + " -> ".join(stages) + " -> write")
+        skipped = [name for name in MODEL_STAGES if not getattr(self.config, name).enabled]
+        if skipped:
+            lines.append("skipped (--skip): " + ", ".join(skipped))
+        from pipeline.models import check_weights
+
+        problems = check_weights(self.model_stages())
+        lines.append("weights: all present" if not problems else "weights: run would stop:")
+        lines += [f"  {p}" for p in problems]
+        thresholds = {
+            f"{section}.{key}": getattr(getattr(self.config, section), key)
+            for section, key in sorted(THRESHOLD_KEYS)
+            if section in ("motion", *MODEL_STAGES)
+            and getattr(getattr(self.config, section), "enabled", True)
+        }
+        lines.append("thresholds: " + ", ".join(f"{k}={v}" for k, v in thresholds.items()))
+        lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
+        return "\n".join(lines)
 
     def finalize(self, table: pa.Table) -> JobResult:
         """decide -> encode what is missing -> split -> shards -> manifest -> report."""

@@ -310,3 +310,18 @@ def test_pillarboxed_source_is_curated_inside_its_bars(tmp_path):
     assert curate_main([str(footage / "pillarbox.mp4"), "--out", str(off), "--quiet",
                         "--set", "probe.crop_borders=false", *SKIPS]) == 0  # fmt: skip
     assert all(r["content_box"] is None for r in read_manifest(off / "manifest.parquet").to_pylist())
+
+
+def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, capsys):
+    footage, out = curated["footage"], curated["out"]
+    assert curate_main([str(footage), "--out", str(out), "--set", SMALL_SHARDS, "--dry-run", *SKIPS]) == 0
+    said = capsys.readouterr().out
+    n = len([line for line in said.splitlines() if line.startswith("  ")])
+    assert "sources already scored" in said and "weights: all present" in said and n >= 1
+    assert "stages: probe -> shots -> timing -> motion -> dedup -> text -> write" in said
+    fresh = tmp_path / "fresh"
+    models = tmp_path / "no-models"
+    assert curate_main([str(footage), "--out", str(fresh), "--models-dir", str(models), "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "weights: run would stop:" in said and "aesthetic: missing weights" in said
+    assert "thresholds: aesthetic.min=" in said and not fresh.exists()
