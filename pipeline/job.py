@@ -165,6 +165,10 @@ class CurateJob:
                 if same
                 else f"{self.out}: holds work scored with another config: run would stop (use --restart)"
             )
+            done_file = self.work / "done.json"
+            finished = done_file.exists() and json.loads(done_file.read_text()).get("key")
+            if same and finished == self._done_key(sources):
+                lines[-1] += "; finished with these inputs and this config: run would be a no-op"
         stages = [type(stage).__name__.removesuffix("Stage").lower() for stage in self.stages()]
         lines.append("stages: " + " -> ".join(stages) + " -> write")
         skipped = [name for name in MODEL_STAGES if not getattr(self.config, name).enabled]
