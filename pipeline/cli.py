@@ -53,6 +53,9 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
     p.add_argument("--restart", action="store_true", help="discard finished work in OUT/.work and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument(
+        "--limit", type=int, metavar="N", help="only the first N sources found (sorted), for a trial run"
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="say what the job would do (sources, finished work, stages, weights, thresholds); write nothing",
@@ -80,7 +83,9 @@ def curate_main(argv: list[str] | None = None) -> int:
             config.run.fail_on_error = True
         if args.quiet:
             config.run.progress = False
-        job = CurateJob(args.inputs, args.out, config, restart=args.restart)
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+        job = CurateJob(args.inputs, args.out, config, restart=args.restart, limit=args.limit)
         if args.dry_run:
             print(job.plan())
             return 0

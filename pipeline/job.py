@@ -99,8 +99,16 @@ class JobResult:
 
 
 class CurateJob:
-    def __init__(self, inputs: list[str], out: Path | str, config: CurateConfig, restart: bool = False):
+    def __init__(
+        self,
+        inputs: list[str],
+        out: Path | str,
+        config: CurateConfig,
+        restart: bool = False,
+        limit: int | None = None,
+    ):
         self.inputs = list(inputs)
+        self.limit = limit  # only the first N sources found (a trial run on a large input)
         self.out = Path(out)
         self.config = config
         self.work = self.out / ".work"
@@ -113,7 +121,7 @@ class CurateJob:
     def run(self) -> JobResult:
         if not self.inputs:
             raise ConfigError("no inputs given")
-        sources = discover(self.inputs)
+        sources = self._sources()
         if not sources:
             raise ConfigError(f"no video files found in {self.inputs}")
         self._check_state()
@@ -136,12 +144,16 @@ class CurateJob:
         write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
 
+    def _sources(self) -> list[str]:
+        sources = discover(self.inputs)
+        return sources[: self.limit] if self.limit else sources
+
     def plan(self) -> str:
         """What `run` would do, without doing or writing anything (`curate --dry-run`): the sources
         found, the work already in OUT, the stages and their weights, the thresholds."""
         if not self.inputs:
             raise ConfigError("no inputs given")
-        sources = discover(self.inputs)
+        sources = self._sources()
         lines = [f"sources: {len(sources)}"]
         local = [u for u in sources if is_local(u) and os.path.isfile(local_path(u))]
         if local:

@@ -325,3 +325,5 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
     said = capsys.readouterr().out
     assert "weights: run would stop:" in said and "aesthetic: missing weights" in said
     assert "thresholds: aesthetic.min=" in said and not fresh.exists()
+    assert curate_main([str(footage), "--out", str(fresh), "--limit", "2", "--dry-run", *SKIPS]) == 0
+    assert capsys.readouterr().out.startswith("sources: 2 ")  # the first 2 found, for a trial run
