@@ -38,9 +38,6 @@ from training.metrics.lpips import lpips_frames
 # The metrics of a generation run and of a decoder run (--decoder-only), and the extractor each needs.
 GENERATION_METRICS = ("fvd", "kvd", "lpips", "clip_img", "clip_txt", "cpbd")
 DECODER_METRICS = ("psnr", "ssim", "lpips")
-NEEDS = {"fvd": "video", "kvd": "video", "lpips": "lpips", "clip_img": "clip", "clip_txt": "clip"}
-
-
 # the `Extractors` fields a generation metric calls
 _EXTRACTOR_FIELDS = {
     "fvd": ("video",),
@@ -53,7 +50,8 @@ _EXTRACTOR_FIELDS = {
 
 def extractors_for(metrics: Sequence[str]) -> list[str]:
     """What `load_extractors` has to load for `metrics` ("video", "clip", "lpips"), in that order."""
-    wanted = {NEEDS[m] for m in metrics if m in NEEDS}
+    loader = {"video": "video", "image": "clip", "text": "clip", "lpips": "lpips"}  # field -> what loads it
+    wanted = {loader[f] for m in metrics for f in _EXTRACTOR_FIELDS.get(m, ())}
     return [name for name in ("video", "clip", "lpips") if name in wanted]
 
 
