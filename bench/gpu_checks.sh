@@ -6,33 +6,29 @@
 # printed, so a part stopped at its limit still shows how far it got.
 # torch.compile's artifacts come back as $OUT/*_cache.xz: put them in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
-# compiling (the last run spent both parts' whole limits compiling).
-# The sample part gets at most 300 s, the CLIP part 150 s, the eager training part 110 s; the
-# compiled training part (T_COMPILE) whatever BUDGET has left after them, which at the default
-# BUDGET=560 is nothing: it gets a call of its own (T_SAMPLE=0 T_CLIP=0 T_EAGER=0), right after the
-# first one or in a later session (its compile alone outlasted 280 s before).
-# The defaults run what earlier sessions (H100, BENCHMARKS.md) left unmeasured:
-#   sample:   `interpolate` seconds per sample and peak memory, torch.compile'd (issues Model and
-#             Inference; since then: a DDIM loop without host syncs, the CLIP towers' pinned visit, the
-#             VAE decoder's blocks compiled with static shapes): first the UNet alone compiled (its
-#             compile took 132-140 s before), then with the decoder's blocks too (a compile never yet
-#             seen to finish), each mode again with cuDNN's autotuning (cudnn.benchmark; ~3 more
-#             samples, no recompiling), then a profiler table of a short compiled sample; eager was
-#             measured already (SAMPLE_COMPILE=both: eager, then compiled)
-#   clip:     aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
-#             linears (aesthetic.precision=fp8, new), and how closely the fp8 embeddings follow the
-#             fp16 ones (issue "Curate, part 2": fp16 reached 657 of the 1,000 clips/s target)
-#   eager:    rectify step at batch 6, eager, by part, recomputing every UNet block, then (LEVELS,
-#             default 0,2) only the two finest levels (train.checkpoint_levels: time and memory), then
-#             the first setting again with cuDNN's autotuning (issue "Training")
-#   compiled: the same with each UNet block and the frozen VAE encoder's blocks torch.compile'd with
-#             static shapes (the last measured run compiled most blocks with symbolic shapes, and
-#             stopped at Dynamo's graph limit); FORCE_CL=1 compiles every block channels-last
-#             (inductor's heuristic leaves 10 of the 12 output blocks, whose convs narrow the
-#             channels, in NCHW; BENCHMARKS.md "Planning counts"); FLOAT8=tensorwise runs the UNet's
-#             large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs):
-#             a call of its own after the bf16 one, whose compile it repeats
+# compiling (.gpucache/sample_cache.xz of 2026-11-27 holds the sampling UNet's, not the decoder's).
+# What the defaults run: only the compiled rectify step (T_COMPILE, whatever BUDGET leaves), the one
+# GPU number still missing (issue "Training"; its compile outlasted 102 s and 280 s before). Right
+# after it, on the still-warm machine, a second call times the sample:
+#   T_COMPILE=0 T_SAMPLE=230 BUDGET=240 bash bench/gpu_checks.sh
+#   compiled: the rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
+#             torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS, default
+#             0,2) only the two finest levels (train.checkpoint_levels); FORCE_CL=1 compiles every
+#             block channels-last (inductor's heuristic leaves 10 of the 12 output blocks, whose convs
+#             narrow the channels, in NCHW; BENCHMARKS.md "Planning counts"); FLOAT8=tensorwise runs
+#             the UNet's large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a
+#             forward's FLOPs): a call of its own after the bf16 one, whose compile it repeats
+#   sample:   `interpolate` seconds per sample and peak memory with the UNet and the VAE decoder's
+#             blocks compiled (issues Model and Inference: 5.12 s, median of 3, on 2026-11-27), then
+#             the same with the CLIP towers kept on the device (--clip-resident: the ~0.1 s upload of
+#             each sample's context phase), then a profiler table of a short compiled sample;
+#             SAMPLE_COMPILE=staged times the UNet compiled alone first (its compile: 137 s from an
+#             empty cache; the decoder's then 79 s)
 # Measured already, available again by setting their limits:
+#   T_CLIP:   aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
+#             linears (2026-11-27: 669 and 753 clips/s together)
+#   T_EAGER:  the rectify step at batch 6, eager, by part, by checkpoint level, with cuDNN's
+#             autotuning (2026-11-27: 1.99-2.10 s, MFU 14-15%)
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
 #   T_MODEL:  UNet training step at batch 1 with gradient checkpointing off and on
@@ -65,11 +61,11 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-300} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-staged}" --temporal-conv "$TC" --cudnn-benchmark --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -9
+part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -12
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
-part ${T_CLIP:-150} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
-part ${T_EAGER:-110} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
-part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
+part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
+part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 echo "== done in $(($(date +%s) - START)) s"

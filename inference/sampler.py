@@ -152,6 +152,14 @@ class InferenceModel:
         # A container without CLIP towers (None) is accepted: bench_gpu.py runs where open_clip is absent.
         return [t for t in (self.model.cond_stage_model, self.model.embedder) if t is not None]
 
+    def keep_clip_on_device(self) -> None:
+        """From now on the CLIP towers stay on the device: ~2 GB of its memory (bf16) for the ~0.1 s per
+        sample their visits cost (the same as `offload_clip=False` at construction)."""
+        if self.offload_clip:
+            for tower in self._towers():
+                tower.to(self.device)
+            self.offload_clip = False
+
     @contextlib.contextmanager
     def clip_on_device(self) -> Iterator[None]:
         if not self.offload_clip:

@@ -14,7 +14,7 @@ def test_bench_smoke_mode_reports_time_per_sample(tmp_path, capsys):
     argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
             "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out),
             "--temporal-conv", "conv2d", "--profile", str(tmp_path / "kernels.txt"), "--profile-rows", "5",
-            "--cudnn-benchmark"]  # fmt: skip
+            "--cudnn-benchmark", "--clip-resident"]  # fmt: skip
     assert bench_gpu.main(argv) == 0
     printed = capsys.readouterr().out
     # the warm-up sample's phases are printed as each ends: a run stopped mid-compile still tells where
@@ -44,6 +44,10 @@ def test_bench_smoke_mode_reports_time_per_sample(tmp_path, capsys):
     assert tuned["tuning_sample_s"] > 0 and tuned["seconds_per_sample"] > 0 and tuned["repeats"] == 1
     assert set(tuned["phases_s"]) == set(run["phases_s"])
     assert torch.backends.cudnn.benchmark is False
+    # and again with the CLIP towers kept on the device (on the CPU they never leave it)
+    resident = report["runs"]["eager, CLIP towers on the device"]
+    assert resident["seconds_per_sample"] > 0 and set(resident["phases_s"]) == set(run["phases_s"])
+    assert "eager, CLIP towers on the device:" in printed
 
 
 def test_staged_compile_times_the_unet_alone_then_with_the_decoder(tmp_path, monkeypatch, capsys):

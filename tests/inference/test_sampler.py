@@ -44,3 +44,21 @@ def test_compile_covers_the_unet_and_each_residual_block_of_the_decoder():
     assert compiled.unet is not model.unet
     assert len(decoder_blocks) >= 4 and all(b._compiled_call_impl is not None for b in decoder_blocks)
     assert all(b._compiled_call_impl is None for b in resnet_blocks(model.first_stage_model.encoder))
+
+
+def test_clip_towers_can_be_kept_on_the_device_from_a_given_sample_on():
+    """keep_clip_on_device: the towers move once and later samples skip the visit (the meta device stands
+    in for a GPU)."""
+    from inference.sampler import InferenceModel
+    from training.models.tooncrafter import build_tooncrafter
+
+    im = InferenceModel(build_tooncrafter("tiny"), "cpu", torch.float32)
+    towers = im._towers()
+    assert towers, "the tiny preset builds CLIP towers"
+    im.device, im.offload_clip = torch.device("meta"), True  # as if placed on a GPU with visiting towers
+    im.keep_clip_on_device()
+    assert not im.offload_clip
+    assert all(p.device.type == "meta" for tower in towers for p in tower.parameters())
+    with im.clip_on_device():  # no visit: the towers are already there, and stay
+        assert all(p.device.type == "meta" for tower in towers for p in tower.parameters())
+    assert all(p.device.type == "meta" for tower in towers for p in tower.parameters())
