@@ -36,9 +36,11 @@ class InputError(ValueError):
 
 
 def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
-    """An image file -> uint8 `[H, W, 3]` RGB (or `[H, W]` grey). Transparency is composited onto white,
-    the paper colour of a drawing."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file -> uint8 `[H, W, 3]` RGB (or `[H, W]` grey), upright as an image viewer shows it (the
+    EXIF orientation of a scan or a phone photo applied). Transparency is composited onto white, the paper
+    colour of a drawing; 16-bit and float greyscale are scaled to 8 bits (Pillow's own conversion clips
+    them, which turns a 16-bit line drawing white)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -48,6 +50,9 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I") or image.mode == "F":
+                image = Image.fromarray(grey_to_uint8(np.asarray(image), image.mode), "L")
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -57,6 +62,19 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
         raise InputError(
             f"{path} is not an image file that Pillow can read ({exc.__class__.__name__})"
         ) from exc
+
+
+def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Pillow's high-depth greyscale modes -> uint8: "I;16*" (and "I" holding values past 255) as 16-bit
+    (65535 -> 255), "F" as 0..1 when nothing exceeds 1, else as 0..255."""
+    if mode == "F":
+        values = np.nan_to_num(values.astype(np.float64))
+        full = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+    values = values.astype(np.int64)
+    if mode.startswith("I;16") or values.max(initial=0) > 255:
+        return ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.clip(values, 0, 255).astype(np.uint8)
 
 
 def read_keyframes(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
