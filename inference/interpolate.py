@@ -1,18 +1,21 @@
 """`inbetweener interpolate`: keyframes + prompt (+ sketches) -> in-between frames as mp4, gif and PNGs.
 
 Every input is checked (keyframes readable and of one size, sketches, checkpoint present and of the right
-model, output formats writable) before anything is moved to the GPU. Sampling is inference/sampler.py.
+model, output formats writable) before anything is moved to the GPU; a batch's files by their headers, all
+rows at once, its pixels read at each row's turn. Sampling is inference/sampler.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,9 +24,11 @@ import numpy as np
 from inference.media import (
     OUTPUT_FORMATS,
     InputError,
+    check_keyframe_files,
     check_size,
     fit_frame,
     frame_size,
+    image_size,
     mp4_available,
     parse_size,
     parse_sketch_args,
@@ -80,21 +85,33 @@ batch files (--batch): CSV/TSV with a header, or JSON lines, one output folder p
   Columns: start, end (or keyframes: paths separated by ';'), prompt, name, seed, sketch (items as for
   --sketch, separated by ';'); relative paths are relative to the batch file. A clip manifest
   (manifest.parquet) works too: each kept clip of --split becomes a row (its first and last frames,
-  its caption as the prompt, its key as the name).
+  its caption as the prompt, its key as the name). Every row's files are checked first (headers only:
+  thousands of rows take moments) and all unusable rows are listed at once, with nothing run; each row's
+  pictures are read at its turn, so memory does not grow with the batch. A row whose file fails to
+  decode then (e.g. a truncated JPEG) is reported and skipped, the others are written, and the exit
+  code is 1; --skip-existing reruns only the rows without output.
 """
 
 
 @dataclass
 class Job:
-    """One output: keyframes (uint8, one size), a prompt, optional sketches by global frame index."""
+    """One output: keyframes of one size, a prompt, optional sketches by global frame index. Its pictures
+    are read when its turn comes (`read_keyframes`, `read_sketches`), so a batch of any length runs in the
+    memory of one row; what can be checked without decoding them was checked when the job was made."""
 
     name: str  # output subfolder under --out ("" = --out itself)
-    keyframes: list[np.ndarray]
     labels: list[str]  # where each keyframe came from
     prompt: str
     seed: int
-    sketches: dict[int, np.ndarray] = field(default_factory=dict)  # grey uint8 [H, W]
-    sketch_labels: dict[int, str] = field(default_factory=dict)
+    read_keyframes: Callable[[], list[np.ndarray]]  # uint8 [H, W, 3], one size
+    sketch_files: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def sketch_labels(self) -> dict[int, str]:
+        return {i: str(p) for i, p in self.sketch_files.items()}
+
+    def read_sketches(self) -> dict[int, np.ndarray]:  # grey uint8 [H, W]
+        return {i: read_image(p, grey=True) for i, p in self.sketch_files.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,9 +202,15 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
 
 
-def _load_sketches(items: list[str], resolve=Path) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+def _sketch_files(items: list[str], resolve=Path) -> dict[int, Path]:
+    """`--sketch` items -> {frame index: file}, each file's header checked (image_size)."""
     files = parse_sketch_args([str(resolve(i)) if "=" not in i else i for i in items])
-    return {i: read_image(p, grey=True) for i, p in files.items()}, {i: str(p) for i, p in files.items()}
+    for file in files.values():
+        image_size(file)
+    return files
+
+
+MAX_LISTED = 20  # problems a refused batch lists before "... and N more"
 
 
 def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
@@ -212,31 +235,41 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             return [str(v) for v in value]
         return [v for v in (str(value or "").split(";")) if v.strip()]
 
-    jobs = []
+    jobs, problems = [], []
     for i, row in enumerate(rows):
-        where = f"{path} row {i + 1}"
-        keys = split(row.get("keyframes")) or [row.get("start"), row.get("end")]
-        if any(not k for k in keys):
-            raise InputError(f"{where}: needs `start` and `end` (or `keyframes`) columns")
-        paths = [resolve(k) for k in keys]
         try:
-            images = read_keyframes(paths)
-            sketches, sketch_labels = _load_sketches(split(row.get("sketch")), resolve)
+            keys = split(row.get("keyframes")) or [row.get("start"), row.get("end")]
+            if any(not k for k in keys):
+                raise InputError("needs `start` and `end` (or `keyframes`) columns")
+            paths = [resolve(k) for k in keys]
+            check_keyframe_files(paths)  # headers only: the pixels are read at the row's turn
+            sketch_files = _sketch_files(split(row.get("sketch")), resolve)
+            seed = row.get("seed")
+            try:
+                seed = args.seed if seed in (None, "") else int(seed)
+            except ValueError:
+                raise InputError(f"seed {seed!r} is not an integer") from None
         except InputError as exc:
-            raise InputError(f"{where}: {exc}") from exc
+            problems.append(f"row {i + 1}: {exc}")
+            continue
         name = row.get("name") or f"{i:04d}_{paths[0].stem}_{paths[-1].stem}"
         prompt = row.get("prompt")
-        seed = row.get("seed")
         jobs.append(
             Job(
                 _safe_name(str(name)),
-                images,
                 [str(p) for p in paths],
                 args.prompt if prompt is None else str(prompt),
-                args.seed if seed in (None, "") else int(seed),
-                sketches,
-                sketch_labels,
+                seed,
+                functools.partial(read_keyframes, paths),
+                sketch_files,
             )
+        )
+    if problems:  # every problem at once, not one per attempt
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise InputError(
+            f"{path}: {len(problems)} of {len(rows)} rows cannot be used (nothing was run; fix or remove them):"
+            f"\n  {listed}{more}"
         )
     return jobs
 
@@ -244,17 +277,20 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
 def _manifest_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
     from inference.eval_data import iter_clips
 
+    def ends(clip) -> list[np.ndarray]:
+        frames = clip.frames()  # decoded at the clip's turn: the job holds only its encoded bytes
+        return [frames[0], frames[-1]]
+
     jobs = []
     for clip in iter_clips([path], split=args.split):
-        frames = clip.frames()
         label = f"{clip.shard}:{clip.key}"
         jobs.append(
             Job(
                 _safe_name(clip.key),
-                [frames[0], frames[-1]],
                 [f"{label}[0]", f"{label}[-1]"],
                 clip.caption,
                 args.seed,
+                functools.partial(ends, clip),
             )
         )
     return jobs
@@ -282,9 +318,9 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         raise InputError("give the keyframes either as positionals or with --keyframes, not both")
     if len(paths or []) < 2:
         raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
-    images = read_keyframes([Path(p) for p in paths])
-    sketches, labels = _load_sketches(args.sketch or [])
-    return [Job("", images, [str(p) for p in paths], args.prompt, args.seed, sketches, labels)]
+    images = read_keyframes([Path(p) for p in paths])  # one job: read now, every error before the model loads
+    sketch_files = _sketch_files(args.sketch or [])
+    return [Job("", [str(p) for p in paths], args.prompt, args.seed, lambda: images, sketch_files)]
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -343,11 +379,12 @@ def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, mult
 
     from inference.media import sketch_hint, to_model_range
 
-    h, w = job.keyframes[0].shape[:2]
+    images = job.read_keyframes()
+    h, w = images[0].shape[:2]
     target = size or frame_size(h, w, short_side, multiple)
     check_size(target, multiple)
-    keyframes = [to_model_range(fit_frame(k, target)) for k in job.keyframes]
-    hints = {i: torch.from_numpy(sketch_hint(fit_frame(s, target))) for i, s in job.sketches.items()}
+    keyframes = [to_model_range(fit_frame(k, target)) for k in images]
+    hints = {i: torch.from_numpy(sketch_hint(fit_frame(s, target))) for i, s in job.read_sketches().items()}
     return keyframes, hints, target
 
 
@@ -357,8 +394,8 @@ def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size) if args.size else None
     jobs = build_jobs(args)
     for job in jobs:
-        total = (len(job.keyframes) - 1) * (settings.frames - 1) + 1
-        outside = sorted(i for i in job.sketches if not 0 <= i < total)
+        total = (len(job.labels) - 1) * (settings.frames - 1) + 1
+        outside = sorted(i for i in job.sketch_files if not 0 <= i < total)
         if outside:
             raise InputError(f"sketches for frames {outside}: the output has frames 0..{total - 1}")
     if args.skip_existing:
@@ -377,14 +414,15 @@ def run(args: argparse.Namespace) -> int:
     )
 
     checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
-    needs_sketch = any(j.sketches for j in jobs)
+    needs_sketch = any(j.sketch_files for j in jobs)
     sketch_path = find_weights(args.sketch_checkpoint, SKETCH_FILE, args.models_dir) if needs_sketch else None
     model = load_tooncrafter(checkpoint, args.preset)
     from training.checkpoint import preset_name
 
     preset = preset_name(model.cfg)
     multiple = 2 ** (len(model.cfg.vae.ch_mult) - 1) * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-    prepared = [prepare_frames(job, size, args.short_side, multiple) for job in jobs]
+    if size is not None:
+        check_size(size, multiple)
     sketch_encoder = load_sketch_encoder(sketch_path, preset) if sketch_path else None
 
     # Everything is checked: from here on the device works.
@@ -404,9 +442,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from tqdm import tqdm
 
-    rows = tqdm(list(zip(jobs, prepared)), desc="clips", unit="clip", disable=args.quiet or len(jobs) == 1)
-    for job, (keyframes, hints, target) in rows:
+    rows = tqdm(jobs, desc="clips", unit="clip", disable=args.quiet or len(jobs) == 1)
+    failed = []
+    for job in rows:
         start = time.perf_counter()
+        try:
+            keyframes, hints, target = prepare_frames(job, size, args.short_side, multiple)
+        except InputError as exc:
+            # A row whose files changed or fail to decode past their header: reported, and the batch goes on.
+            failed.append(job.name)
+            rows.write(f"{job.name}: not interpolated: {exc}", file=sys.stderr)
+            continue
         video = interpolate_chain(
             im, keyframes, job.prompt, settings, job.seed, hints, progress=not args.quiet
         )
@@ -446,6 +492,13 @@ def run(args: argparse.Namespace) -> int:
             print(message)
     if device.type == "cuda":
         log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    if failed:
+        print(
+            f"inbetweener interpolate: {len(failed)} of {len(jobs)} rows not interpolated (listed above); "
+            "after fixing them, the same command with --skip-existing runs only those",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -59,9 +59,7 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
             image = image.convert("L" if grey else "RGB")
             return np.asarray(image, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(
-            f"{path} is not an image file that Pillow can read ({exc.__class__.__name__})"
-        ) from exc
+        raise unreadable(path, exc) from exc
 
 
 def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
@@ -77,20 +75,59 @@ def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
+def unreadable(path: Path, exc: Exception) -> InputError:
+    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return InputError(
+        f"{path} is not an image file that Pillow can read ({exc.__class__.__name__}"
+        + (f": {detail})" if detail else ")")
+    )
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file as `read_image` returns it (EXIF orientation applied), from its
+    header: no pixels are decoded, so a batch of thousands of rows is checked in moments. The same errors
+    as `read_image` for missing and unreadable files."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise unreadable(path, exc) from exc
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # 5-8: turned a quarter
+
+
+def _one_size(paths: Sequence[str | os.PathLike], sizes: Sequence[tuple[int, int]]) -> None:
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"{Path(p).name} is {w}x{h}" for p, (h, w) in zip(paths, sizes))
+        raise InputError(
+            f"keyframes differ in size ({listed}); give keyframes of one size (width x height), e.g. "
+            "frames exported from the same scene"
+        )
+
+
+def check_keyframe_files(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
+    """What `read_keyframes` checks, from the files' headers: at least two, readable, one size, which is
+    returned as (height, width)."""
+    if len(paths) < 2:
+        raise InputError(f"need at least two keyframes, got {len(paths)}")
+    sizes = [image_size(p) for p in paths]
+    _one_size(paths, sizes)
+    return sizes[0]
+
+
 def read_keyframes(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
     """Read keyframes and check that they share one size (the model interpolates one frame geometry)."""
     if len(paths) < 2:
         raise InputError(f"need at least two keyframes, got {len(paths)}")
     images = [read_image(p) for p in paths]
-    sizes = {img.shape[:2] for img in images}
-    if len(sizes) > 1:
-        listed = ", ".join(
-            f"{Path(p).name} is {img.shape[1]}x{img.shape[0]}" for p, img in zip(paths, images)
-        )
-        raise InputError(
-            f"keyframes differ in size ({listed}); give keyframes of one size (width x height), e.g. "
-            "frames exported from the same scene"
-        )
+    _one_size(paths, [img.shape[:2] for img in images])
     return images
 
 

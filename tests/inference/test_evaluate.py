@@ -327,3 +327,26 @@ def test_clip_from_the_checkpoint_towers_equals_open_clip():
     with torch.no_grad():
         torch.testing.assert_close(towers.encode_image(images), reference.encode_image(images))
         torch.testing.assert_close(towers.encode_text(tokens), reference.encode_text(tokens))
+
+
+def test_interpolate_batch_from_a_clip_manifest(curated, checkpoint, tmp_path):
+    """`interpolate --batch manifest.parquet`: a row per kept eval clip, its first and last frames as
+    keyframes, its caption as the prompt, its key as the name; frames decoded at the row's turn."""
+    from inference import interpolate as cli
+
+    argv = ["--batch", str(curated / "manifest.parquet"), "--out", str(tmp_path / "out"), "--frames", "4",
+            "--formats", "png", "--checkpoint", str(checkpoint), *TINY]  # fmt: skip
+    jobs = cli.build_jobs(cli.build_parser().parse_args(argv))
+    assert [j.name for j in jobs] == list(CLIPS)
+    assert [j.prompt for j in jobs] == [f"a square moving right, clip {i}" for i in range(len(CLIPS))]
+    first, last = jobs[1].read_keyframes()
+    frames = _clip_frames(CLIPS["clip000b"], 1)
+    assert (
+        np.abs(first.astype(int) - frames[0]).mean() < 4 and np.abs(last.astype(int) - frames[-1]).mean() < 4
+    )
+    assert cli.main(argv) == 0
+    for key in CLIPS:
+        meta = json.loads((tmp_path / "out" / key / "meta.json").read_text())
+        tar = curated / "shards" / "eval" / "000000.tar"
+        assert meta["keyframes"] == [f"{tar}:{key}[0]", f"{tar}:{key}[-1]"]
+        assert len(list((tmp_path / "out" / key / "frames").glob("*.png"))) == 4

@@ -191,6 +191,75 @@ def test_batch_writes_one_output_per_row(files, tmp_path):
     assert json.loads((out / "right" / "meta.json").read_text())["prompt"] == "a box moving right"
 
 
+def _write_batch(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["start", "end", "prompt", "seed"], *rows])
+    return path
+
+
+def test_batch_rows_are_read_at_their_turn(files, tmp_path, monkeypatch):
+    """Making the jobs reads the files' headers only: a batch of thousands of rows must not hold every
+    keyframe in memory before the first is interpolated."""
+    from inference import media
+
+    root, ckpt, keys = files
+    batch = _write_batch(tmp_path / "pairs.csv", [[str(keys["a"]), str(keys["b"]), "", ""]] * 3)
+    args = cli.build_parser().parse_args(["--batch", str(batch), "--out", str(tmp_path / "out")])
+    decoded = []
+    real = media.read_image
+    monkeypatch.setattr(media, "read_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    jobs = cli.build_jobs(args)
+    assert len(jobs) == 3 and decoded == []
+    images = jobs[1].read_keyframes()
+    assert decoded == [keys["a"], keys["b"]] and images[0].shape == (40, 80, 3)
+
+
+def test_a_batch_with_bad_rows_lists_them_all_and_runs_nothing(files, tmp_path, capsys, no_device_work):
+    root, ckpt, keys = files
+    rows = [
+        [str(keys["a"]), str(keys["b"]), "fine", ""],
+        [str(keys["a"]), str(tmp_path / "absent.png"), "missing", ""],
+        [str(keys["a"]), str(keys["small"]), "sizes", ""],
+        [str(keys["a"]), str(keys["b"]), "seed", "seven"],
+    ]
+    batch = _write_batch(tmp_path / "pairs.csv", rows)
+    out = tmp_path / "out"
+    err = _error(capsys, ["--batch", str(batch), "--checkpoint", str(ckpt), "--out", str(out), *FAST])
+    assert "3 of 4 rows cannot be used" in err
+    assert "row 2: " in err and "absent.png: no such file" in err
+    assert "row 3: keyframes differ in size" in err
+    assert "row 4: seed 'seven' is not an integer" in err
+    assert not out.exists()
+
+
+def test_a_row_that_fails_at_its_turn_does_not_stop_the_batch(files, tmp_path, capsys):
+    """A file whose header reads but whose pixels do not (a truncated JPEG) is reported at its turn; the
+    other rows are written, the exit code is 1, and --skip-existing then tries only that row."""
+    root, ckpt, keys = files
+    whole = tmp_path / "whole.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)  # mostly pixel data
+    Image.fromarray(noise).save(whole, quality=95)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    assert Image.open(truncated).size == (80, 40)  # the header reads
+    batch = _write_batch(
+        tmp_path / "pairs.csv",
+        [[str(keys["a"]), str(truncated), "cut", ""], [str(keys["a"]), str(keys["b"]), "fine", ""]],
+    )
+    out = tmp_path / "out"
+    argv = ["--batch", str(batch), "--frames", "4", "--formats", "png", "--checkpoint", str(ckpt),
+            "--out", str(out), *FAST]  # fmt: skip
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "0000_a_truncated: not interpolated: " in err and "truncated.jpg" in err
+    assert "1 of 2 rows not interpolated" in err
+    assert sorted(p.name for p in out.iterdir()) == ["0001_a_b"]
+    assert len(list((out / "0001_a_b" / "frames").glob("*.png"))) == 4
+    truncated.write_bytes(whole.read_bytes())  # fixed: only that row runs
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000_a_truncated", "0001_a_b"]
+
+
 # --- errors, all raised before the model reaches a device ------------------------------------------------------
 
 
