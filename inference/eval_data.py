@@ -14,6 +14,7 @@ would import torch's data loading machinery for nothing here).
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError, decode_video
+
+log = logging.getLogger("inbetweener.eval_data")
 
 
 @dataclass
@@ -33,8 +36,13 @@ class EvalClip:
     shard: str = ""  # the tar it came from
 
     def frames(self) -> np.ndarray:
-        """Every frame, uint8 [T, H, W, 3]."""
-        return decode_video(self.mp4)
+        """Every frame, uint8 [T, H, W, 3]; InputError naming the clip when its mp4 does not decode."""
+        import av
+
+        try:
+            return decode_video(self.mp4)
+        except (av.error.FFmpegError, InputError, ValueError, OSError) as exc:
+            raise InputError(f"{self.shard}:{self.key}: its mp4 does not decode ({exc})") from exc
 
 
 def _is_manifest(path: Path) -> bool:
@@ -49,7 +57,14 @@ def _samples(tar_path: Path) -> Iterator[EvalClip]:
     def finish() -> EvalClip | None:
         if key is None or "mp4" not in current:
             return None
-        meta = json.loads(current["json"]) if "json" in current else {}
+        meta = {}
+        if "json" in current:
+            try:
+                meta = json.loads(current["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):  # the clip and its caption still serve
+                log.warning(
+                    "%s:%s: its json member is unreadable; the clip is used without it", tar_path, key
+                )
         caption = current["txt"].decode() if "txt" in current else (meta.get("caption") or "")
         return EvalClip(key, current["mp4"], caption, meta, str(tar_path))
 

@@ -58,6 +58,11 @@ resume: rerun the same command; clips already generated and scored are not redon
 """
 
 
+def _comma_list(text: str) -> list[str]:
+    """One command-line word -> its comma-separated items (`--metrics cpbd,psnr` as `--metrics cpbd psnr`)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inbetweener evaluate",
@@ -68,12 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", type=Path, help="curate output, shard folder/files, or manifest")
     p.add_argument("--out", type=Path, required=True, help="results folder (also the cache)")
     p.add_argument(
-        "--method", nargs="+", choices=sorted(METHODS), default=["model"], help="what generates (model)"
+        "--method",
+        nargs="+",
+        type=_comma_list,
+        default=[["model"]],
+        metavar="METHOD",
+        help=f"what generates ({' '.join(sorted(METHODS))}; default model); spaces or commas between them",
     )
     p.add_argument("--decoder-only", action="store_true", help="VAE reconstruction PSNR/SSIM/LPIPS instead")
     p.add_argument(
         "--metrics",
         nargs="+",
+        type=_comma_list,
         metavar="METRIC",
         help="compute only these (fvd kvd lpips clip_img clip_txt cpbd; --decoder-only: psnr ssim lpips);"
         " only their weights are needed. Default: all",
@@ -146,7 +157,12 @@ def _windows(args: argparse.Namespace, size: tuple[int, int]):
 
     clips, skipped = [], []
     for clip in iter_clips(args.sources, args.split, args.limit):
-        window = clip_window(clip.frames(), args.frames, args.stride)
+        try:
+            frames = clip.frames()
+        except InputError as exc:  # a corrupt clip is reported in the results, not a crashed evaluation
+            skipped.append({"key": clip.key, "reason": str(exc)})
+            continue
+        window = clip_window(frames, args.frames, args.stride)
         if window is None:
             skipped.append(
                 {"key": clip.key, "reason": f"shorter than {args.frames} frames at stride {args.stride}"}
@@ -180,10 +196,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
-    methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(args.method))
+    methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
+    unknown = [m for m in methods if m not in METHODS and m != "decoder"]
+    if unknown:
+        raise InputError(f"--method: {unknown} not among {' '.join(sorted(METHODS))}")
     needs_model = args.decoder_only or "model" in methods
     known = DECODER_METRICS if args.decoder_only else GENERATION_METRICS
-    metrics = list(dict.fromkeys(args.metrics or known))
+    metrics = list(dict.fromkeys(m for ms in args.metrics for m in ms) if args.metrics else known)
     unknown = [m for m in metrics if m not in known]
     if unknown:
         mode = "--decoder-only" if args.decoder_only else "a generation run"
@@ -206,8 +225,15 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     model = _Lazy(lambda: load_tooncrafter(checkpoint, args.preset))
     placed = _Lazy(lambda: InferenceModel(model(), device, dtype, compile=args.compile))
     clips, skipped = _windows(args, size)
+    for s in skipped[:3]:
+        print(f"skipped {s['key']}: {s['reason']}", file=sys.stderr)
+    if len(skipped) > 3:
+        print(f"... {len(skipped) - 3} more skipped (the results JSON lists them all)", file=sys.stderr)
     if not clips:
-        raise InputError(f"no usable clips in {[str(s) for s in args.sources]} ({len(skipped)} too short)")
+        reasons = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:5])
+        raise InputError(
+            f"no usable clips in {[str(s) for s in args.sources]} ({len(skipped)} skipped: {reasons})"
+        )
     if extractors is None:
         clip_model = None
         if checkpoint is not None:

@@ -350,3 +350,44 @@ def test_interpolate_batch_from_a_clip_manifest(curated, checkpoint, tmp_path):
         tar = curated / "shards" / "eval" / "000000.tar"
         assert meta["keyframes"] == [f"{tar}:{key}[0]", f"{tar}:{key}[-1]"]
         assert len(list((tmp_path / "out" / key / "frames").glob("*.png"))) == 4
+
+
+def test_a_corrupt_clip_is_skipped_and_reported_not_a_crash(tmp_path, capsys):
+    """A shard sample whose mp4 does not decode is listed under `skipped` with its reason, and the rest is
+    evaluated; one whose json member is unreadable is still evaluated (its caption is in the txt)."""
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    good = _mp4(_clip_frames(18, 0))
+    with tarfile.open(shard_dir / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, mp4, meta in [
+            ("fine", good, b"{}"),
+            ("cut", good[: len(good) // 3], b"{}"),
+            ("badjson", good, b"{not json"),
+        ]:
+            _member(tar, f"{key}.mp4", mp4)
+            _member(tar, f"{key}.json", meta)
+            _member(tar, f"{key}.txt", f"caption of {key}".encode())
+    out = tmp_path / "eval"
+    argv = [str(shard_dir / "000000.tar"), "--out", str(out), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    (path,) = (out / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["metrics"]["n_clips"] == 2
+    (skipped,) = result["data"]["skipped"]
+    assert skipped["key"] == "cut" and "does not decode" in skipped["reason"]
+    assert "skipped cut: " in capsys.readouterr().err
+
+
+def test_methods_and_metrics_take_commas_or_spaces(curated, tmp_path, capsys):
+    """`--method linear,flow --metrics cpbd` (commas, as --formats takes) equals the space-separated form;
+    an unknown name is an error that lists the known ones."""
+    runs = []
+    for method, metrics in ((["linear,flow"], ["cpbd"]), (["linear", "flow"], ["cpbd"])):
+        out = tmp_path / f"eval{len(runs)}"
+        argv = [str(curated), "--out", str(out), "--method", *method, "--metrics", *metrics, *TINY]
+        assert cli.main(argv, extractors=fake_extractors()) == 0
+        runs.append(sorted(p.name.split("-")[0] for p in (out / "results").glob("*.json")))
+    assert runs[0] == runs[1] == ["flow_warp", "linear_blend"]
+    argv = [str(curated), "--out", str(tmp_path / "bad"), "--method", "linear,bogus", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert "--method: ['bogus'] not among flow linear model" in capsys.readouterr().err
