@@ -130,9 +130,9 @@ def select_main(argv: list[str] | None = None) -> int:
             for key in values:
                 if (section, key) not in allowed:
                     allowed_names = ", ".join(sorted(f"{s}.{k}" for s, k in allowed))
-                    raise ConfigError(
-                        f"{section}.{key} changes scores, not thresholds; select accepts {allowed_names}"
-                    )
+                    known = hasattr(getattr(config, section, None), key)
+                    what = "changes scores, not thresholds" if known else "is not a setting"
+                    raise ConfigError(f"{section}.{key} {what}; select accepts {allowed_names}")
         from pipeline.config import apply_overrides
 
         apply_overrides(config, overrides)

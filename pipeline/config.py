@@ -208,7 +208,9 @@ def _coerce(value, annotation, key: str):
             return cast
         if hint is str:
             return str(value)
-    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {annotation}")
+    names = " or ".join(getattr(h, "__name__", str(h)) for h in hints if h is not type(None))
+    nullable = " (or null)" if type(None) in hints else ""
+    raise ConfigError(f"config key {key!r}: {value!r} is not a valid {names}{nullable}")
 
 
 def _parse_scalar(text: str):

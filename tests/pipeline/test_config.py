@@ -27,7 +27,7 @@ def test_yaml_file_overrides(tmp_path):
     [
         (["motion.mni=0.3"], "motion.mni"),
         (["moton.min=0.3"], "moton"),
-        (["motion.min=fast"], "motion.min"),
+        (["motion.min=fast"], r"'motion.min': 'fast' is not a valid float$"),
         (["write.width=511"], "write.width"),
         (["shots.max_len_s=0.1"], "shots.max_len_s"),
         (["motionmin"], "stage.key=value"),

@@ -160,7 +160,9 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     index = read_shard_index(copy / "shards" / "train")
     assert sorted(index["clip_id"].to_pylist()) == sorted(r["clip_id"] for r in kept_after)
     assert select_main([str(copy), "--set", "shots.min_len_s=3"]) == 2  # not a threshold
-    capsys.readouterr()
+    assert "shots.min_len_s changes scores, not thresholds" in capsys.readouterr().err
+    assert select_main([str(copy), "--set", "shots.min_len=3"]) == 2  # no such setting at all
+    assert "shots.min_len is not a setting; select accepts" in capsys.readouterr().err
     assert select_main([str(copy)]) == 0  # thresholds start from the last select's, and it says so
     assert f"thresholds: motion.min={threshold}," in capsys.readouterr().out
     again = [
