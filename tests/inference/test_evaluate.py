@@ -391,3 +391,19 @@ def test_methods_and_metrics_take_commas_or_spaces(curated, tmp_path, capsys):
     argv = [str(curated), "--out", str(tmp_path / "bad"), "--method", "linear,bogus", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 2
     assert "--method: ['bogus'] not among flow linear model" in capsys.readouterr().err
+
+
+def test_ground_truth_is_decoded_at_each_clips_turn_not_held(curated, tmp_path, monkeypatch):
+    """The split is not held decoded (1,000 windows of 320x512 would be 7.9 GB): each clip is decoded once
+    to check it, then again only when it is scored; a resumed run whose scores exist decodes each once."""
+    from inference.eval_data import EvalClip
+
+    calls = []
+    real = EvalClip.frames
+    monkeypatch.setattr(EvalClip, "frames", lambda self: calls.append(self.key) or real(self))
+    argv = [str(curated), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    assert sorted(calls) == sorted([*CLIPS, "clip000a", "clip000b"])  # check all, score the two long ones
+    calls.clear()
+    assert cli.main(argv, extractors=fake_extractors()) == 0  # every score cached
+    assert sorted(calls) == sorted(CLIPS)
