@@ -15,12 +15,14 @@ with black bars (torchvision's CenterCrop on a too-small image), this code scale
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +37,11 @@ class InputError(ValueError):
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
-    """An image file -> uint8 `[H, W, 3]` RGB (or `[H, W]` grey), upright as an image viewer shows it (the
-    EXIF orientation of a scan or a phone photo applied). Transparency is composited onto white, the paper
-    colour of a drawing; 16-bit and float greyscale are scaled to 8 bits (Pillow's own conversion clips
-    them, which turns a 16-bit line drawing white)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@contextlib.contextmanager
+def _opened_image(path: str | os.PathLike) -> Iterator[Any]:
+    """A Pillow image of `path`; InputError naming the file when it is missing, a folder or unreadable
+    (also when reading fails inside the block)."""
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -49,17 +50,32 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
         raise InputError(f"{path} is a folder, not an image file")
     try:
         with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I") or image.mode == "F":
-                image = Image.fromarray(grey_to_uint8(np.asarray(image), image.mode), "L")
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            image = image.convert("L" if grey else "RGB")
-            return np.asarray(image, dtype=np.uint8).copy()
+            yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise unreadable(path, exc) from exc
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        raise InputError(
+            f"{path} is not an image file that Pillow can read ({exc.__class__.__name__}"
+            + (f": {detail})" if detail else ")")
+        ) from exc
+
+
+def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
+    """An image file -> uint8 `[H, W, 3]` RGB (or `[H, W]` grey), upright as an image viewer shows it (the
+    EXIF orientation of a scan or a phone photo applied). Transparency is composited onto white, the paper
+    colour of a drawing; 16-bit and float greyscale are scaled to 8 bits (Pillow's own conversion clips
+    them, which turns a 16-bit line drawing white)."""
+    from PIL import Image, ImageOps
+
+    with _opened_image(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = Image.fromarray(grey_to_uint8(np.asarray(image), image.mode), "L")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = image.convert("L" if grey else "RGB")
+        return np.asarray(image, dtype=np.uint8).copy()
 
 
 def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
@@ -75,31 +91,13 @@ def grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
-def unreadable(path: Path, exc: Exception) -> InputError:
-    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-    return InputError(
-        f"{path} is not an image file that Pillow can read ({exc.__class__.__name__}"
-        + (f": {detail})" if detail else ")")
-    )
-
-
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image file as `read_image` returns it (EXIF orientation applied), from its
     header: no pixels are decoded, so a batch of thousands of rows is checked in moments. The same errors
     as `read_image` for missing and unreadable files."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image file")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise unreadable(path, exc) from exc
+    with _opened_image(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # 5-8: turned a quarter
 
 
