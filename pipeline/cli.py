@@ -10,6 +10,17 @@ from manifests.io import ManifestError, manifest_config, read_manifest
 from pipeline.config import SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 from pipeline.select import rules
 
+MODEL_STAGES = ("text", "aesthetic", "caption", "alignment")
+
+
+def _model_stages(text: str) -> list[str]:
+    """A `--skip` value: one model stage or several separated by commas."""
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in MODEL_STAGES]
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"{text!r}: the model stages are {', '.join(MODEL_STAGES)}")
+    return stages
+
 
 def _curate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -46,8 +57,10 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
         "--skip",
         action="append",
         default=[],
-        choices=["text", "aesthetic", "caption", "alignment"],
-        help="do not run this model stage (repeatable); manifest and report say it did not run",
+        type=_model_stages,
+        metavar="STAGE",
+        help=f"do not run this model stage ({', '.join(MODEL_STAGES)}; repeatable, or several with commas:"
+        " --skip caption,alignment); manifest and report say it did not run",
     )
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any source failed")
     p.add_argument("--restart", action="store_true", help="discard finished work in OUT/.work and start over")
@@ -68,7 +81,8 @@ def curate_main(argv: list[str] | None = None) -> int:
     from pipeline.job import CurateJob
 
     try:
-        sets = list(args.sets) + [f"{stage}.enabled=false" for stage in args.skip]
+        skipped = dict.fromkeys(stage for stages in args.skip for stage in stages)
+        sets = list(args.sets) + [f"{stage}.enabled=false" for stage in skipped]
         if args.models_dir:
             sets += [
                 f"{stage}.models_dir={args.models_dir}"

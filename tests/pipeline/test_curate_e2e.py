@@ -329,3 +329,8 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
     assert "thresholds: aesthetic.min=" in said and not fresh.exists()
     assert curate_main([str(footage), "--out", str(fresh), "--limit", "2", "--dry-run", *SKIPS]) == 0
     assert capsys.readouterr().out.startswith("sources: 2 ")  # the first 2 found, for a trial run
+    # --skip takes several stages with commas, as the missing-weights message suggests it be used
+    commas = ["--skip", "aesthetic,caption", "--skip", "alignment,text"]
+    assert curate_main([str(footage), "--out", str(fresh), "--dry-run", *commas]) == 0
+    said = capsys.readouterr().out
+    assert "stages: probe -> shots -> timing -> motion -> dedup -> write" in said and not fresh.exists()
