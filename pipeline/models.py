@@ -545,7 +545,7 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _list(stages: list, root: Path, hashes: bool) -> int:
+def _list(stages: list, root: Path, hashes: bool, everything: bool = True) -> int:
     for job, names in JOBS.items():
         print(f"job {job}")
         for stage in stages:
@@ -566,7 +566,62 @@ def _list(stages: list, root: Path, hashes: bool) -> int:
                 state = "present" if not problems else "BROKEN: " + "; ".join(problems)
                 digest = f"  sha256 {file_sha256(path, root)}" if hashes else ""
                 print(f"  {stage.name:<10} {wf.path}  {state}  {_human(_size(path))}{digest}")
+    if everything:
+        _list_other_jobs(root)
     return 0
+
+
+def other_jobs_files() -> dict[str, list[tuple[tuple[str, ...], str, str]]]:
+    """The weights of the jobs after curation, by job: (accepted paths under the models dir, the first
+    being the published name; what it is for; where it is published). Their loaders name a missing file
+    and its source when a run needs it; `inbetweener models` lists them all in one place."""
+    from inference.weights import ALTERNATIVES, SKETCH_FILE, TOONCRAFTER_FILE
+    from training.features import CLIP_FILE, I3D_FILE, LPIPS_FILES
+    from training.stages.sketch import ANIME2SKETCH_FILES, ANIME2SKETCH_SOURCE
+
+    def spec(wf, what: str | None = None):
+        return ((wf.relpath, *ALTERNATIVES.get(wf, ())), what or wf.what, wf.source)
+
+    return {
+        "interpolate": [
+            spec(TOONCRAFTER_FILE, "ToonCrafter (UNet, VAE, CLIP towers); or pass --checkpoint"),
+            spec(SKETCH_FILE, "the sketch encoder, for --sketch; or pass --sketch-checkpoint"),
+        ],
+        "evaluate": [
+            spec(TOONCRAFTER_FILE, "ToonCrafter, for --method model and --decoder-only"),
+            spec(I3D_FILE),
+            spec(CLIP_FILE, "OpenCLIP ViT-H-14 for CLIP_img/CLIP_txt (else ToonCrafter's own towers)"),
+            *(spec(wf) for wf in LPIPS_FILES["alex"]),
+        ],
+        "train": [
+            *(spec(wf, f"{wf.what}, for the decoder stage's LPIPS loss") for wf in LPIPS_FILES["vgg"]),
+            (
+                ANIME2SKETCH_FILES,
+                "Anime2Sketch, the sketch stage's extractor (else XDoG)",
+                ANIME2SKETCH_SOURCE,
+            ),
+        ],
+    }
+
+
+def _list_other_jobs(root: Path) -> None:
+    try:
+        jobs = other_jobs_files()
+    except ImportError as exc:  # a pipeline-only install: the other jobs' code needs the training extra
+        print(f"jobs interpolate, evaluate, train: not listed ({exc}; install the training extra)")
+        return
+    for job, files in jobs.items():
+        print(f"job {job}")
+        for paths, what, source in files:
+            found = next((root / p for p in paths if (root / p).exists()), None)
+            if found is None:
+                print(f"  {paths[0]}  missing  ({what})  <- {source}")
+            else:
+                print(f"  {found.relative_to(root)}  present  {_human(_size(found))}  ({what})")
+    print(
+        "job train: the DynamiCrafter-interp checkpoint it starts from is passed with --init (not looked up"
+        " here). The files above are fetched by hand: `download` fetches the curate stages' only."
+    )
 
 
 def _download(stages: list, root: Path) -> int:
@@ -601,7 +656,8 @@ def _download(stages: list, root: Path) -> int:
 def models_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener models",
-        description="List, check and download the weights each job's stages need. Nothing else downloads.",
+        description="List the weights every job needs (curate, interpolate, evaluate, train); check and download"
+        " the curate stages' weights. Nothing else downloads.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""examples:
   inbetweener models                         list every file: present / missing, size, sha256
@@ -635,4 +691,4 @@ models directory: --models-dir, else ${ENV_VAR}, else {DEFAULT_DIR}""",
             print(problem, file=sys.stderr)
         print("all weights present and valid" if not problems else f"{len(problems)} problem(s)")
         return 1 if problems else 0
-    return _list(stages, root, args.hashes)
+    return _list(stages, root, args.hashes, everything=not args.stages)

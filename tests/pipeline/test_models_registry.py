@@ -51,6 +51,26 @@ def test_list_shows_every_stage_file_and_where_it_comes_from(tmp_path, capsys, m
     assert json.loads((tmp_path / ".sha256.json").read_text())  # hashes are cached
 
 
+def test_list_shows_the_other_jobs_weights_and_accepts_converted_copies(tmp_path, capsys):
+    """interpolate, evaluate and train look their files up in the same folder: the listing names each with
+    its source, and finds the converted copy `inbetweener convert` writes in the original's place."""
+    (tmp_path / "tooncrafter").mkdir()
+    (tmp_path / "tooncrafter" / "model.safetensors").write_bytes(b"x" * 2048)
+    assert cli(["models", "--models-dir", str(tmp_path), "list", "--no-hashes"]) == 0
+    out = capsys.readouterr().out
+    jobs = [line for line in out.splitlines() if line.startswith("job ")]
+    assert jobs[:4] == ["job curate", "job interpolate", "job evaluate", "job train"]
+    assert "tooncrafter/model.safetensors  present  2.0 KB  (ToonCrafter" in out
+    assert "tooncrafter/sketch_encoder.ckpt  missing  (the sketch encoder, for --sketch" in out
+    assert (
+        "i3d/i3d_torchscript.pt  missing  (Kinetics-400 I3D as TorchScript, for FVD and KVD)  <- https://"
+        in out
+    )
+    assert "lpips/vgg.pth  missing" in out and "--init" in out
+    assert cli(["models", "--models-dir", str(tmp_path), "list", "text", "--no-hashes"]) == 0
+    assert "job interpolate" not in capsys.readouterr().out  # asked for one stage: that stage only
+
+
 def test_check_names_each_missing_file_and_the_command_that_fetches_it(tmp_path, capsys):
     assert cli(["models", "--models-dir", str(tmp_path), "check", "caption", "alignment"]) == 1
     err = capsys.readouterr().err
