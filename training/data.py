@@ -101,9 +101,21 @@ def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
+def is_tar_name(path: str) -> bool:
+    """Whether a local shard's name says tar (plain or gzipped), as webdataset reads them."""
+    return path.endswith((".tar", ".tar.gz", ".tgz"))
+
+
 def split_dirs(spec: str) -> tuple[str, str]:
-    """(train, eval) shard specs for `--data`: a curate OUT folder gives OUT/shards/{train,eval}."""
+    """(train, eval) shard specs for `--data`: a curate OUT folder (or its manifest.parquet, as interpolate
+    and evaluate take it) gives OUT/shards/{train,eval}."""
     path = Path(spec)
+    if not _is_url(spec) and path.suffix == ".parquet" and path.is_file():
+        if not (path.parent / "shards" / "train").is_dir():
+            raise FileNotFoundError(
+                f"{spec} is a manifest without OUT/shards/train beside it: give the shards"
+            )
+        path = path.parent
     if not _is_url(spec) and (path / "shards" / "train").is_dir():
         return str(path / "shards" / "train"), str(path / "shards" / "eval")
     if not _is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():

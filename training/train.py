@@ -33,6 +33,7 @@ from training.data import (
     DataState,
     collate,
     eval_windows,
+    is_tar_name,
     list_shards,
     make_loader,
     split_dirs,
@@ -119,7 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument(
-            "--data", help="training shards (see below); a curate OUT folder also gives the eval split"
+            "--data",
+            help="training shards (see below); a curate OUT folder (or its manifest.parquet) also gives the eval split",
         )
         p.add_argument("--out", required=True, help="run folder: checkpoints/, tb/, metrics.jsonl, samples/")
         p.add_argument("--preset", choices=["tiny", "toon-512"], help="model preset (default toon-512)")
@@ -228,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(
                 f"no training shards (*.tar) at {run.data.train}: pass --data (a curate OUT folder, a shard"
                 " folder, a glob or a URL)"
+            )
+        not_tar = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not is_tar_name(s)]
+        if not_tar:
+            raise FileNotFoundError(
+                f"{not_tar[0]} is not a shard (.tar){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"
+                " pass --data a curate OUT folder (or its manifest.parquet), a shard folder, a glob or a URL"
             )
     tc, stage_name = run.train, args.stage
     out = Path(args.out)

@@ -63,6 +63,19 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
     train_dir = train_shards / "shards" / "train"
     expected = [str(p) for p in sorted(train_dir.glob("*.tar"))]
     assert data.split_dirs(str(train_shards)) == (str(train_dir), str(train_shards / "shards" / "eval"))
+    out = (
+        tmp_path / "OUT"
+    )  # a curate output: its manifest (what interpolate and evaluate take) names its shards
+    (out / "shards" / "train").mkdir(parents=True)
+    (out / "manifest.parquet").write_bytes(b"PAR1")
+    assert (
+        data.split_dirs(str(out / "manifest.parquet"))
+        == data.split_dirs(str(out))
+        == (
+            str(out / "shards" / "train"),
+            str(out / "shards" / "eval"),
+        )
+    )
     assert data.list_shards(str(train_dir)) == expected
     assert data.list_shards(str(train_dir / "*.tar")) == expected
     assert data.list_shards(str(train_dir / "{000000..000001}.tar")) == expected
@@ -220,7 +233,14 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
         "no shards at": ["--data", str(tmp_path / "missing")],
         "train.float8 must be one of": ["--data", str(train_shards), "--set", "train.float8=fp4"],
         "notes.ckpt": ["--data", str(train_shards), "--init", str(tmp_path / "notes.ckpt")],
+        "notes.ckpt is not a shard (.tar)": ["--data", str(tmp_path / "notes.ckpt")],
+        "a manifest without OUT/shards/train beside it": [
+            "--data",
+            str(tmp_path / "lone" / "manifest.parquet"),
+        ],
     }
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "manifest.parquet").write_bytes(b"PAR1")
     for message, extra in cases.items():
         with pytest.raises(SystemExit) as exc:
             main(["rectify", "--preset", "tiny", "--out", str(tmp_path / "out"), *extra])
