@@ -50,15 +50,15 @@ log = logging.getLogger("training.train")
 STAGES = {"rectify": rectify, "decoder": decoder, "sketch": sketch}
 
 EXAMPLES = """examples:
-  inbetweener train rectify --preset tiny --data out/demo --out runs/rectify-tiny
+  inbetweener train rectify --preset tiny --data out/demo/curated --out runs/rectify-tiny
   inbetweener train rectify --data s3://bucket/curated/shards/train/ --out runs/rectify \\
       --config configs/rectify.yaml --set train.init_checkpoint=models/dynamicrafter_512_interp/model.ckpt
   torchrun --nproc_per_node 8 -m training.train rectify --data /data/curated --out runs/rectify \\
       --config configs/rectify.yaml --set train.micro_batch=2
-  inbetweener train decoder --data out/demo --out runs/decoder --config configs/decoder.yaml --no-lpips
-  inbetweener train sketch --data out/demo --out runs/sketch --config configs/sketch.yaml \\
+  inbetweener train decoder --data out/demo/curated --out runs/decoder --config configs/decoder.yaml --no-lpips
+  inbetweener train sketch --data out/demo/curated --out runs/sketch --config configs/sketch.yaml \\
       --set train.init_checkpoint=runs/rectify/checkpoints/step_0050000/model.safetensors
-  inbetweener train rectify --preset tiny --data out/demo --out runs/rectify-tiny --resume
+  inbetweener train rectify --preset tiny --data out/demo/curated --out runs/rectify-tiny --resume
 
 --data takes a curate OUT folder (its shards/train, with shards/eval as the eval split), a folder of
 .tar shards, a glob, a {000000..000099} pattern, a list file, pipe:COMMAND or an fsspec URL.
