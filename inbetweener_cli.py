@@ -18,7 +18,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "re-apply thresholds from a manifest and re-shard (no decoding)",
     ),
     "report": ("pipeline.cli", "report_main", "rebuild report.html from a manifest"),
-    "models": ("pipeline.models", "models_main", "list, check and download the weights the stages need"),
+    "models": (
+        "pipeline.models",
+        "models_main",
+        "list every job's weights; check and download the curate stages'",
+    ),
     "demo": ("pipeline.cli", "demo_main", "generate sample cartoon footage and curate it with local Ray"),
     "bench": ("pipeline.bench", "main", "benchmarks (bench curate: decoding vs CPU stages, workers, memory)"),
     "describe": ("training.describe", "main", "parameter counts per part of a model preset"),
