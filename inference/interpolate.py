@@ -319,8 +319,11 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     if len(paths or []) < 2:
         raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
     images = read_keyframes([Path(p) for p in paths])  # one job: read now, every error before the model loads
-    sketch_files = _sketch_files(args.sketch or [])
-    return [Job("", [str(p) for p in paths], args.prompt, args.seed, lambda: images, sketch_files)]
+    job = Job(
+        "", [str(p) for p in paths], args.prompt, args.seed, lambda: images, _sketch_files(args.sketch or [])
+    )
+    job.read_sketches()  # likewise: a sketch that does not decode stops here, not at its turn
+    return [job]
 
 
 # --- running ---------------------------------------------------------------------------------------------------

@@ -346,6 +346,12 @@ def test_sketch_errors(files, tmp_path, capsys, monkeypatch, no_device_work):
     assert "sketch_encoder.ckpt" in err and "--sketch-checkpoint" in err
     err = _error(capsys, [*argv, "--sketch", f"20={sketch}"])
     assert "frames [20]" in err and "0..15" in err
+    noise = np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=95)
+    cut = tmp_path / "cut_05.jpg"  # its header reads, its pixels do not: still refused before any work
+    cut.write_bytes((tmp_path / "whole.jpg").read_bytes()[:1500])
+    err = _error(capsys, [*argv, "--sketch", str(cut)])
+    assert "cut_05.jpg is not an image file that Pillow can read" in err
 
 
 def test_help_explains_weights_geometry_and_defaults(capsys):
