@@ -1,6 +1,6 @@
 """`inbetweener interpolate`: keyframes + prompt (+ sketches) -> in-between frames as mp4, gif and PNGs.
 
-Every input is checked (keyframes readable and of one size, sketches, checkpoint present and of the right
+Every input is checked (keyframes readable and of one aspect ratio, sketches, checkpoint present and of the right
 model, output formats writable) before anything is moved to the GPU; a batch's files by their headers, all
 rows at once, its pixels read at each row's turn. Sampling is inference/sampler.py.
 """
@@ -61,7 +61,8 @@ frame geometry (the reference: resize the short side to 320, centre-crop 320x512
   residue is cut). 16:10 keyframes (e.g. 512x320) give exactly the reference's 320x512; 16:9 gives 320x576;
   portrait keyframes give portrait output. Outputs are written at that frame size, i.e. at the keyframes'
   aspect. --size 320x512 forces the reference's box; keyframes narrower than it are scaled to cover
-  (the reference pads them with black bars). Keyframes must share one size.
+  (the reference pads them with black bars). Keyframes must share one aspect ratio; their sizes may
+  differ (each is scaled to the frame, which the first keyframe's aspect sets).
 
 defaults reproduce the reference (run.sh / the Gradio app):
   --steps 50 (uniform_trailing DDIM) --eta 1.0 --cfg 7.5 --guidance-rescale 0.7 --fs 10 --frames 16,
@@ -95,7 +96,7 @@ batch files (--batch): CSV/TSV with a header, or JSON lines, one output folder p
 
 @dataclass
 class Job:
-    """One output: keyframes of one size, a prompt, optional sketches by global frame index. Its pictures
+    """One output: keyframes of one aspect ratio, a prompt, optional sketches by global frame index. Its pictures
     are read when its turn comes (`read_keyframes`, `read_sketches`), so a batch of any length runs in the
     memory of one row; what can be checked without decoding them was checked when the job was made."""
 
@@ -103,7 +104,7 @@ class Job:
     labels: list[str]  # where each keyframe came from
     prompt: str
     seed: int
-    read_keyframes: Callable[[], list[np.ndarray]]  # uint8 [H, W, 3], one size
+    read_keyframes: Callable[[], list[np.ndarray]]  # uint8 [H, W, 3], one aspect ratio
     sketch_files: dict[int, Path] = field(default_factory=dict)
 
     @property

@@ -101,31 +101,38 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)  # 5-8: turned a quarter
 
 
-def _one_size(paths: Sequence[str | os.PathLike], sizes: Sequence[tuple[int, int]]) -> None:
-    if len(set(sizes)) > 1:
+ASPECT_TOLERANCE = 0.01  # keyframes whose width/height ratios differ by less are one framing at two sizes
+
+
+def _one_aspect(paths: Sequence[str | os.PathLike], sizes: Sequence[tuple[int, int]]) -> None:
+    """Keyframes may differ in size (each is scaled to the model's frame) but not in aspect: another aspect
+    would be cropped differently, so the same content would not sit at the same place."""
+    aspects = [w / h for h, w in sizes]
+    if max(aspects) > min(aspects) * (1 + ASPECT_TOLERANCE):
         listed = ", ".join(f"{Path(p).name} is {w}x{h}" for p, (h, w) in zip(paths, sizes))
         raise InputError(
-            f"keyframes differ in size ({listed}); give keyframes of one size (width x height), e.g. "
-            "frames exported from the same scene"
+            f"keyframes differ in size and aspect ({listed}); give keyframes of one aspect ratio (width x "
+            "height), e.g. frames exported from the same scene (one size at two resolutions is fine)"
         )
 
 
 def check_keyframe_files(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
-    """What `read_keyframes` checks, from the files' headers: at least two, readable, one size, which is
-    returned as (height, width)."""
+    """What `read_keyframes` checks, from the files' headers: at least two, readable, one aspect ratio; the
+    first one's (height, width) is returned."""
     if len(paths) < 2:
         raise InputError(f"need at least two keyframes, got {len(paths)}")
     sizes = [image_size(p) for p in paths]
-    _one_size(paths, sizes)
+    _one_aspect(paths, sizes)
     return sizes[0]
 
 
 def read_keyframes(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
-    """Read keyframes and check that they share one size (the model interpolates one frame geometry)."""
+    """Read keyframes and check that they share one aspect ratio (the model interpolates one frame geometry;
+    each keyframe is scaled to it, so sizes may differ)."""
     if len(paths) < 2:
         raise InputError(f"need at least two keyframes, got {len(paths)}")
     images = [read_image(p) for p in paths]
-    _one_size(paths, [img.shape[:2] for img in images])
+    _one_aspect(paths, [img.shape[:2] for img in images])
     return images
 
 

@@ -282,6 +282,29 @@ def test_keyframes_of_different_sizes(files, capsys, no_device_work):
     assert "differ in size" in err and "80x40" in err and "60x40" in err
 
 
+def test_keyframes_of_one_aspect_at_two_sizes(files, tmp_path):
+    """A start frame exported at twice the end frame's resolution is the same framing: both are scaled to
+    the model's frame, which the model then sees as it sees the same-size pair."""
+    root, ckpt, keys = files
+    big = tmp_path / "b_big.png"
+    Image.open(keys["b"]).resize((160, 80), Image.NEAREST).save(big)
+    out = tmp_path / "out"
+    argv = [str(keys["a"]), str(big), "--frames", "4", "--formats", "png", "--checkpoint", str(ckpt),
+            "--out", str(out), *FAST]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert [np.asarray(Image.open(p)).shape for p in sorted((out / "frames").glob("*.png"))] == [
+        (32, 64, 3)
+    ] * 4
+    prepared = []
+    for end in (keys["b"], big):
+        job = cli.build_jobs(cli.build_parser().parse_args([str(keys["a"]), str(end)]))[0]
+        prepared.append(cli.prepare_frames(job, None, 32, 32))
+    (same, _, size_same), (scaled, _, size_scaled) = prepared
+    assert size_same == size_scaled == (32, 64)
+    assert torch.equal(same[0], scaled[0])  # the start frame is the same file
+    assert (same[1] - scaled[1]).abs().mean() < 0.02  # the end frame, up to resampling ([-1, 1] units)
+
+
 def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
     root, ckpt, keys = files
     notes = tmp_path / "notes.png"
