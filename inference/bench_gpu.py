@@ -21,6 +21,7 @@ compiled 5.10 s (the first, compiling sample 104 s). Peak allocated 10.53 GiB in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.engine import cache_saved, load_compile_cache, save_compile_cache
+from training.engine import cache_saved, compile_progress, load_compile_cache, save_compile_cache
 from training.models.unet import TEMPORAL_CONV_IMPLS, TemporalConvBlock, set_temporal_conv
 from training.profile_unet import kernel_table
 
@@ -176,7 +177,10 @@ def bench(args: argparse.Namespace) -> dict:
         def tell(phase: str, seconds: float, mode: str = mode) -> None:
             print(f"{mode} first sample, {phase}: {seconds:.1f} s", flush=True)
 
-        first_sample = one_sample(im, first, last, settings, 0, with_clip, tell)  # warm-up (and compilation)
+        with compile_progress(f"{mode} first sample, compiling") if compiled else contextlib.nullcontext():
+            first_sample = one_sample(
+                im, first, last, settings, 0, with_clip, tell
+            )  # warm-up (and compiling)
         # printed at once: a run stopped at its time limit still tells how long compiling took
         print(f"{mode} first sample: {first_sample['total']:.1f} s", flush=True)
         if compiled and args.compile_cache:

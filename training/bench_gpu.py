@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from training.engine import cache_saved, load_compile_cache, save_compile_cache
+from training.engine import cache_saved, compile_progress, load_compile_cache, save_compile_cache
 from training.float8 import check_settings as check_float8_settings
 
 # Model FLOPs per clip and step (forward + backward, no recompute), MODEL.md Appendix E, toon-512.
@@ -330,8 +330,10 @@ def measure(
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(args.warmup):
             t0 = time.perf_counter()
-            _step(case, batch, amp, device)
-            _sync(device)
+            watch = compile_progress(f"{stage} batch {b}: compiling") if i == 0 and args.compile else None
+            with watch or contextlib.nullcontext():
+                _step(case, batch, amp, device)
+                _sync(device)
             # printed at once: a run stopped at its time limit still tells how long compiling took
             print(f"{stage} batch {b}: warm-up step {i + 1} {time.perf_counter() - t0:.1f} s", flush=True)
             if i == 0 and args.compile and args.compile_cache and _compiled_since_saved():

@@ -312,6 +312,32 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     return len(blocks)
 
 
+@contextlib.contextmanager
+def compile_progress(label: str, interval: float = 30.0) -> Iterator[None]:
+    """While the block runs, print every `interval` seconds how many graphs Dynamo has captured so far: a
+    GPU check stopped at its time limit in the middle of compiling still tells how far it got."""
+    import threading
+    import time
+
+    from torch._dynamo.utils import counters
+
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def report() -> None:
+        while not done.wait(interval):
+            graphs = counters["stats"]["unique_graphs"]
+            print(f"{label}: {time.perf_counter() - start:.0f} s, {graphs} graphs so far", flush=True)
+
+    thread = threading.Thread(target=report, name="compile-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def load_compile_cache(path: Path) -> bool:
     """Warm torch.compile's caches (compiled graphs and kernels) from a file `save_compile_cache` wrote,
     possibly on another machine with the same torch, Triton and GPU: compilation then mostly loads instead

@@ -481,3 +481,19 @@ def test_unknown_compile_backend_is_named():
         compile_blocks([nn.Linear(2, 2)], "no-such-backend")
     opt = adamw(nn.Linear(2, 2).parameters(), TrainConfig(), torch.device("cpu"))
     assert opt.defaults["fused"] is False and opt.defaults["lr"] == TrainConfig().lr
+
+
+def test_compile_progress_reports_while_the_block_runs(capsys):
+    """A GPU check stopped mid-compile still says how far compiling got: a line every `interval` seconds
+    while the block runs, none after it."""
+    import time
+
+    from training.engine import compile_progress
+
+    with compile_progress("rectify batch 6: compiling", interval=0.05):
+        time.sleep(0.4)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("rectify batch 6: compiling: ") for line in lines)
+    assert all(line.endswith(" graphs so far") for line in lines)
+    time.sleep(0.15)
+    assert capsys.readouterr().out == ""  # the reporter stopped with the block
