@@ -90,7 +90,8 @@ batch files (--batch): CSV/TSV with a header, or JSON lines, one output folder p
   thousands of rows take moments) and all unusable rows are listed at once, with nothing run; each row's
   pictures are read at its turn, so memory does not grow with the batch. A row whose file fails to
   decode then (e.g. a truncated JPEG) is reported and skipped, the others are written, and the exit
-  code is 1; --skip-existing reruns only the rows without output.
+  code is 1; --skip-existing reruns only the rows without output. OUT/batch.json lists every row with
+  its status (done, error with the reason, pending).
 """
 
 
@@ -402,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
         outside = sorted(i for i in job.sketch_files if not 0 <= i < total)
         if outside:
             raise InputError(f"sketches for frames {outside}: the output has frames 0..{total - 1}")
+    every_job = jobs
     if args.skip_existing:
         jobs = [j for j in jobs if not (args.out / j.name / "meta.json").is_file()]
         if not jobs:
@@ -447,14 +449,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     rows = tqdm(jobs, desc="clips", unit="clip", disable=args.quiet or len(jobs) == 1)
-    failed = []
+    failed: dict[str, str] = {}  # row name -> why it was not interpolated
     for job in rows:
         start = time.perf_counter()
         try:
             keyframes, hints, target = prepare_frames(job, size, args.short_side, multiple)
         except InputError as exc:
             # A row whose files changed or fail to decode past their header: reported, and the batch goes on.
-            failed.append(job.name)
+            failed[job.name] = str(exc)
             rows.write(f"{job.name}: not interpolated: {exc}", file=sys.stderr)
             continue
         video = interpolate_chain(
@@ -496,6 +498,8 @@ def run(args: argparse.Namespace) -> int:
             print(message)
     if device.type == "cuda":
         log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
+    if args.batch is not None:
+        write_batch_status(args.out, every_job, failed)
     if failed:
         print(
             f"inbetweener interpolate: {len(failed)} of {len(jobs)} rows not interpolated (listed above); "
@@ -504,6 +508,23 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def write_batch_status(out: Path, jobs: list[Job], failed: dict[str, str]) -> Path:
+    """OUT/batch.json: every row of the batch with its status ("done": its output folder is complete, from
+    this run or an earlier one; "error", with the reason; "pending": not reached), for scripts to read."""
+    from manifests.files import write_json_atomic
+
+    def status(job: Job) -> dict:
+        if job.name in failed:
+            return {"status": "error", "reason": failed[job.name]}
+        return {"status": "done" if (out / job.name / "meta.json").is_file() else "pending"}
+
+    rows = [{"name": j.name, "keyframes": j.labels, **status(j)} for j in jobs]
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "error", "pending")}
+    path = out / "batch.json"
+    write_json_atomic(path, {"rows": rows, **counts})
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

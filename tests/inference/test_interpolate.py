@@ -183,8 +183,9 @@ def test_batch_writes_one_output_per_row(files, tmp_path):
         )
         == 0
     )
-    folders = sorted(p.name for p in out.iterdir())
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == ["0001_b_c", "right"]
+    assert json.loads((out / "batch.json").read_text())["done"] == 2
     for name in folders:
         assert len(list((out / name / "frames").glob("*.png"))) == 4
         assert (out / name / "inbetween.gif").is_file()
@@ -253,11 +254,20 @@ def test_a_row_that_fails_at_its_turn_does_not_stop_the_batch(files, tmp_path, c
     err = capsys.readouterr().err
     assert "0000_a_truncated: not interpolated: " in err and "truncated.jpg" in err
     assert "1 of 2 rows not interpolated" in err
-    assert sorted(p.name for p in out.iterdir()) == ["0001_a_b"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0001_a_b"]
     assert len(list((out / "0001_a_b" / "frames").glob("*.png"))) == 4
+    status = json.loads((out / "batch.json").read_text())  # every row's fate, for scripts
+    assert (status["done"], status["error"], status["pending"]) == (1, 1, 0)
+    assert [(r["name"], r["status"]) for r in status["rows"]] == [
+        ("0000_a_truncated", "error"),
+        ("0001_a_b", "done"),
+    ]
+    assert "truncated.jpg" in status["rows"][0]["reason"]
     truncated.write_bytes(whole.read_bytes())  # fixed: only that row runs
     assert cli.main([*argv, "--skip-existing"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0000_a_truncated", "0001_a_b"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0000_a_truncated", "0001_a_b"]
+    status = json.loads((out / "batch.json").read_text())
+    assert (status["done"], status["error"]) == (2, 0)
 
 
 # --- errors, all raised before the model reaches a device ------------------------------------------------------
