@@ -46,6 +46,7 @@ examples:
   inbetweener interpolate a.png b.png c.png --prompt "a man walking" --out out/chain   # 2 segments, 31 frames
   inbetweener interpolate a.png b.png --sketch sketches/ --out out/sketched   # sketches/07.png guides frame 7
   inbetweener interpolate --batch pairs.csv --out out/batch                    # one output folder per row
+  inbetweener interpolate --batch pairs.csv --out out/batch --dry-run          # check the rows, load nothing
 
 weights (nothing is downloaded for you):
   The released ToonCrafter `model.ckpt` (10.5 GB, Hugging Face repo Doubiiu/ToonCrafter):
@@ -192,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--skip-existing", action="store_true", help="batch: skip rows whose output folder is complete"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every input, say what would be written, and stop before loading the model",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -422,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
     needs_sketch = any(j.sketch_files for j in jobs)
     sketch_path = find_weights(args.sketch_checkpoint, SKETCH_FILE, args.models_dir) if needs_sketch else None
+    if args.dry_run:
+        return _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, device, dtype)
     model = load_tooncrafter(checkpoint, args.preset)
     from training.checkpoint import preset_name
 
@@ -507,6 +515,40 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, device, dtype) -> int:
+    """What a run would do, from the checks already made; nothing is loaded or written."""
+    from collections import Counter
+
+    done = len(every_job) - len(jobs)
+    existing = sum((args.out / j.name / "meta.json").is_file() for j in jobs)
+    line = f"rows: {len(every_job)}"
+    if done:
+        line += f", {done} with complete output skipped (--skip-existing)"
+    elif existing:
+        line += f", {existing} with complete output that would be redone (--skip-existing skips them)"
+    print(line)
+    frames = Counter((len(j.labels) - 1) * (settings.frames - 1) + 1 for j in jobs)
+    print("frames per row: " + ", ".join(f"{n} ({_rows(k)})" for n, k in sorted(frames.items())))
+    from_manifest = args.batch is not None and (args.batch.suffix == ".parquet" or args.batch.is_dir())
+    if not from_manifest:
+        sizes = Counter(image_size(j.labels[0]) for j in jobs)  # headers only
+        print("keyframe sizes: " + ", ".join(f"{w}x{h} ({_rows(k)})" for (h, w), k in sorted(sizes.items())))
+    else:
+        print("keyframe sizes: the clips' (decoded at each row's turn)")
+    print(f"checkpoint: {checkpoint} (found; loaded and checked only by a real run)")
+    print(f"sketch encoder: {sketch_path}" if sketch_path else "sketch encoder: not needed")
+    where = f"{args.out}/NAME/" if args.batch is not None else f"{args.out}/"
+    print(
+        f"outputs: {where} {', '.join(formats)} + meta.json; device {device}, {str(dtype).removeprefix('torch.')}"
+    )
+    print("dry run: nothing was loaded or written (pixels are decoded by a real run, at each row's turn)")
     return 0
 
 

@@ -233,6 +233,33 @@ def test_a_batch_with_bad_rows_lists_them_all_and_runs_nothing(files, tmp_path, 
     assert not out.exists()
 
 
+def test_dry_run_says_what_a_batch_would_do_and_loads_nothing(
+    files, tmp_path, capsys, monkeypatch, no_device_work
+):
+    import inference.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded the checkpoint")
+
+    monkeypatch.setattr(inference.weights, "load_tooncrafter", refuse)
+    root, ckpt, keys = files
+    batch = _write_batch(
+        tmp_path / "pairs.csv",
+        [[str(keys["a"]), str(keys["b"]), "", ""], [str(keys["b"]), str(keys["c"]), "", ""]],
+    )
+    out = tmp_path / "out"
+    (out / "0000_a_b").mkdir(parents=True)
+    (out / "0000_a_b" / "meta.json").write_text("{}")  # an earlier run finished this row
+    argv = ["--batch", str(batch), "--checkpoint", str(ckpt), "--out", str(out), "--dry-run", *FAST]
+    assert cli.main([*argv, "--skip-existing"]) == 0
+    said = capsys.readouterr().out
+    assert "rows: 2, 1 with complete output skipped (--skip-existing)" in said
+    assert "frames per row: 16 (1 row)" in said and "keyframe sizes: 80x40 (1 row)" in said
+    assert f"checkpoint: {ckpt}" in said and "sketch encoder: not needed" in said
+    assert "dry run: nothing was loaded or written" in said
+    assert sorted(p.name for p in out.iterdir()) == ["0000_a_b"] and not (out / "batch.json").exists()
+
+
 def test_a_row_that_fails_at_its_turn_does_not_stop_the_batch(files, tmp_path, capsys):
     """A file whose header reads but whose pixels do not (a truncated JPEG) is reported at its turn; the
     other rows are written, the exit code is 1, and --skip-existing then tries only that row."""
