@@ -212,7 +212,14 @@ def _safe_name(text: str) -> str:
 
 def _sketch_files(items: list[str], resolve=Path) -> dict[int, Path]:
     """`--sketch` items -> {frame index: file}, each file's header checked (image_size)."""
-    files = parse_sketch_args([str(resolve(i)) if "=" not in i else i for i in items])
+
+    def resolved(item: str) -> str:  # a file, or INDEX=FILE: the file relative to the batch file too
+        spec, sep, file = item.partition("=")
+        if sep and spec.strip().isdigit():
+            return f"{spec}={resolve(file)}"
+        return str(resolve(item))
+
+    files = parse_sketch_args([resolved(i) for i in items])
     for file in files.values():
         image_size(file)
     return files
@@ -404,11 +411,18 @@ def run(args: argparse.Namespace) -> int:
     formats = _formats(args.formats)
     size = parse_size(args.size) if args.size else None
     jobs = build_jobs(args)
+    problems = []
     for job in jobs:
         total = (len(job.labels) - 1) * (settings.frames - 1) + 1
         outside = sorted(i for i in job.sketch_files if not 0 <= i < total)
         if outside:
-            raise InputError(f"sketches for frames {outside}: the output has frames 0..{total - 1}")
+            where = f"{job.name}: " if job.name else ""
+            problems.append(f"{where}sketches for frames {outside}: the output has frames 0..{total - 1}")
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        raise InputError(f"{len(problems)} rows have sketches past their last frame:\n  {listed}")
     every_job = jobs
     if args.skip_existing:
         jobs = [j for j in jobs if not (args.out / j.name / "meta.json").is_file()]

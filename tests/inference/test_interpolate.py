@@ -215,6 +215,25 @@ def test_batch_rows_are_read_at_their_turn(files, tmp_path, monkeypatch):
     assert decoded == [keys["a"], keys["b"]] and images[0].shape == (40, 80, 3)
 
 
+def test_batch_paths_are_relative_to_the_batch_file(files, tmp_path):
+    """Keyframes, sketch files and INDEX=FILE sketches alike (the last were taken relative to the working
+    directory)."""
+    root, ckpt, keys = files
+    folder = tmp_path / "job"
+    (folder / "sk").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(keys[name[0]].read_bytes())
+    _keyframe(folder / "sk" / "line_03.png", (80, 40), 10)
+    batch = folder / "rows.jsonl"
+    batch.write_text(
+        json.dumps({"start": "a.png", "end": "b.png", "sketch": ["sk/line_03.png", "9=sk/line_03.png"]})
+    )
+    args = cli.build_parser().parse_args(["--batch", str(batch), "--out", str(tmp_path / "out")])
+    (job,) = cli.build_jobs(args)
+    assert job.labels == [str(folder / "a.png"), str(folder / "b.png")]
+    assert job.sketch_files == {3: folder / "sk" / "line_03.png", 9: folder / "sk" / "line_03.png"}
+
+
 def test_a_batch_with_bad_rows_lists_them_all_and_runs_nothing(files, tmp_path, capsys, no_device_work):
     root, ckpt, keys = files
     rows = [
