@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import (
+    ASPECT_TOLERANCE,
     OUTPUT_FORMATS,
     InputError,
     check_keyframe_files,
@@ -210,8 +211,9 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
 
 
-def _sketch_files(items: list[str], resolve=Path) -> dict[int, Path]:
-    """`--sketch` items -> {frame index: file}, each file's header checked (image_size)."""
+def _sketch_files(items: list[str], keyframe_size: tuple[int, int], resolve=Path) -> dict[int, Path]:
+    """`--sketch` items -> {frame index: file}, each file's header checked (image_size): readable, and of the
+    keyframes' aspect ratio, since a sketch is cropped to the frame as they are."""
 
     def resolved(item: str) -> str:  # a file, or INDEX=FILE: the file relative to the batch file too
         spec, sep, file = item.partition("=")
@@ -221,7 +223,13 @@ def _sketch_files(items: list[str], resolve=Path) -> dict[int, Path]:
 
     files = parse_sketch_args([resolved(i) for i in items])
     for file in files.values():
-        image_size(file)
+        h, w = image_size(file)
+        kh, kw = keyframe_size
+        if abs((w / h) / (kw / kh) - 1) > ASPECT_TOLERANCE:
+            raise InputError(
+                f"sketch {file} is {w}x{h}, the keyframes {kw}x{kh}: a sketch needs the keyframes' aspect ratio"
+                " (it is scaled and cropped to the frame as they are, so another aspect would misplace its lines)"
+            )
     return files
 
 
@@ -257,8 +265,8 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             if any(not k for k in keys):
                 raise InputError("needs `start` and `end` (or `keyframes`) columns")
             paths = [resolve(k) for k in keys]
-            check_keyframe_files(paths)  # headers only: the pixels are read at the row's turn
-            sketch_files = _sketch_files(split(row.get("sketch")), resolve)
+            size = check_keyframe_files(paths)  # headers only: the pixels are read at the row's turn
+            sketch_files = _sketch_files(split(row.get("sketch")), size, resolve)
             seed = row.get("seed")
             try:
                 seed = args.seed if seed in (None, "") else int(seed)
@@ -334,9 +342,8 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     if len(paths or []) < 2:
         raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
     images = read_keyframes([Path(p) for p in paths])  # one job: read now, every error before the model loads
-    job = Job(
-        "", [str(p) for p in paths], args.prompt, args.seed, lambda: images, _sketch_files(args.sketch or [])
-    )
+    sketch_files = _sketch_files(args.sketch or [], images[0].shape[:2])
+    job = Job("", [str(p) for p in paths], args.prompt, args.seed, lambda: images, sketch_files)
     job.read_sketches()  # likewise: a sketch that does not decode stops here, not at its turn
     return [job]
 

@@ -431,6 +431,11 @@ def test_sketch_errors(files, tmp_path, capsys, monkeypatch, no_device_work):
     cut.write_bytes((tmp_path / "whole.jpg").read_bytes()[:1500])
     err = _error(capsys, [*argv, "--sketch", str(cut)])
     assert "cut_05.jpg is not an image file that Pillow can read" in err
+    narrow = _keyframe(tmp_path / "narrow_04.png", (60, 40), 10)  # keyframes are 80x40: lines would move
+    err = _error(capsys, [*argv, "--sketch", str(narrow)])
+    assert "narrow_04.png is 60x40, the keyframes 80x40" in err
+    _keyframe(tmp_path / "double_04.png", (160, 80), 20)  # the same aspect at twice the size is fine
+    assert cli.build_jobs(cli.build_parser().parse_args([*argv, "--sketch", str(tmp_path / "double_04.png")]))
 
 
 def test_help_explains_weights_geometry_and_defaults(capsys):
