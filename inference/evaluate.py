@@ -248,10 +248,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if len(skipped) > 3:
         print(f"... {len(skipped) - 3} more skipped (the results JSON lists them all)", file=sys.stderr)
     if not clips:
+        sources = [str(s) for s in args.sources]
+        if not skipped:
+            raise InputError(
+                f"no clips in {sources} (for a curate output or manifest: in split {args.split!r})"
+            )
         reasons = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:5])
-        raise InputError(
-            f"no usable clips in {[str(s) for s in args.sources]} ({len(skipped)} skipped: {reasons})"
-        )
+        raise InputError(f"no usable clips in {sources} ({len(skipped)} skipped: {reasons})")
     if extractors is None:
         clip_model = None
         if checkpoint is not None:

@@ -376,6 +376,11 @@ def test_a_corrupt_clip_is_skipped_and_reported_not_a_crash(tmp_path, capsys):
     (skipped,) = result["data"]["skipped"]
     assert skipped["key"] == "cut" and "does not decode" in skipped["reason"]
     assert "skipped cut: " in capsys.readouterr().err
+    with tarfile.open(shard_dir / "empty.tar", "w"):
+        pass
+    argv = [str(shard_dir / "empty.tar"), "--out", str(out), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert f"no clips in ['{shard_dir / 'empty.tar'}']" in capsys.readouterr().err
 
 
 def test_methods_and_metrics_take_commas_or_spaces(curated, tmp_path, capsys):
