@@ -595,6 +595,7 @@ def other_jobs_files() -> dict[str, list[tuple[tuple[str, ...], str, str]]]:
         ],
         "train": [
             *(spec(wf, f"{wf.what}, for the decoder stage's LPIPS loss") for wf in LPIPS_FILES["vgg"]),
+            *(spec(wf, f"{wf.what}, for the decoder stage's eval LPIPS") for wf in LPIPS_FILES["alex"]),
             (
                 ANIME2SKETCH_FILES,
                 "Anime2Sketch, the sketch stage's extractor (else XDoG)",
