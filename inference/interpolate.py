@@ -416,6 +416,10 @@ def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, mult
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     formats = _formats(args.formats)
+    if not 0 < args.fps <= 1000:
+        raise InputError(f"--fps must be in (0, 1000], got {args.fps:g}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder for the outputs")
     size = parse_size(args.size) if args.size else None
     jobs = build_jobs(args)
     problems = []
@@ -569,7 +573,12 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
     print(
         f"outputs: {where} {', '.join(formats)} + meta.json; device {device}, {str(dtype).removeprefix('torch.')}"
     )
-    print("dry run: nothing was loaded or written (pixels are decoded by a real run, at each row's turn)")
+    later = (
+        " (a batch's pictures are decoded by a real run, at each row's turn)"
+        if args.batch is not None
+        else ""
+    )
+    print(f"dry run: nothing was loaded or written{later}")
     return 0
 
 

@@ -361,6 +361,17 @@ def test_keyframes_of_one_aspect_at_two_sizes(files, tmp_path):
     assert (same[1] - scaled[1]).abs().mean() < 0.02  # the end frame, up to resampling ([-1, 1] units)
 
 
+def test_output_settings_that_would_fail_after_sampling_are_refused_first(
+    files, tmp_path, capsys, no_device_work
+):
+    root, ckpt, keys = files
+    argv = [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *FAST]
+    assert "--fps must be in (0, 1000], got 0" in _error(
+        capsys, [*argv, "--fps", "0", "--out", str(tmp_path / "o")]
+    )
+    assert "is a file; give a folder" in _error(capsys, [*argv, "--out", str(keys["a"])])
+
+
 def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
     root, ckpt, keys = files
     notes = tmp_path / "notes.png"
