@@ -213,6 +213,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder for the results")
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
     unknown = [m for m in methods if m not in METHODS and m != "decoder"]
