@@ -99,6 +99,8 @@ def curate_main(argv: list[str] | None = None) -> int:
             config.run.progress = False
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a file; give a folder for the job's output")
         job = CurateJob(args.inputs, args.out, config, restart=args.restart, limit=args.limit)
         if args.dry_run:
             print(job.plan())

@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _input_errors():  # everything the user gave is checked before a model is built
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file; give a folder for the run")
         run = resolve_config(args)
         shards = list_shards(run.data.train)
         if not shards:

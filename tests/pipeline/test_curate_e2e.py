@@ -186,6 +186,9 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert curate_main([str(tmp_path), "--out", str(out), "--set", "motion.mni=1"]) == 2
     assert "motion.mni" in capsys.readouterr().err
     assert not out.exists()
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert curate_main([str(tmp_path), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file; give a folder" in capsys.readouterr().err
 
 
 def test_resume_after_kill_9(tmp_path):

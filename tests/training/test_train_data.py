@@ -234,6 +234,12 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
         "train.float8 must be one of": ["--data", str(train_shards), "--set", "train.float8=fp4"],
         "notes.ckpt": ["--data", str(train_shards), "--init", str(tmp_path / "notes.ckpt")],
         "notes.ckpt is not a shard (.tar)": ["--data", str(tmp_path / "notes.ckpt")],
+        "notes.ckpt is a file; give a folder for the run": [
+            "--data",
+            str(train_shards),
+            "--out",
+            str(tmp_path / "notes.ckpt"),
+        ],
         "a manifest without OUT/shards/train beside it": [
             "--data",
             str(tmp_path / "lone" / "manifest.parquet"),
