@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from manifests.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -250,13 +251,6 @@ def sketch_hint(image: np.ndarray) -> np.ndarray:
 OUTPUT_FORMATS = ("mp4", "gif", "png")
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_pngs(frames: np.ndarray, folder: Path, first_index: int = 0) -> list[Path]:
     """frames [T, H, W, 3] -> folder/0000.png, 0001.png, ... (numbered from `first_index`)."""
     from PIL import Image
@@ -265,9 +259,8 @@ def write_pngs(frames: np.ndarray, folder: Path, first_index: int = 0) -> list[P
     paths = []
     for i, frame in enumerate(frames):
         path = folder / f"{first_index + i:04d}.png"
-        tmp = _atomic_target(path)
-        Image.fromarray(frame).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            Image.fromarray(frame).save(tmp, format="PNG")
         paths.append(path)
     return paths
 
@@ -277,14 +270,10 @@ def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, suffix=".gif") as tmp:
         images[0].save(
             tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -309,19 +298,14 @@ def write_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 10) -> Path
         codec = "libx264"
     except Exception:  # PyAV builds without GPL codecs
         codec = "mpeg4"
-    tmp = _atomic_target(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-            if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video.py)
-                stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, suffix=".mp4") as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video.py)
+            stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
 
 

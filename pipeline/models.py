@@ -24,6 +24,7 @@ cached beside the files (.sha256.json) and recorded in the manifest's `models` l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from manifests.files import default_file_mode, write_json_atomic
 
 ENV_VAR = "INBETWEENER_MODELS"
 DEFAULT_DIR = "~/.cache/inbetweener/models"
@@ -432,12 +435,8 @@ def file_sha256(path: Path, models_dir: Path | None = None) -> str:
         return cache[key][2]
     digest = _digest(path)
     cache[key] = [*stamp, digest]
-    try:  # an unwritable models dir only costs the cache
-        with tempfile.NamedTemporaryFile("w", dir=cache_file.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(cache, tmp)
-        os.replace(tmp.name, cache_file)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # an unwritable models dir only costs the cache
+        write_json_atomic(cache_file, cache)
     return digest
 
 
@@ -487,7 +486,8 @@ def _download_hf_file(repo: str, filename: str, dest: Path) -> None:
             pickled = hf_hub_download(repo, "open_clip_pytorch_model.bin", local_dir=tmp)
             state = torch.load(pickled, map_location="cpu", weights_only=True)
             got = str(Path(tmp) / filename)
-            save_file({k: v.contiguous() for k, v in state.items()}, got)
+            save_file({k: v.contiguous() for k, v in state.items()}, got)  # (safetensors writes it 0600)
+        os.chmod(got, default_file_mode())
         os.replace(got, dest)
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import subprocess
-import tempfile
 import zipfile
 from collections import defaultdict
 from collections.abc import Mapping
@@ -38,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from manifests.files import atomic_path
 from training.models.tooncrafter import (
     TOONCRAFTER_PRESETS,
     ToonCrafter,
@@ -456,13 +455,6 @@ def save_safetensors(
         VERSION_METADATA: code_version(),
         **(metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from manifests.files import atomic_path
 from training import roles
 from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder, SketchEncoderConfig, init_from_unet
 from training.models.tooncrafter import ToonCrafter
@@ -272,9 +273,8 @@ def save_encoder(encoder: SketchEncoder, path: Path, metadata: dict[str, str]) -
         VERSION_METADATA: code_version(),
         **metadata,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def build(model: ToonCrafter, run: Any, models_dir: Path | None) -> Stage:

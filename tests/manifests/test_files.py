@@ -1,0 +1,45 @@
+"""Atomic writes (manifests/files.py): complete or absent, and readable as any new file is."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from manifests.files import atomic_path, write_json_atomic
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path, umask_022):
+    """Manifests, exported models and interpolate's outputs are shared by a team: 0644 under umask 022
+    (mkstemp alone left them 0600, readable by their owner only)."""
+    from inference.media import write_gif, write_mp4, write_pngs
+    from training.checkpoint import save_safetensors
+    from training.models.tooncrafter import build_tooncrafter
+
+    write_json_atomic(tmp_path / "manifest.json", {"rows": 1})
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    written = [
+        tmp_path / "manifest.json",
+        *write_pngs(frames, tmp_path / "frames"),
+        write_gif(frames, tmp_path / "clip.gif", 8.0),
+        write_mp4(frames, tmp_path / "clip.mp4", 8.0),
+        save_safetensors(build_tooncrafter("tiny"), tmp_path / "model.safetensors"),
+    ]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: 0o644 for p in written}
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
+
+
+def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
