@@ -418,6 +418,8 @@ def run(args: argparse.Namespace) -> int:
     formats = _formats(args.formats)
     if not 0 < args.fps <= 1000:
         raise InputError(f"--fps must be in (0, 1000], got {args.fps:g}")
+    if args.short_side <= 0:
+        raise InputError(f"--short-side must be positive, got {args.short_side}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the outputs")
     size = parse_size(args.size) if args.size else None

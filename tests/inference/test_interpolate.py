@@ -370,6 +370,7 @@ def test_output_settings_that_would_fail_after_sampling_are_refused_first(
         capsys, [*argv, "--fps", "0", "--out", str(tmp_path / "o")]
     )
     assert "is a file; give a folder" in _error(capsys, [*argv, "--out", str(keys["a"])])
+    assert "--short-side must be positive, got 0" in _error(capsys, [*argv, "--short-side", "0"])
 
 
 def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
