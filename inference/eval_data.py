@@ -41,7 +41,7 @@ class EvalClip:
 
         try:
             return decode_video(self.mp4)
-        except (av.error.FFmpegError, InputError, ValueError, OSError) as exc:
+        except (av.error.FFmpegError, ValueError, OSError) as exc:  # InputError is a ValueError
             raise InputError(f"{self.shard}:{self.key}: its mp4 does not decode ({exc})") from exc
 
 

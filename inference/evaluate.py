@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         raise InputError(f"--out {args.out} is a file; give a folder for the results")
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
-    unknown = [m for m in methods if m not in METHODS and m != "decoder"]
+    unknown = [] if args.decoder_only else [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"--method: {unknown} not among {' '.join(sorted(METHODS))}")
     needs_model = args.decoder_only or "model" in methods

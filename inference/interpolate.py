@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import (
-    ASPECT_TOLERANCE,
     OUTPUT_FORMATS,
     InputError,
     check_keyframe_files,
@@ -35,6 +34,7 @@ from inference.media import (
     parse_sketch_args,
     read_image,
     read_keyframes,
+    same_aspect,
 )
 
 log = logging.getLogger("inbetweener.interpolate")
@@ -109,6 +109,7 @@ class Job:
     seed: int
     read_keyframes: Callable[[], list[np.ndarray]]  # uint8 [H, W, 3], one aspect ratio
     sketch_files: dict[int, Path] = field(default_factory=dict)
+    size: tuple[int, int] | None = None  # the first keyframe's (height, width), where known before reading
 
     @property
     def sketch_labels(self) -> dict[int, str]:
@@ -224,8 +225,8 @@ def _sketch_files(items: list[str], keyframe_size: tuple[int, int], resolve=Path
     files = parse_sketch_args([resolved(i) for i in items])
     for file in files.values():
         h, w = image_size(file)
-        kh, kw = keyframe_size
-        if abs((w / h) / (kw / kh) - 1) > ASPECT_TOLERANCE:
+        if not same_aspect((h, w), keyframe_size):
+            kh, kw = keyframe_size
             raise InputError(
                 f"sketch {file} is {w}x{h}, the keyframes {kw}x{kh}: a sketch needs the keyframes' aspect ratio"
                 " (it is scaled and cropped to the frame as they are, so another aspect would misplace its lines)"
@@ -285,6 +286,7 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
                 seed,
                 functools.partial(read_keyframes, paths),
                 sketch_files,
+                size,
             )
         )
     if problems:  # every problem at once, not one per attempt
@@ -342,8 +344,16 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     if len(paths or []) < 2:
         raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
     images = read_keyframes([Path(p) for p in paths])  # one job: read now, every error before the model loads
-    sketch_files = _sketch_files(args.sketch or [], images[0].shape[:2])
-    job = Job("", [str(p) for p in paths], args.prompt, args.seed, lambda: images, sketch_files)
+    size = images[0].shape[:2]
+    job = Job(
+        "",
+        [str(p) for p in paths],
+        args.prompt,
+        args.seed,
+        lambda: images,
+        _sketch_files(args.sketch or [], size),
+        size,
+    )
     job.read_sketches()  # likewise: a sketch that does not decode stops here, not at its turn
     return [job]
 
@@ -563,9 +573,8 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
     print(line)
     frames = Counter((len(j.labels) - 1) * (settings.frames - 1) + 1 for j in jobs)
     print("frames per row: " + ", ".join(f"{n} ({_rows(k)})" for n, k in sorted(frames.items())))
-    from_manifest = args.batch is not None and (args.batch.suffix == ".parquet" or args.batch.is_dir())
-    if not from_manifest:
-        sizes = Counter(image_size(j.labels[0]) for j in jobs)  # headers only
+    if all(j.size is not None for j in jobs):  # found by the checks; a manifest's clips have theirs
+        sizes = Counter(j.size for j in jobs)
         print("keyframe sizes: " + ", ".join(f"{w}x{h} ({_rows(k)})" for (h, w), k in sorted(sizes.items())))
     else:
         print("keyframe sizes: the clips' (decoded at each row's turn)")

@@ -105,11 +105,16 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 ASPECT_TOLERANCE = 0.01  # keyframes whose width/height ratios differ by less are one framing at two sizes
 
 
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two (height, width) sizes are one framing: width/height ratios within ASPECT_TOLERANCE."""
+    ra, rb = a[1] / a[0], b[1] / b[0]
+    return max(ra, rb) <= min(ra, rb) * (1 + ASPECT_TOLERANCE)
+
+
 def _one_aspect(paths: Sequence[str | os.PathLike], sizes: Sequence[tuple[int, int]]) -> None:
     """Keyframes may differ in size (each is scaled to the model's frame) but not in aspect: another aspect
     would be cropped differently, so the same content would not sit at the same place."""
-    aspects = [w / h for h, w in sizes]
-    if max(aspects) > min(aspects) * (1 + ASPECT_TOLERANCE):
+    if not all(same_aspect(sizes[0], size) for size in sizes[1:]):
         listed = ", ".join(f"{Path(p).name} is {w}x{h}" for p, (h, w) in zip(paths, sizes))
         raise InputError(
             f"keyframes differ in size and aspect ({listed}); give keyframes of one aspect ratio (width x "

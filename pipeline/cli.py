@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
-from pipeline.config import SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
+from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 from pipeline.select import rules
-
-MODEL_STAGES = ("text", "aesthetic", "caption", "alignment")
 
 
 def _model_stages(text: str) -> list[str]:
@@ -84,10 +82,7 @@ def curate_main(argv: list[str] | None = None) -> int:
         skipped = dict.fromkeys(stage for stages in args.skip for stage in stages)
         sets = list(args.sets) + [f"{stage}.enabled=false" for stage in skipped]
         if args.models_dir:
-            sets += [
-                f"{stage}.models_dir={args.models_dir}"
-                for stage in ("text", "aesthetic", "caption", "alignment")
-            ]
+            sets += [f"{stage}.models_dir={args.models_dir}" for stage in MODEL_STAGES]
         config = load_config(args.config, sets)
         if args.address:
             config.run.address = args.address

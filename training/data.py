@@ -97,7 +97,8 @@ def _expand_braces(pattern: str) -> list[str]:
     return [out for option in options for out in _expand_braces(head + option + tail)]
 
 
-def _is_url(spec: str) -> bool:
+def is_url(spec: str) -> bool:
+    """Whether a shard spec names a stream (fsspec URL or pipe:COMMAND) rather than a local path."""
     return "://" in spec or spec.startswith("pipe:")
 
 
@@ -110,15 +111,15 @@ def split_dirs(spec: str) -> tuple[str, str]:
     """(train, eval) shard specs for `--data`: a curate OUT folder (or its manifest.parquet, as interpolate
     and evaluate take it) gives OUT/shards/{train,eval}."""
     path = Path(spec)
-    if not _is_url(spec) and path.suffix == ".parquet" and path.is_file():
+    if not is_url(spec) and path.suffix == ".parquet" and path.is_file():
         if not (path.parent / "shards" / "train").is_dir():
             raise FileNotFoundError(
                 f"{spec} is a manifest without OUT/shards/train beside it: give the shards"
             )
         path = path.parent
-    if not _is_url(spec) and (path / "shards" / "train").is_dir():
+    if not is_url(spec) and (path / "shards" / "train").is_dir():
         return str(path / "shards" / "train"), str(path / "shards" / "eval")
-    if not _is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
+    if not is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
         return spec, str(path.parent / "eval")
     return spec, ""
 

@@ -34,6 +34,7 @@ from training.data import (
     collate,
     eval_windows,
     is_tar_name,
+    is_url,
     list_shards,
     make_loader,
     split_dirs,
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"no training shards (*.tar) at {run.data.train}: pass --data (a curate OUT folder, a shard"
                 " folder, a glob or a URL)"
             )
-        not_tar = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not is_tar_name(s)]
+        not_tar = [s for s in shards if not is_url(s) and not is_tar_name(s)]
         if not_tar:
             raise FileNotFoundError(
                 f"{not_tar[0]} is not a shard (.tar){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"

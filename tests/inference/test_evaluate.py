@@ -396,6 +396,16 @@ def test_methods_and_metrics_take_commas_or_spaces(curated, tmp_path, capsys):
     argv = [str(curated), "--out", str(tmp_path / "bad"), "--method", "linear,bogus", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 2
     assert "--method: ['bogus'] not among flow linear model" in capsys.readouterr().err
+    argv = [
+        str(curated),
+        "--out",
+        str(tmp_path / "bad"),
+        "--method",
+        "decoder",
+        *TINY,
+    ]  # that is --decoder-only
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert "--method: ['decoder'] not among" in capsys.readouterr().err
 
 
 def test_ground_truth_is_decoded_at_each_clips_turn_not_held(curated, tmp_path, monkeypatch):
