@@ -44,7 +44,7 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 bench: $(STAMP)  ## curate benchmark: decode vs CPU stages, 1 and 2 workers, peak memory
-	$(BIN)/inbetweener bench curate --sources 12 --width 960 --height 544 --repeat 2
+	$(BIN)/inbetweener bench curate --sources 8 --episodes 3 --width 960 --height 544 --repeat 2
 
 # The GPU machine (bench/gpu_checks.sh) is offline with torch but not open_clip: its wheels travel in
 # .whl/ (Python 3.12, x86-64 there), carried with the device call.
