@@ -1,8 +1,8 @@
 """All Ray code of the project: stages onto Ray Data, with their declared resources.
 
-A stage with its own `setup()` (a model to load once) becomes an actor pool; one without becomes
-tasks, which Ray Data fuses with their neighbours so that decoded frames never leave the worker
-that decoded them. Ray runs locally by default and on a cluster when `--address` or RAY_ADDRESS
+A stage with its own `setup()` (a model to load once) becomes an actor pool; consecutive stages
+without one become one function run as a Ray task per source, so that decoded frames never leave
+the worker that decoded them, nor even become Ray blocks between stages. Ray runs locally by default and on a cluster when `--address` or RAY_ADDRESS
 names one; the same command serves both.
 """
 
@@ -124,20 +124,31 @@ def _threads_as_declared(num_cpus: float) -> None:
         cv2.setNumThreads(threads)
 
 
-def _task_udf(stage: Stage) -> Callable:
-    """A plain function for Ray tasks; a stage that emits many rows yields them one by one."""
-    if stage.emits_many:
+def _through(stage: Stage, rows: Iterator[dict]) -> Iterator[dict]:
+    """One task stage over a stream of rows, one row at a time (what Ray gave it, one block per row)."""
+    for row in rows:
+        if stage.emits_many:
+            for out in stage.process_rows([row]):
+                yield stage.mark(out)
+        else:
+            yield from rows_of(stage(batch_of([row])))
 
-        def run_many(ray_batch):
-            _threads_as_declared(stage.num_cpus)
-            for row in stage.process_rows(_unwrap(ray_batch)):
-                yield _wrap([stage.mark(row)])
 
-        return run_many
+def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...]) -> Callable:
+    """Consecutive task stages as one Ray Data function: rows go from stage to stage as Python
+    objects. As separate operators, even fused into one task, Ray turned every stage's output into
+    a block, pickling the frames each clip carries only to unpickle them for the next stage in the
+    same worker: 17% of a worker's time on the bench footage. Rows leave one by one (a source's
+    clips stream out as they are cut), without the heavy columns in `drop`."""
+    num_cpus = max(stage.num_cpus for stage in stages)
 
     def run(ray_batch):
-        _threads_as_declared(stage.num_cpus)
-        return _wrap(rows_of(stage(batch_of(_unwrap(ray_batch)))))
+        _threads_as_declared(num_cpus)
+        rows: Iterator[dict] = iter(_unwrap(ray_batch))
+        for stage in stages:
+            rows = _through(stage, rows)
+        for row in rows:
+            yield _wrap([{k: v for k, v in row.items() if k not in drop}])
 
     return run
 
@@ -154,10 +165,21 @@ class _ActorUDF:
 
 
 def _tasks(workers: int):
-    """At most `workers` tasks of a stage at once (the chain of task stages fuses into one task)."""
+    """At most `workers` tasks of a chain at once."""
     import ray
 
     return ray.data.TaskPoolStrategy(size=max(1, workers))
+
+
+def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """Each model stage alone; each run of consecutive task stages together (one Ray operator)."""
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        if stage.has_setup() or not groups or groups[-1][0].has_setup():
+            groups.append([stage])
+        else:
+            groups[-1].append(stage)
+    return groups
 
 
 def _drop_heavy(ray_batch):
@@ -172,18 +194,20 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
         [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
     )
     gpus = ray.cluster_resources().get("GPU", 0)
-    for stage in stages:
-        common = {"batch_format": "numpy", "num_cpus": stage.num_cpus}
+    groups = _groups(stages)
+    for i, group in enumerate(groups):
+        stage = group[0]
         if stage.has_setup():
             # a model stage: one actor per declared GPU share; on a machine without GPU it runs on
             # the CPU as a single actor (its device setting picks the CPU there). Ray Data would fuse
             # the CPU task chain into the actors (all decoding inside the few actors) if the two
             # asked for the same resources: the actors' GPU share, or their token CPU share below,
             # keeps them apart (tests/pipeline/test_runner.py checks it).
+            common: dict = {"batch_format": "numpy"}
             num_gpus = stage.num_gpus if gpus else 0
             pool = max(1, int(gpus / num_gpus)) if num_gpus else 1
             if num_gpus:
-                common["num_gpus"] = num_gpus
+                common.update(num_gpus=num_gpus, num_cpus=stage.num_cpus)
             else:
                 # CPU-only: an actor holds its slot for the whole job; a full CPU each would starve
                 # the CPU stages (and deadlock a small machine), so it reserves a token share
@@ -196,9 +220,17 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 **common,
             )
         else:
-            # tasks: batch_size None keeps each source's block whole, so the chain fuses per source
-            ds = ds.map_batches(_task_udf(stage), batch_size=None, compute=_tasks(workers), **common)
-    ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", compute=_tasks(workers))
+            # tasks: batch_size None keeps each source's block whole (one source per task)
+            last = i == len(groups) - 1
+            ds = ds.map_batches(
+                _chain_udf(group, HEAVY_COLUMNS if last else ()),
+                batch_size=None,
+                batch_format="numpy",
+                num_cpus=max(s.num_cpus for s in group),
+                compute=_tasks(workers),
+            )
+    if not groups or groups[-1][0].has_setup():
+        ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", compute=_tasks(workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)
 
