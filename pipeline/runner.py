@@ -154,14 +154,17 @@ def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...]) -> Callable:
 
 
 class _ActorUDF:
-    """An actor holding one stage instance: setup() runs once per actor (a model loads once)."""
+    """An actor holding one stage instance: setup() runs once per actor (a model loads once).
+    Its rows leave without the heavy columns in `drop`."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, drop: tuple[str, ...]):
         self.stage = stage
+        self.drop = drop
         self.stage.setup()
 
     def __call__(self, ray_batch):
-        return _wrap(rows_of(self.stage(batch_of(_unwrap(ray_batch)))))
+        rows = rows_of(self.stage(batch_of(_unwrap(ray_batch))))
+        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in rows])
 
 
 def _tasks(workers: int):
@@ -197,6 +200,10 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
     groups = _groups(stages)
     for i, group in enumerate(groups):
         stage = group[0]
+        # rows leave a group without the heavy columns no later stage reads (all of them at the end):
+        # a clip's analysis frames are megabytes that no model actor needs to receive
+        later = {name for g in groups[i + 1 :] for s in g for name in s.reads}
+        drop = tuple(name for name in HEAVY_COLUMNS if name not in later)
         if stage.has_setup():
             # a model stage: one actor per declared GPU share; on a machine without GPU it runs on
             # the CPU as a single actor (its device setting picks the CPU there). Ray Data would fuse
@@ -214,22 +221,21 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 common["num_cpus"] = CPU_ACTOR_SHARE
             ds = ds.map_batches(
                 _ActorUDF,
-                fn_constructor_args=(stage,),
+                fn_constructor_args=(stage, drop),
                 batch_size=stage.batch_size,
                 compute=ray.data.ActorPoolStrategy(size=pool),
                 **common,
             )
         else:
             # tasks: batch_size None keeps each source's block whole (one source per task)
-            last = i == len(groups) - 1
             ds = ds.map_batches(
-                _chain_udf(group, HEAVY_COLUMNS if last else ()),
+                _chain_udf(group, drop),
                 batch_size=None,
                 batch_format="numpy",
                 num_cpus=max(s.num_cpus for s in group),
                 compute=_tasks(workers),
             )
-    if not groups or groups[-1][0].has_setup():
+    if not groups:
         ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", compute=_tasks(workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)

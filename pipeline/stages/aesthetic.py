@@ -271,6 +271,7 @@ class AestheticStage(Stage):
     frames_per_forward: int = 48  # CLIP forward size: the host prepares one chunk while the GPU runs another
 
     name = "aesthetic"
+    reads = ("keyframes",)
     num_cpus = 1.0
 
     def weight_files(self) -> list[WeightFile]:

@@ -49,6 +49,7 @@ class AlignmentStage(Stage):
     num_gpus: float = 0.25  # the text tower is small; set 0 on machines without GPU
 
     name = "alignment"
+    reads = ("clip_image_emb", "keyframes")  # keyframes only where the aesthetic stage did not run
     num_cpus = 1.0
 
     def weight_files(self) -> list[WeightFile]:

@@ -23,6 +23,9 @@ class Stage:
     num_gpus: ClassVar[float] = 0.0  # (fractional) GPUs one worker needs
     batch_size: ClassVar[int] = 1  # rows per call
     emits_many: ClassVar[bool] = False  # True when one input row becomes many output rows
+    # The heavy columns (frames, embeddings: pipeline.runner.HEAVY_COLUMNS) this stage reads. On Ray,
+    # rows travel to a stage without the heavy columns that neither it nor any later stage reads.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def setup(self) -> None:
         """Load what the stage needs once per worker (a model, a detector). Default: nothing."""

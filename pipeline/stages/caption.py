@@ -61,6 +61,7 @@ class CaptionStage(Stage):
     num_gpus: float = 0.5  # two workers per card; set 0 on machines without GPU
 
     name = "caption"
+    reads = ("keyframes",)
     num_cpus = 1.0
 
     def folder(self) -> Path:

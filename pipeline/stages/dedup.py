@@ -23,6 +23,7 @@ def phash64(image) -> int:
 @dataclass
 class DedupStage(Stage):
     name = "dedup"
+    reads = ("analysis",)
     batch_size = 8
 
     def process(self, row: dict) -> dict:

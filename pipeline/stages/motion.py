@@ -58,10 +58,11 @@ class MotionStage(Stage):
     preset: str = "ultrafast"
 
     name = "motion"
+    reads = ("analysis", "distinct_idx")
     batch_size = 8
 
-    # No setup(): the DIS object is cheap and made lazily, so this stage runs as Ray tasks fused with
-    # shots and timing, and the analysis frames never leave the worker that decoded them.
+    # No setup(): the DIS object is cheap and made lazily, so this stage runs in the same Ray task as
+    # shots and timing (pipeline.runner), and the analysis frames never leave the worker that decoded them.
     def _flow(self):
         if not hasattr(self, "_dis"):
             import cv2

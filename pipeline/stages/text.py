@@ -208,6 +208,7 @@ class TextStage(Stage):
     num_gpus: float = 0.25  # craft on a GPU; set 0 for ppocr or on machines without GPU
 
     name = "text"
+    reads = ("keyframes",)
     num_cpus = 1.0
 
     def resolved_backend(self) -> str:

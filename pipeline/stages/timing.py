@@ -74,6 +74,7 @@ class TimingStage(Stage):
     dominant_share: float = 0.6
 
     name = "timing"
+    reads = ("analysis",)
     batch_size = 8
 
     def process(self, row: dict) -> dict:

@@ -113,3 +113,33 @@ def test_consecutive_task_stages_pass_rows_without_serialising_them():
     rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(2)], [Cut(), Use()], workers=2))
     assert sorted((r["source_uri"], r["clip"]) for r in rows) == [("s0", 0), ("s0", 1), ("s1", 0), ("s1", 1)]
     assert all(r["stages_run"] == ["cut", "use"] for r in rows)
+
+
+def test_rows_reach_a_model_actor_with_only_the_heavy_columns_it_reads():
+    """A clip's analysis frames (megabytes) are for the CPU stages; a model stage that reads the
+    keyframes must not be sent them through Ray's object store. Nothing heavy leaves the job."""
+    import numpy as np
+
+    @dataclass
+    class Cut(Stage):
+        name = "cut"
+
+        def process(self, row: dict) -> dict:
+            frames = np.zeros((4, 16, 16), np.uint8)
+            return {**row, "row_kind": "clip", "analysis": frames, "keyframes": [frames[0]] * 3}
+
+    @dataclass
+    class Model(Stage):
+        name = "model"
+        reads = ("keyframes",)
+
+        def setup(self) -> None:
+            pass
+
+        def process(self, row: dict) -> dict:
+            return {**row, "model_saw": sorted(k for k in ("analysis", "keyframes") if k in row)}
+
+    init_ray(num_cpus=2)
+    rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(2)], [Cut(), Model()], workers=2))
+    assert [r["model_saw"] for r in rows] == [["keyframes"], ["keyframes"]]
+    assert not any(k in r for r in rows for k in ("analysis", "keyframes"))
