@@ -2,8 +2,8 @@
 
 A stage with its own `setup()` (a model to load once) becomes an actor pool; consecutive stages
 without one become one function run as a Ray task per source, so that decoded frames never leave
-the worker that decoded them, nor even become Ray blocks between stages. Ray runs locally by default and on a cluster when `--address` or RAY_ADDRESS
-names one; the same command serves both.
+the worker that decoded them, nor even become Ray blocks between stages. Ray runs locally by
+default and on a cluster when `--address` or RAY_ADDRESS names one; the same command serves both.
 """
 
 from __future__ import annotations
@@ -185,10 +185,6 @@ def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
     return groups
 
 
-def _drop_heavy(ray_batch):
-    return _wrap([{k: v for k, v in row.items() if k not in HEAVY_COLUMNS} for row in _unwrap(ray_batch)])
-
-
 def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> Iterator[dict]:
     """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped)."""
     import ray
@@ -235,8 +231,6 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 num_cpus=max(s.num_cpus for s in group),
                 compute=_tasks(workers),
             )
-    if not groups:
-        ds = ds.map_batches(_drop_heavy, batch_size=None, batch_format="numpy", compute=_tasks(workers))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)
 
