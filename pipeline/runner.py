@@ -8,6 +8,7 @@ default and on a cluster when `--address` or RAY_ADDRESS names one; the same com
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -25,36 +26,83 @@ CPU_ACTOR_SHARE = 0.1  # CPU slot a model actor reserves on a machine without GP
 #  - each step blocks in `ray.wait` for *all* running tasks, up to 0.1 s, before it dispatches the
 #    next one: with N tasks running, a worker whose task ends sits idle until the others end or the
 #    0.1 s pass (with 1 task the wait returns at once, so 1 worker never pays it). On 2 workers with
-#    0.4 s tasks that was 0.12 s idle after every task; 0.02 s cut a 16-task run from 4.3 to 3.6 s.
+#    0.4 s tasks that was 0.12 s idle after every task. `_FirstReadyWait` makes that wait return as
+#    soon as one task is ready (with every other one ready by then), so the loop wakes when there is
+#    something to dispatch and otherwise keeps Ray's 0.1 s heartbeat.
 #  - the global CPU budget comes from Ray Data's autoscaling coordinator, asked asynchronously and
 #    re-read at most once a second; it is zero until the first answer, so every execution began
-#    with one task at a time for ~1 s. Re-reading every 0.1 s starts the second task after ~0.1 s.
-# Both are module/class constants in Ray Data's internals; `_tune_scheduling` sets them in the
-# driver (where the executor runs) and a test checks that this Ray still has them.
-SCHEDULING_WAIT_S = 0.02
-LIMITS_REFRESH_S = 0.1
+#    with one task at a time for ~1 s. `_ask_again_while_zero` re-reads it at every step until the
+#    first non-zero answer, then once a second as Ray does.
+# Both patch Ray Data's internals in the driver (where the executor runs); a test checks that this
+# Ray still has what they patch, and `_tune_scheduling` warns if it does not.
 
 
-def _scheduling_knobs() -> list[tuple[object, str, float]]:
-    """(owner, attribute, our value) for each Ray Data constant above."""
+class _FirstReadyWait:
+    """The `ray` module as Ray Data's scheduling loop sees it, but with a `wait` that, asked for all
+    of several waitables, returns once one is ready, together with every other one ready by then
+    (the loop handles a partial answer already: it gets one whenever its timeout passes)."""
+
+    def __init__(self, ray_module):
+        self._ray = ray_module
+
+    def __getattr__(self, name: str):
+        return getattr(self._ray, name)
+
+    def wait(self, waitables, *, num_returns: int = 1, timeout=None, fetch_local: bool = True):
+        wait = self._ray.wait
+        if num_returns <= 1:
+            return wait(waitables, num_returns=num_returns, timeout=timeout, fetch_local=fetch_local)
+        ready, rest = wait(waitables, num_returns=1, timeout=timeout, fetch_local=fetch_local)
+        if ready and rest:
+            more, rest = wait(rest, num_returns=len(rest), timeout=0, fetch_local=fetch_local)
+            ready = ready + more
+        return ready, rest
+
+
+def _ask_again_while_zero(get_global_limits):
+    @functools.wraps(get_global_limits)
+    def wrapper(self):
+        limits = get_global_limits(self)
+        if not limits.cpu and not limits.gpu:  # no answer from the coordinator yet: ask next step
+            self._global_limits_last_update_time = 0
+        return limits
+
+    wrapper.inbetweener_patch = True
+    return wrapper
+
+
+def _missing_internals() -> list[str]:
+    """What the patches below rely on and this Ray lacks (nothing, for the Ray we pin)."""
+    import inspect
+
     from ray.data._internal.execution import resource_manager, streaming_executor_state
 
-    return [
-        (streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", SCHEDULING_WAIT_S),
-        (resource_manager.ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", LIMITS_REFRESH_S),
-    ]
+    missing = []
+    completed = getattr(streaming_executor_state, "process_completed_tasks", None)
+    if completed is None or "ray" not in completed.__globals__:
+        missing.append("streaming_executor_state.process_completed_tasks calling ray.wait")
+    limits = getattr(resource_manager.ResourceManager, "get_global_limits", None)
+    if limits is None or "_global_limits_last_update_time" not in inspect.unwrap(limits).__code__.co_names:
+        missing.append("ResourceManager.get_global_limits reading _global_limits_last_update_time")
+    return missing
 
 
 def _tune_scheduling() -> None:
-    for owner, name, value in _scheduling_knobs():
-        if not hasattr(owner, name):  # another Ray: setting it would change nothing, so say so
-            warnings.warn(
-                f"Ray Data no longer has {owner.__name__}.{name}: the curate job's workers may idle"
-                " between tasks (see SCHEDULING_WAIT_S in pipeline/runner.py)",
-                stacklevel=2,
-            )
-            continue
-        setattr(owner, name, value)
+    from ray.data._internal.execution import resource_manager, streaming_executor_state
+
+    missing = _missing_internals()
+    if missing:  # another Ray: patching would change nothing, or break it, so say so and leave it
+        warnings.warn(
+            f"Ray Data has changed ({'; '.join(missing)}): the curate job's workers may idle"
+            " between tasks (see _tune_scheduling in pipeline/runner.py)",
+            stacklevel=2,
+        )
+        return
+    if not isinstance(streaming_executor_state.ray, _FirstReadyWait):
+        streaming_executor_state.ray = _FirstReadyWait(streaming_executor_state.ray)
+    manager = resource_manager.ResourceManager
+    if not getattr(manager.get_global_limits, "inbetweener_patch", False):
+        manager.get_global_limits = _ask_again_while_zero(manager.get_global_limits)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
