@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -39,23 +40,38 @@ CPU_ACTOR_SHARE = 0.1  # CPU slot a model actor reserves on a machine without GP
 
 class _FirstReadyWait:
     """The `ray` module as Ray Data's scheduling loop sees it, but with a `wait` that, asked for all
-    of several waitables, returns once one is ready, together with every other one ready by then
-    (the loop handles a partial answer already: it gets one whenever its timeout passes)."""
+    of several waitables, returns once one of them is ready, together with every other one ready by
+    then (the loop handles a partial answer already: it gets one whenever its timeout passes).
+
+    A waitable that was ready at the previous call and still is (a finished task whose metadata the
+    loop is still fetching, or whose output backpressure leaves unread) must not wake every call, or
+    the loop would spin: while there is one, the wait for the others times out after
+    `FIRST_BACKOFF_S`, doubling at each call up to the loop's own timeout (Ray's behaviour)."""
+
+    FIRST_BACKOFF_S = 0.005
 
     def __init__(self, ray_module):
         self._ray = ray_module
+        self._state = threading.local()  # per executor thread: (ids ready last call, backoff)
 
     def __getattr__(self, name: str):
         return getattr(self._ray, name)
 
     def wait(self, waitables, *, num_returns: int = 1, timeout=None, fetch_local: bool = True):
         wait = self._ray.wait
-        if num_returns <= 1:
+        if num_returns <= 1 or num_returns < len(waitables):
             return wait(waitables, num_returns=num_returns, timeout=timeout, fetch_local=fetch_local)
-        ready, rest = wait(waitables, num_returns=1, timeout=timeout, fetch_local=fetch_local)
-        if ready and rest:
-            more, rest = wait(rest, num_returns=len(rest), timeout=0, fetch_local=fetch_local)
-            ready = ready + more
+        ready_before, backoff = getattr(self._state, "last", (set(), self.FIRST_BACKOFF_S))
+        others = [w for w in waitables if id(w) not in ready_before]
+        if len(others) == len(waitables):
+            first_timeout, backoff = timeout, self.FIRST_BACKOFF_S
+        else:
+            first_timeout = backoff if timeout is None else min(backoff, timeout)
+            backoff = min(2 * backoff, timeout or 0.1)
+        if others:
+            wait(others, num_returns=1, timeout=first_timeout, fetch_local=fetch_local)
+        ready, rest = wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=fetch_local)
+        self._state.last = ({id(w) for w in ready}, backoff)
         return ready, rest
 
 
