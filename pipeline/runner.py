@@ -137,7 +137,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        if not address:
+            raise
+        from pipeline.config import ConfigError
+
+        raise ConfigError(_cannot_connect(address, exc)) from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress (stages, clips/s, ETA)
     ctx.print_on_execution_start = False
@@ -150,6 +157,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # A job with fewer sources (or model batches) than workers is normal: not worth a warning
     warnings.filterwarnings(
         "ignore", message="The maximum number of concurrent tasks for", category=UserWarning
+    )
+
+
+def _cannot_connect(address: str, exc: Exception) -> str:
+    # Ray 2.59+ starts clusters with token authentication on, and a driver given an explicit
+    # address does not send the token unless told to: Ray then reports only a failed connection
+    auth = (
+        "RAY_AUTH_MODE is token here: check that the token is the cluster's"
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        else "if the cluster uses token authentication (`ray start` turns it on by default and says"
+        " so), set RAY_AUTH_MODE=token"
+    )
+    return (
+        f"cannot connect to the Ray cluster at {address} ({exc}). Check the address (`ray status`"
+        f" on the head node prints it); {auth} (the token comes from RAY_AUTH_TOKEN,"
+        " RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
     )
 
 

@@ -194,3 +194,29 @@ def test_rows_reach_a_model_actor_with_only_the_heavy_columns_it_reads():
     rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(2)], [Cut(), Model()], workers=2))
     assert [r["model_saw"] for r in rows] == [["keyframes"], ["keyframes"]]
     assert not any(k in r for r in rows for k in ("analysis", "keyframes"))
+
+
+def test_a_cluster_that_refuses_the_connection_is_a_one_line_error(monkeypatch):
+    """`--address` to a cluster this driver cannot join (a wrong address, or a cluster with Ray's
+    token authentication, which a driver given an explicit address does not use unless told) is a
+    config error naming the address and what to set, not Ray's traceback."""
+    import ray
+
+    from pipeline import runner
+    from pipeline.config import ConfigError
+
+    def refuse(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"10\.0\.0\.9:6379.*RAY_AUTH_MODE=token"):
+        runner.init_ray("10.0.0.9:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConfigError, match="check that the token is the cluster's"):
+        runner.init_ray("10.0.0.9:6379")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ConnectionError("local")))
+    with pytest.raises(ConnectionError):  # a local Ray that fails to start is not an address problem
+        runner.init_ray()
