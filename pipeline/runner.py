@@ -221,13 +221,13 @@ def _through(stage: Stage, rows: Iterator[dict]) -> Iterator[dict]:
             yield from rows_of(stage(batch_of([row])))
 
 
-def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...]) -> Callable:
+def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...], num_cpus: float) -> Callable:
     """Consecutive task stages as one Ray Data function: rows go from stage to stage as Python
     objects. As separate operators, even fused into one task, Ray turned every stage's output into
     a block, pickling the frames each clip carries only to unpickle them for the next stage in the
     same worker: 17% of a worker's time on the bench footage. Rows leave one by one (a source's
-    clips stream out as they are cut), without the heavy columns in `drop`."""
-    num_cpus = max(stage.num_cpus for stage in stages)
+    clips stream out as they are cut), without the heavy columns in `drop`; OpenCV gets the
+    `num_cpus` threads the task holds."""
 
     def run(ray_batch):
         _threads_as_declared(num_cpus)
@@ -311,11 +311,12 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
             )
         else:
             # tasks: batch_size None keeps each source's block whole (one source per task)
+            num_cpus = max(s.num_cpus for s in group)
             ds = ds.map_batches(
-                _chain_udf(group, drop),
+                _chain_udf(group, drop, num_cpus),
                 batch_size=None,
                 batch_format="numpy",
-                num_cpus=max(s.num_cpus for s in group),
+                num_cpus=num_cpus,
                 compute=_tasks(workers),
             )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):

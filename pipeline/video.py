@@ -608,15 +608,13 @@ def _yuv420_frame(image: np.ndarray | Picture):
     two differ only in where chroma is sampled at edges). Odd sizes, which 4:2:0 cannot halve, take
     PyAV's path."""
     import av
-    import cv2
 
-    if isinstance(image, Picture):
-        return av.VideoFrame.from_ndarray(image.i420(), format="yuv420p")
-    height, width = image.shape[:2]
-    if height % 2 or width % 2 or image.dtype != np.uint8:
-        return av.VideoFrame.from_ndarray(image, format="rgb24")
-    planes = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420)
-    return av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    if not isinstance(image, Picture):
+        height, width = image.shape[:2]
+        if height % 2 or width % 2 or image.dtype != np.uint8:
+            return av.VideoFrame.from_ndarray(image, format="rgb24")
+        image = Picture(rgb=np.ascontiguousarray(image))
+    return av.VideoFrame.from_ndarray(image.i420(), format="yuv420p")
 
 
 def encode_jpeg(image: np.ndarray, width: int = 192, quality: int = 80) -> bytes:
