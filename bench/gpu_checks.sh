@@ -21,7 +21,9 @@
 #   sample:   `interpolate` seconds per sample and peak memory with the UNet and the VAE decoder's
 #             blocks compiled (issues Model and Inference: 5.12 s, median of 3, on 2026-11-27), then
 #             the same with the CLIP towers kept on the device (--clip-resident: the ~0.1 s upload of
-#             each sample's context phase), then a profiler table of a short compiled sample;
+#             each sample's context phase), then the same with each UNet call replayed as a CUDA graph
+#             (--cuda-graph: its largest difference to the direct call, then the timing), then a profiler
+#             table of a short compiled sample;
 #             SAMPLE_COMPILE=staged times the UNet compiled alone first (its compile: 137 s from an
 #             empty cache; the decoder's then 79 s)
 # Measured already, available again by setting their limits:
@@ -61,7 +63,7 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -12
+part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -12
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inference.cuda_graph import GraphedCall
 from training.engine import cache_saved, compile_progress, load_compile_cache, save_compile_cache
 from training.models.unet import TEMPORAL_CONV_IMPLS, TemporalConvBlock, set_temporal_conv
 from training.profile_unet import kernel_table
@@ -214,6 +215,18 @@ def bench(args: argparse.Namespace) -> dict:
             report["runs"][f"{mode}, CLIP towers on the device"] = run = timed()
             print(f"{mode}, CLIP towers on the device: {json.dumps(run)}", flush=True)
             write_report(report, args.json)
+        if args.cuda_graph and GraphedCall.applies(device):
+            # The same UNet call (the same compiled kernels) replayed as one CUDA graph per step
+            # (interpolate --cuda-graph), after the rows above: one launch instead of ~1,500 per step.
+            a, kw = unet_inputs(im, first, last, settings, with_clip)
+            im.unet = graphed = GraphedCall(im.unet)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            difference = graphed.max_difference(*a, **kw)  # records the graph first
+            label = f"{mode}, UNet as a CUDA graph" + (", CLIP towers on the device" if args.clip_resident else "")
+            report["runs"][label] = run = {"max_abs_difference_to_direct_call": difference, **timed()}
+            print(f"{label}: {json.dumps(run)}", flush=True)
+            write_report(report, args.json)
         if args.profile and mode == modes[-1][0]:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             short = replace(
@@ -223,6 +236,22 @@ def bench(args: argparse.Namespace) -> dict:
             args.profile.write_text(kernel_table(sample, device, args.profile_rows))
         del im
     return report
+
+
+def unet_inputs(im, first, last, settings, with_clip: bool) -> tuple[tuple, dict]:
+    """The arguments of the UNet's first call in a one-step sample of these shapes."""
+    seen, unet = [], im.unet
+
+    def spy(*a, **kw):
+        seen.append((a, kw))
+        return unet(*a, **kw)
+
+    im.unet = spy
+    try:
+        one_sample(im, first, last, replace(settings, steps=1), 5, with_clip)
+    finally:
+        im.unet = unet
+    return seen[0]
 
 
 # --compile: the modes timed, in order. "staged" first compiles the UNet alone (its graph is then reused),
@@ -301,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after each mode's timing, time it again with the CLIP towers kept on the device (interpolate"
         " --keep-clip-on-device) instead of visiting from pinned host memory for each sample",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="after each mode's timing (and --clip-resident's), time it again with each UNet call replayed as"
+        " a CUDA graph (interpolate --cuda-graph), and report its largest difference to the direct call",
     )
     p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
     p.add_argument(

@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the UNet and the VAE decoder's blocks (pays off from the 2nd sample)",
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each UNet call as one CUDA graph (GPU only; pays off with --compile, see BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--keep-clip-on-device", action="store_true", help="keep the CLIP towers on the GPU between clips"
     )
     p.add_argument(
@@ -490,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         sketch_encoder=sketch_encoder,
         offload_clip=not args.keep_clip_on_device,
+        cuda_graph=args.cuda_graph,
     )
     from tqdm import tqdm
 
@@ -525,6 +531,7 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile,
+            "cuda_graph": im.cuda_graph,
             "seconds": round(time.perf_counter() - start, 3),
             "outputs": {
                 k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()

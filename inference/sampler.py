@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from inference.cuda_graph import GraphedCall
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import cfg_denoiser, rescale_guidance
 from training.engine import compile_blocks
@@ -100,7 +101,8 @@ class InferenceModel:
     clip) stay in pinned CPU memory and visit the device only while they encode (`offload_clip=False` keeps
     them there; on an H100 the visit costs ~0.1 s per sample). `compile=True` wraps the UNet in torch.compile
     and compiles each residual block of the VAE decoder (the first sample pays the compilation; with
-    `compile_decoder=False` the decoder stays eager).
+    `compile_decoder=False` the decoder stays eager). `cuda_graph=True` replays the UNet call (compiled or
+    not) as a CUDA graph on a CUDA device (inference/cuda_graph.py); elsewhere it changes nothing.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class InferenceModel:
         sketch_encoder: nn.Module | None = None,
         offload_clip: bool = True,
         compile_decoder: bool = True,
+        cuda_graph: bool = False,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = torch.device(device)
@@ -134,6 +137,9 @@ class InferenceModel:
             # convs at full resolution, which compile fuses; far less compile time than the whole decoder.
             decoder = model.first_stage_model.decoder
             self.compiled_decoder_blocks = compile_blocks(resnet_blocks(decoder), "inductor")
+        self.cuda_graph = cuda_graph and GraphedCall.applies(self.device)
+        if self.cuda_graph:
+            self.unet = GraphedCall(self.unet)
         self.sketch_encoder = None
         if sketch_encoder is not None:
             self.sketch_encoder = sketch_encoder.eval().requires_grad_(False).to(self.device, dtype)

@@ -73,3 +73,48 @@ def test_staged_compile_times_the_unet_alone_then_with_the_decoder(tmp_path, mon
     assert report["compiled_decoder_blocks"]["compiled"] > 0
     assert all(run["seconds_per_sample"] > 0 for run in report["runs"].values())
     assert "compiled, UNet only first sample, sampling:" in capsys.readouterr().out
+
+
+def test_cuda_graph_row_replays_the_unet_on_its_full_batch_of_inputs(tmp_path, monkeypatch):
+    """--cuda-graph: after the mode's rows, the UNet call is wrapped (GraphedCall on a GPU), measured
+    against the direct call on a real sample's inputs, and timed. On the CPU the wrapper below stands in
+    for the CUDA graph: what is tested is that the bench hands it the sampler's own batch-2 UNet inputs."""
+    seen = []
+
+    class Direct:
+        def __init__(self, fn):
+            self.fn = fn
+
+        @staticmethod
+        def applies(device):
+            return True
+
+        def __call__(self, *a, **kw):
+            seen.append(tuple(a[0].shape))
+            return self.fn(*a, **kw)
+
+        def max_difference(self, *a, **kw):
+            return (self(*a, **kw) - self.fn(*a, **kw)).abs().max().item()
+
+    monkeypatch.setattr(bench_gpu, "GraphedCall", Direct)
+    out = tmp_path / "bench.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
+            "--repeats", "1", "--compile", "off", "--no-clip", "--json", str(out), "--clip-resident",
+            "--cuda-graph"]  # fmt: skip
+    assert bench_gpu.main(argv) == 0
+    report = json.loads(out.read_text())
+    run = report["runs"]["eager, UNet as a CUDA graph, CLIP towers on the device"]
+    assert run["max_abs_difference_to_direct_call"] == 0.0 and run["seconds_per_sample"] > 0
+    # both guidance branches in one call: batch 2 of 8 channels (latent + concat), 16 frames, 1/8 size
+    assert seen and set(seen) == {(2, 8, 16, 4, 8)}
+    assert len(seen) == 1 + 2  # the difference check, then one timed sample of 2 steps
+
+
+def test_graphed_call_is_used_only_on_a_cuda_device():
+    from inference.cuda_graph import GraphedCall
+    from inference.sampler import InferenceModel
+    from training.models.tooncrafter import build_tooncrafter
+
+    assert GraphedCall.applies(torch.device("cuda", 0)) and not GraphedCall.applies(torch.device("cpu"))
+    im = InferenceModel(build_tooncrafter("tiny"), "cpu", torch.float32, cuda_graph=True)
+    assert im.cuda_graph is False and not isinstance(im.unet, GraphedCall)
