@@ -222,7 +222,10 @@ def bench(args: argparse.Namespace) -> dict:
             im.unet = graphed = GraphedCall(im.unet)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            difference = graphed.max_difference(*a, **kw)  # records the graph first
+            from inference.sampler import precision
+
+            with torch.no_grad(), precision(device, im.dtype):  # as sample_latents calls it
+                difference = graphed.max_difference(*a, **kw)  # records the graph first
             label = f"{mode}, UNet as a CUDA graph" + (", CLIP towers on the device" if args.clip_resident else "")
             report["runs"][label] = run = {"max_abs_difference_to_direct_call": difference, **timed()}
             print(f"{label}: {json.dumps(run)}", flush=True)
