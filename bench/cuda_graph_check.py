@@ -1,0 +1,62 @@
+"""One UNet call (toon-512, batch 2 = both guidance branches, 16x40x64 latents, bf16, eager) timed
+directly and replayed as a CUDA graph (inference/cuda_graph.GraphedCall), with the largest difference
+between the two. A stack dump after 150 s shows where a stuck run waits.
+
+    python bench/cuda_graph_check.py [toon-512|tiny] [cuda|cpu]
+"""
+
+import faulthandler
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inference.bench_gpu import build  # noqa: E402
+from inference.cuda_graph import GraphedCall  # noqa: E402
+from inference.sampler import InferenceModel, precision  # noqa: E402
+
+faulthandler.dump_traceback_later(150, exit=True)
+preset = sys.argv[1] if len(sys.argv) > 1 else "toon-512"
+dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda")
+dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+model = build(preset, dev, with_clip=False)
+im = InferenceModel(model, dev, dtype)
+cfg = model.cfg
+g = torch.Generator().manual_seed(0)
+h, w = (40, 64) if preset == "toon-512" else (4, 8)
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+with torch.no_grad(), precision(dev, dtype):
+    text = torch.randn(2, cfg.clip.context_length, cfg.unet.context_dim, generator=g).to(dev)
+    image = model.image_proj_model(torch.randn(2, 257, cfg.resampler.embedding_dim, generator=g).to(dev))
+    ctx = torch.cat([text, image], 1).float()
+    x = torch.randn(2, 8, 16, h, w, generator=g).to(dev)
+    t = torch.tensor([500, 500], device=dev)
+    fs = torch.full((2,), 10, dtype=torch.long, device=dev)
+
+    def per_call(fn, n=10):
+        fn(x, t, ctx, fs=fs, control=None)
+        t0 = sync()
+        for _ in range(n):
+            fn(x, t, ctx, fs=fs, control=None)
+        return (sync() - t0) / n
+
+    direct = per_call(im.unet)
+    print(f"{preset} UNet call, direct: {direct * 1e3:.1f} ms", flush=True)
+    if GraphedCall.applies(dev):
+        graphed = GraphedCall(im.unet)
+        t0 = sync()
+        difference = graphed.max_difference(x, t, ctx, fs=fs, control=None)
+        print(f"recorded in {sync() - t0:.1f} s; largest difference to the direct call {difference:.3g}", flush=True)
+        replay = per_call(graphed)
+        print(f"{preset} UNet call, CUDA graph: {replay * 1e3:.1f} ms ({direct / replay:.2f}x)", flush=True)
+        print(f"peak allocated {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB", flush=True)
+faulthandler.cancel_dump_traceback_later()
