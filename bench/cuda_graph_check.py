@@ -2,7 +2,7 @@
 directly and replayed as a CUDA graph (inference/cuda_graph.GraphedCall), with the largest difference
 between the two. A stack dump after 150 s shows where a stuck run waits.
 
-    python bench/cuda_graph_check.py [toon-512|tiny] [cuda|cpu]
+    python bench/cuda_graph_check.py [toon-512|tiny] [cuda|cpu] [compile|eager] [seconds before the stack dump]
 """
 
 import faulthandler
@@ -17,12 +17,13 @@ from inference.bench_gpu import build  # noqa: E402
 from inference.cuda_graph import GraphedCall  # noqa: E402
 from inference.sampler import InferenceModel, precision  # noqa: E402
 
-faulthandler.dump_traceback_later(150, exit=True)
+faulthandler.dump_traceback_later(int(sys.argv[4]) if len(sys.argv) > 4 else 150, exit=True)
 preset = sys.argv[1] if len(sys.argv) > 1 else "toon-512"
 dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda")
 dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 model = build(preset, dev, with_clip=False)
-im = InferenceModel(model, dev, dtype)
+compiled = len(sys.argv) > 3 and sys.argv[3] == "compile"
+im = InferenceModel(model, dev, dtype, compile=compiled, compile_decoder=False)
 cfg = model.cfg
 g = torch.Generator().manual_seed(0)
 h, w = (40, 64) if preset == "toon-512" else (4, 8)
@@ -50,7 +51,7 @@ with torch.no_grad(), precision(dev, dtype):
         return (sync() - t0) / n
 
     direct = per_call(im.unet)
-    print(f"{preset} UNet call, direct: {direct * 1e3:.1f} ms", flush=True)
+    print(f"{preset} UNet call ({'compiled' if compiled else 'eager'}), direct: {direct * 1e3:.1f} ms", flush=True)
     if GraphedCall.applies(dev):
         graphed = GraphedCall(im.unet)
         t0 = sync()
