@@ -4,7 +4,8 @@
 # cut to what is left of BUDGET seconds for the whole script; results land in $OUT (at most 8 files
 # come back). The console shows each part's summary lines; $OUT/full_log.txt keeps everything they
 # printed, so a part stopped at its limit still shows how far it got.
-# torch.compile's artifacts come back as $OUT/*_cache.xz: put them in .gpucache/ (carried with
+# torch.compile's artifacts come back as $OUT/*_cache.xz (in 15 MiB parts *_cache.xz.1, ... when larger, as the
+# device tool brings back files of at most 16 MiB): put them all in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling (.gpucache/sample_cache.xz of 2026-11-27 holds the sampling UNet's, not the decoder's).
 # What the defaults run: only the compiled rectify step (T_COMPILE, whatever BUDGET leaves), the one
@@ -48,7 +49,7 @@ exec > >(tee "$OUT/log.txt") 2>&1
 exec 3>&1  # the parts' headers, past the filters on their output
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__)"
-for f in .gpucache/*_cache.xz; do [ -f "$f" ] && cp "$f" "$OUT/" && echo "compile cache carried: $f"; done
+for f in .gpucache/*_cache.xz*; do [ -f "$f" ] && cp "$f" "$OUT/" && echo "compile cache carried: $f"; done
 part() {  # part SECONDS command...: run with a time limit cut to what is left; 0 or < 20 s skips it
   local limit=$1; shift
   local left=$((BUDGET - ($(date +%s) - START)))

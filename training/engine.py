@@ -338,31 +338,50 @@ def compile_progress(label: str, interval: float = 30.0) -> Iterator[None]:
         thread.join()
 
 
+# The device tool brings back files of at most 16 MiB: a larger cache is written in parts (path, path.1, ...).
+CACHE_PART_BYTES = 15 * 2**20
+
+
+def _cache_parts(path: Path) -> list[Path]:
+    parts, i = [], 1
+    while (part := path.with_name(f"{path.name}.{i}")).is_file():
+        parts.append(part)
+        i += 1
+    return parts
+
+
 def load_compile_cache(path: Path) -> bool:
-    """Warm torch.compile's caches (compiled graphs and kernels) from a file `save_compile_cache` wrote,
-    possibly on another machine with the same torch, Triton and GPU: compilation then mostly loads instead
-    of compiling (Dynamo still traces). False when the file does not exist."""
+    """Warm torch.compile's caches (compiled graphs and kernels) from a file `save_compile_cache` wrote (and
+    its parts `path.1`, ... when it was split), possibly on another machine with the same torch, Triton and
+    GPU: compilation then mostly loads instead of compiling (Dynamo still traces). False when the file does
+    not exist."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
-        data = lzma.decompress(path.read_bytes())
+        data = lzma.decompress(b"".join(p.read_bytes() for p in [path, *_cache_parts(path)]))
     except lzma.LZMAError as e:
         raise ValueError(f"{path}: not a compile cache written by save_compile_cache ({e})") from e
     torch.compiler.load_cache_artifacts(data)
     return True
 
 
-def save_compile_cache(path: Path) -> int:
+def save_compile_cache(path: Path, part_bytes: int = CACHE_PART_BYTES) -> int:
     """Write what torch.compile has compiled in this process (torch.compiler.save_cache_artifacts, xz
-    compressed) to `path`, atomically; returns the bytes written (0, and no file, when nothing was compiled)."""
+    compressed) to `path`, atomically, split into `path`, `path.1`, ... of at most `part_bytes` each;
+    returns the bytes written (0, and no file, when nothing was compiled)."""
     from manifests.files import write_bytes_atomic
 
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return 0
+    path = Path(path)
     data = lzma.compress(saved[0])
-    write_bytes_atomic(path, data)
+    for stale in _cache_parts(path):
+        stale.unlink()
+    chunks = [data[i : i + part_bytes] for i in range(0, len(data), part_bytes)]
+    for i, chunk in enumerate(chunks):
+        write_bytes_atomic(path.with_name(f"{path.name}.{i}") if i else path, chunk)
     return len(data)
 
 

@@ -471,6 +471,25 @@ def test_compile_cache_round_trip_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="damaged.xz"):
         load_compile_cache(damaged)
 
+    # A cache larger than what the device tool brings back in one file is split, and joined on loading.
+    whole = torch.compiler.save_cache_artifacts()[0]
+    size = save_compile_cache(cache, part_bytes=1000)
+    parts = [cache, *sorted(cache.parent.glob("compile_cache.xz.*"), key=lambda p: int(p.suffix[1:]))]
+    assert len(parts) == -(-size // 1000) > 1 and all(p.stat().st_size <= 1000 for p in parts)
+    seen = []
+    real_load = torch.compiler.load_cache_artifacts
+    torch.compiler.load_cache_artifacts = lambda data: seen.append(data)
+    try:
+        assert load_compile_cache(cache) is True
+    finally:
+        torch.compiler.load_cache_artifacts = real_load
+    assert seen == [whole]
+    parts[-1].unlink()  # a part left behind is a damaged cache, named as such
+    with pytest.raises(ValueError, match="compile_cache.xz"):
+        load_compile_cache(cache)
+    assert save_compile_cache(cache) == cache.stat().st_size  # one file again: the old parts are gone
+    assert not list(cache.parent.glob("compile_cache.xz.*"))
+
 
 def test_unknown_compile_backend_is_named():
     from torch import nn
