@@ -337,8 +337,9 @@ def measure(
             # printed at once: a run stopped at its time limit still tells how long compiling took
             print(f"{stage} batch {b}: warm-up step {i + 1} {time.perf_counter() - t0:.1f} s", flush=True)
             if i == 0 and args.compile and args.compile_cache and _compiled_since_saved():
+                saving = time.perf_counter()
                 size = save_compile_cache(args.compile_cache)
-                print(f"compile cache {args.compile_cache}: {cache_saved(size)}", flush=True)
+                print(f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}", flush=True)
         times = []
         for _ in range(args.steps):
             _sync(device)
