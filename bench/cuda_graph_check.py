@@ -51,12 +51,18 @@ with torch.no_grad(), precision(dev, dtype):
         return (sync() - t0) / n
 
     direct = per_call(im.unet)
-    print(f"{preset} UNet call ({'compiled' if compiled else 'eager'}), direct: {direct * 1e3:.1f} ms", flush=True)
+    print(
+        f"{preset} UNet call ({'compiled' if compiled else 'eager'}), direct: {direct * 1e3:.1f} ms",
+        flush=True,
+    )
     if GraphedCall.applies(dev):
         graphed = GraphedCall(im.unet)
         t0 = sync()
         difference = graphed.max_difference(x, t, ctx, fs=fs, control=None)
-        print(f"recorded in {sync() - t0:.1f} s; largest difference to the direct call {difference:.3g}", flush=True)
+        print(
+            f"recorded in {sync() - t0:.1f} s; largest difference to the direct call {difference:.3g}",
+            flush=True,
+        )
         replay = per_call(graphed)
         print(f"{preset} UNet call, CUDA graph: {replay * 1e3:.1f} ms ({direct / replay:.2f}x)", flush=True)
         print(f"peak allocated {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB", flush=True)

@@ -189,7 +189,10 @@ def bench(args: argparse.Namespace) -> dict:
         if compiled and args.compile_cache:
             saving = time.perf_counter()
             size = save_compile_cache(args.compile_cache)
-            print(f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}", flush=True)
+            print(
+                f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}",
+                flush=True,
+            )
         timed = functools.partial(timed_run, im, first, last, settings, with_clip, args, device)
         report["runs"][mode] = run = {"first_sample_s": round(first_sample["total"], 3), **timed()}
         print(f"{mode}: {json.dumps(run)}", flush=True)
@@ -228,8 +231,13 @@ def bench(args: argparse.Namespace) -> dict:
             recording = time.perf_counter()
             with torch.no_grad(), precision(device, im.dtype):  # as sample_latents calls it
                 difference = graphed.max_difference(*a, **kw)  # records the graph first
-            print(f"{mode}: UNet call recorded as a CUDA graph in {time.perf_counter() - recording:.1f} s", flush=True)
-            label = f"{mode}, UNet as a CUDA graph" + (", CLIP towers on the device" if args.clip_resident else "")
+            print(
+                f"{mode}: UNet call recorded as a CUDA graph in {time.perf_counter() - recording:.1f} s",
+                flush=True,
+            )
+            label = f"{mode}, UNet as a CUDA graph" + (
+                ", CLIP towers on the device" if args.clip_resident else ""
+            )
             report["runs"][label] = run = {"max_abs_difference_to_direct_call": difference, **timed()}
             print(f"{label}: {json.dumps(run)}", flush=True)
             write_report(report, args.json)

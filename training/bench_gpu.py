@@ -339,7 +339,10 @@ def measure(
             if i == 0 and args.compile and args.compile_cache and _compiled_since_saved():
                 saving = time.perf_counter()
                 size = save_compile_cache(args.compile_cache)
-                print(f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}", flush=True)
+                print(
+                    f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}",
+                    flush=True,
+                )
         times = []
         for _ in range(args.steps):
             _sync(device)

@@ -387,7 +387,11 @@ def save_compile_cache(path: Path, part_bytes: int = CACHE_PART_BYTES) -> int:
 
 def cache_saved(size: int, seconds: float) -> str:
     """How a bench reports `save_compile_cache`'s result (and how long compressing took)."""
-    return f"saved {size / 2**20:.1f} MiB in {seconds:.1f} s" if size else "nothing compiled by inductor, nothing saved"
+    return (
+        f"saved {size / 2**20:.1f} MiB in {seconds:.1f} s"
+        if size
+        else "nothing compiled by inductor, nothing saved"
+    )
 
 
 def adamw(params, cfg: TrainConfig, device: torch.device, **overrides: Any) -> torch.optim.AdamW:
