@@ -195,8 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay each UNet call as one CUDA graph (GPU only; pays off with --compile, see BENCHMARKS.md)",
     )
-    p.add_argument(
-        "--keep-clip-on-device", action="store_true", help="keep the CLIP towers on the GPU between clips"
+    clip = p.add_mutually_exclusive_group()
+    clip.add_argument(
+        "--keep-clip-on-device",
+        action="store_true",
+        help="keep the CLIP towers (~2 GB) on the GPU between clips (the default on cards of >= 24 GiB)",
+    )
+    clip.add_argument(
+        "--offload-clip",
+        action="store_true",
+        help="keep the CLIP towers in host memory, visiting the GPU for each clip (the default on smaller cards)",
     )
     p.add_argument(
         "--skip-existing", action="store_true", help="batch: skip rows whose output folder is complete"
@@ -494,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
         dtype,
         compile=args.compile,
         sketch_encoder=sketch_encoder,
-        offload_clip=not args.keep_clip_on_device,
+        offload_clip=True if args.offload_clip else False if args.keep_clip_on_device else None,
         cuda_graph=args.cuda_graph,
     )
     from tqdm import tqdm
@@ -532,6 +540,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile,
             "cuda_graph": im.cuda_graph,
+            "clip_towers": "host" if im.offload_clip else "device",
             "seconds": round(time.perf_counter() - start, 3),
             "outputs": {
                 k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()

@@ -93,13 +93,29 @@ def precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# A CUDA device with at least this much memory keeps the CLIP towers resident by default: a sample's peak
+# is then 10.6 GiB allocated, 12.0 reserved (toon-512, 16x320x512, bf16, compiled; BENCHMARKS.md), which
+# leaves a 24 GiB card room; below it, the towers' ~2 GB visit for each sample instead.
+CLIP_RESIDENT_MIN_GIB = 24
+
+
+def offload_clip_by_default(device: torch.device) -> bool:
+    """Whether the CLIP towers should live in host memory on `device` when the caller does not say: only
+    on a CUDA device with less than CLIP_RESIDENT_MIN_GIB of memory (a CPU run has nowhere to move them)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < CLIP_RESIDENT_MIN_GIB * 2**30
+
+
 class InferenceModel:
     """A ToonCrafter (training/models/tooncrafter.py) placed for sampling.
 
     The denoiser and the image projector live on `device` in `dtype`; the VAE lives on `device` with fp32
-    weights (its convs still run in `dtype` under autocast); the CLIP towers (1 B parameters, used once per
-    clip) stay in pinned CPU memory and visit the device only while they encode (`offload_clip=False` keeps
-    them there; on an H100 the visit costs ~0.1 s per sample). `compile=True` wraps the UNet in torch.compile
+    weights (its convs still run in `dtype` under autocast). The CLIP towers (1 B parameters, ~2 GB in bf16,
+    used once per clip) live on the device too when it has room (`offload_clip=None`: a CUDA device of at
+    least CLIP_RESIDENT_MIN_GIB); on a smaller card (or with `offload_clip=True`) they stay in pinned CPU
+    memory and visit the device only while they encode, ~0.05-0.1 s per sample on an H100. `compile=True` wraps the UNet in torch.compile
     and compiles each residual block of the VAE decoder (the first sample pays the compilation; with
     `compile_decoder=False` the decoder stays eager). `cuda_graph=True` replays the UNet call (compiled or
     not) as a CUDA graph on a CUDA device (inference/cuda_graph.py); elsewhere it changes nothing.
@@ -112,13 +128,15 @@ class InferenceModel:
         dtype: torch.dtype,
         compile: bool = False,
         sketch_encoder: nn.Module | None = None,
-        offload_clip: bool = True,
+        offload_clip: bool | None = None,
         compile_decoder: bool = True,
         cuda_graph: bool = False,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = torch.device(device)
         self.dtype = dtype
+        if offload_clip is None:
+            offload_clip = offload_clip_by_default(self.device)
         self.offload_clip = offload_clip and self.device.type != "cpu"
         model.model.to(device=self.device, dtype=dtype)  # the DiffusionWrapper holding the UNet
         model.image_proj_model.to(device=self.device, dtype=dtype)

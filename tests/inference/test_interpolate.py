@@ -117,6 +117,7 @@ def test_writes_mp4_gif_and_numbered_pngs_at_the_keyframes_aspect(files, tmp_pat
     assert meta["frames"] == 16 and meta["size"] == {"height": 32, "width": 64}
     assert meta["settings"]["cfg"] == 7.5 and meta["settings"]["fs"] == 10 and meta["seed"] == 123
     assert meta["preset"] == "tiny" and meta["prompt"] == "a red box"
+    assert meta["clip_towers"] == "device" and meta["cuda_graph"] is False  # a CPU run: nothing to move
 
 
 def test_frame_geometry_follows_the_keyframes_aspect():

@@ -62,3 +62,34 @@ def test_clip_towers_can_be_kept_on_the_device_from_a_given_sample_on():
     with im.clip_on_device():  # no visit: the towers are already there, and stay
         assert all(p.device.type == "meta" for tower in towers for p in tower.parameters())
     assert all(p.device.type == "meta" for tower in towers for p in tower.parameters())
+
+
+def test_clip_towers_stay_on_a_large_card_and_visit_a_small_one(monkeypatch):
+    """offload_clip=None (interpolate's default): resident on a CUDA card of >= 24 GiB, visiting from host
+    memory on a smaller one; never moved on the CPU."""
+    from types import SimpleNamespace
+
+    from inference import sampler
+
+    def card(gib):
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib * 2**30)
+        )
+
+    card(80)
+    assert sampler.offload_clip_by_default(torch.device("cuda", 0)) is False
+    card(16)
+    assert sampler.offload_clip_by_default(torch.device("cuda", 0)) is True
+    card(sampler.CLIP_RESIDENT_MIN_GIB)
+    assert sampler.offload_clip_by_default(torch.device("cuda")) is False
+    assert sampler.offload_clip_by_default(torch.device("cpu")) is False
+
+
+def test_clip_placement_flags_exclude_each_other(capsys):
+    from inference.interpolate import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["a.png", "b.png", "--offload-clip"]).offload_clip
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a.png", "b.png", "--offload-clip", "--keep-clip-on-device"])
+    assert "not allowed with" in capsys.readouterr().err
