@@ -376,7 +376,10 @@ def save_compile_cache(path: Path, part_bytes: int = CACHE_PART_BYTES) -> int:
     if saved is None:
         return 0
     path = Path(path)
-    data = lzma.compress(saved[0])
+    # preset 1: 14x faster than xz's default 6 for 1.4x the bytes (98 MB of the sampling UNet's artifacts, on
+    # this machine: 1.9 s and 7.8 MB against 26.6 s and 5.5 MB). At 6, the sample's artifacts with the
+    # decoder's (16.5 MiB compressed, ~3x the UNet's) cost an estimated minute of a GPU run's time.
+    data = lzma.compress(saved[0], preset=1)
     for stale in _cache_parts(path):
         stale.unlink()
     chunks = [data[i : i + part_bytes] for i in range(0, len(data), part_bytes)]
