@@ -1,6 +1,7 @@
-"""One UNet call (toon-512, batch 2 = both guidance branches, 16x40x64 latents, bf16, eager) timed
-directly and replayed as a CUDA graph (inference/cuda_graph.GraphedCall), with the largest difference
-between the two. A stack dump after 150 s shows where a stuck run waits.
+"""One UNet call (toon-512, both guidance branches: the input once, two contexts; 16x40x64 latents, bf16) timed
+with the branches' inputs stacked (a batch of 2, the baseline), with them shared (the layers before the first
+cross-attention run once, UNet3D.forward), and replayed as a CUDA graph (inference/cuda_graph.GraphedCall),
+with the largest differences. A stack dump after 150 s shows where a stuck run waits.
 
     python bench/cuda_graph_check.py [toon-512|tiny] [cuda|cpu] [compile|eager] [seconds before the stack dump]
 """
@@ -39,9 +40,9 @@ with torch.no_grad(), precision(dev, dtype):
     text = torch.randn(2, cfg.clip.context_length, cfg.unet.context_dim, generator=g).to(dev)
     image = model.image_proj_model(torch.randn(2, 257, cfg.resampler.embedding_dim, generator=g).to(dev))
     ctx = torch.cat([text, image], 1).float()
-    x = torch.randn(2, 8, 16, h, w, generator=g).to(dev)
-    t = torch.tensor([500, 500], device=dev)
-    fs = torch.full((2,), 10, dtype=torch.long, device=dev)
+    x = torch.randn(1, 8, 16, h, w, generator=g).to(dev)  # shared by the branches, as the sampler calls it
+    t = torch.tensor([500], device=dev)
+    fs = torch.full((1,), 10, dtype=torch.long, device=dev)
 
     def per_call(fn, n=10):
         fn(x, t, ctx, fs=fs, control=None)
@@ -50,11 +51,23 @@ with torch.no_grad(), precision(dev, dtype):
             fn(x, t, ctx, fs=fs, control=None)
         return (sync() - t0) / n
 
+    mode = "compiled" if compiled else "eager"
+    stacked = (x.repeat(2, 1, 1, 1, 1), t.repeat(2), ctx, fs.repeat(2))  # the branches' inputs stacked
+
+    def stacked_call(*_, **__):
+        return im.unet(stacked[0], stacked[1], stacked[2], fs=stacked[3], control=None)
+
+    baseline = per_call(stacked_call)
     direct = per_call(im.unet)
     print(
-        f"{preset} UNet call ({'compiled' if compiled else 'eager'}), direct: {direct * 1e3:.1f} ms",
+        f"{preset} UNet call ({mode}), inputs stacked for both branches: {baseline * 1e3:.1f} ms", flush=True
+    )
+    print(
+        f"{preset} UNet call ({mode}), inputs shared: {direct * 1e3:.1f} ms ({baseline / direct:.3f}x)",
         flush=True,
     )
+    shared_vs_stacked = (im.unet(x, t, ctx, fs=fs).float() - stacked_call().float()).abs().max().item()
+    print(f"largest difference, shared vs stacked: {shared_vs_stacked:.3g}", flush=True)
     if GraphedCall.applies(dev):
         graphed = GraphedCall(im.unet)
         t0 = sync()
@@ -64,6 +77,9 @@ with torch.no_grad(), precision(dev, dtype):
             flush=True,
         )
         replay = per_call(graphed)
-        print(f"{preset} UNet call, CUDA graph: {replay * 1e3:.1f} ms ({direct / replay:.2f}x)", flush=True)
+        print(
+            f"{preset} UNet call ({mode}), CUDA graph: {replay * 1e3:.1f} ms ({direct / replay:.2f}x)",
+            flush=True,
+        )
         print(f"peak allocated {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB", flush=True)
 faulthandler.cancel_dump_traceback_later()

@@ -24,7 +24,8 @@ Deviations from the reference, stated:
 * all noise (posterior sample, x_T, per-step DDIM noise) is drawn from one seeded CPU generator and moved,
   so a seed gives the same clip on any device up to kernel rounding; the reference's RNG stream differs;
 * bf16 weights and autocast on the GPU by default (the reference: fp32 weights, fp16 autocast);
-* the two guidance branches run as one batch of 2 (`batch_cfg`; the reference: two sequential calls).
+* the two guidance branches run as one UNet call (`batch_cfg`; the reference: two sequential calls), which
+  gets the noisy latent once and both contexts: the layers before the first cross-attention run once.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SamplerSettings:
     sketch_scale: float = 0.6  # multiplies the sketch encoder's residuals (the community app's default)
     sketch_blank_frames: bool = False  # True: frames without a sketch go through the encoder as blank hints
     # (the reference); False: they contribute nothing and cost nothing
-    batch_cfg: bool = True  # both guidance branches in one UNet call of batch 2 (the reference: two calls;
+    batch_cfg: bool = True  # both guidance branches in one UNet call (the reference: two calls;
     # same math up to kernel rounding)
 
     def check(self) -> None:
@@ -281,16 +282,27 @@ def _model_fn(im: InferenceModel, settings: SamplerSettings):
     (MODEL.md 4)."""
 
     def model_fn(x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        # cond["c_crossattn"] may hold k contexts per sample (the guidance branches, batched_cfg_denoiser):
+        # everything else is then each branch's, given once
+        branches = cond["c_crossattn"].shape[0] // x.shape[0]
         control = None
         if cond.get("hint") is not None and im.sketch_encoder is not None:
             mask = None if settings.sketch_blank_frames else cond["sketch_mask"]
+            xs, ts, hint, mask = (_rows(v, branches) for v in (x, t, cond["hint"], mask))
             control = im.sketch_encoder(
-                x, cond["hint"], t, cond["c_crossattn"], sketch_mask=mask, scale=settings.sketch_scale
+                xs, hint, ts, cond["c_crossattn"], sketch_mask=mask, scale=settings.sketch_scale
             )
         x_in = torch.cat([x, cond["c_concat"]], dim=1)  # [b, 8, t, h, w]
         return im.unet(x_in, t, cond["c_crossattn"], fs=cond["fs"], control=control).float()
 
     return model_fn
+
+
+def _rows(value: Tensor | None, times: int) -> Tensor | None:
+    """The batch repeated `times` times (branch-major), as the context rows of the guidance branches."""
+    if value is None or times == 1:
+        return value
+    return value.repeat(times, *[1] * (value.ndim - 1))
 
 
 def batched_cfg_denoiser(
@@ -300,16 +312,24 @@ def batched_cfg_denoiser(
     scale: float,
     rescale: float = 0.0,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """Classifier-free guidance with both branches in one network call of batch 2b (conditional first).
+    """Classifier-free guidance with both branches in one network call (conditional first).
 
     The same combination as training/diffusion/guidance.cfg_denoiser (u + s (c - u), then the guidance
-    rescale); the reference runs the branches one after the other. One call of twice the batch halves the
-    kernel launches per step: toon-512 at 16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample
-    eager (inference/bench_gpu.py)."""
-    both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
+    rescale); the reference runs the branches one after the other. One call for both halves the kernel
+    launches per step: toon-512 at 16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample eager
+    (inference/bench_gpu.py). When the branches differ only in their context (ToonCrafter's: the concat
+    latents, frame stride and sketches are kept, MODEL.md 2.6), the call gets the noisy latent once and
+    both contexts, and the UNet runs the layers before its first cross-attention once (UNet3D.forward);
+    otherwise every input is stacked, a batch of 2b."""
+    shared = all(k == "c_crossattn" or cond[k] is uncond[k] for k in cond)
+    if shared:
+        both = {**cond, "c_crossattn": torch.cat([cond["c_crossattn"], uncond["c_crossattn"]])}
+    else:
+        both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
 
     def denoiser(x: Tensor, t: Tensor) -> Tensor:
-        out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out = model_fn(x, t, both) if shared else model_fn(torch.cat([x, x]), torch.cat([t, t]), both)
+        out_cond, out_uncond = out.chunk(2)
         guided = out_uncond + scale * (out_cond - out_uncond)
         return rescale_guidance(guided, out_cond, rescale) if rescale > 0.0 else guided
 

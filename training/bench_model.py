@@ -126,9 +126,12 @@ def run(
     uncond = {"c_concat": concat, "c_crossattn": torch.zeros_like(context), "fs": fs}
     model_fn = hybrid_model_fn(unet)
 
+    # the branches differ only in their context: one call gets x once and both contexts, and the UNet runs
+    # its layers before the first cross-attention once (UNet3D.forward), as inference/sampler.py does
+    both = {**cond, "c_crossattn": torch.cat([cond["c_crossattn"], uncond["c_crossattn"]])}
+
     def batched_denoiser(x, t):
-        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-        out_c, out_u = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out_c, out_u = model_fn(x, t, both).chunk(2)
         return out_u + 7.5 * (out_c - out_u)
 
     for name, den in (("sample_sequential_cfg", cfg_denoiser(model_fn, cond, uncond, 7.5, 0.7)),

@@ -105,8 +105,8 @@ def test_cuda_graph_row_replays_the_unet_on_its_full_batch_of_inputs(tmp_path, m
     report = json.loads(out.read_text())
     run = report["runs"]["eager, UNet as a CUDA graph, CLIP towers on the device"]
     assert run["max_abs_difference_to_direct_call"] == 0.0 and run["seconds_per_sample"] > 0
-    # both guidance branches in one call: batch 2 of 8 channels (latent + concat), 16 frames, 1/8 size
-    assert seen and set(seen) == {(2, 8, 16, 4, 8)}
+    # both guidance branches in one call, the input given once: 8 channels (latent + concat), 16 frames, 1/8 size
+    assert seen and set(seen) == {(1, 8, 16, 4, 8)}
     assert len(seen) == 1 + 2  # the difference check, then one timed sample of 2 steps
 
 

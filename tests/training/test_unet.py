@@ -113,6 +113,51 @@ def test_tiny_forward_shapes():
     assert y_text_only.shape == y.shape
 
 
+def test_guidance_branches_share_the_layers_before_the_context():
+    """k contexts for one batch of inputs (the guidance branches): the same output as the inputs repeated k
+    times, with the input conv run on the b samples alone and the first cross-attention on all k b;
+    control residuals come one per context row."""
+    cfg = UNET_PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = UNet3D(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a fresh model zeroes the residual branches' last layers
+            p.normal_(0.0, 0.2)
+    b, t, k = 2, 4, 3
+    x = torch.randn(b, cfg.in_channels, t, 8, 16)
+    ts, fs = torch.tensor([10, 900]), torch.tensor([10, 3])
+    contexts = torch.randn(k * b, cfg.text_tokens + t * cfg.image_tokens_per_frame, cfg.context_dim)
+    rows = []
+    model.input_blocks[0].register_forward_pre_hook(lambda m, a: rows.append(("conv_in", a[0].shape[0])))
+    first_cross = model.input_blocks[1][1]
+    first_cross.register_forward_pre_hook(lambda m, a: rows.append(("cross", a[0].shape[0])))
+    shapes = []
+    hooks = [
+        blk.register_forward_hook(lambda m, a, out: shapes.append(out.shape)) for blk in model.input_blocks
+    ]
+    with torch.no_grad():
+        stacked = model(x.repeat(k, 1, 1, 1, 1), ts.repeat(k), contexts, fs=fs.repeat(k))
+        for hook in hooks:
+            hook.remove()
+        rows.clear()
+        shared = model(x, ts, contexts, fs=fs)
+        assert rows == [("conv_in", b * t), ("cross", k * b * t)]
+        torch.testing.assert_close(shared, stacked, atol=1e-5, rtol=1e-5)
+        assert shared.shape == (k * b, cfg.out_channels, t, 8, 16) and stacked.abs().mean() > 0.1
+
+        control = [torch.randn(s) for s in shapes] + [
+            torch.randn(shapes[-1])
+        ]  # the middle keeps its input's shape
+        torch.testing.assert_close(
+            model(x, ts, contexts, fs=fs, control=control),
+            model(x.repeat(k, 1, 1, 1, 1), ts.repeat(k), contexts, fs=fs.repeat(k), control=control),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        with pytest.raises(ValueError, match="5 rows for a batch of 2"):
+            model(x, ts, contexts[:5], fs=fs)
+
+
 def test_fresh_model_is_zero_initialised_where_the_reference_is():
     model = UNet3D(UNET_PRESETS["tiny"])
     assert model.out[-1].weight.abs().sum() == 0 and model.fps_embedding[-1].weight.abs().sum() == 0
