@@ -8,10 +8,14 @@
 # device tool brings back files of at most 16 MiB): put them all in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling (.gpucache/sample_cache.xz of 2026-11-27 holds the sampling UNet's, not the decoder's).
-# What the defaults run: only the compiled rectify step (T_COMPILE, whatever BUDGET leaves), the one
-# GPU number still missing (issue "Training"; its compile outlasted 102 s and 280 s before). Right
-# after it, on the still-warm machine, a second call times the sample:
-#   T_COMPILE=0 T_SAMPLE=230 BUDGET=240 bash bench/gpu_checks.sh
+# What the defaults run: the sample (T_SAMPLE, issue "Inference": 4.955-5.055 s on an H100 on
+# 2026-11-27, at the 5 s target), whose UNet graph changed since (the guidance branches share the layers
+# before the first cross-attention: a compile from scratch, ~140 s, then the decoder's ~140 s unless its
+# cache is carried), then one UNet call with the branches' inputs stacked vs shared vs as a CUDA graph
+# (T_GRAPH, eager: no compiling; GRAPH_MODE=compile compiles both forms). Right after, on the still-warm
+# machine, a second call for the compiled rectify step (issue "Training"; its compile outlasted 102 s
+# and 280 s before):
+#   T_SAMPLE=0 T_GRAPH=0 T_COMPILE=<left - 20> BUDGET=<left - 10> bash bench/gpu_checks.sh
 #   compiled: the rectify step at batch 6 with each UNet block and the frozen VAE encoder's blocks
 #             torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS, default
 #             0,2) only the two finest levels (train.checkpoint_levels); FORCE_CL=1 compiles every
@@ -20,9 +24,8 @@
 #             the UNet's large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a
 #             forward's FLOPs): a call of its own after the bf16 one, whose compile it repeats
 #   sample:   `interpolate` seconds per sample and peak memory with the UNet and the VAE decoder's
-#             blocks compiled (issues Model and Inference: 5.12 s, median of 3, on 2026-11-27), then
-#             the same with the CLIP towers kept on the device (--clip-resident: the ~0.1 s upload of
-#             each sample's context phase), then the same with each UNet call replayed as a CUDA graph
+#             blocks compiled, the CLIP towers visiting from host memory, then the same with the
+#             towers kept on the device (--clip-resident, interpolate's default on >= 24 GiB), then the same with each UNet call replayed as a CUDA graph
 #             (--cuda-graph: its largest difference to the direct call, then the timing), then a profiler
 #             table of a short compiled sample;
 #             SAMPLE_COMPILE=staged times the UNet compiled alone first (its compile: 137 s from an
@@ -64,11 +67,12 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
 part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -12
+part ${T_SAMPLE:-400} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" 2>&1 | grep -E "^(built|eager|compiled|compile cache)|Error" | tail -12
+part ${T_GRAPH:-60} python3 bench/cuda_graph_check.py toon-512 cuda "${GRAPH_MODE:-eager}" "$(( ${T_GRAPH:-60} - 5 ))" 2>&1 | grep -vE "^W[0-9]"
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
-part ${T_COMPILE:-600} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_COMPILE:-0} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 echo "== done in $(($(date +%s) - START)) s"

@@ -169,3 +169,13 @@ def test_unet_benches(tmp_path):
              "--json", str(tmp_path / "model.json")]  # fmt: skip
     run_module("training.bench_model", model, tmp_path)
     assert (tmp_path / "unet.json").exists() and (tmp_path / "model.json").exists()
+
+
+def test_the_unet_call_check_script_runs_without_the_missing_packages(tmp_path):
+    """bench/cuda_graph_check.py (gpu_checks.sh's T_GRAPH part) on the tiny preset and the CPU: the
+    stacked and the shared call agree, and each is timed."""
+    code = "sys.argv = ['cuda_graph_check.py', 'tiny', 'cpu', 'eager', '300']\nrunpy.run_path('bench/cuda_graph_check.py', run_name='__main__')\n"
+    out = run_as_on_the_gpu_machine(code, tmp_path).stdout
+    assert "inputs stacked for both branches:" in out and "inputs shared:" in out
+    difference = float(out.split("largest difference, shared vs stacked:")[1].split()[0])
+    assert difference < 1e-5
