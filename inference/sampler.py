@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,8 +361,11 @@ def sample_latents(
     shape = tuple(c_concat.shape)
     x_t = torch.randn(shape, generator=generator).to(im.device)
     noises = None
-    if settings.eta > 0:  # drawn up front on the CPU: the same numbers on any device
-        noises = torch.randn((settings.steps, *shape), generator=generator)
+    drawing = ThreadPoolExecutor(1, thread_name_prefix="ddim-noise")
+    if settings.eta > 0:
+        # The per-step noise, drawn on the CPU (the same numbers on any device), right after x_T: ~8 M numbers
+        # for 50 steps at 16x320x512, ~35 ms of one core, drawn in a thread while the first step runs.
+        noises = drawing.submit(_draw_noise, (settings.steps, *shape), generator, im.device.type == "cuda")
     callback, bar = _progress(progress, settings.steps)
     try:
         with precision(im.device, im.dtype):
@@ -376,8 +380,14 @@ def sample_latents(
                 callback=callback,
             )
     finally:
+        drawing.shutdown(wait=True)  # the generator is free again, whatever happened
         if bar is not None:
             bar.close()
+
+
+def _draw_noise(shape: tuple[int, ...], generator: torch.Generator, pin: bool) -> Tensor:
+    noise = torch.randn(shape, generator=generator)
+    return noise.pin_memory() if pin else noise  # pinned: the copy to the GPU does not wait for it
 
 
 def _progress(progress: bool | Callable[[StepInfo], None], total: int):

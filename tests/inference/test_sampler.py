@@ -93,3 +93,39 @@ def test_clip_placement_flags_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["a.png", "b.png", "--offload-clip", "--keep-clip-on-device"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_the_step_noise_drawn_in_a_thread_is_the_seeded_stream_after_x_t():
+    """sample_latents draws x_T, then all the steps' noise in one go from the same CPU generator (the latter
+    in a thread while the first step runs): a run equals sample_ddim given those draws by hand."""
+    from inference.sampler import InferenceModel, SamplerSettings, _model_fn, sample_latents
+    from training.diffusion.ddim import sample_ddim, uniform_trailing_timesteps
+    from training.models.tooncrafter import build_tooncrafter
+
+    im = InferenceModel(build_tooncrafter("tiny"), "cpu", torch.float32)
+    settings = SamplerSettings(steps=3, frames=4, cfg=1.0)  # one branch: the denoiser is the model itself
+    cfg = im.model.cfg
+    c_concat = torch.randn(1, 4, 4, 4, 8)
+    context = torch.randn(1, cfg.unet.text_tokens + 4 * cfg.unet.image_tokens_per_frame, cfg.unet.context_dim)
+    got = sample_latents(
+        im, c_concat, context, context, settings, torch.Generator().manual_seed(7), progress=False
+    )
+
+    g = torch.Generator().manual_seed(7)
+    x_t = torch.randn(c_concat.shape, generator=g)
+    noises = torch.randn((3, *c_concat.shape), generator=g)
+    fs = torch.full((1,), settings.fs, dtype=torch.long)
+    cond = {"c_concat": c_concat, "c_crossattn": context, "fs": fs, "hint": None, "sketch_mask": None}
+    model_fn = _model_fn(im, settings)
+    steps = uniform_trailing_timesteps(3, len(im.schedule["alphas_cumprod"]))
+    with torch.no_grad():
+        want = sample_ddim(
+            lambda x, t: model_fn(x, t, cond),
+            x_t,
+            steps,
+            im.schedule,
+            eta=1.0,
+            dynamic_rescale=True,
+            noises=noises,
+        )
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

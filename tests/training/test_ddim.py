@@ -142,6 +142,20 @@ def test_injected_noise_replays_a_run():
     c = sample_ddim(denoiser, x_T, ts, sched, eta=1.0, noises=noises * 2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
+    # still being drawn elsewhere: waited for after the first step's network call, then the same run
+    from concurrent.futures import Future
+
+    pending, calls = Future(), []
+
+    def first_call_then_noise(x, t):
+        calls.append(pending.done())
+        if not pending.done():
+            pending.set_result(noises)
+        return denoiser(x, t)
+
+    d = sample_ddim(first_call_then_noise, x_T, ts, sched, eta=1.0, noises=pending)
+    assert torch.equal(a, d) and calls == [False, True, True, True]
+
 
 def test_step_coefficients_computed_once_equal_the_per_step_float32_arithmetic():
     """The loop's scalars, computed once up front (so the loop never copies a CPU scalar to the device),

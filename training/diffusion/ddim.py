@@ -16,6 +16,7 @@ Reference behaviour reproduced (MODEL.md 2.6):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,14 +143,16 @@ def sample_ddim(
     *,
     eta: float = 1.0,
     dynamic_rescale: bool = True,
-    noises: Sequence[Tensor] | Tensor | None = None,
+    noises: Sequence[Tensor] | Tensor | Future | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> Tensor:
     """Run DDIM from x = x_T over ascending `timesteps` (sampled from the last to the first) and return x_0.
 
     noises: optional per-step Gaussian draws in sampling order ([S, *x.shape] or a sequence of S tensors),
-    e.g. to replay a reference run; otherwise, when eta > 0, they are drawn with `generator` (on x's device).
+    e.g. to replay a reference run, or a Future of the [S, *x.shape] tensor (still being drawn elsewhere;
+    waited for once the first step's network call is launched); otherwise, when eta > 0, they are drawn
+    with `generator` (on x's device).
     dynamic_rescale: undo the training-time x0 shrink with sched["scale_arr"] (ignored when the mapping has none).
     """
     params = ddim_params(
@@ -163,6 +166,8 @@ def sample_ddim(
         t_int = int(params.timesteps[i])
         t = torch.full((x.shape[0],), t_int, device=x.device, dtype=torch.long)
         model_output = denoiser(x, t)
+        if isinstance(noises, Future):
+            noises = noises.result().to(x, non_blocking=True)  # once; a pinned source does not block
         noise = None
         if eta > 0:
             if noises is not None:
