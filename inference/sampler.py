@@ -117,10 +117,12 @@ class InferenceModel:
     weights (its convs still run in `dtype` under autocast). The CLIP towers (1 B parameters, ~2 GB in bf16,
     used once per clip) live on the device too when it has room (`offload_clip=None`: a CUDA device of at
     least CLIP_RESIDENT_MIN_GIB); on a smaller card (or with `offload_clip=True`) they stay in pinned CPU
-    memory and visit the device only while they encode, ~0.05-0.1 s per sample on an H100. `compile=True` wraps the UNet in torch.compile
-    and compiles each residual block of the VAE decoder (the first sample pays the compilation; with
-    `compile_decoder=False` the decoder stays eager). `cuda_graph=True` replays the UNet call (compiled or
-    not) as a CUDA graph on a CUDA device (inference/cuda_graph.py); elsewhere it changes nothing.
+    memory and visit the device only while they encode, ~0.05-0.1 s per sample on an H100.
+
+    `compile=True` wraps the UNet in torch.compile and compiles each residual block of the VAE decoder (the
+    first sample pays the compilation; with `compile_decoder=False` the decoder stays eager).
+    `cuda_graph=True` replays the UNet call (compiled or not) as a CUDA graph on a CUDA device
+    (inference/cuda_graph.py); elsewhere it changes nothing.
     """
 
     def __init__(
