@@ -7,7 +7,8 @@
 # torch.compile's artifacts come back as $OUT/*_cache.xz (in 15 MiB parts *_cache.xz.1, ... when larger, as the
 # device tool brings back files of at most 16 MiB): put them all in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
-# compiling (.gpucache/sample_cache.xz of 2026-11-27 holds the sampling UNet's, not the decoder's).
+# compiling (.gpucache/sample_cache.xz of 2026-11-27 holds the sampling UNet's graph from before the
+# guidance branches shared their input: only cuda_graph_check's stacked call can still use it).
 # What the defaults run: the sample (T_SAMPLE, issue "Inference": 4.955-5.055 s on an H100 on
 # 2026-11-27, at the 5 s target), whose UNet graph changed since (the guidance branches share the layers
 # before the first cross-attention: a compile from scratch, ~140 s, then the decoder's ~140 s unless its
