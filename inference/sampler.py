@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from inference.cuda_graph import GraphedCall
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
-from training.diffusion.guidance import cfg_denoiser, rescale_guidance
+from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser
 from training.engine import compile_blocks
 from training.models.vae import resnet_blocks
 
@@ -285,7 +285,8 @@ def _model_fn(im: InferenceModel, settings: SamplerSettings):
     (MODEL.md 4)."""
 
     def model_fn(x: Tensor, t: Tensor, cond: Mapping[str, Any]) -> Tensor:
-        # cond["c_crossattn"] may hold k contexts per sample (the guidance branches, batched_cfg_denoiser):
+        # cond["c_crossattn"] may hold k contexts per sample (the guidance branches,
+        # training/diffusion/guidance.batched_cfg_denoiser):
         # everything else is then each branch's, given once
         branches = cond["c_crossattn"].shape[0] // x.shape[0]
         control = None
@@ -306,37 +307,6 @@ def _rows(value: Tensor | None, times: int) -> Tensor | None:
     if value is None or times == 1:
         return value
     return value.repeat(times, *[1] * (value.ndim - 1))
-
-
-def batched_cfg_denoiser(
-    model_fn: Callable[[Tensor, Tensor, Mapping[str, Any]], Tensor],
-    cond: Mapping[str, Any],
-    uncond: Mapping[str, Any],
-    scale: float,
-    rescale: float = 0.0,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """Classifier-free guidance with both branches in one network call (conditional first).
-
-    The same combination as training/diffusion/guidance.cfg_denoiser (u + s (c - u), then the guidance
-    rescale); the reference runs the branches one after the other. One call for both halves the kernel
-    launches per step: toon-512 at 16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample eager
-    (inference/bench_gpu.py). When the branches differ only in their context (ToonCrafter's: the concat
-    latents, frame stride and sketches are kept, MODEL.md 2.6), the call gets the noisy latent once and
-    both contexts, and the UNet runs the layers before its first cross-attention once (UNet3D.forward);
-    otherwise every input is stacked, a batch of 2b."""
-    shared = all(k == "c_crossattn" or cond[k] is uncond[k] for k in cond)
-    if shared:
-        both = {**cond, "c_crossattn": torch.cat([cond["c_crossattn"], uncond["c_crossattn"]])}
-    else:
-        both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
-
-    def denoiser(x: Tensor, t: Tensor) -> Tensor:
-        out = model_fn(x, t, both) if shared else model_fn(torch.cat([x, x]), torch.cat([t, t]), both)
-        out_cond, out_uncond = out.chunk(2)
-        guided = out_uncond + scale * (out_cond - out_uncond)
-        return rescale_guidance(guided, out_cond, rescale) if rescale > 0.0 else guided
-
-    return denoiser
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def run(
     temporal_conv: str = "conv3d",
 ) -> dict:
     from training.diffusion.ddim import sample_ddim, uniform_trailing_timesteps
-    from training.diffusion.guidance import cfg_denoiser, hybrid_model_fn
+    from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser, hybrid_model_fn
     from training.diffusion.schedule import SCHEDULE_PRESETS, schedule_buffers
     from training.models.unet import UNET_PRESETS, UNet3D, set_temporal_conv
 
@@ -126,16 +126,10 @@ def run(
     uncond = {"c_concat": concat, "c_crossattn": torch.zeros_like(context), "fs": fs}
     model_fn = hybrid_model_fn(unet)
 
-    # the branches differ only in their context: one call gets x once and both contexts, and the UNet runs
-    # its layers before the first cross-attention once (UNet3D.forward), as inference/sampler.py does
-    both = {**cond, "c_crossattn": torch.cat([cond["c_crossattn"], uncond["c_crossattn"]])}
-
-    def batched_denoiser(x, t):
-        out_c, out_u = model_fn(x, t, both).chunk(2)
-        return out_u + 7.5 * (out_c - out_u)
-
+    # both rows with the sampler's guidance (scale 7.5, rescale 0.7): two calls per step, then one call that
+    # gets x once and both contexts (the UNet runs its layers before the first cross-attention once)
     for name, den in (("sample_sequential_cfg", cfg_denoiser(model_fn, cond, uncond, 7.5, 0.7)),
-                      ("sample_batched_cfg", batched_denoiser)):  # fmt: skip
+                      ("sample_batched_cfg", batched_cfg_denoiser(model_fn, cond, uncond, 7.5, 0.7))):  # fmt: skip
 
         @torch.no_grad()
         def sample(den=den):

@@ -5,6 +5,7 @@
 * `cfg_denoiser`: classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023, sec. 3.4).
   ToonCrafter's unconditional branch swaps the context for [text(""), image tokens of a zero image] and keeps
   `c_concat` and `fs` (MODEL.md 2.6); building that uncond dict is the caller's job, this only combines.
+* `batched_cfg_denoiser`: the same guidance with both branches in one network call (the sampler's default).
 """
 
 from __future__ import annotations
@@ -63,5 +64,35 @@ def cfg_denoiser(
         if rescale > 0.0:
             guided = rescale_guidance(guided, out_cond, rescale)
         return guided
+
+    return denoiser
+
+
+def batched_cfg_denoiser(
+    model_fn: ModelFn,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any],
+    scale: float,
+    rescale: float = 0.0,
+) -> Denoiser:
+    """Classifier-free guidance with both branches in one network call (conditional first).
+
+    The same combination as cfg_denoiser (u + s (c - u), then the guidance rescale); the reference runs
+    the branches one after the other. One call for both halves the kernel launches per step: toon-512 at
+    16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample eager (inference/bench_gpu.py). When the branches differ only in their context (ToonCrafter's: the concat
+    latents, frame stride and sketches are kept, MODEL.md 2.6), the call gets the noisy latent once and
+    both contexts, and the UNet runs the layers before its first cross-attention once (UNet3D.forward);
+    otherwise every input is stacked, a batch of 2b."""
+    shared = all(k == "c_crossattn" or cond[k] is uncond[k] for k in cond)
+    if shared:
+        both = {**cond, "c_crossattn": torch.cat([cond["c_crossattn"], uncond["c_crossattn"]])}
+    else:
+        both = {k: None if cond[k] is None else torch.cat([cond[k], uncond[k]]) for k in cond}
+
+    def denoiser(x: Tensor, t: Tensor) -> Tensor:
+        out = model_fn(x, t, both) if shared else model_fn(torch.cat([x, x]), torch.cat([t, t]), both)
+        out_cond, out_uncond = out.chunk(2)
+        guided = out_uncond + scale * (out_cond - out_uncond)
+        return rescale_guidance(guided, out_cond, rescale) if rescale > 0.0 else guided
 
     return denoiser
