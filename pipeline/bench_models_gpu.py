@@ -407,6 +407,36 @@ def _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, 
     return {"converted": counts, **timing, "stage": fast}
 
 
+def profile_call(stage, rows: list[dict], device, rows_limit: int = 30) -> str:
+    """torch.profiler's table of one `stage.process_rows(rows)` call, after a line saying how busy the
+    device was: the call's wall time against the summed time of its kernels and of its copies (the
+    copies run beside the kernels, on their own stream, so the two may overlap)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        list(stage.process_rows(rows))
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    kernels_ms = copies_ms = 0.0
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.self_device_time_total / 1e3
+        if event.key.startswith("Memcpy") or event.key.startswith("Memset"):
+            copies_ms += ms
+        else:
+            kernels_ms += ms
+    head = (
+        f"one call of {len(rows)} clips: wall {wall_ms:.1f} ms, kernels {kernels_ms:.1f} ms"
+        f" ({100 * kernels_ms / wall_ms:.0f}% of the wall time), copies {copies_ms:.1f} ms\n"
+    )
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return head + prof.key_averages().table(sort_by=sort, row_limit=rows_limit, max_name_column_width=80)
+
+
 def _module(clip):
     return getattr(clip, "model", clip)  # HFClip wraps a CLIPModel; an open_clip model is the module
 
@@ -420,6 +450,7 @@ def run(
     compile_backend: str = "",
     frames_per_forward: tuple[int, ...] = (),
     fp8: bool = False,
+    profile: Path | None = None,
 ) -> dict:
     import torch
 
@@ -466,6 +497,7 @@ def run(
         clip, tokenizer, impl = build_clip(tiny, fallback, device, clip_dtype)
         mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
         aesthetic = _aesthetic_stage(clip, mlp, device, clip_dtype, batch["aesthetic"])
+        profiled = aesthetic
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
             record(
@@ -521,13 +553,17 @@ def run(
                 impl8 = f"{impl}, fp8 e4m3 linears" + (f", torch.compile {backend}" if backend else "")
                 try:
                     row = _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches)
-                    row["agreement_with_fp16"] = agreement(
-                        reference, list(row.pop("stage").process_rows(smooth))
-                    )
+                    row["agreement_with_fp16"] = agreement(reference, list(row["stage"].process_rows(smooth)))
+                    fast = row.pop("stage")
                     record(results, name, {"model": impl8, **row})
+                    profiled = fast
                     break
                 except Exception as exc:  # one shot on a lent GPU: keep the other rows
                     record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
+        if "aesthetic" in stages and profile:  # the last (fastest) form of the stage measured above
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            profile.write_text(profile_call(profiled, _rows(batch["aesthetic"], size), device))
+            print(f"wrote {profile}: {profile.read_text().splitlines()[0]}", flush=True)
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):
             a, b = (
@@ -592,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the aesthetic stage with fp8 e4m3 linears in the image tower (compiled with"
         " --compile's backend if given) and its agreement with the fp16 tower",
     )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="write torch.profiler's table of one more aesthetic call (its last form: fp8 or compiled"
+        " when measured) here, after how busy the device was during it",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
     try:
@@ -609,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
-    results = run(args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf, args.fp8)
+    results = run(
+        args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf, args.fp8, args.profile
+    )
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     width = max(map(len, results["stages"]), default=0)
     for name, r in results["stages"].items():

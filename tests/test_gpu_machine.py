@@ -74,17 +74,23 @@ assert load_compile_cache({str(cache)!r})
 def test_interpolation_bench(tmp_path):
     out = tmp_path / "sample.json"
     args = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "64",
-            "--repeats", "1", "--compile", "off", "--json", str(out), "--profile", str(tmp_path / "k.txt")]  # fmt: skip
-    assert "eager" in run_module("inference.bench_gpu", args, tmp_path)
-    assert out.exists()
+            "--repeats", "1", "--compile", "off", "--json", str(out), "--profile", str(tmp_path / "k.txt"),
+            "--wait-for", str(tmp_path / "absent"), "--wait-max", "1"]  # fmt: skip
+    printed = run_module("inference.bench_gpu", args, tmp_path)
+    assert "eager" in printed and "interpolation bench, before its timed samples: gave up on" in printed
+    waited = json.loads(out.read_text())["waited_for_gpu"]
+    assert not waited["found"] and waited["waited_s"] >= 1
 
 
 def test_training_bench(tmp_path):
-    out = tmp_path / "train.json"
-    args = ["--preset", "tiny", "--device", "cpu", "--batches", "1", "--steps", "1", "--warmup", "0",
-            "--breakdown", "--checkpoint-levels", "0,1", "--json", str(out)]  # fmt: skip
-    run_module("training.bench_gpu", args, tmp_path)
-    assert out.exists()
+    out, compiled, free = tmp_path / "train.json", tmp_path / "gate" / "compiled", tmp_path / "free"
+    free.touch()
+    args = ["--preset", "tiny", "--device", "cpu", "--batches", "1", "--steps", "1", "--warmup", "1",
+            "--breakdown", "--checkpoint-levels", "0,1", "--json", str(out),
+            "--signal-compiled", str(compiled), "--wait-for", str(free)]  # fmt: skip
+    printed = run_module("training.bench_gpu", args, tmp_path)
+    assert compiled.exists() and json.loads(out.read_text())["waited_for_gpu"]["found"]
+    assert printed.count("training bench, before its timed steps: found") == 1  # once, not per case
 
 
 def test_training_bench_with_fp8_linears(tmp_path):
@@ -100,9 +106,13 @@ def test_training_bench_with_fp8_linears(tmp_path):
 
 def test_model_stage_bench(tmp_path):
     out = tmp_path / "models.json"
+    table = tmp_path / "clip_kernels.txt"
     args = ["--device", "cpu", "--tiny", "--stages", "text,aesthetic,alignment", "--fp8", "--out", str(out)]
-    assert "aesthetic_fp8 + alignment together" in run_module("pipeline.bench_models_gpu", args, tmp_path)
-    assert out.exists()
+    printed = run_module("pipeline.bench_models_gpu", [*args, "--profile", str(table)], tmp_path)
+    assert "aesthetic_fp8 + alignment together" in printed and out.exists()
+    head, *rest = table.read_text().splitlines()  # the fp8 stage's call: how busy, then the operators
+    assert head.startswith("one call of 2 clips: wall ") and "ms, kernels " in head
+    assert any("_scaled_mm" in line for line in rest)
 
 
 def test_model_stage_bench_without_the_open_clip_wheels(tmp_path):
@@ -120,11 +130,11 @@ def script_commands() -> list[tuple[str, list[str]]]:
 
     commands = []
     for line in (ROOT / "bench" / "gpu_checks.sh").read_text().splitlines():
-        if not line.startswith("part ") or "python3 -m " not in line:
+        if not re.match(r"\s*(\S+=\S+ )*part ", line) or "python3 -m " not in line:
             continue
         command = line.split("python3 -m ", 1)[1].split(" 2>&1", 1)[0]
         command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)
-        command = command.replace("$OUT", "/tmp/out").replace("$TC", "conv3d")
+        command = command.replace("$OUT", "/tmp/out").replace("$TC", "conv3d").replace("$GATE", "/tmp/gate")
         module, *argv = shlex.split(command)
         commands.append((module, argv))
     return commands
@@ -153,6 +163,12 @@ def test_every_command_of_the_gpu_script_parses(monkeypatch):
         "training.bench_gpu",
         "pipeline.bench_models_gpu",
     }
+    # the compiled rectify step beside the sample, and the sample, wait for each other's GPU work
+    beside = [a for m, a in commands if m == "training.bench_gpu" and "--signal-compiled" in a]
+    sample = [a for m, a in commands if m == "inference.bench_gpu"]
+    assert len(beside) == 1 and len(sample) == 1
+    signal = beside[0][beside[0].index("--signal-compiled") + 1]
+    assert sample[0][sample[0].index("--wait-for") + 1] == signal
     for module, argv in commands:
         with pytest.raises(Parsed) as parsed:
             importlib.import_module(module).main(argv)

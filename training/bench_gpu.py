@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 
-from training.engine import cache_saved, compile_progress, load_compile_cache, save_compile_cache
+from training.engine import (
+    cache_saved,
+    compile_progress,
+    load_compile_cache,
+    save_compile_cache,
+    wait_for_file,
+)
 from training.float8 import check_settings as check_float8_settings
 
 # Model FLOPs per clip and step (forward + backward, no recompute), MODEL.md Appendix E, toon-512.
@@ -116,6 +122,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="one extra step per case timed by part (VAE, CLIP towers, Resampler, UNet, backward, optimizer)",
     )
+    p.add_argument(
+        "--signal-compiled",
+        type=Path,
+        metavar="FILE",
+        help="create FILE once the first case's first warm-up step (the compile) has ended: a benchmark"
+        " sharing the GPU (inference.bench_gpu --wait-for) can then time without this one's compile beside it",
+    )
+    p.add_argument(
+        "--wait-for",
+        type=Path,
+        metavar="FILE",
+        help="after that first warm-up step, wait until FILE exists (the other benchmark has left the GPU)"
+        " before any further step, at most --wait-max seconds",
+    )
+    p.add_argument("--wait-max", type=float, default=600.0, help="seconds --wait-for waits at most")
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
@@ -312,6 +333,26 @@ def _compiled_since_saved() -> bool:
     return new
 
 
+_signalled = _waited = False
+
+
+def _signal_compiled(args: argparse.Namespace) -> None:
+    """Once, after the first warm-up step: say that this bench's compile is over (--signal-compiled)."""
+    global _signalled
+    if args.signal_compiled and not _signalled:
+        args.signal_compiled.parent.mkdir(parents=True, exist_ok=True)
+        args.signal_compiled.touch()
+    _signalled = True
+
+
+def _wait_for_gpu(args: argparse.Namespace) -> None:
+    """Once, before any step after the first: wait until the GPU is left to this bench (--wait-for)."""
+    global _waited
+    if args.wait_for and not _waited:
+        args.waited = wait_for_file(args.wait_for, args.wait_max, "training bench, before its timed steps")
+    _waited = True
+
+
 def measure(
     case: Case,
     stage: str,
@@ -336,6 +377,8 @@ def measure(
                 _sync(device)
             # printed at once: a run stopped at its time limit still tells how long compiling took
             print(f"{stage} batch {b}: warm-up step {i + 1} {time.perf_counter() - t0:.1f} s", flush=True)
+            if i == 0:
+                _signal_compiled(args)
             if i == 0 and args.compile and args.compile_cache and _compiled_since_saved():
                 saving = time.perf_counter()
                 size = save_compile_cache(args.compile_cache)
@@ -343,6 +386,10 @@ def measure(
                     f"compile cache {args.compile_cache}: {cache_saved(size, time.perf_counter() - saving)}",
                     flush=True,
                 )
+            if i == 0:
+                _wait_for_gpu(args)
+        _signal_compiled(args)  # without warm-up steps: before the first timed one
+        _wait_for_gpu(args)
         times = []
         for _ in range(args.steps):
             _sync(device)
@@ -489,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if getattr(args, "waited", None):
+        report["waited_for_gpu"] = args.waited
     fitting = [r for r in report["rows"] if r["stage"] == "rectify" and not r.get("oom")]
     report["rectify_largest_batch"] = max((r["batch"] for r in fitting), default=None)
     print(_table(report))

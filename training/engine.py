@@ -397,6 +397,21 @@ def cache_saved(size: int, seconds: float) -> str:
     )
 
 
+def wait_for_file(path: Path, max_s: float, label: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait until `path` exists, at most `max_s` seconds: how two benches sharing one GPU keep out of each
+    other's timed runs (one creates a file when it no longer needs the GPU quiet, the other waits for it).
+    Returns (and prints) how long it waited and whether the file came."""
+    import time
+
+    start = time.perf_counter()
+    path = Path(path)
+    while not (found := path.exists()) and time.perf_counter() - start < max_s:
+        time.sleep(poll_s)
+    waited = {"file": str(path), "waited_s": round(time.perf_counter() - start, 1), "found": found}
+    print(f"{label}: {'found' if found else 'gave up on'} {path} after {waited['waited_s']} s", flush=True)
+    return waited
+
+
 def adamw(params, cfg: TrainConfig, device: torch.device, **overrides: Any) -> torch.optim.AdamW:
     """AdamW with the config's hyper-parameters; the fused CUDA kernel where every tensor is on CUDA
     (one launch for all parameters instead of a few per tensor: 942 M parameters in ~1,300 tensors)."""

@@ -516,3 +516,17 @@ def test_compile_progress_reports_while_the_block_runs(capsys):
     assert all(line.endswith(" graphs so far") for line in lines)
     time.sleep(0.15)
     assert capsys.readouterr().out == ""  # the reporter stopped with the block
+
+
+def test_wait_for_file_returns_when_the_file_comes_and_gives_up_after_its_limit(tmp_path):
+    """How the GPU checks' two benches keep out of each other's timed runs."""
+    import threading
+
+    from training.engine import wait_for_file
+
+    signal = tmp_path / "compiled"
+    threading.Timer(0.3, signal.touch).start()
+    came = wait_for_file(signal, 30, "test", poll_s=0.05)
+    assert came["found"] and 0.2 <= came["waited_s"] < 10
+    gone = wait_for_file(tmp_path / "never", 0.3, "test", poll_s=0.05)
+    assert not gone["found"] and gone["waited_s"] >= 0.3
