@@ -6,8 +6,9 @@ text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at th
 
   text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
   aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip; with --fp8
-             also the tower with fp8 e4m3 linears (aesthetic.precision=fp8), and how closely its
-             embeddings follow the fp16 tower's on smooth random images (cosine, L2 distance)
+             also the tower with fp8 e4m3 linears (aesthetic.precision=fp8: fast accumulation), then
+             the same with fp32 accumulation (the baseline), and how closely each one's embeddings
+             follow the fp16 tower's on smooth random images (cosine, L2 distance)
   alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings; beside it, the same
              stage with the tower over all 77 positions (its baseline, same run)
   caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
@@ -389,14 +390,17 @@ def _compiled_row(stage: AestheticStage, backend: str, rows: list[dict], device,
     return {"first_call_s": round(time.perf_counter() - start, 2), **measure(stage, rows, device, batches)}
 
 
-def _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches) -> dict:
-    """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears, compiled with
-    `backend` ("" eager); its row, with the stage under "stage" for the agreement check."""
+def _measure_fp8(
+    clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fast_accum: bool = True
+) -> dict:
+    """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears (fast or fp32
+    accumulation), compiled with `backend` ("" eager); its row, with the stage under "stage" for the
+    agreement check."""
     import torch
 
     clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
     _module(clip8).load_state_dict(_module(clip).state_dict())
-    counts = float8_image_tower(clip8, device)
+    counts = float8_image_tower(clip8, device, fast_accum)
     fast = _aesthetic_stage(clip8, aesthetic._mlp, device, torch.bfloat16, batch["aesthetic"], "fp8")
     rows = _rows(batch["aesthetic"], size)
     timing = (
@@ -435,6 +439,14 @@ def profile_call(stage, rows: list[dict], device, rows_limit: int = 30) -> str:
     )
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     return head + prof.key_averages().table(sort_by=sort, row_limit=rows_limit, max_name_column_width=80)
+
+
+FP8_ROWS = (
+    "aesthetic_fp8",
+    "aesthetic_fp8_compiled",
+    "aesthetic_fp8_fp32_accum",
+    "aesthetic_fp8_fp32_accum_compiled",
+)
 
 
 def _module(clip):
@@ -547,20 +559,28 @@ def run(
             )
         if "aesthetic" in stages and fp8:
             # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
-            # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager
-            for backend in dict.fromkeys([compile_backend, ""]):
-                name = "aesthetic_fp8_compiled" if backend else "aesthetic_fp8"
-                impl8 = f"{impl}, fp8 e4m3 linears" + (f", torch.compile {backend}" if backend else "")
-                try:
-                    row = _measure_fp8(clip, aesthetic, tiny, fallback, device, backend, batch, size, batches)
-                    row["agreement_with_fp16"] = agreement(reference, list(row["stage"].process_rows(smooth)))
-                    fast = row.pop("stage")
-                    record(results, name, {"model": impl8, **row})
-                    profiled = fast
-                    break
-                except Exception as exc:  # one shot on a lent GPU: keep the other rows
-                    record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
-        if "aesthetic" in stages and profile:  # the last (fastest) form of the stage measured above
+            # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager.
+            # First with fast accumulation (the stage's), then with fp32 accumulation: the same run's
+            # baseline for what fast accumulation gains (pipeline/float8.py)
+            for fast_accum, accum in ((True, ""), (False, "_fp32_accum")):
+                for backend in dict.fromkeys([compile_backend, ""]):
+                    name = f"aesthetic_fp8{accum}" + ("_compiled" if backend else "")
+                    impl8 = f"{impl}, fp8 e4m3 linears, {'fast' if fast_accum else 'fp32'} accumulation"
+                    impl8 += f", torch.compile {backend}" if backend else ""
+                    try:
+                        row = _measure_fp8(
+                            clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fast_accum
+                        )
+                        row["agreement_with_fp16"] = agreement(
+                            reference, list(row["stage"].process_rows(smooth))
+                        )
+                        stage8 = row.pop("stage")
+                        record(results, name, {"model": impl8, **row})
+                        profiled = stage8 if fast_accum else profiled
+                        break
+                    except Exception as exc:  # one shot on a lent GPU: keep the other rows
+                        record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
+        if "aesthetic" in stages and profile:  # the fastest form of the stage measured above
             profile.parent.mkdir(parents=True, exist_ok=True)
             profile.write_text(profile_call(profiled, _rows(batch["aesthetic"], size), device))
             print(f"wrote {profile}: {profile.read_text().splitlines()[0]}", flush=True)
@@ -574,7 +594,7 @@ def run(
             if "aesthetic_compiled" in results["stages"]:
                 a = results["stages"]["aesthetic_compiled"]["clips_per_s"]
                 results["aesthetic_compiled_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
-            for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
+            for name in FP8_ROWS:
                 if "clips_per_s" in results["stages"].get(name, {}):
                     a = results["stages"][name]["clips_per_s"]
                     results[f"{name}_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
@@ -679,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "  aesthetic (compiled) + alignment together:"
             f" {results['aesthetic_compiled_plus_alignment_clips_per_s']:.1f} clips/s"
         )
-    for name in ("aesthetic_fp8", "aesthetic_fp8_compiled"):
+    for name in FP8_ROWS:
         if "agreement_with_fp16" in results["stages"].get(name, {}):
             agree = results["stages"][name]["agreement_with_fp16"]
             print(

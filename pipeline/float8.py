@@ -9,6 +9,14 @@ which is why the rest of the tower then runs in bf16. Rowwise scales follow the 
 inference of transformers: a per-tensor activation scale lets one outlier token flatten every other
 token to a few e4m3 levels.
 
+The GEMMs use fast accumulation (`use_fast_accum=True`: the partial sums stay in the Hopper tensor
+cores' own accumulators instead of being promoted to fp32 every 128 values of K), as torchao's fp8
+linears do for their forward GEMM. PyTorch's rowwise-scaled kernel (CUTLASS) is much slower without
+it (pytorch/pytorch#147971 and pytorch/ao#1325 measured that on H100s), which is the likely reason
+fp8 ran only 1.14x faster than fp16 in this tower on an H100 (BENCHMARKS.md). The accumulators'
+precision is lower (about 22 bits); `pipeline.bench_models_gpu --fp8` measures the embeddings'
+agreement with the fp16 tower beside the speed, with `fast_accum=False` as the same run's baseline.
+
 What is converted: every `nn.Linear` and every self-attention `nn.MultiheadAttention` (its packed
 in/out projections; attention itself runs in bf16 through SDPA) whose dimensions are multiples of 16,
 the fp8 GEMM's alignment rule; anything else (convolutions, norms, open_clip's `proj` matrix, a
@@ -55,8 +63,9 @@ def _aligned(*dims: int) -> bool:
 class Float8Linear(nn.Module):
     """y = x @ W.T + b with W in e4m3 (per output channel scales) and x quantised per row."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fast_accum: bool = True):
         super().__init__()
+        self.fast_accum = fast_accum
         out_features, in_features = weight.shape
         if not _aligned(out_features, in_features):
             raise ValueError(
@@ -69,36 +78,42 @@ class Float8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Float8Linear:
-        return cls(linear.weight, linear.bias)
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = True) -> Float8Linear:
+        return cls(linear.weight, linear.bias, fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         q, scale = quantize_rows(x.reshape(-1, self.in_features))  # [..., in] -> [m, in]
         y = torch._scaled_mm(
-            q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
+            q,
+            self.weight_fp8.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=self.fast_accum,
         )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)  # [m, out] -> [..., out]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+        accum = ", fast accumulation" if self.fast_accum else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3{accum}"
 
 
 class Float8SelfAttention(nn.Module):
     """`nn.MultiheadAttention` for self-attention (query, key and value the same tensor) with fp8
     projections and SDPA in bf16; same call signature and mask conventions, no attention weights."""
 
-    def __init__(self, mha: nn.MultiheadAttention):
+    def __init__(self, mha: nn.MultiheadAttention, fast_accum: bool = True):
         super().__init__()
         if not convertible_attention(mha):
             raise ValueError(
                 "fp8 attention needs packed q/k/v projections without bias_k/bias_v or zero attention"
             )
         self.num_heads, self.batch_first = mha.num_heads, mha.batch_first
-        self.in_proj = Float8Linear(mha.in_proj_weight, mha.in_proj_bias)
-        self.out_proj = Float8Linear(mha.out_proj.weight, mha.out_proj.bias)
+        self.in_proj = Float8Linear(mha.in_proj_weight, mha.in_proj_bias, fast_accum)
+        self.out_proj = Float8Linear(mha.out_proj.weight, mha.out_proj.bias, fast_accum)
 
     def forward(
         self,
@@ -140,24 +155,24 @@ def convertible_attention(mha: nn.MultiheadAttention) -> bool:
     )
 
 
-def convert_to_float8(module: nn.Module) -> dict[str, int]:
+def convert_to_float8(module: nn.Module, fast_accum: bool = True) -> dict[str, int]:
     """Replace, in place, the fp8-eligible linears and self-attentions under `module` (see the module
     docstring); returns how many of each were converted and how many were left as they were."""
     counts = {"linear": 0, "attention": 0, "skipped_linear": 0, "skipped_attention": 0}
     for name, child in module.named_children():
         if isinstance(child, nn.MultiheadAttention):  # its forward reads out_proj.weight: all or nothing
             if convertible_attention(child):
-                setattr(module, name, Float8SelfAttention(child))
+                setattr(module, name, Float8SelfAttention(child, fast_accum))
                 counts["attention"] += 1
             else:
                 counts["skipped_attention"] += 1
         elif isinstance(child, nn.Linear):
             if _aligned(child.in_features, child.out_features):
-                setattr(module, name, Float8Linear.from_linear(child))
+                setattr(module, name, Float8Linear.from_linear(child, fast_accum))
                 counts["linear"] += 1
             else:
                 counts["skipped_linear"] += 1
         else:
-            for key, n in convert_to_float8(child).items():
+            for key, n in convert_to_float8(child, fast_accum).items():
                 counts[key] += n
     return counts

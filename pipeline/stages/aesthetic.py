@@ -196,9 +196,10 @@ def encode_text_trimmed(net, tokens):
     return net.text_projection(x) if callable(net.text_projection) else x @ net.text_projection
 
 
-def float8_image_tower(net, device) -> dict[str, int]:
+def float8_image_tower(net, device, fast_accum: bool = True) -> dict[str, int]:
     """`aesthetic.precision=fp8`: the image tower's linears and attention projections in fp8 e4m3
-    (pipeline/float8.py); the tower must already be in bf16. Returns the conversion counts."""
+    (pipeline/float8.py), with fast accumulation unless `fast_accum=False`; the tower must already be in
+    bf16. Returns the conversion counts."""
     from pipeline.float8 import convert_to_float8, float8_supported
 
     if not float8_supported(device):
@@ -209,7 +210,7 @@ def float8_image_tower(net, device) -> dict[str, int]:
             f"aesthetic.precision=fp8 needs fp8 tensor cores (CUDA compute capability 8.9 or later:"
             f" L4, L40S, H100, ...) or the CPU; {card} has none: use fp16 or bf16"
         )
-    counts = convert_to_float8(net.visual)
+    counts = convert_to_float8(net.visual, fast_accum)
     if counts["linear"] + counts["attention"] == 0:
         raise ValueError(
             "aesthetic.precision=fp8: the CLIP image tower has no layer fp8 can run (widths % 16)"

@@ -102,6 +102,25 @@ def test_conversion_touches_only_the_aligned_linears_and_attentions():
     assert net[3](x, x, x)[0].shape == (2, 3, 40)  # the skipped attention still works
 
 
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_every_fp8_gemm_runs_with_the_chosen_accumulation(monkeypatch, fast_accum):
+    """Fast accumulation by default (the rowwise kernel's fast path on Hopper), fp32 accumulation when
+    asked: every GEMM of a converted net, the attention's projections too, gets the choice."""
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_fast_accum", False))
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    net = nn.Sequential(nn.Linear(32, 32), nn.MultiheadAttention(32, 2, batch_first=True))
+    convert_to_float8(net, **({} if fast_accum else {"fast_accum": False}))
+    x = net[0](torch.randn(2, 3, 32).bfloat16())
+    net[1](x, x, x)
+    assert seen == [fast_accum] * 3  # the linear, the attention's in and out projections
+
+
 def test_fp8_needs_fp8_tensor_cores_or_the_cpu():
     from pipeline.stages.aesthetic import float8_image_tower
 

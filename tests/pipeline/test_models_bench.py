@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -101,5 +102,9 @@ def test_a_failing_fp8_compile_is_a_row_and_fp8_runs_eager(tmp_path, capsys, mon
     )
     assert stages["aesthetic_fp8"]["agreement_with_fp16"]["embedding_cosine_min"] > 0.99
     printed = capsys.readouterr().out
-    assert "aesthetic_fp8_compiled failed: RuntimeError: no fp8 kernel" in printed
+    assert re.search(r"aesthetic_fp8_compiled +failed: RuntimeError: no fp8 kernel", printed)
+    # then the same with fp32 accumulation, the baseline of fast accumulation: also eager here
+    assert "fp32 accumulation" in stages["aesthetic_fp8_fp32_accum"]["model"]
+    assert "fast accumulation" in stages["aesthetic_fp8"]["model"]
+    assert stages["aesthetic_fp8_fp32_accum"]["clips_per_s"] > 0
     assert printed.index("measured aesthetic: ") < printed.index("measured aesthetic_fp8: ")
