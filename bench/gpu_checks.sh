@@ -64,6 +64,7 @@ python3 -c "import torch; print('torch', torch.__version__)"
 for f in .gpucache/*_cache.xz*; do [ -f "$f" ] && cp "$f" "$OUT/" && echo "compile cache carried: $f"; done
 GATE=/tmp/inbetweener_gates; rm -rf "$GATE"; mkdir -p "$GATE"
 NCPU=$(nproc); HALF=$((NCPU / 2)); FG=0-$((HALF - 1)); BG=$HALF-$((NCPU - 1))
+command -v taskset >/dev/null || { FG=; BG=; }  # without taskset both run on every CPU
 part() {  # part SECONDS command...: run with a time limit cut to what is left; 0 or < 20 s skips it
   # (PIN: the CPUs it runs on; LOG: where its whole output goes, full_log.txt by default)
   local limit=$1; shift
@@ -105,7 +106,7 @@ part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 
 part ${T_COMPILE:-0} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
-for table in "$OUT"/*_kernels.txt; do  # into the full log: at most 8 files come back
-  [ -f "$table" ] && { echo "== $table"; cat "$table"; } >> "$OUT/full_log.txt" && rm "$table"
+for extra in "$OUT"/beside_log.txt "$OUT"/*_kernels.txt; do  # into the full log: at most 8 files come back
+  [ -f "$extra" ] && { echo "== $extra"; cat "$extra"; } >> "$OUT/full_log.txt" && rm "$extra"
 done
 echo "== done in $(($(date +%s) - START)) s"

@@ -346,9 +346,13 @@ def _signal_compiled(args: argparse.Namespace) -> None:
 
 
 def _wait_for_gpu(args: argparse.Namespace) -> None:
-    """Once, before any step after the first: wait until the GPU is left to this bench (--wait-for)."""
+    """Once, before any step after the first: wait until the GPU is left to this bench (--wait-for),
+    holding only live tensors meanwhile (the allocator's cached blocks go back to the card for the
+    other bench: after a step at batch 6, tens of GiB)."""
     global _waited
     if args.wait_for and not _waited:
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
         args.waited = wait_for_file(args.wait_for, args.wait_max, "training bench, before its timed steps")
     _waited = True
 
