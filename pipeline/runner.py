@@ -272,6 +272,32 @@ def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
     return groups
 
 
+def gpu_plan(stages: Sequence[Stage], gpus: float) -> dict[int, tuple[int, float]]:
+    """For each model stage that asks for a GPU share (by its index in `stages`): how many actors its
+    pool gets and the GPU share each actor reserves, so that every pool fits the cluster at once.
+
+    Ray Data starts an actor pool's actors when the job starts and keeps them to its end. If the pools
+    together ask for more GPUs than there are, the last pools' actors wait for GPUs that the first
+    pools never give back, and the rows that reach them wait forever (the job hangs without an error;
+    ray-project/ray#44687 is the same with CPUs). Sized as "every stage gets every GPU" (4 actors of
+    0.25 on one card for each of text, aesthetic and alignment, 2 of 0.5 for caption), the default
+    job would ask for 4 GPUs per GPU. So the GPUs are split evenly between the model stages: each
+    gets gpus / n, as many actors of its declared share as fit in that (at least one), and when its
+    share alone is more than that, one actor of the whole slice. A share is a reservation, not a
+    limit: an actor's kernels use whatever GPU time the others leave."""
+    wanting = [i for i, s in enumerate(stages) if s.has_setup() and s.num_gpus > 0]
+    if not gpus or not wanting:
+        return {}
+    budget = gpus / len(wanting)
+    plan = {}
+    for i in wanting:
+        share = min(stages[i].num_gpus, budget)
+        if share > 1:  # Ray takes whole GPUs above one
+            share = float(int(share))
+        plan[i] = (max(1, int(budget / share + 1e-9)), round(share, 4))
+    return plan
+
+
 def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> Iterator[dict]:
     """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped)."""
     import ray
@@ -280,6 +306,7 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
         [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
     )
     gpus = ray.cluster_resources().get("GPU", 0)
+    plan = {id(stages[i]): actors_share for i, actors_share in gpu_plan(stages, gpus).items()}
     groups = _groups(stages)
     for i, group in enumerate(groups):
         stage = group[0]
@@ -288,14 +315,13 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
         later = {name for g in groups[i + 1 :] for s in g for name in s.reads}
         drop = tuple(name for name in HEAVY_COLUMNS if name not in later)
         if stage.has_setup():
-            # a model stage: one actor per declared GPU share; on a machine without GPU it runs on
+            # a model stage: an actor pool sized by gpu_plan; on a machine without GPU it runs on
             # the CPU as a single actor (its device setting picks the CPU there). Ray Data would fuse
             # the CPU task chain into the actors (all decoding inside the few actors) if the two
             # asked for the same resources: the actors' GPU share, or their token CPU share below,
             # keeps them apart (tests/pipeline/test_runner.py checks it).
             common: dict = {"batch_format": "numpy"}
-            num_gpus = stage.num_gpus if gpus else 0
-            pool = max(1, int(gpus / num_gpus)) if num_gpus else 1
+            pool, num_gpus = plan.get(id(stage), (1, 0))
             if num_gpus:
                 common.update(num_gpus=num_gpus, num_cpus=stage.num_cpus)
             else:

@@ -220,3 +220,73 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ConnectionError("local")))
     with pytest.raises(ConnectionError):  # a local Ray that fails to start is not an address problem
         runner.init_ray()
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_the_model_stages_pools_fit_the_gpus_together(gpus):
+    """The curate job's four model stages with their default GPU shares: every pool's actors can hold
+    their shares at once (else the last pools wait for GPUs the first never give back), each stage
+    gets at least one actor and never more than its declared share per actor."""
+    from pipeline.runner import gpu_plan
+    from pipeline.stages.aesthetic import AestheticStage
+    from pipeline.stages.alignment import AlignmentStage
+    from pipeline.stages.caption import CaptionStage
+    from pipeline.stages.text import TextStage
+
+    @dataclass
+    class Cut(Stage):  # a CPU stage: no pool, no GPU
+        name = "cut"
+
+    stages = [Cut(), TextStage(), AestheticStage(), CaptionStage(), AlignmentStage()]
+    plan = gpu_plan(stages, gpus)
+    assert sorted(plan) == [1, 2, 3, 4]
+    assert sum(actors * share for actors, share in plan.values()) <= gpus + 1e-6
+    for i, (actors, share) in plan.items():
+        assert actors >= 1 and 0 < share <= stages[i].num_gpus
+    if gpus == 8:  # room for every declared share: 2 GPUs per stage
+        assert plan == {1: (8, 0.25), 2: (8, 0.25), 3: (4, 0.5), 4: (8, 0.25)}
+    if gpus == 1:  # a quarter each: caption's half a GPU becomes a quarter
+        assert plan == {1: (1, 0.25), 2: (1, 0.25), 3: (1, 0.25), 4: (1, 0.25)}
+    assert gpu_plan(stages, 0) == {}  # no GPU: one CPU actor each, decided by run_stages
+
+
+def test_a_job_of_four_gpu_stages_finishes_on_one_gpu(tmp_path):
+    """On a Ray node with one GPU (declared: Ray schedules the share, nothing here touches a GPU),
+    four model stages that each ask for GPU shares run the rows through. Sized as one pool per stage
+    over every GPU (4 + 4 + 2 + 4 actors for 4 GPUs' worth of shares) they waited forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+from dataclasses import dataclass
+import ray
+from pipeline.runner import init_ray, run_stages
+from pipeline.stages.base import Stage
+
+def model(stage_name, share):
+    @dataclass
+    class Model(Stage):
+        name = stage_name
+        num_gpus: float = share
+        batch_size = 2
+
+        def setup(self):
+            pass
+
+        def process(self, row):
+            return {**row, "seen": [*row.get("seen", []), stage_name]}
+    return Model()
+
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+init_ray()
+stages = [model("text", 0.25), model("aesthetic", 0.25), model("caption", 0.5), model("alignment", 0.25)]
+rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(6)], stages, workers=2))
+assert len(rows) == 6 and all(r["seen"] == ["text", "aesthetic", "caption", "alignment"] for r in rows), rows
+print("all rows through")
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "all rows through" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
