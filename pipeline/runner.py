@@ -8,12 +8,15 @@ default and on a cluster when `--address` or RAY_ADDRESS names one; the same com
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from pipeline.stages.base import Packed, Stage, batch_of, rows_of
 
 HEAVY_COLUMNS = ("analysis", "keyframes", "distinct_idx", "clip_image_emb")
 CPU_ACTOR_SHARE = 0.1  # CPU slot a model actor reserves on a machine without GPUs
+GPU_ACTOR_MIN_CPUS = 0.01  # the least CPU share a GPU actor reserves (see actor_plan)
 
 # Ray Data 2.60's scheduling loop, in the driver, has two waits that idle the workers of a CPU job
 # (ray-project/ray#42377 and #45934, both open):
@@ -272,29 +276,55 @@ def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
     return groups
 
 
-def gpu_plan(stages: Sequence[Stage], gpus: float) -> dict[int, tuple[int, float]]:
-    """For each model stage that asks for a GPU share (by its index in `stages`): how many actors its
-    pool gets and the GPU share each actor reserves, so that every pool fits the cluster at once.
+@dataclass(frozen=True)
+class Pool:
+    """A model stage's actor pool: how many actors, and the GPU and CPU shares each one reserves."""
+
+    actors: int
+    gpus: float
+    cpus: float
+
+
+def _down(share: float) -> float:
+    """A resource share rounded down to Ray's precision (1/10,000): shares that add up to a whole
+    must not add up to a little more."""
+    return math.floor(share * 10_000 + 1e-6) / 10_000
+
+
+def actor_plan(stages: Sequence[Stage], gpus: float, cpus: float, workers: int) -> dict[int, Pool]:
+    """The actor pool of each model stage (by its index in `stages`), sized so that every pool's
+    actors and the `workers` CPU tasks can all hold their resources at once.
 
     Ray Data starts an actor pool's actors when the job starts and keeps them to its end. If the pools
-    together ask for more GPUs than there are, the last pools' actors wait for GPUs that the first
-    pools never give back, and the rows that reach them wait forever (the job hangs without an error;
-    ray-project/ray#44687 is the same with CPUs). Sized as "every stage gets every GPU" (4 actors of
-    0.25 on one card for each of text, aesthetic and alignment, 2 of 0.5 for caption), the default
-    job would ask for 4 GPUs per GPU. So the GPUs are split evenly between the model stages: each
-    gets gpus / n, as many actors of its declared share as fit in that (at least one), and when its
-    share alone is more than that, one actor of the whole slice. A share is a reservation, not a
-    limit: an actor's kernels use whatever GPU time the others leave."""
-    wanting = [i for i, s in enumerate(stages) if s.has_setup() and s.num_gpus > 0]
-    if not gpus or not wanting:
-        return {}
-    budget = gpus / len(wanting)
-    plan = {}
-    for i in wanting:
+    together ask for more than the cluster has, the last ones' actors wait for resources that the
+    first never give back; the rows wait for them, and the job hangs without an error
+    (ray-project/ray#44687 is that case with CPUs). Sized as "each stage gets every GPU" (4 actors of
+    0.25 per card for each of text, aesthetic and alignment, 2 of 0.5 for caption), the default job
+    asked for 4 GPUs per GPU, and its 14 actors per card for a CPU each.
+
+    GPUs: split evenly between the stages that ask for a share. Each gets gpus / n: as many actors of
+    its declared share as fit in that (at least one), or, when its share alone is more, one actor of
+    the whole slice. A share is a reservation, not a limit: an actor's kernels use whatever GPU time
+    the others leave.
+    CPUs: the `workers` decoding tasks keep theirs. The GPU actors split what is left over (at most
+    their declared `num_cpus` each), as a CPU-only actor always does with its token share: an
+    actor's host work needs a core only while it prepares a batch. On the job's local Ray (a CPU per
+    worker, plus one) that one CPU is split between the actors."""
+    plan: dict[int, Pool] = {}
+    models = [i for i, s in enumerate(stages) if s.has_setup()]
+    on_gpu = [i for i in models if gpus and stages[i].num_gpus > 0]
+    budget = gpus / len(on_gpu) if on_gpu else 0.0
+    for i in on_gpu:
         share = min(stages[i].num_gpus, budget)
         if share > 1:  # Ray takes whole GPUs above one
             share = float(int(share))
-        plan[i] = (max(1, int(budget / share + 1e-9)), round(share, 4))
+        plan[i] = Pool(max(1, int(budget / share + 1e-9)), _down(share), 0.0)
+    spare = max(0.0, cpus - workers) / max(1, sum(plan[i].actors for i in on_gpu))
+    for i in on_gpu:
+        cpu = min(stages[i].num_cpus, max(GPU_ACTOR_MIN_CPUS, spare))
+        plan[i] = dataclasses.replace(plan[i], cpus=_down(cpu))
+    for i in models:
+        plan.setdefault(i, Pool(1, 0.0, CPU_ACTOR_SHARE))  # on the CPU: one actor, a token CPU share
     return plan
 
 
@@ -305,8 +335,9 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
     ds = ray.data.from_items(
         [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
     )
-    gpus = ray.cluster_resources().get("GPU", 0)
-    plan = {id(stages[i]): actors_share for i, actors_share in gpu_plan(stages, gpus).items()}
+    resources = ray.cluster_resources()
+    plan = actor_plan(stages, resources.get("GPU", 0), resources.get("CPU", 1), workers)
+    pools = {id(stages[i]): pool for i, pool in plan.items()}
     groups = _groups(stages)
     for i, group in enumerate(groups):
         stage = group[0]
@@ -315,25 +346,22 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
         later = {name for g in groups[i + 1 :] for s in g for name in s.reads}
         drop = tuple(name for name in HEAVY_COLUMNS if name not in later)
         if stage.has_setup():
-            # a model stage: an actor pool sized by gpu_plan; on a machine without GPU it runs on
-            # the CPU as a single actor (its device setting picks the CPU there). Ray Data would fuse
-            # the CPU task chain into the actors (all decoding inside the few actors) if the two
-            # asked for the same resources: the actors' GPU share, or their token CPU share below,
-            # keeps them apart (tests/pipeline/test_runner.py checks it).
-            common: dict = {"batch_format": "numpy"}
-            pool, num_gpus = plan.get(id(stage), (1, 0))
-            if num_gpus:
-                common.update(num_gpus=num_gpus, num_cpus=stage.num_cpus)
-            else:
-                # CPU-only: an actor holds its slot for the whole job; a full CPU each would starve
-                # the CPU stages (and deadlock a small machine), so it reserves a token share
-                common["num_cpus"] = CPU_ACTOR_SHARE
+            # a model stage: an actor pool sized by actor_plan; on a machine without GPU it runs on
+            # the CPU as a single actor (its device setting picks the CPU there) with a token CPU
+            # share: an actor holds its slot for the whole job, and a full CPU each would starve the
+            # CPU stages (and deadlock a small machine). Ray Data would fuse the CPU task chain into
+            # the actors (all decoding inside the few actors) if the two asked for the same
+            # resources: the actors' GPU share, or their token CPU share, keeps them apart
+            # (tests/pipeline/test_runner.py checks it).
+            pool = pools[id(stage)]
+            shares = {"num_cpus": pool.cpus} | ({"num_gpus": pool.gpus} if pool.gpus else {})
             ds = ds.map_batches(
                 _ActorUDF,
                 fn_constructor_args=(stage, drop),
                 batch_size=stage.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=pool),
-                **common,
+                compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                batch_format="numpy",
+                **shares,
             )
         else:
             # tasks: batch_size None keeps each source's block whole (one source per task)

@@ -222,49 +222,67 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error(monkeypatch):
         runner.init_ray()
 
 
-@pytest.mark.parametrize("gpus", [1, 2, 8])
-def test_the_model_stages_pools_fit_the_gpus_together(gpus):
-    """The curate job's four model stages with their default GPU shares: every pool's actors can hold
-    their shares at once (else the last pools wait for GPUs the first never give back), each stage
-    gets at least one actor and never more than its declared share per actor."""
-    from pipeline.runner import gpu_plan
+@pytest.mark.parametrize("gpus", [0, 1, 2, 8])
+def test_the_model_stages_pools_fit_the_cluster_together(gpus):
+    """The curate job's four model stages with their default shares, on a node set up as the job sets
+    up a local Ray (one CPU per decoding worker, plus one): every pool's actors can hold their GPU
+    shares at once, and the decoding tasks keep their CPUs (else the last pools, or the decoding,
+    wait for resources that are never given back). Each stage gets at least one actor, and never more
+    than its declared shares per actor."""
+    from pipeline.runner import CPU_ACTOR_SHARE, actor_plan
     from pipeline.stages.aesthetic import AestheticStage
     from pipeline.stages.alignment import AlignmentStage
     from pipeline.stages.caption import CaptionStage
     from pipeline.stages.text import TextStage
 
     @dataclass
-    class Cut(Stage):  # a CPU stage: no pool, no GPU
+    class Cut(Stage):  # a CPU stage: no pool
         name = "cut"
 
     stages = [Cut(), TextStage(), AestheticStage(), CaptionStage(), AlignmentStage()]
-    plan = gpu_plan(stages, gpus)
+    workers = 16
+    plan = actor_plan(stages, gpus, workers + 1, workers)
     assert sorted(plan) == [1, 2, 3, 4]
-    assert sum(actors * share for actors, share in plan.values()) <= gpus + 1e-6
-    for i, (actors, share) in plan.items():
-        assert actors >= 1 and 0 < share <= stages[i].num_gpus
+    assert sum(p.actors * p.gpus for p in plan.values()) <= gpus + 1e-6
+    assert sum(p.actors * p.cpus for p in plan.values()) <= 1 + 1e-6  # the one CPU beside the workers
+    for i, pool in plan.items():
+        assert pool.actors >= 1 and pool.gpus <= stages[i].num_gpus and 0 < pool.cpus <= stages[i].num_cpus
+    if gpus == 0:  # on the CPU: one actor each, a token CPU share
+        assert {(p.actors, p.gpus, p.cpus) for p in plan.values()} == {(1, 0.0, CPU_ACTOR_SHARE)}
+    if gpus == 1:  # a quarter of the GPU each: caption's half a GPU becomes a quarter
+        assert [(p.actors, p.gpus) for p in plan.values()] == [(1, 0.25)] * 4
     if gpus == 8:  # room for every declared share: 2 GPUs per stage
-        assert plan == {1: (8, 0.25), 2: (8, 0.25), 3: (4, 0.5), 4: (8, 0.25)}
-    if gpus == 1:  # a quarter each: caption's half a GPU becomes a quarter
-        assert plan == {1: (1, 0.25), 2: (1, 0.25), 3: (1, 0.25), 4: (1, 0.25)}
-    assert gpu_plan(stages, 0) == {}  # no GPU: one CPU actor each, decided by run_stages
+        assert [(p.actors, p.gpus) for p in plan.values()] == [(8, 0.25), (8, 0.25), (4, 0.5), (8, 0.25)]
 
 
-def test_a_job_of_four_gpu_stages_finishes_on_one_gpu(tmp_path):
-    """On a Ray node with one GPU (declared: Ray schedules the share, nothing here touches a GPU),
-    four model stages that each ask for GPU shares run the rows through. Sized as one pool per stage
-    over every GPU (4 + 4 + 2 + 4 actors for 4 GPUs' worth of shares) they waited forever."""
+def test_every_model_pool_runs_beside_the_decoding_on_one_gpu(tmp_path):
+    """A Ray node with one GPU (declared: Ray schedules the shares, nothing here touches a GPU) and
+    CPUs as the job's local Ray has them (2 decoding workers + 1): a decoding task stage, then four
+    model stages that ask for GPU shares. All four pools' actors are up at once while rows stream
+    through them. Sized as each pool over every GPU (4 + 4 + 2 + 4 actors, 4 GPUs' worth, a CPU
+    each), the job never got its rows through."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = """
+    code = f"""
+import os, time
 from dataclasses import dataclass
+from pathlib import Path
 import ray
 from pipeline.runner import init_ray, run_stages
 from pipeline.stages.base import Stage
 
-def model(stage_name, share):
+UP = Path({str(tmp_path)!r})
+
+@dataclass
+class Decode(Stage):
+    name = "decode"
+
+    def process(self, row):
+        return {{**row, "seen": ["decode"]}}
+
+def model(stage_name, share, first=False):
     @dataclass
     class Model(Stage):
         name = stage_name
@@ -272,21 +290,31 @@ def model(stage_name, share):
         batch_size = 2
 
         def setup(self):
-            pass
+            (UP / f"{{stage_name}}-{{os.getpid()}}").touch()
 
         def process(self, row):
-            return {**row, "seen": [*row.get("seen", []), stage_name]}
+            together = None
+            if first:  # are the other pools' actors up while rows reach the first one?
+                deadline = time.time() + 60
+                while len({{p.name.split("-")[0] for p in UP.iterdir()}}) < 4 and time.time() < deadline:
+                    time.sleep(0.2)
+                together = len({{p.name.split("-")[0] for p in UP.iterdir()}}) == 4
+            out = {{**row, "seen": [*row["seen"], stage_name]}}
+            return out | ({{"together": together}} if first else {{}})
     return Model()
 
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)
 init_ray()
-stages = [model("text", 0.25), model("aesthetic", 0.25), model("caption", 0.5), model("alignment", 0.25)]
-rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(6)], stages, workers=2))
-assert len(rows) == 6 and all(r["seen"] == ["text", "aesthetic", "caption", "alignment"] for r in rows), rows
-print("all rows through")
+stages = [Decode(), model("text", 0.25, first=True), model("aesthetic", 0.25), model("caption", 0.5),
+          model("alignment", 0.25)]
+rows = list(run_stages([{{"source_uri": f"s{{i}}"}} for i in range(8)], stages, workers=2))
+assert len(rows) == 8, rows
+assert all(r["seen"] == ["decode", "text", "aesthetic", "caption", "alignment"] for r in rows), rows
+assert all(r["together"] for r in rows), rows
+print("all rows through, every pool up at once")
 """
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "all rows through" in proc.stdout, (
+    assert proc.returncode == 0 and "every pool up at once" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-3000:]
     )
