@@ -302,10 +302,11 @@ def actor_plan(stages: Sequence[Stage], gpus: float, cpus: float, workers: int) 
     0.25 per card for each of text, aesthetic and alignment, 2 of 0.5 for caption), the default job
     asked for 4 GPUs per GPU, and its 14 actors per card for a CPU each.
 
-    GPUs: split evenly between the stages that ask for a share. Each gets gpus / n: as many actors of
-    its declared share as fit in that (at least one), or, when its share alone is more, one actor of
-    the whole slice. A share is a reservation, not a limit: an actor's kernels use whatever GPU time
-    the others leave.
+    GPUs: split between the stages that ask for a share, in proportion to their declared shares (a
+    stage that declares more, like caption's 0.5, gets more; `--set caption.num_gpus=1` gives it
+    more still). Each gets as many actors of its declared share as fit in its slice (at least one),
+    or, when its share alone is more than the slice, one actor of the whole slice. A share is a
+    reservation, not a limit: an actor's kernels use whatever GPU time the others leave.
     CPUs: the `workers` decoding tasks keep theirs. The GPU actors split what is left over (at most
     their declared `num_cpus` each), as a CPU-only actor always does with its token share: an
     actor's host work needs a core only while it prepares a batch. On the job's local Ray (a CPU per
@@ -313,8 +314,9 @@ def actor_plan(stages: Sequence[Stage], gpus: float, cpus: float, workers: int) 
     plan: dict[int, Pool] = {}
     models = [i for i, s in enumerate(stages) if s.has_setup()]
     on_gpu = [i for i in models if gpus and stages[i].num_gpus > 0]
-    budget = gpus / len(on_gpu) if on_gpu else 0.0
+    declared = sum(stages[i].num_gpus for i in on_gpu)
     for i in on_gpu:
+        budget = gpus * stages[i].num_gpus / declared
         share = min(stages[i].num_gpus, budget)
         if share > 1:  # Ray takes whole GPUs above one
             share = float(int(share))

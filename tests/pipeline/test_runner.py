@@ -249,10 +249,10 @@ def test_the_model_stages_pools_fit_the_cluster_together(gpus):
         assert pool.actors >= 1 and pool.gpus <= stages[i].num_gpus and 0 < pool.cpus <= stages[i].num_cpus
     if gpus == 0:  # on the CPU: one actor each, a token CPU share
         assert {(p.actors, p.gpus, p.cpus) for p in plan.values()} == {(1, 0.0, CPU_ACTOR_SHARE)}
-    if gpus == 1:  # a quarter of the GPU each: caption's half a GPU becomes a quarter
-        assert [(p.actors, p.gpus) for p in plan.values()] == [(1, 0.25)] * 4
-    if gpus == 8:  # room for every declared share: 2 GPUs per stage
-        assert [(p.actors, p.gpus) for p in plan.values()] == [(8, 0.25), (8, 0.25), (4, 0.5), (8, 0.25)]
+    if gpus == 1:  # in proportion to the declared shares (0.25, 0.25, 0.5, 0.25): one actor each
+        assert [(p.actors, p.gpus) for p in plan.values()] == [(1, 0.2), (1, 0.2), (1, 0.4), (1, 0.2)]
+    if gpus == 8:  # slices of 1.6, 1.6, 3.2 and 1.6 GPUs, filled with actors of the declared shares
+        assert [(p.actors, p.gpus) for p in plan.values()] == [(6, 0.25), (6, 0.25), (6, 0.5), (6, 0.25)]
 
 
 def test_every_model_pool_runs_beside_the_decoding_on_one_gpu(tmp_path):
