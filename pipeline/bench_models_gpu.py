@@ -46,6 +46,7 @@ from pipeline.stages.aesthetic import (
 from pipeline.stages.alignment import AlignmentStage
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.text import CraftDetector, TextStage
+from training.profile_unet import kernel_table
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -411,36 +412,6 @@ def _measure_fp8(
     return {"converted": counts, **timing, "stage": fast}
 
 
-def profile_call(stage, rows: list[dict], device, rows_limit: int = 30) -> str:
-    """torch.profiler's table of one `stage.process_rows(rows)` call, after a line saying how busy the
-    device was: the call's wall time against the summed time of its kernels and of its copies (the
-    copies run beside the kernels, on their own stream, so the two may overlap)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        list(stage.process_rows(rows))
-        _sync(device)
-        wall_ms = (time.perf_counter() - start) * 1e3
-    kernels_ms = copies_ms = 0.0
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        ms = event.self_device_time_total / 1e3
-        if event.key.startswith("Memcpy") or event.key.startswith("Memset"):
-            copies_ms += ms
-        else:
-            kernels_ms += ms
-    head = (
-        f"one call of {len(rows)} clips: wall {wall_ms:.1f} ms, kernels {kernels_ms:.1f} ms"
-        f" ({100 * kernels_ms / wall_ms:.0f}% of the wall time), copies {copies_ms:.1f} ms\n"
-    )
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return head + prof.key_averages().table(sort_by=sort, row_limit=rows_limit, max_name_column_width=80)
-
-
 FP8_ROWS = (
     "aesthetic_fp8",
     "aesthetic_fp8_compiled",
@@ -582,7 +553,9 @@ def run(
                         record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
         if "aesthetic" in stages and profile:  # the fastest form of the stage measured above
             profile.parent.mkdir(parents=True, exist_ok=True)
-            profile.write_text(profile_call(profiled, _rows(batch["aesthetic"], size), device))
+            rows = _rows(batch["aesthetic"], size)
+            call = lambda: list(profiled.process_rows(rows))  # noqa: E731
+            profile.write_text(kernel_table(call, device, 30, f"one call of {len(rows)} clips"))
             print(f"wrote {profile}: {profile.read_text().splitlines()[0]}", flush=True)
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):

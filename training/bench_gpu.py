@@ -333,7 +333,8 @@ def _compiled_since_saved() -> bool:
     return new
 
 
-_signalled = _waited = False
+_signalled = False
+_waited: dict[str, Any] | None = None  # what --wait-for waited, once it has
 
 
 def _signal_compiled(args: argparse.Namespace) -> None:
@@ -350,11 +351,10 @@ def _wait_for_gpu(args: argparse.Namespace) -> None:
     holding only live tensors meanwhile (the allocator's cached blocks go back to the card for the
     other bench: after a step at batch 6, tens of GiB)."""
     global _waited
-    if args.wait_for and not _waited:
+    if args.wait_for and _waited is None:
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-        args.waited = wait_for_file(args.wait_for, args.wait_max, "training bench, before its timed steps")
-    _waited = True
+        _waited = wait_for_file(args.wait_for, args.wait_max, "training bench, before its timed steps")
 
 
 def measure(
@@ -540,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if getattr(args, "waited", None):
-        report["waited_for_gpu"] = args.waited
+    if _waited is not None:
+        report["waited_for_gpu"] = _waited
     fitting = [r for r in report["rows"] if r["stage"] == "rectify" and not r.get("oom")]
     report["rectify_largest_batch"] = max((r["batch"] for r in fitting), default=None)
     print(_table(report))

@@ -238,16 +238,33 @@ def _median_time(fn, device, repeats: int) -> float:
     return round(timed(fn, device, max(3, repeats))[0], 6)
 
 
-def kernel_table(fn, device: torch.device, rows: int) -> str:
-    """torch.profiler's table of the most expensive operators and kernels of one call of fn()."""
+def kernel_table(fn, device: torch.device, rows: int, label: str = "one call") -> str:
+    """torch.profiler's table of the most expensive operators and kernels of one call of fn(), after a
+    line saying how busy the device was: the call's wall time against the summed time of its kernels
+    and of its copies (copies on a stream of their own may overlap the kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         fn()
         _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    kernels_ms = copies_ms = 0.0
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.self_device_time_total / 1e3
+        if event.key.startswith(("Memcpy", "Memset")):
+            copies_ms += ms
+        else:
+            kernels_ms += ms
+    head = (
+        f"{label}: wall {wall_ms:.1f} ms, kernels {kernels_ms:.1f} ms"
+        f" ({100 * kernels_ms / wall_ms:.0f}% of the wall time), copies {copies_ms:.1f} ms\n"
+    )
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
+    return head + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
 
 
 def _forward(unet: UNet3D, args, device, dtype) -> None:

@@ -79,8 +79,9 @@ def batched_cfg_denoiser(
 
     The same combination as cfg_denoiser (u + s (c - u), then the guidance rescale); the reference runs
     the branches one after the other. One call for both halves the kernel launches per step: toon-512 at
-    16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample eager (inference/bench_gpu.py). When the branches differ only in their context (ToonCrafter's: the concat
-    latents, frame stride and sketches are kept, MODEL.md 2.6), the call gets the noisy latent once and
+    16x320x512, 50 steps, bf16 on an H200, 10.6 -> 8.8 s per sample eager (inference/bench_gpu.py).
+    When the branches differ only in their context (ToonCrafter's: the concat latents, frame stride
+    and sketches are kept, MODEL.md 2.6), the call gets the noisy latent once and
     both contexts, and the UNet runs the layers before its first cross-attention once (UNet3D.forward);
     otherwise every input is stacked, a batch of 2b."""
     shared = all(k == "c_crossattn" or cond[k] is uncond[k] for k in cond)
