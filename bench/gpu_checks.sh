@@ -39,8 +39,9 @@
 #             compiling; GRAPH_MODE=compile compiles both forms); beside a compile still running, its
 #             ratios are noisier
 #   T_CLIP:   aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
-#             linears (2026-11-27: 669 and 753 clips/s together), and a profiler table of one call of
-#             the fastest form (how busy the GPU was in it, then its kernels)
+#             linears (fourth run: 680 and 789 clips/s together), then the fp8 tower replayed as CUDA
+#             graphs, then its baseline (biases after the GEMMs, the patch embedding a convolution),
+#             and a profiler table of one call of the fastest form (how busy the GPU was, its kernels)
 #   T_COMPILE: the compiled rectify step of "beside", alone (after the other parts)
 #   T_EAGER:  the rectify step at batch 6, eager, by part, by checkpoint level, with cuDNN's
 #             autotuning (2026-11-27: 1.99-2.10 s, MFU 14-15%)

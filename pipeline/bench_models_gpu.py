@@ -6,9 +6,12 @@ text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at th
 
   text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
   aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip; with --fp8
-             also the tower with fp8 e4m3 linears (aesthetic.precision=fp8: fast accumulation), then
-             the same with fp32 accumulation (the baseline), and how closely each one's embeddings
-             follow the fp16 tower's on smooth random images (cosine, L2 distance)
+             also the tower with fp8 e4m3 linears (aesthetic.precision=fp8: fast accumulation, the
+             biases added by the GEMMs, the patch embedding as a GEMM), then on a GPU the same tower
+             with each forward replayed as a CUDA graph (aesthetic.cuda_graph), then the fp8 tower with
+             the biases added after the GEMMs and the patch embedding as a convolution (the baseline,
+             the form measured before), and how closely each one's embeddings follow the fp16 tower's
+             on smooth random images (cosine, L2 distance)
   alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings; beside it, the same
              stage with the tower over all 77 positions (its baseline, same run)
   caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
@@ -392,16 +395,16 @@ def _compiled_row(stage: AestheticStage, backend: str, rows: list[dict], device,
 
 
 def _measure_fp8(
-    clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fast_accum: bool = True
+    clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fused: bool = True
 ) -> dict:
-    """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears (fast or fp32
-    accumulation), compiled with `backend` ("" eager); its row, with the stage under "stage" for the
-    agreement check."""
+    """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears (with the
+    biases in the GEMMs and the patch embedding as a GEMM, or not: `fused`), compiled with `backend` (""
+    eager); its row, with the stage under "stage" for the agreement check."""
     import torch
 
     clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
     _module(clip8).load_state_dict(_module(clip).state_dict())
-    counts = float8_image_tower(clip8, device, fast_accum)
+    counts = float8_image_tower(clip8, device, fused=fused)
     fast = _aesthetic_stage(clip8, aesthetic._mlp, device, torch.bfloat16, batch["aesthetic"], "fp8")
     rows = _rows(batch["aesthetic"], size)
     timing = (
@@ -415,9 +418,23 @@ def _measure_fp8(
 FP8_ROWS = (
     "aesthetic_fp8",
     "aesthetic_fp8_compiled",
-    "aesthetic_fp8_fp32_accum",
-    "aesthetic_fp8_fp32_accum_compiled",
+    "aesthetic_fp8_graph",
+    "aesthetic_fp8_compiled_graph",
+    "aesthetic_fp8_unfused",
+    "aesthetic_fp8_unfused_compiled",
 )
+FUSED = ", biases added by the GEMMs, patch embedding as a GEMM"
+UNFUSED = ", biases added after the GEMMs, patch embedding as a convolution"
+
+
+def _graph_row(stage: AestheticStage, rows: list[dict], device, batches: int) -> dict:
+    """The same stage with each forward replayed as a CUDA graph (recorded in the first call)."""
+    stage.cuda_graph = True
+    stage.graph_image_tower()
+    start = time.perf_counter()
+    list(stage.process_rows(rows))
+    _sync(device)
+    return {"first_call_s": round(time.perf_counter() - start, 2), **measure(stage, rows, device, batches)}
 
 
 def _module(clip):
@@ -531,26 +548,47 @@ def run(
         if "aesthetic" in stages and fp8:
             # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
             # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager.
-            # First with fast accumulation (the stage's), then with fp32 accumulation: the same run's
-            # baseline for what fast accumulation gains (pipeline/float8.py)
-            for fast_accum, accum in ((True, ""), (False, "_fp32_accum")):
+            # First the stage's form, then (on a GPU) the same tower replayed as CUDA graphs, then the
+            # baseline: the biases after the GEMMs and the patch embedding as a convolution
+            from inference.cuda_graph import GraphedCall
+
+            for fused, suffix in ((True, ""), (False, "_unfused")):
                 for backend in dict.fromkeys([compile_backend, ""]):
-                    name = f"aesthetic_fp8{accum}" + ("_compiled" if backend else "")
-                    impl8 = f"{impl}, fp8 e4m3 linears, {'fast' if fast_accum else 'fp32'} accumulation"
+                    name = f"aesthetic_fp8{suffix}" + ("_compiled" if backend else "")
+                    impl8 = f"{impl}, fp8 e4m3 linears, fast accumulation{FUSED if fused else UNFUSED}"
                     impl8 += f", torch.compile {backend}" if backend else ""
                     try:
                         row = _measure_fp8(
-                            clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fast_accum
+                            clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fused
                         )
                         row["agreement_with_fp16"] = agreement(
                             reference, list(row["stage"].process_rows(smooth))
                         )
                         stage8 = row.pop("stage")
                         record(results, name, {"model": impl8, **row})
-                        profiled = stage8 if fast_accum else profiled
-                        break
                     except Exception as exc:  # one shot on a lent GPU: keep the other rows
                         record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
+                        continue
+                    if fused:
+                        profiled = stage8
+                    if fused and GraphedCall.applies(device):
+                        try:
+                            row = _graph_row(stage8, _rows(batch["aesthetic"], size), device, batches)
+                            row["agreement_with_fp16"] = agreement(
+                                reference, list(stage8.process_rows(smooth))
+                            )
+                            record(results, f"{name}_graph", {"model": f"{impl8}, CUDA graph", **row})
+                        except Exception as exc:
+                            stage8.cuda_graph, stage8._graphed = False, None
+                            record(
+                                results,
+                                f"{name}_graph",
+                                {
+                                    "model": f"{impl8}, CUDA graph",
+                                    "error": f"{type(exc).__name__}: {exc}"[:600],
+                                },
+                            )
+                    break
         if "aesthetic" in stages and profile:  # the fastest form of the stage measured above
             profile.parent.mkdir(parents=True, exist_ok=True)
             rows = _rows(batch["aesthetic"], size)

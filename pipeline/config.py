@@ -173,6 +173,7 @@ RUNTIME_KEYS = {
     "precision",
     "compile",
     "frames_per_forward",
+    "cuda_graph",
 }
 # what `inbetweener select` may change: thresholds, the split and the shard size (no decoding for scores)
 SELECT_KEYS = (

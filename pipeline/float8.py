@@ -9,6 +9,12 @@ which is why the rest of the tower then runs in bf16. Rowwise scales follow the 
 inference of transformers: a per-tensor activation scale lets one outlier token flatten every other
 token to a few e4m3 levels.
 
+Each linear's bias is added by the GEMM itself (`_scaled_mm`'s `bias`, in its epilogue) rather than
+by a kernel after it. Besides saving a pass over the output, this matters most in the attention: the
+packed q/k/v projection's output then goes to SDPA as three strided views, where an add after the GEMM
+made inductor write q, k and v out again as three new tensors (8% of the fp8 tower's kernel time on an
+H100, BENCHMARKS.md). `fused_bias=False` keeps the add after the GEMM, the benchmark's baseline.
+
 The GEMMs use fast accumulation (`use_fast_accum=True`: the partial sums stay in the Hopper tensor
 cores' own accumulators instead of being promoted to fp32 every 128 values of K), as torchao's fp8
 linears do for their forward GEMM. PyTorch's rowwise-scaled kernel (CUTLASS) is much slower without
@@ -20,7 +26,10 @@ agreement with the fp16 tower beside the speed, with `fast_accum=False` as the s
 What is converted: every `nn.Linear` and every self-attention `nn.MultiheadAttention` (its packed
 in/out projections; attention itself runs in bf16 through SDPA) whose dimensions are multiples of 16,
 the fp8 GEMM's alignment rule; anything else (convolutions, norms, open_clip's `proj` matrix, a
-too-narrow layer) stays as it was. This changes what the tower computes: `pipeline.bench_models_gpu
+too-narrow layer) stays as it was. `PatchEmbedding` (used by `aesthetic.precision=fp8` too) runs a ViT's
+patch embedding, a convolution whose stride is its kernel size, as the bf16 GEMM it is: cuDNN runs that
+3-channel convolution with a kernel that does not use the tensor cores (3% of the fp8 tower's kernel
+time on an H100). This changes what the tower computes: `pipeline.bench_models_gpu
 --fp8` reports the embeddings' agreement with the fp16 tower beside the speed.
 
 Why not torchao (whose fp8 training linears `train.float8` uses): its fp8 inference path (`quantize_`)
@@ -63,9 +72,15 @@ def _aligned(*dims: int) -> bool:
 class Float8Linear(nn.Module):
     """y = x @ W.T + b with W in e4m3 (per output channel scales) and x quantised per row."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fast_accum: bool = True):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fast_accum: bool = True,
+        fused_bias: bool = True,
+    ):
         super().__init__()
-        self.fast_accum = fast_accum
+        self.fast_accum, self.fused_bias = fast_accum, fused_bias
         out_features, in_features = weight.shape
         if not _aligned(out_features, in_features):
             raise ValueError(
@@ -78,42 +93,45 @@ class Float8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fast_accum: bool = True) -> Float8Linear:
-        return cls(linear.weight, linear.bias, fast_accum)
+    def from_linear(cls, linear: nn.Linear, fast_accum: bool = True, fused_bias: bool = True) -> Float8Linear:
+        return cls(linear.weight, linear.bias, fast_accum, fused_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         q, scale = quantize_rows(x.reshape(-1, self.in_features))  # [..., in] -> [m, in]
+        fused = self.bias is not None and self.fused_bias
         y = torch._scaled_mm(
             q,
             self.weight_fp8.t(),
             scale_a=scale,
             scale_b=self.weight_scale,
+            bias=self.bias if fused else None,
             out_dtype=torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
-        if self.bias is not None:
+        if self.bias is not None and not fused:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)  # [m, out] -> [..., out]
 
     def extra_repr(self) -> str:
         accum = ", fast accumulation" if self.fast_accum else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3{accum}"
+        bias = self.bias is not None and ("in the GEMM" if self.fused_bias else "after the GEMM")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, e4m3{accum}"
 
 
 class Float8SelfAttention(nn.Module):
     """`nn.MultiheadAttention` for self-attention (query, key and value the same tensor) with fp8
     projections and SDPA in bf16; same call signature and mask conventions, no attention weights."""
 
-    def __init__(self, mha: nn.MultiheadAttention, fast_accum: bool = True):
+    def __init__(self, mha: nn.MultiheadAttention, fast_accum: bool = True, fused_bias: bool = True):
         super().__init__()
         if not convertible_attention(mha):
             raise ValueError(
                 "fp8 attention needs packed q/k/v projections without bias_k/bias_v or zero attention"
             )
         self.num_heads, self.batch_first = mha.num_heads, mha.batch_first
-        self.in_proj = Float8Linear(mha.in_proj_weight, mha.in_proj_bias, fast_accum)
-        self.out_proj = Float8Linear(mha.out_proj.weight, mha.out_proj.bias, fast_accum)
+        self.in_proj = Float8Linear(mha.in_proj_weight, mha.in_proj_bias, fast_accum, fused_bias)
+        self.out_proj = Float8Linear(mha.out_proj.weight, mha.out_proj.bias, fast_accum, fused_bias)
 
     def forward(
         self,
@@ -132,7 +150,7 @@ class Float8SelfAttention(nn.Module):
         x = query if self.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
         qkv = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads)  # [b, n, 3, heads, d/heads]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, d/heads]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, d/heads], a strided view: SDPA takes it
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # nn.MultiheadAttention: True = masked; SDPA: True = attend
                 attn_mask = ~attn_mask
@@ -155,24 +173,64 @@ def convertible_attention(mha: nn.MultiheadAttention) -> bool:
     )
 
 
-def convert_to_float8(module: nn.Module, fast_accum: bool = True) -> dict[str, int]:
+def convert_to_float8(module: nn.Module, fast_accum: bool = True, fused_bias: bool = True) -> dict[str, int]:
     """Replace, in place, the fp8-eligible linears and self-attentions under `module` (see the module
     docstring); returns how many of each were converted and how many were left as they were."""
     counts = {"linear": 0, "attention": 0, "skipped_linear": 0, "skipped_attention": 0}
     for name, child in module.named_children():
         if isinstance(child, nn.MultiheadAttention):  # its forward reads out_proj.weight: all or nothing
             if convertible_attention(child):
-                setattr(module, name, Float8SelfAttention(child, fast_accum))
+                setattr(module, name, Float8SelfAttention(child, fast_accum, fused_bias))
                 counts["attention"] += 1
             else:
                 counts["skipped_attention"] += 1
         elif isinstance(child, nn.Linear):
             if _aligned(child.in_features, child.out_features):
-                setattr(module, name, Float8Linear.from_linear(child, fast_accum))
+                setattr(module, name, Float8Linear.from_linear(child, fast_accum, fused_bias))
                 counts["linear"] += 1
             else:
                 counts["skipped_linear"] += 1
         else:
-            for key, n in convert_to_float8(child, fast_accum).items():
+            for key, n in convert_to_float8(child, fast_accum, fused_bias).items():
                 counts[key] += n
     return counts
+
+
+class PatchEmbedding(nn.Module):
+    """A ViT's patch embedding (`nn.Conv2d` with stride = kernel size, no padding, dilation or groups)
+    as one GEMM: the non-overlapping patches flattened in the weight's (channel, row, column) order, times
+    the flattened kernel. The same sums as the convolution, in another order; output [n, width, gh, gw]
+    as the convolution's (a permuted view: the tower reshapes it to tokens next)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not patch_convolution(conv):
+            raise ValueError(
+                f"PatchEmbedding needs a convolution whose stride is its kernel size, got {conv}"
+            )
+        self.patch = conv.kernel_size
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)  # [width, c*p*p]
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        ph, pw = self.patch
+        gh, gw = h // ph, w // pw
+        x = x[..., : gh * ph, : gw * pw]  # the convolution drops a partial last patch too
+        patches = x.reshape(n, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * ph * pw)
+        y = F.linear(patches, self.weight, self.bias)  # [n, gh*gw, width]
+        return y.view(n, gh, gw, -1).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"patch={self.patch}, width={self.weight.shape[0]}, as a GEMM"
+
+
+def patch_convolution(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.stride == conv.kernel_size
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )

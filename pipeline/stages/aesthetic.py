@@ -20,6 +20,7 @@ AESTHETIC_MIN = 4.0: flat-colour cartoon frames score lower than photographs on 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,6 @@ def clip_preprocess(frames, cfg: dict):
     """uint8 [n, h, w, 3] tensor -> [n, 3, S, S] float, open_clip's eval transform on the device:
     shortest side to S (long side int(S * long / short), as torchvision), bicubic with antialias,
     rounded to 8 bits like PIL, centre crop, CLIP mean/std."""
-    import torch
     import torch.nn.functional as F
 
     size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
@@ -100,13 +100,39 @@ def clip_preprocess(frames, cfg: dict):
     x = x.clamp(0, 255).round() / 255.0
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     x = x[..., top : top + size, left : left + size]
-    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(tuple(cfg["mean"]), tuple(cfg["std"]), x.device)
     return (x - mean) / std
 
 
+@functools.lru_cache(maxsize=8)
+def _channel_stats(mean: tuple, std: tuple, device):
+    """CLIP's mean and std as [1, 3, 1, 1] tensors on `device`, made once: a copy from the host inside
+    a CUDA graph's recording would fail, and each call would otherwise upload them again."""
+    import torch
+
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
+
+def embed_frames(net, dtype, frames):
+    """Same-size uint8 frames on the device [n, h, w, 3] -> L2-normalised CLIP image embeddings, float32
+    [n, D]: preprocessing and the image tower, nothing that waits for the device (a CUDA graph records it
+    whole)."""
+    import torch
+
+    x = clip_preprocess(frames, net.visual.preprocess_cfg)
+    emb = net.encode_image(x.to(dtype).contiguous())  # one layout, cropped or not
+    return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+
 def encode_frames(
-    net, frames: list[np.ndarray], device, dtype, chunk: int = 256, fixed: bool = False, host: bool = True
+    net,
+    frames: list[np.ndarray],
+    device,
+    dtype,
+    chunk: int = 256,
+    fixed: bool = False,
+    host: bool = True,
+    graphed=None,
 ):
     """RGB uint8 frames -> L2-normalised CLIP image embeddings, float32 [n, D] (one forward per frame):
     a numpy array, or with `host=False` a tensor left on `device` (no wait for the device).
@@ -115,10 +141,12 @@ def encode_frames(
     GPU, the host stacks the next chunk into pinned memory while the device encodes the previous one,
     and the copies run on a stream of their own (`FrameUploader`), so they overlap the encoding
     instead of queueing behind it. With `fixed`, every forward sees exactly `chunk` images (a short
-    chunk is padded with blank images whose embeddings are dropped), so a compiled tower meets one
-    shape."""
+    chunk is padded with black frames whose embeddings are dropped), so a compiled tower meets one
+    shape. `graphed`: `embed_frames` wrapped in an `inference.cuda_graph.GraphedCall` (with `fixed`),
+    which then runs each chunk of same-size frames as one replay."""
     import torch
 
+    embed = graphed if graphed is not None else (lambda x: embed_frames(net, dtype, x))
     cfg = net.visual.preprocess_cfg
     upload = FrameUploader(device)
     out = []
@@ -126,13 +154,17 @@ def encode_frames(
         for i in range(0, len(frames), chunk):
             part = frames[i : i + chunk]
             if len({f.shape for f in part}) == 1:
-                x = clip_preprocess(upload(part), cfg)
+                x = upload(part)
+                if fixed and len(part) < chunk:
+                    x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
+                emb = embed(x)[: len(part)]
             else:  # frames of several sizes: each resized on its own, then one batch
                 x = torch.cat([clip_preprocess(upload([f]), cfg) for f in part])
-            if fixed and len(part) < chunk:
-                x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
-            emb = net.encode_image(x.to(dtype).contiguous())[: len(part)]  # one layout: cropped or padded
-            out.append(torch.nn.functional.normalize(emb.float(), dim=-1))
+                if fixed and len(part) < chunk:
+                    x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
+                emb = net.encode_image(x.to(dtype).contiguous())[: len(part)]
+                emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+            out.append(emb)
     emb = torch.cat(out)
     return emb.cpu().numpy() if host else emb
 
@@ -196,11 +228,12 @@ def encode_text_trimmed(net, tokens):
     return net.text_projection(x) if callable(net.text_projection) else x @ net.text_projection
 
 
-def float8_image_tower(net, device, fast_accum: bool = True) -> dict[str, int]:
+def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True) -> dict[str, int]:
     """`aesthetic.precision=fp8`: the image tower's linears and attention projections in fp8 e4m3
-    (pipeline/float8.py), with fast accumulation unless `fast_accum=False`; the tower must already be in
-    bf16. Returns the conversion counts."""
-    from pipeline.float8 import convert_to_float8, float8_supported
+    (pipeline/float8.py), with fast accumulation unless `fast_accum=False`, and its patch embedding as a
+    bf16 GEMM; the tower must already be in bf16. `fused=False` (the benchmark's baseline) adds the
+    biases after the GEMMs and keeps the patch embedding's convolution. Returns the conversion counts."""
+    from pipeline.float8 import PatchEmbedding, convert_to_float8, float8_supported, patch_convolution
 
     if not float8_supported(device):
         import torch
@@ -210,11 +243,17 @@ def float8_image_tower(net, device, fast_accum: bool = True) -> dict[str, int]:
             f"aesthetic.precision=fp8 needs fp8 tensor cores (CUDA compute capability 8.9 or later:"
             f" L4, L40S, H100, ...) or the CPU; {card} has none: use fp16 or bf16"
         )
-    counts = convert_to_float8(net.visual, fast_accum)
+    counts = convert_to_float8(net.visual, fast_accum, fused_bias=fused)
     if counts["linear"] + counts["attention"] == 0:
         raise ValueError(
             "aesthetic.precision=fp8: the CLIP image tower has no layer fp8 can run (widths % 16)"
         )
+    counts["patch_embedding"] = 0
+    for parent in list(net.visual.modules()) if fused else []:
+        for name, child in parent.named_children():
+            if patch_convolution(child) and child.kernel_size != (1, 1):
+                setattr(parent, name, PatchEmbedding(child))
+                counts["patch_embedding"] += 1
     return counts
 
 
@@ -294,9 +333,11 @@ class AestheticStage(Stage):
     num_gpus: float = 0.25  # ViT-L/14 fp16 needs ~1 GB; set 0 on machines without GPU
     compile: str = ""  # a torch.compile backend for the image tower ("inductor" on GPU); "": eager
     frames_per_forward: int = 48  # CLIP forward size: the host prepares one chunk while the GPU runs another
+    cuda_graph: bool = False  # GPU only: replay each forward (preprocessing + tower) as a CUDA graph
 
     name = "aesthetic"
     reads = ("keyframes",)
+    _graphed = None  # set by setup() (graph_image_tower): the CUDA-graph replay of each forward
     num_cpus = 1.0
 
     def weight_files(self) -> list[WeightFile]:
@@ -316,12 +357,24 @@ class AestheticStage(Stage):
         if fp8:
             float8_image_tower(self._clip, self._device)
         compile_image_tower(self._clip, self.compile)
+        self.graph_image_tower()
         dim = clip_embed_dim(self.clip_model, root)
         self._mlp = load_aesthetic_mlp(root, dim, self._device)
         self._model = f"laion-aesthetic sac+logos+ava1-l14-linearMSE on open_clip {self.clip_model}/{self.clip_pretrained}"
         self._model += " (image tower linears in fp8 e4m3)" if fp8 else ""
         self._sha256 = file_sha256(root / aesthetic_file().path, root)
         self._clip_sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
+
+    def graph_image_tower(self) -> None:
+        """With `cuda_graph` on a CUDA device: each forward of the image tower, its preprocessing
+        included, is recorded once per frame size and replayed (`inference.cuda_graph.GraphedCall`;
+        the tower meets one batch shape, short chunks padded): one launch instead of hundreds, so the
+        GPU does not idle between kernels while the host launches them. Elsewhere: nothing."""
+        from inference.cuda_graph import GraphedCall
+
+        self._graphed = None
+        if self.cuda_graph and GraphedCall.applies(self._device):
+            self._graphed = GraphedCall(functools.partial(embed_frames, self._clip, self._dtype))
 
     def scores(self, emb):
         """Normalised embeddings [n, D] (a tensor on the stage's device) -> aesthetic scores [n], fp32 MLP."""
@@ -343,8 +396,9 @@ class AestheticStage(Stage):
                 self._device,
                 self._dtype,
                 self.frames_per_forward,
-                fixed=bool(self.compile),
+                fixed=bool(self.compile) or self._graphed is not None,
                 host=False,
+                graphed=self._graphed,
             )
             scores = self.scores(emb).float().cpu().numpy()
             emb = emb.cpu().numpy()

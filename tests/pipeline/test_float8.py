@@ -15,6 +15,7 @@ from pipeline.float8 import (
     E4M3_MAX,
     Float8Linear,
     Float8SelfAttention,
+    PatchEmbedding,
     convert_to_float8,
     float8_supported,
     quantize_rows,
@@ -60,6 +61,70 @@ def test_fp8_linear_follows_the_linear_it_replaces(bias):
     assert fast.weight_fp8.dtype == torch.float8_e4m3fn  # the weight is stored in one byte per value
     with pytest.raises(ValueError, match="multiples of 16"):
         Float8Linear.from_linear(nn.Linear(64, 40))
+
+
+def test_fp8_linear_adds_its_bias_in_the_gemm_or_after_it_to_the_same_result(monkeypatch):
+    """The stage's form passes the bias to the GEMM (no add kernel after it); the baseline adds it
+    after. Same result up to the bf16 output's rounding, which the fused form does once instead of twice."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(10, 64).bfloat16()
+    seen = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("bias"))
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    fused, after = (Float8Linear.from_linear(linear, fused_bias=f) for f in (True, False))
+    y_fused, y_after = fused(x), after(x)
+    assert seen[0] is fused.bias and seen[1] is None
+    # bf16 keeps 8 bits: the two differ by at most a rounding step of the output, never by the bias
+    step = y_after.float().abs() * 2**-7 + 1e-3
+    assert ((y_fused.float() - y_after.float()).abs() <= step).all()
+    assert rel_error(y_fused, linear(x.float()).detach()) < 0.08
+
+
+def test_fp8_attention_hands_sdpa_views_of_the_projection_not_copies(monkeypatch):
+    """With the bias in the GEMM, q, k and v are strided views of the packed projection's output:
+    nothing writes them out again before SDPA."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    attn = Float8SelfAttention(nn.MultiheadAttention(64, 4, batch_first=True).eval())
+    seen = {}
+    real_proj, real_sdpa = attn.in_proj.forward, F.scaled_dot_product_attention
+
+    def proj(x):
+        seen["qkv"] = real_proj(x)
+        return seen["qkv"]
+
+    def sdpa(q, k, v, **kwargs):
+        seen["qkv_in"] = (q, k, v)
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attn.in_proj, "forward", proj)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    x = torch.randn(2, 7, 64).bfloat16()
+    attn(x, x, x)
+    base = seen["qkv"].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in seen["qkv_in"])
+    assert all(t.stride(-1) == 1 and t.shape == (2, 4, 7, 16) for t in seen["qkv_in"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("size", [(32, 48), (35, 50)])  # the second leaves partial patches, dropped
+def test_patch_embedding_as_a_gemm_equals_the_convolution(bias, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=bias)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want, got = conv(x), PatchEmbedding(conv)(x)
+    assert got.shape == want.shape == (2, 24, size[0] // 8, size[1] // 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="stride is its kernel size"):
+        PatchEmbedding(nn.Conv2d(3, 24, kernel_size=8, stride=4))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -152,6 +217,7 @@ def test_fp8_aesthetic_stage_follows_the_fp32_stage(tmp_path):
     assert (
         sum(isinstance(m, Float8SelfAttention) for m in visual.modules()) == 1
     )  # the tiny tower's one block
+    assert isinstance(visual.conv1, PatchEmbedding)  # open_clip's patch embedding, now a GEMM
     rows = clip_rows()
     want, got = (list(stages[p].process_rows(rows)) for p in ("fp32", "fp8"))
     for w, g in zip(want[:2], got[:2], strict=True):

@@ -235,6 +235,42 @@ def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
         AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), compile="nope").setup()
 
 
+def test_cuda_graph_gets_one_input_shape_and_gives_the_eager_embeddings(models):
+    """aesthetic.cuda_graph: each chunk of same-size frames goes to the replayed call whole (uint8
+    frames on the device, preprocessing inside the graph), padded to frames_per_forward so one
+    recorded graph serves every chunk. On the CPU the option does nothing (GPU only). Here a spy with
+    GraphedCall's contract stands in for the CUDA graph."""
+    from pipeline.stages.aesthetic import embed_frames
+
+    eager = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
+    eager.setup()
+    graphed = AestheticStage(
+        clip_model=TINY,
+        clip_pretrained=TAG,
+        models_dir=str(models),
+        device="cpu",
+        frames_per_forward=4,
+        cuda_graph=True,
+    )
+    graphed.setup()
+    assert graphed._graphed is None  # no CUDA device: the option does nothing
+    shapes = []
+
+    def replay(frames):
+        shapes.append((tuple(frames.shape), str(frames.dtype)))
+        return embed_frames(graphed._clip, graphed._dtype, frames)
+
+    graphed._graphed = replay
+    rows = clip_rows()
+    want, got = list(eager.process_rows(rows)), list(graphed.process_rows(rows))
+    for w, g in zip(want, got, strict=True):
+        if "aesthetic_min" in w:
+            np.testing.assert_allclose(g["clip_image_emb"], w["clip_image_emb"], atol=1e-5)
+            assert g["aesthetic_min"] == pytest.approx(w["aesthetic_min"], abs=1e-5)
+    h, w = rows[0]["keyframes"][0].shape[:2]
+    assert shapes == [((4, h, w, 3), "torch.uint8")] * 2  # 6 frames: 4, then 2 padded to 4
+
+
 def test_unknown_compile_backend_is_a_config_error_before_any_work():
     from pipeline.config import ConfigError, load_config
 
