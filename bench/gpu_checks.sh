@@ -8,41 +8,40 @@
 # device tool brings back files of at most 16 MiB): put them all in .gpucache/ (carried with
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling. At most 8 files come back: the profiler tables end up in full_log.txt, not files of their own.
-# What the defaults run, in one call (`timeout_s` 600; the machine's CPUs split in two halves):
-#   beside (T_BESIDE, issue "Training"): the compiled rectify step at batch 6, in the background from the
-#             start, its compile (which outlasted 102 s and 280 s before) running on half the CPUs while
-#             the sample compiles on the other half. Each UNet block and the frozen VAE encoder's blocks
-#             torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS, default
-#             0,2) only the two finest levels (train.checkpoint_levels). Its first step (the compile) uses
-#             the GPU a little at a time; it then creates $GATE/train_compiled and waits for
-#             $GATE/gpu_free before any other step, and the sample waits (at most GATE_MAX s) for the
-#             first file before its timed samples: neither times beside the other's GPU work.
-#             FORCE_CL=1 compiles every block channels-last (inductor's heuristic leaves 10 of the 12
-#             output blocks, whose convs narrow the channels, in NCHW; BENCHMARKS.md "Planning
-#             counts"); FLOAT8=tensorwise runs the UNet's large transformer linears as torchao fp8 GEMMs
-#             (train.float8; 27% of a forward's FLOPs).
-#   sample (T_SAMPLE, issue "Inference": 4.955-5.055 s on an H100 on 2026-11-27, at the 5 s target):
-#             `interpolate` seconds per sample and peak memory with the UNet and the VAE decoder's
-#             blocks compiled (the UNet's graph changed since: the guidance branches share the layers
-#             before the first cross-attention; a compile from scratch, ~140 s, then the decoder's ~140
-#             s), the CLIP towers visiting from host memory, then kept on the device (--clip-resident,
-#             interpolate's default on >= 24 GiB), then each UNet call replayed as a CUDA graph
-#             (--cuda-graph: its largest difference to the direct call, then the timing), then a
-#             profiler table of a short compiled sample; SAMPLE_COMPILE=staged times the UNet compiled
-#             alone first (its compile: 137 s from an empty cache; the decoder's then 79 s)
-#   Timeline expected on an H100: the sample's first compiled sample at ~6 min, the training compile
-#   about then; the sample's timed rows ~1 min, then the training's timed steps ~0.5 min. If the
-#   training compile is not over GATE_MAX s after the sample's, the sample times anyway (its JSON says
-#   so: waited_for_gpu.found false) and the training step may run out of BUDGET.
+# What the defaults run, in one call (`timeout_s` 600), one part after another on the whole machine:
+#   T_CL (issue "Training", 330 s): the compiled rectify step at batch 6 with the UNet's activations
+#             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
+#             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
+#             blocks torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS,
+#             default 0,2) only the two finest levels, then the first again with cuDNN's autotuning.
+#             A compile from scratch: 409 s for the plain layout on 8 CPUs (fourth run), so it gets the
+#             whole machine and goes first; its artifacts come back as train_cl_cache.xz*.
+#   T_COMPILE (120 s): the same step in the plain layout, its baseline in the same run, from the
+#             artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step, 24.1% MFU
+#             there). FORCE_CL=1 compiles every block channels-last inside inductor instead
+#             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
+#             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
+#   T_CLIP (110 s, issue "Curate, part 2"): aesthetic + alignment clips/s with the image tower
+#             compiled, in fp16 and with fp8 e4m3 linears (fourth run: 680 and 789 clips/s together),
+#             the fp8 tower as the stage runs it (biases in the GEMMs, patch embedding as a GEMM), then
+#             replayed as CUDA graphs, then its baseline (biases after the GEMMs, patch embedding a
+#             convolution), and a profiler table of one call of the fastest form (how busy the GPU
+#             was, then its kernels).
 # Other parts, run when their limits are set:
+#   T_BESIDE: the plain-layout compiled rectify step in the background from the start, on half the
+#             CPUs, beside the sample on the other half (the fourth run's plan: 514 s in all). Its first
+#             step (the compile) uses the GPU a little at a time; it then creates $GATE/train_compiled and
+#             waits for $GATE/gpu_free before any other step, and the sample waits (at most GATE_MAX s)
+#             for the first file before its timed samples: neither times beside the other's GPU work.
+#   T_SAMPLE: `interpolate` seconds per sample and peak memory with the UNet and the VAE decoder's
+#             blocks compiled (issue "Inference": 4.65-4.79 s on an H100, fourth run), the CLIP towers
+#             visiting from host memory, then kept on the device (--clip-resident), then each UNet call
+#             replayed as a CUDA graph (--cuda-graph), then a profiler table of a short compiled sample;
+#             from .gpucache/sample_cache.xz* its first sample takes ~24 s instead of ~295 s;
+#             SAMPLE_COMPILE=staged times the UNet compiled alone first
 #   T_GRAPH:  one UNet call with the branches' inputs stacked vs shared vs as a CUDA graph (eager: no
 #             compiling; GRAPH_MODE=compile compiles both forms); beside a compile still running, its
 #             ratios are noisier
-#   T_CLIP:   aesthetic + alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3
-#             linears (fourth run: 680 and 789 clips/s together), then the fp8 tower replayed as CUDA
-#             graphs, then its baseline (biases after the GEMMs, the patch embedding a convolution),
-#             and a profiler table of one call of the fastest form (how busy the GPU was, its kernels)
-#   T_COMPILE: the compiled rectify step of "beside", alone (after the other parts)
 #   T_EAGER:  the rectify step at batch 6, eager, by part, by checkpoint level, with cuDNN's
 #             autotuning (2026-11-27: 1.99-2.10 s, MFU 14-15%)
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
@@ -79,12 +78,12 @@ part() {  # part SECONDS command...: run with a time limit cut to what is left; 
   fi
 }
 BESIDE=
-if [ "${T_BESIDE:-570}" -ge 20 ] && [ "$HALF" -ge 2 ]; then
+if [ "${T_BESIDE:-0}" -ge 20 ] && [ "$HALF" -ge 2 ]; then
   # in the background, its whole output in beside_log.txt; when it ends, for whatever reason, the sample
   # need not wait for it any longer
   (
     export TORCHINDUCTOR_COMPILE_THREADS=$HALF
-    PIN=$BG LOG=$OUT/beside_log.txt part ${T_BESIDE:-570} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" --signal-compiled "$GATE/train_compiled" --wait-for "$GATE/gpu_free" 2>&1 | grep -vE "^ |^W[0-9]" | sed 's/^/[beside] /' | tail -16
+    PIN=$BG LOG=$OUT/beside_log.txt part ${T_BESIDE:-0} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" --signal-compiled "$GATE/train_compiled" --wait-for "$GATE/gpu_free" 2>&1 | grep -vE "^ |^W[0-9]" | sed 's/^/[beside] /' | tail -16
     touch "$GATE/train_compiled"
   ) &
   BESIDE=$!
@@ -96,17 +95,21 @@ fi
 PIN=$FG part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-PIN=$FG part ${T_SAMPLE:-560} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" --wait-for "$GATE/train_compiled" --wait-max "${GATE_MAX:-120}" 2>&1 | grep -E "^(built|eager|compiled|compile cache|interpolation bench)|Error" | tail -12
+PIN=$FG part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" --wait-for "$GATE/train_compiled" --wait-max "${GATE_MAX:-120}" 2>&1 | grep -E "^(built|eager|compiled|compile cache|interpolation bench)|Error" | tail -12
 PIN=$FG part ${T_GRAPH:-0} python3 bench/cuda_graph_check.py toon-512 cuda "${GRAPH_MODE:-eager}" "$(( ${T_GRAPH:-0} - 5 ))" 2>&1 | grep -vE "^W[0-9]"
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
-part ${T_CLIP:-0} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
+part ${T_CL:-330} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_COMPILE:-120} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
-part ${T_COMPILE:-0} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
+for f in .gpucache/*_cache.xz; do  # a carried cache, saved again by its bench, adds nothing: not back
+  [ -f "$f" ] && rm -f "$OUT/$(basename "$f")" "$OUT/$(basename "$f")".*
+done
 for extra in "$OUT"/beside_log.txt "$OUT"/*_kernels.txt; do  # into the full log: at most 8 files come back
   [ -f "$extra" ] && { echo "== $extra"; cat "$extra"; } >> "$OUT/full_log.txt" && rm "$extra"
 done

@@ -118,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="kernel of the UNet's (3,1,1) temporal convs (same weights and math; see training.profile_unet)",
     )
     p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="store the UNet's activations channels-last (train.channels_last; for a compiled step)",
+    )
+    p.add_argument(
         "--breakdown",
         action="store_true",
         help="one extra step per case timed by part (VAE, CLIP towers, Resampler, UNet, backward, optimizer)",
@@ -256,12 +261,13 @@ def _build(
     temporal_conv: str = "conv3d",
     float8: str = "",
     float8_layers: str = "large",
+    channels_last: bool = False,
 ) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training import float8 as fp8
     from training.engine import EMA, TrainConfig, adamw, compile_blocks
     from training.models.tooncrafter import build_tooncrafter
-    from training.models.unet import set_temporal_conv
+    from training.models.unet import set_channels_last, set_temporal_conv
     from training.models.vae import resnet_blocks
     from training.stages import decoder, rectify
     from training.stages.common import unet_blocks
@@ -270,6 +276,7 @@ def _build(
     with torch.device(device):
         model = build_tooncrafter(preset)
     set_temporal_conv(model.unet, temporal_conv)
+    set_channels_last(model.unet, channels_last)
     model.unet.set_gradient_checkpointing(checkpointing)  # main() picks the levels per measurement
     train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0, compile=compile)
     run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)
@@ -484,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         # heuristic leaves the blocks with a conv of >= 2x more input than output channels in NCHW
         "inductor_force_layout_opt": bool(args.compile) and _forced_layout(),
         "temporal_conv": args.temporal_conv,
+        "channels_last": args.channels_last,
         "float8": args.float8 or None,
         "float8_layers": args.float8_layers if args.float8 else None,
         "peak_bf16_tflops": peak,
@@ -510,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             args.temporal_conv,
             args.float8,
             args.float8_layers,
+            args.channels_last,
         )
         if args.float8:
             report[f"{stage}_float8_linears"] = case.float8_linears
@@ -578,7 +587,8 @@ def _table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing"
         f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}"
-        f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}{fp8}; "
+        f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}"
+        f"{', activations channels-last' if report.get('channels_last') else ''}{fp8}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
         "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|---|",

@@ -41,6 +41,7 @@ from training.data import (
     to_model_range,
 )
 from training.engine import TrainConfig
+from training.models.unet import set_channels_last
 from training.models.vae import resnet_blocks
 from training.roles import format_role_table
 from training.stages import decoder, rectify, sketch
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with _input_errors():
         model = initial_model(tc)
         model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
+        set_channels_last(model.unet, tc.channels_last)
         stage = STAGES[stage_name].build(model, run, models_dir)
         if tc.float8:
             float8.check_device(device)
@@ -280,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if device.type == "cuda" and not tc.compile:
                 log.warning("train.float8 without train.compile: each fp8 cast runs as its own pass (slow)")
+        if tc.channels_last and device.type == "cuda" and not tc.compile:
+            log.warning(
+                "train.channels_last without train.compile: eager GroupNorm converts each activation"
+                " to contiguous and back (slower, not faster)"
+            )
         if compiled:
             print(
                 f"torch.compile ({tc.compile}): {compiled} UNet blocks and {frozen} VAE encoder blocks, "

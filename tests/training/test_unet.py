@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -258,3 +260,75 @@ def test_resolution_level_follows_the_downsamplings():
     assert [resolution_level(68, w) for w in (68, 34, 17, 9)] == [0, 1, 2, 3]  # 17 -> 9 rounds up
     with pytest.raises(ValueError, match="checkpoint levels"):
         UNet3D(UNET_PRESETS["tiny"]).set_gradient_checkpointing(True, levels=-1)
+
+
+def test_channels_last_activations_give_the_same_outputs_and_gradients(parity):
+    """set_channels_last: every convolution reads channels-last activations (2-D convs channels_last,
+    the temporal Conv3d channels_last_3d), the output is plain contiguous, and values and gradients
+    are those of the default layout (parity fixture; then a training step with checkpointing and the
+    guidance branches' shared input)."""
+    from torch import nn
+
+    from training.models.unet import set_channels_last
+
+    model, _, inputs, outputs = _reference_unet(parity)
+    set_channels_last(model)
+    layouts = []
+
+    def record(module, args):
+        x = args[0]
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        layouts.append(x.is_contiguous(memory_format=fmt) and not x.is_contiguous())
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Conv3d):
+            m.register_forward_pre_hook(record)
+    with torch.no_grad():
+        y = model(inputs["x"], inputs["timesteps"], inputs["context"], fs=inputs["fs"])
+    assert y.is_contiguous() and (y - outputs["y"]).abs().max().item() <= TOL
+    batch = inputs["x"].shape[0]
+    assert batch > 1 and layouts and all(layouts)  # (a CPU Conv3d writes a batch of 1 contiguous)
+
+    # without dropout: its random mask follows the memory order, so the layouts would draw different masks
+    cfg = replace(UNET_PRESETS["tiny"], dropout=0.0, temporal_conv_dropout=0.0)
+    torch.manual_seed(0)
+    plain = UNet3D(cfg)
+    for p in plain.parameters():  # no zero branches, so that every path carries gradient
+        torch.nn.init.normal_(p, std=0.1)
+    last = UNet3D(cfg)
+    last.load_state_dict(plain.state_dict())
+    set_channels_last(last)
+    x = torch.randn(2, 8, 3, 8, 8)
+    context = torch.randn(4, 77 + 48, 32)  # two branches per sample
+    results = []
+    for model in (plain, last):
+        model.train().set_gradient_checkpointing(True, levels=1)
+        y = model(x, torch.tensor([500, 20]), context, fs=torch.tensor([7, 3]))
+        y.square().mean().backward()
+        results.append((y.detach(), [p.grad.clone() for p in model.parameters()]))
+    (y_plain, g_plain), (y_last, g_last) = results
+    assert y_last.is_contiguous() and y_plain.abs().mean() > 0.1
+    torch.testing.assert_close(y_last, y_plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_plain, g_last, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    set_channels_last(last, False)
+    assert not last.channels_last
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 5, 6), (2, 32, 3, 5, 6)])
+def test_group_norm_keeps_a_channels_last_layout_where_the_kernel_does_not(monkeypatch, shape):
+    """CUDA's GroupNorm kernel (and the decomposition inductor compiles) return plain contiguous
+    tensors: the UNet's GroupNorm puts a channels-last input's layout back, same values."""
+    import torch.nn.functional as F
+
+    from training.models.norm import GroupNorm
+
+    real = F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda *a, **k: real(*a, **k).contiguous())
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    norm = GroupNorm(8, 32)
+    x = torch.randn(shape)
+    out = norm(x.contiguous(memory_format=fmt))
+    assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous()
+    torch.testing.assert_close(out, norm(x))
+    assert norm(x).is_contiguous()  # a plain input stays plain

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from training.models.norm import GroupNorm
+
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False
@@ -174,7 +176,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         self.proj_in = _projection(channels, inner, use_linear, nn.Conv2d)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(
@@ -223,7 +225,7 @@ class TemporalTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.causal = causal
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = GroupNorm(32, channels, eps=1e-6)
         self.proj_in = _projection(channels, inner, use_linear, nn.Conv1d)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(inner, heads, dim_head) for _ in range(depth)

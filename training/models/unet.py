@@ -10,6 +10,10 @@ State-dict keys equal the reference's (`input_blocks.1.0.temopral_conv...`, miss
 see shared/reference/MODEL.md sections 1.3-1.4.
 
 Layout: frames travel as batch items `(b t) c h w`; temporal layers fold them back to `b c t h w`.
+`set_channels_last` stores those activations channels-last instead ((b t), h, w, c in memory), for a
+compiled UNet on a GPU: the convolutions' tensor-core kernels read and write that layout, so nothing
+converts to and from it around each one, and folding frames to `b c t h w` and pixels to tokens become
+views. The values are the same; only the strides change.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.models.attention import SpatialTransformer, TemporalTransformer
+from training.models.norm import GroupNorm
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(GroupNorm):
     """GroupNorm(32) computed in fp32 and cast back, as the reference's `normalization`."""
 
     def __init__(self, channels: int):
@@ -169,7 +174,7 @@ class TemporalConvBlock(nn.Module):
         def layer(with_dropout: bool) -> nn.Sequential:
             drop = [nn.Dropout(dropout)] if with_dropout else []
             conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))  # zero padding beyond the clip
-            return nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), *drop, conv)
+            return nn.Sequential(GroupNorm(32, channels), nn.SiLU(), *drop, conv)
 
         self.conv1 = layer(with_dropout=False)
         self.conv2 = layer(with_dropout=True)
@@ -198,6 +203,15 @@ def temporal_conv2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
         padding=(conv.padding[0], 0),
     )
     return y.view(b, y.shape[1], t, height, width)
+
+
+def set_channels_last(net: nn.Module, enabled: bool = True) -> None:
+    """Store every UNet3D's activations in `net` channels-last (module docstring) or, with
+    `enabled=False`, plain contiguous again. Meant for a compiled UNet: eager GroupNorm on a GPU
+    converts to contiguous and back. Inputs and outputs keep their usual layout."""
+    for module in net.modules():
+        if isinstance(module, UNet3D):
+            module.channels_last = enabled
 
 
 def set_temporal_conv(net: nn.Module, impl: str) -> None:
@@ -335,6 +349,8 @@ class UNet3D(nn.Module):
     """forward(x [b, in_channels, t, h, w], timesteps [b], context [b, l, context_dim], fs [b] | None,
     control list | None) -> [b, out_channels, t, h, w]."""
 
+    channels_last = False  # activations stored channels-last: set_channels_last
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -462,9 +478,13 @@ class UNet3D(nn.Module):
             return self._run(block, h, emb, context, t, width), emb, skips, branches
         if split:
             h = self._run(block, h, emb, context, t, width, stop=split)
-        h, emb = h.repeat(branches, 1, 1, 1), emb.repeat(branches, 1)
-        skips = [s.repeat(branches, 1, 1, 1) for s in skips]
+        h, emb = self._layout(h.repeat(branches, 1, 1, 1)), emb.repeat(branches, 1)
+        skips = [self._layout(s.repeat(branches, 1, 1, 1)) for s in skips]
         return self._run(block, h, emb, context, t, width, start=split), emb, skips, 1
+
+    def _layout(self, h: torch.Tensor) -> torch.Tensor:
+        """h [(b t), c, h, w] in the layout the activations are kept in (a no-op when it already is)."""
+        return h.contiguous(memory_format=torch.channels_last) if self.channels_last else h
 
     def _recompute(self, h: torch.Tensor, width: int) -> bool:
         """Whether the block taking `h` recomputes in backward; `width` is the latent's (level 0) width."""
@@ -517,7 +537,7 @@ class UNet3D(nn.Module):
         emb = emb.repeat_interleave(t, dim=0)  # [(b t), 4*ch]
         context = self._frame_context(context, t)  # [(b t), l, d]
 
-        h = rearrange(x, "b c t h w -> (b t) c h w")
+        h = self._layout(rearrange(x, "b c t h w -> (b t) c h w"))
         width = h.shape[-1]
         skips = []
 
@@ -541,8 +561,8 @@ class UNet3D(nn.Module):
             if residuals:
                 skip = skip + residuals.pop()
             h = self._run(block, torch.cat([h, skip], dim=1), emb, context, t, width)
-        y = self.out(h)
-        return rearrange(y, "(b t) c h w -> b c t h w", t=t)
+        y = rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t)
+        return y.contiguous() if self.channels_last else y
 
 
 def resolution_level(latent_width: int, width: int) -> int:
