@@ -9,19 +9,21 @@
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling. At most 8 files come back: the profiler tables end up in full_log.txt, not files of their own.
 # What the defaults run, in one call (`timeout_s` 600), one part after another on the whole machine:
-#   T_CL (issue "Training", 330 s): the compiled rectify step at batch 6 with the UNet's activations
+#   T_CL (issue "Training", 420 s): the compiled rectify step at batch 6 with the UNet's activations
 #             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
 #             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
 #             blocks torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS,
 #             default 0,2) only the two finest levels, then the first again with cuDNN's autotuning.
-#             A compile from scratch: 409 s for the plain layout on 8 CPUs (fourth run), so it gets the
-#             whole machine and goes first; its artifacts come back as train_cl_cache.xz*.
-#   T_COMPILE (120 s): the same step in the plain layout, its baseline in the same run, from the
+#             A compile from scratch: 390 s for the plain layout on 8 CPUs beside another compile
+#             (fourth run), more than 280 s alone (third run), so it gets the whole machine and goes
+#             first; its artifacts come back as train_cl_cache.xz*.
+#   T_COMPILE (140 s): the same step in the plain layout, its baseline in the same run, from the
 #             artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step, 24.1% MFU
 #             there). FORCE_CL=1 compiles every block channels-last inside inductor instead
 #             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
 #             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
-#   T_CLIP (110 s, issue "Curate, part 2"): aesthetic + alignment clips/s with the image tower
+#   T_CLIP (110 s when that much is left; else in a second call while the machine is warm:
+#             `T_CL=0 T_COMPILE=0 T_CLIP=150 BUDGET=160`, issue "Curate, part 2"): aesthetic + alignment clips/s with the image tower
 #             compiled, in fp16 and with fp8 e4m3 linears (fourth run: 680 and 789 clips/s together),
 #             the fp8 tower as the stage runs it (biases in the GEMMs, patch embedding as a GEMM), then
 #             replayed as CUDA graphs, then its baseline (biases after the GEMMs, patch embedding a
@@ -101,8 +103,8 @@ part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --tem
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
-part ${T_CL:-330} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part ${T_COMPILE:-120} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_COMPILE:-140} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25

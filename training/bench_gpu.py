@@ -266,8 +266,9 @@ def _build(
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training import float8 as fp8
     from training.engine import EMA, TrainConfig, adamw, compile_blocks
+    from training.models.layout import set_channels_last
     from training.models.tooncrafter import build_tooncrafter
-    from training.models.unet import set_channels_last, set_temporal_conv
+    from training.models.unet import set_temporal_conv
     from training.models.vae import resnet_blocks
     from training.stages import decoder, rectify
     from training.stages.common import unet_blocks
@@ -276,7 +277,7 @@ def _build(
     with torch.device(device):
         model = build_tooncrafter(preset)
     set_temporal_conv(model.unet, temporal_conv)
-    set_channels_last(model.unet, channels_last)
+    set_channels_last(model, channels_last)
     model.unet.set_gradient_checkpointing(checkpointing)  # main() picks the levels per measurement
     train = TrainConfig(preset=preset, gradient_checkpointing=checkpointing, eval_every=0, compile=compile)
     run = argparse.Namespace(train=train, data=None, rectify=rectify.RectifyConfig(), decoder=None)

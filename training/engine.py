@@ -64,7 +64,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # recompute UNet / sketch-encoder / decoder blocks in backward
     checkpoint_levels: int = 0  # UNet: recompute only the blocks at the N finest resolutions; 0 = all
     compile: str = ""  # torch.compile backend for each UNet block ("inductor" on GPU; "" = eager)
-    channels_last: bool = False  # UNet activations stored channels-last (with train.compile on a GPU)
+    channels_last: bool = False  # UNet + VAE encoder activations stored channels-last (train.compile, GPU)
     float8: str = ""  # "tensorwise": the UNet's transformer linears as torchao fp8 GEMMs; "" = off
     float8_layers: str = "large"  # with float8: "large" (where fp8 pays on an H100) or "all" (tests)
     fsdp: bool = False  # shard the UNet with FSDP2 (fully_shard per block) instead of replicating it (DDP)

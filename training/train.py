@@ -41,7 +41,7 @@ from training.data import (
     to_model_range,
 )
 from training.engine import TrainConfig
-from training.models.unet import set_channels_last
+from training.models.layout import set_channels_last
 from training.models.vae import resnet_blocks
 from training.roles import format_role_table
 from training.stages import decoder, rectify, sketch
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with _input_errors():
         model = initial_model(tc)
         model.unet.set_gradient_checkpointing(tc.gradient_checkpointing, tc.checkpoint_levels)
-        set_channels_last(model.unet, tc.channels_last)
+        set_channels_last(model, tc.channels_last)  # the UNet and the VAE encoder
         stage = STAGES[stage_name].build(model, run, models_dir)
         if tc.float8:
             float8.check_device(device)

@@ -269,7 +269,7 @@ def test_channels_last_activations_give_the_same_outputs_and_gradients(parity):
     guidance branches' shared input)."""
     from torch import nn
 
-    from training.models.unet import set_channels_last
+    from training.models.layout import set_channels_last
 
     model, _, inputs, outputs = _reference_unet(parity)
     set_channels_last(model)
@@ -321,7 +321,7 @@ def test_group_norm_keeps_a_channels_last_layout_where_the_kernel_does_not(monke
     tensors: the UNet's GroupNorm puts a channels-last input's layout back, same values."""
     import torch.nn.functional as F
 
-    from training.models.norm import GroupNorm
+    from training.models.layout import GroupNorm
 
     real = F.group_norm
     monkeypatch.setattr(F, "group_norm", lambda *a, **k: real(*a, **k).contiguous())

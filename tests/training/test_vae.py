@@ -61,6 +61,30 @@ def test_encode_matches_the_reference(reference_vae):
 
 
 @torch.no_grad()
+def test_channels_last_encoder_matches_the_reference_with_every_conv_reading_nhwc(parity):
+    """set_channels_last on the VAE: the encoder's activations are stored channels-last (every
+    convolution reads them so), the moments are the reference's and come out plain contiguous."""
+    from torch import nn
+
+    from training.models.layout import set_channels_last
+
+    spec, state_dict, inputs, outputs = parity("vae")
+    model = AutoencoderKL(vae_config_from_reference(spec["constructor_kwargs"])).eval()
+    model.load_state_dict(state_dict, strict=True)
+    set_channels_last(model)
+    layouts = []
+    for m in model.encoder.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(
+                lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last))
+            )
+    frames = rearrange(inputs["video"], "b c t h w -> (b t) c h w")
+    posterior = model.encode(frames)
+    assert layouts and all(layouts)
+    assert posterior.moments.is_contiguous() and _max_err(posterior.moments, outputs["enc_moments"]) < TOL
+
+
+@torch.no_grad()
 def test_decode_paths_match_the_reference(reference_vae):
     model, inputs, outputs = reference_vae
     refs = [outputs[f"ref_context.{i}"] for i in range(5)]

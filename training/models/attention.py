@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from training.models.norm import GroupNorm
+from training.models.layout import GroupNorm
 
 
 def attention(

@@ -10,10 +10,10 @@ State-dict keys equal the reference's (`input_blocks.1.0.temopral_conv...`, miss
 see shared/reference/MODEL.md sections 1.3-1.4.
 
 Layout: frames travel as batch items `(b t) c h w`; temporal layers fold them back to `b c t h w`.
-`set_channels_last` stores those activations channels-last instead ((b t), h, w, c in memory), for a
-compiled UNet on a GPU: the convolutions' tensor-core kernels read and write that layout, so nothing
-converts to and from it around each one, and folding frames to `b c t h w` and pixels to tokens become
-views. The values are the same; only the strides change.
+`set_channels_last` (training/models/layout.py) stores those activations channels-last instead
+((b t), h, w, c in memory), for a compiled UNet on a GPU: the convolutions' tensor-core kernels read
+and write that layout, so nothing converts to and from it around each one, and folding frames to
+`b c t h w` and pixels to tokens become views. The values are the same; only the strides change.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.models.attention import SpatialTransformer, TemporalTransformer
-from training.models.norm import GroupNorm
+from training.models.layout import GroupNorm, channels_last_format
 
 
 @dataclass(frozen=True)
@@ -182,14 +182,17 @@ class TemporalConvBlock(nn.Module):
         self.conv4 = layer(with_dropout=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "conv3d":
-            return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        fmt = channels_last_format(x)  # a channels-last input's layout stays (a CPU Conv3d drops it)
         h = x
         for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
-            *pre, conv = layer
-            for module in pre:
-                h = module(h)
-            h = temporal_conv2d(h, conv)
+            if self.impl == "conv3d":
+                h = layer(h)
+            else:
+                *pre, conv = layer
+                for module in pre:
+                    h = module(h)
+                h = temporal_conv2d(h, conv)
+            h = h if fmt is None else h.contiguous(memory_format=fmt)
         return x + h
 
 
@@ -203,15 +206,6 @@ def temporal_conv2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
         padding=(conv.padding[0], 0),
     )
     return y.view(b, y.shape[1], t, height, width)
-
-
-def set_channels_last(net: nn.Module, enabled: bool = True) -> None:
-    """Store every UNet3D's activations in `net` channels-last (module docstring) or, with
-    `enabled=False`, plain contiguous again. Meant for a compiled UNet: eager GroupNorm on a GPU
-    converts to contiguous and back. Inputs and outputs keep their usual layout."""
-    for module in net.modules():
-        if isinstance(module, UNet3D):
-            module.channels_last = enabled
 
 
 def set_temporal_conv(net: nn.Module, impl: str) -> None:

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from training.models.layout import GroupNorm
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -98,7 +100,7 @@ def _per_frame(fn: Callable[[Tensor], Tensor], x: Tensor, frame_chunk: int | Non
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 (the reference's name)
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    return GroupNorm(32, channels, eps=1e-6)  # keeps a channels-last layout (set_channels_last)
 
 
 class ResnetBlock(nn.Module):
@@ -288,7 +290,10 @@ class RefCrossAttention(nn.Module):
 
 
 class Encoder(nn.Module):
-    """SD VAE encoder: conv_in, levels of ResnetBlocks (+ attention) and downsamples, mid block, conv_out."""
+    """SD VAE encoder: conv_in, levels of ResnetBlocks (+ attention) and downsamples, mid block, conv_out.
+    With `channels_last` (training/models/layout.py) its activations are stored channels-last."""
+
+    channels_last = False
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -318,6 +323,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor, return_hidden_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """x [n, 3, H, W] -> [n, 2z, H/f, W/f] (+ hidden states: each level's last block output, then conv_in's)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         first = h = self.conv_in(x)
         hidden = []
         for i, level in enumerate(self.down):
@@ -331,6 +338,7 @@ class Encoder(nn.Module):
         hidden.append(first)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         h = self.conv_out(F.silu(self.norm_out(h)))
+        h = h.contiguous() if self.channels_last else h
         return (h, hidden) if return_hidden_states else h
 
 
