@@ -189,6 +189,15 @@ def test_missing_truncated_and_wrong_clip_weights_are_named(models, tmp_path):
     assert "missing keys" in problem and "shape mismatches" in problem and "visual.proj" in problem
 
 
+def tiny_stage(models, **settings) -> AestheticStage:
+    """The aesthetic stage on the tiny saved CLIP, on the CPU, set up."""
+    stage = AestheticStage(
+        clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu", **settings
+    )
+    stage.setup()
+    return stage
+
+
 def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
     """aesthetic.compile: short chunks are padded to frames_per_forward, so the compiled tower meets
     one input shape (a recompile per batch size would cost more than compiling saves); frames sent in
@@ -204,21 +213,11 @@ def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
         return graph.forward  # run the captured graph as it is
 
     torch._dynamo.reset()
-    eager = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
-    eager.setup()
-    compiled = AestheticStage(
-        clip_model=TINY,
-        clip_pretrained=TAG,
-        models_dir=str(models),
-        device="cpu",
-        compile="inbetweener_test_counting",
-    )
-    compiled.frames_per_forward = 6
-    compiled.setup()
-    chunked = AestheticStage(  # eager, frames sent in chunks of 4 (the last one short)
-        clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu", frames_per_forward=4
-    )
-    chunked.setup()
+    eager = tiny_stage(models)
+    compiled = tiny_stage(models, compile="inbetweener_test_counting", frames_per_forward=6)
+    chunked = tiny_stage(
+        models, frames_per_forward=4
+    )  # eager, frames sent in chunks of 4 (the last one short)
     rows = clip_rows()
     for batch in (rows[:2], rows[:1], rows):  # 6, 3 and 6 frames (the third row has no keyframes)
         want = list(eager.process_rows(batch))
@@ -242,17 +241,8 @@ def test_cuda_graph_gets_one_input_shape_and_gives_the_eager_embeddings(models):
     GraphedCall's contract stands in for the CUDA graph."""
     from pipeline.stages.aesthetic import embed_frames
 
-    eager = AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu")
-    eager.setup()
-    graphed = AestheticStage(
-        clip_model=TINY,
-        clip_pretrained=TAG,
-        models_dir=str(models),
-        device="cpu",
-        frames_per_forward=4,
-        cuda_graph=True,
-    )
-    graphed.setup()
+    eager = tiny_stage(models)
+    graphed = tiny_stage(models, frames_per_forward=4, cuda_graph=True)
     assert graphed._graphed is None  # no CUDA device: the option does nothing
     shapes = []
 
