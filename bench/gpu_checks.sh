@@ -13,7 +13,9 @@
 #             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
 #             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
 #             blocks torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS,
-#             default 0,2) only the two finest levels, then the first again with cuDNN's autotuning.
+#             default 0,2,1) only the two finest levels, then only the finest (by estimate ~69 GiB:
+#             levels 2 kept 11 GiB more than all, level 1 holds about 1.6x that), then the first again
+#             with cuDNN's autotuning.
 #             A compile from scratch: 390 s for the plain layout on 8 CPUs beside another compile
 #             (fourth run), more than 280 s alone (third run), so it gets the whole machine and goes
 #             first; its artifacts come back as train_cl_cache.xz*.
@@ -103,7 +105,7 @@ part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --tem
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
-part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2,1}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_COMPILE:-140} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
