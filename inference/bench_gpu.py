@@ -168,6 +168,7 @@ def bench(args: argparse.Namespace) -> dict:
         if with_clip
         else "random text + CLIP-image tokens through the Resampler (no open_clip)",
         "temporal_conv": args.temporal_conv,
+        "channels_last": args.channels_last,
         "build_s": round(build_s, 2),
         "runs": {},
     }
@@ -180,7 +181,13 @@ def bench(args: argparse.Namespace) -> dict:
         # the towers visit from host memory first (the default on cards under 24 GiB); --clip-resident then
         # times them kept on the device (the default on larger cards)
         im = InferenceModel(
-            model, device, dtype, compile=compiled, compile_decoder=decoder, offload_clip=True
+            model,
+            device,
+            dtype,
+            compile=compiled,
+            compile_decoder=decoder,
+            offload_clip=True,
+            channels_last=args.channels_last,
         )
         report.setdefault("compiled_decoder_blocks", {})[mode] = im.compiled_decoder_blocks
         if device.type == "cuda":
@@ -365,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after each mode's timing (and --clip-resident's), time it again with each UNet call replayed as"
         " a CUDA graph (interpolate --cuda-graph), and report its largest difference to the direct call",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="every mode with the UNet's activations channels-last (interpolate --channels-last)",
     )
     p.add_argument("--no-clip", action="store_true", help="random context even when open_clip is present")
     p.add_argument(

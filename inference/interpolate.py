@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the UNet and the VAE decoder's blocks (pays off from the 2nd sample)",
     )
     p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="keep the UNet's activations channels-last (with --compile on a GPU; the same numbers)",
+    )
+    p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="replay each UNet call as one CUDA graph (GPU only; 1-3%% faster a call, the same numbers: BENCHMARKS.md)",
@@ -504,6 +509,7 @@ def run(args: argparse.Namespace) -> int:
         sketch_encoder=sketch_encoder,
         offload_clip=True if args.offload_clip else False if args.keep_clip_on_device else None,
         cuda_graph=args.cuda_graph,
+        channels_last=args.channels_last,
     )
     from tqdm import tqdm
 
@@ -540,6 +546,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype": str(dtype).removeprefix("torch."),
             "compile": args.compile,
             "cuda_graph": im.cuda_graph,
+            "channels_last": im.channels_last,
             "clip_towers": "host" if im.offload_clip else "device",
             "seconds": round(time.perf_counter() - start, 3),
             "outputs": {

@@ -44,6 +44,7 @@ from inference.cuda_graph import GraphedCall
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser
 from training.engine import compile_blocks
+from training.models.layout import set_channels_last
 from training.models.vae import resnet_blocks
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class InferenceModel:
     `compile=True` wraps the UNet in torch.compile and compiles each residual block of the VAE decoder (the
     first sample pays the compilation; with `compile_decoder=False` the decoder stays eager).
     `cuda_graph=True` replays the UNet call (compiled or not) as a CUDA graph on a CUDA device
-    (inference/cuda_graph.py); elsewhere it changes nothing.
+    (inference/cuda_graph.py); elsewhere it changes nothing. `channels_last=True` keeps the UNet's
+    activations channels-last (training/models/layout.py; the same numbers, for a compiled UNet).
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class InferenceModel:
         offload_clip: bool | None = None,
         compile_decoder: bool = True,
         cuda_graph: bool = False,
+        channels_last: bool = False,
     ):
         self.model = model.eval().requires_grad_(False)
         self.device = torch.device(device)
@@ -150,6 +153,8 @@ class InferenceModel:
             tower.to(device=clip_device, dtype=dtype)  # kept in dtype on the CPU: half the bytes to move
         self._clip_host = HostResident(self._towers(), pin=self.offload_clip)
         self.schedule = {k: v.to(self.device, torch.float32) for k, v in model.schedule().items()}
+        set_channels_last(model.unet, channels_last)
+        self.channels_last = channels_last
         self.unet: Callable[..., Tensor] = model.unet
         self.compiled_decoder_blocks = 0
         if compile:

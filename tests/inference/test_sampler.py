@@ -129,3 +129,33 @@ def test_the_step_noise_drawn_in_a_thread_is_the_seeded_stream_after_x_t():
             noises=noises,
         )
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_channels_last_unet_samples_the_same_latents():
+    """interpolate --channels-last: the UNet's activations stored channels-last change no number of
+    a sample (a few DDIM steps with guidance, both branches through the shared-input call)."""
+    from inference.sampler import InferenceModel, SamplerSettings, sample_latents
+    from training.models.tooncrafter import build_tooncrafter
+
+    latents = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_tooncrafter("tiny")
+        with torch.no_grad():
+            for p in model.unet.parameters():  # a fresh UNet zeroes its residual branches' last layers
+                p.normal_(0.0, 0.05)
+        im = InferenceModel(model, "cpu", torch.float32, channels_last=channels_last)
+        assert im.channels_last is channels_last and model.unet.channels_last is channels_last
+        cfg = model.cfg
+        g = torch.Generator().manual_seed(3)
+        c_concat = torch.randn(1, 4, 4, 4, 8, generator=g)
+        shape = (1, cfg.unet.text_tokens + 4 * cfg.unet.image_tokens_per_frame, cfg.unet.context_dim)
+        context, uncond = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        settings = SamplerSettings(steps=3, frames=4)
+        latents.append(
+            sample_latents(
+                im, c_concat, context, uncond, settings, torch.Generator().manual_seed(7), progress=False
+            )
+        )
+    assert latents[0].abs().mean() > 0.1
+    torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
