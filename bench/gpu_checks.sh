@@ -42,7 +42,8 @@
 #             visiting from host memory, then kept on the device (--clip-resident), then each UNet call
 #             replayed as a CUDA graph (--cuda-graph), then a profiler table of a short compiled sample;
 #             from .gpucache/sample_cache.xz* its first sample takes ~24 s instead of ~295 s;
-#             SAMPLE_COMPILE=staged times the UNet compiled alone first
+#             SAMPLE_COMPILE=staged times the UNet compiled alone first; SAMPLE_CL=1 keeps the UNet's
+#             activations channels-last (a compile of its own: no carried cache)
 #   T_GRAPH:  one UNet call with the branches' inputs stacked vs shared vs as a CUDA graph (eager: no
 #             compiling; GRAPH_MODE=compile compiles both forms); beside a compile still running, its
 #             ratios are noisier
@@ -99,7 +100,7 @@ fi
 PIN=$FG part ${T_UNET:-0} python3 -m training.profile_unet --kernels 30 --json "$OUT/unet.json" 2>&1 | grep -v "^ " | tail -16
 TC=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['temporal_conv'])" "$OUT/unet.json" 2>/dev/null || echo conv3d)
 echo "temporal conv: $TC"
-PIN=$FG part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" --wait-for "$GATE/train_compiled" --wait-max "${GATE_MAX:-120}" 2>&1 | grep -E "^(built|eager|compiled|compile cache|interpolation bench)|Error" | tail -12
+PIN=$FG part ${T_SAMPLE:-0} python3 -m inference.bench_gpu --compile "${SAMPLE_COMPILE:-on}" ${SAMPLE_CL:+--channels-last} --repeats 3 --clip-resident --cuda-graph --temporal-conv "$TC" --profile "$OUT/sample_kernels.txt" --json "$OUT/sample.json" --compile-cache "$OUT/sample_cache.xz" --wait-for "$GATE/train_compiled" --wait-max "${GATE_MAX:-120}" 2>&1 | grep -E "^(built|eager|compiled|compile cache|interpolation bench)|Error" | tail -12
 PIN=$FG part ${T_GRAPH:-0} python3 bench/cuda_graph_check.py toon-512 cuda "${GRAPH_MODE:-eager}" "$(( ${T_GRAPH:-0} - 5 ))" 2>&1 | grep -vE "^W[0-9]"
 part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --temporal-conv "$TC" --json "$OUT/model.json" 2>&1 | tail -14
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps

@@ -124,7 +124,7 @@ def test_model_stage_bench_without_the_open_clip_wheels(tmp_path):
 
 def script_commands() -> list[tuple[str, list[str]]]:
     """(module, argv) of every `part ... python3 -m MODULE ARGS` line of bench/gpu_checks.sh, with its
-    shell defaults filled in."""
+    shell defaults filled in and its optional flags (`${VAR:+--flag}`) given."""
     import re
     import shlex
 
@@ -133,7 +133,7 @@ def script_commands() -> list[tuple[str, list[str]]]:
         if not re.match(r"\s*(\S+=\S+ )*part ", line) or "python3 -m " not in line:
             continue
         command = line.split("python3 -m ", 1)[1].split(" 2>&1", 1)[0]
-        command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)
+        command = re.sub(r"\$\{\w+:[-+]([^}]*)\}", r"\1", command)  # defaults, and optional flags as if set
         command = command.replace("$OUT", "/tmp/out").replace("$TC", "conv3d").replace("$GATE", "/tmp/gate")
         module, *argv = shlex.split(command)
         commands.append((module, argv))
