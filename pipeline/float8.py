@@ -29,7 +29,10 @@ the fp8 GEMM's alignment rule; anything else (convolutions, norms, open_clip's `
 too-narrow layer) stays as it was. `PatchEmbedding` (used by `aesthetic.precision=fp8` too) runs a ViT's
 patch embedding, a convolution whose stride is its kernel size, as the bf16 GEMM it is: cuDNN runs that
 3-channel convolution with a kernel that does not use the tensor cores (3% of the fp8 tower's kernel
-time on an H100). This changes what the tower computes: `pipeline.bench_models_gpu
+time on an H100). `FirstTokenBlock` runs a ViT's last block for the class token alone when the tower
+pools that token and nothing reads the others: keys and values still come from every token, but the
+attention's query, its output projection and the MLP run on one token instead of 257 (3% of
+ViT-L/14's FLOPs, the same embedding). This changes what the tower computes: `pipeline.bench_models_gpu
 --fp8` reports the embeddings' agreement with the fp16 tower beside the speed.
 
 Why not torchao (whose fp8 training linears `train.float8` uses): its fp8 inference path (`quantize_`)
@@ -162,6 +165,15 @@ class Float8SelfAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # [b, heads, n, d/heads] -> [b, n, d]
         return (out if self.batch_first else out.transpose(0, 1)), None
 
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's output for the first token alone, x [b, n, d] (batch first) -> [b, 1, d]:
+        keys and values from every token, the query and the output projection for one."""
+        b, n, d = x.shape
+        qkv = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :1].permute(2, 0, 3, 1, 4)[0], *qkv.permute(2, 0, 3, 1, 4)[1:]
+        out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, 1, d/heads]
+        return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
+
 
 def convertible_attention(mha: nn.MultiheadAttention) -> bool:
     return (
@@ -234,3 +246,55 @@ def patch_convolution(conv: nn.Module) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
     )
+
+
+class FirstTokenBlock(nn.Module):
+    """An open_clip `ResidualAttentionBlock` (batch first, self-attention) computed for the first token
+    alone: x [b, n, d] -> [b, 1, d], what the block gives that token (module docstring)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("FirstTokenBlock: no attention mask (an image tower has none)")
+        blk = self.block
+        h = blk.ln_1(x)
+        if isinstance(blk.attn, Float8SelfAttention):
+            a = blk.attn.first_token(h)
+        else:
+            a = blk.attn(h[:, :1], h, h, need_weights=False)[0]
+        x = x[:, :1] + blk.ls_1(a)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
+def first_token_last_block(visual: nn.Module) -> bool:
+    """Swap the last block of an open_clip image tower for a `FirstTokenBlock`, in place, when the
+    tower's output reads the class token alone (pooling "tok", no attention pooling, no token output,
+    batch-first blocks without a separate key/value norm). Returns whether it did."""
+    transformer = getattr(visual, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if (
+        blocks is None
+        or len(blocks) == 0
+        or getattr(visual, "pool_type", None) != "tok"
+        or getattr(visual, "attn_pool", None) is not None
+        or getattr(visual, "output_tokens", True)
+        or getattr(visual, "final_ln_after_pool", False)
+        or not getattr(transformer, "batch_first", False)
+    ):
+        return False
+    last = blocks[-1]
+    parts = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
+    if (
+        isinstance(last, FirstTokenBlock)
+        or not all(hasattr(last, p) for p in parts)
+        or hasattr(last, "ln_1_kv")
+    ):
+        return False
+    attn = last.attn
+    if isinstance(attn, nn.MultiheadAttention) and not attn.batch_first:
+        return False
+    blocks[-1] = FirstTokenBlock(last)
+    return True

@@ -230,10 +230,17 @@ def encode_text_trimmed(net, tokens):
 
 def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True) -> dict[str, int]:
     """`aesthetic.precision=fp8`: the image tower's linears and attention projections in fp8 e4m3
-    (pipeline/float8.py), with fast accumulation unless `fast_accum=False`, and its patch embedding as a
-    bf16 GEMM; the tower must already be in bf16. `fused=False` (the benchmark's baseline) adds the
-    biases after the GEMMs and keeps the patch embedding's convolution. Returns the conversion counts."""
-    from pipeline.float8 import PatchEmbedding, convert_to_float8, float8_supported, patch_convolution
+    (pipeline/float8.py), with fast accumulation unless `fast_accum=False`, its patch embedding as a
+    bf16 GEMM and its last block for the class token alone (open_clip towers that pool it); the tower
+    must already be in bf16. `fused=False` (the benchmark's baseline) adds the biases after the GEMMs and
+    keeps the convolution and the whole last block. Returns the conversion counts."""
+    from pipeline.float8 import (
+        PatchEmbedding,
+        convert_to_float8,
+        first_token_last_block,
+        float8_supported,
+        patch_convolution,
+    )
 
     if not float8_supported(device):
         import torch
@@ -254,6 +261,7 @@ def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True)
             if patch_convolution(child) and child.kernel_size != (1, 1):
                 setattr(parent, name, PatchEmbedding(child))
                 counts["patch_embedding"] += 1
+    counts["first_token_block"] = int(fused and first_token_last_block(net.visual))
     return counts
 
 

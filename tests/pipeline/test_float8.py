@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.float8 import (
     E4M3_MAX,
+    FirstTokenBlock,
     Float8Linear,
     Float8SelfAttention,
     PatchEmbedding,
@@ -218,6 +219,7 @@ def test_fp8_aesthetic_stage_follows_the_fp32_stage(tmp_path):
         sum(isinstance(m, Float8SelfAttention) for m in visual.modules()) == 1
     )  # the tiny tower's one block
     assert isinstance(visual.conv1, PatchEmbedding)  # open_clip's patch embedding, now a GEMM
+    assert isinstance(visual.transformer.resblocks[-1], FirstTokenBlock)  # its one block: the class token
     rows = clip_rows()
     want, got = (list(stages[p].process_rows(rows)) for p in ("fp32", "fp8"))
     for w, g in zip(want[:2], got[:2], strict=True):
@@ -236,3 +238,52 @@ def test_precision_values_are_checked_before_any_work():
         load_config(sets=["caption.precision=fp8"])
     with pytest.raises(ConfigError, match="text.precision must be one of"):
         load_config(sets=["text.precision=half"])
+
+
+def _tiny_open_clip(pool: str = "tok"):
+    import open_clip
+
+    name = f"float8-test-clip-{pool}"
+    open_clip.factory._MODEL_CONFIGS[name] = {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 64,
+            "head_width": 16,
+            "patch_size": 8,
+            "pool_type": pool,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None, force_quick_gelu=True).eval()
+
+
+def test_last_block_for_the_class_token_alone_gives_the_same_embedding():
+    """FirstTokenBlock: the tower pools the class token, so its last block runs for that token alone
+    (keys and values from every token): the same embeddings, in fp32 and with fp8 attention, whose
+    per-token scales make the class token's numbers independent of the other rows."""
+    from pipeline.float8 import first_token_last_block
+
+    net = _tiny_open_clip()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = net.encode_image(x)
+        last = net.visual.transformer.resblocks[-1]
+        tokens = net.visual._embeds(x)
+        for block in net.visual.transformer.resblocks[:-1]:
+            tokens = block(tokens)
+        assert first_token_last_block(net.visual)
+        assert isinstance(net.visual.transformer.resblocks[-1], FirstTokenBlock)
+        assert not first_token_last_block(net.visual)  # once
+        got = net.encode_image(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert net.visual.transformer.resblocks[-1](tokens).shape == (3, 1, 64)
+
+        # fp8: the converted attention's first_token matches the whole block's first row
+        convert_to_float8(last)
+        full = last(tokens.bfloat16())[:, :1]
+        first = FirstTokenBlock(last)(tokens.bfloat16())
+        torch.testing.assert_close(first.float(), full.float(), rtol=1e-2, atol=1e-2)  # bf16 rounding
+    assert not first_token_last_block(_tiny_open_clip("avg").visual)  # pools every token: left whole
