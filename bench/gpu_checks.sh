@@ -24,13 +24,14 @@
 #             there). FORCE_CL=1 compiles every block channels-last inside inductor instead
 #             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
 #             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
-#   T_CLIP (110 s when that much is left; else in a second call while the machine is warm:
-#             `T_CL=0 T_COMPILE=0 T_CLIP=150 BUDGET=160`, issue "Curate, part 2"): aesthetic + alignment clips/s with the image tower
-#             compiled, in fp16 and with fp8 e4m3 linears (fourth run: 680 and 789 clips/s together),
-#             the fp8 tower as the stage runs it (biases in the GEMMs, patch embedding as a GEMM), then
+#   T_CLIP (110 s when that much is left, else in a second call while the machine is warm:
+#             `T_CL=0 T_COMPILE=0 T_CLIP=150 BUDGET=160`; issue "Curate, part 2"): aesthetic +
+#             alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3 linears
+#             (fourth run: 680 and 789 clips/s together): the fp8 tower as the stage runs it (biases
+#             in the GEMMs, patch embedding as a GEMM, last block for the class token alone), then
 #             replayed as CUDA graphs, then its baseline (biases after the GEMMs, patch embedding a
-#             convolution), and a profiler table of one call of the fastest form (how busy the GPU
-#             was, then its kernels).
+#             convolution, whole last block), and a profiler table of one call of the fastest form
+#             (how busy the GPU was, then its kernels).
 # Other parts, run when their limits are set:
 #   T_BESIDE: the plain-layout compiled rectify step in the background from the start, on half the
 #             CPUs, beside the sample on the other half (the fourth run's plan: 514 s in all). Its first

@@ -7,11 +7,12 @@ text-box geometry are timed too: one worker, one GPU, 3 keyframes per clip at th
   text       CRAFT (VGG16-BN + U-net head, ~20M params), fp16 autocast, first/mid/last frames
   aesthetic  CLIP ViT-L/14 image tower (fp16) + the LAION MLP (fp32), 3 frames per clip; with --fp8
              also the tower with fp8 e4m3 linears (aesthetic.precision=fp8: fast accumulation, the
-             biases added by the GEMMs, the patch embedding as a GEMM), then on a GPU the same tower
-             with each forward replayed as a CUDA graph (aesthetic.cuda_graph), then the fp8 tower with
-             the biases added after the GEMMs and the patch embedding as a convolution (the baseline,
-             the form measured before), and how closely each one's embeddings follow the fp16 tower's
-             on smooth random images (cosine, L2 distance)
+             biases added by the GEMMs, the patch embedding as a GEMM, the last block for the class
+             token alone), then on a GPU the same tower with each forward replayed as a CUDA graph
+             (aesthetic.cuda_graph), then the fp8 tower with the biases added after the GEMMs, the
+             patch embedding as a convolution and the whole last block (the baseline, the form
+             measured before), and how closely each one's embeddings follow the fp16 tower's on
+             smooth random images (cosine, L2 distance)
   alignment  CLIP ViT-L/14 text tower (fp16) against stored image embeddings; beside it, the same
              stage with the tower over all 77 positions (its baseline, same run)
   caption    BLIP-2 OPT-2.7b (bf16), middle frame, greedy, exactly max_new_tokens new tokens
@@ -423,8 +424,8 @@ FP8_ROWS = (
     "aesthetic_fp8_unfused",
     "aesthetic_fp8_unfused_compiled",
 )
-FUSED = ", biases added by the GEMMs, patch embedding as a GEMM"
-UNFUSED = ", biases added after the GEMMs, patch embedding as a convolution"
+FUSED = ", biases added by the GEMMs, patch embedding as a GEMM, last block for the class token"
+UNFUSED = ", biases added after the GEMMs, patch embedding as a convolution, whole last block"
 
 
 def _graph_row(stage: AestheticStage, rows: list[dict], device, batches: int) -> dict:
