@@ -170,8 +170,8 @@ class Float8SelfAttention(nn.Module):
         keys and values from every token, the query and the output projection for one."""
         b, n, d = x.shape
         qkv = self.in_proj(x).view(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :1].permute(2, 0, 3, 1, 4)[0], *qkv.permute(2, 0, 3, 1, 4)[1:]
-        out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, 1, d/heads]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, n, d/heads]
+        out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # [b, heads, 1, d/heads]
         return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
 
 
@@ -235,6 +235,18 @@ class PatchEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"patch={self.patch}, width={self.weight.shape[0]}, as a GEMM"
+
+
+def patch_embeddings_as_gemms(module: nn.Module) -> int:
+    """Replace, in place, every patch convolution under `module` (stride = kernel size > 1) by a
+    `PatchEmbedding`; returns how many."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if patch_convolution(child) and child.kernel_size != (1, 1):
+                setattr(parent, name, PatchEmbedding(child))
+                swapped += 1
+    return swapped
 
 
 def patch_convolution(conv: nn.Module) -> bool:

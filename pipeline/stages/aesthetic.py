@@ -117,11 +117,22 @@ def embed_frames(net, dtype, frames):
     """Same-size uint8 frames on the device [n, h, w, 3] -> L2-normalised CLIP image embeddings, float32
     [n, D]: preprocessing and the image tower, nothing that waits for the device (a CUDA graph records it
     whole)."""
+    return _embed(net, dtype, clip_preprocess(frames, net.visual.preprocess_cfg))
+
+
+def _embed(net, dtype, x):
+    """Preprocessed images [n, 3, S, S] -> L2-normalised embeddings, float32 [n, D]."""
     import torch
 
-    x = clip_preprocess(frames, net.visual.preprocess_cfg)
     emb = net.encode_image(x.to(dtype).contiguous())  # one layout, cropped or not
     return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+
+def _padded(x, n: int):
+    """x with zeros appended along the first dimension up to n rows."""
+    import torch
+
+    return x if len(x) >= n else torch.cat([x, x.new_zeros((n - len(x), *x.shape[1:]))])
 
 
 def encode_frames(
@@ -153,18 +164,13 @@ def encode_frames(
     with torch.inference_mode():
         for i in range(0, len(frames), chunk):
             part = frames[i : i + chunk]
+            size = chunk if fixed else len(part)
             if len({f.shape for f in part}) == 1:
-                x = upload(part)
-                if fixed and len(part) < chunk:
-                    x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
-                emb = embed(x)[: len(part)]
+                emb = embed(_padded(upload(part), size))
             else:  # frames of several sizes: each resized on its own, then one batch
                 x = torch.cat([clip_preprocess(upload([f]), cfg) for f in part])
-                if fixed and len(part) < chunk:
-                    x = torch.cat([x, x.new_zeros((chunk - len(part), *x.shape[1:]))])
-                emb = net.encode_image(x.to(dtype).contiguous())[: len(part)]
-                emb = torch.nn.functional.normalize(emb.float(), dim=-1)
-            out.append(emb)
+                emb = _embed(net, dtype, _padded(x, size))
+            out.append(emb[: len(part)])
     emb = torch.cat(out)
     return emb.cpu().numpy() if host else emb
 
@@ -235,11 +241,10 @@ def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True)
     must already be in bf16. `fused=False` (the benchmark's baseline) adds the biases after the GEMMs and
     keeps the convolution and the whole last block. Returns the conversion counts."""
     from pipeline.float8 import (
-        PatchEmbedding,
         convert_to_float8,
         first_token_last_block,
         float8_supported,
-        patch_convolution,
+        patch_embeddings_as_gemms,
     )
 
     if not float8_supported(device):
@@ -255,12 +260,7 @@ def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True)
         raise ValueError(
             "aesthetic.precision=fp8: the CLIP image tower has no layer fp8 can run (widths % 16)"
         )
-    counts["patch_embedding"] = 0
-    for parent in list(net.visual.modules()) if fused else []:
-        for name, child in parent.named_children():
-            if patch_convolution(child) and child.kernel_size != (1, 1):
-                setattr(parent, name, PatchEmbedding(child))
-                counts["patch_embedding"] += 1
+    counts["patch_embedding"] = patch_embeddings_as_gemms(net.visual) if fused else 0
     counts["first_token_block"] = int(fused and first_token_last_block(net.visual))
     return counts
 
