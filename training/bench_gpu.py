@@ -109,7 +109,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint-levels",
         default="0",
         help="rectify: recompute only the UNet blocks at the N finest resolutions (train.checkpoint_levels;"
-        " 0 = all); a list (0,2) measures each on the same built, compiled step",
+        " 0 = all, none = no block: gradient checkpointing off); a list (0,2,none) measures each on the"
+        " same built, compiled step",
+    )
+    p.add_argument(
+        "--recompute-budget",
+        type=float,
+        default=1.0,
+        help="with --compile: the share of each compiled UNet block's activations its backward keeps, the"
+        " compiler recomputing the cheapest ops for the rest (train.recompute_budget; 1 = its default)",
     )
     p.add_argument(
         "--temporal-conv",
@@ -126,6 +134,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--breakdown",
         action="store_true",
         help="one extra step per case timed by part (VAE, CLIP towers, Resampler, UNet, backward, optimizer)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write torch.profiler's view of one step of the first case (its kernel time by kind, then its"
+        " most expensive kernels) to FILE",
     )
     p.add_argument(
         "--signal-compiled",
@@ -262,10 +278,12 @@ def _build(
     float8: str = "",
     float8_layers: str = "large",
     channels_last: bool = False,
+    recompute_budget: float = 1.0,
 ) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training import float8 as fp8
-    from training.engine import EMA, TrainConfig, adamw, compile_blocks
+    from training.engine import EMA, TrainConfig, adamw, compile_blocks, set_recompute_budget
+    from training.models.dropout import seed_dropouts
     from training.models.layout import set_channels_last
     from training.models.tooncrafter import build_tooncrafter
     from training.models.unet import set_temporal_conv
@@ -297,7 +315,10 @@ def _build(
     if float8:
         fp8.check_device(device)
     converted = fp8.convert_unet(model.unet, float8, float8_layers)
-    compile_blocks(unet_blocks(model)[:-1], compile)
+    if recompute_budget < 1.0:
+        seed_dropouts(model.unet)  # as train.py does: the compiler may recompute them
+    if compile_blocks(unet_blocks(model)[:-1], compile):
+        set_recompute_budget(recompute_budget)
     compile_blocks(resnet_blocks(model.vae.encoder), compile)  # frozen, as train.py does
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
@@ -413,6 +434,7 @@ def measure(
         case.opt.zero_grad(set_to_none=True)
         return None
     sec = statistics.median(times)
+    _profile_once(case, batch, amp, device, args, f"one {stage} step at batch {b}")
     phases = breakdown(case, batch, amp, device) if args.breakdown else None
     row = {
         "stage": stage,
@@ -430,6 +452,18 @@ def measure(
     if flops_per_clip:
         row["achieved_tflops"] = flops_per_clip * b / sec / 1e12
     return row
+
+
+def _profile_once(case: Case, batch, amp, device: torch.device, args: argparse.Namespace, label: str) -> None:
+    """--profile: after the first case's timed steps, one more step under torch.profiler; its kernel time
+    by kind and its most expensive kernels are written to the file (once per run)."""
+    if args.profile and not getattr(args, "profiled", False):
+        from training.profile_unet import kernel_table
+
+        args.profile.parent.mkdir(parents=True, exist_ok=True)
+        args.profile.write_text(kernel_table(lambda: _step(case, batch, amp, device), device, 40, label))
+        args.profiled = True
+        print(f"profile of {label}: {args.profile}", flush=True)
 
 
 def count_flops(stage: str, args: argparse.Namespace, device: torch.device, amp) -> float:
@@ -473,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         check_float8_settings(args.float8, args.float8_layers)
     except ValueError as e:
         raise SystemExit(f"--float8: {e}") from None
+    if not 0.0 <= args.recompute_budget <= 1.0 or (args.recompute_budget != 1.0 and not args.compile):
+        raise SystemExit(
+            f"--recompute-budget: a share in [0, 1], with --compile; got {args.recompute_budget}"
+        )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)
@@ -493,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "inductor_force_layout_opt": bool(args.compile) and _forced_layout(),
         "temporal_conv": args.temporal_conv,
         "channels_last": args.channels_last,
+        "recompute_budget": args.recompute_budget if args.compile else None,
         "float8": args.float8 or None,
         "float8_layers": args.float8_layers if args.float8 else None,
         "peak_bf16_tflops": peak,
@@ -520,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             args.float8,
             args.float8_layers,
             args.channels_last,
+            args.recompute_budget,
         )
         if args.float8:
             report[f"{stage}_float8_linears"] = case.float8_linears
@@ -530,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = [(levels, False) for levels in (levels_list if stage == "rectify" else [0])]
         settings += [(settings[0][0], True)] if args.cudnn_benchmark else []
         for levels, tuned in settings:
-            case.unet.set_gradient_checkpointing(not args.no_checkpointing, levels)
+            case.unet.set_gradient_checkpointing(
+                not args.no_checkpointing and levels is not None, levels or 0
+            )
             torch.backends.cudnn.benchmark = tuned
             for b in batches:
                 row = measure(case, stage, b, args, device, amp, flops)
@@ -567,20 +609,28 @@ def _forced_layout() -> bool:
     return bool(torch._inductor.config.force_layout_optimization)
 
 
-def _levels(text: str) -> list[int]:
-    parts = text.split(",")
-    if not all(part.strip().isdigit() for part in parts):
-        raise SystemExit(f"--checkpoint-levels: a comma-separated list of integers >= 0, got {text!r}")
-    return [int(part) for part in parts]
+def _levels(text: str) -> list[int | None]:
+    """--checkpoint-levels: "0,2,none" -> [0, 2, None] (None: no block recomputed by checkpointing)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() or part == "none" for part in parts):
+        raise SystemExit(
+            f"--checkpoint-levels: a comma-separated list of integers >= 0 or none, got {text!r}"
+        )
+    return [None if part == "none" else int(part) for part in parts]
 
 
 def _recomputed(report: dict[str, Any], row: dict[str, Any]) -> str:
     tuned = ", cudnn.benchmark" if row.get("cudnn_benchmark") else ""
-    if not report["gradient_checkpointing"]:
+    if not report["gradient_checkpointing"] or row.get("checkpoint_levels", 0) is None:
         return "none" + tuned
     if row["stage"] != "rectify" or not row.get("checkpoint_levels"):
         return "all" + tuned
     return f"{row['checkpoint_levels']} finest{tuned}"
+
+
+def _budget(report: dict[str, Any]) -> str:
+    budget = report.get("recompute_budget")
+    return "" if budget in (None, 1.0) else f", compiled blocks keep {budget:g} of their activations"
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -589,7 +639,8 @@ def _table(report: dict[str, Any]) -> str:
         f"{report['device']}, {report['preset']}, autocast {report['autocast']}, gradient checkpointing"
         f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}"
         f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}"
-        f"{', activations channels-last' if report.get('channels_last') else ''}{fp8}; "
+        f"{', activations channels-last' if report.get('channels_last') else ''}{fp8}"
+        f"{_budget(report)}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
         "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|---|",

@@ -63,6 +63,11 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     gradient_checkpointing: bool = True  # recompute UNet / sketch-encoder / decoder blocks in backward
     checkpoint_levels: int = 0  # UNet: recompute only the blocks at the N finest resolutions; 0 = all
+    # With train.compile: the share of each compiled UNet block's activations its backward may keep, the
+    # compiler recomputing the cheapest ops for the rest (torch's activation memory budget; 1 = keep what
+    # the compiler keeps by default, 0 = recompute all it can). Unlike gradient_checkpointing, which runs a
+    # block's whole forward again, this recomputes norms and activations but can keep conv/attention outputs.
+    recompute_budget: float = 1.0
     compile: str = ""  # torch.compile backend for each UNet block ("inductor" on GPU; "" = eager)
     channels_last: bool = False  # UNet + VAE encoder activations stored channels-last (train.compile, GPU)
     float8: str = ""  # "tensorwise": the UNet's transformer linears as torchao fp8 GEMMs; "" = off
@@ -311,6 +316,20 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
     return len(blocks)
+
+
+def set_recompute_budget(budget: float) -> None:
+    """How much of each compiled graph's activations its backward keeps (TrainConfig.recompute_budget):
+    AOTAutograd's partitioner saves the most expensive-to-recompute tensors first (its runtime estimate is
+    the ops' FLOPs, so norms and pointwise ops go first), up to this share of what it would keep by
+    default. Process-wide, read when a graph compiles (the first call of a compiled block)."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(
+            f"train.recompute_budget must be in [0, 1] (1 = the compiler's default), got {budget}"
+        )
+    import torch._functorch.config
+
+    torch._functorch.config.activation_memory_budget = float(budget)
 
 
 @contextlib.contextmanager

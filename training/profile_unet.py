@@ -238,6 +238,39 @@ def _median_time(fn, device, repeats: int) -> float:
     return round(timed(fn, device, max(3, repeats))[0], 6)
 
 
+# Kernel names -> what they do, first match wins (cuDNN, cuBLAS/nvjet, CUTLASS, flash attention and ATen's
+# own kernels); inductor's Triton kernels are named after the ops they fuse ("..._convolution_0" is a conv's
+# epilogue), so they count as fused unless they hold a norm. What a step's profile adds up to per kind.
+KERNEL_KINDS = (
+    ("layout conversion", ("nchwtonhwc", "nhwctonchw")),
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "implicit_gemm", "convolve", "convolution", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "scaled_mm")),
+    ("norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "welford")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy / cast", ("copy", "memcpy", "memset", "fill")),
+    ("elementwise / reduce (aten)", ("elementwise", "vectorized", "reduce", "softmax", "index")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (KERNEL_KINDS) of a GPU kernel by its name; "other" when nothing matches."""
+    low = name.lower()
+    if low.startswith("triton"):
+        return "norm" if "norm" in low else "fused (inductor triton)"
+    return next((kind for kind, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+
+
+def kernel_shares(kernels: list[tuple[str, float]]) -> str:
+    """(kernel name, ms) pairs -> one line per kind, the largest first: its ms and share of the total."""
+    by_kind: dict[str, float] = {}
+    for name, ms in kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    total = sum(by_kind.values()) or 1.0
+    ranked = sorted(by_kind.items(), key=lambda item: -item[1])
+    return "".join(f"  {kind}: {ms:.1f} ms ({100 * ms / total:.1f}%)\n" for kind, ms in ranked)
+
+
 def kernel_table(fn, device: torch.device, rows: int, label: str = "one call") -> str:
     """torch.profiler's table of the most expensive operators and kernels of one call of fn(), after a
     line saying how busy the device was: the call's wall time against the summed time of its kernels
@@ -251,6 +284,7 @@ def kernel_table(fn, device: torch.device, rows: int, label: str = "one call") -
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3
     kernels_ms = copies_ms = 0.0
+    kernels: list[tuple[str, float]] = []
     for event in prof.key_averages():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -259,10 +293,13 @@ def kernel_table(fn, device: torch.device, rows: int, label: str = "one call") -
             copies_ms += ms
         else:
             kernels_ms += ms
+            kernels.append((event.key, ms))
     head = (
         f"{label}: wall {wall_ms:.1f} ms, kernels {kernels_ms:.1f} ms"
         f" ({100 * kernels_ms / wall_ms:.0f}% of the wall time), copies {copies_ms:.1f} ms\n"
     )
+    if kernels:
+        head += "kernel time by kind:\n" + kernel_shares(kernels)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     return head + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80)
 

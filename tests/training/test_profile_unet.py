@@ -85,3 +85,24 @@ def test_layout_decisions_follow_inductors_rule_block_by_block(tmp_path, capsys)
     assert len(report["sampling"]) == 1  # the whole UNet is one graph
     printed = capsys.readouterr().out
     assert "sampling, whole UNet:" in printed and "training, output_blocks.1: channels-last" in printed
+
+
+def test_kernel_kinds_sort_real_kernel_names_and_sum_shares():
+    """The profile tables group kernels by what they do, from the names seen on the H100 profiles."""
+    from training.profile_unet import kernel_kind, kernel_shares
+
+    names = {
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16>": "layout conversion",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x": "convolution",
+        "sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT": "matmul",
+        "triton_per_fused_native_group_norm_silu_0": "norm",
+        "triton_poi_fused_convolution_convert_element_type_1": "fused (inductor triton)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<Adam>": "optimizer",
+        "something new": "other",
+    }
+    for name, kind in names.items():
+        assert kernel_kind(name) == kind, name
+    lines = kernel_shares([("nvjet_a", 3.0), ("triton_poi_x", 1.0), ("nvjet_b", 1.0)]).splitlines()
+    assert lines == ["  matmul: 4.0 ms (80.0%)", "  fused (inductor triton): 1.0 ms (20.0%)"]

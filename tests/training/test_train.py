@@ -321,8 +321,10 @@ def test_bench_gpu_smoke_mode(tmp_path):
                 "0",
                 "--breakdown",
                 "--checkpoint-levels",
-                "0,1",
+                "0,1,none",
                 "--cudnn-benchmark",
+                "--profile",
+                str(tmp_path / "kernels.txt"),
                 "--json",
                 str(path),
             ]
@@ -338,12 +340,18 @@ def test_bench_gpu_smoke_mode(tmp_path):
         ("rectify", 2, 0, False),
         ("rectify", 1, 1, False),
         ("rectify", 2, 1, False),
+        ("rectify", 1, None, False),  # none: gradient checkpointing off
+        ("rectify", 2, None, False),
         ("rectify", 1, 0, True),
         ("rectify", 2, 0, True),
         ("decoder", 1, 0, False),
         ("decoder", 1, 0, True),
     ]
     assert torch.backends.cudnn.benchmark is False
+    profile = (tmp_path / "kernels.txt").read_text()  # one step of the first case under the profiler
+    assert profile.startswith("one rectify step at batch 1: wall ") and "aten::convolution" in profile
+    table = bench_gpu._table(report)
+    assert "| rectify | 1 | none |" in table and "| rectify | 1 | 1 finest |" in table
     rows = {
         (r["stage"], r["batch"]): r
         for r in report["rows"]

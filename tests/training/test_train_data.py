@@ -202,6 +202,12 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.checkpoint_levels=-1"]))
     run = resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.checkpoint_levels=2"]))
     assert run.train.checkpoint_levels == 2
+    with pytest.raises(ValueError, match=r"train.recompute_budget must be in \[0, 1\]"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.recompute_budget=1.5"]))
+    with pytest.raises(ValueError, match="recompute_budget needs train.compile"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.recompute_budget=0.5"]))
+    budget = ["--set", "train.recompute_budget=0.5", "--set", "train.compile=inductor"]
+    assert resolve_config(parse_args(["rectify", "--out", "x", *budget])).train.recompute_budget == 0.5
     assert engine.parse_set(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
 
 
