@@ -12,16 +12,20 @@
 #   T_CL (issue "Training", 420 s): the compiled rectify step at batch 6 with the UNet's activations
 #             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
 #             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
-#             blocks torch.compile'd with static shapes, recomputing every UNet block, then (LEVELS,
-#             default 0,2,1) only the two finest levels, then only the finest (by estimate ~69 GiB:
-#             levels 2 kept 11 GiB more than all, level 1 holds about 1.6x that), then the first again
-#             with cuDNN's autotuning.
+#             blocks torch.compile'd with static shapes under an activation budget (RB, default 0.3:
+#             train.recompute_budget, the compiler recomputing norms and activations rather than whole
+#             blocks), recomputing every UNet block (CL_LEVELS, default 0,none,1), then none (the
+#             budget alone; estimated from the saved bytes on the CPU, scaled by the 11 GiB that levels 2
+#             measured over all: ~55 GiB at RB 0.3, ~68 at 0.5, ~106 without a budget), then only the finest level, then the first again with cuDNN's autotuning; a
+#             profile of one step (kernel time by kind) goes to the full log. Levels 0 recompute
+#             whole blocks as before, so that row is channels-last's own gain, give or take the
+#             budget's extra recompute inside a recomputed block.
 #             A compile from scratch: 390 s for the plain layout on 8 CPUs beside another compile
 #             (fourth run), more than 280 s alone (third run), so it gets the whole machine and goes
 #             first; its artifacts come back as train_cl_cache.xz*.
-#   T_COMPILE (140 s): the same step in the plain layout, its baseline in the same run, from the
-#             artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step, 24.1% MFU
-#             there). FORCE_CL=1 compiles every block channels-last inside inductor instead
+#   T_COMPILE (140 s): the same step in the plain layout without a budget, its baseline in the same
+#             run, from the artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step,
+#             24.1% MFU there), with its own profile of one step. FORCE_CL=1 compiles every block channels-last inside inductor instead
 #             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
 #             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
 #   T_CLIP (110 s when that much is left, else in a second call while the machine is warm:
@@ -107,8 +111,8 @@ part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --tem
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
-part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2,1}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part ${T_COMPILE:-140} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${CL_LEVELS:-0,none,1}" --recompute-budget "${RB:-0.3}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --profile "$OUT/train_cl_kernels.txt" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_COMPILE:-140} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --profile "$OUT/train_kernels.txt" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
