@@ -11,6 +11,17 @@ from training.models.dropout import SeededDropout, keep_mask, seed_dropouts
 from training.models.tooncrafter import build_tooncrafter
 
 
+@pytest.fixture
+def budget_config():
+    """torch._functorch.config, its activation memory budget restored afterwards (monkeypatch would
+    delete the entry on undo: the config module serves its values through __getattr__)."""
+    import torch._functorch.config as config
+
+    before = config.activation_memory_budget
+    yield config
+    config.activation_memory_budget = before
+
+
 def test_keep_mask_rate_seeds_and_independence():
     shape = torch.Size([8, 64, 40, 64])
     seed = torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
@@ -67,12 +78,10 @@ def test_seed_dropouts_swaps_the_unets_and_reseeds_each_forward():
     assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # a new mask every forward
 
 
-def _block_grads(budget: float, monkeypatch) -> dict[str, torch.Tensor]:
+def _block_grads(budget: float, config) -> dict[str, torch.Tensor]:
     """One tiny UNet block (ResBlock with temporal conv, spatial and temporal transformers) compiled with
     AOTAutograd's min-cut partitioner under `budget`, in train mode with seeded dropouts: its gradients."""
-    import torch._functorch.config
-
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", budget)
+    config.activation_memory_budget = budget
     torch._dynamo.reset()
     torch.manual_seed(0)
     unet = build_tooncrafter("tiny").unet.train()
@@ -95,12 +104,12 @@ def _block_grads(budget: float, monkeypatch) -> dict[str, torch.Tensor]:
     return grads | {"saved elements": torch.tensor(sum(saved))}
 
 
-def test_recompute_budget_keeps_less_and_computes_the_same_gradients(monkeypatch):
+def test_recompute_budget_keeps_less_and_computes_the_same_gradients(budget_config):
     """At budget 0.1 the partitioner moves the dropouts into the backward as well: with nn.Dropout their
     masks are drawn again there and the gradients come out wrong (pytorch#190758; measured here: 75% of
     the largest gradient); seeded, they match the default partition's."""
-    full = _block_grads(1.0, monkeypatch)
-    low = _block_grads(0.1, monkeypatch)
+    full = _block_grads(1.0, budget_config)
+    low = _block_grads(0.1, budget_config)
     assert low.pop("saved elements") < 0.5 * full.pop("saved elements")  # it did recompute more
     assert low.keys() == full.keys()
     scale = max(g.abs().max().item() for g in full.values())
@@ -108,17 +117,14 @@ def test_recompute_budget_keeps_less_and_computes_the_same_gradients(monkeypatch
         assert torch.allclose(low[name], grad, rtol=1e-4, atol=1e-5 * scale), name
 
 
-def test_bench_step_with_a_budget_seeds_its_dropouts_and_sets_the_budget(monkeypatch):
+def test_bench_step_with_a_budget_seeds_its_dropouts_and_sets_the_budget(budget_config):
     """training.bench_gpu builds the step as train.py does: with --recompute-budget < 1 the UNet's dropouts
     are seeded and the budget is what the compiled blocks will partition under; the step runs."""
-    import torch._functorch.config
-
     from training import bench_gpu
 
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)
     device = torch.device("cpu")
     case = bench_gpu._build("rectify", "tiny", device, False, compile="eager", recompute_budget=0.3)
-    assert torch._functorch.config.activation_memory_budget == 0.3
+    assert budget_config.activation_memory_budget == 0.3
     assert any(isinstance(m, SeededDropout) for m in case.unet.modules())
     out = case.net(bench_gpu._batch(1, bench_gpu.SHAPES["tiny"], device))
     out["loss"].backward()
