@@ -212,6 +212,26 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
         yield current
 
 
+def write_shard(path: Path, samples: list[dict[str, Any]]) -> Path:
+    """A shard in the curate job's layout from {"key", "mp4": bytes, "meta": manifest row, "caption"} dicts:
+    a plain tar of KEY.mp4, KEY.json and KEY.txt (for tests and benchmarks; the curate job writes its own)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            members = (
+                ("mp4", s["mp4"]),
+                ("json", json.dumps(s["meta"]).encode()),
+                ("txt", s["caption"].encode()),
+            )
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 # --- one window from one clip ------------------------------------------------------------------------------
 
 
@@ -272,7 +292,8 @@ def cover_crop(video: torch.Tensor, height: int, width: int, crop: str, rng: np.
 def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Generator | None) -> dict[str, Any]:
     """One training window from one sample; `rng=None` gives the eval window (stride_min, start 0, centre).
 
-    -> {"video": uint8 [3, frames, height, width], "caption", "fs", "stride", "fps", "key"}.
+    -> {"video": uint8 [3, frames, height, width], "caption", "fs", "stride", "start" (its first frame's
+    index in the clip), "fps", "key"}.
     Raises SampleError("corrupt" | "too_short", ...) for samples that cannot give one.
     """
     import json
@@ -317,6 +338,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         "caption": _caption(sample, meta),
         "fs": fs,
         "stride": stride,
+        "start": start,
         "fps": fps,
         "key": key,
     }

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training.data import write_shard  # noqa: F401  (the tests' shards: KEY.mp4, KEY.json, KEY.txt)
+
 
 def load_fixture(shared_reference: Path, name: str) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
     """-> (json spec, state_dict, inputs, outputs); fails clearly when the fixture is missing."""
@@ -65,25 +67,6 @@ def encode_mp4(frames, fps: int = 24) -> bytes:
     from pipeline.video import encode_clip
 
     return encode_clip(list(frames), fps, preset="ultrafast")
-
-
-def write_shard(path: Path, samples: list[dict]) -> Path:
-    """A WebDataset tar like the curate job's: KEY.mp4, KEY.json (manifest row), KEY.txt (caption)."""
-    import io
-    import tarfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            for ext, data in (
-                ("mp4", s["mp4"]),
-                ("json", json.dumps(s["meta"]).encode()),
-                ("txt", s["caption"].encode()),
-            ):
-                info = tarfile.TarInfo(f"{s['key']}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def clip_sample(key: str, num_frames: int, size: tuple[int, int], seed: int, caption: str = "") -> dict:

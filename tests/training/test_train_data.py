@@ -33,10 +33,15 @@ def test_window_is_16_frames_at_320x512_with_stride_condition(tmp_path):
     with open(tmp_path / "000000.tar", "rb") as f:
         sample = next(data.iter_tar_samples(f))
     strides = set()
+    frames, _ = data._decode_frames(sample["mp4"], 59)
     for seed in range(8):
         w = data.decode_window(sample, cfg, np.random.default_rng(seed))
         assert w["video"].shape == (3, 16, 320, 512) and w["video"].dtype == torch.uint8
         assert 1 <= w["stride"] <= min(6, 59 // 15)
+        assert w["start"] >= 0 and w["start"] + 15 * w["stride"] < 60  # where the window lies in the clip
+        for i in (0, 15):  # its first and last frames are the clip's frames there
+            clip_frame = torch.from_numpy(frames[w["start"] + i * w["stride"]].to_ndarray(format="rgb24"))
+            assert torch.equal(w["video"][:, i], clip_frame.permute(2, 0, 1))
         assert w["fs"] == 24 // w["stride"] and w["caption"] == "a ball"
         strides.add(w["stride"])
     assert len(strides) > 1  # the stride is drawn
