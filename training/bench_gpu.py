@@ -42,6 +42,7 @@ import torch
 
 from training.engine import (
     cache_saved,
+    check_recompute_budget,
     compile_progress,
     load_compile_cache,
     save_compile_cache,
@@ -282,8 +283,7 @@ def _build(
 ) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training import float8 as fp8
-    from training.engine import EMA, TrainConfig, adamw, compile_blocks, set_recompute_budget
-    from training.models.dropout import seed_dropouts
+    from training.engine import EMA, TrainConfig, adamw, compile_blocks, compile_unet_blocks
     from training.models.layout import set_channels_last
     from training.models.tooncrafter import build_tooncrafter
     from training.models.unet import set_temporal_conv
@@ -315,10 +315,7 @@ def _build(
     if float8:
         fp8.check_device(device)
     converted = fp8.convert_unet(model.unet, float8, float8_layers)
-    if recompute_budget < 1.0:
-        seed_dropouts(model.unet)  # as train.py does: the compiler may recompute them
-    if compile_blocks(unet_blocks(model)[:-1], compile):
-        set_recompute_budget(recompute_budget)
+    compile_unet_blocks(model.unet, unet_blocks(model)[:-1], compile, recompute_budget)
     compile_blocks(resnet_blocks(model.vae.encoder), compile)  # frozen, as train.py does
     net = built.net.to(device).train()
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
@@ -507,10 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         check_float8_settings(args.float8, args.float8_layers)
     except ValueError as e:
         raise SystemExit(f"--float8: {e}") from None
-    if not 0.0 <= args.recompute_budget <= 1.0 or (args.recompute_budget != 1.0 and not args.compile):
-        raise SystemExit(
-            f"--recompute-budget: a share in [0, 1], with --compile; got {args.recompute_budget}"
-        )
+    try:
+        check_recompute_budget(args.recompute_budget, args.compile)
+    except ValueError as e:
+        raise SystemExit(f"--recompute-budget: {e}") from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)

@@ -318,18 +318,34 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     return len(blocks)
 
 
-def set_recompute_budget(budget: float) -> None:
-    """How much of each compiled graph's activations its backward keeps (TrainConfig.recompute_budget):
-    AOTAutograd's partitioner saves the most expensive-to-recompute tensors first (its runtime estimate is
-    the ops' FLOPs, so norms and pointwise ops go first), up to this share of what it would keep by
-    default. Process-wide, read when a graph compiles (the first call of a compiled block)."""
+def check_recompute_budget(budget: float, backend: str) -> None:
+    """TrainConfig.recompute_budget is a share in [0, 1] and, below 1, needs a compile backend."""
     if not 0.0 <= budget <= 1.0:
-        raise ValueError(
-            f"train.recompute_budget must be in [0, 1] (1 = the compiler's default), got {budget}"
-        )
-    import torch._functorch.config
+        raise ValueError(f"train.recompute_budget must be in [0, 1], got {budget}")
+    if budget != 1.0 and not backend:
+        raise ValueError("train.recompute_budget needs train.compile: the compiler does the recomputing")
 
-    torch._functorch.config.activation_memory_budget = float(budget)
+
+def compile_unet_blocks(
+    unet: nn.Module, blocks: list[nn.Module], backend: str, recompute_budget: float = 1.0
+) -> int:
+    """compile_blocks for the UNet's blocks under TrainConfig.recompute_budget: AOTAutograd's partitioner
+    saves the most expensive-to-recompute tensors first (its runtime estimate is the ops' FLOPs, so norms
+    and pointwise ops are recomputed first), up to that share of what it would keep by default. Below 1 the
+    partitioner may also recompute dropouts with fresh randomness (training/models/dropout.py), so the
+    UNet's dropouts are seeded first. The budget is process-wide, read when a graph compiles (the first
+    call of a compiled block). Returns the number of blocks compiled."""
+    check_recompute_budget(recompute_budget, backend)
+    if recompute_budget < 1.0:
+        from training.models.dropout import seed_dropouts
+
+        seed_dropouts(unet)
+    compiled = compile_blocks(blocks, backend)
+    if compiled:
+        import torch._functorch.config
+
+        torch._functorch.config.activation_memory_budget = float(recompute_budget)
+    return compiled
 
 
 @contextlib.contextmanager

@@ -265,7 +265,8 @@ def kernel_shares(kernels: list[tuple[str, float]]) -> str:
     """(kernel name, ms) pairs -> one line per kind, the largest first: its ms and share of the total."""
     by_kind: dict[str, float] = {}
     for name, ms in kernels:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
     total = sum(by_kind.values()) or 1.0
     ranked = sorted(by_kind.items(), key=lambda item: -item[1])
     return "".join(f"  {kind}: {ms:.1f} ms ({100 * ms / total:.1f}%)\n" for kind, ms in ranked)

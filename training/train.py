@@ -41,7 +41,6 @@ from training.data import (
     to_model_range,
 )
 from training.engine import TrainConfig
-from training.models.dropout import seed_dropouts
 from training.models.layout import set_channels_last
 from training.models.vae import resnet_blocks
 from training.roles import format_role_table
@@ -182,10 +181,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(
             f"train.checkpoint_levels must be >= 0 (0 = every block), got {run.train.checkpoint_levels}"
         )
-    if not 0.0 <= run.train.recompute_budget <= 1.0:
-        raise ValueError(f"train.recompute_budget must be in [0, 1], got {run.train.recompute_budget}")
-    if run.train.recompute_budget != 1.0 and not run.train.compile:
-        raise ValueError("train.recompute_budget needs train.compile: the compiler does the recomputing")
+    engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
 
@@ -273,11 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         if tc.float8:
             float8.check_device(device)
         fp8_layers = float8.convert_unet(model.unet, tc.float8, tc.float8_layers)
-        if tc.recompute_budget < 1.0:  # the compiler may then recompute dropouts: seeded ones recompute alike
-            seed_dropouts(model.unet)
-        compiled = engine.compile_blocks(unet_blocks(model)[:-1], tc.compile)
-        if compiled:
-            engine.set_recompute_budget(tc.recompute_budget)
+        compiled = engine.compile_unet_blocks(
+            model.unet, unet_blocks(model)[:-1], tc.compile, tc.recompute_budget
+        )
     frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step
     if d.main:
         print(format_role_table(stage.roles), flush=True)

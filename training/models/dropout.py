@@ -69,27 +69,29 @@ class SeededDropout(nn.Module):
         return f"p={self.p}"
 
 
-def _reseed(network: nn.Module, _args) -> None:
-    """Forward pre-hook: a fresh seed for every SeededDropout of `network`, drawn in one call."""
-    modules = [m for m in network.modules() if isinstance(m, SeededDropout)]
-    if not modules or not network.training:
-        return
-    seeds = torch.randint(0, 2**62, (len(modules),), dtype=torch.int64, device=modules[0].seed.device)
-    for module, seed in zip(modules, seeds.unbind(0), strict=True):
-        module.seed, module.seeded = seed, True
+def _reseeder(modules: list[SeededDropout]):
+    """A forward pre-hook giving each of `modules` a fresh seed, all drawn in one call (in train mode)."""
+
+    def reseed(network: nn.Module, _args) -> None:
+        if network.training:
+            seeds = torch.randint(0, 2**62, (len(modules),), dtype=torch.int64, device=modules[0].seed.device)
+            for module, seed in zip(modules, seeds.unbind(0), strict=True):
+                module.seed, module.seeded = seed, True
+
+    return reseed
 
 
 def seed_dropouts(network: nn.Module) -> RemovableHandle | None:
     """Replace every nn.Dropout with p > 0 inside `network` by a SeededDropout of the same p (no state-dict
     change: dropout has none), and reseed them before each forward of `network`. Returns the hook's handle,
     or None when `network` has no such dropout."""
-    swapped = 0
+    swapped: list[SeededDropout] = []
     for parent in list(network.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Dropout and child.p > 0:
-                setattr(parent, name, SeededDropout(child.p).to(_device(network)))
-                swapped += 1
-    return network.register_forward_pre_hook(_reseed) if swapped else None
+                swapped.append(SeededDropout(child.p).to(_device(network)))
+                setattr(parent, name, swapped[-1])
+    return network.register_forward_pre_hook(_reseeder(swapped)) if swapped else None
 
 
 def _device(network: nn.Module) -> torch.device:
