@@ -172,13 +172,24 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ints(text: str, sep: str, flag: str, count: int | None = None, minimum: int = 1) -> list[int]:
+    parts = text.lower().split(sep)
+    if not all(p.strip().isdigit() and int(p) >= minimum for p in parts) or (count and len(parts) != count):
+        raise SystemExit(f"{flag}: expected integers >= {minimum} separated by {sep!r}, got {text!r}")
+    return [int(p) for p in parts]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    width, height = _ints(args.size, "x", "--size", 2)
+    args.workers = ",".join(str(w) for w in _ints(args.workers, ",", "--workers", minimum=0))
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         if args.data:
-            shards = list_shards(args.data)
+            try:
+                shards = list_shards(args.data)
+            except (FileNotFoundError, ValueError) as e:
+                raise SystemExit(f"--data: {e}") from None
         else:
-            width, height = (int(v) for v in args.size.lower().split("x"))
             t0 = time.perf_counter()
             shards = generate_shards(Path(tmp), args.clips, args.seconds, (width, height))
             print(f"generated {args.clips} clips in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -36,3 +36,17 @@ def test_data_bench_times_decode_window_and_the_loader(tmp_path, capsys):
     assert report["workers_per_gpu"] == max(1, -(-report["gpu_rate"] // rate))  # ceil(gpu rate / worker rate)
     printed = capsys.readouterr().out
     assert "| loader, 1 worker(s) |" in printed and "loader worker(s) per GPU" in printed
+
+
+def test_data_bench_bad_arguments_stop_with_one_line(tmp_path):
+    import pytest
+
+    from training import bench_data
+
+    for argv, says in (
+        (["--data", str(tmp_path / "absent")], "--data: no shards at"),
+        (["--size", "512"], "--size: expected integers >= 1 separated by 'x'"),
+        (["--workers", "one"], "--workers: expected integers >= 0"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            bench_data.main(argv)
