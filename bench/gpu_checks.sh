@@ -25,7 +25,8 @@
 #             first; its artifacts come back as train_cl_cache.xz*.
 #   T_COMPILE (140 s): the same step in the plain layout without a budget, its baseline in the same
 #             run, from the artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step,
-#             24.1% MFU there), with its own profile of one step. FORCE_CL=1 compiles every block channels-last inside inductor instead
+#             21.7% MFU there by the step's own FLOP count, 24.1% by MODEL.md Appendix E's), with its
+#             own profile of one step. FORCE_CL=1 compiles every block channels-last inside inductor instead
 #             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
 #             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
 #   T_CLIP (110 s when that much is left, else in a second call while the machine is warm:

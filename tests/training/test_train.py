@@ -301,6 +301,39 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, trai
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
 
 
+def test_bench_gpu_counts_the_step_as_it_trains():
+    """MFU's numerator: the meta-device count equals the count of the same step run on the CPU, and the
+    rectify stage's frozen temporal layers cost no weight gradient (training them would count more)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training import bench_gpu
+
+    def run(case) -> int:
+        # attention as the meta device runs it: torch's counter has no formula for the CPU's flash kernel
+        # nor for nn.MultiheadAttention's inference fast path (the frozen CLIP image tower's), so the
+        # CPU's default paths would leave those FLOPs out; the meta device's count has them
+        counter = FlopCounterMode(display=False)
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with counter, sdpa_kernel(SDPBackend.MATH):
+                batch = bench_gpu._batch(1, bench_gpu.SHAPES["tiny"], torch.device("cpu"))
+                case.net(batch)["loss"].backward()
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        return counter.get_total_flops()
+
+    case = bench_gpu._build("rectify", "tiny", torch.device("cpu"), checkpointing=False)
+    as_trained = run(case)
+    assert bench_gpu.count_flops("rectify", "tiny") == as_trained
+    frozen = [p for p in case.unet.parameters() if not p.requires_grad]
+    assert frozen  # the temporal layers
+    for p in frozen:
+        p.requires_grad_(True)
+    assert run(case) > as_trained
+
+
 def test_bench_gpu_smoke_mode(tmp_path):
     """The GPU benchmark's CPU smoke mode: the same code path at the tiny preset."""
     from training import bench_gpu
@@ -359,7 +392,8 @@ def test_bench_gpu_smoke_mode(tmp_path):
     }
     assert report["rectify_largest_batch"] == 2
     assert all(r["s_per_step"] > 0 and r["tflop_per_step"] > 0 for r in rows.values())
-    assert report["rectify_tflop_per_clip"]["source"] == "FlopCounterMode"
+    assert report["rectify_tflop_per_clip"]["value"] == bench_gpu.count_flops("rectify", "tiny") / 1e12
+    assert report["rectify_tflop_per_clip"]["appendix_e"] is None  # the table is toon-512's
     # --breakdown: one more step timed by part; every part of the rectify step ran and took time
     parts = rows[("rectify", 1)]["breakdown_s"]
     for part in (

@@ -77,11 +77,12 @@ def training_context(
     text is the embedding of "", a dropped image is a zero (mid-grey) image through the CLIP tower; the
     image tokens come from the first keyframe only (rand_cond_frame: false). The towers are frozen; the
     image-context projector gets gradients when it is trained."""
-    drop_text, drop_image = conditioning_dropout(first.shape[0], uncond_prob, first.device)
+    # drawn on the host: the prompts need the text draw there anyway, so no device sync in the step
+    drop_text, drop_image = conditioning_dropout(first.shape[0], uncond_prob)
     prompts = ["" if drop else caption for caption, drop in zip(captions, drop_text.tolist())]
     with torch.no_grad():
         text = model.encode_text(prompts)  # [b, 77, d]
-        keep = (~drop_image).to(first.dtype).view(-1, 1, 1, 1)
+        keep = (~drop_image).to(first.device, first.dtype).view(-1, 1, 1, 1)
         image_tokens = model.embedder(first * keep)  # [b, 257, w]
     return torch.cat([text, model.image_proj_model(image_tokens)], dim=1)
 
