@@ -209,6 +209,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     from inference.sampler import InferenceModel, SamplerSettings, default_device, default_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
     from manifests.files import write_json_atomic
+    from pipeline.models import WeightsError
     from training.metrics import protocol_record
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
@@ -271,6 +272,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             extractors = load_extractors(
                 needs, args.models_dir, device, clip_model, lambda p: file_sha256(p, hash_cache)
             )
+        except WeightsError as exc:  # present but truncated or another file
+            raise InputError(str(exc)) from exc
         except FileNotFoundError as exc:
             hint = ""
             if clip_model is None and "clip" in needs and "clip/" in str(exc):

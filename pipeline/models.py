@@ -197,13 +197,37 @@ def load_torch_state_dict(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip / pickle, wrong file: one readable error
         raise WeightsError(
-            f"{path}: cannot be read as a PyTorch state dict (truncated or wrong file?): {exc}"
+            f"{path} ({path.stat().st_size:,} bytes): cannot be read as a PyTorch state dict (truncated"
+            f" or wrong file?): {load_failure(exc)}"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
+
+
+def load_module_weights(module, path: Path, prefix: str = "", keep: str = "") -> None:
+    """Load a pickled state dict file into `module` (strict): `WeightsError` naming the file when it cannot
+    be read or its keys or shapes are not the module's, instead of torch's error deep in the call.
+    `prefix` is removed when every key has it; with `keep`, only the keys under it are read (stripped)."""
+    state = strip_prefix(load_torch_state_dict(path), prefix)
+    if keep:
+        state = {k.removeprefix(keep): v for k, v in state.items() if k.startswith(keep)}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    compare_shapes(path, {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}, expected)
+    module.load_state_dict(state, strict=True)
+
+
+def load_failure(exc: BaseException, limit: int = 160) -> str:
+    """What torch.load's exception says went wrong, in one sentence: its messages run to paragraphs
+    ("Weights only load failed. In PyTorch 2.6 ..." before the reason, advice after a zip error)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    sentence = lines[0].split(". ")[0].rstrip(".") if lines else type(exc).__name__
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
 def compare_shapes(path: Path, found: Shapes, expected: Shapes) -> None:

@@ -3,7 +3,9 @@
 Formats read (`read_checkpoint`):
 * Lightning `.ckpt`: a dict whose `state_dict` entry holds the weights (the released ToonCrafter and
   DynamiCrafter files). Read with `torch.load(weights_only=True)`; a file that also pickles Python objects
-  (Lightning's training state) is re-read with full unpickling after a warning, unless `allow_pickle=False`.
+  (Lightning's training state) is re-read with full unpickling after a warning, unless `allow_pickle=False`;
+  a truncated download or a file of another kind is a `CheckpointError` naming it and its size (never
+  handed to the full unpickler).
 * DeepSpeed-style dicts `{"module": state_dict}`; wrapper prefixes (`_forward_module.`, `module.`) are removed.
 * plain `.pt`/`.pth` state dicts, and `.safetensors`.
 A torch checkpoint may carry this project's config as `inbetweener_config` (a dict); a safetensors file as the
@@ -104,13 +106,26 @@ def code_version() -> str:
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
+# what torch's weights-only unpickler says of bytes that are no pickle (garbage, a file of another kind)
+NOT_A_PICKLE = ("Unsupported operand", "String is too long", "unsupported persistent id")
+
+
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    from pipeline.models import load_failure
+
     mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped: no copy of a 10 GB file
+    unreadable = (
+        f"cannot read {path} ({path.stat().st_size:,} bytes) as a PyTorch checkpoint: truncated, damaged"
+        " or not a torch.save file"
+    )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+        # a file that pickles Python classes (Lightning's state) is worth unpickling in full; bytes that
+        # are no pickle at all are a damaged file, not something to run the full unpickler on
+        reason = load_failure(exc)
+        if "Weights only load failed" not in str(exc) or reason.startswith(NOT_A_PICKLE):
+            raise CheckpointError(f"{unreadable} ({reason})") from exc
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} holds pickled Python objects besides tensors and allow_pickle is off; "
@@ -121,10 +136,12 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
             "re-reading it with weights_only=False, which runs code from the file: only for files you trust",
             path,
         )
+    except Exception as exc:  # a truncated zip (an interrupted download) is a RuntimeError
+        raise CheckpointError(f"{unreadable} ({load_failure(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # any unpickling failure means: not a checkpoint we can read
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+        raise CheckpointError(f"{unreadable} ({load_failure(exc)})") from exc
 
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

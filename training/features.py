@@ -10,7 +10,8 @@ The statistics in `training.metrics` only see arrays; these are the networks tha
 | `PerceptualDistance` | two image batches `[N, 3, H, W]`, [-1, 1] | `[N]` | LPIPS (AlexNet, v0.1) | `lpips/alex.pth` + `lpips/alexnet-owt-7be5be79.pth` |
 
 Nothing here downloads: a missing file raises `MissingWeightsError` naming the file, where to put it
-and where it comes from. Loaders return modules on the CPU in fp32; the caller moves them.
+and where it comes from; a file that is there but truncated or another network's raises
+`pipeline.models.WeightsError` naming it, its size and what was wrong. Loaders return modules on the CPU in fp32; the caller moves them.
 """
 
 from __future__ import annotations
@@ -156,10 +157,18 @@ class I3DFeatures:
 
 def load_i3d(root: str | os.PathLike | None = None, batch_size: int = 16) -> I3DFeatures:
     """Load `i3d/i3d_torchscript.pt` from the models dir with `torch.jit.load`, on the CPU."""
+    from pipeline.models import WeightsError, load_failure
+
     path = require_file(I3D_FILE, root)
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this file ships in
         warnings.filterwarnings("ignore", message="`torch.jit", category=FutureWarning)
-        detector = torch.jit.load(str(path), map_location="cpu")
+        try:
+            detector = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # a truncated download or another file: name it, not torch's internals
+            raise WeightsError(
+                f"{path} ({path.stat().st_size:,} bytes): cannot be read as TorchScript (truncated or"
+                f" wrong file?): {load_failure(exc)}"
+            ) from exc
     return I3DFeatures(detector, batch_size=batch_size)
 
 
@@ -232,5 +241,13 @@ def load_open_clip(
     path = require_file(weight, root)
     import open_clip  # heavy: imported only when a CLIP metric is asked for
 
-    model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
+    from pipeline.models import WeightsError, load_failure
+
+    try:
+        model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
+    except Exception as exc:  # truncated, or another model's weights (open_clip loads strictly)
+        raise WeightsError(
+            f"{path} ({path.stat().st_size:,} bytes): not readable as OpenCLIP {model_name} weights"
+            f" (truncated or wrong file?): {load_failure(exc)}"
+        ) from exc
     return OpenClipEncoder(model, open_clip.get_tokenizer(model_name))

@@ -212,13 +212,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _input_errors():
-    """A bad setting, a missing shard folder or a wrong checkpoint: one line naming it and exit code 2,
-    not a traceback (errors inside the training loop keep theirs)."""
+    """A bad setting, a missing shard folder, a wrong checkpoint or weight file: one line naming it and exit
+    code 2, not a traceback (errors inside the training loop keep theirs)."""
+    from pipeline.models import WeightsError
     from training.checkpoint import CheckpointError
 
     try:
         yield
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as exc:
         print(f"inbetweener train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 

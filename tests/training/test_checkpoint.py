@@ -75,6 +75,26 @@ def test_lightning_ckpt_with_pickled_objects_falls_back_with_a_warning(tiny, tmp
         read_checkpoint(path, allow_pickle=False)
 
 
+def test_truncated_and_foreign_files_fail_clearly_without_unpickling(tiny, tmp_path, caplog):
+    """An interrupted download (half a zip) or bytes that are no pickle: a CheckpointError naming the file
+    and its size, never torch's internal error, and never the full (code-running) unpickler's retry."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": tiny.state_dict()}, whole)
+    cut = tmp_path / "model.ckpt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated, damaged or not a torch.save file") as err:
+        load_model(cut, preset="tiny")
+    assert str(cut) in str(err.value) and f"{cut.stat().st_size:,} bytes" in str(err.value)
+    foreign = tmp_path / "notes.ckpt"
+    foreign.write_text("an animator's notes, not a checkpoint\n")
+    with (
+        caplog.at_level(logging.WARNING, logger="training.checkpoint"),
+        pytest.raises(CheckpointError, match=f"cannot read {foreign} .*not a torch.save file"),
+    ):
+        read_checkpoint(foreign)
+    assert "weights_only=False" not in caplog.text
+
+
 def test_deepspeed_module_dict_round_trip_is_exact(tiny, tmp_path):
     path = tmp_path / "mp_rank_00_model_states.pt"
     wrapped = {f"_forward_module.{k}": v for k, v in tiny.state_dict().items()}

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import WeightsError
 from training.features import (
     CLIP_FILE,
     I3D_FILE,
@@ -49,6 +50,32 @@ def test_missing_weights_name_the_file_and_the_folder(load, relpath, tmp_path, m
     assert relpath in message and str(tmp_path) in message and MODELS_DIR_ENV in message
     assert "http" in message  # where it comes from
     assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize(
+    ("load", "weight"), [(load_i3d, I3D_FILE), (load_lpips, LPIPS_FILES["alex"][1])], ids=["i3d", "lpips"]
+)
+def test_truncated_weights_name_the_file(load, weight, tmp_path, monkeypatch):
+    """Half of a weight file (an interrupted download): a WeightsError naming the file and its size."""
+    monkeypatch.setenv(MODELS_DIR_ENV, str(tmp_path))
+    for present in (I3D_FILE, *LPIPS_FILES["alex"]):
+        (tmp_path / present.relpath).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.zeros(4096)}, tmp_path / present.relpath)
+    path = tmp_path / weight.relpath
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated or wrong file") as err:
+        load()
+    assert f"{path} ({path.stat().st_size:,} bytes)" in str(err.value)
+
+
+def test_lpips_rejects_another_backbone_by_its_keys(tmp_path):
+    """The VGG backbone's file where AlexNet's belongs: the mismatch listed, before any weight is copied."""
+    lin_file, backbone_file = (tmp_path / w.relpath for w in LPIPS_FILES["alex"])
+    lin_file.parent.mkdir(parents=True)
+    torch.save({}, lin_file)
+    torch.save({f"features.{k}": v for k, v in LPIPS("vgg").features.state_dict().items()}, backbone_file)
+    with pytest.raises(WeightsError, match="alexnet-owt-7be5be79.pth: not the expected weights: .*missing"):
+        load_lpips(tmp_path)
 
 
 def test_lpips_needs_its_backbone_file_too(tmp_path):
@@ -224,3 +251,8 @@ def test_open_clip_loader_reads_a_local_checkpoint(tmp_path):
     torch.testing.assert_close(encoder(images), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoder.embed_texts(["a cat"]), expected_text.double(), rtol=1e-5, atol=1e-6)
     assert CLIP_FILE.relpath.endswith("open_clip_pytorch_model.bin")
+    path = tmp_path / weight.relpath  # an interrupted download: the file named, not torch's internals
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="truncated or wrong file") as err:
+        load_open_clip(tmp_path, model_name="inbetweener-test-tiny-clip", weight=weight)
+    assert str(path) in str(err.value)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.models import WeightsError
 from training import roles
 from training.engine import TrainConfig
 from training.train import main
@@ -230,6 +231,16 @@ def test_anime2sketch_loads_when_present_and_xdog_otherwise(tmp_path):
     )
     name, loaded = load_extractor(cfg, tmp_path)
     assert name.startswith("anime2sketch")
+    other = tmp_path / "other"  # another network's file under the extractor's name: named, not a traceback
+    (other / "tooncrafter").mkdir(parents=True)
+    torch.save(
+        {"module.conv.weight": torch.zeros(4, 3, 3, 3)}, other / "tooncrafter" / "sketch_extractor.pth"
+    )
+    with pytest.raises(
+        WeightsError,
+        match=r"sketch_extractor.pth: not the expected weights: \d+ missing keys .*1 unexpected keys",
+    ):
+        load_extractor(cfg, other)
     with torch.no_grad():
         sketch = loaded(torch.rand(1, 3, 40, 64) * 2 - 1)
     assert sketch.shape == (1, 1, 40, 64) and sketch.min() >= 0 and sketch.max() <= 1

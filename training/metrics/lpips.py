@@ -104,18 +104,16 @@ def load_lpips(root: str | os.PathLike | None = None, net: Literal["alex", "vgg"
     """LPIPS with the backbone and linear layers read from the models dir (both files are required)."""
     lin_file, backbone_file = LPIPS_FILES[net]
     lin_path, backbone_path = require_file(lin_file, root), require_file(backbone_file, root)
+    from pipeline.models import WeightsError, load_module_weights, load_torch_state_dict
+
     model = LPIPS(net)
-    backbone = torch.load(backbone_path, map_location="cpu", weights_only=True)
     # The torchvision file also holds the classifier; only `features.*` belongs to LPIPS.
-    model.features.load_state_dict(
-        {k.removeprefix("features."): v for k, v in backbone.items() if k.startswith("features.")},
-        strict=True,
-    )
-    lins = torch.load(lin_path, map_location="cpu", weights_only=True)
+    load_module_weights(model.features, backbone_path, keep="features.")
+    lins = load_torch_state_dict(lin_path)
     lin_keys = [f"lin{k}.model.1.weight" for k in range(len(CHANNELS[net]))]
     missing = [k for k in lin_keys if k not in lins]
     if missing:
-        raise KeyError(f"{lin_path} lacks {missing}: not an LPIPS v0.1 linear-layer file")
+        raise WeightsError(f"{lin_path} lacks {missing}: not an LPIPS v0.1 linear-layer file")
     model.load_state_dict({**model.state_dict(), **{k: lins[k] for k in lin_keys}}, strict=True)
     return model.eval()
 

@@ -90,12 +90,13 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 def load_perceptual(net: str, models_dir: Path | None) -> nn.Module:
     """LPIPS from training/metrics/lpips.py with its weights from the models dir; a clear error otherwise."""
+    from pipeline.models import WeightsError
     from training.features import MissingWeightsError
     from training.metrics.lpips import load_lpips
 
     try:
         return load_lpips(models_dir, net=net)
-    except MissingWeightsError as exc:
+    except (MissingWeightsError, WeightsError) as exc:
         raise SystemExit(
             f"train decoder: LPIPS ({net}) needs its weights: {exc}\n"
             "Or train without it: --no-lpips (= --set decoder.lpips_weight=0)."

@@ -177,10 +177,10 @@ def load_extractor(cfg: SketchConfig, models_dir: Path | None) -> tuple[str, nn.
         base = _models_dir(models_dir)
         found = next((base / f for f in ANIME2SKETCH_FILES if (base / f).is_file()), None)
         if found is not None:
+            from pipeline.models import load_module_weights
+
             net = Anime2Sketch(cfg.anime2sketch_size)
-            state = torch.load(found, map_location="cpu", weights_only=True)
-            state = {k.removeprefix("module."): v for k, v in state.items()}
-            net.load_state_dict(state, strict=True)
+            load_module_weights(net, found, prefix="module.")  # WeightsError naming the file if it is not
             return f"anime2sketch ({found})", net.eval().requires_grad_(False)
         if cfg.extractor == "anime2sketch":
             raise SystemExit(
