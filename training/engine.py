@@ -556,12 +556,16 @@ def checkpoint_root(out: Path) -> Path:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The folder named by OUT/checkpoints/latest, if any."""
-    pointer = checkpoint_root(out) / "latest"
-    if not pointer.is_file():
-        return None
-    folder = checkpoint_root(out) / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    """The folder named by OUT/checkpoints/latest; when that folder is gone (moved aside because it was
+    damaged), the newest complete one left (step_N with its meta.json, which is written last); else None."""
+    root = checkpoint_root(out)
+    pointer = root / "latest"
+    if pointer.is_file():
+        folder = root / pointer.read_text().strip()
+        if folder.is_dir():
+            return folder
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return complete[-1] if complete else None
 
 
 def config_changes(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -678,7 +682,7 @@ def load_checkpoint(
             f"{folder} was written by {meta['world']} rank(s); resume it with the same number (now {d.world})"
         )
     state_file = folder / (f"shard_{d.rank}.pt" if meta["sharded"] else "state.pt")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = _load_state(state_file, folder)
     missing = sorted(set(trainable) - set(state["trainable"]))
     if missing:
         raise ValueError(f"{state_file} lacks trained parameters {missing[:5]}: another stage or model?")
@@ -691,8 +695,22 @@ def load_checkpoint(
         if state["ema"] is None:
             raise ValueError(f"{state_file} has no EMA but train.ema_decay > 0")
         ema.load_state_dict(state["ema"])
-    rank_state = torch.load(folder / f"rank_{d.rank}.pt", map_location="cpu", weights_only=False)
+    rank_state = _load_state(folder / f"rank_{d.rank}.pt", folder)
     return int(state["step"]), rank_state
+
+
+def _load_state(path: Path, folder: Path) -> dict[str, Any]:
+    """One file of a checkpoint this project wrote (full unpickling: optimizer state, RNG states); a
+    damaged or missing one is a ValueError that says how to resume from the checkpoint before it."""
+    from pipeline.models import load_failure
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read {path} ({load_failure(exc)}): the checkpoint {folder.name} is damaged or"
+            f" incomplete; move {folder} aside and --resume continues from the one before it"
+        ) from exc
 
 
 # --- logging -------------------------------------------------------------------------------------------------

@@ -319,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = engine.latest_checkpoint(out)
         if folder is None:
             raise SystemExit(f"--resume: no checkpoint in {engine.checkpoint_root(out)}")
-        step, rank_state = engine.load_checkpoint(
-            folder, d, trainable=trainable, optimizers=optimizers, ema=ema
-        )
+        with _input_errors():  # a damaged checkpoint, or another number of ranks
+            step, rank_state = engine.load_checkpoint(
+                folder, d, trainable=trainable, optimizers=optimizers, ema=ema
+            )
         data_state = DataState.from_dict(rank_state["data"])
         engine.restore_rng(rank_state["rng"], device)
         if d.main:

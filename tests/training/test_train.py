@@ -312,6 +312,25 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, trai
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
 
 
+def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, train_shards, capsys):
+    """The newest checkpoint's state cut short (a full disk, a copy interrupted): --resume stops with one
+    line naming the file and what to do, and after moving that checkpoint aside resumes from the one before."""
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=2")
+    newest = latest(out)
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", out, train_shards, *common, "--set", "train.steps=3", "--resume")
+    assert stop.value.code == 2
+    message = capsys.readouterr().err
+    assert f"cannot read {state}" in message and f"move {newest} aside" in message
+    newest.rename(tmp_path / "aside")
+    train("rectify", out, train_shards, *common, "--set", "train.steps=3", "--resume")
+    assert f"resumed from {out / 'checkpoints' / 'step_0000001'} at step 1" in capsys.readouterr().out
+    assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
+
+
 def test_bench_gpu_counts_the_step_as_it_trains():
     """MFU's numerator: the meta-device count equals the count of the same step run on the CPU, and the
     rectify stage's frozen temporal layers cost no weight gradient (training them would count more)."""
