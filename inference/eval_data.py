@@ -90,9 +90,12 @@ def _samples(tar_path: Path) -> Iterator[EvalClip]:
 
 
 def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
-    from manifests.io import read_manifest
+    from manifests.io import ManifestError, read_manifest
 
-    table = read_manifest(path)
+    try:
+        table = read_manifest(path)
+    except ManifestError as exc:  # a damaged or foreign file: one line, not a traceback
+        raise InputError(str(exc)) from exc
     rows = [
         r
         for r in table.select(["key", "shard", "split", "status"]).to_pylist()

@@ -422,3 +422,12 @@ def test_ground_truth_is_decoded_at_each_clips_turn_not_held(curated, tmp_path, 
     calls.clear()
     assert cli.main(argv, extractors=fake_extractors()) == 0  # every score cached
     assert sorted(calls) == sorted(CLIPS)
+
+
+def test_a_damaged_manifest_is_one_error_line(tmp_path, capsys):
+    """A manifest.parquet cut short (a copy interrupted): exit code 2 and a line naming the file."""
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"PAR1")
+    argv = [str(manifest), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert f"{manifest}: not a readable Parquet manifest" in capsys.readouterr().err
