@@ -305,6 +305,17 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where ("expected ',' or ']' at line 2,
+    column 1"), not PyYAML's several lines with a caret; other errors as they are."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return str(exc)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_config(path: Path | str | None = None, sets: list[str] | None = None) -> CurateConfig:
     """Defaults, then a YAML file, then `--set` items; every key checked."""
     config = CurateConfig()
@@ -313,7 +324,7 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None) -
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+            raise ConfigError(f"{path}: cannot read config ({yaml_problem(exc)})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file is a mapping of stage sections")
         apply_overrides(config, data)

@@ -151,6 +151,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "data.frames=16"]` -> {"train": {"lr": 1e-4}, "data": {"frames": 16}} (YAML values)."""
     import yaml
 
+    from pipeline.config import yaml_problem
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -160,7 +162,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({yaml_problem(exc)})") from exc
     return out
 
 
@@ -168,7 +173,14 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping (empty file: no overrides)."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    from pipeline.config import yaml_problem
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid YAML config ({yaml_problem(exc)})") from exc
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: a config file is a mapping of sections (train, data, <stage>)")
     return dict(data)

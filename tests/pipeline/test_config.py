@@ -43,6 +43,10 @@ def test_bad_yaml_file_names_the_file(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(path)
+    path.write_text("motion:\n  min: [0.3\n")  # a typo: what and where on one line
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and "at line 3, column 1" in str(err.value)
 
 
 def test_parse_set_reads_yaml_scalars():
