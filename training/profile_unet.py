@@ -28,6 +28,13 @@ counts a forward's FLOPs per resolution level of the UNet's blocks on the meta d
 
 counts the forward's FLOPs in the linears that each `train.float8` setting runs as fp8 GEMMs.
 
+    python -m training.profile_unet --roofline --batch 6   # any machine: traced on the meta device
+
+traces training.bench_gpu's rectify step (no checkpointing) and gives each op its roofline time on an
+H100 (--peak-tflops, --bandwidth-tbs): the time below which no implementation can run it. Convolutions,
+matmuls and attention (flash: the score matrix never leaves the chip) at their roofline give an upper
+bound on MFU; the other ops' bytes, unfused, give a second, lower one.
+
     python -m training.profile_unet --layout-decisions   # any machine: traced on the meta device
 
 says whether torch.compile's inductor would run the convs channels-last on a GPU, by its own heuristic
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -48,6 +56,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from training.bench_gpu import Phases, _sync
 from training.bench_model import DTYPES, timed
@@ -405,6 +414,191 @@ def float8_share(preset: str, batch: int, frames: int, height: int, width: int) 
     return report
 
 
+# Ops that move no data (views, allocations), for the roofline.
+VIEW_OPS = {
+    "aten.view", "aten._unsafe_view", "aten.t", "aten.permute", "aten.expand", "aten.slice", "aten.select",
+    "aten.unsqueeze", "aten.squeeze", "aten.transpose", "aten.detach", "aten.alias", "aten.split",
+    "aten.split_with_sizes", "aten.unbind", "aten.as_strided", "aten.empty_like", "aten.empty",
+    "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+}  # fmt: skip
+MATMUL_KINDS = ("convolution", "matmul", "attention")
+
+
+def _bytes(*tensors: torch.Tensor | None) -> float:
+    """Bytes of the tensors' elements as bf16; a broadcast dimension (stride 0, e.g. a linear's weight
+    expanded over a batched matmul) holds its data once."""
+    return float(
+        sum(
+            2 * math.prod(n for n, st in zip(t.shape, t.stride(), strict=True) if st)
+            for t in tensors
+            if t is not None
+        )
+    )
+
+
+class RooflineMode(TorchDispatchMode):
+    """Every aten op of what runs under it, by kind, with its FLOPs (torch's FLOP formulas), the bytes it
+    reads and writes (every tensor as bf16, 2 bytes an element) and its roofline time at `peak` FLOP/s and
+    `bandwidth` bytes/s: max(FLOPs / peak, bytes / bandwidth). Views and allocations move nothing; norms, pointwise ops
+    and copies count their bytes as if nothing were fused. Attention (`F.scaled_dot_product_attention`,
+    which the UNet and open_clip's towers call) counts as flash attention runs it, one op forward and one
+    backward that read q, k, v (and the output and its gradient) and write the output (the gradients),
+    never the score matrix: its own ops (the math path, on the meta device) are not counted."""
+
+    def __init__(self, peak: float, bandwidth: float):
+        super().__init__()
+        self.peak, self.bandwidth = peak, bandwidth
+        self.kinds: dict[str, list[float]] = {}  # kind -> [ops, flops, bytes, roofline s, memory-bound flops]
+        self.other_ops: dict[str, list[float]] = {}  # op -> [ops, bytes], the unfused kind's ops
+        self.quiet = False  # inside an attention op
+        self.attention = _FlashAttentionCalls(self)
+
+    def __enter__(self):
+        self.attention.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self.attention.__exit__(*exc)
+
+    def add(self, kind: str, flops: float, moved: float, recomputed: float = 0.0) -> None:
+        """One op: `flops` model FLOPs (the column and MFU's numerator), `recomputed` more that the kernel
+        runs all the same (flash attention's backward recomputes the scores), `moved` bytes."""
+        seconds = max((flops + recomputed) / self.peak, moved / self.bandwidth)
+        memory_bound = flops if flops and flops / moved < self.peak / self.bandwidth else 0.0
+        row = self.kinds.setdefault(kind, [0, 0.0, 0.0, 0.0, 0.0])
+        for i, value in enumerate((1, flops, moved, seconds, memory_bound)):
+            row[i] += value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func._overloadpacket)
+        if self.quiet or name in VIEW_OPS:
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        if func._overloadpacket in flop_registry:
+            flops = float(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+            self.add("convolution" if "conv" in name else "matmul", flops, _bytes(*tensors))
+        else:
+            moved = _bytes(*tensors)
+            self.add("other (unfused)", 0.0, moved)
+            row = self.other_ops.setdefault(name, [0, 0.0])
+            row[0], row[1] = row[0] + 1, row[1] + moved
+        return out
+
+
+class _FlashAttentionCalls(torch.overrides.TorchFunctionMode):
+    """Routes `F.scaled_dot_product_attention` through `_FlashAttention` for a RooflineMode."""
+
+    def __init__(self, roof: RooflineMode):
+        super().__init__()
+        self.roof = roof
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            options = {**dict(zip(names, rest, strict=False)), **kwargs}
+            return _FlashAttention.apply(self.roof, q, k, v, options)
+        return func(*args, **kwargs)
+
+
+def _as_4d(t: torch.Tensor) -> tuple[int, ...]:
+    """[..., L, d] as torch's attention FLOP formulas take it: [batch, heads, L, d]."""
+    return (*(1,) * (4 - t.dim()), *t.shape) if t.dim() <= 4 else (math.prod(t.shape[:-3]), *t.shape[-3:])
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Attention as one op each way for RooflineMode; the values come from the math path (meta tensors)."""
+
+    @staticmethod
+    def forward(ctx, roof: RooflineMode, q, k, v, options: dict):
+        from torch.utils.flop_counter import sdpa_flop_count
+
+        roof.quiet = True
+        try:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
+        finally:
+            roof.quiet = False
+        flops = sdpa_flop_count(*map(_as_4d, (q, k, v)))
+        roof.add("attention", float(flops), _bytes(q, k, v, out, options.get("attn_mask")))
+        ctx.roof = roof
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from torch.utils.flop_counter import sdpa_backward_flop_count
+
+        q, k, v, out = ctx.saved_tensors
+        shapes = list(map(_as_4d, (grad_out, q, k, v)))
+        flops = sdpa_backward_flop_count(*shapes)  # counts the recomputed scores too: one more matmul
+        b, heads, lq, d = shapes[1]
+        scores = 2.0 * b * heads * lq * shapes[2][2] * d
+        moved = _bytes(q, k, v, out, grad_out) + _bytes(q, k, v)
+        ctx.roof.add("attention", float(flops) - scores, moved, recomputed=scores)
+        return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+def rectify_roofline(preset: str, batch: int, peak: float, bandwidth: float) -> dict:
+    """The rectify training step (training.bench_gpu's, no checkpointing: no recompute) traced on the meta
+    device under RooflineMode: {"total_flops", "kinds": {kind: {...}}, "other_ops": {op: {...}}, "floor_s"
+    (the matmul kinds at their roofline), "unfused_s" (+ the other ops' bytes)}. Nothing runs."""
+    from training.bench_gpu import SHAPES, _batch, _build
+
+    meta = torch.device("meta")
+    case = _build("rectify", preset, meta, checkpointing=False)
+    inputs = _batch(batch, SHAPES[preset], meta)
+    with RooflineMode(peak, bandwidth) as mode:
+        case.net(inputs)["loss"].backward()
+    keys = ("ops", "flops", "bytes", "roofline_s", "memory_bound_flops")
+    kinds = {k: dict(zip(keys, v, strict=True)) for k, v in mode.kinds.items()}
+    floor = sum(kinds[k]["roofline_s"] for k in MATMUL_KINDS if k in kinds)
+    other = sum(v["roofline_s"] for k, v in kinds.items() if k not in MATMUL_KINDS)
+    return {
+        "preset": preset,
+        "batch": batch,
+        "peak_flops": peak,
+        "bandwidth": bandwidth,
+        "total_flops": sum(v["flops"] for v in kinds.values()),
+        "kinds": kinds,
+        "other_ops": {k: {"ops": v[0], "bytes": v[1]} for k, v in mode.other_ops.items()},
+        "floor_s": floor,
+        "unfused_s": floor + other,
+    }
+
+
+def roofline_table(r: dict, top: int = 10) -> str:
+    total = r["total_flops"]
+    lines = [
+        f"rectify step, {r['preset']}, batch {r['batch']}: {total / 1e12:.1f} TFLOP; roofline at"
+        f" {r['peak_flops'] / 1e12:g} TFLOP/s and {r['bandwidth'] / 1e12:g} TB/s",
+        "| kind | ops | TFLOP | GB moved | roofline ms | FLOPs in memory-bound ops |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["roofline_s"]):
+        bound = f"{100 * v['memory_bound_flops'] / v['flops']:.0f}%" if v["flops"] else "-"
+        lines.append(
+            f"| {kind} | {v['ops']:.0f} | {v['flops'] / 1e12:.1f} | {v['bytes'] / 1e9:.0f} |"
+            f" {1e3 * v['roofline_s']:.0f} | {bound} |"
+        )
+    lines.append(
+        f"convolutions, matmuls and attention at their roofline: {1e3 * r['floor_s']:.0f} ms, MFU at most"
+        f" {100 * total / r['floor_s'] / r['peak_flops']:.1f}%; with every other op's bytes unfused:"
+        f" {1e3 * r['unfused_s']:.0f} ms, {100 * total / r['unfused_s'] / r['peak_flops']:.1f}%"
+    )
+    ops = sorted(r["other_ops"].items(), key=lambda kv: -kv[1]["bytes"])[:top]
+    lines.append(
+        "unfused ops moving the most: " + ", ".join(f"{k} {v['bytes'] / 1e9:.0f} GB" for k, v in ops)
+    )
+    return "\n".join(lines)
+
+
 def layout_decisions(preset: str, batch: int, frames: int, height: int, width: int) -> dict:
     """{"sampling": [decision per graph of the whole UNet], "training": {block: [decision per graph]}},
     True = channels-last, from inductor's heuristic on graphs traced with meta tensors (on a CPU tensor
@@ -476,6 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="only count the FLOPs in the linears each train.float8 setting converts (meta device)",
     )
     p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="only the rectify step's roofline at --batch (meta device; training.bench_gpu's step)",
+    )
+    p.add_argument("--peak-tflops", type=float, default=989.4, help="--roofline: dense bf16 peak (H100 SXM)")
+    p.add_argument(
+        "--bandwidth-tbs", type=float, default=3.35, help="--roofline: memory bandwidth (H100 SXM)"
+    )
+    p.add_argument(
         "--layout-decisions",
         action="store_true",
         help="only say which graphs inductor would run channels-last on a GPU (meta device)",
@@ -495,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
+        return 0
+    if args.roofline:
+        found = rectify_roofline(args.preset, args.batch, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12)
+        print(roofline_table(found))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(found, indent=1) + "\n")
         return 0
     if args.layout_decisions:
         found = layout_decisions(args.preset, args.batch, args.frames, args.height, args.width)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from training import profile_unet
@@ -106,3 +107,51 @@ def test_kernel_kinds_sort_real_kernel_names_and_sum_shares():
         assert kernel_kind(name) == kind, name
     lines = kernel_shares([("nvjet_a", 3.0), ("triton_poi_x", 1.0), ("nvjet_b", 1.0)]).splitlines()
     assert lines == ["  matmul: 4.0 ms (80.0%)", "  fused (inductor triton): 1.0 ms (20.0%)"]
+
+
+def test_roofline_counts_attention_as_flash_runs_it():
+    """Attention is one op each way that moves q, k, v and the output (and the gradients), never the
+    L x L scores, and none of the math path's own ops (scaling, softmax) count; its backward's model FLOPs
+    are twice the forward's, its time includes the recomputed scores. A linear moves its input, weight and
+    output; a weight broadcast over a batched matmul is read once."""
+    q, k, v = (torch.empty(1, 2, 32, 8, device="meta", requires_grad=True) for _ in range(3))
+    with profile_unet.RooflineMode(peak=1e12, bandwidth=1e9) as mode:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.backward(torch.empty_like(out))
+    forward = 2 * (2 * 2 * 32 * 32 * 8)  # QK^T and PV: 2 * M * N * K each
+    ops, flops, moved, seconds, _ = mode.kinds["attention"]
+    assert (ops, flops) == (2, forward + 2 * forward)
+    # bf16 bytes: forward q, k, v, out; backward q, k, v, out, its gradient, and the three gradients
+    assert moved == 2 * q.numel() * (4 + 8)
+    assert seconds == pytest.approx(moved / 1e9)  # memory-bound at this bandwidth
+    assert set(mode.kinds) == {"attention"}
+    x, w = torch.empty(64, 16, device="meta"), torch.empty(32, 16, device="meta")
+    with profile_unet.RooflineMode(peak=1e12, bandwidth=1e15) as mode:
+        torch.nn.functional.linear(x, w)
+        torch.bmm(torch.empty(4, 64, 16, device="meta"), w.t().expand(4, 16, 32))
+    ops, flops, moved, seconds, bound = mode.kinds["matmul"]
+    one = 2 * 64 * 16 * 32
+    assert (ops, flops) == (2, 5 * one)
+    assert moved == 2 * (64 * 16 + 32 * 16 + 64 * 32) + 2 * (4 * 64 * 16 + 32 * 16 + 4 * 64 * 32)
+    assert seconds == pytest.approx(flops / 1e12) and bound == 0  # compute-bound at this bandwidth
+
+
+def test_roofline_of_the_rectify_step_is_the_bench_numerator(tmp_path, capsys):
+    """The step it traces is the one training.bench_gpu times: the same FLOPs per clip as MFU's numerator,
+    and no kind runs faster than its FLOPs at the peak or its bytes at the bandwidth allow."""
+    from training.bench_gpu import count_flops
+
+    assert (
+        profile_unet.main(
+            ["--roofline", "--preset", "tiny", "--batch", "2", "--json", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["total_flops"] == 2 * count_flops("rectify", "tiny")
+    for kind in report["kinds"].values():
+        assert kind["roofline_s"] >= kind["flops"] / report["peak_flops"] * (1 - 1e-9)
+        assert kind["roofline_s"] >= kind["bytes"] / report["bandwidth"] * (1 - 1e-9)
+    assert report["floor_s"] <= report["unfused_s"]
+    assert {"convolution", "matmul", "other (unfused)"} <= set(report["kinds"])
+    assert "MFU at most" in capsys.readouterr().out
