@@ -35,8 +35,12 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from manifests.files import default_file_mode, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_VAR = "INBETWEENER_MODELS"
 DEFAULT_DIR = "~/.cache/inbetweener/models"
@@ -207,7 +211,7 @@ def load_torch_state_dict(path: Path) -> dict:
     return state
 
 
-def load_module_weights(module, path: Path, prefix: str = "", keep: str = "") -> None:
+def load_module_weights(module: torch.nn.Module, path: Path, prefix: str = "", keep: str = "") -> None:
     """Load a pickled state dict file into `module` (strict): `WeightsError` naming the file when it cannot
     be read or its keys or shapes are not the module's, instead of torch's error deep in the call.
     `prefix` is removed when every key has it; with `keep`, only the keys under it are read (stripped)."""

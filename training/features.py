@@ -11,7 +11,8 @@ The statistics in `training.metrics` only see arrays; these are the networks tha
 
 Nothing here downloads: a missing file raises `MissingWeightsError` naming the file, where to put it
 and where it comes from; a file that is there but truncated or another network's raises
-`pipeline.models.WeightsError` naming it, its size and what was wrong. Loaders return modules on the CPU in fp32; the caller moves them.
+`pipeline.models.WeightsError` naming it, its size and what was wrong. Loaders return modules on the
+CPU in fp32; the caller moves them.
 """
 
 from __future__ import annotations
