@@ -200,10 +200,7 @@ def load_torch_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip / pickle, wrong file: one readable error
-        raise WeightsError(
-            f"{path} ({path.stat().st_size:,} bytes): cannot be read as a PyTorch state dict (truncated"
-            f" or wrong file?): {load_failure(exc)}"
-        ) from exc
+        raise unreadable_weights(path, "a PyTorch state dict", exc) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -221,6 +218,15 @@ def load_module_weights(module: torch.nn.Module, path: Path, prefix: str = "", k
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     compare_shapes(path, {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}, expected)
     module.load_state_dict(state, strict=True)
+
+
+def unreadable_weights(path: Path, what: str, exc: BaseException) -> WeightsError:
+    """The error for a weight file that is there but does not load: the file, its size, what it should
+    have been and the loader's reason in one sentence (raise it `from exc`)."""
+    return WeightsError(
+        f"{path} ({path.stat().st_size:,} bytes): cannot be read as {what} (truncated or wrong file?):"
+        f" {load_failure(exc)}"
+    )
 
 
 def load_failure(exc: BaseException, limit: int = 160) -> str:

@@ -158,7 +158,7 @@ class I3DFeatures:
 
 def load_i3d(root: str | os.PathLike | None = None, batch_size: int = 16) -> I3DFeatures:
     """Load `i3d/i3d_torchscript.pt` from the models dir with `torch.jit.load`, on the CPU."""
-    from pipeline.models import WeightsError, load_failure
+    from pipeline.models import unreadable_weights
 
     path = require_file(I3D_FILE, root)
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this file ships in
@@ -166,10 +166,7 @@ def load_i3d(root: str | os.PathLike | None = None, batch_size: int = 16) -> I3D
         try:
             detector = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # a truncated download or another file: name it, not torch's internals
-            raise WeightsError(
-                f"{path} ({path.stat().st_size:,} bytes): cannot be read as TorchScript (truncated or"
-                f" wrong file?): {load_failure(exc)}"
-            ) from exc
+            raise unreadable_weights(path, "TorchScript", exc) from exc
     return I3DFeatures(detector, batch_size=batch_size)
 
 
@@ -242,13 +239,10 @@ def load_open_clip(
     path = require_file(weight, root)
     import open_clip  # heavy: imported only when a CLIP metric is asked for
 
-    from pipeline.models import WeightsError, load_failure
+    from pipeline.models import unreadable_weights
 
     try:
         model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
     except Exception as exc:  # truncated, or another model's weights (open_clip loads strictly)
-        raise WeightsError(
-            f"{path} ({path.stat().st_size:,} bytes): not readable as OpenCLIP {model_name} weights"
-            f" (truncated or wrong file?): {load_failure(exc)}"
-        ) from exc
+        raise unreadable_weights(path, f"OpenCLIP {model_name} weights", exc) from exc
     return OpenClipEncoder(model, open_clip.get_tokenizer(model_name))
