@@ -700,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"preset": args.preset, "flops": counts}, indent=1) + "\n")
         return 0
     if args.roofline:
+        for flag, value in (("--batch", args.batch), ("--peak-tflops", args.peak_tflops),
+                            ("--bandwidth-tbs", args.bandwidth_tbs)):  # fmt: skip
+            if not value > 0:
+                raise SystemExit(f"profile_unet --roofline: {flag} must be > 0, got {value}")
         found = rectify_roofline(args.preset, args.batch, args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12)
         print(roofline_table(found))
         if args.json:

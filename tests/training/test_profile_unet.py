@@ -155,3 +155,5 @@ def test_roofline_of_the_rectify_step_is_the_bench_numerator(tmp_path, capsys):
     assert report["floor_s"] <= report["unfused_s"]
     assert {"convolution", "matmul", "other (unfused)"} <= set(report["kinds"])
     assert "MFU at most" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--batch must be > 0"):
+        profile_unet.main(["--roofline", "--preset", "tiny", "--batch", "0"])
