@@ -23,14 +23,20 @@
 #             A compile from scratch: 390 s for the plain layout on 8 CPUs beside another compile
 #             (fourth run), more than 280 s alone (third run), so it gets the whole machine and goes
 #             first; its artifacts come back as train_cl_cache.xz*.
-#   T_COMPILE (140 s): the same step in the plain layout without a budget, its baseline in the same
-#             run, from the artifacts of the fourth run (carry `.gpucache/train_cache.xz*`: 1.24 s/step,
-#             21.7% MFU there by the step's own FLOP count, 24.1% by MODEL.md Appendix E's), with its
-#             own profile of one step. FORCE_CL=1 compiles every block channels-last inside inductor instead
-#             (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise runs the UNet's large transformer
-#             linears as torchao fp8 GEMMs (train.float8; 27% of a forward's FLOPs).
-#   T_CLIP (110 s when that much is left, else in a second call while the machine is warm:
-#             `T_CL=0 T_COMPILE=0 T_CLIP=150 BUDGET=160`; issue "Curate, part 2"): aesthetic +
+#   T_COMPILE (140 s, and only when .gpucache/train_cache.xz was carried): the same step in the plain
+#             layout without a budget, its baseline in the same run, from an earlier run's artifacts
+#             (fourth run: 1.24 s/step, 21.7% MFU by the step's own FLOP count, 24.1% by MODEL.md
+#             Appendix E's), with its own profile of one step. FORCE_CL=1 compiles every block
+#             channels-last inside inductor instead (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise
+#             runs the UNet's large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a
+#             forward's FLOPs).
+#   T_EAGER (100 s, when no cache was carried, else 0): the rectify step eager at levels 0 and 2, the
+#             same-run baseline then. The compile caches are not committed, so a fresh checkout has
+#             none: the plain layout's compile from scratch (~280 s alone) does not fit in one call
+#             after T_CL's. The third run measured eager at 1.99-2.10 s/step and the fourth the
+#             compiled plain layout at 1.238-1.321 s, so this run's eager rows carry the comparison.
+#   T_CLIP (110 s, only when that much is left, else in a second call while the machine is warm:
+#             `T_CL=0 T_EAGER=0 T_CLIP=150 BUDGET=160`; issue "Curate, part 2"): aesthetic +
 #             alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3 linears
 #             (fourth run: 680 and 789 clips/s together): the fp8 tower as the stage runs it (biases
 #             in the GEMMs, patch embedding as a GEMM, last block for the class token alone), then
@@ -53,8 +59,6 @@
 #   T_GRAPH:  one UNet call with the branches' inputs stacked vs shared vs as a CUDA graph (eager: no
 #             compiling; GRAPH_MODE=compile compiles both forms); beside a compile still running, its
 #             ratios are noisier
-#   T_EAGER:  the rectify step at batch 6, eager, by part, by checkpoint level, with cuDNN's
-#             autotuning (2026-11-27: 1.99-2.10 s, MFU 14-15%)
 #   T_UNET:   where a sampling UNet forward spends its time (eager, by part), Conv3d vs Conv2d temporal
 #             convs (the faster is used below)
 #   T_MODEL:  UNet training step at batch 1 with gradient checkpointing off and on
@@ -73,13 +77,18 @@ exec 3>&1  # the parts' headers, past the filters on their output
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__)"
 for f in .gpucache/*_cache.xz*; do [ -f "$f" ] && cp "$f" "$OUT/" && echo "compile cache carried: $f"; done
+# The rectify step's same-run baseline: the compiled plain layout from a carried cache, else eager.
+if [ -f .gpucache/train_cache.xz ]; then T_COMPILE=${T_COMPILE:-140}; T_EAGER=${T_EAGER:-0}
+else T_COMPILE=${T_COMPILE:-0}; T_EAGER=${T_EAGER:-100}; fi
 GATE=/tmp/inbetweener_gates; rm -rf "$GATE"; mkdir -p "$GATE"
 NCPU=$(nproc); HALF=$((NCPU / 2)); FG=0-$((HALF - 1)); BG=$HALF-$((NCPU - 1))
 command -v taskset >/dev/null || { FG=; BG=; }  # without taskset both run on every CPU
 part() {  # part SECONDS command...: run with a time limit cut to what is left; 0 or < 20 s skips it
-  # (PIN: the CPUs it runs on; LOG: where its whole output goes, full_log.txt by default)
+  # (PIN: the CPUs it runs on; LOG: where its whole output goes, full_log.txt by default; WHOLE=1: skip
+  # it unless its whole limit is left, for a part whose first minutes measure nothing)
   local limit=$1; shift
   local left=$((BUDGET - ($(date +%s) - START)))
+  [ -n "${WHOLE:-}" ] && [ "$limit" -gt "$left" ] && limit=0
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -ge 20 ]; then
     echo "== ${limit}s${PIN:+ on CPUs $PIN}: $*" | tee -a "${LOG:-$OUT/full_log.txt}" >&3
@@ -113,9 +122,9 @@ touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its step
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
 part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${CL_LEVELS:-0,none,1}" --recompute-budget "${RB:-0.3}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --profile "$OUT/train_cl_kernels.txt" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part ${T_COMPILE:-140} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --profile "$OUT/train_kernels.txt" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
-part ${T_EAGER:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
+part $T_COMPILE env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --profile "$OUT/train_kernels.txt" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part $T_EAGER python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
+WHOLE=1 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 for f in .gpucache/*_cache.xz; do  # a carried cache, saved again by its bench, adds nothing: not back

@@ -195,3 +195,60 @@ def test_the_unet_call_check_script_runs_without_the_missing_packages(tmp_path):
     assert "inputs stacked for both branches:" in out and "inputs shared:" in out
     difference = float(out.split("largest difference, shared vs stacked:")[1].split()[0])
     assert difference < 1e-5
+
+
+def parts_run(tmp_path: Path, env: dict[str, str], cached: bool) -> list[str]:
+    """Run bench/gpu_checks.sh with stand-ins for python3 and nvidia-smi that only record what they were
+    asked to do, in a working tree with or without a carried compile cache: the `python3 -m` commands of
+    the parts that ran, in order."""
+    tree, bin_dir = tmp_path / "tree", tmp_path / "bin"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "bench" / "gpu_checks.sh").write_text((ROOT / "bench" / "gpu_checks.sh").read_text())
+    if cached:
+        (tree / ".gpucache").mkdir()
+        (tree / ".gpucache" / "train_cache.xz").write_bytes(b"carried")
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "python3").write_text(f'#!/bin/sh\n[ "$1" = -m ] && echo "$*" >> {calls}\nexit 0\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total'\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    subprocess.run(
+        ["bash", "bench/gpu_checks.sh"],
+        cwd=tree,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_the_gpu_script_times_a_baseline_in_the_same_run(tmp_path):
+    """The compile caches are not committed, so a fresh checkout carries none: the compiled plain layout
+    would have to compile from scratch after the channels-last step, which does not fit one call. The
+    script then times the eager step as the same-run baseline; with a carried cache, the compiled plain
+    layout. Either way the channels-last step runs first."""
+    fresh = parts_run(tmp_path / "fresh", {}, cached=False)
+    train = [c for c in fresh if c.startswith("-m training.bench_gpu")]
+    assert len(train) == 2 and "--channels-last" in train[0]
+    assert "--compile" not in train[1] and "--checkpoint-levels 0,2" in train[1]
+    assert any(c.startswith("-m pipeline.bench_models_gpu") for c in fresh)
+
+    carried = parts_run(tmp_path / "carried", {}, cached=True)
+    train = [c for c in carried if c.startswith("-m training.bench_gpu")]
+    assert len(train) == 2 and "--channels-last" in train[0]
+    assert "--compile inductor" in train[1] and "--compile-cache" in train[1]
+
+
+def test_the_gpu_script_skips_a_part_whose_whole_limit_is_not_left(tmp_path):
+    """The aesthetic bench's first minutes compile: cut short it measures nothing, so it waits for a
+    call of its own rather than starting with what is left; a part without WHOLE takes what is left."""
+    short = parts_run(tmp_path / "short", {"T_CL": "0", "T_CLIP": "110", "BUDGET": "60"}, cached=False)
+    assert not any("pipeline.bench_models_gpu" in c for c in short)
+    assert any("training.bench_gpu" in c for c in short)  # the eager baseline: 60 s of its 100
+    whole = parts_run(
+        tmp_path / "whole", {"T_CL": "0", "T_EAGER": "0", "T_CLIP": "110", "BUDGET": "120"}, cached=False
+    )
+    assert [c.split()[1] for c in whole] == ["pipeline.bench_models_gpu"]
