@@ -10,7 +10,7 @@ OPENCV_VERSION := 4.12.0.88
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help install demo test test-fast lint format bench gpu-wheels clean
+.PHONY: help install demo test test-fast lint format bench gpu-wheels gpu-rehearsal clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ gpu-wheels:  ## fetch the wheels bench/gpu_checks.sh installs on the GPU machine
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 torchao==0.18.0
+
+gpu-rehearsal:  ## run the GPU checks' CPU paths with the GPU machine's torch (2.11), in .venv-gpu
+	bash bench/rehearse_gpu_torch.sh
 
 clean:  ## remove the venv and outputs
 	rm -rf $(VENV) out .pytest_cache
