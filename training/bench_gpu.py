@@ -478,6 +478,9 @@ def count_flops(stage: str, preset: str) -> float:
     return float(counter.get_total_flops())
 
 
+COUNTED = "FlopCounterMode, meta device, the stage's trained set"
+
+
 def model_flops(stage: str, preset: str) -> dict[str, Any]:
     """count_flops as the report keeps it (TFLOP per clip). The count traces the step on the meta device,
     which a GPU machine's torch version might not support for every op: that must not cost the session
@@ -486,14 +489,13 @@ def model_flops(stage: str, preset: str) -> dict[str, Any]:
     says why. The timed seconds per step are kept either way, so MFU can be recounted later."""
     appendix_e = APPENDIX_E_TFLOP[stage] if preset == "toon-512" else None
     try:
-        value: float | None = count_flops(stage, preset) / 1e12
-        source = "FlopCounterMode, meta device, the stage's trained set"
+        value = count_flops(stage, preset) / 1e12
+        return {"value": value, "counted": True, "source": COUNTED, "appendix_e": appendix_e}
     except Exception as e:  # noqa: BLE001 - any failure of the count; the steps still get timed
-        value = appendix_e
-        fallback = "MODEL.md Appendix E" if value else "none: no MFU"
+        fallback = "MODEL.md Appendix E" if appendix_e else "none: no MFU"
         source = f"{fallback} (the meta-device count failed: {type(e).__name__}: {e})"
         print(f"{stage}: model FLOPs from {source}", flush=True)
-    return {"value": value, "source": source, "appendix_e": appendix_e}
+        return {"value": appendix_e, "counted": False, "source": source, "appendix_e": appendix_e}
 
 
 def matmul_tflops(device: torch.device, amp) -> float | None:
@@ -554,9 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_compile_cache(args.compile_cache)
         print(f"compile cache {args.compile_cache}: {'loaded' if loaded else 'absent'}", flush=True)
     for stage in stages:
-        report[f"{stage}_tflop_per_clip"] = model_flops(stage, args.preset)
-        flops = report[f"{stage}_tflop_per_clip"]["value"]
-        flops = flops * 1e12 if flops else None
+        count = report[f"{stage}_tflop_per_clip"] = model_flops(stage, args.preset)
+        flops = count["value"] * 1e12 if count["value"] else None
         batches = [int(x) for x in args.batches.split(",")] if stage == "rectify" else [1]
         case = _build(
             stage,
@@ -643,7 +644,7 @@ def _budget(report: dict[str, Any]) -> str:
 
 
 def _count_line(stage: str, count: dict[str, Any]) -> str:
-    if not count["source"].startswith("FlopCounterMode"):  # the count failed: model_flops
+    if not count["counted"]:  # model_flops fell back
         value = f"{count['value']:.4g} TFLOP" if count["value"] else "unknown"
         return f"model FLOPs per {stage} clip: {value}, from {count['source']}"
     appendix = f" (MODEL.md Appendix E: {count['appendix_e']})" if count.get("appendix_e") else ""
