@@ -22,7 +22,9 @@
 #             budget's extra recompute inside a recomputed block.
 #             A compile from scratch: 390 s for the plain layout on 8 CPUs beside another compile
 #             (fourth run), more than 280 s alone (third run), so it gets the whole machine and goes
-#             first; its artifacts come back as train_cl_cache.xz*.
+#             first; its artifacts come back as train_cl_cache.xz*. On an H200 every rectify part caps
+#             torch's allocator at an 80 GB card's 79.1 GiB (training.bench_gpu --memory-cap-gib), so a
+#             batch that fits fits the card.
 #   T_COMPILE (140 s, and only when .gpucache/train_cache.xz was carried): the same step in the plain
 #             layout without a budget, its baseline in the same run, from an earlier run's artifacts
 #             (fourth run: 1.24 s/step, 21.7% MFU by the step's own FLOP count, 24.1% by MODEL.md

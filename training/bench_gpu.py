@@ -12,17 +12,19 @@ torch.compile'd with --compile inductor (train.compile):
   increasing order until one runs out of memory; the largest that fits is reported.
 * `decoder`: the decoder stage's step (encode, dual-reference decode with grads, L1 + LPIPS-VGG (random
   weights, the architecture is what costs) + patch discriminator G term, AdamW) at batch 1.
-Per case: seconds per step (median of --steps after --warmup), samples/s, peak allocated memory, and
-model FLOPs utilisation = model FLOPs per step / time / peak. Model FLOPs per clip are what the stage's
-step computes, counted by torch's FlopCounterMode on one step at batch 1 on the meta device (nothing runs,
-a few seconds of CPU), without checkpointing so that no recompute counts: frozen weights get no weight
-gradient, so the rectify step of toon-512 is 44.36 TFLOP, not MODEL.md Appendix E's 49.24 (which trains
-every UNet weight; reported beside it). The
-peak is the card's dense bf16 spec (H100/H200 SXM 989.4 TFLOP/s, A100 312) or --peak-tflops; a measured
-bf16 matmul rate is reported beside it. With --breakdown, one more step per case is timed by part (CUDA
-events, no sync inside the step): the frozen VAE encoder and CLIP towers, the Resampler, the UNet
-forward, the rest of the forward, the backward, and clipping + AdamW + EMA: where the time goes
-before deciding between compiling, caching the frozen encoders' outputs and larger batches.
+Per case: seconds per step (median of --steps after --warmup), samples/s, peak allocated (and reserved)
+memory, and model FLOPs utilisation = model FLOPs per step / time / peak. Model FLOPs per clip are what
+the stage's step computes, counted by torch's FlopCounterMode on one step at batch 1 on the meta device
+(nothing runs, a few seconds of CPU), without checkpointing so that no recompute counts: frozen weights
+get no weight gradient, so the rectify step of toon-512 is 44.36 TFLOP, not MODEL.md Appendix E's 49.24
+(which trains every UNet weight; reported beside it). The peak is the card's dense bf16 spec (H100/H200
+SXM 989.4 TFLOP/s, A100 312) or --peak-tflops; a measured bf16 matmul rate is reported beside it. With
+--breakdown, one more step per case is timed by part (CUDA events, no sync inside the step): the frozen
+VAE encoder and CLIP towers, the Resampler, the UNet forward, the rest of the forward, the backward, and
+clipping + AdamW + EMA: where the time goes before deciding between compiling, caching the frozen
+encoders' outputs and larger batches. On a card with more than 80 GB (an H200), the caching allocator is
+capped at what an 80 GB card leaves it (--memory-cap-gib), so the largest batch that fits is the
+issue's, whichever card the run gets.
 
 Needs torch (and open_clip_torch, for the CLIP towers' classes) only: no Ray, webdataset or PyAV.
 """
@@ -57,6 +59,10 @@ from training.float8 import check_settings as check_float8_settings
 APPENDIX_E_TFLOP = {"rectify": 49.24, "decoder": 113.56}
 SPEC_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.05}
 SHAPES = {"toon-512": (16, 320, 512), "tiny": (4, 64, 96)}
+# The issue's memory target is one 80 GB card. An H100 80GB HBM3 has 81,559 MiB (79.6 GiB), of which the
+# CUDA context keeps ~0.5 GiB: what is left for the caching allocator. On a larger card (an H200's 140
+# GiB) the bench caps the allocator there, so that a batch that fits the run fits that card.
+CARD_80GB_GIB = 79.1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,8 +165,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " before any further step, at most --wait-max seconds",
     )
     p.add_argument("--wait-max", type=float, default=600.0, help="seconds --wait-for waits at most")
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=CARD_80GB_GIB,
+        metavar="GIB",
+        help="on a card with more memory, let the caching allocator reserve at most this much (torch's"
+        f" per-process memory fraction), so that what fits fits that card (default {CARD_80GB_GIB}: an 80 GB"
+        " card less its CUDA context; 0: the whole card)",
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
+
+
+def cap_memory(device: torch.device, cap_gib: float) -> float | None:
+    """Keep the caching allocator under cap_gib on a card that has more; returns the cap applied, None
+    where the card has no more than that and its CUDA context (an 80 GB card itself), no cap is asked
+    for, or the device is not a GPU."""
+    if device.type != "cuda" or not cap_gib:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if total <= (cap_gib + 1) * 2**30:
+        return None
+    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+    return cap_gib
 
 
 # Parts of a step's forward timed by --breakdown: module path inside the step's net -> label (a part
@@ -442,6 +470,10 @@ def measure(
         "s_per_step": sec,
         "samples_per_s": b / sec,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        # what the allocator held at most: the cap applies to this, fragmentation included
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30
+        if device.type == "cuda"
+        else None,
         "tflop_per_step": flops_per_clip * b / 1e12 if flops_per_clip else None,
     }
     if phases is not None:
@@ -548,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         "float8": args.float8 or None,
         "float8_layers": args.float8_layers if args.float8 else None,
         "peak_bf16_tflops": peak,
+        "memory_cap_gib": cap_memory(device, args.memory_cap_gib),
         "matmul_bf16_tflops": matmul_tflops(device, amp),
         "rows": [],
     }
@@ -643,6 +676,11 @@ def _budget(report: dict[str, Any]) -> str:
     return "" if budget in (None, 1.0) else f", compiled blocks keep {budget:g} of their activations"
 
 
+def _cap(report: dict[str, Any]) -> str:
+    cap = report.get("memory_cap_gib")
+    return f", the allocator capped at {cap:g} GiB" if cap else ""
+
+
 def _count_line(stage: str, count: dict[str, Any]) -> str:
     if not count["counted"]:  # model_flops fell back
         value = f"{count['value']:.4g} TFLOP" if count["value"] else "unknown"
@@ -658,9 +696,9 @@ def _table(report: dict[str, Any]) -> str:
         f" {'on' if report['gradient_checkpointing'] else 'off'}, compile {report['compile']}"
         f"{' (layout optimisation forced)' if report.get('inductor_force_layout_opt') else ''}"
         f"{', activations channels-last' if report.get('channels_last') else ''}{fp8}"
-        f"{_budget(report)}; "
+        f"{_budget(report)}{_cap(report)}; "
         f"peak {report['peak_bf16_tflops']} TFLOP/s (spec), matmul measured {report['matmul_bf16_tflops']}",
-        "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB | TFLOP/s | MFU |",
+        "| stage | batch | recomputed UNet levels | s/step | samples/s | peak GiB (reserved) | TFLOP/s | MFU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     counts = [(stage, report.get(f"{stage}_tflop_per_clip")) for stage in ("rectify", "decoder")]
@@ -670,6 +708,7 @@ def _table(report: dict[str, Any]) -> str:
             lines.append(f"| {r['stage']} | {r['batch']} | {_recomputed(report, r)} | OOM | | | | |")
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        mem += f" ({r['peak_reserved_gib']:.1f})" if r.get("peak_reserved_gib") is not None else ""
         tf = f"{r['achieved_tflops']:.1f}" if r.get("achieved_tflops") else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(

@@ -388,6 +388,40 @@ def test_bench_gpu_keeps_timing_when_the_flop_count_fails(monkeypatch, capsys):
     assert "model FLOPs per decoder clip: 113.6 TFLOP, from MODEL.md Appendix E" in table
 
 
+def test_bench_gpu_caps_a_larger_card_at_an_80gb_cards_memory(monkeypatch):
+    """The issue's target is a batch that fits one 80 GB card; a run lent an H200 (140 GiB) must not report
+    a batch that fits only there: the allocator is capped at an 80 GB card's share of the larger card,
+    and an 80 GB card itself, a cap of 0 or the CPU is left as it is."""
+    from types import SimpleNamespace
+
+    from training import bench_gpu
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: fractions.append(f))
+    gpu = torch.device("cuda", 0)
+
+    def card(gib: float) -> None:
+        props = SimpleNamespace(total_memory=int(gib * 2**30))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: props)
+
+    card(139.8)  # an H200
+    assert bench_gpu.cap_memory(gpu, bench_gpu.CARD_80GB_GIB) == bench_gpu.CARD_80GB_GIB
+    assert fractions == [pytest.approx(bench_gpu.CARD_80GB_GIB / 139.8)]
+    assert bench_gpu.cap_memory(gpu, 0) is None
+    card(79.6)  # an H100 80GB: nothing to cap
+    assert bench_gpu.cap_memory(gpu, bench_gpu.CARD_80GB_GIB) is None
+    assert bench_gpu.cap_memory(torch.device("cpu"), bench_gpu.CARD_80GB_GIB) is None
+    assert len(fractions) == 1
+    assert bench_gpu.parse_args([]).memory_cap_gib == bench_gpu.CARD_80GB_GIB
+    report = {"device": "NVIDIA H200", "preset": "toon-512", "autocast": "torch.bfloat16",
+              "gradient_checkpointing": True, "compile": None, "peak_bf16_tflops": 989.4,
+              "matmul_bf16_tflops": None, "memory_cap_gib": bench_gpu.CARD_80GB_GIB,
+              "rows": [{"stage": "rectify", "batch": 6, "checkpoint_levels": 0, "s_per_step": 1.0,
+                        "samples_per_s": 6.0, "peak_mem_gib": 40.0, "peak_reserved_gib": 44.5}]}  # fmt: skip
+    table = bench_gpu._table(report)
+    assert "the allocator capped at 79.1 GiB" in table and "| 40.0 (44.5) |" in table
+
+
 def test_bench_gpu_smoke_mode(tmp_path):
     """The GPU benchmark's CPU smoke mode: the same code path at the tiny preset."""
     from training import bench_gpu
