@@ -38,13 +38,14 @@
 #             after T_CL's. The third run measured eager at 1.99-2.10 s/step and the fourth the
 #             compiled plain layout at 1.238-1.321 s, so this run's eager rows carry the comparison.
 #   T_CLIP (110 s, only when that much is left, else in a second call while the machine is warm:
-#             `T_CL=0 T_EAGER=0 T_CLIP=150 BUDGET=160`; issue "Curate, part 2"): aesthetic +
+#             `T_CL=0 T_EAGER=0 T_CLIP=170 BUDGET=180`; issue "Curate, part 2"): aesthetic +
 #             alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3 linears
 #             (fourth run: 680 and 789 clips/s together): the fp8 tower as the stage runs it (biases
-#             in the GEMMs, patch embedding as a GEMM, last block for the class token alone), then
-#             replayed as CUDA graphs, then its baseline (biases after the GEMMs, patch embedding a
-#             convolution, whole last block), and a profiler table of one call of the fastest form
-#             (how busy the GPU was, then its kernels).
+#             in the GEMMs, patch embedding as a GEMM, last block for the class token alone, inductor's
+#             persistent kernels for the MLP's 4,096-wide rows), then replayed as CUDA graphs, then its
+#             baseline (the fourth run's form: biases after the GEMMs, patch embedding a convolution,
+#             whole last block, looped reductions), and a profiler table of one call of the fastest
+#             form (how busy the GPU was, then its kernels).
 # Other parts, run when their limits are set:
 #   T_BESIDE: the plain-layout compiled rectify step in the background from the start, on half the
 #             CPUs, beside the sample on the other half (the fourth run's plan: 514 s in all). Its first

@@ -384,10 +384,13 @@ def _aesthetic_stage(clip, mlp, device, dtype, batch_size: int, precision: str =
     return stage
 
 
-def _compiled_row(stage: AestheticStage, backend: str, rows: list[dict], device, batches: int) -> dict:
-    """Compile the stage's image tower in place and time it: the first call (which compiles), then
-    `measure`. The stage pads short chunks, so the tower meets one shape and compiles once."""
-    compile_image_tower(stage._clip, backend)
+def _compiled_row(
+    stage: AestheticStage, backend: str, rows: list[dict], device, batches: int, wide: bool = False
+) -> dict:
+    """Compile the stage's image tower in place (`wide`: with WIDE_REDUCTIONS) and time it: the first
+    call (which compiles), then `measure`. The stage pads short chunks, so the tower meets one shape and
+    compiles once."""
+    compile_image_tower(stage._clip, backend, wide_reductions=wide)
     stage.compile = backend
     start = time.perf_counter()
     list(stage.process_rows(rows))
@@ -396,11 +399,12 @@ def _compiled_row(stage: AestheticStage, backend: str, rows: list[dict], device,
 
 
 def _measure_fp8(
-    clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fused: bool = True
+    clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fused: bool = True, wide=False
 ) -> dict:
     """The aesthetic stage with a copy of `clip` (same weights) in bf16 with fp8 linears (with the
     biases in the GEMMs and the patch embedding as a GEMM, or not: `fused`), compiled with `backend` (""
-    eager); its row, with the stage under "stage" for the agreement check."""
+    eager; `wide`: inductor's WIDE_REDUCTIONS); its row, with the stage under "stage" for the agreement
+    check."""
     import torch
 
     clip8, _, _ = build_clip(tiny, fallback, device, torch.bfloat16)
@@ -409,7 +413,7 @@ def _measure_fp8(
     fast = _aesthetic_stage(clip8, aesthetic._mlp, device, torch.bfloat16, batch["aesthetic"], "fp8")
     rows = _rows(batch["aesthetic"], size)
     timing = (
-        _compiled_row(fast, backend, rows, device, batches)
+        _compiled_row(fast, backend, rows, device, batches, wide)
         if backend
         else measure(fast, rows, device, batches)
     )
@@ -426,6 +430,7 @@ FP8_ROWS = (
 )
 FUSED = ", biases added by the GEMMs, patch embedding as a GEMM, last block for the class token"
 UNFUSED = ", biases added after the GEMMs, patch embedding as a convolution, whole last block"
+WIDE = ", persistent reductions over the MLP's 4,096-wide rows (inductor multi-kernel)"
 
 
 def _graph_row(stage: AestheticStage, rows: list[dict], device, batches: int) -> dict:
@@ -549,18 +554,33 @@ def run(
         if "aesthetic" in stages and fp8:
             # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
             # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager.
-            # First the stage's form, then (on a GPU) the same tower replayed as CUDA graphs, then the
-            # baseline: the biases after the GEMMs and the patch embedding as a convolution
+            # First the stage's form (with inductor, the wide rows' persistent reductions too: if
+            # only those fail, the error is a row and the form compiles without them), then (on a GPU)
+            # the same tower replayed as CUDA graphs, then the baseline: the biases after the GEMMs,
+            # the patch embedding as a convolution, the whole last block, loop reductions
             from inference.cuda_graph import GraphedCall
 
             for fused, suffix in ((True, ""), (False, "_unfused")):
-                for backend in dict.fromkeys([compile_backend, ""]):
+                wide = fused and compile_backend == "inductor"
+                tries = dict.fromkeys([(compile_backend, wide), (compile_backend, False), ("", False)])
+                for backend, wide in tries:
                     name = f"aesthetic_fp8{suffix}" + ("_compiled" if backend else "")
                     impl8 = f"{impl}, fp8 e4m3 linears, fast accumulation{FUSED if fused else UNFUSED}"
                     impl8 += f", torch.compile {backend}" if backend else ""
+                    impl8 += WIDE if wide else ""
                     try:
                         row = _measure_fp8(
-                            clip, aesthetic, tiny, fallback, device, backend, batch, size, batches, fused
+                            clip,
+                            aesthetic,
+                            tiny,
+                            fallback,
+                            device,
+                            backend,
+                            batch,
+                            size,
+                            batches,
+                            fused,
+                            wide,
                         )
                         row["agreement_with_fp16"] = agreement(
                             reference, list(row["stage"].process_rows(smooth))
@@ -568,7 +588,10 @@ def run(
                         stage8 = row.pop("stage")
                         record(results, name, {"model": impl8, **row})
                     except Exception as exc:  # one shot on a lent GPU: keep the other rows
-                        record(results, name, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]})
+                        failed = name + ("_wide_reductions" if wide else "")
+                        record(
+                            results, failed, {"model": impl8, "error": f"{type(exc).__name__}: {exc}"[:600]}
+                        )
                         continue
                     if fused:
                         profiled = stage8

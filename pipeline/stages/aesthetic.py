@@ -265,13 +265,24 @@ def float8_image_tower(net, device, fast_accum: bool = True, fused: bool = True)
     return counts
 
 
-def compile_image_tower(net, backend: str) -> None:
+# Inductor's options for the fp8 tower. Inductor keeps a row in registers (a "persistent" reduction, one
+# read of the row) only up to 1,024 values; a wider row is reduced in a loop and read twice. The fp8
+# tower's widest rows are the MLP's 4,096 hidden values, whose GELU, rowwise amax and e4m3 cast before
+# the second linear took 18% of its kernel time on an H100 (BENCHMARKS.md), read twice. With
+# `multi_kernel`, inductor also generates the persistent kernel for rows of up to 16x that width and
+# keeps whichever of the two runs faster on the first call.
+WIDE_REDUCTIONS = {"triton.multi_kernel": 1}
+
+
+def compile_image_tower(net, backend: str, wide_reductions: bool = False) -> None:
     """`torch.compile` the image tower in place ("" leaves it eager); an unknown backend is an error
-    naming `aesthetic.compile`."""
+    naming `aesthetic.compile`. `wide_reductions` (inductor only; the fp8 tower's setting): the
+    WIDE_REDUCTIONS options."""
     if not backend:
         return
     check_compile_backend(backend, "aesthetic.compile")
-    net.visual.compile(backend=backend, dynamic=False)
+    options = WIDE_REDUCTIONS if wide_reductions and backend == "inductor" else None
+    net.visual.compile(backend=backend, dynamic=False, options=options)
 
 
 def check_compile_backend(backend: str, key: str) -> None:
@@ -364,7 +375,7 @@ class AestheticStage(Stage):
         self._clip = load_clip(self.clip_model, self.clip_pretrained, root, self._device, self._dtype)
         if fp8:
             float8_image_tower(self._clip, self._device)
-        compile_image_tower(self._clip, self.compile)
+        compile_image_tower(self._clip, self.compile, wide_reductions=fp8)
         self.graph_image_tower()
         dim = clip_embed_dim(self.clip_model, root)
         self._mlp = load_aesthetic_mlp(root, dim, self._device)

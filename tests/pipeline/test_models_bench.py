@@ -116,3 +116,45 @@ def test_a_failing_fp8_compile_is_a_row_and_fp8_runs_eager(tmp_path, capsys, mon
     assert "biases added by the GEMMs" in stages["aesthetic_fp8"]["model"]
     assert stages["aesthetic_fp8_unfused"]["clips_per_s"] > 0
     assert printed.index("measured aesthetic: ") < printed.index("measured aesthetic_fp8: ")
+
+
+def test_the_fp8_forms_wide_reductions_fall_back_to_loops_when_they_fail(tmp_path, capsys, monkeypatch):
+    """With inductor, the stage's fp8 form compiles with persistent wide reductions (multi-kernel); if
+    that fails on the lent GPU, the error is a row of its own and the same form is measured without
+    them, before the baseline (which never has them). Inductor is stood in for by eager here."""
+    from pipeline import bench_models_gpu
+
+    calls = []
+    real = bench_models_gpu.compile_image_tower
+
+    def spy(net, backend, wide_reductions=False):
+        calls.append((backend, wide_reductions))
+        if wide_reductions:
+            raise RuntimeError("multi-kernel failed")
+        real(net, "eager" if backend == "inductor" else backend)
+
+    monkeypatch.setattr(bench_models_gpu, "compile_image_tower", spy)
+    out = tmp_path / "bench.json"
+    argv = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--fallbacks",
+        "--stages",
+        "aesthetic",
+        "--fp8",
+        "--compile",
+        "inductor",
+    ]
+    assert bench_models_gpu.main([*argv, "--out", str(out)]) == 0
+    # the fp16 tower, the fp8 form with and then without wide reductions, the baseline without
+    assert calls == [("inductor", False), ("inductor", True), ("inductor", False), ("inductor", False)]
+    stages = json.loads(out.read_text())["stages"]
+    failed = stages["aesthetic_fp8_compiled_wide_reductions"]
+    assert failed["error"] == "RuntimeError: multi-kernel failed" and "multi-kernel" in failed["model"]
+    form = stages["aesthetic_fp8_compiled"]
+    assert form["clips_per_s"] > 0 and "multi-kernel" not in form["model"]
+    assert "biases added by the GEMMs" in form["model"]
+    baseline = stages["aesthetic_fp8_unfused_compiled"]
+    assert baseline["clips_per_s"] > 0 and "multi-kernel" not in baseline["model"]
+    assert re.search(r"aesthetic_fp8_compiled_wide_reductions +failed: RuntimeError", capsys.readouterr().out)

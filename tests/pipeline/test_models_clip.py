@@ -234,6 +234,29 @@ def test_compiled_image_tower_scores_like_eager_and_compiles_once(models):
         AestheticStage(clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), compile="nope").setup()
 
 
+def test_only_the_fp8_tower_compiled_by_inductor_gets_persistent_wide_reductions():
+    """aesthetic.precision=fp8 with aesthetic.compile=inductor: the tower is compiled with inductor's
+    multi-kernel option (its MLP's 4,096-wide rowwise amax then has a one-read kernel to pick); other
+    backends and the fp16 tower compile as before, and this torch's inductor takes the option."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.stages.aesthetic import WIDE_REDUCTIONS, compile_image_tower
+
+    got = []
+    net = SimpleNamespace(visual=SimpleNamespace(compile=lambda **kw: got.append(kw)))
+    compile_image_tower(net, "inductor", wide_reductions=True)
+    compile_image_tower(net, "inductor")
+    compile_image_tower(net, "eager", wide_reductions=True)
+    compile_image_tower(net, "", wide_reductions=True)
+    assert [g["options"] for g in got] == [WIDE_REDUCTIONS, None, None]
+    assert all(g["backend"] in ("inductor", "eager") and g["dynamic"] is False for g in got)
+    x = torch.randn(3, 2048)
+    amax = torch.compile(lambda t: t.abs().amax(-1), backend="inductor", options=WIDE_REDUCTIONS)(x)
+    torch.testing.assert_close(amax, x.abs().amax(-1))
+
+
 def test_cuda_graph_gets_one_input_shape_and_gives_the_eager_embeddings(models):
     """aesthetic.cuda_graph: each chunk of same-size frames goes to the replayed call whole (uint8
     frames on the device, preprocessing inside the graph), padded to frames_per_forward so one
