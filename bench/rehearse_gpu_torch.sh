@@ -7,7 +7,8 @@
 #   1. tests/test_gpu_machine.py: every bench's CPU smoke mode with Ray, pyarrow, PyAV... unimportable,
 #      every gpu_checks.sh command through its parser, the script's part selection;
 #   2. the model FLOP count on the meta device at toon-512 (training.bench_gpu's MFU numerator);
-#   3. T_CL's command (compiled, channels-last, recompute budget) at the tiny preset (~5 min here).
+#   3. T_CL's command (compiled, channels-last, recompute budget) at the tiny preset (~5 min here);
+#   4. that this torch's inductor takes the fp8 aesthetic tower's compile options (WIDE_REDUCTIONS).
 # Deselected: the fp8 aesthetic tower on the CPU. Before torch 2.14 the CPU's _scaled_mm takes only
 # per-tensor scales; the tower's rowwise scales run on CUDA (the fourth run measured them on 2.11).
 # Downloads ~5 GB (torch and its CUDA libraries) the first time.
@@ -38,4 +39,11 @@ OUT=$(mktemp -d)
 "$VENV/bin/python" -m training.bench_gpu --device cpu --preset tiny --batches 1 --steps 1 --warmup 1 \
   --no-decoder --compile inductor --checkpoint-levels 0,none --recompute-budget 0.3 --channels-last \
   --json "$OUT/cl.json" 2>&1 | grep -E "^\| rectify"
+"$VENV/bin/python" -c "
+import torch
+from pipeline.stages.aesthetic import WIDE_REDUCTIONS
+x = torch.randn(3, 4096)
+got = torch.compile(lambda t: t.abs().amax(-1), backend='inductor', options=WIDE_REDUCTIONS)(x)
+torch.testing.assert_close(got, x.abs().amax(-1))
+print('inductor takes', WIDE_REDUCTIONS)"
 echo "rehearsal passed: torch $GPU_TORCH"
