@@ -561,8 +561,8 @@ def run(
             from inference.cuda_graph import GraphedCall
 
             for fused, suffix in ((True, ""), (False, "_unfused")):
-                wide = fused and compile_backend == "inductor"
-                tries = dict.fromkeys([(compile_backend, wide), (compile_backend, False), ("", False)])
+                tried_first = (compile_backend, fused and compile_backend == "inductor")
+                tries = dict.fromkeys([tried_first, (compile_backend, False), ("", False)])
                 for backend, wide in tries:
                     name = f"aesthetic_fp8{suffix}" + ("_compiled" if backend else "")
                     impl8 = f"{impl}, fp8 e4m3 linears, fast accumulation{FUSED if fused else UNFUSED}"

@@ -77,6 +77,10 @@ def test_bench_rejects_bad_options_before_building_models(flag, message, capsys)
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+# the aesthetic stage alone at the tiny size on the CPU, with its fp8 rows
+FP8_AESTHETIC = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic", "--fp8"]
+
+
 def test_a_failing_fp8_compile_is_a_row_and_fp8_runs_eager(tmp_path, capsys, monkeypatch):
     """A lent GPU gets one run of the bench: if compiling the fp8 tower fails there, the error is
     kept as a row, fp8 is measured eager instead, and every row was printed as soon as it was measured."""
@@ -91,18 +95,7 @@ def test_a_failing_fp8_compile_is_a_row_and_fp8_runs_eager(tmp_path, capsys, mon
 
     monkeypatch.setattr(bench_models_gpu, "_measure_fp8", fails_compiled)
     out = tmp_path / "bench.json"
-    argv = [
-        "--device",
-        "cpu",
-        "--tiny",
-        "--fallbacks",
-        "--stages",
-        "aesthetic",
-        "--fp8",
-        "--compile",
-        "eager",
-    ]
-    assert bench_models_gpu.main([*argv, "--out", str(out)]) == 0
+    assert bench_models_gpu.main([*FP8_AESTHETIC, "--compile", "eager", "--out", str(out)]) == 0
     stages = json.loads(out.read_text())["stages"]
     assert stages["aesthetic_fp8_compiled"]["error"] == "RuntimeError: no fp8 kernel for this card"
     assert (
@@ -135,18 +128,7 @@ def test_the_fp8_forms_wide_reductions_fall_back_to_loops_when_they_fail(tmp_pat
 
     monkeypatch.setattr(bench_models_gpu, "compile_image_tower", spy)
     out = tmp_path / "bench.json"
-    argv = [
-        "--device",
-        "cpu",
-        "--tiny",
-        "--fallbacks",
-        "--stages",
-        "aesthetic",
-        "--fp8",
-        "--compile",
-        "inductor",
-    ]
-    assert bench_models_gpu.main([*argv, "--out", str(out)]) == 0
+    assert bench_models_gpu.main([*FP8_AESTHETIC, "--compile", "inductor", "--out", str(out)]) == 0
     # the fp16 tower, the fp8 form with and then without wide reductions, the baseline without
     assert calls == [("inductor", False), ("inductor", True), ("inductor", False), ("inductor", False)]
     stages = json.loads(out.read_text())["stages"]
