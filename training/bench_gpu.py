@@ -556,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         check_recompute_budget(args.recompute_budget, args.compile)
     except ValueError as e:
         raise SystemExit(f"--recompute-budget: {e}") from None
+    if args.memory_cap_gib < 0:
+        raise SystemExit(f"--memory-cap-gib: GiB >= 0 (0: the whole card), got {args.memory_cap_gib}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu (use --preset tiny there)", file=sys.stderr)

@@ -413,6 +413,8 @@ def test_bench_gpu_caps_a_larger_card_at_an_80gb_cards_memory(monkeypatch):
     assert bench_gpu.cap_memory(torch.device("cpu"), bench_gpu.CARD_80GB_GIB) is None
     assert len(fractions) == 1
     assert bench_gpu.parse_args([]).memory_cap_gib == bench_gpu.CARD_80GB_GIB
+    with pytest.raises(SystemExit, match="--memory-cap-gib: GiB >= 0"):
+        bench_gpu.main(["--memory-cap-gib", "-1", "--device", "cpu", "--preset", "tiny"])
     report = {"device": "NVIDIA H200", "preset": "toon-512", "autocast": "torch.bfloat16",
               "gradient_checkpointing": True, "compile": None, "peak_bf16_tflops": 989.4,
               "matmul_bf16_tflops": None, "memory_cap_gib": bench_gpu.CARD_80GB_GIB,
