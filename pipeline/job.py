@@ -320,7 +320,7 @@ class CurateJob:
                 rows = open_rows.pop(uri, [])
                 self._save_part(uri, rows)
                 expected.pop(uri)
-                progress.update(1, len(rows))
+                progress.update(1, sum(r.get("status") != "error" for r in rows))
 
     def _init_ray(self) -> None:
         """A local Ray gets one CPU slot per worker, plus room for the model actors' token shares."""

@@ -17,6 +17,7 @@ from manifests import read_manifest
 from manifests.io import list_shards, read_shard_index
 from pipeline import samples
 from pipeline.cli import curate_main, report_main, select_main
+from pipeline.job import uri_key
 
 pytestmark = pytest.mark.slow
 SMALL_SHARDS = "write.shard_bytes=150000"  # several shards from a few clips
@@ -247,6 +248,11 @@ def test_resume_after_kill_9(tmp_path):
     assert sorted(index["clip_id"].to_pylist()) == sorted(kept)  # every kept clip exactly once
     assert len(set(kept)) == len(kept) > 0
     assert pq.read_table(out / "manifest.parquet").num_rows == table.num_rows
+    # the progress counts the clips the rerun scored: candidates, not the failed sources' error rows
+    scored = [r for r in table.to_pylist() if f"{uri_key(r['source_uri'])}.parquet" not in finished]
+    assert any(r["status"] == "error" for r in scored)  # the sample footage's corrupt file
+    last = [line for line in done.stderr.splitlines() if line.startswith("[score]")][-1]
+    assert f" {sum(r['status'] != 'error' for r in scored)} clips," in last, last
 
 
 def test_repeated_opening_is_one_group_and_split_does_not_leak(curated, tmp_path):
