@@ -136,8 +136,16 @@ def shard_files(source: Path, split: str = "eval") -> list[Path]:
         tars = list_shards(folder) if folder.is_dir() else []
         if tars:
             return tars
+    hint = ""
+    if split == "eval" and (source / "manifest.parquet").is_file():  # a curate output, empty eval
+        hint = (
+            f"; its manifest puts no kept clip in the eval split (a small job gives eval at most"
+            f" split.max_eval_fraction of its kept clips, in whole sources): `inbetweener select"
+            f" {source} --set split.by_source=false` re-splits it by near-duplicate groups, and a"
+            f" larger split.max_eval_fraction lets eval take more"
+        )
     raise InputError(
-        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/)"
+        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/){hint}"
     )
 
 

@@ -431,3 +431,17 @@ def test_a_damaged_manifest_is_one_error_line(tmp_path, capsys):
     argv = [str(manifest), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 2
     assert f"{manifest}: not a readable Parquet manifest" in capsys.readouterr().err
+
+
+def test_a_curate_output_with_an_empty_eval_split_says_how_to_resplit(tmp_path, capsys):
+    """A small curate job whose eval split came out empty: the error names the folder and the select
+    command that re-splits it, not only the folders it looked in."""
+    out = tmp_path / "curated"
+    (out / "shards" / "eval").mkdir(parents=True)
+    (out / "shards" / "train").mkdir()
+    write_manifest(to_table([{"clip_id": "a", "status": "kept", "split": "train"}]), out / "manifest.parquet")
+    argv = [str(out), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: no shards found" in err
+    assert f"inbetweener select {out} --set split.by_source=false" in err
