@@ -78,6 +78,12 @@ def test_lpips_rejects_another_backbone_by_its_keys(tmp_path):
         load_lpips(tmp_path)
 
 
+def test_lpips_names_both_of_its_missing_files_at_once(tmp_path):
+    with pytest.raises(MissingWeightsError) as err:
+        load_lpips(tmp_path, net="vgg")
+    assert "lpips/vgg.pth" in str(err.value) and "lpips/vgg16-397923af.pth" in str(err.value)
+
+
 def test_lpips_needs_its_backbone_file_too(tmp_path):
     lin_file = tmp_path / LPIPS_FILES["alex"][0].relpath
     lin_file.parent.mkdir(parents=True)

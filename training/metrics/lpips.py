@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.features import LPIPS_FILES, require_file
+from training.features import LPIPS_FILES, MissingWeightsError, require_file
 
 # Backbone layers as torchvision builds them: (op, args); the LPIPS taps are after the ReLUs listed.
 _ALEX = [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool",),
@@ -103,7 +103,15 @@ class LPIPS(nn.Module):
 def load_lpips(root: str | os.PathLike | None = None, net: Literal["alex", "vgg"] = "alex") -> LPIPS:
     """LPIPS with the backbone and linear layers read from the models dir (both files are required)."""
     lin_file, backbone_file = LPIPS_FILES[net]
-    lin_path, backbone_path = require_file(lin_file, root), require_file(backbone_file, root)
+    paths, missing = [], []
+    for weight in (lin_file, backbone_file):  # name every missing file at once, not one per rerun
+        try:
+            paths.append(require_file(weight, root))
+        except MissingWeightsError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise MissingWeightsError("\n".join(missing))
+    lin_path, backbone_path = paths
     from pipeline.models import WeightsError, load_module_weights, load_torch_state_dict
 
     model = LPIPS(net)
