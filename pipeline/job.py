@@ -174,7 +174,7 @@ class CurateJob:
             done = sum((self.parts / f"{uri_key(u)}.parquet").exists() for u in sources)
             lines.append(
                 f"{self.out}: {done} of {len(sources)} sources already scored"
-                if same
+                if same or not self._has_scored_work()
                 else f"{self.out}: holds work scored with another config: run would stop (use --restart)"
             )
             done_file = self.work / "done.json"
@@ -224,16 +224,19 @@ class CurateJob:
             import shutil
 
             shutil.rmtree(self.work)
-        if state_file.exists():
-            saved = json.loads(state_file.read_text())["scoring"]
-            if saved != current:
-                changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-                raise ConfigError(
-                    f"{self.out} holds work scored with a different config ({', '.join(changed)}); "
-                    "use another --out, or --restart to discard it"
-                )
-        else:
+        saved = json.loads(state_file.read_text())["scoring"] if state_file.exists() else None
+        if saved is not None and saved != current and self._has_scored_work():
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ConfigError(
+                f"{self.out} holds work scored with a different config ({', '.join(changed)}); "
+                "use another --out, or --restart to discard it"
+            )
+        if saved != current:  # new, or a run that stopped before scoring anything (missing weights)
             write_json_atomic(state_file, {"scoring": current})
+
+    def _has_scored_work(self) -> bool:
+        """Whether any source was scored into OUT/.work (a half-written part does not count)."""
+        return self.parts.is_dir() and any(not p.name.startswith(".") for p in self.parts.glob("*.parquet"))
 
     def _scoring_fingerprint(self) -> dict:
         """The settings scores depend on: not thresholds, not how stages run (device, batch size)."""

@@ -81,3 +81,14 @@ def test_missing_weights_stop_the_job_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sac+logos+ava1-l14-linearMSE.pth" in err and "inbetweener models" in err and "--skip" in err
     assert not (out / ".work" / "sources").exists()
+    # the advice taken: the same --out runs with those stages skipped, without --restart (nothing was scored)
+    skips = ["--skip", "aesthetic,caption,alignment"]
+    code = curate_main([str(footage), "--out", str(out), "--models-dir", str(tmp_path / "empty"), "--quiet",
+                        "--limit", "1", *skips])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    # scored work is still protected: another scoring config on it stops, naming what changed
+    code = curate_main([str(footage), "--out", str(out), "--quiet", "--limit", "1", "--skip", "alignment"])
+    assert (
+        code == 2
+        and "holds work scored with a different config (aesthetic, caption)" in capsys.readouterr().err
+    )
