@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{not_tar[0]} is not a shard (.tar){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"
                 " pass --data a curate OUT folder (or its manifest.parquet), a shard folder, a glob or a URL"
             )
+        resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
+        if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
+            raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(Path(args.out))}")
     tc, stage_name = run.train, args.stage
     out = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else None
@@ -315,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- where to start: fresh, or exactly where the last checkpoint stopped ---------------------------------
     step, data_state = 0, None
-    if args.resume:
-        folder = engine.latest_checkpoint(out)
-        if folder is None:
-            raise SystemExit(f"--resume: no checkpoint in {engine.checkpoint_root(out)}")
+    if resume_from is not None:
+        folder = resume_from
         with _input_errors():  # a damaged checkpoint, or another number of ranks
             step, rank_state = engine.load_checkpoint(
                 folder, d, trainable=trainable, optimizers=optimizers, ema=ema

@@ -331,6 +331,22 @@ def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, t
     assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
 
 
+def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
+    tmp_path, train_shards, monkeypatch, capsys
+):
+    """--resume on a fresh --out: one line and exit code 2, before a (10 GB) --init checkpoint is read."""
+    import training.train as train_module
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before --resume was checked")
+
+    monkeypatch.setattr(train_module, "initial_model", must_not_build)
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", tmp_path / "fresh", train_shards, "--resume")
+    assert stop.value.code == 2
+    assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
+
+
 def test_bench_gpu_counts_the_step_as_it_trains():
     """MFU's numerator: the meta-device count equals the count of the same step run on the CPU, and the
     rectify stage's frozen temporal layers cost no weight gradient (training them would count more)."""
