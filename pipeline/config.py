@@ -7,9 +7,11 @@ a value of the wrong type, is an error before any work starts, naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,12 +230,19 @@ def _parse_scalar(text: str):
     return value
 
 
+def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """`"; did you mean motion.min?"` for a misspelt setting close to a known one, else `""`."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateConfig:
     """Apply {section: {key: value}} to a config, checking every section, key and value."""
     for section, values in overrides.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
+            known = [f.name for f in dataclasses.fields(config)]
             raise ConfigError(
-                f"unknown config section {section!r} (known: {[f.name for f in dataclasses.fields(config)]})"
+                f"unknown config section {section!r}{did_you_mean(section, known)} (known: {known})"
             )
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
@@ -242,7 +251,10 @@ def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateC
         hints = typing.get_type_hints(type(target))
         for key, value in values.items():
             if key not in fields:
-                raise ConfigError(f"unknown config key {section}.{key} (known: {sorted(fields)})")
+                raise ConfigError(
+                    f"unknown config key {section}.{key}{did_you_mean(key, fields, section + '.')}"
+                    f" (known: {sorted(fields)})"
+                )
             setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
     _validate(config)
     return config

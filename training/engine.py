@@ -136,7 +136,12 @@ def apply_overrides(obj: Any, values: Mapping[str, Any], where: str = "config") 
     changes = {}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"unknown key {where}.{key}; known keys: {sorted(known)}")
+            from pipeline.config import did_you_mean
+
+            section = where.removeprefix("config").lstrip(".")
+            hint = did_you_mean(key, known, f"{section}." if section else "")
+            listing = f" Known keys: {sorted(known)}" if hint else f"; known keys: {sorted(known)}"
+            raise ValueError(f"unknown key {where}.{key}{hint}{listing}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):

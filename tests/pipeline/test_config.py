@@ -25,8 +25,9 @@ def test_yaml_file_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["motion.mni=0.3"], "motion.mni"),
-        (["moton.min=0.3"], "moton"),
+        (["motion.mni=0.3"], r"motion.mni; did you mean motion.min\?"),
+        (["moton.min=0.3"], r"'moton'; did you mean motion\?"),
+        (["motion.flow=0.3"], r"motion.flow \(known"),  # nothing close enough: no guess
         (["motion.min=fast"], r"'motion.min': 'fast' is not a valid float$"),
         (["write.width=511"], "write.width"),
         (["shots.max_len_s=0.1"], "shots.max_len_s"),

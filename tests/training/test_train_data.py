@@ -197,8 +197,12 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         run.train.lr == 3e-4 and run.data.frames == 8 and run.train.steps == 20
     )  # preset profile, then --set
     (tmp_path / "bad.yaml").write_text("train:\n  learning_rate: 1.0e-5\n")
-    with pytest.raises(ValueError, match="unknown key config.train.learning_rate"):
+    with pytest.raises(ValueError, match="unknown key config.train.learning_rate; known keys"):
         resolve_config(parse_args(["rectify", "--out", "x", "--config", str(tmp_path / "bad.yaml")]))
+    with pytest.raises(ValueError, match=r"config.train.stepz; did you mean train.steps\? Known keys"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.stepz=3"]))
+    with pytest.raises(ValueError, match=r"config.trian; did you mean train\? Known keys"):
+        resolve_config(parse_args(["rectify", "--out", "x", "--set", "trian.steps=3"]))
     with pytest.raises(ValueError, match="config.data.frames: expected int"):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "data.frames=many"]))
     with pytest.raises(ValueError, match="other stages"):
