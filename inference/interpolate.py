@@ -264,7 +264,14 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: not JSON lines ({exc})") from exc
     elif path.suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ","))
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+        if rows and "keyframes" not in header and not {"start", "end"} <= set(header):
+            raise InputError(
+                f"{path}: its first line is the header, and it names no `start` and `end` (or `keyframes`)"
+                f" column: {', '.join(header)}. Begin the file with a line such as `start,end,prompt`"
+            )
     else:
         raise InputError(f"{path}: batch files are .csv, .tsv, .jsonl or a clip manifest .parquet")
 

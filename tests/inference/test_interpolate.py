@@ -253,6 +253,17 @@ def test_a_batch_with_bad_rows_lists_them_all_and_runs_nothing(files, tmp_path, 
     assert not out.exists()
 
 
+def test_a_batch_without_its_header_line_says_so_once(files, tmp_path, capsys, no_device_work):
+    """Paths on the first line (no header): one error naming the file and what the header must be."""
+    root, ckpt, keys = files
+    batch = tmp_path / "pairs.csv"
+    batch.write_text(f"{keys['a']},{keys['b']}\n{keys['b']},{keys['a']}\n")
+    out = tmp_path / "out"
+    err = _error(capsys, ["--batch", str(batch), "--checkpoint", str(ckpt), "--out", str(out), *FAST])
+    assert f"{batch}: its first line is the header" in err and "`start,end,prompt`" in err
+    assert "row 1" not in err and not out.exists()
+
+
 def test_dry_run_says_what_a_batch_would_do_and_loads_nothing(
     files, tmp_path, capsys, monkeypatch, no_device_work
 ):
