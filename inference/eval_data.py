@@ -154,6 +154,12 @@ def iter_clips(
 ) -> Iterator[EvalClip]:
     """The clips of `sources` in order (sources in the order given), at most `limit`."""
     count = 0
+    urls = [str(s) for s in sources if "://" in str(s)]
+    if urls:  # Path() would fold s3://b/x into s3:/b/x and report that as a missing file
+        raise InputError(
+            f"{urls[0]}: evaluate reads local files; copy the curate output (its"
+            " manifest.parquet and shards/eval/) to this machine, or mount the bucket, and give that path"
+        )
     for source in map(Path, sources):
         if not source.exists():
             raise InputError(f"{source}: no such file or folder")

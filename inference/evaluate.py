@@ -58,6 +58,12 @@ resume: rerun the same command; clips already generated and scored are not redon
 """
 
 
+def _source(text: str) -> Path | str:
+    """A local source as a Path; a URL kept as given (Path would fold s3://b into s3:/b), to be refused
+    by name."""
+    return text if "://" in text else Path(text)
+
+
 def _comma_list(text: str) -> list[str]:
     """One command-line word -> its comma-separated items (`--metrics cpbd,psnr` as `--metrics cpbd psnr`)."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("sources", nargs="+", type=Path, help="curate output, shard folder/files, or manifest")
+    p.add_argument("sources", nargs="+", type=_source, help="curate output, shard folder/files, or manifest")
     p.add_argument("--out", type=Path, required=True, help="results folder (also the cache)")
     p.add_argument(
         "--method",

@@ -133,13 +133,19 @@ def list_shards(spec: str) -> list[str]:
     if "://" in spec:
         import fsspec
 
+        from manifests.remote import check_backend
+
+        check_backend(spec)  # a missing s3fs/gcsfs/aiohttp: a ValueError naming it, before any work
         if "{" in spec:
             return _expand_braces(spec)
-        fs, _, paths = fsspec.get_fs_token_paths(spec)
         protocol = spec.split("://", 1)[0]
         if "*" in spec or spec.endswith("/"):
-            pattern = paths[0].rstrip("/") + ("/*.tar" if spec.endswith("/") else "")
-            return [f"{protocol}://{p}" for p in sorted(fs.glob(pattern))]
+            try:
+                fs, _, paths = fsspec.get_fs_token_paths(spec)
+                pattern = paths[0].rstrip("/") + ("/*.tar" if spec.endswith("/") else "")
+                return [f"{protocol}://{p}" for p in sorted(fs.glob(pattern))]
+            except Exception as exc:  # offline, denied, no such bucket: one line naming the URL
+                raise FileNotFoundError(f"{spec}: cannot list it: {type(exc).__name__}: {exc}") from exc
         return [spec]
     if "{" in spec:
         return _expand_braces(spec)
@@ -171,13 +177,13 @@ def open_shard(url: str) -> Iterator[Any]:
     elif "://" in url:
         import fsspec
 
+        from manifests.remote import MissingBackendError, check_backend
+
         try:
-            opened = fsspec.open(url, "rb")
-        except ImportError as exc:  # a missing backend is a setup error, not a bad shard: stop
-            raise RuntimeError(
-                f"cannot open {url}: {exc}. Install the fsspec backend (https: aiohttp, s3: s3fs, gs: gcsfs) "
-                f"or stream it with pipe:, e.g. 'pipe:curl -sL {url}'"
-            ) from exc
+            check_backend(url)
+        except MissingBackendError as exc:  # a setup error, not a bad shard: stop
+            raise RuntimeError(f"{exc}; or stream it with pipe:, e.g. 'pipe:curl -sL {url}'") from exc
+        opened = fsspec.open(url, "rb")
         with opened as f:
             yield f
     else:

@@ -60,19 +60,33 @@ def _expand(item: str) -> list[str]:
 
 
 def _expand_remote(uri: str) -> list[str]:
-    """Object-store URIs through fsspec: a prefix lists its videos, a glob is expanded."""
+    """Object-store URIs through fsspec: a prefix lists its videos, a glob is expanded.
+
+    A protocol without its fsspec backend, or a store that cannot be listed (offline, no credentials),
+    stops the job before any work with a ConfigError naming the URI."""
     import fsspec
 
-    fs, _, paths = fsspec.get_fs_token_paths(uri)
-    protocol = uri.split("://", 1)[0]
-    if any(ch in uri for ch in "*?["):
-        return sorted(f"{protocol}://{p}" for p in paths)
-    target = paths[0]
-    if fs.isdir(target):
-        files = fs.find(target)
-        return sorted(
-            f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
-        )
+    from manifests.remote import MissingBackendError, check_backend
+    from pipeline.config import ConfigError
+
+    try:
+        check_backend(uri)
+        fs, _, paths = fsspec.get_fs_token_paths(uri)
+        protocol = uri.split("://", 1)[0]
+        if any(ch in uri for ch in "*?["):
+            return sorted(f"{protocol}://{p}" for p in paths)
+        target = paths[0]
+        if fs.isdir(target):
+            files = fs.find(target)
+            return sorted(
+                f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
+            )
+    except MissingBackendError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (
+        Exception
+    ) as exc:  # the store's own error (offline, denied, no such bucket): one line, no traceback
+        raise ConfigError(f"{uri}: cannot list it: {type(exc).__name__}: {exc}") from exc
     return [uri]
 
 

@@ -445,3 +445,6 @@ def test_a_curate_output_with_an_empty_eval_split_says_how_to_resplit(tmp_path, 
     err = capsys.readouterr().err
     assert f"{out}: no shards found" in err
     assert f"inbetweener select {out} --set split.by_source=false" in err
+    # an object-store URL is named as such, not folded by Path() into a missing local file
+    assert cli.main(["s3://bucket/run1", *argv[1:]], extractors=fake_extractors()) == 2
+    assert "s3://bucket/run1: evaluate reads local files" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Object-store URLs (s3://, gs://, https://, memory://, ...) through fsspec, with a missing backend named.
+
+fsspec ships the protocols' names, not their implementations: s3:// needs s3fs, gs:// gcsfs, https://
+aiohttp. Without one, fsspec raises a bare ImportError deep inside a listing or an open; here it becomes a
+`MissingBackendError` that names the URL, the package and the extra that installs it
+(`pip install 'inbetweener[cloud]'`), raised before any work starts. fsspec is imported only when a URL
+is used, so local runs never need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CLOUD_EXTRA = "pip install 'inbetweener[cloud]'"
+BACKENDS = {  # protocol -> the package that implements it for fsspec (those the cloud extra installs)
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+}
+
+
+class MissingBackendError(ValueError):
+    """A URL whose protocol's fsspec implementation is not installed (or is unknown to fsspec)."""
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def check_backend(url: str) -> None:
+    """Raise `MissingBackendError` naming the URL and the package when fsspec cannot serve its protocol.
+    Nothing is contacted: this only imports the protocol's filesystem class."""
+    import fsspec
+
+    protocol = protocol_of(url)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        package = BACKENDS.get(protocol)
+        fix = f"{CLOUD_EXTRA} (or `pip install {package}`)" if package else "install fsspec's backend for it"
+        raise MissingBackendError(
+            f"{url}: reading {protocol}:// needs fsspec's {package or protocol} backend, which is not"
+            f" installed: {fix}. fsspec said: {exc}"
+        ) from exc
+    except ValueError as exc:  # "Protocol not known"
+        raise MissingBackendError(f"{url}: fsspec knows no {protocol}:// protocol ({exc})") from exc
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for `url`, its backend checked first."""
+    import fsspec
+
+    check_backend(url)
+    return fsspec.core.url_to_fs(url)

@@ -1,0 +1,95 @@
+"""Object-store URLs whose fsspec backend is missing, or whose store cannot be listed: one clear error
+naming the URL (and the package that serves it) before any work, in curate, train and the helper itself."""
+
+from __future__ import annotations
+
+import sys
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from manifests.remote import MissingBackendError, check_backend, url_filesystem
+from pipeline.cli import curate_main
+from pipeline.config import ConfigError
+from pipeline.stages.discover import discover
+from training import data
+from training.train import main as train_main
+
+
+@pytest.fixture
+def no_s3fs(monkeypatch):
+    """fsspec as it is without s3fs installed, whether or not this machine has it."""
+    real = fsspec.get_filesystem_class
+
+    def get_filesystem_class(protocol):
+        if protocol in ("s3", "s3a"):
+            raise ImportError("Install s3fs to access S3")
+        return real(protocol)
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", get_filesystem_class)
+
+
+class EndpointConnectionError(Exception):
+    """What botocore raises offline: not an OSError, so fsspec's listings do not swallow it."""
+
+
+class UnlistableFS(MemoryFileSystem):
+    """A store that cannot be reached, as S3 is from a machine without network."""
+
+    protocol = "unlistable"
+
+    def ls(self, path, detail=True, **kwargs):
+        raise EndpointConnectionError(
+            'Could not connect to the endpoint URL: "https://bucket.s3.amazonaws.com/"'
+        )
+
+    info = ls
+
+
+@pytest.fixture
+def unlistable():
+    fsspec.register_implementation("unlistable", UnlistableFS, clobber=True)
+    yield "unlistable://bucket/raw/"
+    sys.modules["fsspec.registry"]._registry.pop("unlistable", None)  # fsspec.registry is a read-only view
+
+
+def test_a_missing_backend_names_the_url_the_package_and_the_extra(no_s3fs):
+    with pytest.raises(MissingBackendError) as err:
+        check_backend("s3://bucket/raw/")
+    message = str(err.value)
+    assert message.startswith("s3://bucket/raw/: reading s3:// needs fsspec's s3fs backend")
+    assert "pip install 'inbetweener[cloud]'" in message and "pip install s3fs" in message
+    with pytest.raises(MissingBackendError, match="fsspec knows no nosuch:// protocol"):
+        check_backend("nosuch://x")
+    fs, path = url_filesystem("memory://bucket/a.tar")  # a protocol fsspec serves itself
+    assert isinstance(fs, MemoryFileSystem) and path.endswith("bucket/a.tar")
+
+
+def test_curate_stops_before_any_work_on_a_missing_backend_or_an_unlistable_store(
+    no_s3fs, unlistable, tmp_path, capsys
+):
+    with pytest.raises(ConfigError, match=r"s3://bucket/raw/: reading s3:// needs fsspec's s3fs"):
+        discover(["s3://bucket/raw/"])
+    with pytest.raises(
+        ConfigError, match="unlistable://bucket/raw/: cannot list it: EndpointConnectionError"
+    ):
+        discover([unlistable])
+    out = tmp_path / "out"
+    assert curate_main(["s3://bucket/raw/", "--out", str(out), "--skip", "aesthetic,caption,alignment"]) == 2
+    assert "inbetweener[cloud]" in capsys.readouterr().err
+    assert not (out / ".work" / "sources").exists()
+
+
+def test_train_stops_with_one_line_on_a_missing_backend_or_an_unlistable_store(
+    no_s3fs, unlistable, tmp_path, capsys
+):
+    with pytest.raises(MissingBackendError):
+        data.list_shards("s3://bucket/shards/{000000..000003}.tar")  # before the braces are expanded
+    with pytest.raises(FileNotFoundError, match="unlistable://bucket/raw/: cannot list it"):
+        data.list_shards(unlistable)
+    for spec in ("s3://bucket/shards/", unlistable):
+        with pytest.raises(SystemExit) as stop:
+            train_main(["rectify", "--preset", "tiny", "--data", spec, "--out", str(tmp_path / "run")])
+        assert stop.value.code == 2
+        assert f"inbetweener train: error: {spec}: " in capsys.readouterr().err
