@@ -132,7 +132,8 @@ def write_report(
     errors = [r for r in rows if r["status"] == "error"]
     parts.append(
         f"<p>{len({r['source_uri'] for r in rows})} sources, {len(rows)} rows, "
-        f"<b>{len(kept)} clips kept</b> ({_hours(kept) * 60:.1f} min), {len(errors)} errors. "
+        f"<b>{len(kept)} clips kept</b> ({_hours(kept) * 60:.1f} min), "
+        f"{len(errors)} {'error' if len(errors) == 1 else 'errors'}. "
         f"Train: {sum(r['split'] == 'train' for r in rows)}, eval: {sum(r['split'] == 'eval' for r in rows)}.</p>"
     )
     skipped = [s for s in ("text", "aesthetic", "caption", "alignment") if not _stage_ran(s, rows)]
