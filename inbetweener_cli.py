@@ -6,6 +6,7 @@ that `inbetweener curate` never imports torch and `inbetweener interpolate` neve
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -42,12 +43,31 @@ AFTER_INTERRUPT = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version (`pip install -e .` included), or "unknown" when run from a
+    checkout that was never installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("inbetweener")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def usage() -> str:
-    lines = ["usage: inbetweener COMMAND [ARGS...]", "", "commands:"]
+    lines = [
+        "usage: inbetweener COMMAND [ARGS...]   (inbetweener --version: the installed version)",
+        "",
+        "commands:",
+    ]
     for name, (module, _, text) in COMMANDS.items():
         if importlib.util.find_spec(module.split(".")[0]) is not None:
             lines.append(f"  {name:<12} {text}")
-    lines += ["", "Run `inbetweener COMMAND --help` for a command's options and an example."]
+    lines += [
+        "",
+        "Run `inbetweener COMMAND --help` for a command's options and an example,",
+        "`inbetweener --version` for the installed version.",
+    ]
     return "\n".join(lines)
 
 
@@ -56,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"inbetweener {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"inbetweener: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"inbetweener: unknown command {name!r}{guess}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
     try:

@@ -11,7 +11,17 @@ import inbetweener_cli
 
 def test_unknown_command_lists_the_commands(capsys):
     assert inbetweener_cli.main(["curat"]) == 2
-    assert "unknown command 'curat'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown command 'curat' (did you mean 'curate'?)" in err and "  interpolate " in err
+    assert inbetweener_cli.main(["zzz"]) == 2
+    assert "unknown command 'zzz'\n" in capsys.readouterr().err  # nothing close: no guess
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib import metadata
+
+    assert inbetweener_cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"inbetweener {metadata.version('inbetweener')}\n"
 
 
 @pytest.mark.parametrize("command", ["curate", "train", "report"])
