@@ -50,6 +50,7 @@ class TrainConfig:
     init_checkpoint: str = (
         ""  # weights to start from (DynamiCrafter-interp / ToonCrafter / rectified); "" = random
     )
+    from_scratch: bool = False  # a full-size preset without init_checkpoint is refused unless this is set
     steps: int = 50_000  # optimizer steps
     global_batch: int = 32  # clips per optimizer step over all ranks = micro_batch x ranks x accumulation
     micro_batch: int = 1  # clips per forward pass per rank

@@ -56,12 +56,15 @@ EXAMPLES = """examples:
   inbetweener train rectify --data s3://bucket/curated/shards/train/ --out runs/rectify \\
       --config configs/rectify.yaml --set train.init_checkpoint=models/dynamicrafter_512_interp/model.ckpt
   torchrun --nproc_per_node 8 -m training.train rectify --data /data/curated --out runs/rectify \\
-      --config configs/rectify.yaml --set train.micro_batch=2
-  inbetweener train decoder --data out/demo/curated --out runs/decoder --config configs/decoder.yaml --no-lpips
+      --config configs/rectify.yaml --init models/dynamicrafter_512_interp/model.ckpt --set train.micro_batch=2
+  inbetweener train decoder --data out/demo/curated --out runs/decoder --config configs/decoder.yaml --no-lpips \\
+      --init models/dynamicrafter_512_interp/model.ckpt
   inbetweener train sketch --data out/demo/curated --out runs/sketch --config configs/sketch.yaml \\
       --set train.init_checkpoint=runs/rectify/checkpoints/step_0050000/model.safetensors
   inbetweener train rectify --preset tiny --data out/demo/curated --out runs/rectify-tiny --resume
 
+A full-size preset starts from --init (rectify and decoder: DynamiCrafter-512-interp; sketch: the rectified
+model); without it the run is refused unless --from-scratch asks for random weights.
 --data takes a curate OUT folder (its shards/train, with shards/eval as the eval split), a folder of
 .tar shards, a glob, a {000000..000099} pattern, a list file, pipe:COMMAND or an fsspec URL.
 """
@@ -139,6 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         p.add_argument("--init", help="init checkpoint (= train.init_checkpoint)")
         p.add_argument(
+            "--from-scratch",
+            action="store_true",
+            help="start a full-size preset from random weights, without --init (= train.from_scratch)",
+        )
+        p.add_argument(
             "--models-dir", help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS"
         )
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
@@ -156,6 +164,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         cli["train"]["preset"] = args.preset
     if args.init:
         cli["train"]["init_checkpoint"] = args.init
+    if args.from_scratch:
+        cli["train"]["from_scratch"] = True
     if args.data:
         train_spec, eval_spec = split_dirs(args.data)
         cli["data"]["train"] = train_spec
@@ -186,6 +196,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return run
 
 
+INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then sketch; decoder apart)
+    "rectify": "the DynamiCrafter-512-interp model.ckpt",
+    "decoder": "the DynamiCrafter-512-interp or ToonCrafter model.ckpt",
+    "sketch": "the rectify stage's exported model.safetensors",
+}
+
+
 def initial_model(cfg: TrainConfig):
     """The ToonCrafter the stage starts from, identical on every rank: the init checkpoint (a plain
     DynamiCrafter decoder becomes a dual-reference one that starts as the plain one), or a seeded random
@@ -196,7 +213,7 @@ def initial_model(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint:
         return load_model(cfg.init_checkpoint, preset=cfg.preset, dual_ref_decoder=True)
-    log.warning("no train.init_checkpoint: starting from a random %s model (fine for tests only)", cfg.preset)
+    log.warning("no train.init_checkpoint: starting from a random %s model (tests, benchmarks)", cfg.preset)
     return build_tooncrafter(cfg.preset)
 
 
@@ -231,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
         run = resolve_config(args)
+        if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
+            raise ValueError(
+                f"train {args.stage}: preset {run.train.preset} starts from a checkpoint: pass --init"
+                f" ({INIT_HINT[args.stage]}), or --from-scratch to train it from random weights"
+            )
         shards = list_shards(run.data.train)
         if not shards:
             raise FileNotFoundError(

@@ -347,6 +347,31 @@ def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
 
 
+def test_a_full_size_preset_without_init_is_refused_unless_from_scratch(
+    tmp_path, train_shards, monkeypatch, capsys
+):
+    """toon-512 from random weights is never what a GPU run wants: stopped before anything is built, unless
+    --from-scratch says so."""
+    import training.train as train_module
+
+    class Built(Exception):
+        pass
+
+    def build(cfg):
+        raise Built(cfg.preset)
+
+    monkeypatch.setattr(train_module, "initial_model", build)
+    argv = ["sketch", "--preset", "toon-512", "--data", str(train_shards), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "train sketch: preset toon-512 starts from a checkpoint: pass --init" in err
+    assert "the rectify stage's exported model.safetensors" in err and "--from-scratch" in err
+    with pytest.raises(Built, match="toon-512"):  # past the check, to the model
+        main([*argv, "--from-scratch"])
+
+
 def test_bench_gpu_counts_the_step_as_it_trains():
     """MFU's numerator: the meta-device count equals the count of the same step run on the CPU, and the
     rectify stage's frozen temporal layers cost no weight gradient (training them would count more)."""
