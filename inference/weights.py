@@ -53,6 +53,22 @@ def download_help(weight: WeightFile, root: Path) -> str:
     )
 
 
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+def _weight_files_beside(path: Path, most: int = 8) -> str:
+    """ "; its folder holds: a.safetensors, b.ckpt" for a mistyped path (a training run's checkpoint folder
+    names the sketch encoder sketch_encoder.safetensors, not model.safetensors), else ""."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f" (nor its folder {folder})"
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not names:
+        return ""
+    listed = ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+    return f"; {folder} holds: {listed}"
+
+
 def find_weights(
     explicit: str | os.PathLike | None, weight: WeightFile, root: str | os.PathLike | None
 ) -> Path:
@@ -61,7 +77,10 @@ def find_weights(
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise InputError(f"checkpoint {path} not found. {download_help(weight, base)}")
+            flag = "--sketch-checkpoint" if weight is SKETCH_FILE else "--checkpoint"
+            raise InputError(
+                f"{flag} {path}: no such file{_weight_files_beside(path)}.\n{download_help(weight, base)}"
+            )
         return path
     candidates = [base / weight.relpath, *(base / alt for alt in ALTERNATIVES.get(weight, ()))]
     for path in candidates:

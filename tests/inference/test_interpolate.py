@@ -405,7 +405,16 @@ def test_a_missing_checkpoint_says_what_to_download_and_where(
     assert "Doubiiu/ToonCrafter" in err and "model.ckpt" in err
     assert str(models / "tooncrafter" / "model.ckpt") in err and "--checkpoint" in err
     err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(tmp_path / "nope.ckpt"), *FAST])
-    assert "nope.ckpt not found" in err and "Doubiiu/ToonCrafter" in err
+    assert f"--checkpoint {tmp_path / 'nope.ckpt'}: no such file" in err and "Doubiiu/ToonCrafter" in err
+    # a mistyped name in a training run's checkpoint folder: the weight files there are listed
+    run = tmp_path / "step_0000004"
+    run.mkdir()
+    for name in ("sketch_encoder.safetensors", "state.pt", "meta.json"):
+        (run / name).write_bytes(b"x")
+    sketch = ["--sketch", f"1={keys['a']}", "--sketch-checkpoint", str(run / "model.safetensors")]
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *sketch, *FAST])
+    assert f"--sketch-checkpoint {run / 'model.safetensors'}: no such file; {run} holds:" in err
+    assert "sketch_encoder.safetensors, state.pt" in err and "meta.json" not in err
 
 
 def test_the_models_dir_copy_is_found(files, tmp_path, monkeypatch):
