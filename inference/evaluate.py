@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from inference.media import InputError, fit_frame, parse_size
+from manifests.remote import local_folder
 
 log = logging.getLogger("inbetweener.evaluate")
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sources", nargs="+", type=_source, help="curate output, shard folder/files, or manifest")
-    p.add_argument("--out", type=Path, required=True, help="results folder (also the cache)")
+    p.add_argument("--out", type=local_folder, required=True, help="results folder (also the cache)")
     p.add_argument(
         "--method",
         nargs="+",

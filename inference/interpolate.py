@@ -36,6 +36,7 @@ from inference.media import (
     read_keyframes,
     same_aspect,
 )
+from manifests.remote import local_folder
 
 log = logging.getLogger("inbetweener.interpolate")
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sketch", nargs="+", metavar="DIR|FILE|I=FILE", help="sketches of some frames (see above)"
     )
-    p.add_argument("--out", type=Path, default=Path("out/interpolate"), help="output folder")
+    p.add_argument("--out", type=local_folder, default=Path("out/interpolate"), help="output folder")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--guidance-rescale", type=float, default=0.7, help="guidance rescale phi (0.7)")

@@ -9,6 +9,8 @@ is used, so local runs never need it.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 CLOUD_EXTRA = "pip install 'inbetweener[cloud]'"
@@ -55,3 +57,15 @@ def url_filesystem(url: str) -> tuple[Any, str]:
 
     check_backend(url)
     return fsspec.core.url_to_fs(url)
+
+
+def local_folder(text: str) -> Path:
+    """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
+    refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job
+    would write there."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text} is a URL; outputs go to a local folder (or a bucket mounted as one): give its path, and"
+            " copy the results to the store afterwards (e.g. `aws s3 sync`, `gcloud storage rsync`)"
+        )
+    return Path(text)

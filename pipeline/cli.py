@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
+from manifests.remote import local_folder
 from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 from pipeline.select import rules
 
@@ -33,7 +34,7 @@ writes OUT/manifest.parquet, OUT/shards/train/, OUT/shards/eval/, OUT/report.htm
 Rerun the same command after a crash to continue; a finished job reruns as a no-op.""",
     )
     p.add_argument("inputs", nargs="+", help="files, folders, globs, list files (.txt) or object-store URIs")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=local_folder, help="output folder")
     p.add_argument(
         "--config", type=Path, help="YAML file overriding stage settings (sections: probe, shots, ...)"
     )
@@ -123,7 +124,7 @@ def select_main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  inbetweener select out/run1 --set motion.min=0.3",
     )
-    p.add_argument("out", type=Path, help="the output folder of a curate job")
+    p.add_argument("out", type=local_folder, help="the output folder of a curate job")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE", help="a threshold"
     )
@@ -172,7 +173,7 @@ def report_main(argv: list[str] | None = None) -> int:
         epilog="example:\n  inbetweener report out/run1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("out", type=Path, help="the output folder of a curate job")
+    p.add_argument("out", type=local_folder, help="the output folder of a curate job")
     p.add_argument(
         "--leaks",
         action="store_true",
@@ -221,7 +222,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         epilog="example:\n  inbetweener demo --out out/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--out", type=local_folder, default=Path("out/demo"))
     p.add_argument("--no-fetch", action="store_true", help="do not fetch the Big Buck Bunny excerpt")
     args = p.parse_args(argv)
     from pipeline import samples

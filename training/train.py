@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from manifests.remote import local_folder
 from training import engine, float8
 from training.data import (
     DataConfig,
@@ -128,7 +129,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "--data",
             help="training shards (see below); a curate OUT folder (or its manifest.parquet) also gives the eval split",
         )
-        p.add_argument("--out", required=True, help="run folder: checkpoints/, tb/, metrics.jsonl, samples/")
+        p.add_argument(
+            "--out",
+            required=True,
+            type=local_folder,
+            help="run folder: checkpoints/, tb/, metrics.jsonl, samples/",
+        )
         p.add_argument("--preset", choices=["tiny", "toon-512"], help="model preset (default toon-512)")
         p.add_argument(
             "--config", action="append", default=[], help="YAML overriding config fields (repeatable)"

@@ -93,3 +93,27 @@ def test_train_stops_with_one_line_on_a_missing_backend_or_an_unlistable_store(
             train_main(["rectify", "--preset", "tiny", "--data", spec, "--out", str(tmp_path / "run")])
         assert stop.value.code == 2
         assert f"inbetweener train: error: {spec}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["curate", "footage", "--out", "s3://bucket/run"],
+        ["select", "s3://bucket/run"],
+        ["train", "rectify", "--preset", "tiny", "--data", "shards", "--out", "gs://bucket/run"],
+        ["interpolate", "a.png", "b.png", "--out", "s3://bucket/frames"],
+        ["evaluate", "out/run", "--out", "s3://bucket/eval"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_output_url_is_refused_by_name_and_nothing_is_written(argv, tmp_path, monkeypatch, capsys):
+    """Path() folds s3://bucket/run into a local s3:/bucket/run: the job used to score into it, then crash."""
+    import inbetweener_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        inbetweener_cli.main(argv)
+    assert stop.value.code == 2
+    url = next(a for a in argv if "://" in a)
+    assert f"{url} is a URL; outputs go to a local folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
