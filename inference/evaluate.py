@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from inference.media import InputError, fit_frame, parse_size
-from manifests.remote import local_folder
+from manifests.remote import local_folder, local_input
 
 log = logging.getLogger("inbetweener.evaluate")
 
@@ -102,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame of the clip (1)")
     p.add_argument("--size", default="320x512", help="evaluation frame HxW (320x512)")
     p.add_argument("--decoder-size", type=int, default=256, help="--decoder-only square side (256)")
-    p.add_argument("--checkpoint", type=Path, help="model weights (default: MODELS/tooncrafter/model.ckpt)")
-    p.add_argument("--models-dir", type=Path, help="models dir")
+    p.add_argument(
+        "--checkpoint", type=local_input, help="model weights (default: MODELS/tooncrafter/model.ckpt)"
+    )
+    p.add_argument("--models-dir", type=local_input, help="models dir")
     p.add_argument("--preset", choices=("toon-512", "tiny"), help="model preset if the file does not say")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=7.5)

@@ -36,7 +36,7 @@ from inference.media import (
     read_keyframes,
     same_aspect,
 )
-from manifests.remote import local_folder
+from manifests.remote import local_folder, local_input, not_a_url
 
 log = logging.getLogger("inbetweener.interpolate")
 
@@ -127,12 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="*", metavar="KEYFRAME", help="START END [MORE ...] keyframe images")
     p.add_argument(
-        "--keyframes", nargs="+", metavar="IMAGE", help="keyframes to chain (instead of positionals)"
+        "inputs", nargs="*", type=not_a_url, metavar="KEYFRAME", help="START END [MORE ...] keyframe images"
     )
     p.add_argument(
-        "--batch", type=Path, metavar="FILE", help="CSV/TSV/JSONL list or clip manifest: one output per row"
+        "--keyframes",
+        nargs="+",
+        type=not_a_url,
+        metavar="IMAGE",
+        help="keyframes to chain (instead of positionals)",
+    )
+    p.add_argument(
+        "--batch",
+        type=local_input,
+        metavar="FILE",
+        help="CSV/TSV/JSONL list or clip manifest: one output per row",
     )
     p.add_argument("--split", default="eval", help="split of a manifest given to --batch (default: eval)")
     p.add_argument("--prompt", default="", help="text prompt, e.g. 'an anime scene' (default: empty)")
@@ -156,15 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run frames without a sketch through the sketch encoder as blank pages (the reference) "
         "instead of leaving them unguided",
     )
-    p.add_argument("--checkpoint", type=Path, help="model weights (default: MODELS/tooncrafter/model.ckpt)")
+    p.add_argument(
+        "--checkpoint", type=local_input, help="model weights (default: MODELS/tooncrafter/model.ckpt)"
+    )
     p.add_argument(
         "--sketch-checkpoint",
-        type=Path,
+        type=local_input,
         help="sketch encoder (default: MODELS/tooncrafter/sketch_encoder.ckpt)",
     )
     p.add_argument(
         "--models-dir",
-        type=Path,
+        type=local_input,
         help="models dir (default: $INBETWEENER_MODELS or ~/.cache/inbetweener/models)",
     )
     p.add_argument(

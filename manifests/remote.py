@@ -59,6 +59,21 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def not_a_url(text: str) -> str:
+    """argparse type of the input files and folders read whole (keyframes, checkpoints, the models dir): a
+    URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text} is a URL; this reads local files: download it (or mount the bucket) and give its path"
+        )
+    return text
+
+
+def local_input(text: str) -> Path:
+    """`not_a_url` as a Path."""
+    return Path(not_a_url(text))
+
+
 def local_folder(text: str) -> Path:
     """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
     refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job

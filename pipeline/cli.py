@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from manifests.io import ManifestError, manifest_config, read_manifest
-from manifests.remote import local_folder
+from manifests.remote import local_folder, not_a_url
 from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 from pipeline.select import rules
 
@@ -50,6 +50,7 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
     p.add_argument("--workers", type=int, help="parallel CPU workers (default: one per CPU)")
     p.add_argument(
         "--models-dir",
+        type=not_a_url,
         help="model weights folder (default: $INBETWEENER_MODELS, else ~/.cache/inbetweener/models)",
     )
     p.add_argument(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from manifests.files import default_file_mode, write_json_atomic
+from manifests.remote import not_a_url
 
 if TYPE_CHECKING:
     import torch
@@ -702,7 +703,9 @@ def models_main(argv: list[str] | None = None) -> int:
 
 models directory: --models-dir, else ${ENV_VAR}, else {DEFAULT_DIR}""",
     )
-    p.add_argument("--models-dir", help=f"the models directory (default: ${ENV_VAR} or {DEFAULT_DIR})")
+    p.add_argument(
+        "--models-dir", type=not_a_url, help=f"the models directory (default: ${ENV_VAR} or {DEFAULT_DIR})"
+    )
     p.add_argument("action", nargs="?", default="list", choices=("list", "check", "download"))
     p.add_argument("stages", nargs="*", help="stages (default: all): text aesthetic caption alignment")
     p.add_argument(

@@ -183,6 +183,8 @@ def _parse_config(value: Any, path: Path) -> ToonCrafterConfig | None:
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
+    if "://" in str(path):  # e.g. train.init_checkpoint set in a config file
+        raise CheckpointError(f"{path} is a URL; checkpoints are read from local files: download it first")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from manifests.remote import local_folder
+from manifests.remote import local_folder, not_a_url
 from training import engine, float8
 from training.data import (
     DataConfig,
@@ -146,14 +146,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             metavar="KEY=VALUE",
             help="override one field, e.g. train.lr=1e-5 data.num_workers=8",
         )
-        p.add_argument("--init", help="init checkpoint (= train.init_checkpoint)")
+        p.add_argument("--init", type=not_a_url, help="init checkpoint (= train.init_checkpoint)")
         p.add_argument(
             "--from-scratch",
             action="store_true",
             help="start a full-size preset from random weights, without --init (= train.from_scratch)",
         )
         p.add_argument(
-            "--models-dir", help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS"
+            "--models-dir",
+            type=not_a_url,
+            help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS",
         )
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
         if name == "decoder":

@@ -117,3 +117,45 @@ def test_an_output_url_is_refused_by_name_and_nothing_is_written(argv, tmp_path,
     url = next(a for a in argv if "://" in a)
     assert f"{url} is a URL; outputs go to a local folder" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "url"),
+    [
+        (["interpolate", "s3://bucket/a.png", "b.png"], "s3://bucket/a.png"),
+        (
+            ["interpolate", "a.png", "b.png", "--checkpoint", "s3://bucket/model.ckpt"],
+            "s3://bucket/model.ckpt",
+        ),
+        (
+            ["evaluate", "out/run", "--out", "eval", "--models-dir", "gs://bucket/models"],
+            "gs://bucket/models",
+        ),
+        (
+            ["train", "rectify", "--data", "shards", "--out", "run", "--init", "s3://b/dc.ckpt"],
+            "s3://b/dc.ckpt",
+        ),
+        (["curate", "footage", "--out", "run", "--models-dir", "s3://bucket/models"], "s3://bucket/models"),
+    ],
+    ids=["keyframe", "checkpoint", "models-dir", "init", "curate-models-dir"],
+)
+def test_an_input_file_url_is_refused_by_name(argv, url, tmp_path, monkeypatch, capsys):
+    """Files read whole (keyframes, checkpoints, weights) are local: a URL is named as one, not folded by
+    Path() into a missing `s3:/bucket/...` file."""
+    import inbetweener_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        inbetweener_cli.main(argv)
+    assert stop.value.code == 2
+    assert f"{url} is a URL; this reads local files" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_url_from_a_config_file_is_named():
+    from training.checkpoint import CheckpointError, read_checkpoint
+
+    with pytest.raises(
+        CheckpointError, match="s3://bucket/dc.ckpt is a URL; checkpoints are read from local"
+    ):
+        read_checkpoint("s3://bucket/dc.ckpt")
