@@ -146,6 +146,13 @@ def select_main(argv: list[str] | None = None) -> int:
                     known = hasattr(getattr(config, section, None), key)
                     what = "changes scores, not thresholds" if known else "is not a setting"
                     raise ConfigError(f"{section}.{key} {what}; select accepts {allowed_names}")
+                stage = getattr(config, section, None)
+                if section in MODEL_STAGES and not getattr(stage, "enabled", True):
+                    raise ConfigError(
+                        f"{section}.{key}: the {section} stage did not run in this job (it was skipped), so"
+                        f" its clips have no {section} scores to compare; curate again without"
+                        f" `--skip {section}` to filter on it"
+                    )
         from pipeline.config import apply_overrides
 
         apply_overrides(config, overrides)

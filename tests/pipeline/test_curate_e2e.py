@@ -164,6 +164,8 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     assert "shots.min_len_s changes scores, not thresholds" in capsys.readouterr().err
     assert select_main([str(copy), "--set", "shots.min_len=3"]) == 2  # no such setting at all
     assert "shots.min_len is not a setting; select accepts" in capsys.readouterr().err
+    assert select_main([str(copy), "--set", "aesthetic.min=5"]) == 2  # this job skipped aesthetic: no scores
+    assert "aesthetic.min: the aesthetic stage did not run in this job" in capsys.readouterr().err
     assert select_main([str(copy)]) == 0  # thresholds start from the last select's, and it says so
     assert f"thresholds: motion.min={threshold}," in capsys.readouterr().out
     again = [
