@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -141,6 +142,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    problem = probe_gcs(address) if address else None
+    if problem:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(_cannot_connect(address, problem))
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
@@ -164,7 +170,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
-def _cannot_connect(address: str, exc: Exception) -> str:
+GCS_PROBE_TIMEOUT_S = 10.0
+
+
+def probe_gcs(address: str, timeout: float = GCS_PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing answers at a cluster's `host:port` (GCS) address, or None when something does, or when
+    the address is not one (`auto`, `ray://...`). ray.init retries an unreachable GCS without end, printing
+    a timeout every 30 s: a mistyped address would hang the job."""
+    if "://" in address or address in ("auto", "local"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} within {timeout:g} s: {exc.strerror or exc}"
+
+
+def _cannot_connect(address: str, exc: Exception | str) -> str:
     # Ray 2.59+ starts clusters with token authentication on, and a driver given an explicit
     # address does not send the token unless told to: Ray then reports only a failed connection
     auth = (

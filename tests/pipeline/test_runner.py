@@ -210,6 +210,7 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(runner, "probe_gcs", lambda address: None)  # something answers there
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with pytest.raises(ConfigError, match=r"10\.0\.0\.9:6379.*RAY_AUTH_MODE=token"):
         runner.init_ray("10.0.0.9:6379")
@@ -220,6 +221,34 @@ def test_a_cluster_that_refuses_the_connection_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ConnectionError("local")))
     with pytest.raises(ConnectionError):  # a local Ray that fails to start is not an address problem
         runner.init_ray()
+
+
+def test_an_address_where_nothing_answers_stops_at_once_without_calling_ray(monkeypatch):
+    """ray.init retries an unreachable GCS address without end: a mistyped --address hung the job. A port
+    nobody listens on is now a one-line config error, and ray.init is never called."""
+    import socket
+
+    import ray
+
+    from pipeline import runner
+    from pipeline.config import ConfigError
+
+    with socket.socket() as s:  # a free local port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def must_not_init(**kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", must_not_init)
+    with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{port} \(nothing answers at 127\.0\.0\.1:{port}"):
+        runner.init_ray(f"127.0.0.1:{port}")
+    with socket.socket() as server:  # something listening: the probe passes it on to Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert runner.probe_gcs(f"127.0.0.1:{server.getsockname()[1]}") is None
+    assert runner.probe_gcs("ray://head:10001") is None and runner.probe_gcs("auto") is None
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 2, 8])
