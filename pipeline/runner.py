@@ -175,8 +175,8 @@ GCS_PROBE_TIMEOUT_S = 10.0
 
 def probe_gcs(address: str, timeout: float = GCS_PROBE_TIMEOUT_S) -> str | None:
     """Why nothing answers at a cluster's `host:port` (GCS) address, or None when something does, or when
-    the address is not one (`auto`, `ray://...`). ray.init retries an unreachable GCS without end, printing
-    a timeout every 30 s: a mistyped address would hang the job."""
+    the address is not one (`auto`, `ray://...`). ray.init keeps retrying an unreachable GCS, printing a
+    timeout every 40 s (still retrying after 5 minutes here): a mistyped address would hang the job."""
     if "://" in address or address in ("auto", "local"):
         return None
     host, sep, port = address.rpartition(":")
