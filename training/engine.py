@@ -245,6 +245,18 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local_rank)
 
 
+def check_device(cfg: TrainConfig) -> None:
+    """A ValueError naming train.device when it is not one this machine has (checked before any work)."""
+    kind = cfg.device.split(":", 1)[0]
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.device={cfg.device}: no CUDA device is available here (train.device=auto uses one when"
+            " present, else the CPU)"
+        )
+
+
 def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")

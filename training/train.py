@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
         run = resolve_config(args)
+        engine.check_device(run.train)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
             raise ValueError(
                 f"train {args.stage}: preset {run.train.preset} starts from a checkpoint: pass --init"

@@ -347,6 +347,22 @@ def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+     ("cuda", "train.device=cuda: no CUDA device is available here")],
+)  # fmt: skip
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(
+    device, message, tmp_path, train_shards, capsys
+):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the setting is valid here")
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", tmp_path / "run", train_shards, "--set", f"train.device={device}")
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_full_size_preset_without_init_is_refused_unless_from_scratch(
     tmp_path, train_shards, monkeypatch, capsys
 ):
