@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         score_clip,
         score_reconstruction,
     )
-    from inference.sampler import InferenceModel, SamplerSettings, default_device, default_dtype
+    from inference.sampler import InferenceModel, SamplerSettings, device_and_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
     from manifests.files import write_json_atomic
     from pipeline.models import WeightsError
@@ -238,10 +238,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         mode = "--decoder-only" if args.decoder_only else "a generation run"
         raise InputError(f"--metrics: {unknown} not among the metrics of {mode}: {' '.join(known)}")
     needs = extractors_for(metrics)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("no CUDA device here: use --device cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     hash_cache = args.out / ".sha256.json"
 
     # Every input is checked before the device works: checkpoint, metric weights, clips.

@@ -409,7 +409,7 @@ def _settings(args: argparse.Namespace):
         fs=args.fs,
         frames=args.frames,
         reference_decode=not args.single_decode,
-        decode_chunk=args.decode_chunk or None,
+        decode_chunk=None if args.decode_chunk == 0 else args.decode_chunk,
         sketch_scale=args.sketch_scale,
         sketch_blank_frames=args.sketch_blank_frames,
     )
@@ -418,21 +418,6 @@ def _settings(args: argparse.Namespace):
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     return settings
-
-
-def _device_and_dtype(args: argparse.Namespace):
-    import torch
-
-    from inference.sampler import default_device, default_dtype
-
-    try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError as exc:
-        raise InputError(f"--device {args.device!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else default_dtype(device)
-    return device, dtype
 
 
 def _formats(text: str) -> list[str]:
@@ -489,7 +474,9 @@ def run(args: argparse.Namespace) -> int:
         if not jobs:
             print("nothing to do: every output exists")
             return 0
-    device, dtype = _device_and_dtype(args)
+    from inference.sampler import device_and_dtype
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
 
     from inference.weights import (
         SKETCH_FILE,

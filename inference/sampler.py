@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from inference.cuda_graph import GraphedCall
+from inference.media import InputError
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser
 from training.engine import compile_blocks
@@ -75,6 +76,8 @@ class SamplerSettings:
             raise ValueError(f"frames must be at least 2 (the two keyframes), got {self.frames}")
         if self.eta < 0 or self.cfg < 0 or not 0 <= self.guidance_rescale <= 1:
             raise ValueError("eta and cfg must be >= 0 and guidance_rescale in [0, 1]")
+        if self.decode_chunk is not None and self.decode_chunk < 0:
+            raise ValueError(f"decode_chunk must be >= 0 (0: all frames at once), got {self.decode_chunk}")
 
 
 # --- placement and precision -----------------------------------------------------------------------------------
@@ -87,6 +90,25 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (range of fp32, tensor cores), fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype's choices
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype` as given (None: the defaults), checked against this machine: an InputError
+    naming the flag for a device it lacks, or a half precision on the CPU (which the model does not run:
+    its fp32 islands meet bf16 weights there)."""
+    try:
+        chosen = torch.device(device) if device else default_device()
+    except RuntimeError as exc:
+        raise InputError(f"--device {device!r}: {exc}") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    precision_ = DTYPES[dtype] if dtype else default_dtype(chosen)
+    if chosen.type == "cpu" and precision_ != torch.float32:
+        raise InputError(f"--dtype {dtype} runs on a GPU; on the CPU the model runs in fp32 (--dtype fp32)")
+    return chosen, precision_
 
 
 def precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -344,6 +344,21 @@ def _error(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dtype", "bf16"], "--dtype bf16 runs on a GPU; on the CPU the model runs in fp32"),
+        (["--decode-chunk", "-2"], "decode_chunk must be >= 0"),
+    ],
+    ids=["half-on-cpu", "negative-chunk"],
+)
+def test_settings_the_cpu_run_cannot_take_are_one_line(flags, message, files, capsys, no_device_work):
+    """Both used to end in torch's traceback mid-run (a dtype clash on the CPU, a negative split size)."""
+    root, ckpt, keys = files
+    err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *FAST, *flags])
+    assert message in err and "Traceback" not in err
+
+
 def test_keyframes_of_different_sizes(files, capsys, no_device_work):
     root, ckpt, keys = files
     err = _error(capsys, [str(keys["a"]), str(keys["small"]), "--checkpoint", str(ckpt), *FAST])
