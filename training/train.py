@@ -195,13 +195,55 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if wrong:
         raise ValueError(f"sections {wrong} belong to other stages than {args.stage!r}")
     run = engine.apply_overrides(RunConfig(), merged, "config")
-    if run.train.checkpoint_levels < 0:
-        raise ValueError(
-            f"train.checkpoint_levels must be >= 0 (0 = every block), got {run.train.checkpoint_levels}"
-        )
+    check_ranges(run)
     engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
+
+
+def check_ranges(run: RunConfig) -> None:
+    """A ValueError naming the first setting outside its range, before any work (the same values would
+    otherwise fail deep in the loader or the optimizer, or, like an EMA decay above 1, not fail at all)."""
+    t, d = run.train, run.data
+    rules = [
+        ("train.steps", t.steps >= 1, ">= 1"),
+        ("train.global_batch", t.global_batch >= 1, ">= 1"),
+        ("train.micro_batch", t.micro_batch >= 1, ">= 1"),
+        ("train.lr", t.lr > 0, "> 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("train.beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("train.beta2", 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1) (0 exports the raw weights)"),
+        ("train.checkpoint_levels", t.checkpoint_levels >= 0, ">= 0 (0 = every block)"),
+        ("train.ckpt_every", t.ckpt_every >= 1, ">= 1"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0 keeps all)"),
+        ("train.log_every", t.log_every >= 1, ">= 1"),
+        ("train.sample_every", t.sample_every >= 0, ">= 0 (0 disables)"),
+        ("train.sample_clips", t.sample_clips >= 1, ">= 1"),
+        ("train.sample_steps", t.sample_steps >= 1, ">= 1"),
+        ("train.eval_every", t.eval_every >= 0, ">= 0 (0 disables)"),
+        ("train.eval_clips", t.eval_clips >= 1, ">= 1"),
+        ("data.frames", d.frames >= 2, ">= 2 (the first and last frames condition the rest)"),
+        ("data.height", d.height >= 1, ">= 1"),
+        ("data.width", d.width >= 1, ">= 1"),
+        ("data.stride_min", 1 <= d.stride_min <= d.stride_max, f"in 1..data.stride_max ({d.stride_max})"),
+        ("data.fs_mode", d.fs_mode in ("fps", "stride"), "fps or stride"),
+        ("data.crop", d.crop in ("center", "random"), "center or random"),
+        ("data.shuffle_buffer", d.shuffle_buffer >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers >= 0, ">= 0 (0 reads in the training process)"),
+        ("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1"),
+    ]
+    for name, ok, expected in rules:
+        if not ok:
+            section, key = name.split(".")
+            value = getattr(getattr(run, section), key)
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if t.global_batch % t.micro_batch:
+        raise ValueError(
+            f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}"
+        )
 
 
 INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then sketch; decoder apart)
@@ -285,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     d = engine.init_distributed(tc.device)
     device = engine.pick_device(tc, d)
     amp = engine.autocast_dtype(tc, device)
-    accum = engine.accumulation_steps(tc, d.world)
+    with _input_errors():  # the number of ranks is known only now
+        accum = engine.accumulation_steps(tc, d.world)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         print(json.dumps(run.for_stage(stage_name), indent=1))

@@ -203,6 +203,18 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.stepz=3"]))
     with pytest.raises(ValueError, match=r"config.trian; did you mean train\? Known keys"):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "trian.steps=3"]))
+    for setting, message in [
+        ("train.micro_batch=0", "train.micro_batch must be >= 1, got 0"),
+        ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+        ("train.ema_decay=2", r"train.ema_decay must be in \[0, 1\)"),
+        ("data.frames=0", "data.frames must be >= 2"),
+        ("data.stride_min=7", r"data.stride_min must be in 1..data.stride_max \(6\), got 7"),
+        ("data.crop=middle", "data.crop must be center or random, got 'middle'"),
+        ("train.global_batch=3", "train.global_batch 3 is not a multiple of train.micro_batch 2"),
+    ]:  # each used to fail deep in the loader or the optimizer (or, like the EMA decay, not at all)
+        extra = ["--set", "train.micro_batch=2"] if setting.startswith("train.global_batch") else []
+        with pytest.raises(ValueError, match=message):
+            resolve_config(parse_args(["rectify", "--out", "x", "--set", setting, *extra]))
     with pytest.raises(ValueError, match="config.data.frames: expected int"):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "data.frames=many"]))
     with pytest.raises(ValueError, match="other stages"):
