@@ -260,6 +260,20 @@ def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateC
     return config
 
 
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
+
+
 def _validate(config: CurateConfig) -> None:
     checks = [
         (config.shots.detector in ("adaptive", "content"), "shots.detector must be adaptive or content"),
@@ -288,6 +302,51 @@ def _validate(config: CurateConfig) -> None:
         (config.split.max_distance >= 0, "split.max_distance must be >= 0"),
         (config.aesthetic.frames_per_forward >= 1, "aesthetic.frames_per_forward must be >= 1"),
     ]
+    probe, timing, motion, write = config.probe, config.timing, config.motion, config.write
+    checks += [
+        (probe.max_width >= 1 and probe.max_height >= 1, "probe.max_width and probe.max_height must be >= 1"),
+        (probe.max_duration_s > 0, "probe.max_duration_s must be > 0"),
+        (probe.vfr_tolerance >= 0, "probe.vfr_tolerance must be >= 0"),
+        (probe.hash_chunk_bytes >= 1, "probe.hash_chunk_bytes must be >= 1"),
+        (0 <= probe.border_luma <= 255, "probe.border_luma must be in 0..255"),
+        (timing.held_threshold >= 0, "timing.held_threshold must be >= 0"),
+        (0 <= timing.changed_delta <= 255, "timing.changed_delta must be in 0..255"),
+        (0 <= timing.changed_max <= 1, "timing.changed_max must be in [0, 1]"),
+        (0 < timing.dominant_share <= 1, "timing.dominant_share must be in (0, 1]"),
+        (motion.min is None or motion.min >= 0, "motion.min must be >= 0 or null"),
+        (
+            motion.max is None or motion.min is None or motion.max > motion.min,
+            "motion.max must be > motion.min (or null: no upper bound)",
+        ),
+        (
+            motion.flow_width >= 16 and motion.flow_height >= 16,
+            "motion.flow_width and flow_height must be >= 16",
+        ),
+        (write.width >= 2 and write.height >= 2, "write.width and write.height must be >= 2"),
+        (
+            write.codec not in ("libx264", "libx265") or 0 <= write.crf <= 51,
+            f"write.crf must be in 0..51 for {write.codec}, got {write.crf}",
+        ),
+        (
+            write.codec not in ("libx264", "libx265") or write.preset in X264_PRESETS,
+            f"write.preset must be one of {', '.join(X264_PRESETS)} for {write.codec}, got {write.preset!r}",
+        ),
+    ]
+    for name in MODEL_STAGES:
+        stage = getattr(config, name)
+        checks.append((stage.batch_size >= 1, f"{name}.batch_size must be >= 1"))
+        checks.append((stage.num_gpus >= 0, f"{name}.num_gpus must be >= 0"))
+        frames = getattr(stage, "frames", None)
+        if frames is not None:
+            picked = [f.strip() for f in str(frames).split(",") if f.strip()]
+            checks.append(
+                (
+                    bool(picked) and set(picked) <= {"first", "mid", "last"},
+                    f"{name}.frames must be a comma list of first, mid, last, got {frames!r}",
+                )
+            )
+    checks.append((config.text.canvas_size >= 32, "text.canvas_size must be >= 32"))
+    checks.append((config.text.threads >= 1, "text.threads must be >= 1"))
     precisions = {"auto", "fp32", "fp16", "bf16"}
     for name in ("text", "aesthetic", "alignment", "caption"):
         allowed = precisions | ({"fp8"} if name == "aesthetic" else set())

@@ -32,6 +32,13 @@ def test_yaml_file_overrides(tmp_path):
         (["write.width=511"], "write.width"),
         (["shots.max_len_s=0.1"], "shots.max_len_s"),
         (["motionmin"], "stage.key=value"),
+        (["write.crf=99"], "write.crf must be in 0..51 for libx264, got 99"),  # x264 clamped it, silently
+        (["write.preset=quick"], "write.preset must be one of ultrafast, "),
+        (["text.frames=0"], "text.frames must be a comma list of first, mid, last, got '0'"),
+        (["caption.frames=mid,end"], "caption.frames must be a comma list"),
+        (["motion.min=0.5", "motion.max=0.2"], "motion.max must be > motion.min"),
+        (["probe.max_width=0"], "probe.max_width and probe.max_height must be >= 1"),  # was: all error rows
+        (["aesthetic.batch_size=0"], "aesthetic.batch_size must be >= 1"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(sets, message):
