@@ -16,6 +16,7 @@ with black bars (torchvision's CenterCrop on a too-small image), this code scale
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -177,6 +178,13 @@ def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
             for index, p in numbered:
                 if index is not None:
                     add(index, p)
+            unnumbered = [p.name for i, p in numbered if i is None]
+            if unnumbered:  # said, so that a sketch named without its index is not silently left out
+                logging.getLogger("inbetweener.interpolate").warning(
+                    "sketch folder %s: %s not used (no frame index at the end of the name)",
+                    path,
+                    ", ".join(unnumbered),
+                )
         else:
             index = sketch_index(path.name)
             if index is None:

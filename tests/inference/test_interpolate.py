@@ -508,6 +508,14 @@ def test_sketch_arguments():
     assert parse_sketch_args(["3=a.png", "b_12.png"]) == {3: Path("a.png"), 12: Path("b_12.png")}
 
 
+def test_a_sketch_folders_unnumbered_images_are_named_as_unused(tmp_path, caplog):
+    for name in ("07.png", "frame_09.png", "notes.png", "readme.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="inbetweener.interpolate"):
+        assert parse_sketch_args([str(tmp_path)]) == {7: tmp_path / "07.png", 9: tmp_path / "frame_09.png"}
+    assert f"sketch folder {tmp_path}: notes.png not used" in caplog.text and "readme" not in caplog.text
+
+
 # --- the sampler -----------------------------------------------------------------------------------------------
 
 
