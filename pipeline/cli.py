@@ -89,6 +89,10 @@ def curate_main(argv: list[str] | None = None) -> int:
         if args.address:
             config.run.address = args.address
         if args.workers is not None:
+            if args.workers < 0:
+                raise ConfigError(
+                    f"--workers must be >= 1 (0 or leaving it out: one per CPU), got {args.workers}"
+                )
             config.run.workers = args.workers
         if args.fail_on_error:
             config.run.fail_on_error = True

@@ -188,6 +188,8 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     out = tmp_path / "never"
     assert curate_main([str(tmp_path), "--out", str(out), "--set", "motion.mni=1"]) == 2
     assert "motion.mni" in capsys.readouterr().err
+    assert curate_main([str(tmp_path), "--out", str(out), "--workers", "-1"]) == 2  # was: taken as given
+    assert "--workers must be >= 0 (0, or leaving it out: one per CPU), got -1" in capsys.readouterr().err
     assert not out.exists()
     (tmp_path / "notes.txt").write_text("not a folder")
     assert curate_main([str(tmp_path), "--out", str(tmp_path / "notes.txt")]) == 2
