@@ -91,7 +91,7 @@ def curate_main(argv: list[str] | None = None) -> int:
         if args.workers is not None:
             if args.workers < 0:
                 raise ConfigError(
-                    f"--workers must be >= 1 (0 or leaving it out: one per CPU), got {args.workers}"
+                    f"--workers must be >= 0 (0, or leaving it out: one per CPU), got {args.workers}"
                 )
             config.run.workers = args.workers
         if args.fail_on_error:
