@@ -121,6 +121,12 @@ def split_dirs(spec: str) -> tuple[str, str]:
         return str(path / "shards" / "train"), str(path / "shards" / "eval")
     if not is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
         return spec, str(path.parent / "eval")
+    if not is_url(spec) and path.name == "eval" and (path.parent / "train").is_dir():
+        raise ValueError(
+            f"{spec} is the held-out eval split of a curate output: training on it would leak it into the"
+            f" model. Give the curate OUT folder or {path.parent / 'train'} (the eval split is then used for"
+            " evaluation only)"
+        )
     return spec, ""
 
 

@@ -81,6 +81,9 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
             str(out / "shards" / "eval"),
         )
     )
+    (out / "shards" / "eval").mkdir()
+    with pytest.raises(ValueError, match="is the held-out eval split of a curate output"):
+        data.split_dirs(str(out / "shards" / "eval"))  # training on it would leak the eval clips
     assert data.list_shards(str(train_dir)) == expected
     assert data.list_shards(str(train_dir / "*.tar")) == expected
     assert data.list_shards(str(train_dir / "{000000..000001}.tar")) == expected
