@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 CLOUD_EXTRA = "pip install 'inbetweener[cloud]'"
 BACKENDS = {  # protocol -> the package that implements it for fsspec (those the cloud extra installs)
@@ -51,17 +50,11 @@ def check_backend(url: str) -> None:
         raise MissingBackendError(f"{url}: fsspec knows no {protocol}:// protocol ({exc})") from exc
 
 
-def url_filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) for `url`, its backend checked first."""
-    import fsspec
-
-    check_backend(url)
-    return fsspec.core.url_to_fs(url)
-
-
 def not_a_url(text: str) -> str:
     """argparse type of the input files and folders read whole (keyframes, checkpoints, the models dir): a
-    URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file."""
+    URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file. A
+    `file://` URL is its local path."""
+    text = text.removeprefix("file://")
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; this reads local files: download it (or mount the bucket) and give its path"
@@ -77,7 +70,8 @@ def local_input(text: str) -> Path:
 def local_folder(text: str) -> Path:
     """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
     refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job
-    would write there."""
+    would write there. A `file://` URL is its local path."""
+    text = text.removeprefix("file://")
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; outputs go to a local folder (or a bucket mounted as one): give its path, and"
