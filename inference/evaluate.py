@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from inference.media import InputError, fit_frame, parse_size
+from inference.media import DTYPES, InputError, fit_frame, parse_size
 from manifests.remote import local_folder, local_input
 
 log = logging.getLogger("inbetweener.evaluate")
 
 METHODS = {"model": "model", "linear": "linear_blend", "flow": "flow_warp"}
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 EPILOG = """\
 examples:

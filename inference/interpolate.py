@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import (
+    DTYPES,
     OUTPUT_FORMATS,
     InputError,
     check_keyframe_files,
@@ -40,7 +41,6 @@ from manifests.remote import local_folder, local_input, not_a_url
 
 log = logging.getLogger("inbetweener.interpolate")
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 EPILOG = """\
 examples:

@@ -32,6 +32,13 @@ from manifests.files import atomic_path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}  # --dtype of interpolate, evaluate
+
+
 class InputError(ValueError):
     """A user input that cannot be used; the message names it and says why."""
 

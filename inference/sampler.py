@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from inference.cuda_graph import GraphedCall
-from inference.media import InputError
+from inference.media import DTYPES, InputError
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser
 from training.engine import compile_blocks
@@ -90,9 +90,6 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (range of fp32, tensor cores), fp32 on the CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype's choices
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
