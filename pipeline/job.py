@@ -453,7 +453,7 @@ class CurateJob:
         if result.eval_size < c.eval_size:
             units = "sources" if c.by_source else "near-duplicate groups"
             self._say(
-                f"eval split: {result.eval_size} clips (asked {c.eval_size}; a small job gives eval at most "
+                f"eval split: {result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}; a small job gives eval at most "
                 f"{c.max_eval_fraction:.0%} of its {len(kept)} kept clips, in whole {units})"
             )
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)

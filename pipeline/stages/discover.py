@@ -23,6 +23,8 @@ def discover(inputs: list[str]) -> list[str]:
 
     A path that does not exist stays in the list: it becomes an error row, it is never dropped.
     Order is deterministic (sorted within each input, inputs in the order given, duplicates once).
+    A folder's hidden entries (a name starting with "."), and everything under a hidden folder, are
+    not sources: macOS's `._clip.mp4` resource forks, `.Trash`, `.git`. Named explicitly, they are.
     """
     found: list[str] = []
     for item in inputs:
@@ -46,7 +48,7 @@ def _expand(item: str) -> list[str]:
         return sorted(
             str(p)
             for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+            if p.is_file() and _is_video(p.name) and not _hidden(p.relative_to(path).parts)
         )
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
         out = []
@@ -57,6 +59,15 @@ def _expand(item: str) -> list[str]:
                 out.extend(_expand(entry))
         return out
     return [str(path)]
+
+
+def _is_video(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _hidden(parts) -> bool:
+    """True when a path below a listed folder has a hidden component (file or folder)."""
+    return any(part.startswith(".") for part in parts)
 
 
 def _expand_remote(uri: str) -> list[str]:
@@ -77,9 +88,11 @@ def _expand_remote(uri: str) -> list[str]:
             return sorted(f"{protocol}://{p}" for p in paths)
         target = paths[0]
         if fs.isdir(target):
-            files = fs.find(target)
+            root = target.rstrip("/") + "/"
             return sorted(
-                f"{protocol}://{p}" for p in files if os.path.splitext(p)[1].lower() in VIDEO_EXTENSIONS
+                f"{protocol}://{p}"
+                for p in fs.find(target)
+                if _is_video(p) and not _hidden(p[len(root) :].split("/") if p.startswith(root) else [p])
             )
     except MissingBackendError as exc:
         raise ConfigError(str(exc)) from exc

@@ -44,6 +44,20 @@ def test_discover_expands_folders_globs_and_list_files(footage, tmp_path):
     assert str(out / "nope.mp4") in found  # a missing path is kept: it becomes an error row
 
 
+def test_discover_leaves_out_hidden_files_and_folders_unless_named(tmp_path):
+    root = tmp_path / "drive"
+    for rel in ["a.mp4", "sub/b.mkv", "._a.mp4", ".Trash/old.mp4", "sub/.cache/c.mp4"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    assert discover([str(root)]) == [str(root / "a.mp4"), str(root / "sub/b.mkv")]
+    named = str(root / ".Trash/old.mp4")
+    assert discover([named]) == [named]  # asked for by name: curated
+    hidden_root = tmp_path / ".footage"  # the folder given may itself be hidden
+    (hidden_root / "d.mp4").parent.mkdir()
+    (hidden_root / "d.mp4").write_bytes(b"x")
+    assert discover([str(hidden_root)]) == [str(hidden_root / "d.mp4")]
+
+
 def test_discover_reads_object_store_uris():
     import fsspec
 
@@ -51,6 +65,8 @@ def test_discover_reads_object_store_uris():
     fs.pipe("/bucket/raw/a.mp4", b"x")
     fs.pipe("/bucket/raw/sub/b.mkv", b"y")
     fs.pipe("/bucket/raw/notes.txt", b"z")
+    fs.pipe("/bucket/raw/._a.mp4", b"macOS resource fork")
+    fs.pipe("/bucket/raw/.trash/c.mp4", b"w")
     assert discover(["memory://bucket/raw"]) == [
         "memory:///bucket/raw/a.mp4",
         "memory:///bucket/raw/sub/b.mkv",
