@@ -322,7 +322,9 @@ def wrap(
     frozen += [name for name, _ in net.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    # Every buffer is in the ignore list, so DDP syncs none, at init or per forward; no
+    # broadcast_buffers argument (deprecated in torch 2.14, which warns on every rank).
+    return DistributedDataParallel(net, device_ids=ids)
 
 
 def compile_blocks(blocks: list[nn.Module], backend: str) -> int:

@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- processes, device, precision: decided here and nowhere else -------------------------------------
     d = engine.init_distributed(tc.device)
+    if not d.main:  # the settings' and the loading's warnings are the same on every rank: rank 0 says them
+        for name in ("training.train", "training.checkpoint", "training.stages"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     device = engine.pick_device(tc, d)
     amp = engine.autocast_dtype(tc, device)
     with _input_errors():  # the number of ranks is known only now
@@ -521,10 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     logger.close()
-    if d.main:
-        print(
-            f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {data_state.skipped()}"
-        )
+    skipped = _mean_over_ranks({f"data/{k}": v for k, v in data_state.skipped().items()}, d, device)
+    if d.main:  # the skipped samples of every rank
+        skipped = {k.removeprefix("data/"): int(v) for k, v in skipped.items()}
+        print(f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {skipped}")
     engine.barrier(d)
     if d.active:
         torch.distributed.destroy_process_group()
@@ -532,15 +535,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mean_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:
-    """Losses averaged over ranks; throughput and data counts summed (every rank calls this)."""
+    """Losses and throughput averaged over ranks, data counts summed (every rank calls this).
+
+    `train/samples_per_s` is the global batch's rate as each rank timed it, so it is averaged, not summed."""
     if not d.active:
         return values
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    summed = {k for k in keys if k.startswith("data/") or k == "train/samples_per_s"}
+    summed = {k for k in keys if k.startswith("data/")}
     out = {k: v if k in summed else v / d.world for k, v in zip(keys, t.tolist())}
-    out["train/lr"] = values["train/lr"]
+    if "train/lr" in values:
+        out["train/lr"] = values["train/lr"]
     return out
 
 

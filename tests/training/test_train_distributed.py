@@ -35,13 +35,22 @@ def torchrun(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_torchrun_two_ranks_ddp(tmp_path, train_shards):
     """torchrun with 2 CPU processes (gloo): DDP, one micro-batch per rank, a checkpoint at the end."""
     out = tmp_path / "ddp"
-    torchrun(out, train_shards)
+    torchrun(out, train_shards, "--set", "train.steps=3")
     assert {p.name for p in latest(out).iterdir()} >= {
         "model.safetensors",
         "state.pt",
         "rank_0.pt",
         "rank_1.pt",
     }
+    # the logged throughput is the global batch's (2 samples a step), not that times the ranks
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    logged = {e.step: e for e in events.Scalars("train/samples_per_s")}
+    for step in (2, 3):
+        timed = 2 / (logged[step].wall_time - logged[step - 1].wall_time)
+        assert 0.5 < logged[step].value / timed < 1.5, (step, logged[step].value, timed)
 
 
 @pytest.mark.slow
