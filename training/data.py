@@ -109,7 +109,8 @@ def is_tar_name(path: str) -> bool:
 
 def split_dirs(spec: str) -> tuple[str, str]:
     """(train, eval) shard specs for `--data`: a curate OUT folder (or its manifest.parquet, as interpolate
-    and evaluate take it) gives OUT/shards/{train,eval}."""
+    and evaluate take it) gives OUT/shards/{train,eval}. A `file://` URL is its local path."""
+    spec = spec.removeprefix("file://")
     path = Path(spec)
     if not is_url(spec) and path.suffix == ".parquet" and path.is_file():
         if not (path.parent / "shards" / "train").is_dir():
@@ -134,6 +135,7 @@ def list_shards(spec: str) -> list[str]:
     """Shard URLs/paths named by `spec` (see the module docstring), in a stable order."""
     if not spec:
         return []
+    spec = spec.removeprefix("file://")  # a local path: listed as one (fsspec's file:// lists no folder)
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
     if "://" in spec:
@@ -245,6 +247,11 @@ def write_shard(path: Path, samples: list[dict[str, Any]]) -> Path:
 
 
 # --- one window from one clip ------------------------------------------------------------------------------
+
+
+class DataError(RuntimeError):
+    """The shards give no training data at all (every shard unreadable, no usable clip): a setup error
+    the trainer reports in one line, not a bad sample to skip."""
 
 
 class SampleError(Exception):
@@ -437,7 +444,11 @@ class DataState:
         return cls(world=d["world"], workers=d["workers"], batches=d["batches"], slots=slots)
 
 
-def _raw_samples(shards: list[str], slot: int, slots: int, epoch: int, bad: list[str]) -> Iterator[dict]:
+def _raw_samples(
+    shards: list[str], slot: int, slots: int, epoch: int, bad: list[str], why: dict[str, str] | None = None
+) -> Iterator[dict]:
+    """This slot's samples of one epoch; an unreadable shard is tagged in `bad` (and its error kept in
+    `why`) and skipped."""
     if len(shards) >= slots:
         mine, take = shards[slot::slots], None  # whole shards per slot
     else:
@@ -452,6 +463,8 @@ def _raw_samples(shards: list[str], slot: int, slots: int, epoch: int, bad: list
                     index += 1
         except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
             tag = f"{epoch}:{url}"
+            if why is not None:
+                why.setdefault(url, f"{type(exc).__name__}: {exc}")
             if tag not in bad:
                 bad.append(tag)
                 log.warning("skipping the rest of unreadable shard %s: %s", url, exc)
@@ -517,7 +530,8 @@ class ClipStream(IterableDataset):
             if self.cfg.shuffle_shards:
                 order = [order[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
             rng = np.random.default_rng([self.seed, epoch, slot])
-            raw = _raw_samples(order, slot, self.world * workers, epoch, bad)
+            unreadable: dict[str, str] = {}
+            raw = _raw_samples(order, slot, self.world * workers, epoch, bad, unreadable)
             pos = good = 0
             for sample in _shuffled(raw, self.cfg.shuffle_buffer, rng):
                 pos += 1
@@ -537,12 +551,18 @@ class ClipStream(IterableDataset):
                     pending = []
                     yield batch
             if good == 0 and skip == 0 and pos > 0:
-                raise RuntimeError(
+                raise DataError(
                     f"reading slot {slot} found no usable clip in a whole epoch of {self.shards[:3]}... "
                     f"({counts}, bad shards {len(bad)})"
                 )
+            if pos == 0 and unreadable:
+                url, reason = next(iter(unreadable.items()))
+                raise DataError(
+                    f"no shard could be read ({len(unreadable)} unreadable, e.g. {url}: {reason}); "
+                    "--data takes a curate OUT folder, a folder of .tar shards, a glob, a list file or a URL"
+                )
             if pos == 0:
-                raise RuntimeError(
+                raise DataError(
                     f"reading slot {slot} of {self.world * workers} gets no samples from {len(self.shards)} shard(s): "
                     "fewer samples than ranks x workers? lower data.num_workers"
                 )

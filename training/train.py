@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from manifests.remote import local_folder, not_a_url
 from training import engine, float8
 from training.data import (
     DataConfig,
+    DataError,
     DataState,
     collate,
     eval_windows,
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         use_disc = disc is not None and run.decoder.disc_start >= 0 and step >= run.decoder.disc_start
         sums: dict[str, float] = {}
         for micro in range(accum):
-            batch = next(batches)
+            batch = _next_batch(batches, bar)
             data_state.consume(batch)
             batch = to_device(batch, device)
             last = micro == accum - 1
@@ -532,6 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     if d.active:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _next_batch(batches: Iterator[dict], bar: Any) -> dict:
+    """The next batch; shards that give no training data at all stop the run with one line, exit code 2."""
+    try:
+        return next(batches)
+    except DataError as exc:
+        if bar is not None:
+            bar.close()  # the error goes on a line of its own
+        # a DataLoader worker's error arrives re-raised with its traceback as text: keep the message
+        message = str(exc).rstrip().rsplit("DataError: ", 1)[-1]
+        print(f"inbetweener train: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 def _mean_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:

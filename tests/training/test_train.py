@@ -347,6 +347,24 @@ def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_that_all_fail_to_read_stop_the_run_with_one_line(workers, tmp_path, capsys):
+    """Every shard unreadable (not tars at all): the run stops with one line naming a shard and why, exit
+    code 2, also when the error comes from a DataLoader worker process."""
+    bad = tmp_path / "shards"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"00000{i}.tar").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SystemExit) as stop:
+        train(
+            "rectify", tmp_path / "run", bad, "--set", f"data.num_workers={workers}", "--set", "train.steps=1"
+        )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2
+    assert err.startswith("inbetweener train: error: no shard could be read (")
+    assert f"{bad}/00000" in err and "ReadError" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("gpu", "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
