@@ -154,7 +154,8 @@ def iter_clips(
 ) -> Iterator[EvalClip]:
     """The clips of `sources` in order (sources in the order given), at most `limit`."""
     count = 0
-    urls = [str(s) for s in sources if "://" in str(s)]
+    sources = [str(s).removeprefix("file://") for s in sources]  # a file:// URL is its local path
+    urls = [s for s in sources if "://" in s]
     if urls:  # Path() would fold s3://b/x into s3:/b/x and report that as a missing file
         raise InputError(
             f"{urls[0]}: evaluate reads local files; copy the curate output (its"

@@ -59,8 +59,9 @@ resume: rerun the same command; clips already generated and scored are not redon
 
 
 def _source(text: str) -> Path | str:
-    """A local source as a Path; a URL kept as given (Path would fold s3://b into s3:/b), to be refused
-    by name."""
+    """A local source as a Path (a `file://` URL is its local path); another URL kept as given (Path would
+    fold s3://b into s3:/b), to be refused by name."""
+    text = text.removeprefix("file://")
     return text if "://" in text else Path(text)
 
 

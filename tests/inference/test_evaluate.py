@@ -245,10 +245,12 @@ def test_sources_shards_folder_and_manifest_agree(curated):
     by_folder = [(c.key, c.caption) for c in iter_clips([curated])]
     by_shards = [(c.key, c.caption) for c in iter_clips([curated / "shards" / "eval" / "000000.tar"])]
     by_manifest = [(c.key, c.caption) for c in iter_clips([curated / "manifest.parquet"])]
+    by_url = [(c.key, c.caption) for c in iter_clips([f"file://{curated}"])]  # a file:// URL: its local path
     assert (
         by_folder
         == by_shards
         == by_manifest
+        == by_url
         == [(k, f"a square moving right, clip {i}") for i, k in enumerate(CLIPS)]
     )
     assert [c.key for c in iter_clips([curated], limit=2)] == ["clip000a", "clip000b"]
