@@ -63,7 +63,7 @@ class Progress:
         rate = self.items / elapsed
         eta = (self.total - self.done) * elapsed / max(1, self.done)
         print(
-            f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.items} clips, "
+            f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.items} clip{'' if self.items == 1 else 's'}, "
             f"{rate:.1f} clips/s, ETA {eta:.0f} s",
             file=sys.stderr,
             flush=True,
