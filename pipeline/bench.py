@@ -315,11 +315,100 @@ def format_results(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the near-duplicate search
+
+
+def python_banded_pairs(fingerprints: dict[str, list[int]], max_distance: int) -> list[tuple[str, str, int]]:
+    """The pure-Python banded search manifests.split used before it was vectorised (2026-11-29): the
+    same bands and the same result, compared pair by pair in every bucket. The split benchmark's baseline."""
+    from collections import defaultdict
+
+    from manifests.split import HASH_BITS, fingerprint_distance
+
+    def bands(fp: list[int], count: int) -> list[int]:
+        bits = 0
+        for value in fp:
+            bits = (bits << HASH_BITS) | int(value)
+        total = HASH_BITS * len(fp)
+        edges = [round(i * total / count) for i in range(count + 1)]
+        return [(bits >> (total - hi)) & ((1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+
+    usable = {k: v for k, v in fingerprints.items() if v}
+    by_length: dict[int, list[str]] = defaultdict(list)
+    for key, fp in usable.items():
+        by_length[len(fp)].append(key)
+    pairs: dict[tuple[str, str], int] = {}
+    for length, keys in by_length.items():
+        count = min(max_distance + 1, HASH_BITS * length)
+        buckets: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for key in sorted(keys):
+            for band, value in enumerate(bands(usable[key], count)):
+                buckets[(band, value)].append(key)
+        for members in buckets.values():
+            for i, a in enumerate(members):
+                for b in members[i + 1 :]:
+                    if (a, b) not in pairs:
+                        d = fingerprint_distance(usable[a], usable[b])
+                        if d <= max_distance:
+                            pairs[(a, b)] = d
+    return sorted((a, b, d) for (a, b), d in pairs.items())
+
+
+def synthetic_fingerprints(clips: int, flat: float, seed: int = 0) -> dict[str, list[int]]:
+    """Fingerprints (first, middle, last keyframe pHashes) shaped like a cartoon corpus: random ones, 2%
+    near copies of 50 repeated openings (a few bits flipped), and a share `flat` of clips whose first
+    keyframe is a flat picture (a black or plain frame: pHash 0)."""
+    import random
+
+    rng = random.Random(seed)
+    openings = [[rng.getrandbits(64) for _ in range(3)] for _ in range(50)]
+    out = {}
+    for i in range(clips):
+        r = rng.random()
+        if r < 0.02:
+            fp = [h ^ (1 << rng.randrange(64)) for h in rng.choice(openings)]
+        else:
+            fp = [rng.getrandbits(64) for _ in range(3)]
+            if r < 0.02 + flat:
+                fp[0] = 0
+        out[f"c{i:07d}"] = fp
+    return out
+
+
+def run_split_bench(sizes: list[int], flat: float, max_distance: int, baseline_max: int) -> list[dict]:
+    from manifests.split import near_duplicate_pairs
+
+    rows = []
+    for n in sizes:
+        fps = synthetic_fingerprints(n, flat)
+        t = time.perf_counter()
+        pairs = near_duplicate_pairs(fps, max_distance)
+        row = {"clips": n, "flat": flat, "pairs": len(pairs), "numpy_s": time.perf_counter() - t}
+        if n <= baseline_max:
+            t = time.perf_counter()
+            same = python_banded_pairs(fps, max_distance) == pairs
+            row.update(python_s=time.perf_counter() - t, same=same)
+        rows.append(row)
+        print(_split_row(row), flush=True)
+    return rows
+
+
+def _split_row(r: dict) -> str:
+    base = (
+        f"python {r['python_s']:8.2f} s  speed-up {r['python_s'] / max(r['numpy_s'], 1e-9):6.1f}x  "
+        f"same pairs: {r['same']}"
+        if "python_s" in r
+        else "python (not run: --baseline-max)"
+    )
+    return f"{r['clips']:>8} clips, {r['flat']:.0%} flat first frames: {r['pairs']:>7} pairs, numpy {r['numpy_s']:7.2f} s  {base}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener bench",
         description="Benchmarks that print ratios against a baseline measured in the same run.",
-        epilog="example:\n  inbetweener bench curate --sources 8 --workers 1 2",
+        epilog="examples:\n  inbetweener bench curate --sources 8 --workers 1 2\n"
+        "  inbetweener bench split --clips 20000 40000 271000 --flat 0.05",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="what", required=True)
@@ -340,7 +429,23 @@ def main(argv: list[str] | None = None) -> int:
         "--no-job", action="store_true", help="skip the whole-job measurement (re-encoding dominates it)"
     )
     c.add_argument("--json", type=Path, help="also write the results here")
+    sp = sub.add_parser(
+        "split",
+        help="the near-duplicate search of the split and the leak check, against its pure-Python form",
+    )
+    sp.add_argument("--clips", type=int, nargs="+", default=[20000, 40000, 271000])
+    sp.add_argument("--flat", type=float, default=0.05, help="share of clips whose first keyframe is flat")
+    sp.add_argument("--max-distance", type=int, default=12)
+    sp.add_argument(
+        "--baseline-max", type=int, default=40000, help="run the pure-Python baseline up to this many clips"
+    )
+    sp.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.what == "split":
+        rows = run_split_bench(args.clips, args.flat, args.max_distance, args.baseline_max)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0 if all(r.get("same", True) for r in rows) else 1
     results = run_curate_bench(
         args.sources,
         (args.width, args.height),

@@ -43,6 +43,25 @@ def test_banded_search_finds_exactly_the_brute_force_pairs():
         assert near_duplicate_pairs(fps, max_distance) == brute_force(fps, max_distance)
 
 
+def test_flat_frames_and_mixed_lengths_give_the_brute_force_pairs_too():
+    """Every flat picture has the same pHash, so clips starting on one share a band bucket far larger than
+    the pair-by-pair search takes: those buckets are searched as distance matrices, with the same result."""
+    rng = random.Random(1)
+    fps = {}
+    for i in range(150):  # a flat first frame: one bucket of 150 on the first word's bands
+        fps[f"flat{i:03d}"] = [0, rng.getrandbits(64), rng.getrandbits(64)]
+    base = [0, rng.getrandbits(64), rng.getrandbits(64)]
+    for i in range(40):  # near copies inside that bucket
+        fps[f"near{i:03d}"] = flip(base, rng.randrange(0, 14), rng)
+    for i in range(30):  # other fingerprint lengths are compared among themselves only
+        fps[f"one{i:03d}"] = [rng.getrandbits(64) >> rng.choice((0, 60))]
+    fps["empty"] = []
+    for max_distance in (0, 5, 12, 40):
+        want = brute_force({k: v for k, v in fps.items() if len(v) == 3}, max_distance)
+        want += brute_force({k: v for k, v in fps.items() if len(v) == 1}, max_distance)
+        assert near_duplicate_pairs(fps, max_distance) == sorted(want)
+
+
 def test_fingerprint_distance():
     assert fingerprint_distance([0b1011, 0], [0b0001, 1]) == 3
 

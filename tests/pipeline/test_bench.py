@@ -23,3 +23,20 @@ def test_curate_bench_measures_decode_score_and_memory():
     assert results["plain_decode_fps"][1] > 0 and results["plain_decode_fps"][2] > 0
     text = format_results(results)
     assert "score/decode" in text and "plain processes (no Ray)" in text and "Ray's own processes" in text
+
+
+def test_split_bench_times_both_searches_on_the_same_fingerprints(tmp_path, capsys):
+    """`inbetweener bench split`: the vectorised search and its pure-Python baseline find the same pairs on
+    a corpus where a tenth of the clips share a flat first frame; a row without the baseline says so."""
+    import json
+
+    from pipeline.bench import main
+
+    assert main(["split", "--clips", "3000", "4000", "--flat", "0.1", "--baseline-max", "3000",
+                 "--json", str(tmp_path / "split.json")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "split.json").read_text())
+    assert [r["clips"] for r in rows] == [3000, 4000]
+    assert rows[0]["same"] is True and rows[0]["pairs"] > 0 and rows[0]["python_s"] > 0
+    assert "python_s" not in rows[1] and rows[1]["numpy_s"] > 0
+    out = capsys.readouterr().out
+    assert "same pairs: True" in out and "not run: --baseline-max" in out
