@@ -54,29 +54,15 @@ def fingerprint_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
 
 
-# Buckets up to this size are searched pair by pair (vectorised over all such buckets of a band at once);
-# larger ones, which flat frames make (every flat picture has the same pHash), as distance matrices.
+# Buckets up to this size are searched pair by pair (vectorised over all such buckets of a band at once).
+# Larger ones, which flat frames make (every flat picture has the same pHash), are searched again with
+# bands over the bits their members do not all share (down to _MAX_DEPTH levels), when their band was
+# wide enough to be a real coincidence (_RESEARCH_BITS: the narrow bands of a large max_distance make
+# large buckets by chance); what is still large then is a distance matrix.
 _SMALL_BUCKET = 64
-_MATRIX_CELLS = 1 << 22  # cells of one block of a large bucket's distance matrix (x words x 8 bytes)
-
-
-def _band_columns(hashes, count: int) -> list:
-    """For each of `count` bands of the concatenated hashes (rows of an [n, words] uint64 array, the first
-    word the most significant), an [n, pieces] array whose rows are equal exactly when the band's bits are."""
-    import numpy as np
-
-    total = HASH_BITS * hashes.shape[1]
-    edges = [round(i * total / count) for i in range(count + 1)]
-    bands = []
-    for lo, hi in zip(edges, edges[1:]):
-        pieces = []
-        for word in range(lo // HASH_BITS, (hi - 1) // HASH_BITS + 1):
-            top = max(lo - word * HASH_BITS, 0)  # bit offsets from the word's most significant bit
-            bottom = min(hi - word * HASH_BITS, HASH_BITS)
-            shifted = hashes[:, word] >> np.uint64(HASH_BITS - bottom)
-            pieces.append(shifted & np.uint64((1 << (bottom - top)) - 1))
-        bands.append(np.stack(pieces, axis=1))
-    return bands
+_MAX_DEPTH = 3
+_RESEARCH_BITS = 8
+_MATRIX_CELLS = 1 << 22  # cells of one block of a distance matrix (x words x 8 bytes)
 
 
 def _distances(hashes, i, j):
@@ -85,21 +71,78 @@ def _distances(hashes, i, j):
     return np.bitwise_count(hashes[i] ^ hashes[j]).sum(axis=-1, dtype=np.int64)
 
 
-def _pairs_of_length(hashes, max_distance: int):
-    """(i, j, distance) arrays of the row pairs i < j within `max_distance`, each pair once."""
+def _labels(packed):
+    """Bucket labels of rows of packed band bits: equal rows, equal labels."""
     import numpy as np
 
-    n = len(hashes)
-    count = min(max_distance + 1, HASH_BITS * hashes.shape[1])
-    found: list[tuple] = []
-    seen_large: set[bytes] = set()
-    for band in _band_columns(hashes, count):
-        _, label = np.unique(band, axis=0, return_inverse=True)
-        order = np.argsort(label.ravel(), kind="stable")  # rows of a bucket stay in ascending order
-        sorted_label = label.ravel()[order]
-        starts = np.flatnonzero(np.r_[True, sorted_label[1:] != sorted_label[:-1]])
-        sizes = np.diff(np.r_[starts, n])
-        # small buckets: the pairs (p, p + k) of sorted positions inside one bucket, for k = 1, 2, ...
+    if packed.shape[1] <= 8:  # one integer per row: a 1-D unique, much faster than rows
+        padded = np.zeros((len(packed), 8), dtype=np.uint8)
+        padded[:, 8 - packed.shape[1] :] = packed
+        return np.unique(padded.view(">u8").ravel(), return_inverse=True)[1].ravel()
+    return np.unique(packed, axis=0, return_inverse=True)[1].ravel()
+
+
+class _Search:
+    """Multi-index hashing over distinct fingerprints: rows of `hashes` ([n, words] uint64), their bits
+    in `bits` ([n, 64 * words] booleans, the first word's most significant bit first)."""
+
+    def __init__(self, hashes, max_distance: int):
+        import numpy as np
+
+        self.hashes, self.max_distance = hashes, max_distance
+        self.bits = np.unpackbits(hashes.astype(">u8").view(np.uint8), axis=1).astype(bool)
+        self.found: list[tuple] = []
+
+    def run(self) -> tuple:
+        """(i, j, distance) arrays of the pairs i < j within max_distance, each pair once, sorted."""
+        import numpy as np
+
+        n = len(self.hashes)
+        self._search(np.arange(n), np.arange(self.bits.shape[1]), 0)
+        if not self.found:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        i, j, d = (np.concatenate(parts) for parts in zip(*self.found))
+        code, first = np.unique(i.astype(np.int64) * n + j, return_index=True)  # sorted by (i, j), once
+        return code // n, code % n, d[first]
+
+    def _search(self, rows, columns, depth: int) -> None:
+        """The near pairs among `rows` (ascending), which may differ only at bit `columns`."""
+        import numpy as np
+
+        count = min(self.max_distance + 1, len(columns))
+        edges = [round(k * len(columns) / count) for k in range(count + 1)]
+        seen_large: set[bytes] = set()
+        for lo, hi in zip(edges, edges[1:]):
+            band = columns[lo:hi]
+            label = _labels(np.packbits(self.bits[np.ix_(rows, band)], axis=1))
+            order = np.argsort(label, kind="stable")  # positions in rows; a bucket stays ascending
+            sorted_label = label[order]
+            starts = np.flatnonzero(np.r_[True, sorted_label[1:] != sorted_label[:-1]])
+            sizes = np.diff(np.r_[starts, len(rows)])
+            self._small_buckets(rows[order], starts, sizes)
+            rest = np.concatenate([columns[:lo], columns[hi:]])
+            for start, size in zip(starts[sizes > _SMALL_BUCKET], sizes[sizes > _SMALL_BUCKET]):
+                members = rows[order[start : start + size]]
+                signature = members.tobytes()
+                if signature in seen_large:  # the same rows share several bands (a flat frame's word)
+                    continue
+                seen_large.add(signature)
+                varying = rest[self._varying(members, rest)]  # bits the members do not all share
+                if depth < _MAX_DEPTH and hi - lo >= _RESEARCH_BITS and len(varying):
+                    self._search(members, varying, depth + 1)
+                else:
+                    self._matrix(members)
+
+    def _varying(self, rows, columns):
+        """Which of `columns` differ somewhere among `rows`."""
+        block = self.bits[rows][:, columns]
+        return block.any(axis=0) & ~block.all(axis=0)
+
+    def _small_buckets(self, ordered, starts, sizes) -> None:
+        """Every pair inside each bucket of 2.._SMALL_BUCKET rows: positions (p, p + k) for k = 1, 2, ..."""
+        import numpy as np
+
         small = (sizes > 1) & (sizes <= _SMALL_BUCKET)
         end_of = np.repeat(starts + sizes, sizes)
         live = np.flatnonzero(np.repeat(small, sizes))
@@ -107,53 +150,84 @@ def _pairs_of_length(hashes, max_distance: int):
         while live.size:
             live = live[live + k < end_of[live]]
             if live.size:
-                i, j = order[live], order[live + k]
-                d = _distances(hashes, i, j)
-                near = d <= max_distance
-                found.append((i[near], j[near], d[near]))
+                i, j = ordered[live], ordered[live + k]
+                d = _distances(self.hashes, i, j)
+                near = d <= self.max_distance
+                self.found.append((i[near], j[near], d[near]))
             k += 1
-        # large buckets: block by block of the upper triangle of their distance matrix
-        for start, size in zip(starts[sizes > _SMALL_BUCKET], sizes[sizes > _SMALL_BUCKET]):
-            members = order[start : start + size]
-            signature = members.tobytes()
-            if signature in seen_large:  # the same rows share several bands (a flat first frame)
-                continue
-            seen_large.add(signature)
-            rows = max(1, _MATRIX_CELLS // int(size))
-            for r0 in range(0, int(size), rows):
-                a = members[r0 : r0 + rows]
-                b = members[r0:]
-                d = _distances(hashes, a[:, None], b[None, :])
-                upper = np.arange(len(b))[None, :] > np.arange(len(a))[:, None]  # b[c] comes after a[r]
-                ri, ci = np.nonzero(upper & (d <= max_distance))
-                found.append((a[ri], b[ci], d[ri, ci]))
-    if not found:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    i, j, d = (np.concatenate(parts) for parts in zip(*found))
-    code, first = np.unique(i.astype(np.int64) * n + j, return_index=True)  # sorted by (i, j), once each
-    return code // n, code % n, d[first]
+
+    def _matrix(self, members) -> None:
+        """Every pair of `members` (ascending), block by block of the upper triangle."""
+        import numpy as np
+
+        rows = max(1, _MATRIX_CELLS // len(members))
+        for r0 in range(0, len(members), rows):
+            a, b = members[r0 : r0 + rows], members[r0:]
+            d = _distances(self.hashes, a[:, None], b[None, :])
+            upper = np.arange(len(b))[None, :] > np.arange(len(a))[:, None]  # b[c] comes after a[r]
+            ri, ci = np.nonzero(upper & (d <= self.max_distance))
+            self.found.append((a[ri], b[ci], d[ri, ci]))
+
+
+@dataclass
+class _Fingerprints:
+    """The distinct fingerprints of one length, their clips, and the near pairs among them."""
+
+    clips: list[list[str]]  # per distinct fingerprint, its clips (sorted)
+    pairs: list[tuple[int, int, int]]  # (u, v, distance) between distinct fingerprints, u < v
+
+
+def _distinct_near_pairs(fingerprints: dict[str, Sequence[int]], max_distance: int) -> list[_Fingerprints]:
+    import numpy as np
+
+    by_length: dict[int, list[str]] = defaultdict(list)
+    for key, fp in fingerprints.items():
+        if fp:
+            by_length[len(fp)].append(key)
+    out = []
+    for keys in by_length.values():
+        keys.sort()
+        hashes = np.array([[int(h) for h in fingerprints[k]] for k in keys], dtype=np.uint64)
+        distinct, which = np.unique(hashes, axis=0, return_inverse=True)
+        clips: list[list[str]] = [[] for _ in range(len(distinct))]
+        for key, u in zip(keys, which.ravel().tolist()):
+            clips[u].append(key)
+        i, j, d = _Search(distinct, max_distance).run()
+        out.append(_Fingerprints(clips, list(zip(i.tolist(), j.tolist(), d.tolist()))))
+    return out
+
+
+def near_duplicate_links(fingerprints: dict[str, Sequence[int]], max_distance: int) -> list[tuple[str, str]]:
+    """Clip pairs whose union gives the near-duplicate groups (a spanning set, not every pair: a thousand
+    black clips with the same fingerprint are 999 links, not half a million pairs)."""
+    links = []
+    for fps in _distinct_near_pairs(fingerprints, max_distance):
+        for clips in fps.clips:
+            links += [(clips[0], other) for other in clips[1:]]
+        links += [(fps.clips[u][0], fps.clips[v][0]) for u, v, _ in fps.pairs]
+    return links
 
 
 def near_duplicate_pairs(
-    fingerprints: dict[str, Sequence[int]], max_distance: int
+    fingerprints: dict[str, Sequence[int]], max_distance: int, keep=None
 ) -> list[tuple[str, str, int]]:
-    """All pairs (a, b, distance) with distance <= max_distance, a < b, each pair once.
+    """All pairs (a, b, distance) with distance <= max_distance, a < b, each pair once; with `keep`, only
+    the pairs for which keep(a, b) is true.
 
-    Vectorised with numpy (imported here, so that `manifests` still imports with pyarrow alone): the
-    paper's 271K clips are searched in seconds even when thousands of them share a flat first frame."""
-    import numpy as np
-
-    usable = {k: v for k, v in fingerprints.items() if v}
-    by_length: dict[int, list[str]] = defaultdict(list)
-    for key, fp in usable.items():
-        by_length[len(fp)].append(key)
+    Distinct fingerprints are searched with numpy (imported here, so that `manifests` still imports with
+    pyarrow alone): the paper's 271K clips take seconds even when thousands share a flat first frame."""
     pairs = []
-    for keys in by_length.values():
-        keys.sort()
-        hashes = np.array([[int(h) for h in usable[k]] for k in keys], dtype=np.uint64)
-        for i, j, d in zip(*_pairs_of_length(hashes, max_distance)):
-            pairs.append((keys[i], keys[j], int(d)))
+    for fps in _distinct_near_pairs(fingerprints, max_distance):
+        candidates = [(c, c, 0) for c in fps.clips] + [
+            (fps.clips[u], fps.clips[v], d) for u, v, d in fps.pairs
+        ]
+        for left, right, d in candidates:
+            same = left is right
+            for x, a in enumerate(left):
+                for b in left[x + 1 :] if same else right:
+                    pair = (a, b) if a < b else (b, a)
+                    if keep is None or keep(*pair):
+                        pairs.append((*pair, d))
     return sorted(pairs)
 
 
@@ -184,7 +258,7 @@ def assign_split(
     """
     ids = [c["clip_id"] for c in clips]
     groups = UnionFind(ids)
-    for a, b, _ in near_duplicate_pairs({c["clip_id"]: c.get("phash") or [] for c in clips}, max_distance):
+    for a, b in near_duplicate_links({c["clip_id"]: c.get("phash") or [] for c in clips}, max_distance):
         groups.union(a, b)
     group_of = {cid: "g" + groups.find(cid) for cid in ids}
     linked = UnionFind(ids)
@@ -212,9 +286,10 @@ def cross_split_pairs(clips: Sequence[dict], max_distance: int = 12) -> list[dic
     """The leak check: near-duplicate pairs (and shared sources) across train and eval."""
     by_id = {c["clip_id"]: c for c in clips if c.get("split") in ("train", "eval")}
     leaks = []
-    for a, b, d in near_duplicate_pairs({k: v.get("phash") or [] for k, v in by_id.items()}, max_distance):
-        if by_id[a]["split"] != by_id[b]["split"]:
-            leaks.append({"kind": "near-duplicate", "a": a, "b": b, "distance": d})
+    fingerprints = {k: v.get("phash") or [] for k, v in by_id.items()}
+    crosses = lambda a, b: by_id[a]["split"] != by_id[b]["split"]  # noqa: E731
+    for a, b, d in near_duplicate_pairs(fingerprints, max_distance, keep=crosses):
+        leaks.append({"kind": "near-duplicate", "a": a, "b": b, "distance": d})
     sources: dict[str, set[str]] = defaultdict(set)
     for c in by_id.values():
         sources[c["source_id"]].add(c["split"])

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import random
 
-from manifests.split import assign_split, cross_split_pairs, fingerprint_distance, near_duplicate_pairs
+from manifests.split import (
+    UnionFind,
+    assign_split,
+    cross_split_pairs,
+    fingerprint_distance,
+    near_duplicate_links,
+    near_duplicate_pairs,
+)
 
 
 def random_fp(rng: random.Random) -> list[int]:
@@ -55,11 +62,26 @@ def test_flat_frames_and_mixed_lengths_give_the_brute_force_pairs_too():
         fps[f"near{i:03d}"] = flip(base, rng.randrange(0, 14), rng)
     for i in range(30):  # other fingerprint lengths are compared among themselves only
         fps[f"one{i:03d}"] = [rng.getrandbits(64) >> rng.choice((0, 60))]
+    for i in range(70):  # static black shots: the same fingerprint, all flat
+        fps[f"black{i:03d}"] = [0, 0, 0]
     fps["empty"] = []
     for max_distance in (0, 5, 12, 40):
         want = brute_force({k: v for k, v in fps.items() if len(v) == 3}, max_distance)
         want += brute_force({k: v for k, v in fps.items() if len(v) == 1}, max_distance)
         assert near_duplicate_pairs(fps, max_distance) == sorted(want)
+        # the links span the same groups with far fewer pairs than all of them
+        links = near_duplicate_links(fps, max_distance)
+        assert components(fps, links) == components(fps, [(a, b) for a, b, _ in want])
+        assert len(links) < len(want) or not want
+        black = [(a, b) for a, b in links if a.startswith("black") and b.startswith("black")]
+        assert len(black) == 69  # one group of 70 identical fingerprints: 69 links, not 2,415 pairs
+
+
+def components(fps: dict, links: list[tuple[str, str]]) -> set[frozenset[str]]:
+    groups = UnionFind(fps)
+    for a, b in links:
+        groups.union(a, b)
+    return {frozenset(members) for members in groups.components().values()}
 
 
 def test_fingerprint_distance():
