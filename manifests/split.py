@@ -54,13 +54,15 @@ def fingerprint_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
 
 
-# Buckets up to this size are searched pair by pair (vectorised over all such buckets of a band at once).
-# Larger ones, which flat frames make (every flat picture has the same pHash), are searched again with
-# bands over the bits their members do not all share (down to _MAX_DEPTH levels), when their band was
-# wide enough to be a real coincidence (_RESEARCH_BITS: the narrow bands of a large max_distance make
-# large buckets by chance); what is still large then is a distance matrix.
+# Buckets up to _SMALL_BUCKET clips are searched pair by pair (vectorised over all such buckets of a band
+# at once), up to _MATRIX_BUCKET as a distance matrix (a repeated opening's copies). Larger ones, which
+# flat frames make (every flat picture has the same pHash), are searched again with bands over the bits
+# that split their members (down to _MAX_DEPTH levels), when their band was wide enough to be a real
+# coincidence (_RESEARCH_BITS: the narrow bands of a large max_distance make large buckets by chance);
+# what is still large then is a distance matrix too.
 _SMALL_BUCKET = 64
-_MAX_DEPTH = 3
+_MATRIX_BUCKET = 256
+_MAX_DEPTH = 1
 _RESEARCH_BITS = 8
 _MATRIX_CELLS = 1 << 22  # cells of one block of a distance matrix (x words x 8 bytes)
 
@@ -107,10 +109,14 @@ class _Search:
         return code // n, code % n, d[first]
 
     def _search(self, rows, columns, depth: int) -> None:
-        """The near pairs among `rows` (ascending), which may differ only at bit `columns`."""
+        """The near pairs among `rows` (ascending), by bands over the bit `columns` (any subset of the bits:
+        a pair within the distance agrees on one of max_distance + 1 bands of any subset)."""
         import numpy as np
 
-        count = min(self.max_distance + 1, len(columns))
+        count = self.max_distance + 1
+        if len(columns) < count:  # too few bits for the pigeonhole: every pair, as a matrix
+            self._matrix(rows)
+            return
         edges = [round(k * len(columns) / count) for k in range(count + 1)]
         seen_large: set[bytes] = set()
         for lo, hi in zip(edges, edges[1:]):
@@ -128,16 +134,20 @@ class _Search:
                 if signature in seen_large:  # the same rows share several bands (a flat frame's word)
                     continue
                 seen_large.add(signature)
-                varying = rest[self._varying(members, rest)]  # bits the members do not all share
-                if depth < _MAX_DEPTH and hi - lo >= _RESEARCH_BITS and len(varying):
-                    self._search(members, varying, depth + 1)
-                else:
+                if size <= _MATRIX_BUCKET or depth >= _MAX_DEPTH or hi - lo < _RESEARCH_BITS:
                     self._matrix(members)
+                    continue
+                self._search(members, rest[self._informative(members, rest)], depth + 1)
 
-    def _varying(self, rows, columns):
-        """Which of `columns` differ somewhere among `rows`."""
-        block = self.bits[rows][:, columns]
-        return block.any(axis=0) & ~block.all(axis=0)
+    def _informative(self, rows, columns):
+        """Which of `columns` split `rows` (at least 1 in 8 on the rarer side). Bands over any subset of the
+        bits find every near pair (a pair within the distance is within it on any subset too); bits that
+        the bucket's members nearly all share (a flat frame's word, with a few chance members) would only
+        rebuild the same bucket."""
+        import numpy as np
+
+        ones = self.bits[rows][:, columns].mean(axis=0)
+        return np.minimum(ones, 1 - ones) >= 1 / 8
 
     def _small_buckets(self, ordered, starts, sizes) -> None:
         """Every pair inside each bucket of 2.._SMALL_BUCKET rows: positions (p, p + k) for k = 1, 2, ..."""

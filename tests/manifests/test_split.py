@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from manifests import split
 from manifests.split import (
     UnionFind,
     assign_split,
@@ -50,9 +53,13 @@ def test_banded_search_finds_exactly_the_brute_force_pairs():
         assert near_duplicate_pairs(fps, max_distance) == brute_force(fps, max_distance)
 
 
-def test_flat_frames_and_mixed_lengths_give_the_brute_force_pairs_too():
+@pytest.mark.parametrize("matrix_bucket", [256, 64])
+def test_flat_frames_and_mixed_lengths_give_the_brute_force_pairs_too(matrix_bucket, monkeypatch):
     """Every flat picture has the same pHash, so clips starting on one share a band bucket far larger than
-    the pair-by-pair search takes: those buckets are searched as distance matrices, with the same result."""
+    the pair-by-pair search takes: such a bucket is a distance matrix, or, when larger than
+    `_MATRIX_BUCKET` (lowered here to reach that path on a small input), searched again over the bits its
+    members do not share. Either way, the brute force's pairs."""
+    monkeypatch.setattr(split, "_MATRIX_BUCKET", matrix_bucket)
     rng = random.Random(1)
     fps = {}
     for i in range(150):  # a flat first frame: one bucket of 150 on the first word's bands
