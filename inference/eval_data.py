@@ -153,8 +153,10 @@ def iter_clips(
     sources: Sequence[str | Path], split: str = "eval", limit: int | None = None
 ) -> Iterator[EvalClip]:
     """The clips of `sources` in order (sources in the order given), at most `limit`."""
+    from manifests.remote import local_path
+
     count = 0
-    sources = [str(s).removeprefix("file://") for s in sources]  # a file:// URL is its local path
+    sources = [local_path(str(s)) for s in sources]  # a file:// URL is its local path
     urls = [s for s in sources if "://" in s]
     if urls:  # Path() would fold s3://b/x into s3:/b/x and report that as a missing file
         raise InputError(

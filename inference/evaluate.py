@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from inference.media import DTYPES, InputError, fit_frame, parse_size
-from manifests.remote import local_folder, local_input
+from manifests.remote import local_folder, local_input, local_path
 
 log = logging.getLogger("inbetweener.evaluate")
 
@@ -61,7 +61,7 @@ resume: rerun the same command; clips already generated and scored are not redon
 def _source(text: str) -> Path | str:
     """A local source as a Path (a `file://` URL is its local path); another URL kept as given (Path would
     fold s3://b into s3:/b), to be refused by name."""
-    text = text.removeprefix("file://")
+    text = local_path(text)
     return text if "://" in text else Path(text)
 
 

@@ -27,6 +27,11 @@ class MissingBackendError(ValueError):
     """A URL whose protocol's fsspec implementation is not installed (or is unknown to fsspec)."""
 
 
+def local_path(uri: str) -> str:
+    """A `file://` URL is its local path; anything else is returned as given."""
+    return uri.removeprefix("file://")
+
+
 def protocol_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
@@ -54,7 +59,7 @@ def not_a_url(text: str) -> str:
     """argparse type of the input files and folders read whole (keyframes, checkpoints, the models dir): a
     URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file. A
     `file://` URL is its local path."""
-    text = text.removeprefix("file://")
+    text = local_path(text)
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; this reads local files: download it (or mount the bucket) and give its path"
@@ -71,7 +76,7 @@ def local_folder(text: str) -> Path:
     """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
     refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job
     would write there. A `file://` URL is its local path."""
-    text = text.removeprefix("file://")
+    text = local_path(text)
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; outputs go to a local folder (or a bucket mounted as one): give its path, and"

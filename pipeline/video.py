@@ -19,6 +19,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from manifests.remote import local_path
+
 VIDEO_EXTENSIONS = (
     ".mp4",
     ".mkv",
@@ -41,10 +43,6 @@ class SourceError(Exception):
 
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 @contextmanager

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from manifests.remote import local_path
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ def is_tar_name(path: str) -> bool:
 def split_dirs(spec: str) -> tuple[str, str]:
     """(train, eval) shard specs for `--data`: a curate OUT folder (or its manifest.parquet, as interpolate
     and evaluate take it) gives OUT/shards/{train,eval}. A `file://` URL is its local path."""
-    spec = spec.removeprefix("file://")
+    spec = local_path(spec)
     path = Path(spec)
     if not is_url(spec) and path.suffix == ".parquet" and path.is_file():
         if not (path.parent / "shards" / "train").is_dir():
@@ -135,7 +137,7 @@ def list_shards(spec: str) -> list[str]:
     """Shard URLs/paths named by `spec` (see the module docstring), in a stable order."""
     if not spec:
         return []
-    spec = spec.removeprefix("file://")  # a local path: listed as one (fsspec's file:// lists no folder)
+    spec = local_path(spec)  # a local path: listed as one (fsspec's file:// lists no folder)
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
     if "://" in spec:

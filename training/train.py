@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train/samples_per_s": tc.global_batch * (step - step_last) / max(now - t_last, 1e-9),
                 **{f"data/{k}": v for k, v in skipped.items()},
             }
-            values = _mean_over_ranks(values, d, device)
+            values = _reduce_over_ranks(values, d, device)
             logger.scalars(step, values)
             t_last, step_last = now, step
             if bar is not None:
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     logger.close()
-    skipped = _mean_over_ranks({f"data/{k}": v for k, v in data_state.skipped().items()}, d, device)
+    skipped = _reduce_over_ranks({f"data/{k}": v for k, v in data_state.skipped().items()}, d, device)
     if d.main:  # the skipped samples of every rank
         skipped = {k.removeprefix("data/"): int(v) for k, v in skipped.items()}
         print(f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {skipped}")
@@ -549,7 +549,7 @@ def _next_batch(batches: Iterator[dict], bar: Any) -> dict:
         raise SystemExit(2) from exc
 
 
-def _mean_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:
+def _reduce_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:
     """Losses and throughput averaged over ranks, data counts summed (every rank calls this).
 
     `train/samples_per_s` is the global batch's rate as each rank timed it, so it is averaged, not summed."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from manifests.keys import clip_id, source_id_from_stream
+from manifests.remote import local_path
 from pipeline.stages.base import Stage
 from pipeline.video import VIDEO_EXTENSIONS, SourceError, detect_borders, is_local, open_binary, probe
 
@@ -41,7 +42,7 @@ def discover(inputs: list[str]) -> list[str]:
 def _expand(item: str) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
-    path = Path(item[len("file://") :] if item.startswith("file://") else item)
+    path = Path(local_path(item))
     if any(ch in str(path) for ch in "*?["):
         return sorted(str(Path(p)) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if path.is_dir():
