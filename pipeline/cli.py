@@ -204,7 +204,7 @@ def report_main(argv: list[str] | None = None) -> int:
         return 2
     if args.leaks:
         return _leak_check(table, config)
-    path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config)._thumbs())
+    path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
     print(f"report: {path}")
     return 0
 

@@ -212,7 +212,7 @@ class CurateJob:
         table = self._write_shards(table)
         manifest = self.out / "manifest.parquet"
         write_manifest(table, manifest, self.config.to_dict())
-        report = write_report(self.out, table, self.config, thumbs=self._thumbs())
+        report = write_report(self.out, table, self.config, thumbs=self.thumbs_of)
         return self._result(table, report=report)
 
     # ------------------------------------------------------------------ steps
@@ -363,12 +363,20 @@ class CurateJob:
         table = pa.concat_tables(tables).drop_columns(["thumb"])
         return conform(table)
 
-    def _thumbs(self) -> dict[str, bytes]:
+    def thumbs_of(self, rows: list[dict]) -> dict[str, bytes]:
+        """The thumbnails the shots stage saved for these rows (read from their sources' parts only)."""
+        import pyarrow.compute as pc
+
+        wanted: dict[str, set[str]] = {}
+        for row in rows:
+            wanted.setdefault(row["source_uri"], set()).add(row["clip_id"])
         thumbs: dict[str, bytes] = {}
-        if not self.parts.exists():
-            return thumbs
-        for part in sorted(p for p in self.parts.glob("*.parquet") if not p.name.startswith(".")):
+        for uri, ids in wanted.items():
+            part = self.parts / f"{uri_key(uri)}.parquet"
+            if not part.exists():
+                continue
             t = pq.read_table(part, columns=["clip_id", "thumb"])
+            t = t.filter(pc.is_in(t["clip_id"], pa.array(sorted(ids), pa.string())))
             for cid, data in zip(t["clip_id"].to_pylist(), t["thumb"].to_pylist()):
                 if data:
                     thumbs[cid] = data
@@ -380,10 +388,12 @@ class CurateJob:
         from manifests.keys import clip_id as make_clip_id
 
         rows = table.to_pylist()
+        source_of: dict[str, str] = {}
+        for r in rows:
+            source_of.setdefault(r["source_uri"], r["source_id"])
         first: dict[str, str] = {}
         for uri in sorted({r["source_uri"] for r in rows if r["status"] != "error" or r["start_frame"] != 0}):
-            sid = next(r["source_id"] for r in rows if r["source_uri"] == uri)
-            first.setdefault(sid, uri)
+            first.setdefault(source_of[uri], uri)
         out, marked = [], set()
         for row in rows:
             original = first.get(row["source_id"], row["source_uri"])

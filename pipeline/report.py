@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,42 +23,53 @@ FUNNEL_STAGES = ["probe", "shots", "motion", "text", "aesthetic", "caption", "al
 HISTOGRAMS = [("motion_mean", "motion"), ("motion_residual", None), ("held_ratio", None), ("text_area", "text"),
               ("aesthetic_min", "aesthetic"), ("clip_sim_min", "alignment")]  # fmt: skip
 THUMBS_PER_GROUP = 12
+CANDIDATES = 4  # rows looked at per thumbnail shown: a group's first 48 rows
+
+Thumbs = Mapping[str, bytes] | Callable[[list[dict]], Mapping[str, bytes]]
 
 
 def _stage_of(reason: str | None) -> str:
     return (reason or "").split(":", 1)[0].strip() or "unknown"
 
 
+def _leaves_at_source(row: dict) -> bool:
+    """A source that gave no clips: it failed to open or decode, or it repeats another file's bytes."""
+    stage = _stage_of(row["reason"])
+    return (row["status"] == "error" and stage in ("probe", "shots")) or (
+        row["status"] == "rejected" and stage == "probe"
+    )
+
+
 def funnel(rows: list[dict]) -> list[dict]:
-    """Clips and hours entering each stage, and what each stage rejected (by reason)."""
+    """Clips and hours entering each stage, and what each stage rejected (by reason).
+
+    One pass over the rows: each row that was not kept leaves at the stage its reason names; a
+    reason naming no funnel stage is counted in an `other` step, never as kept."""
     sources = {r["source_uri"] for r in rows}
-    failed = {
-        r["source_uri"]
-        for r in rows
-        if r["status"] == "error" and _stage_of(r["reason"]) in ("probe", "shots")
-    }
-    clips = [r for r in rows if r["status"] != "error" or _stage_of(r["reason"]) not in ("probe", "shots")]
+    at_source = [r for r in rows if _leaves_at_source(r)]
+    failed = {r["source_uri"] for r in at_source}
     steps = [{"stage": "sources", "in_clips": len(sources), "hours": None, "out": len(sources) - len(failed),
-              "rejected": len(failed), "reasons": Counter(_short_reason(r["reason"]) for r in rows
-                                                          if r["source_uri"] in failed and r["status"] == "error")}]  # fmt: skip
-    remaining = clips
-    for stage in FUNNEL_STAGES[1:]:
-        out = [r for r in remaining if not (r["status"] != "kept" and _stage_of(r["reason"]) == stage)]
-        gone = [r for r in remaining if r not in out] if len(out) != len(remaining) else []
-        if stage not in ("shots",) and not gone and not _stage_ran(stage, rows):
+              "rejected": len(failed), "reasons": Counter(_short_reason(r["reason"]) for r in at_source)}]  # fmt: skip
+    leaving: dict[str, list[dict]] = defaultdict(list)
+    remaining = 0
+    hours = 0.0
+    for r in rows:
+        if _leaves_at_source(r):
             continue
-        steps.append(
-            {
-                "stage": stage,
-                "in_clips": len(remaining),
-                "hours": _hours(remaining),
-                "out": len(out),
-                "rejected": len(gone),
-                "reasons": Counter(_short_reason(r["reason"]) for r in gone),
-            }
-        )
-        remaining = out
-    steps.append({"stage": "kept", "in_clips": len(remaining), "hours": _hours(remaining), "out": len(remaining),
+        remaining += 1
+        hours += _hours([r])
+        if r["status"] != "kept":
+            stage = _stage_of(r["reason"])
+            leaving[stage if stage in FUNNEL_STAGES[1:] else "other"].append(r)
+    for stage in [*FUNNEL_STAGES[1:], "other"]:
+        gone = leaving.get(stage, [])
+        if stage != "shots" and not gone and (stage == "other" or not _stage_ran(stage, rows)):
+            continue
+        steps.append({"stage": stage, "in_clips": remaining, "hours": hours, "out": remaining - len(gone),
+                      "rejected": len(gone), "reasons": Counter(_short_reason(r["reason"]) for r in gone)})  # fmt: skip
+        remaining -= len(gone)
+        hours = max(0.0, hours - _hours(gone))
+    steps.append({"stage": "kept", "in_clips": remaining, "hours": hours, "out": remaining,
                   "rejected": 0, "reasons": Counter()})  # fmt: skip
     return steps
 
@@ -76,6 +88,8 @@ def _short_reason(reason: str | None) -> str:
     words = rest.split()
     if len(words) >= 4 and words[2] in ("<", ">"):
         rest = f"{words[0]} {words[2]} {' '.join(words[3:])}"
+    if rest.startswith("duplicate:"):  # "duplicate: same content as X": one group, not one per X
+        rest = "duplicate of another source"
     rest = rest.split(" (", 1)[0]  # errors: group by the problem, the detail stays in the manifest
     return f"{stage}: {rest[:120]}"
 
@@ -107,14 +121,13 @@ def _histogram_png(values: list[float], title: str, threshold_lines: list[tuple[
     return buffer.getvalue()
 
 
-def write_report(
-    out: Path, table: pa.Table, config: CurateConfig, thumbs: dict[str, bytes] | None = None
-) -> Path:
+def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumbs | None = None) -> Path:
+    """`thumbs` gives the thumbnails of the rows asked for (those it has): a mapping, or a function
+    of the rows, so that a job with a million clips reads only the few dozen the page shows."""
     out = Path(out)
     files = out / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     rows = table.to_pylist()
-    thumbs = thumbs or {}
     steps = funnel(rows)
     active = defaultdict(list)
     for stage, column, cmp, value in rules(config):
@@ -172,12 +185,15 @@ def write_report(
             " bars (the manifest's <code>content_box</code>).</p>"
         )
 
-    parts.append("<h2>Kept clips</h2>")
-    parts.append(_thumb_block(files, kept[:THUMBS_PER_GROUP], thumbs))
     by_reason: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["status"] != "kept":
             by_reason[_short_reason(r["reason"])].append(r)
+    # a group's first few rows are the candidates (some rows, errors, have no thumbnail)
+    candidates = [r for group in (kept, *by_reason.values()) for r in group[: THUMBS_PER_GROUP * CANDIDATES]]
+    thumbs = (thumbs(candidates) if callable(thumbs) else thumbs) or {}
+    parts.append("<h2>Kept clips</h2>")
+    parts.append(_thumb_block(files, kept[:THUMBS_PER_GROUP], thumbs))
     parts.append("<h2>Rejected and failed, by reason</h2>")
     for reason, group in sorted(by_reason.items()):
         parts.append(f"<h3>{html.escape(reason)} ({len(group)})</h3>")

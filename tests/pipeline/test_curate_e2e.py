@@ -18,6 +18,7 @@ from manifests.io import list_shards, read_shard_index
 from pipeline import samples
 from pipeline.cli import curate_main, report_main, select_main
 from pipeline.job import uri_key
+from pipeline.report import funnel
 
 pytestmark = pytest.mark.slow
 SMALL_SHARDS = "write.shard_bytes=150000"  # several shards from a few clips
@@ -182,6 +183,9 @@ def test_report_shows_funnel_scores_and_thumbnails(curated):
     assert "hist_motion_mean.png" in page and (out / "report_files" / "hist_motion_mean.png").is_file()
     assert page.count("<img src='report_files/thumb_") >= 5
     assert "corrupt.mp4" in page
+    rows = read_manifest(out / "manifest.parquet").to_pylist()  # a duplicate source is not a kept clip
+    assert funnel(rows)[-1]["out"] == sum(r["status"] == "kept" for r in rows)
+    assert "probe: duplicate of another source: 1" in page
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):

@@ -1,0 +1,61 @@
+"""report.html's funnel and thumbnails, on crafted manifest rows."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from manifests.schema import CLIP_SCHEMA
+from pipeline.config import CurateConfig
+from pipeline.report import THUMBS_PER_GROUP, funnel, write_report
+
+
+def row(uri: str, i: int, status: str, reason: str | None = None, **scores) -> dict:
+    return {"clip_id": f"{uri}-{i}", "source_id": uri, "source_uri": uri, "start_frame": 10 * i,
+            "end_frame": 10 * i + 10, "start_s": i * 1.0, "end_s": i * 1.0 + 0.5, "status": status,
+            "reason": reason, "split": "train" if status == "kept" else "none", **scores}  # fmt: skip
+
+
+def crafted() -> list[dict]:
+    rows = [row("a.mp4", i, "kept", motion_mean=1.0) for i in range(5)]
+    rows += [row("a.mp4", 5 + i, "rejected", f"motion: motion_mean 0.0{i} < motion.min 0.15", motion_mean=0.01)
+             for i in range(3)]  # fmt: skip
+    rows += [row("b.mp4", 0, "rejected", "shots: length 0.40 s < min_len_s 1")]
+    rows += [row("b.mp4", 1, "error", "write: encoder failed (code 1)", motion_mean=1.0)]
+    rows += [row("b.mp4", 2, "rejected", "dedup: a stage this report does not know")]
+    rows += [row("copy.mp4", 0, "rejected", "probe: duplicate: same content as a.mp4")]
+    rows += [row("broken.mp4", 0, "error", "probe: not a video (no video stream)")]
+    return rows
+
+
+def test_funnel_counts_each_clip_once_and_never_a_rejected_one_as_kept():
+    steps = {s["stage"]: s for s in funnel(crafted())}
+    sources = steps["sources"]
+    assert (sources["in_clips"], sources["out"], sources["rejected"]) == (4, 2, 2)
+    assert sources["reasons"] == {"probe: duplicate of another source": 1, "probe: not a video": 1}
+    assert steps["shots"]["in_clips"] == 11 and steps["shots"]["rejected"] == 1
+    assert steps["motion"]["rejected"] == 3 and steps["motion"]["reasons"] == {
+        "motion: motion_mean < motion.min 0.15": 3
+    }
+    assert steps["write"]["rejected"] == 1 and steps["other"]["rejected"] == 1
+    assert steps["kept"]["out"] == 5  # the duplicate source's row used to be counted here
+    assert steps["kept"]["hours"] == pytest.approx(5 * 0.5 / 3600)
+    clip_steps = [s for s in steps.values() if s["stage"] not in ("sources", "kept")]
+    for before, after in zip(clip_steps, clip_steps[1:]):
+        assert after["in_clips"] == before["out"] == before["in_clips"] - before["rejected"]
+
+
+def test_report_asks_only_for_the_thumbnails_it_can_show(tmp_path):
+    rows = [row("a.mp4", i, "kept", motion_mean=1.0) for i in range(2000)]
+    rows += [row("b.mp4", i, "rejected", "motion: motion_mean 0.01 < motion.min 0.15") for i in range(2000)]
+    asked: list[dict] = []
+
+    def thumbs(wanted: list[dict]) -> dict[str, bytes]:
+        asked.extend(wanted)
+        return {r["clip_id"]: b"\xff\xd8jpeg" for r in wanted}
+
+    table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+    page = write_report(tmp_path, table, CurateConfig(), thumbs=thumbs).read_text()
+    assert 2 * THUMBS_PER_GROUP <= len(asked) <= 2 * 4 * THUMBS_PER_GROUP  # not 4,000
+    assert page.count("<img src='report_files/thumb_") == 2 * THUMBS_PER_GROUP
+    assert (tmp_path / "report_files" / "thumb_a.mp4-0.jpg").read_bytes() == b"\xff\xd8jpeg"
