@@ -263,8 +263,10 @@ def assign_split(
 ) -> SplitResult:
     """clips: dicts with clip_id, source_id and phash (list of ints). Returns groups and splits.
 
-    Eval gets exactly min(eval_size, floor(max_eval_fraction * len(clips))) clips when whole
-    components can reach it (components that would overshoot are skipped); the rest is train.
+    Components (near-duplicate groups, joined by source when `by_source`) go whole to one side.
+    Eval gets exactly min(eval_size, floor(max_eval_fraction * len(clips))) clips when some whole
+    components sum to it, else the closest sum below: first the components in a seeded order, each
+    taken while it fits; when that falls short, the subset closest to the target. The rest is train.
     """
     ids = [c["clip_id"] for c in clips]
     groups = UnionFind(ids)
@@ -280,16 +282,55 @@ def assign_split(
             first = first_of_source.setdefault(c["source_id"], c["clip_id"])
             linked.union(first, c["clip_id"])
     target = min(eval_size, int(max_eval_fraction * len(ids)))
+    components = [
+        members
+        for _root, members in sorted(linked.components().items(), key=lambda kv: _order_key(kv[0], seed))
+    ]
+    chosen = _greedy(components, target)
+    taken = sum(len(components[i]) for i in chosen)
+    if taken < target:  # whole components skipped some sizes: look for a subset that sums closer
+        closer = _closest_subset(components, target)
+        if sum(len(components[i]) for i in closer) > taken:
+            chosen = closer
     split_of = {cid: "train" for cid in ids}
-    taken = 0
-    for _root, members in sorted(linked.components().items(), key=lambda kv: _order_key(kv[0], seed)):
+    for i in chosen:
+        for cid in components[i]:
+            split_of[cid] = "eval"
+    return SplitResult(group_of, split_of, sum(len(components[i]) for i in chosen), target)
+
+
+def _greedy(components: list[list[str]], target: int) -> list[int]:
+    """Components in their (seeded) order, each taken when it still fits."""
+    chosen, taken = [], 0
+    for i, members in enumerate(components):
         if taken == target:
             break
         if taken + len(members) <= target:
-            for cid in members:
-                split_of[cid] = "eval"
+            chosen.append(i)
             taken += len(members)
-    return SplitResult(group_of, split_of, taken, target)
+    return chosen
+
+
+def _closest_subset(components: list[list[str]], target: int) -> list[int]:
+    """The components whose sizes sum closest to `target` from below (exactly, when any subset
+    does), preferring earlier ones in the seeded order.
+
+    Subset sum by dynamic programming: `reach[i]` is a bitset (a Python int) of the sums the first
+    i fitting components can make, so memory is (components x target) bits: about 34 MB for 271K
+    single-clip components and a target of 1,000, and the greedy fills those exactly anyway."""
+    fitting = [i for i, members in enumerate(components) if len(members) <= target]
+    mask = (1 << (target + 1)) - 1
+    reach = [1]
+    for i in fitting:
+        reach.append((reach[-1] | (reach[-1] << len(components[i]))) & mask)
+        if reach[-1] >> target:  # exact with the earliest components: the later ones are not needed
+            break
+    chosen, need = [], reach[-1].bit_length() - 1
+    for k in range(len(reach) - 2, -1, -1):  # leave a later component out whenever the earlier ones suffice
+        if not (reach[k] >> need) & 1:
+            chosen.append(fitting[k])
+            need -= len(components[fitting[k]])
+    return sorted(chosen)
 
 
 def cross_split_pairs(clips: Sequence[dict], max_distance: int = 12) -> list[dict]:

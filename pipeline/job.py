@@ -462,10 +462,14 @@ class CurateJob:
             row["split"] = result.split_of.get(row["clip_id"], "none") if row["status"] == "kept" else "none"
         if result.eval_size < c.eval_size:
             units = "sources" if c.by_source else "near-duplicate groups"
-            self._say(
-                f"eval split: {result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}; a small job gives eval at most "
-                f"{c.max_eval_fraction:.0%} of its {len(kept)} kept clips, in whole {units})"
-            )
+            clips = f"{result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}"
+            if result.target < c.eval_size:
+                why = (
+                    f"a small job gives eval at most {c.max_eval_fraction:.0%} of its {len(kept)} kept clips"
+                )
+                self._say(f"eval split: {clips}; {why}, in whole {units})")
+            else:
+                self._say(f"eval split: {clips}; no set of whole {units} adds up to exactly {c.eval_size})")
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
     def _write_shards(self, table: pa.Table) -> pa.Table:

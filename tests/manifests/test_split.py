@@ -147,3 +147,20 @@ def test_eval_is_capped_for_small_jobs():
     clips = make_clips(rng, sources=4, per_source=2, opening=False)
     result = assign_split(clips, eval_size=1000, max_eval_fraction=0.25)
     assert result.target == 2 and result.eval_size == 2
+
+
+def test_eval_is_exact_when_whole_sources_can_sum_to_it():
+    # four sources of 6 clips and two of 5: only the two 5s make 10, whichever comes first
+    rng = random.Random(5)
+    clips = [
+        {"clip_id": f"s{s}c{k}", "source_id": f"s{s}", "phash": random_fp(rng)}
+        for s, size in enumerate([6, 6, 6, 6, 5, 5])
+        for k in range(size)
+    ]
+    for seed in range(8):
+        result = assign_split(clips, eval_size=10, max_eval_fraction=0.5, seed=seed)
+        chosen = sorted({c["source_id"] for c in clips if result.split_of[c["clip_id"]] == "eval"})
+        assert result.eval_size == 10 and chosen == ["s4", "s5"], seed
+    # no subset makes 13 (two sources make at most 12, three at least 16): the closest below
+    result = assign_split(clips, eval_size=13, max_eval_fraction=0.5)
+    assert result.eval_size == 12 and result.target == 13
