@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 HASH_BITS = 64
 
@@ -244,9 +244,11 @@ def near_duplicate_pairs(
 @dataclass
 class SplitResult:
     group_of: dict[str, str]  # clip id -> near-duplicate group id
-    split_of: dict[str, str]  # clip id -> "train" | "eval"
+    split_of: dict[str, str]  # clip id -> "train" | "eval" (a clip left out by dedup has none)
     eval_size: int
     target: int
+    largest_unit: int = 0  # clips in the largest component that goes whole to one side
+    duplicate_of: dict[str, str] = field(default_factory=dict)  # dedup: clip id -> the clip kept instead
 
 
 def _order_key(name: str, seed: int) -> str:
@@ -260,8 +262,13 @@ def assign_split(
     by_source: bool = True,
     max_eval_fraction: float = 0.25,
     seed: int = 0,
+    dedup: bool = False,
 ) -> SplitResult:
     """clips: dicts with clip_id, source_id and phash (list of ints). Returns groups and splits.
+
+    With `dedup`, each near-duplicate group keeps its first clip (in the order given) and the others
+    are left out of both sides (`duplicate_of`), so a sequence repeated in every episode no longer
+    joins the episodes into one component.
 
     Components (near-duplicate groups, joined by source when `by_source`) go whole to one side.
     Eval gets exactly min(eval_size, floor(max_eval_fraction * len(clips))) clips when some whole
@@ -273,8 +280,17 @@ def assign_split(
     for a, b in near_duplicate_links({c["clip_id"]: c.get("phash") or [] for c in clips}, max_distance):
         groups.union(a, b)
     group_of = {cid: "g" + groups.find(cid) for cid in ids}
+    duplicate_of: dict[str, str] = {}
+    if dedup:
+        first_of_group: dict[str, str] = {}
+        for cid in ids:
+            first = first_of_group.setdefault(group_of[cid], cid)
+            if first != cid:
+                duplicate_of[cid] = first
+        ids = [cid for cid in ids if cid not in duplicate_of]
+        clips = [c for c in clips if c["clip_id"] not in duplicate_of]
     linked = UnionFind(ids)
-    for cid in ids:
+    for cid in ids if not dedup else ():  # after dedup, a group has one clip left
         linked.union(cid, groups.find(cid))
     if by_source:
         first_of_source: dict[str, str] = {}
@@ -296,7 +312,10 @@ def assign_split(
     for i in chosen:
         for cid in components[i]:
             split_of[cid] = "eval"
-    return SplitResult(group_of, split_of, sum(len(components[i]) for i in chosen), target)
+    largest = max((len(members) for members in components), default=0)
+    return SplitResult(
+        group_of, split_of, sum(len(components[i]) for i in chosen), target, largest, duplicate_of
+    )
 
 
 def _greedy(components: list[list[str]], target: int) -> list[int]:

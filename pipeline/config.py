@@ -111,6 +111,10 @@ class SplitConfig:
     max_eval_fraction: float = 0.25  # small jobs: eval never takes more than this share of kept clips
     max_distance: int = 12  # near-duplicates: summed Hamming distance of the keyframes' 64-bit pHashes
     by_source: bool = True  # no source spans train and eval (not only no near-duplicate group)
+    # keep one clip of each near-duplicate group of kept clips (the first by source and time); the
+    # others are rejected ("dedup: near-duplicate of ..."). An opening repeated in every episode then
+    # trains once, and no longer joins a series' episodes into one unit of the split.
+    dedup: bool = False
     seed: int = 0  # changes which components go to eval, deterministically
 
 

@@ -455,22 +455,39 @@ class CurateJob:
         rows = table.to_pylist()
         hashed = [r for r in rows if r["phash"]]
         groups = assign_split(hashed, eval_size=0, max_distance=c.max_distance).group_of
-        kept = [r for r in rows if r["status"] == "kept"]
-        result = assign_split(kept, c.eval_size, c.max_distance, c.by_source, c.max_eval_fraction, c.seed)
+        kept = sorted(
+            (r for r in rows if r["status"] == "kept"), key=lambda r: (r["source_uri"], r["start_frame"] or 0)
+        )  # dedup keeps a group's first clip in this order
+        result = assign_split(
+            kept, c.eval_size, c.max_distance, c.by_source, c.max_eval_fraction, c.seed, dedup=c.dedup
+        )
         for row in rows:
             row["group_id"] = groups.get(row["clip_id"])
             row["split"] = result.split_of.get(row["clip_id"], "none") if row["status"] == "kept" else "none"
-        if result.eval_size < c.eval_size:
-            units = "sources" if c.by_source else "near-duplicate groups"
-            clips = f"{result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}"
-            if result.target < c.eval_size:
-                why = (
-                    f"a small job gives eval at most {c.max_eval_fraction:.0%} of its {len(kept)} kept clips"
+            if row["clip_id"] in result.duplicate_of:
+                row.update(
+                    status="rejected",
+                    reason=f"dedup: near-duplicate of {result.duplicate_of[row['clip_id']]}",
                 )
-                self._say(f"eval split: {clips}; {why}, in whole {units})")
-            else:
-                self._say(f"eval split: {clips}; no set of whole {units} adds up to exactly {c.eval_size})")
+        if result.eval_size < c.eval_size:
+            self._say_short_eval(result, len(kept) - len(result.duplicate_of))
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+
+    def _say_short_eval(self, result, kept: int) -> None:
+        c = self.config.split
+        units = "sources" if c.by_source else "near-duplicate groups"
+        clips = f"{result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}"
+        if result.target < c.eval_size:
+            why = f"a small job gives eval at most {c.max_eval_fraction:.0%} of its {kept} kept clips"
+            self._say(f"eval split: {clips}; {why}, in whole {units})")
+            return
+        self._say(f"eval split: {clips}; no set of whole {units} adds up to exactly {c.eval_size})")
+        if result.largest_unit > c.eval_size and not c.dedup:
+            self._say(
+                f"  near-duplicate clips join {units} into units of up to {result.largest_unit} clips (an opening"
+                " repeated in every episode joins a series' episodes); --set split.dedup=true keeps one clip"
+                " of each near-duplicate group"
+            )
 
     def _write_shards(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()

@@ -19,7 +19,7 @@ from manifests.files import write_bytes_atomic
 from pipeline.config import CurateConfig
 from pipeline.select import rules
 
-FUNNEL_STAGES = ["probe", "shots", "motion", "text", "aesthetic", "caption", "alignment", "write"]
+FUNNEL_STAGES = ["probe", "shots", "motion", "text", "aesthetic", "caption", "alignment", "dedup", "write"]
 HISTOGRAMS = [("motion_mean", "motion"), ("motion_residual", None), ("held_ratio", None), ("text_area", "text"),
               ("aesthetic_min", "aesthetic"), ("clip_sim_min", "alignment")]  # fmt: skip
 THUMBS_PER_GROUP = 12

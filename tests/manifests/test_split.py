@@ -164,3 +164,20 @@ def test_eval_is_exact_when_whole_sources_can_sum_to_it():
     # no subset makes 13 (two sources make at most 12, three at least 16): the closest below
     result = assign_split(clips, eval_size=13, max_eval_fraction=0.5)
     assert result.eval_size == 12 and result.target == 13
+
+
+def test_dedup_keeps_one_clip_of_an_opening_repeated_in_every_source():
+    # every source opens on the same sequence: by source, the opening joins all 40 sources into one unit
+    clips = make_clips(random.Random(6), sources=40, per_source=5)
+    joined = assign_split(clips, eval_size=20, by_source=True)
+    assert joined.largest_unit == 200 and joined.eval_size == 0 and joined.duplicate_of == {}
+    result = assign_split(clips, eval_size=20, by_source=True, dedup=True)
+    assert result.duplicate_of == {f"s{s:02d}c0": "s00c0" for s in range(1, 40)}  # the first copy stays
+    assert result.largest_unit == 5 and result.eval_size == 20
+    assert not set(result.split_of) & set(result.duplicate_of)  # a left-out copy is on neither side
+    labelled = [
+        {**c, "split": result.split_of[c["clip_id"]]} for c in clips if c["clip_id"] in result.split_of
+    ]
+    assert cross_split_pairs(labelled) == []
+    backwards = assign_split(clips[::-1], eval_size=20, by_source=True, dedup=True)  # the last copy stays
+    assert backwards.duplicate_of == {f"s{s:02d}c0": "s39c0" for s in range(39)} and backwards.eval_size == 20

@@ -281,6 +281,18 @@ def test_repeated_opening_is_one_group_and_split_does_not_leak(curated, tmp_path
         r["clip_id"] for r in rows if r["split"] == "eval"
     )
     assert report_main([str(copy), "--leaks"]) == 0
+    # dedup keeps the first episode's opening and rejects the second's: it leaves the shards
+    assert select_main([str(copy), "--set", "split.dedup=true", "--quiet"]) == 0
+    files = rows_by_file(read_manifest(copy / "manifest.parquet"))
+    first, second = (files[name][0] for name in ("episode_01.mp4", "episode_02.mp4"))
+    assert first["status"] == "kept" and first["split"] in ("train", "eval")
+    assert (
+        second["status"] == "rejected" and second["reason"] == f"dedup: near-duplicate of {first['clip_id']}"
+    )
+    assert second["split"] == "none" and second["shard"] is None
+    shards = [read_shard_index(copy / "shards" / split)["clip_id"].to_pylist() for split in ("train", "eval")]
+    assert second["clip_id"] not in shards[0] + shards[1] and first["clip_id"] in shards[0] + shards[1]
+    assert report_main([str(copy), "--leaks"]) == 0
 
 
 def test_text_stage_scores_the_title_card_with_the_real_ppocr_weights(curated):

@@ -9,29 +9,34 @@ import pyarrow as pa
 from manifests.schema import CLIP_SCHEMA
 from pipeline.config import CurateConfig
 from pipeline.job import CurateJob
+from pipeline.report import funnel
 
 
-def kept_rows(sizes: list[int]) -> pa.Table:
+def kept_rows(sizes: list[int], opening: bool = False) -> pa.Table:
+    """Kept clips of sources of these sizes; with `opening`, each source starts on the same sequence."""
     rng = random.Random(0)
-    rows = [
-        {
-            "clip_id": f"s{s}c{k}",
-            "source_id": f"s{s}",
-            "source_uri": f"/f/s{s}.mp4",
-            "status": "kept",
-            "split": "none",
-            "phash": [rng.getrandbits(64) for _ in range(3)],
-        }  # fmt: skip
-        for s, size in enumerate(sizes)
-        for k in range(size)
-    ]
+    op = [rng.getrandbits(64) for _ in range(3)]
+    rows = []
+    for s, size in enumerate(sizes):
+        for k in range(size):
+            copy = opening and k == 0
+            phash = [h ^ (1 << s) for h in op] if copy else [rng.getrandbits(64) for _ in range(3)]
+            rows.append({"clip_id": f"s{s}c{k}", "source_id": f"s{s}", "source_uri": f"/f/s{s}.mp4",
+                         "start_frame": 40 * k, "status": "kept", "split": "none", "phash": phash})  # fmt: skip
     return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
 
-def split_with(tmp_path, sizes: list[int], eval_size: int, fraction: float = 0.25) -> list[dict]:
+def split_with(
+    tmp_path,
+    sizes: list[int],
+    eval_size: int,
+    fraction: float = 0.25,
+    opening: bool = False,
+    dedup: bool = False,
+) -> list[dict]:
     config = CurateConfig()
-    config.split.eval_size, config.split.max_eval_fraction = eval_size, fraction
-    return CurateJob(["x"], tmp_path, config)._split(kept_rows(sizes)).to_pylist()
+    config.split.eval_size, config.split.max_eval_fraction, config.split.dedup = eval_size, fraction, dedup
+    return CurateJob(["x"], tmp_path, config)._split(kept_rows(sizes, opening)).to_pylist()
 
 
 def test_eval_short_of_the_size_asked_says_why(tmp_path, capsys):
@@ -44,3 +49,18 @@ def test_eval_short_of_the_size_asked_says_why(tmp_path, capsys):
     split_with(tmp_path, [6, 6, 6, 6, 5, 5], eval_size=1000)
     err = capsys.readouterr().err
     assert "eval split: 6 clips (asked 1000; a small job gives eval at most 25% of its 34 kept clips" in err
+
+
+def test_an_opening_in_every_episode_joins_them_unless_dedup_keeps_one_copy(tmp_path, capsys):
+    rows = split_with(tmp_path, [6] * 12, eval_size=15, fraction=0.5, opening=True)
+    assert sum(r["split"] == "eval" for r in rows) == 0  # one unit of 72 clips: it cannot go to eval
+    err = capsys.readouterr().err
+    assert "near-duplicate clips join sources into units of up to 72 clips" in err
+    assert "--set split.dedup=true keeps one clip of each near-duplicate group" in err
+    rows = split_with(tmp_path, [6] * 12, eval_size=15, fraction=0.5, opening=True, dedup=True)
+    copies = [r for r in rows if r["status"] == "rejected"]
+    assert sorted(r["clip_id"] for r in copies) == sorted(f"s{s}c0" for s in range(1, 12))
+    assert all(r["reason"] == "dedup: near-duplicate of s0c0" and r["split"] == "none" for r in copies)
+    assert sum(r["split"] == "eval" for r in rows) == 15 and capsys.readouterr().err == ""
+    steps = {s["stage"]: s for s in funnel(rows)}
+    assert steps["dedup"]["rejected"] == 11 and steps["kept"]["out"] == 72 - 11

@@ -22,7 +22,7 @@ def crafted() -> list[dict]:
              for i in range(3)]  # fmt: skip
     rows += [row("b.mp4", 0, "rejected", "shots: length 0.40 s < min_len_s 1")]
     rows += [row("b.mp4", 1, "error", "write: encoder failed (code 1)", motion_mean=1.0)]
-    rows += [row("b.mp4", 2, "rejected", "dedup: a stage this report does not know")]
+    rows += [row("b.mp4", 2, "rejected", "retime: a stage this report does not know")]
     rows += [row("copy.mp4", 0, "rejected", "probe: duplicate: same content as a.mp4")]
     rows += [row("broken.mp4", 0, "error", "probe: not a video (no video stream)")]
     return rows
