@@ -403,12 +403,144 @@ def _split_row(r: dict) -> str:
     return f"{r['clips']:>8} clips, {r['flat']:.0%} flat first frames: {r['pairs']:>7} pairs, numpy {r['numpy_s']:7.2f} s  {base}"
 
 
+# --------------------------------------------------------------------------- the job's final steps
+
+
+def list_funnel(rows: list[dict]) -> list[tuple[str, int, int]]:
+    """The report's funnel as it was before 2026-11-29 (and its result): each stage kept a list of the
+    remaining rows and found the rejected ones by list membership, so every stage compared every
+    remaining row with a list of rows. (stage, clips in, rejected) per stage. The finalize benchmark's
+    baseline; the rows here have no duplicate sources, which it counted as kept."""
+    from pipeline.report import FUNNEL_STAGES, _stage_of, _stage_ran
+
+    failed_at = ("probe", "shots")
+    remaining = [r for r in rows if r["status"] != "error" or _stage_of(r["reason"]) not in failed_at]
+    out_steps = []
+    for stage in FUNNEL_STAGES[1:]:
+        out = [r for r in remaining if not (r["status"] != "kept" and _stage_of(r["reason"]) == stage)]
+        gone = [r for r in remaining if r not in out] if len(out) != len(remaining) else []
+        if stage != "shots" and not gone and not _stage_ran(stage, rows):
+            continue
+        out_steps.append((stage, len(remaining), len(gone)))
+        remaining = out
+    return [*out_steps, ("kept", len(remaining), 0)]
+
+
+def synthetic_manifest(clips: int, sources: int, seed: int = 0, series_episodes: int = 26) -> list[dict]:
+    """Manifest rows shaped like a cartoon job's before `decide`: `sources` episodes of equal length in
+    series of `series_episodes`, each episode opening on its series' 10-shot opening (near copies: a
+    few pHash bits differ; half the shots carry credits, which the text filter rejects), a few sources
+    that fail to open, 4% of clips too short, 5% starting on a flat frame, and scores that the default
+    thresholds reject about 13% of (static shots, title cards)."""
+    import random
+
+    rng = random.Random(seed)
+    rows, per = [], max(1, clips // sources)
+    openings: dict[int, list[list[int]]] = {}
+    for s in range(sources):
+        uri = f"/footage/episode_{s:05d}.mp4"
+        if s % 500 == 7:
+            rows.append({"clip_id": f"e{s:05d}", "source_id": f"src{s:05d}", "source_uri": uri,
+                         "status": "error", "reason": "probe: not a video (no video stream)", "split": "none"})  # fmt: skip
+            continue
+        opening = openings.setdefault(
+            s // series_episodes, [[rng.getrandbits(64) for _ in range(3)] for _ in range(10)]
+        )
+        for i in range(per):
+            start = 48 * i
+            row = {"clip_id": f"s{s:05d}c{i:05d}", "source_id": f"src{s:05d}", "source_uri": uri,
+                   "start_frame": start, "end_frame": start + 40, "start_s": start / 24, "end_s": (start + 40) / 24,
+                   "fps": 24.0, "status": None, "reason": None, "split": "none",
+                   "phash": [rng.getrandbits(64) for _ in range(3)],
+                   "motion_mean": rng.lognormvariate(-1.5, 1.2),
+                   "text_area": rng.uniform(0.1, 0.5) if rng.random() < 0.03 else rng.random() * 0.02,
+                   "held_ratio": rng.random(), "timing": "twos"}  # fmt: skip
+            if i < len(opening):
+                row["phash"] = [h ^ (1 << rng.randrange(64)) for h in opening[i]]
+                row["text_area"] = 0.08 if i % 2 else 0.0
+            elif rng.random() < 0.05:
+                row["phash"][0] = 0
+            if rng.random() < 0.04:
+                row.update(status="rejected", reason="shots: length 0.40 s < min_len_s 1", phash=None)
+            rows.append(row)
+    return rows
+
+
+def run_finalize_bench(sizes: list[int], sources: int, baseline_max: int, dedup: bool = False) -> list[dict]:
+    """Each of the curate job's final steps on a synthetic manifest (encoding and shards aside: they
+    are I/O, one pass over the kept clips), and the funnel against its list-membership form."""
+    import pyarrow as pa
+
+    from manifests.schema import CLIP_SCHEMA
+    from manifests.split import cross_split_pairs
+    from pipeline.config import CurateConfig
+    from pipeline.job import CurateJob
+    from pipeline.report import funnel, write_report
+    from pipeline.select import decide
+
+    results = []
+    for n in sizes:
+        config = CurateConfig()
+        config.run.progress, config.split.dedup = False, dedup
+        table = pa.Table.from_pylist(synthetic_manifest(n, sources), schema=CLIP_SCHEMA)
+        with tempfile.TemporaryDirectory() as tmp:
+            job = CurateJob([], Path(tmp), config)
+            row: dict = {"rows": table.num_rows, "sources": sources}
+            steps = [
+                ("duplicates", job._drop_duplicate_sources),
+                ("decide", lambda t, c=config: decide(t, c)),
+                ("split", job._split),
+            ]
+            for name, step in steps:
+                t = time.perf_counter()
+                table = step(table)
+                row[f"{name}_s"] = time.perf_counter() - t
+            rows = table.to_pylist()
+            t = time.perf_counter()
+            steps_now = funnel(rows)
+            row["funnel_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            write_report(Path(tmp), table, config, thumbs={})
+            row["report_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            leaks = cross_split_pairs([r for r in rows if r["split"] != "none"], config.split.max_distance)
+            row.update(leak_check_s=time.perf_counter() - t, leaks=len(leaks))
+            row["kept"] = steps_now[-1]["out"]
+            row["dedup_rejected"] = sum((r["reason"] or "").startswith("dedup:") for r in rows)
+            row["eval"] = sum(r["split"] == "eval" for r in rows)
+            if table.num_rows <= baseline_max:
+                t = time.perf_counter()
+                before = list_funnel(rows)
+                row["list_funnel_s"] = time.perf_counter() - t
+                now = [(s["stage"], s["in_clips"], s["rejected"]) for s in steps_now[1:]]
+                row["same_funnel"] = before == now
+        results.append(row)
+        print(_finalize_row(row), flush=True)
+    return results
+
+
+def _finalize_row(r: dict) -> str:
+    steps = "  ".join(
+        f"{name} {r[name + '_s']:.2f} s"
+        for name in ("duplicates", "decide", "split", "funnel", "report", "leak_check")
+    )
+    dedup = f" (dedup rejected {r['dedup_rejected']})" if r["dedup_rejected"] else ""
+    line = f"{r['rows']:>8} rows, {r['sources']} sources, {r['kept']} kept{dedup}, eval {r['eval']}, leaks {r['leaks']}: {steps}"
+    if "list_funnel_s" in r:
+        line += (
+            f"\n{'':>8} funnel as lists {r['list_funnel_s']:.2f} s: "
+            f"{r['list_funnel_s'] / max(r['funnel_s'], 1e-9):.0f}x slower, same counts: {r['same_funnel']}"
+        )
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener bench",
         description="Benchmarks that print ratios against a baseline measured in the same run.",
         epilog="examples:\n  inbetweener bench curate --sources 8 --workers 1 2\n"
-        "  inbetweener bench split --clips 20000 40000 271000 --flat 0.05",
+        "  inbetweener bench split --clips 20000 40000 271000 --flat 0.05\n"
+        "  inbetweener bench finalize --rows 20000 271000 1000000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="what", required=True)
@@ -440,7 +572,22 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-max", type=int, default=40000, help="run the pure-Python baseline up to this many clips"
     )
     sp.add_argument("--json", type=Path, help="also write the results here")
+    f = sub.add_parser("finalize", help="the curate job's final steps (decide, split, report) at scale")
+    f.add_argument("--rows", type=int, nargs="+", default=[20000, 271000, 1000000])
+    f.add_argument("--sources", type=int, default=2000, help="episodes the rows come from")
+    f.add_argument(
+        "--baseline-max", type=int, default=20000, help="run the list-membership funnel up to this many rows"
+    )
+    f.add_argument(
+        "--dedup", action="store_true", help="split.dedup=true: one clip of each near-duplicate group"
+    )
+    f.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.what == "finalize":
+        rows = run_finalize_bench(args.rows, args.sources, args.baseline_max, args.dedup)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0 if all(r.get("same_funnel", True) and not r["leaks"] for r in rows) else 1
     if args.what == "split":
         rows = run_split_bench(args.clips, args.flat, args.max_distance, args.baseline_max)
         if args.json:

@@ -40,3 +40,32 @@ def test_split_bench_times_both_searches_on_the_same_fingerprints(tmp_path, caps
     assert "python_s" not in rows[1] and rows[1]["numpy_s"] > 0
     out = capsys.readouterr().out
     assert "same pairs: True" in out and "not run: --baseline-max" in out
+
+
+def test_finalize_bench_times_the_final_steps_and_checks_the_funnel_against_its_old_form(tmp_path, capsys):
+    """`inbetweener bench finalize`: every step is timed on a synthetic manifest, the split has its eval
+    clips and no leaks, and the one-pass funnel counts what the list-membership funnel counted."""
+    import json
+
+    from pipeline.bench import main
+
+    assert main(["finalize", "--rows", "3000", "4000", "--sources", "40", "--baseline-max", "3500",
+                 "--json", str(tmp_path / "finalize.json")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "finalize.json").read_text())
+    assert [r["rows"] for r in rows] == [39 * 75 + 1, 39 * 100 + 1]  # 40 sources; one fails to open
+    for r in rows:
+        assert 0.7 * r["rows"] < r["kept"] < 0.95 * r["rows"]
+        assert r["eval"] <= min(1000, 0.25 * r["kept"]) and r["leaks"] == 0
+        assert all(r[f"{step}_s"] > 0 for step in ("duplicates", "decide", "split", "funnel", "report"))
+    assert rows[0]["same_funnel"] is True and rows[0]["list_funnel_s"] > 0 and "same_funnel" not in rows[1]
+    assert "same counts: True" in capsys.readouterr().out
+    # every episode opens on its series' opening: dedup keeps one copy of each of its shots
+    assert (
+        main(["finalize", "--rows", "3000", "--sources", "40", "--dedup", "--json", str(tmp_path / "d.json")])
+        == 0
+    )
+    (deduped,) = json.loads((tmp_path / "d.json").read_text())
+    assert (
+        0.8 * 5 * 38 < deduped["dedup_rejected"] <= 5 * 38
+    )  # 5 shots without credits, 2 series of 20 and 19
+    assert deduped["kept"] == rows[0]["kept"] - deduped["dedup_rejected"] and deduped["leaks"] == 0
