@@ -359,9 +359,12 @@ class CurateJob:
             pq.write_table(table, tmp)
 
     def _load_parts(self, sources: list[str]) -> pa.Table:
-        tables = [pq.read_table(self.parts / f"{uri_key(uri)}.parquet") for uri in sources]
-        table = pa.concat_tables(tables).drop_columns(["thumb"])
-        return conform(table)
+        tables = []
+        for uri in sources:  # without the thumbnails: a million clips hold GBs of them
+            path = self.parts / f"{uri_key(uri)}.parquet"
+            columns = [name for name in pq.read_schema(path).names if name != "thumb"]
+            tables.append(conform(pq.read_table(path, columns=columns)))
+        return pa.concat_tables(tables)
 
     def thumbs_of(self, rows: list[dict]) -> dict[str, bytes]:
         """The thumbnails the shots stage saved for these rows (read from their sources' parts only)."""

@@ -64,3 +64,33 @@ def test_an_opening_in_every_episode_joins_them_unless_dedup_keeps_one_copy(tmp_
     assert sum(r["split"] == "eval" for r in rows) == 15 and capsys.readouterr().err == ""
     steps = {s["stage"]: s for s in funnel(rows)}
     assert steps["dedup"]["rejected"] == 11 and steps["kept"]["out"] == 72 - 11
+
+
+def test_scored_parts_are_read_without_their_thumbnails(tmp_path):
+    """The final steps read every scored source's part back; the thumbnails (GBs at a million clips)
+    stay on disk until the report asks for its few dozen. Measured in a fresh process: Arrow's peak."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import pyarrow as pa
+        import os
+        from pipeline.config import CurateConfig
+        from pipeline.job import CurateJob
+        job = CurateJob([], {str(tmp_path)!r}, CurateConfig())
+        uris = [f"/f/s{{s}}.mp4" for s in range(4)]
+        for uri in uris:  # 40 clips with 256 KB thumbnails each: 10 MB
+            job._save_part(uri, [{{"clip_id": f"{{uri}}-{{k}}", "source_uri": uri, "status": "kept",
+                                   "thumb": os.urandom(2**18)}} for k in range(10)])
+        before = pa.default_memory_pool().max_memory()
+        table = job._load_parts(uris)
+        assert table.num_rows == 40 and "thumb" not in table.column_names
+        print(pa.default_memory_pool().max_memory() - before)
+        print(len(job.thumbs_of(table.slice(0, 3).to_pylist())[uris[0] + "-2"]))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert int(out[0]) < 2**20  # was 7 MB here: thumbnails read, then the column dropped
+    assert int(out[1]) == 2**18  # the report still gets the ones it shows
