@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -88,9 +89,13 @@ def _short_reason(reason: str | None) -> str:
     words = rest.split()
     if len(words) >= 4 and words[2] in ("<", ">"):
         rest = f"{words[0]} {words[2]} {' '.join(words[3:])}"
-    if rest.startswith("duplicate:"):  # "duplicate: same content as X": one group, not one per X
+    # one group per problem, not one per file or clip named: the names stay in the manifest
+    if rest.startswith("duplicate:"):  # "duplicate: same content as X"
         rest = "duplicate of another source"
-    rest = rest.split(" (", 1)[0]  # errors: group by the problem, the detail stays in the manifest
+    elif rest.startswith("near-duplicate of "):  # dedup: "near-duplicate of CLIP_ID"
+        rest = "near-duplicate of a kept clip"
+    rest = re.split(r":\s+(?=/|[a-z][a-z0-9+.-]*://)", rest, maxsplit=1)[0]  # "no such file: PATH"
+    rest = rest.split(" (", 1)[0]  # errors: the detail in brackets stays in the manifest
     return f"{stage}: {rest[:120]}"
 
 

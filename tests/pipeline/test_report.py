@@ -59,3 +59,15 @@ def test_report_asks_only_for_the_thumbnails_it_can_show(tmp_path):
     assert 2 * THUMBS_PER_GROUP <= len(asked) <= 2 * 4 * THUMBS_PER_GROUP  # not 4,000
     assert page.count("<img src='report_files/thumb_") == 2 * THUMBS_PER_GROUP
     assert (tmp_path / "report_files" / "thumb_a.mp4-0.jpg").read_bytes() == b"\xff\xd8jpeg"
+
+
+def test_reasons_group_by_problem_not_by_the_file_or_clip_they_name():
+    rows = [
+        row(f"/f/missing{i}.mp4", 0, "error", f"probe: no such file: /f/missing{i}.mp4") for i in range(3)
+    ]
+    rows += [row("s3://bucket/gone.mp4", 0, "error", "probe: no such file: s3://bucket/gone.mp4")]
+    rows += [row("a.mp4", i, "rejected", f"dedup: near-duplicate of a.mp4-{i - 1}") for i in range(1, 4)]
+    rows += [row("a.mp4", 0, "kept")]
+    steps = {s["stage"]: s for s in funnel(rows)}
+    assert steps["sources"]["reasons"] == {"probe: no such file": 4}
+    assert steps["dedup"]["reasons"] == {"dedup: near-duplicate of a kept clip": 3}
