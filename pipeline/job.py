@@ -46,20 +46,28 @@ WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
 
 
 class Progress:
-    """One line per update: stage, done/total, rate, ETA."""
+    """A line per update: stage, done/total, rate, ETA. Lines for a log, not a terminal: at most one
+    every `interval` seconds (a job of thousands of sources would print thousands), and always the
+    first and the last."""
 
-    def __init__(self, label: str, total: int, unit: str, enabled: bool = True):
+    def __init__(self, label: str, total: int, unit: str, enabled: bool = True, interval: float = 10.0):
         self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
+        self.interval = interval
         self.done = 0
         self.items = 0
         self.start = time.monotonic()
+        self.printed: float | None = None
 
     def update(self, done: int = 1, items: int = 0) -> None:
         self.done += done
         self.items += items
         if not self.enabled:
             return
-        elapsed = max(1e-6, time.monotonic() - self.start)
+        now = time.monotonic()
+        if self.printed is not None and now - self.printed < self.interval and self.done < self.total:
+            return
+        self.printed = now
+        elapsed = max(1e-6, now - self.start)
         rate = self.items / elapsed
         eta = (self.total - self.done) * elapsed / max(1, self.done)
         print(

@@ -1,4 +1,4 @@
-"""The curate job's split step: what it says when eval cannot have the size asked for."""
+"""The curate job's steps after scoring (split, parts, progress), on crafted rows."""
 
 from __future__ import annotations
 
@@ -94,3 +94,17 @@ def test_scored_parts_are_read_without_their_thumbnails(tmp_path):
     ).stdout.split()
     assert int(out[0]) < 2**20  # was 7 MB here: thumbnails read, then the column dropped
     assert int(out[1]) == 2**18  # the report still gets the ones it shows
+
+
+def test_progress_prints_the_first_and_last_update_and_one_line_per_interval(capsys, monkeypatch):
+    from pipeline import job
+
+    clock = iter(range(0, 10_000, 1))  # each call to the clock is one second later
+    monkeypatch.setattr(job.time, "monotonic", lambda: next(clock))
+    progress = job.Progress("score", 2000, "sources", interval=10.0)
+    for _ in range(2000):
+        progress.update(1, 100)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[score] 1/2000 sources, 100 clips,")
+    assert lines[-1].startswith("[score] 2000/2000 sources, 200000 clips,")
+    assert 150 < len(lines) < 250  # 2,000 updates over 2,000 s: a line every 10 s, not 2,000 lines
