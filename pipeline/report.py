@@ -24,7 +24,7 @@ FUNNEL_STAGES = ["probe", "shots", "motion", "text", "aesthetic", "caption", "al
 HISTOGRAMS = [("motion_mean", "motion"), ("motion_residual", None), ("held_ratio", None), ("text_area", "text"),
               ("aesthetic_min", "aesthetic"), ("clip_sim_min", "alignment")]  # fmt: skip
 THUMBS_PER_GROUP = 12
-CANDIDATES = 4  # rows looked at per thumbnail shown: a group's first 48 rows
+CANDIDATES = 4  # rows looked at per thumbnail shown: 48 rows spread over a group
 
 Thumbs = Mapping[str, bytes] | Callable[[list[dict]], Mapping[str, bytes]]
 
@@ -97,6 +97,13 @@ def _short_reason(reason: str | None) -> str:
     rest = re.split(r":\s+(?=/|[a-z][a-z0-9+.-]*://)", rest, maxsplit=1)[0]  # "no such file: PATH"
     rest = rest.split(" (", 1)[0]  # errors: the detail in brackets stays in the manifest
     return f"{stage}: {rest[:120]}"
+
+
+def _spread(rows: list[dict], count: int) -> list[dict]:
+    """`count` rows evenly spaced over `rows` (all of them when there are no more)."""
+    if len(rows) <= count:
+        return rows
+    return [rows[i * len(rows) // count] for i in range(count)]
 
 
 def _hours(rows: list[dict]) -> float:
@@ -194,20 +201,24 @@ def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumb
     for r in rows:
         if r["status"] != "kept":
             by_reason[_short_reason(r["reason"])].append(r)
-    # a group's first few rows are the candidates (some rows, errors, have no thumbnail)
-    candidates = [r for group in (kept, *by_reason.values()) for r in group[: THUMBS_PER_GROUP * CANDIDATES]]
-    thumbs = (thumbs(candidates) if callable(thumbs) else thumbs) or {}
+    # the candidates: rows spread over each group, so that its thumbnails come from across the job,
+    # not from the first source (some rows, errors, have no thumbnail)
+    shown = {
+        id(group): _spread(group, THUMBS_PER_GROUP * CANDIDATES) for group in (kept, *by_reason.values())
+    }
+    thumbs = (thumbs([r for rows in shown.values() for r in rows]) if callable(thumbs) else thumbs) or {}
     parts.append("<h2>Kept clips</h2>")
-    parts.append(_thumb_block(files, kept[:THUMBS_PER_GROUP], thumbs))
+    with_thumbs = [r for r in shown[id(kept)] if r["clip_id"] in thumbs]
+    parts.append(_thumb_block(files, _spread(with_thumbs, THUMBS_PER_GROUP), thumbs))
     parts.append("<h2>Rejected and failed, by reason</h2>")
     for reason, group in sorted(by_reason.items()):
         parts.append(f"<h3>{html.escape(reason)} ({len(group)})</h3>")
-        with_thumbs = [r for r in group if r["clip_id"] in thumbs]
+        with_thumbs = [r for r in shown[id(group)] if r["clip_id"] in thumbs]
         if with_thumbs:
-            parts.append(_thumb_block(files, with_thumbs[:THUMBS_PER_GROUP], thumbs))
+            parts.append(_thumb_block(files, _spread(with_thumbs, THUMBS_PER_GROUP), thumbs))
         else:
             listed = "".join(f"<li>{html.escape(str(r['source_uri']))}: {html.escape(str(r['reason']))}</li>"
-                             for r in group[:THUMBS_PER_GROUP])  # fmt: skip
+                             for r in _spread(group, THUMBS_PER_GROUP))  # fmt: skip
             parts.append(f"<ul>{listed}</ul>")
     parts.append(
         "<h2>Configuration</h2><pre>"

@@ -59,6 +59,8 @@ def test_report_asks_only_for_the_thumbnails_it_can_show(tmp_path):
     assert 2 * THUMBS_PER_GROUP <= len(asked) <= 2 * 4 * THUMBS_PER_GROUP  # not 4,000
     assert page.count("<img src='report_files/thumb_") == 2 * THUMBS_PER_GROUP
     assert (tmp_path / "report_files" / "thumb_a.mp4-0.jpg").read_bytes() == b"\xff\xd8jpeg"
+    # spread over the job, not the first dozen clips of its first source
+    assert "thumb_a.mp4-1833.jpg" in page and "thumb_a.mp4-1.jpg" not in page
 
 
 def test_reasons_group_by_problem_not_by_the_file_or_clip_they_name():
