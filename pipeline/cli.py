@@ -165,7 +165,7 @@ def select_main(argv: list[str] | None = None) -> int:
             active = ", ".join(f"{stage}.{cmp}={value}" for stage, _, cmp, value in rules(config))
             print(f"thresholds: {active or 'none'}", flush=True)
         job = CurateJob([], args.out, config)
-        result = job.finalize(table)
+        result = job.finalize(table, sources_required=True)
     except (ConfigError, ManifestError) as exc:
         print(f"inbetweener select: {exc}", file=sys.stderr)
         return 2

@@ -209,13 +209,17 @@ class CurateJob:
         lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
         return "\n".join(lines)
 
-    def finalize(self, table: pa.Table) -> JobResult:
-        """decide -> encode what is missing -> split -> shards -> manifest -> report."""
+    def finalize(self, table: pa.Table, sources_required: bool = False) -> JobResult:
+        """decide -> encode what is missing -> split -> shards -> manifest -> report.
+
+        `sources_required` (select): a kept clip that is not in the clip cache and whose source is not
+        there (moved, deleted) stops everything before the manifest and the shards change, instead of
+        becoming an error row and leaving the shards."""
         from pipeline.report import write_report
 
         table = self._drop_duplicate_sources(table)
         table = decide(table, self.config)
-        table = self._encode(table)
+        table = self._encode(table, sources_required)
         table = self._split(table)
         table = self._write_shards(table)
         manifest = self.out / "manifest.parquet"
@@ -421,7 +425,7 @@ class CurateJob:
                 })  # fmt: skip
         return pa.Table.from_pylist(out, schema=CLIP_SCHEMA) if marked else table
 
-    def _encode(self, table: pa.Table) -> pa.Table:
+    def _encode(self, table: pa.Table, sources_required: bool = False) -> pa.Table:
         """Encode kept clips that are not in the clip cache yet (one Ray task per source)."""
         from pipeline.runner import run_tasks
 
@@ -445,11 +449,22 @@ class CurateJob:
             encoder = EncodeSource(w.width, w.height, w.fps, w.codec, w.crf, w.preset)
             progress = Progress("write", len(jobs), "sources", self.log)
             failures: dict[str, str] = {}
+            missing: dict[str, str] = {}
             for result in run_tasks(encoder, list(jobs.values()), self._workers()):
                 for cid, data in result["encoded"].items():
                     save_clip(self.clips, cid, data)
                 failures.update(result["errors"])
+                if result.get("missing"):
+                    missing[result["source_uri"]] = result["missing"]
                 progress.update(1, len(result["encoded"]))
+            if missing and sources_required:
+                clips = sum(len(jobs[uri]["clips"]) for uri in missing)
+                uri, why = next(iter(sorted(missing.items())))
+                raise ConfigError(
+                    f"{clips} kept clip{'' if clips == 1 else 's'} of {len(missing)} source{'' if len(missing) == 1 else 's'}"
+                    f" are not in the clip cache ({self.clips}) and their sources are not there (e.g. {why});"
+                    " nothing was changed: restore the sources (or the cache) and run select again"
+                )
             if failures:
                 for row in rows:
                     if row["clip_id"] in failures:

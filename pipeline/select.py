@@ -2,7 +2,8 @@
 
 `decide` recomputes every row's status and reason from its scores and the current thresholds.
 Errors and structural rejections (a shot too short to be a clip) keep theirs: no threshold can
-bring them back. The first failing rule, in stage order (cheapest first), names the reason.
+bring them back. A write error is the exception: the scores decide again, and the clip is written
+again if it is kept. The first failing rule, in stage order (cheapest first), names the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import pyarrow as pa
 from pipeline.config import CurateConfig
 
 STRUCTURAL_STAGES = ("probe:", "shots:")
+# Errors that say nothing of the clip's content: its scores decide again and the step is tried again
+# (a clip whose source was missing when it was to be written is written once the source is back).
+RETRIED_ERRORS = ("write:",)
 
 
 def rules(config: CurateConfig) -> list[tuple[str, str, str, float]]:
@@ -37,9 +41,9 @@ def thresholds_json(config: CurateConfig) -> str:
 
 
 def decide_row(row: dict, active: list[tuple[str, str, str, float]]) -> tuple[str, str | None]:
-    if row.get("status") == "error":
-        return "error", row.get("reason")
     reason = row.get("reason") or ""
+    if row.get("status") == "error" and not reason.startswith(RETRIED_ERRORS):
+        return "error", row.get("reason")
     if row.get("status") == "rejected" and reason.startswith(STRUCTURAL_STAGES):
         return "rejected", reason
     for stage, column, cmp, threshold in active:

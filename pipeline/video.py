@@ -41,6 +41,10 @@ class SourceError(Exception):
     """A source that cannot be used; its message becomes the row's reason."""
 
 
+class SourceMissing(SourceError):
+    """A source that is not there (moved, deleted, a store out of reach): not a fault of its content."""
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
@@ -51,7 +55,7 @@ def open_binary(uri: str):
     if is_local(uri):
         path = local_path(uri)
         if not os.path.exists(path):
-            raise SourceError(f"no such file: {path}")
+            raise SourceMissing(f"no such file: {path}")
         if os.path.isdir(path):
             raise SourceError(f"is a directory, not a video: {path}")
         with open(path, "rb") as handle:
@@ -62,9 +66,9 @@ def open_binary(uri: str):
     try:
         handle = fsspec.open(uri, "rb").open()
     except FileNotFoundError as exc:
-        raise SourceError(f"no such object: {uri}") from exc
+        raise SourceMissing(f"no such object: {uri}") from exc
     except Exception as exc:  # an unreachable store is a per-source error, not a crash
-        raise SourceError(f"cannot open {uri}: {exc}") from exc
+        raise SourceMissing(f"cannot open {uri}: {exc}") from exc
     try:
         yield handle
     finally:

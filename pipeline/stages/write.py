@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from manifests.files import atomic_path, write_json_atomic
 from manifests.keys import sample_key, shard_name
 from manifests.schema import CLIP_SCHEMA, to_table
-from pipeline.video import SourceError, as_box, encode_clip, iter_pictures
+from pipeline.video import SourceError, SourceMissing, as_box, encode_clip, iter_pictures
 
 
 @dataclass
@@ -39,7 +39,8 @@ class EncodeSource:
 
     def __call__(self, job: dict) -> dict:
         """job: {source_uri, fps, content_box, clips: [{clip_id, start_frame, end_frame}]} ->
-        {clip_id: mp4 bytes}."""
+        {source_uri, encoded: {clip_id: mp4 bytes}, errors: {clip_id: reason}, missing: why the source is not
+        there, or None}."""
         clips = sorted(job["clips"], key=lambda c: c["start_frame"])
         src_fps = float(job["fps"])
         out_fps = float(self.fps or src_fps)
@@ -53,6 +54,7 @@ class EncodeSource:
         buffers: dict[str, list[np.ndarray]] = {c["clip_id"]: [] for c in clips}
         encoded: dict[str, bytes] = {}
         errors: dict[str, str] = {}
+        missing = None  # the source is not there (as opposed to a source that fails to decode)
         last = max(wanted) if wanted else -1
         try:
             box = as_box(job.get("content_box"))
@@ -69,12 +71,13 @@ class EncodeSource:
                 if index >= last:
                     break
         except SourceError as exc:
+            missing = str(exc) if isinstance(exc, SourceMissing) else None
             for cid in buffers:
                 errors[cid] = f"write: {exc}"
         for cid in list(buffers):
             if cid not in encoded and cid not in errors:
                 errors[cid] = "write: source ended before the clip's last frame"
-        return {"source_uri": job["source_uri"], "encoded": encoded, "errors": errors}
+        return {"source_uri": job["source_uri"], "encoded": encoded, "errors": errors, "missing": missing}
 
 
 def _resample(start: int, end: int, src_fps: float, out_fps: float) -> list[int]:

@@ -363,3 +363,42 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
     assert curate_main([str(footage), "--out", str(fresh), "--dry-run", *commas]) == 0
     said = capsys.readouterr().out
     assert "stages: probe -> shots -> timing -> motion -> dedup -> write" in said and not fresh.exists()
+
+
+def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_again(tmp_path, capsys):
+    """A kept clip must be encoded again when the clip cache is gone: with the footage moved away,
+    select stops and leaves the manifest and the shards as they were; a write error row (the footage
+    vanished while curate wrote) becomes a kept clip again once the footage is back."""
+    from pipeline.cli import _saved_config
+    from pipeline.config import config_from_dict
+    from pipeline.job import CurateJob
+
+    footage, out = tmp_path / "footage", tmp_path / "out"
+    samples.generate_footage(footage)
+    assert curate_main([str(footage), "--out", str(out), "--quiet", *SKIPS]) == 0
+    manifest = out / "manifest.parquet"
+    kept = sorted(r["clip_id"] for r in read_manifest(manifest).to_pylist() if r["status"] == "kept")
+    shards = {p.name: p.read_bytes() for p in list_shards(out / "shards" / "train")}
+    before = manifest.read_bytes()
+    shutil.rmtree(out / ".work" / "clips")
+    footage.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert select_main([str(out), "--set", "motion.min=0.06", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "are not in the clip cache" in err and "no such file" in err and "nothing was changed" in err
+    assert manifest.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in list_shards(out / "shards" / "train")} == shards
+    # curate's own final steps (not select) turn the missing footage into write errors ...
+    config = config_from_dict(_saved_config(manifest))
+    config.run.progress = False
+    CurateJob([], out, config).finalize(read_manifest(manifest))
+    rows = read_manifest(manifest).to_pylist()
+    assert {r["reason"].split(":")[0] for r in rows if r["clip_id"] in kept} == {"write"}
+    # ... which select tries again once the footage is back
+    (tmp_path / "moved").rename(footage)
+    assert select_main([str(out), "--quiet"]) == 0
+    again = read_manifest(manifest).to_pylist()
+    assert sorted(r["clip_id"] for r in again if r["status"] == "kept") == kept
+    index = read_shard_index(out / "shards" / "train")["clip_id"].to_pylist()
+    index += read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist()
+    assert sorted(index) == kept

@@ -256,6 +256,16 @@ def test_decide_keeps_errors_and_structural_rejections():
         "kept",
         None,
     )
+    # a write error says nothing of the clip: its scores decide again (and the write is tried again)
+    assert decide_row(
+        {"status": "error", "reason": "write: no such file: x", "motion_mean": 5.0}, active
+    ) == (
+        "kept",
+        None,
+    )
+    assert decide_row({"status": "error", "reason": "write: no such file: x", "motion_mean": 0.0}, active)[
+        0
+    ] == ("rejected")
 
 
 def test_cpu_stages_never_import_torch(footage):
