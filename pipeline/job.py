@@ -39,7 +39,7 @@ from pipeline.stages.discover import ProbeStage, discover
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
-from pipeline.stages.write import EncodeSource, save_clip, write_shards
+from pipeline.stages.write import EncodeSource, save_clip, swap_in, write_shards
 from pipeline.video import is_local, local_path
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
@@ -519,12 +519,20 @@ class CurateJob:
         rows = table.to_pylist()
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["source_uri"], rows[i]["start_frame"] or 0))
         by_id = {}
-        for split in ("train", "eval"):
+        splits = ("train", "eval")
+        for split in splits:  # both are complete before either replaces the old one: no mixed versions
             chosen = [rows[i] for i in order if rows[i]["split"] == split]
             written = write_shards(
-                chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes
+                chosen,
+                self.clips,
+                self.out / "shards" / split,
+                split,
+                self.config.write.shard_bytes,
+                swap=False,
             )
             by_id.update({r["clip_id"]: r for r in written})
+        for split in splits:
+            swap_in(self.out / "shards" / split)
         final = []
         for row in rows:
             row = by_id.get(row["clip_id"], row)

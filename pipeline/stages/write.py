@@ -97,15 +97,16 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int
+    rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int, swap: bool = True
 ) -> list[dict]:
     """Write the given kept rows (in order) as shards of `shard_dir`; returns rows with shard/key set.
 
-    The folder is built as `.<name>.tmp` and swapped in whole, so a reader sees either the old
-    complete set or the new one, and no stale shard of an earlier selection survives.
+    The folder is built as `.<name>.tmp` and swapped in whole (`swap_in`), so a reader sees either
+    the old complete set or the new one, and no stale shard of an earlier selection survives. With
+    `swap=False` the caller swaps it in, once every folder that belongs together is complete.
     """
     shard_dir = Path(shard_dir)
-    tmp_dir = shard_dir.parent / f".{shard_dir.name}.tmp"
+    tmp_dir = staging_dir(shard_dir)
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
@@ -152,15 +153,26 @@ def write_shards(
         if size >= shard_bytes:
             close()
     close()
+    if swap:
+        swap_in(shard_dir)
+    return out_rows
+
+
+def staging_dir(shard_dir: Path) -> Path:
+    """Where `write_shards` builds the next version of `shard_dir`."""
+    return shard_dir.parent / f".{shard_dir.name}.tmp"
+
+
+def swap_in(shard_dir: Path) -> None:
+    """Replace `shard_dir` with its complete staged version (two renames)."""
     old = shard_dir.parent / f".{shard_dir.name}.old"
     if old.exists():
         shutil.rmtree(old)
     if shard_dir.exists():
         shard_dir.rename(old)
-    tmp_dir.rename(shard_dir)
+    staging_dir(shard_dir).rename(shard_dir)
     if old.exists():
         shutil.rmtree(old)
-    return out_rows
 
 
 def _json_default(value):

@@ -402,3 +402,32 @@ def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_a
     index = read_shard_index(out / "shards" / "train")["clip_id"].to_pylist()
     index += read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist()
     assert sorted(index) == kept
+
+
+def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(curated, tmp_path, monkeypatch):
+    """Disk full while the eval shards are written: the train shards must not already be the new
+    selection's (a clip could then be in the old eval and the new train)."""
+    import errno
+
+    from manifests.io import list_shards
+    from pipeline import job
+
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    before = {p.name: p.read_bytes() for p in list_shards(copy / "shards" / "train")}
+    manifest = (copy / "manifest.parquet").read_bytes()
+    real = job.write_shards
+
+    def eval_fails(rows, clip_dir, shard_dir, split, *args, **kwargs):
+        if split == "eval":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(rows, clip_dir, shard_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(job, "write_shards", eval_fails)
+    with pytest.raises(OSError, match="No space left"):
+        select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"])
+    assert {p.name: p.read_bytes() for p in list_shards(copy / "shards" / "train")} == before
+    assert (copy / "manifest.parquet").read_bytes() == manifest
+    monkeypatch.setattr(job, "write_shards", real)  # the next select finishes the work
+    assert select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"]) == 0
+    assert len(list_shards(copy / "shards" / "train")) > len(before)
