@@ -110,6 +110,10 @@ def curate_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"inbetweener curate: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # writing OUT failed (disk full, permissions): one line, the work done is kept
+        print(f"inbetweener curate: {os_error(exc)}; scored sources are kept in {args.out}/.work: "
+              "the same command continues from them", file=sys.stderr)  # fmt: skip
+        return 1
     print(result.summary())
     if result.failed_sources:
         print(
@@ -169,6 +173,9 @@ def select_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"inbetweener select: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the manifest and the shards are replaced whole, so they are as they were
+        print(f"inbetweener select: {os_error(exc)}", file=sys.stderr)
+        return 1
     print(result.summary())
     return 0
 
@@ -204,9 +211,20 @@ def report_main(argv: list[str] | None = None) -> int:
         return 2
     if args.leaks:
         return _leak_check(table, config)
-    path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
+    try:
+        path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
+    except OSError as exc:
+        print(f"inbetweener report: {os_error(exc)}", file=sys.stderr)
+        return 1
     print(f"report: {path}")
     return 0
+
+
+def os_error(exc: OSError) -> str:
+    """'cannot write PATH: No space left on device', from an OSError raised while writing."""
+    if exc.filename:
+        return f"cannot write {exc.filename}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _leak_check(table, config) -> int:

@@ -132,6 +132,10 @@ class CurateJob:
         sources = self._sources()
         if not sources:
             raise ConfigError(f"no video files found in {self.inputs}")
+        try:  # an output folder that cannot be written stops the job before any work
+            self.work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {self.out} cannot be written: {exc.strerror or exc}") from None
         self._check_state()
         self.check_weights()
         done_key = self._done_key(sources)

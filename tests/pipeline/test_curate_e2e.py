@@ -198,6 +198,10 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a folder")
     assert curate_main([str(tmp_path), "--out", str(tmp_path / "notes.txt")]) == 2
     assert "notes.txt is a file; give a folder" in capsys.readouterr().err
+    samples.generate_footage(tmp_path / "footage")  # sources found: the output folder is what fails
+    inside_a_file = tmp_path / "notes.txt" / "run1"
+    assert curate_main([str(tmp_path / "footage"), "--out", str(inside_a_file), "--skip", "text"]) == 2
+    assert f"--out {inside_a_file} cannot be written: Not a directory" in capsys.readouterr().err
 
 
 def test_resume_after_kill_9(tmp_path):
@@ -404,7 +408,9 @@ def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_a
     assert sorted(index) == kept
 
 
-def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(curated, tmp_path, monkeypatch):
+def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(
+    curated, tmp_path, monkeypatch, capsys
+):
     """Disk full while the eval shards are written: the train shards must not already be the new
     selection's (a clip could then be in the old eval and the new train)."""
     import errno
@@ -420,12 +426,14 @@ def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(curated, 
 
     def eval_fails(rows, clip_dir, shard_dir, split, *args, **kwargs):
         if split == "eval":
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device", str(shard_dir / "000000.tar"))
         return real(rows, clip_dir, shard_dir, split, *args, **kwargs)
 
     monkeypatch.setattr(job, "write_shards", eval_fails)
-    with pytest.raises(OSError, match="No space left"):
-        select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"])
+    capsys.readouterr()
+    assert select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"]) == 1
+    err = capsys.readouterr().err  # one line, not a traceback
+    assert err == f"inbetweener select: cannot write {copy}/shards/eval/000000.tar: No space left on device\n"
     assert {p.name: p.read_bytes() for p in list_shards(copy / "shards" / "train")} == before
     assert (copy / "manifest.parquet").read_bytes() == manifest
     monkeypatch.setattr(job, "write_shards", real)  # the next select finishes the work
