@@ -50,3 +50,32 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
 
 def write_json_atomic(path: Path | str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: Path | str, what: str) -> Iterator[None]:
+    """Hold `folder/.lock` (an exclusive `flock`) for the block, so that two jobs never write one
+    output folder at once; the kernel lets go when the process ends, even by `kill -9`, so a lock is
+    never stale. The file records who holds it: `what` and the process id, for the other's message."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise FolderBusy(
+                f"{folder} is being written by {holder}; wait for it to end, or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

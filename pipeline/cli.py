@@ -169,7 +169,9 @@ def select_main(argv: list[str] | None = None) -> int:
             active = ", ".join(f"{stage}.{cmp}={value}" for stage, _, cmp, value in rules(config))
             print(f"thresholds: {active or 'none'}", flush=True)
         job = CurateJob([], args.out, config)
-        result = job.finalize(table, sources_required=True)
+        with job.lock("inbetweener select"):
+            table = read_manifest(manifest)  # again, now that no other job writes it
+            result = job.finalize(table, sources_required=True)
     except (ConfigError, ManifestError) as exc:
         print(f"inbetweener select: {exc}", file=sys.stderr)
         return 2

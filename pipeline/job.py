@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.files import atomic_path, write_json_atomic
+from manifests.files import FolderBusy, atomic_path, folder_lock, write_json_atomic
 from manifests.io import read_manifest, write_manifest
 from manifests.schema import CLIP_SCHEMA, SOURCE_COLUMNS, conform
 from pipeline.config import (
@@ -136,6 +137,19 @@ class CurateJob:
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {self.out} cannot be written: {exc.strerror or exc}") from None
+        with self.lock("inbetweener curate"):
+            return self._run(sources)
+
+    @contextmanager
+    def lock(self, what: str):
+        """Only one job (curate or select) writes OUT at a time: a second one stops before any work."""
+        try:
+            with folder_lock(self.out, what):
+                yield
+        except FolderBusy as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _run(self, sources: list[str]) -> JobResult:
         self._check_state()
         self.check_weights()
         done_key = self._done_key(sources)

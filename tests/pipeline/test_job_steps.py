@@ -108,3 +108,34 @@ def test_progress_prints_the_first_and_last_update_and_one_line_per_interval(cap
     assert lines[0].startswith("[score] 1/2000 sources, 100 clips,")
     assert lines[-1].startswith("[score] 2000/2000 sources, 200000 clips,")
     assert 150 < len(lines) < 250  # 2,000 updates over 2,000 s: a line every 10 s, not 2,000 lines
+
+
+def test_a_second_job_on_the_same_out_stops_before_any_work(tmp_path, capsys):
+    """While a curate (or select) writes OUT, another one stops with one line naming the holder; the
+    lock goes with its process, so a killed job leaves none behind."""
+    import subprocess
+    import sys
+
+    from manifests.files import folder_lock
+    from pipeline import samples
+    from pipeline.cli import curate_main
+
+    footage, out = tmp_path / "footage", tmp_path / "out"
+    samples.generate_footage(footage, seed=3)
+    with folder_lock(out, "inbetweener curate"):
+        assert (
+            curate_main([str(footage), "--out", str(out), "--skip", "text,aesthetic,caption,alignment"]) == 2
+        )
+    err = capsys.readouterr().err
+    assert f"{out} is being written by inbetweener curate (pid " in err and "use another folder" in err
+    assert not (out / "manifest.parquet").exists()
+    holder = subprocess.Popen(  # a process that takes the lock and is killed holding it
+        [sys.executable, "-c", "import sys, time; from manifests.files import folder_lock\n"
+         "with folder_lock(sys.argv[1], 'x'):\n print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    with folder_lock(out, "inbetweener select"):  # free again
+        pass
