@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from manifests.files import FolderBusy, folder_lock
 from manifests.remote import local_folder, not_a_url
 from training import engine, float8
 from training.data import (
@@ -288,12 +289,17 @@ def _input_errors():
 
     try:
         yield
-    except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError, FolderBusy) as exc:
         print(f"inbetweener train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
+        return _main(argv, held)
+
+
+def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _input_errors():  # everything the user gave is checked before a model is built
@@ -335,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     with _input_errors():  # the number of ranks is known only now
         accum = engine.accumulation_steps(tc, d.world)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        with _input_errors():  # one run per folder: a second one would write the same checkpoints
+            held.enter_context(folder_lock(out, f"inbetweener train {stage_name}"))
         print(json.dumps(run.for_stage(stage_name), indent=1))
         print(
             f"{d.world} rank(s) on {device.type}, autocast {amp}, {accum} micro-batch(es) of {tc.micro_batch} "

@@ -201,6 +201,19 @@ def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_p
         train("decoder", tmp_path / "dec", train_shards, "--models-dir", str(tmp_path / "empty"))
 
 
+def test_a_second_run_on_the_same_folder_stops_before_training(tmp_path, train_shards, capsys):
+    from manifests.files import folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out, "inbetweener train rectify"), pytest.raises(SystemExit) as stopped:
+        train("rectify", out, train_shards, "--set", "train.steps=1")
+    assert stopped.value.code == 2
+    assert f"{out} is being written by inbetweener train rectify (pid " in capsys.readouterr().err
+    assert not any(out.rglob("*.safetensors"))  # nothing written
+    train("rectify", out, train_shards, "--set", "train.steps=1", "--set", "train.ckpt_every=1")  # free again
+    assert any(out.rglob("*.safetensors"))
+
+
 def test_sketch_stage_trains_the_encoder_only(tmp_path, train_shards):
     out = train(
         "sketch", tmp_path / "sk", train_shards, "--set", "train.steps=2", "--set", "train.ckpt_every=2"
