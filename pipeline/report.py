@@ -81,21 +81,26 @@ def _stage_ran(stage: str, rows: list[dict]) -> bool:
     return column is not None and any(r.get(column) is not None for r in rows)
 
 
+_MEASURED = re.compile(r"(.*?)\s+-?[\d.]+(?:e[-+]?\d+)?(?:\s+[a-z%]+)?\s+([<>]=?)\s+(.*)")
+
+
 def _short_reason(reason: str | None) -> str:
+    """The reason's problem, for grouping: the clip's own value, the file or clip it names and the
+    detail in brackets stay in the manifest, so that each problem is one group (and one list of
+    thumbnails), not one per length, frame number or file."""
     text = reason or "unknown"
     stage, _, rest = text.partition(":")
     rest = rest.strip()
-    # group numbers away: "motion_mean 0.01 < motion.min 0.15" -> "motion_mean < motion.min 0.15"
-    words = rest.split()
-    if len(words) >= 4 and words[2] in ("<", ">"):
-        rest = f"{words[0]} {words[2]} {' '.join(words[3:])}"
-    # one group per problem, not one per file or clip named: the names stay in the manifest
+    measured = _MEASURED.fullmatch(rest)
+    if measured:  # "length 0.40 s < min_len_s 1" -> "length < min_len_s 1": the threshold stays
+        return f"{stage}: {measured[1]} {measured[2]} {measured[3]}"[:130]
     if rest.startswith("duplicate:"):  # "duplicate: same content as X"
         rest = "duplicate of another source"
     elif rest.startswith("near-duplicate of "):  # dedup: "near-duplicate of CLIP_ID"
         rest = "near-duplicate of a kept clip"
     rest = re.split(r":\s+(?=/|[a-z][a-z0-9+.-]*://)", rest, maxsplit=1)[0]  # "no such file: PATH"
-    rest = rest.split(" (", 1)[0]  # errors: the detail in brackets stays in the manifest
+    rest = rest.split(" (", 1)[0]
+    rest = re.sub(r"\d+(?:\.\d+)?", "N", rest)  # "decode failed at frame 123" -> "... at frame N"
     return f"{stage}: {rest[:120]}"
 
 

@@ -63,13 +63,19 @@ def test_report_asks_only_for_the_thumbnails_it_can_show(tmp_path):
     assert "thumb_a.mp4-1833.jpg" in page and "thumb_a.mp4-1.jpg" not in page
 
 
-def test_reasons_group_by_problem_not_by_the_file_or_clip_they_name():
+def test_reasons_group_by_problem_not_by_the_value_file_or_clip_they_name():
     rows = [
         row(f"/f/missing{i}.mp4", 0, "error", f"probe: no such file: /f/missing{i}.mp4") for i in range(3)
     ]
     rows += [row("s3://bucket/gone.mp4", 0, "error", "probe: no such file: s3://bucket/gone.mp4")]
     rows += [row("a.mp4", i, "rejected", f"dedup: near-duplicate of a.mp4-{i - 1}") for i in range(1, 4)]
     rows += [row("a.mp4", 0, "kept")]
+    rows += [row("b.mp4", i, "rejected", f"shots: length 0.{i}4 s < min_len_s 1") for i in range(1, 4)]
+    rows += [
+        row("b.mp4", i, "error", f"write: decode failed at frame {i}0 (Invalid data)") for i in range(4, 6)
+    ]
     steps = {s["stage"]: s for s in funnel(rows)}
     assert steps["sources"]["reasons"] == {"probe: no such file": 4}
     assert steps["dedup"]["reasons"] == {"dedup: near-duplicate of a kept clip": 3}
+    assert steps["shots"]["reasons"] == {"shots: length < min_len_s 1": 3}  # was one group per length
+    assert steps["write"]["reasons"] == {"write: decode failed at frame N": 2}
