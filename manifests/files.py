@@ -74,8 +74,16 @@ def folder_lock(folder: Path | str, what: str) -> Iterator[None]:
             raise FolderBusy(
                 f"{folder} is being written by {holder}; wait for it to end, or use another folder"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
+        except OSError as exc:  # a filesystem without locks (some NFS and Lustre mounts): go on, and say so
+            import warnings
+
+            warnings.warn(
+                f"{folder}: its filesystem has no file locks ({exc.strerror}); make sure no other job writes it",
+                stacklevel=3,
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -43,3 +43,29 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_lock_is_exclusive_and_tolerates_a_filesystem_without_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from manifests.files import FolderBusy, folder_lock
+
+    with (
+        folder_lock(tmp_path / "out", "job one"),
+        pytest.raises(FolderBusy, match=r"out is being written by job one \(pid \d+\)"),
+        folder_lock(tmp_path / "out", "job two"),
+    ):
+        pass
+    with folder_lock(tmp_path / "out", "job two"):  # released with the block
+        pass
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with (
+        pytest.warns(UserWarning, match="its filesystem has no file locks"),
+        folder_lock(tmp_path / "nfs", "job"),  # goes on: the job is not refused on such a mount
+    ):
+        pass
