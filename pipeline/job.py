@@ -224,6 +224,12 @@ class CurateJob:
             and getattr(getattr(self.config, section), "enabled", True)
         }
         lines.append("thresholds: " + ", ".join(f"{k}={v}" for k, v in thresholds.items()))
+        c = self.config.split
+        lines.append(
+            f"split: {c.eval_size} eval clips (at most {c.max_eval_fraction:.0%} of the kept ones), in whole"
+            f" {'sources and ' if c.by_source else ''}near-duplicate groups (pHash distance <= {c.max_distance});"
+            f" {'one clip of each group kept (split.dedup)' if c.dedup else 'every copy kept (split.dedup=false)'}"
+        )
         lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
         return "\n".join(lines)
 

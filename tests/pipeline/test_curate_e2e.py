@@ -360,6 +360,10 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
     said = capsys.readouterr().out
     assert "weights: run would stop:" in said and "aesthetic: missing weights" in said
     assert "thresholds: aesthetic.min=" in said and not fresh.exists()
+    assert (
+        "split: 1000 eval clips (at most 25% of the kept ones), in whole sources and near-duplicate" in said
+    )
+    assert "every copy kept (split.dedup=false)" in said
     assert curate_main([str(footage), "--out", str(fresh), "--limit", "2", "--dry-run", *SKIPS]) == 0
     assert capsys.readouterr().out.startswith("sources: 2 ")  # the first 2 found, for a trial run
     # --skip takes several stages with commas, as the missing-weights message suggests it be used
