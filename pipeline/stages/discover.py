@@ -43,8 +43,8 @@ def _expand(item: str) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
     path = Path(local_path(item))
-    if any(ch in str(path) for ch in "*?["):
-        return sorted(str(Path(p)) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if glob.has_magic(str(path)):
+        return _glob_local(path)
     if path.is_dir():
         return sorted(
             str(p)
@@ -60,6 +60,21 @@ def _expand(item: str) -> list[str]:
                 out.extend(_expand(entry))
         return out
     return [str(path)]
+
+
+def _glob_local(pattern: Path) -> list[str]:
+    """The files a local glob matches. `**` does not follow links to folders (the standard library's
+    glob does, and a link to a parent folder made it search forever); as with the shell, a hidden
+    name matches only a pattern part that starts with "." itself."""
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, rest = Path(*parts[:first]) if first else Path("."), parts[first:]
+    dotted = any(part.startswith(".") for part in rest)
+    return sorted(
+        str(p)
+        for p in root.glob(str(Path(*rest)))
+        if p.is_file() and (dotted or not _hidden(p.relative_to(root).parts))
+    )
 
 
 def _is_video(name: str) -> bool:

@@ -58,6 +58,18 @@ def test_discover_leaves_out_hidden_files_and_folders_unless_named(tmp_path):
     assert discover([str(hidden_root)]) == [str(hidden_root / "d.mp4")]
 
 
+def test_a_recursive_glob_does_not_follow_links_to_folders(tmp_path):
+    root = tmp_path / "drive"
+    for rel in ["a.mp4", "sub/b.mkv", "sub/.cache/c.mp4", ".Trash/old.mp4"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "sub" / "up").symlink_to(root)  # a loop: the standard library's ** searched it forever
+    (root / "sub" / "again").symlink_to(root / "sub")
+    assert discover([str(root / "**" / "*.m*")]) == [str(root / "a.mp4"), str(root / "sub/b.mkv")]
+    assert discover([str(root / ".Trash" / "*.mp4")]) == [str(root / ".Trash/old.mp4")]  # named: found
+    assert discover([str(root / "**" / ".cache" / "*")]) == [str(root / "sub/.cache/c.mp4")]
+
+
 def test_discover_reads_object_store_uris():
     import fsspec
 
