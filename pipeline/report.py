@@ -24,7 +24,7 @@ FUNNEL_STAGES = ["probe", "shots", "motion", "text", "aesthetic", "caption", "al
 HISTOGRAMS = [("motion_mean", "motion"), ("motion_residual", None), ("held_ratio", None), ("text_area", "text"),
               ("aesthetic_min", "aesthetic"), ("clip_sim_min", "alignment")]  # fmt: skip
 THUMBS_PER_GROUP = 12
-CANDIDATES = 4  # rows looked at per thumbnail shown: 48 rows spread over a group
+CANDIDATES = 2  # rows looked at per thumbnail shown: 24 rows spread over a group, each a part read
 
 Thumbs = Mapping[str, bytes] | Callable[[list[dict]], Mapping[str, bytes]]
 

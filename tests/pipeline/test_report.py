@@ -7,7 +7,7 @@ import pytest
 
 from manifests.schema import CLIP_SCHEMA
 from pipeline.config import CurateConfig
-from pipeline.report import THUMBS_PER_GROUP, funnel, write_report
+from pipeline.report import CANDIDATES, THUMBS_PER_GROUP, funnel, write_report
 
 
 def row(uri: str, i: int, status: str, reason: str | None = None, **scores) -> dict:
@@ -56,7 +56,7 @@ def test_report_asks_only_for_the_thumbnails_it_can_show(tmp_path):
 
     table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
     page = write_report(tmp_path, table, CurateConfig(), thumbs=thumbs).read_text()
-    assert 2 * THUMBS_PER_GROUP <= len(asked) <= 2 * 4 * THUMBS_PER_GROUP  # not 4,000
+    assert 2 * THUMBS_PER_GROUP <= len(asked) <= 2 * CANDIDATES * THUMBS_PER_GROUP  # not 4,000
     assert page.count("<img src='report_files/thumb_") == 2 * THUMBS_PER_GROUP
     assert (tmp_path / "report_files" / "thumb_a.mp4-0.jpg").read_bytes() == b"\xff\xd8jpeg"
     # spread over the job, not the first dozen clips of its first source
