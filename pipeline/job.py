@@ -547,12 +547,7 @@ class CurateJob:
         for split in splits:  # both are complete before either replaces the old one: no mixed versions
             chosen = [rows[i] for i in order if rows[i]["split"] == split]
             written = write_shards(
-                chosen,
-                self.clips,
-                self.out / "shards" / split,
-                split,
-                self.config.write.shard_bytes,
-                swap=False,
+                chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes
             )
             by_id.update({r["clip_id"]: r for r in written})
         for split in splits:

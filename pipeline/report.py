@@ -47,21 +47,21 @@ def funnel(rows: list[dict]) -> list[dict]:
     One pass over the rows: each row that was not kept leaves at the stage its reason names; a
     reason naming no funnel stage is counted in an `other` step, never as kept."""
     sources = {r["source_uri"] for r in rows}
-    at_source = [r for r in rows if _leaves_at_source(r)]
-    failed = {r["source_uri"] for r in at_source}
-    steps = [{"stage": "sources", "in_clips": len(sources), "hours": None, "out": len(sources) - len(failed),
-              "rejected": len(failed), "reasons": Counter(_short_reason(r["reason"]) for r in at_source)}]  # fmt: skip
+    at_source: list[dict] = []
     leaving: dict[str, list[dict]] = defaultdict(list)
-    remaining = 0
-    hours = 0.0
+    clips: list[dict] = []
     for r in rows:
         if _leaves_at_source(r):
+            at_source.append(r)
             continue
-        remaining += 1
-        hours += _hours([r])
+        clips.append(r)
         if r["status"] != "kept":
             stage = _stage_of(r["reason"])
             leaving[stage if stage in FUNNEL_STAGES[1:] else "other"].append(r)
+    failed = {r["source_uri"] for r in at_source}
+    steps = [{"stage": "sources", "in_clips": len(sources), "hours": None, "out": len(sources) - len(failed),
+              "rejected": len(failed), "reasons": Counter(_short_reason(r["reason"]) for r in at_source)}]  # fmt: skip
+    remaining, hours = len(clips), _hours(clips)
     for stage in [*FUNNEL_STAGES[1:], "other"]:
         gone = leaving.get(stage, [])
         if stage != "shots" and not gone and (stage == "other" or not _stage_ran(stage, rows)):

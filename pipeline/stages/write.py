@@ -97,13 +97,14 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int, swap: bool = True
+    rows: list[dict], clip_dir: Path, shard_dir: Path, split: str, shard_bytes: int
 ) -> list[dict]:
-    """Write the given kept rows (in order) as shards of `shard_dir`; returns rows with shard/key set.
+    """Write the given kept rows (in order) as the next version of `shard_dir`; returns rows with
+    shard/key set.
 
-    The folder is built as `.<name>.tmp` and swapped in whole (`swap_in`), so a reader sees either
-    the old complete set or the new one, and no stale shard of an earlier selection survives. With
-    `swap=False` the caller swaps it in, once every folder that belongs together is complete.
+    The folder is built as `.<name>.tmp` (`staging_dir`); the caller swaps it in whole (`swap_in`)
+    once every folder that belongs with it is complete, so a reader sees either the old complete set
+    or the new one, and no stale shard of an earlier selection survives.
     """
     shard_dir = Path(shard_dir)
     tmp_dir = staging_dir(shard_dir)
@@ -153,8 +154,6 @@ def write_shards(
         if size >= shard_bytes:
             close()
     close()
-    if swap:
-        swap_in(shard_dir)
     return out_rows
 
 
