@@ -584,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.what == "finalize":
+        if args.sources < 1 or min(args.rows) < args.sources:
+            p.error(f"finalize needs --sources >= 1 and every --rows >= --sources ({args.sources})")
         rows = run_finalize_bench(args.rows, args.sources, args.baseline_max, args.dedup)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))

@@ -69,3 +69,13 @@ def test_finalize_bench_times_the_final_steps_and_checks_the_funnel_against_its_
         0.8 * 5 * 38 < deduped["dedup_rejected"] <= 5 * 38
     )  # 5 shots without credits, 2 series of 20 and 19
     assert deduped["kept"] == rows[0]["kept"] - deduped["dedup_rejected"] and deduped["leaks"] == 0
+
+
+def test_finalize_bench_refuses_sizes_it_cannot_build(capsys):
+    from pipeline.bench import main
+
+    for argv in (["--rows", "100", "--sources", "0"], ["--rows", "10", "--sources", "20"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(["finalize", *argv])
+        assert stopped.value.code == 2
+        assert "finalize needs --sources >= 1 and every --rows >= --sources" in capsys.readouterr().err
