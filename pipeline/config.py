@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.stages.aesthetic import AestheticStage
-from pipeline.stages.alignment import AlignmentStage
+from pipeline.stages.aesthetic import AESTHETIC_MIN, AestheticStage
+from pipeline.stages.alignment import ALIGNMENT_MIN, AlignmentStage
 from pipeline.stages.caption import CaptionStage
-from pipeline.stages.text import TextStage
+from pipeline.stages.text import TEXT_MAX, TextStage
 
 
 class ConfigError(ValueError):
@@ -78,15 +78,17 @@ class MotionConfig:
 @dataclass
 class TextConfig(TextStage):
     enabled: bool = True  # False (or --skip text): the stage does not run; manifest and report say so
-    max: float | None = (
-        0.05  # reject above: fraction of the frame covered by text boxes (title cards, credits)
-    )
+    # reject above: fraction of the frame covered by text boxes (title cards, credits, subtitles);
+    # the default and why: pipeline/stages/text.py
+    max: float | None = TEXT_MAX
 
 
 @dataclass
 class AestheticConfig(AestheticStage):
     enabled: bool = True
-    min: float | None = 4.0  # reject below: the minimum LAION aesthetic score of first/mid/last (scale ~1-10)
+    # reject below: the minimum LAION aesthetic score of first/mid/last (scale ~1-10); why this
+    # default: pipeline/stages/aesthetic.py
+    min: float | None = AESTHETIC_MIN
 
 
 @dataclass
@@ -97,9 +99,9 @@ class CaptionConfig(CaptionStage):
 @dataclass
 class AlignmentConfig(AlignmentStage):
     enabled: bool = True
-    min: float | None = (
-        0.18  # reject below: the minimum CLIP cosine similarity of the caption to first/mid/last
-    )
+    # reject below: the minimum CLIP cosine similarity of the caption to first/mid/last; why this
+    # default: pipeline/stages/alignment.py
+    min: float | None = ALIGNMENT_MIN
 
 
 MODEL_STAGES = ("text", "aesthetic", "caption", "alignment")

@@ -11,10 +11,12 @@ Scores are plain cosine similarities in [-1, 1] (not CLIPScore's 2.5 x or logit 
 
 Defaults and why: the same CLIP as the aesthetic stage (`ViT-L-14`, `openai`; configure both
 alike, the embeddings must come from one model), fp16 on a GPU and fp32 on CPU, 128 captions per
-call (text-only forwards are cheap). The reject threshold ALIGNMENT_MIN = 0.2: with ViT-L/14 a
+call (text-only forwards are cheap). The reject threshold ALIGNMENT_MIN = 0.18: with ViT-L/14 a
 caption written for a frame typically scores 0.25-0.35 against it and an unrelated one about
 0.1-0.15; a clip whose first or last frame no longer matches its caption (a cut the shot detector
-missed, a fade) falls below 0.2.
+missed, a fade) falls below it. It sits nearer the unrelated end because BLIP-2's captions of
+cartoon frames are short and generic ("a cartoon of a man walking"), which scores lower than a
+written caption of the same frame; raise it with `select`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.models import (
 from pipeline.stages.aesthetic import clip_weight_file, encode_frames, encode_text_trimmed, load_clip
 from pipeline.stages.base import Stage
 
-ALIGNMENT_MIN = 0.2  # default alignment.min: reject clips whose worst frame/caption cosine is below this
+ALIGNMENT_MIN = 0.18  # default alignment.min: reject clips whose worst frame/caption cosine is below this
 
 
 @dataclass

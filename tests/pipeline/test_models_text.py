@@ -54,6 +54,35 @@ def test_ppocr_scores_a_title_card_high_and_a_flat_cartoon_frame_low(ppocr):
     assert out[2] == rows[2]  # not a clip: unchanged
 
 
+def _subtitled(frame: np.ndarray, line: str, scale: float) -> np.ndarray:
+    """A subtitle as fansubs and broadcasts burn it in: white, a dark outline, centred near the bottom."""
+    import cv2
+
+    out = frame.copy()
+    (w, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x, y = (frame.shape[1] - w) // 2, frame.shape[0] - 20
+    cv2.putText(out, line, (x + 1, y + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.putText(out, line, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def test_the_default_text_max_rejects_a_clip_with_one_subtitle_line(ppocr):
+    """The measured reason behind TEXT_MAX: one ordinary subtitle line covers 3-4% of a 512x320 frame.
+    The job's default threshold must reject it (it was 0.05, which let such a clip into training)."""
+    from pipeline.config import CurateConfig
+    from pipeline.select import decide_row, rules
+
+    walk = samples.shot_frames(samples.EPISODES["episode_01.mp4"][1], 0, SIZE, 24)
+    frames = [next(walk) for _ in range(3)]
+    line = "I told you never to open that door!"
+    subtitled = [frames[0], _subtitled(frames[1], line, 0.45), frames[2]]  # on the middle keyframe only
+    scored = list(ppocr.process_rows([clip_row(subtitled), clip_row(frames)]))
+    assert 0.02 < scored[0]["text_area"] < 0.05  # the band the old default let through
+    active = rules(CurateConfig())
+    assert decide_row({**scored[0], "status": "kept"}, active)[0] == "rejected"
+    assert decide_row({**scored[1], "status": "kept"}, active) == ("kept", None)
+
+
 def test_ppocr_does_not_upscale_small_frames(ppocr):
     import cv2
 
