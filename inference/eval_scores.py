@@ -233,10 +233,6 @@ def score_reconstruction(
 # --- pooling ---------------------------------------------------------------------------------------------------
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 def _frame_averages(records: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> dict[str, Any]:
     """Each frame score pooled over all and interior frames; None for a score the records lack (a
     metric left out with --metrics)."""

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.files import atomic_path
-from manifests.schema import CLIP_SCHEMA, SCHEMA_VERSION, conform
+from manifests.schema import CLIP_SCHEMA, SCHEMA_VERSION, SPLITS, STATUSES, conform
 
 CODE_VERSION = "0.1.0"
 
@@ -66,7 +67,21 @@ def _read_one(path: Path) -> pa.Table:
         )
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ManifestError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
-    return conform(table.replace_schema_metadata(None))
+    table = conform(table.replace_schema_metadata(None))
+    for column, allowed in (("status", STATUSES), ("split", SPLITS)):
+        _check_values(path, table, column, allowed)
+    return table
+
+
+def _check_values(path: Path, table: pa.Table, column: str, allowed: tuple[str, ...]) -> None:
+    """A value outside the contract (a manifest edited by hand or by another tool: 'Kept', 'val') would
+    be read as something else downstream (select re-decides any status but 'error' and 'rejected')."""
+    values = table.column(column)
+    bad = pc.filter(values, pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed)))))
+    if len(bad):
+        seen = sorted(set(bad.to_pylist()))
+        shown = ", ".join(repr(v) for v in seen[:5]) + (", ..." if len(seen) > 5 else "")
+        raise ManifestError(f"{path}: {len(bad)} row(s) with {column} outside {' / '.join(allowed)}: {shown}")
 
 
 def manifest_config(path: Path | str) -> dict:

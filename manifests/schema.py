@@ -12,9 +12,9 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1.1"  # 1.1: content_box
 
+# The values a reader may rely on (checked when a manifest is read: manifests.io).
 STATUSES = ("kept", "rejected", "error")
 SPLITS = ("train", "eval", "none")
-TIMINGS = ("ones", "twos", "threes", "mixed", "none")
 
 # (name, type, what it holds). Order is the column order on disk.
 _COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -44,7 +44,7 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # animation timing
     ("distinct_frames", pa.int64(), "number of distinct drawings (held frames collapsed)"),
     ("held_ratio", pa.float64(), "fraction of frames that repeat their predecessor"),
-    ("timing", pa.string(), "ones / twos / threes / mixed / none"),
+    ("timing", pa.string(), "ones / twos / threes / mixed / none (pipeline/stages/timing.py)"),
     # scores: every stage writes its score, also when it rejects
     (
         "motion_mean",
@@ -86,30 +86,10 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
 ]
 
 CLIP_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in _COLUMNS])
-COLUMN_DOCS = {name: doc for name, _, doc in _COLUMNS}
-SCORE_COLUMNS = [
-    "motion_mean",
-    "motion_p90",
-    "motion_residual",
-    "text_area",
-    "aesthetic_first",
-    "aesthetic_mid",
-    "aesthetic_last",
-    "aesthetic_min",
-    "clip_sim_first",
-    "clip_sim_mid",
-    "clip_sim_last",
-    "clip_sim_min",
-]
 
 
 # What every row of a source repeats from the source's probe.
 SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "width", "height", "codec", "content_box")
-
-
-def empty_row() -> dict:
-    """A row with every column present and null, to be filled by the stages."""
-    return {name: None for name in CLIP_SCHEMA.names}
 
 
 def to_table(rows: list[dict]) -> pa.Table:

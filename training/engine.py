@@ -504,14 +504,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
-    if not d.active:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()

@@ -100,7 +100,6 @@ LPIPS_FILES = {
         ),
     ),
 }
-METRIC_WEIGHT_FILES = (I3D_FILE, CLIP_FILE, *LPIPS_FILES["alex"])  # what `evaluate` needs by default
 
 
 class MissingWeightsError(FileNotFoundError):

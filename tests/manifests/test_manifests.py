@@ -97,3 +97,26 @@ def test_a_manifest_of_schema_1_0_reads_with_the_new_columns_null(tmp_path):
         else:
             with pytest.raises(ManifestError, match="schema version 2.0"):
                 read_manifest(path)
+
+
+def test_a_status_or_split_outside_the_contract_is_an_error_naming_the_file_and_values(tmp_path):
+    """A manifest edited by another tool ('Kept', 'val') must not be read as something else: select
+    re-decides every status but 'error' and 'rejected', so 'Error' rows would come back as clips."""
+    rows = [
+        {"clip_id": f"c{i}", "source_uri": "a.mp4", "status": s, "split": sp}
+        for i, (s, sp) in enumerate(
+            [("kept", "train"), ("Error", None), ("kept", "eval"), ("rejected", "none")]
+        )
+    ]
+    path = write_manifest(to_table(rows), tmp_path / "m.parquet")
+    with pytest.raises(
+        ManifestError, match=r"m\.parquet: 1 row\(s\) with status outside kept / rejected / error: 'Error'"
+    ):
+        read_manifest(path)
+    rows[1]["status"] = "error"
+    rows[2]["split"] = "val"
+    path = write_manifest(to_table(rows), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="split outside train / eval / none: 'val'"):
+        read_manifest(path)
+    rows[2]["split"] = "eval"
+    assert read_manifest(write_manifest(to_table(rows), tmp_path / "m.parquet")).num_rows == 4  # nulls pass
