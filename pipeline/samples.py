@@ -1,7 +1,7 @@
 """Deterministic sample footage with a ground truth, for `make demo` and the tests.
 
 Cartoon-like clips (flat colours, outlined characters, hard cuts, drawings held on twos, a static
-shot, a pan, a title card, a corrupt file) are drawn with numpy/OpenCV, encoded with PyAV and
+shot, a pan, a rising title card, a corrupt file) are drawn with numpy/OpenCV, encoded with PyAV and
 described by `truth.json`, so that every curation stage can be checked against a known answer.
 `make_bad_inputs` writes the inputs the probe stage must survive; `fetch_big_buck_bunny` gets a
 short real clip for manual checks where the network allows.
@@ -76,8 +76,11 @@ EPISODES = {
         Shot(23, "animated", "twos", 2.5, "cellar"),
     ),
 }
-TITLE = Shot(31, "title", "none", 2.0, "title")
+# The title moves, as opening titles and end credits do: it passes the motion filter, and only the
+# text filter rejects it (a still card would be rejected for its stillness first).
+TITLE = Shot(31, "title", "ones", 2.0, "title")
 TITLE_TEXT = ("EPISODE 1", "THE BIG ADVENTURE")
+TITLE_RISE = 0.2  # share of the frame height the title travels over the shot
 
 
 # --- drawing -----------------------------------------------------------------------------------
@@ -211,9 +214,11 @@ def shot_frames(shot: Shot, seed: int, size: tuple[int, int], fps: int) -> Itera
     width, height = size
     n = shot.num_frames(fps)
     rng = np.random.default_rng([seed, shot.tag])
-    if shot.kind == "title":
-        frame = _title_frame(TITLE_TEXT, width, height)
-        yield from (frame.copy() for _ in range(n))
+    if shot.kind == "title":  # the title rises by TITLE_RISE of the height, sub-pixel, frame by frame
+        card = _title_frame(TITLE_TEXT, width, height)
+        for i in range(n):
+            shift = np.float32([[1, 0, 0], [0, 1, height * TITLE_RISE * (0.5 - i / (n - 1))]])
+            yield cv2.warpAffine(card, shift, (width, height), borderValue=PALETTES["title"][0])
         return
     if shot.kind == "pan":
         painting = _painting(rng, shot.palette, width * 3, height)

@@ -303,6 +303,8 @@ def test_text_stage_scores_the_title_card_with_the_real_ppocr_weights(curated):
     files = rows_by_file(read_manifest(curated["out"] / "manifest.parquet"))
     (title,) = files["title_card.mp4"]
     assert title["text_backend"] == "ppocr" and title["text_area"] > 0.05
+    # the title moves, so the motion filter keeps it: the text filter is what rejects it
+    assert title["status"] == "rejected" and title["reason"].startswith("text: text_area"), title["reason"]
     cartoon = [r for r in files["episode_02.mp4"] if r["text_area"] is not None]
     assert cartoon and all(r["text_area"] < 0.01 for r in cartoon)
     assert "text" in title["stages_run"] and "caption" not in title["stages_run"]
