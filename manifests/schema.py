@@ -78,7 +78,7 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     (
         "reason",
         pa.string(),
-        "rejecting stage and threshold (e.g. 'motion: motion_mean 0.01 < min 0.3') or the error",
+        "rejecting stage and threshold (e.g. 'motion: motion_mean 0.01 < motion.min 0.3') or the error",
     ),
     ("split", pa.string(), "train / eval / none"),
     ("shard", pa.string(), "shard path relative to the shards folder (e.g. train/000000.tar), or null"),

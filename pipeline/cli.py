@@ -47,7 +47,11 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
         help="override one setting",
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--workers", type=int, help="parallel CPU workers (default: one per CPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="parallel CPU workers (default: one per CPU; on a cluster, its CPUs less one for the driver)",
+    )
     p.add_argument(
         "--models-dir",
         type=not_a_url,

@@ -133,7 +133,7 @@ class WriteConfig:
 
 @dataclass
 class RunConfig:
-    workers: int = 0  # parallel tasks for the CPU stages; 0 = one per CPU Ray sees
+    workers: int = 0  # parallel tasks for the CPU stages; 0 = one per CPU (a cluster: its CPUs less one)
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
     fail_on_error: bool = False  # exit non-zero when any source failed
     progress: bool = True

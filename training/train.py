@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(
             "--models-dir",
             type=not_a_url,
-            help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS",
+            help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS, else ~/.cache/inbetweener/models",
         )
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
         if name == "decoder":

@@ -19,7 +19,7 @@ Defaults and why: all three keyframes (first, mid, last), because a title or a s
 only part of a clip; canvas 960 px on the long side (the 512x320 keyframes run at their own size);
 the reject threshold TEXT_MAX = 0.02 (2% of the frame): with ppocr on 512x320 keyframes one
 subtitle line (cv2 font scale 0.4-0.8) covers 3-8% after the box growth, two lines 5-12%, the
-sample title card 21%, a small sign 0.7% and flat cartoon frames 0%; 0.05 would let single small
+sample title card 21-22%, a small sign 0.7% and flat cartoon frames 0%; 0.05 would let single small
 subtitle lines through (a 33-character line at scale 0.4-0.5 covers 3.0-3.6%, see the tests). A
 short exclamation ("Wait for me", 1-2%) still passes, as does a sign. `text_area` is written for every clip; `select` applies text.max.
 """
