@@ -102,3 +102,36 @@ def read_shard_index(shard_dir: Path | str) -> pa.Table:
 def list_shards(shard_dir: Path | str) -> list[Path]:
     """Complete shard tars of a folder in order (temporary files are hidden by a leading dot)."""
     return sorted(p for p in Path(shard_dir).glob("*.tar") if not p.name.startswith("."))
+
+
+def write_split_history(history, path: Path | str, settings: dict) -> Path:
+    """The split's memory (manifests.split.PreviousSplit): every clip and source id with its side, and
+    the split settings it holds for (a split drawn with other settings is another split)."""
+    ids = [*history.clips, *history.sources]
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "kind": pa.array(["clip"] * len(history.clips) + ["source"] * len(history.sources), pa.string()),
+            "split": pa.array([*history.clips.values(), *history.sources.values()], pa.string()),
+        }
+    ).replace_schema_metadata({b"inbetweener.split_settings": json.dumps(settings, sort_keys=True).encode()})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_split_history(path: Path | str):
+    """(PreviousSplit, the settings it was drawn with) from `write_split_history`'s file."""
+    from manifests.split import PreviousSplit
+
+    try:
+        table = pq.read_table(path)
+        settings = json.loads((table.schema.metadata or {})[b"inbetweener.split_settings"])
+        ids, kinds, splits = (table.column(c).to_pylist() for c in ("id", "kind", "split"))
+    except (pa.ArrowInvalid, OSError, KeyError, ValueError) as exc:
+        raise ManifestError(
+            f"{path}: not a readable split history ({exc}); delete it to draw the split afresh"
+        ) from exc
+    clips = {i: s for i, k, s in zip(ids, kinds, splits) if k == "clip"}
+    sources = {i: s for i, k, s in zip(ids, kinds, splits) if k == "source"}
+    return PreviousSplit(clips, sources), settings

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 HASH_BITS = 64
@@ -249,6 +249,45 @@ class SplitResult:
     target: int
     largest_unit: int = 0  # clips in the largest component that goes whole to one side
     duplicate_of: dict[str, str] = field(default_factory=dict)  # dedup: clip id -> the clip kept instead
+    # with `previous`: clips of the previous eval kept in eval, and those that had to go to train
+    # (their component now also holds a previous train clip or source, or eval shrank)
+    previous_eval_kept: int = 0
+    previous_eval_to_train: int = 0
+
+
+@dataclass(frozen=True)
+class PreviousSplit:
+    """The split of the manifest a job is about to replace: who was in train and who in eval.
+
+    A clip, or with `by_source` a source, that was in train never goes to eval; clips that were in eval
+    stay there while they fit. A model trained on the earlier shards is then never evaluated on its own
+    training clips after `select` or a rerun with more footage (a fresh draw moved ~20% of eval)."""
+
+    clips: Mapping[str, str]  # clip id -> "train" | "eval"
+    sources: Mapping[str, str] = field(default_factory=dict)  # source id -> "train" | "eval" (by_source)
+
+    @classmethod
+    def of(cls, assigned: Iterable[tuple[str, str, str]]) -> PreviousSplit:
+        """From (clip id, source id, side) of the clips a split assigned: a source with a clip in train
+        counts as train."""
+        clips: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        for clip, source, side in assigned:
+            clips[clip] = side
+            if sources.get(source) != "train":
+                sources[source] = side
+        return cls(clips, sources)
+
+    def then(self, later: PreviousSplit) -> PreviousSplit:
+        """This history followed by a sticky split's assignment: train once, train for good; a clip or
+        source absent now (rejected by tighter thresholds) keeps its side for when it comes back."""
+
+        def merged(old: Mapping[str, str], new: Mapping[str, str]) -> dict[str, str]:
+            out = dict(old)
+            out.update((k, v) for k, v in new.items() if out.get(k) != "train")
+            return out
+
+        return PreviousSplit(merged(self.clips, later.clips), merged(self.sources, later.sources))
 
 
 def _order_key(name: str, seed: int) -> str:
@@ -263,6 +302,7 @@ def assign_split(
     max_eval_fraction: float = 0.25,
     seed: int = 0,
     dedup: bool = False,
+    previous: PreviousSplit | None = None,
 ) -> SplitResult:
     """clips: dicts with clip_id, source_id and phash (list of ints). Returns groups and splits.
 
@@ -274,6 +314,10 @@ def assign_split(
     Eval gets exactly min(eval_size, floor(max_eval_fraction * len(clips))) clips when some whole
     components sum to it, else the closest sum below: first the components in a seeded order, each
     taken while it fits; when that falls short, the subset closest to the target. The rest is train.
+
+    With `previous` the split is sticky: a component holding a clip (or, `by_source`, a source) that
+    was in train stays in train; components that were in eval go there first, in the seeded order
+    while they fit; new components fill the rest as above.
     """
     ids = [c["clip_id"] for c in clips]
     groups = UnionFind(ids)
@@ -302,20 +346,38 @@ def assign_split(
         members
         for _root, members in sorted(linked.components().items(), key=lambda kv: _order_key(kv[0], seed))
     ]
-    chosen = _greedy(components, target)
+    pinned: list[int] = []  # were in eval, and nothing of them in train
+    free = list(range(len(components)))
+    if previous is not None:
+        source_of = {c["clip_id"]: c["source_id"] for c in clips} if by_source else {}
+        was = [{previous.clips.get(cid) for cid in members} for members in components]
+        for i, members in enumerate(components):
+            was[i] |= {previous.sources.get(source_of[cid]) for cid in members if cid in source_of}
+        pinned = [i for i in free if "eval" in was[i] and "train" not in was[i]]
+        free = [i for i in free if not was[i] & {"train", "eval"}]
+    chosen = [pinned[k] for k in _greedy([components[i] for i in pinned], target)]
     taken = sum(len(components[i]) for i in chosen)
-    if taken < target:  # whole components skipped some sizes: look for a subset that sums closer
-        closer = _closest_subset(components, target)
-        if sum(len(components[i]) for i in closer) > taken:
-            chosen = closer
+    rest = [components[i] for i in free]
+    more = _greedy(rest, target - taken)
+    filled = sum(len(rest[k]) for k in more)
+    if taken + filled < target:  # whole components skipped some sizes: look for a subset that sums closer
+        closer = _closest_subset(rest, target - taken)
+        if sum(len(rest[k]) for k in closer) > filled:
+            more = closer
+    chosen += [free[k] for k in more]
     split_of = {cid: "train" for cid in ids}
     for i in chosen:
         for cid in components[i]:
             split_of[cid] = "eval"
     largest = max((len(members) for members in components), default=0)
-    return SplitResult(
+    result = SplitResult(
         group_of, split_of, sum(len(components[i]) for i in chosen), target, largest, duplicate_of
     )
+    if previous is not None:
+        before = [cid for cid in ids if previous.clips.get(cid) == "eval"]
+        result.previous_eval_kept = sum(split_of[cid] == "eval" for cid in before)
+        result.previous_eval_to_train = len(before) - result.previous_eval_kept
+    return result
 
 
 def _greedy(components: list[list[str]], target: int) -> list[int]:

@@ -118,6 +118,10 @@ class SplitConfig:
     # trains once, and no longer joins a series' episodes into one unit of the split.
     dedup: bool = False
     seed: int = 0  # changes which components go to eval, deterministically
+    # a rerun or `select` keeps what was in train out of eval, and what was in eval there while it fits
+    # (OUT/split_history.parquet), so a model trained on earlier shards is never evaluated on its own
+    # training clips; false, or another seed, by_source, max_distance or dedup, draws the split afresh
+    sticky: bool = True
 
 
 @dataclass

@@ -6,7 +6,8 @@ continues where it stopped:
   .work/clips/<clip_id>.mp4          an encoded clip (written atomically)
   .work/state.json                   the scoring config the work was done with
   .work/done.json                    what the last finished run produced (a rerun is then a no-op)
-The final steps (shards, manifest, report) are rebuilt from these files and are deterministic.
+The final steps (shards, manifest, report) are rebuilt from these files and are deterministic, given
+OUT/split_history.parquet: what earlier splits of this OUT put in train and eval (split.sticky).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.files import FolderBusy, atomic_path, folder_lock, write_json_atomic
-from manifests.io import read_manifest, write_manifest
+from manifests.io import (
+    manifest_config,
+    read_manifest,
+    read_split_history,
+    write_manifest,
+    write_split_history,
+)
 from manifests.schema import CLIP_SCHEMA, SOURCE_COLUMNS, conform
 from pipeline.config import (
     MODEL_STAGES,
@@ -33,6 +40,7 @@ from pipeline.config import (
     THRESHOLD_KEYS,
     ConfigError,
     CurateConfig,
+    SplitConfig,
 )
 from pipeline.select import decide
 from pipeline.stages.dedup import DedupStage
@@ -44,6 +52,8 @@ from pipeline.stages.write import EncodeSource, save_clip, swap_in, write_shards
 from pipeline.video import is_local, local_path
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
+SPLIT_HISTORY = "split_history.parquet"  # what was in train and eval (split.sticky)
+STICKY_KEYS = ("seed", "by_source", "max_distance", "dedup")  # another value: another split
 
 
 class Progress:
@@ -230,6 +240,12 @@ class CurateJob:
             f" {'sources and ' if c.by_source else ''}near-duplicate groups (pHash distance <= {c.max_distance});"
             f" {'one clip of each group kept (split.dedup)' if c.dedup else 'every copy kept (split.dedup=false)'}"
         )
+        if (self.out / SPLIT_HISTORY).exists() or (self.out / "manifest.parquet").exists():
+            lines[-1] += (
+                "; keeps this OUT's earlier train out of eval (split.sticky)"
+                if c.sticky
+                else "; drawn afresh (split.sticky=false)"
+            )
         lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
         return "\n".join(lines)
 
@@ -499,7 +515,7 @@ class CurateJob:
     def _split(self, table: pa.Table) -> pa.Table:
         """Near-duplicate groups over every scored clip; kept clips split train/eval by whole
         components (group, and by default source), deterministically; all others get `none`."""
-        from manifests.split import assign_split
+        from manifests.split import PreviousSplit, assign_split
 
         c = self.config.split
         rows = table.to_pylist()
@@ -508,9 +524,22 @@ class CurateJob:
         kept = sorted(
             (r for r in rows if r["status"] == "kept"), key=lambda r: (r["source_uri"], r["start_frame"] or 0)
         )  # dedup keeps a group's first clip in this order
+        previous = self._previous_split()
         result = assign_split(
-            kept, c.eval_size, c.max_distance, c.by_source, c.max_eval_fraction, c.seed, dedup=c.dedup
+            kept, c.eval_size, c.max_distance, c.by_source, c.max_eval_fraction, c.seed, c.dedup, previous
         )
+        now = PreviousSplit.of(
+            (r["clip_id"], r["source_id"], result.split_of[r["clip_id"]])
+            for r in kept
+            if r["clip_id"] in result.split_of
+        )
+        history = previous.then(now) if previous else now
+        write_split_history(history, self.out / SPLIT_HISTORY, self._split_settings())
+        if result.previous_eval_to_train:
+            self._say(
+                f"split: {result.previous_eval_to_train} clips of the previous eval went to train (eval shrank, or"
+                " their source or near-duplicate group now also holds clips that were in train)"
+            )
         for row in rows:
             row["group_id"] = groups.get(row["clip_id"])
             row["split"] = result.split_of.get(row["clip_id"], "none") if row["status"] == "kept" else "none"
@@ -520,16 +549,59 @@ class CurateJob:
                     reason=f"dedup: near-duplicate of {result.duplicate_of[row['clip_id']]}",
                 )
         if result.eval_size < c.eval_size:
-            self._say_short_eval(result, len(kept) - len(result.duplicate_of))
+            self._say_short_eval(result, len(kept) - len(result.duplicate_of), sticky=previous is not None)
         return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
 
-    def _say_short_eval(self, result, kept: int) -> None:
+    def _split_settings(self) -> dict:
+        return {k: getattr(self.config.split, k) for k in STICKY_KEYS}
+
+    def _previous_split(self):
+        """What an earlier split of this OUT put in train and eval, when the split is sticky and drawn with
+        the same settings: OUT/split_history.parquet, or for an OUT written before it existed, the
+        manifest. None draws afresh (saying why, when an earlier split is set aside)."""
+        from manifests.split import PreviousSplit
+
+        if not self.config.split.sticky:
+            return None
+        history, manifest = self.out / SPLIT_HISTORY, self.out / "manifest.parquet"
+        if history.exists():
+            previous, settings = read_split_history(history)
+        elif manifest.exists():
+            written = manifest_config(manifest).get("split", {})  # a key added since: its default then
+            settings = {k: written.get(k, getattr(SplitConfig(), k)) for k in STICKY_KEYS}
+            table = pq.read_table(manifest, columns=["clip_id", "source_id", "split"]).to_pylist()
+            previous = PreviousSplit.of(
+                (r["clip_id"], r["source_id"], r["split"]) for r in table if r["split"] in ("train", "eval")
+            )
+        else:
+            return None
+        changed = [
+            f"split.{k} {settings.get(k)} -> {v}"
+            for k, v in self._split_settings().items()
+            if settings.get(k) != v
+        ]
+        if changed:
+            self._say(
+                f"split: drawn afresh ({', '.join(changed)}); clips that were in train may now be in eval, so"
+                " evaluate models trained on the earlier shards on the earlier eval"
+            )
+            return None
+        return previous
+
+    def _say_short_eval(self, result, kept: int, sticky: bool = False) -> None:
         c = self.config.split
         units = "sources" if c.by_source else "near-duplicate groups"
         clips = f"{result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}"
         if result.target < c.eval_size:
             why = f"a small job gives eval at most {c.max_eval_fraction:.0%} of its {kept} kept clips"
             self._say(f"eval split: {clips}; {why}, in whole {units})")
+            return
+        if sticky:
+            self._say(
+                f"eval split: {clips}; what was in train stays out of eval, and too few {units} are new to"
+                " either side to fill it: split.sticky=false draws the split afresh, then evaluate earlier"
+                " models on the earlier eval)"
+            )
             return
         self._say(f"eval split: {clips}; no set of whole {units} adds up to exactly {c.eval_size})")
         if result.largest_unit > c.eval_size and not c.dedup:

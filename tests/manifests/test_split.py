@@ -181,3 +181,27 @@ def test_dedup_keeps_one_clip_of_an_opening_repeated_in_every_source():
     assert cross_split_pairs(labelled) == []
     backwards = assign_split(clips[::-1], eval_size=20, by_source=True, dedup=True)  # the last copy stays
     assert backwards.duplicate_of == {f"s{s:02d}c0": "s39c0" for s in range(39)} and backwards.eval_size == 20
+
+
+def test_split_history_remembers_train_for_good_and_a_damaged_file_is_named(tmp_path):
+    from manifests.io import ManifestError, read_split_history, write_split_history
+    from manifests.split import PreviousSplit
+
+    first = PreviousSplit({"a": "eval", "b": "train", "c": "eval"}, {"s1": "eval", "s2": "train"})
+    now = PreviousSplit.of([("a", "s1", "train"), ("b", "s1", "eval"), ("d", "s3", "eval")])
+    assert now == PreviousSplit({"a": "train", "b": "eval", "d": "eval"}, {"s1": "train", "s3": "eval"})
+    later = first.then(PreviousSplit({"a": "train", "b": "eval"}, {"s1": "eval"}))  # c rejected now
+    assert later.clips == {"a": "train", "b": "train", "c": "eval"} and later.sources == first.sources
+    path = write_split_history(later, tmp_path / "split_history.parquet", {"seed": 3, "by_source": True})
+    assert read_split_history(path) == (later, {"seed": 3, "by_source": True})
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ManifestError, match="split_history.parquet: not a readable split history.*delete it"):
+        read_split_history(path)
+
+
+def test_a_sticky_split_fills_eval_from_new_components_only():
+    clips = [{"clip_id": f"s{s}c{k}", "source_id": f"s{s}", "phash": []} for s in range(8) for k in range(5)]
+    previous = split.PreviousSplit({}, {"s0": "eval", "s1": "train", "s2": "train", "s3": "eval"})
+    result = split.assign_split(clips, eval_size=15, max_eval_fraction=1.0, previous=previous)
+    eval_sources = {c["source_id"] for c in clips if result.split_of[c["clip_id"]] == "eval"}
+    assert result.eval_size == 15 and {"s0", "s3"} < eval_sources and not eval_sources & {"s1", "s2"}

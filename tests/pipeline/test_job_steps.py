@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import tempfile
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from manifests.schema import CLIP_SCHEMA
 from pipeline.config import CurateConfig
@@ -34,9 +36,54 @@ def split_with(
     opening: bool = False,
     dedup: bool = False,
 ) -> list[dict]:
+    """A fresh OUT each call (an OUT remembers its split: split.sticky)."""
     config = CurateConfig()
     config.split.eval_size, config.split.max_eval_fraction, config.split.dedup = eval_size, fraction, dedup
-    return CurateJob(["x"], tmp_path, config)._split(kept_rows(sizes, opening)).to_pylist()
+    out = tempfile.mkdtemp(dir=tmp_path)
+    return CurateJob(["x"], out, config)._split(kept_rows(sizes, opening)).to_pylist()
+
+
+def test_a_rerun_never_moves_a_train_clip_to_eval(tmp_path, capsys):
+    """select with tighter thresholds, or a rerun with more footage, splits again. A fresh draw put up
+    to a fifth of the new eval on clips the earlier shards had in train: a model trained on those
+    shards would be evaluated on its training clips. The split is now sticky."""
+    sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
+    first = kept_rows(sizes)
+
+    def split(table, out, **settings):
+        config = CurateConfig()
+        config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
+        for key, value in settings.items():
+            setattr(config.split, key, value)
+        return {r["clip_id"]: r["split"] for r in CurateJob(["x"], out, config)._split(table).to_pylist()}
+
+    def moved(before, after):
+        return sorted(c for c, side in before.items() if side == "train" and after.get(c) == "eval")
+
+    v1 = split(first, tmp_path / "out")
+    assert sum(side == "eval" for side in v1.values()) == 20
+    rng = random.Random(1)
+    tighter = first.filter(pa.array([rng.random() > 0.3 for _ in range(first.num_rows)]))  # select, stricter
+    fresh = split(tighter, tmp_path / "fresh", sticky=False)
+    assert moved(v1, fresh)  # what a fresh draw does: the test would catch it
+    v2 = split(tighter, tmp_path / "out")
+    assert not moved(v1, v2)
+    assert all(v2[c] == "eval" for c, side in v1.items() if side == "eval" and c in v2)  # eval stays eval
+    assert "what was in train stays out of eval" in capsys.readouterr().err  # and says why it is short
+    # more footage: new sources fill eval again; a source rejected whole in v2 keeps its side when it
+    # comes back (the history remembers it, the v2 manifest alone could not)
+    gone = next(s for s in sorted({c.split("c")[0] for c in v1}) if v1[f"{s}c0"] == "train")
+    without = tighter.filter(pc.not_equal(tighter["source_id"], gone))
+    v3 = split(without, tmp_path / "out")
+    grown = kept_rows(sizes + [4, 6, 5])
+    v4 = split(grown, tmp_path / "out")
+    assert not moved(v1, v4) and not moved(v3, v4) and sum(side == "eval" for side in v4.values()) == 20
+    assert all(v4[c] == "train" for c in v1 if c.startswith(gone + "c"))
+    # another seed is another split, and the job says what that means for earlier models
+    split(grown, tmp_path / "out", seed=1)
+    assert "split: drawn afresh (split.seed 0 -> 1); clips that were in train may now be in eval" in (
+        capsys.readouterr().err
+    )
 
 
 def test_eval_short_of_the_size_asked_says_why(tmp_path, capsys):
