@@ -13,6 +13,7 @@ they depend on, so an interrupted run continues where it stopped and a finished 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from inference.media import DTYPES, InputError, fit_frame, parse_size
+from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, local_input, local_path
 
 log = logging.getLogger("inbetweener.evaluate")
@@ -483,7 +485,13 @@ def main(argv: list[str] | None = None, *, extractors=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return run(args, extractors)
+        with contextlib.ExitStack() as held:  # a curate OUT read for hours: select must not swap it meanwhile
+            for out in dict.fromkeys(filter(None, map(curate_out_of, args.sources))):
+                try:
+                    held.enter_context(folder_lock(out, "inbetweener evaluate", shared=True))
+                except FolderBusy as exc:
+                    raise InputError(str(exc)) from None
+            return run(args, extractors)
     except InputError as exc:
         print(f"inbetweener evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -56,34 +56,94 @@ class FolderBusy(RuntimeError):
     """Another process holds the folder's lock."""
 
 
+def curate_out_of(path: Path | str) -> Path | None:
+    """The curate OUT folder a local input belongs to (the folder, its manifest.parquet, its shards or a
+    split's folder), or None (a URL, plain shards): the folder whose lock guards what is read."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    path = Path(text.removeprefix("file://"))
+    for candidate in (path, path.parent, path.parent.parent, path.parent.parent.parent):
+        if (candidate / "manifest.parquet").is_file() and (candidate / "shards").is_dir():
+            return candidate
+    return None
+
+
+def _holders(fd: int) -> str:
+    """Who the lock file says holds the lock: the writer's line, or the readers' lines of processes still
+    running (a reader that ended leaves its line; the next writer clears them)."""
+    import re
+
+    lines = os.pread(fd, 1 << 16, 0).decode(errors="replace").splitlines()
+    alive = []
+    for line in dict.fromkeys(x.strip() for x in lines if x.strip()):
+        pid = re.search(r"\(pid (\d+)\)", line)
+        try:
+            if pid:
+                os.kill(int(pid[1]), 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:  # another user's process: alive
+            pass
+        alive.append(line)
+    return ", ".join(alive) or "another process"
+
+
 @contextmanager
-def folder_lock(folder: Path | str, what: str) -> Iterator[None]:
-    """Hold `folder/.lock` (an exclusive `flock`) for the block, so that two jobs never write one
-    output folder at once; the kernel lets go when the process ends, even by `kill -9`, so a lock is
-    never stale. The file records who holds it: `what` and the process id, for the other's message."""
+def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold `folder/.lock` (an `flock`) for the block. Writers (curate, select, a training run on its own
+    folder) hold it exclusively, so that two jobs never write one folder at once; readers that must see
+    one version of it for hours (train and evaluate on a curate OUT) hold it `shared`: a writer then
+    stops instead of replacing the shards under them, and a reader stops while a writer runs. The kernel
+    lets go when the process ends, even by `kill -9`, so a lock is never stale. The file records the
+    holders (`what` and the process id) for the others' messages. A reader of a folder it cannot write
+    (a read-only dataset, nobody can change it) goes on without the lock."""
+    import errno
     import fcntl
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    if not shared:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | (os.O_APPEND if shared else 0), 0o666)
+    except OSError as exc:
+        if not shared or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield
+        return
+    holding = False
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holders = _holders(fd)
+            if shared:
+                raise FolderBusy(f"{folder} is being written by {holders}; wait for it to end") from None
+            if " reads it" in holders:
+                raise FolderBusy(
+                    f"{folder} is being read by {holders.replace(' reads it', '')}, which would see its shards"
+                    " replaced mid-run; wait for it to end, or work on a copy of the folder"
+                ) from None
             raise FolderBusy(
-                f"{folder} is being written by {holder}; wait for it to end, or use another folder"
+                f"{folder} is being written by {holders}; wait for it to end, or use another folder"
             ) from None
         except OSError as exc:  # a filesystem without locks (some NFS and Lustre mounts): go on, and say so
             import warnings
 
             warnings.warn(
-                f"{folder}: its filesystem has no file locks ({exc.strerror}); make sure no other job writes it",
+                f"{folder}: its filesystem has no file locks ({exc.strerror}); make sure no other job"
+                f" {'writes it meanwhile' if shared else 'writes it'}",
                 stacklevel=3,
             )
         else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{what} (pid {os.getpid()})".encode(), 0)
+            if shared:
+                os.write(fd, f"{what} (pid {os.getpid()}) reads it\n".encode())
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
+                holding = True
         yield
     finally:
+        if holding:  # a writer leaves the file empty for the readers' lines (kill -9: its pid is gone)
+            os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the lock

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from manifests.files import FolderBusy, folder_lock
+from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, not_a_url
 from training import engine, float8
 from training.data import (
@@ -343,6 +343,9 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     if d.main:
         with _input_errors():  # one run per folder: a second one would write the same checkpoints
             held.enter_context(folder_lock(out, f"inbetweener train {stage_name}"))
+            data = curate_out_of(run.data.train)  # and no `select` swaps the shards under the run
+            if data is not None:
+                held.enter_context(folder_lock(data, f"inbetweener train {stage_name}", shared=True))
         print(json.dumps(run.for_stage(stage_name), indent=1))
         print(
             f"{d.world} rank(s) on {device.type}, autocast {amp}, {accum} micro-batch(es) of {tc.micro_batch} "

@@ -450,3 +450,21 @@ def test_a_curate_output_with_an_empty_eval_split_says_how_to_resplit(tmp_path, 
     # an object-store URL is named as such, not folded by Path() into a missing local file
     assert cli.main(["s3://bucket/run1", *argv[1:]], extractors=fake_extractors()) == 2
     assert "s3://bucket/run1: evaluate reads local files" in capsys.readouterr().err
+
+
+def test_evaluate_holds_its_curate_out_against_select(tmp_path, capsys):
+    """A model evaluation reads the eval shards for hours; select must not swap them meanwhile (nor may
+    evaluate start while select writes). evaluate holds the OUT's lock shared, and select stops."""
+    from manifests.files import folder_lock
+    from pipeline.cli import select_main
+
+    out = tmp_path / "curated"
+    (out / "shards" / "eval").mkdir(parents=True)
+    write_manifest(to_table([{"clip_id": "a", "status": "kept", "split": "train"}]), out / "manifest.parquet")
+    argv = [str(out / "shards" / "eval"), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
+    with folder_lock(out, "inbetweener select"):
+        assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert f"{out} is being written by inbetweener select (pid " in capsys.readouterr().err
+    with folder_lock(out, "inbetweener evaluate", shared=True):
+        assert select_main([str(out), "--quiet"]) == 2
+    assert f"{out} is being read by inbetweener evaluate (pid " in capsys.readouterr().err

@@ -69,3 +69,52 @@ def test_a_folder_lock_is_exclusive_and_tolerates_a_filesystem_without_locks(tmp
         folder_lock(tmp_path / "nfs", "job"),  # goes on: the job is not refused on such a mount
     ):
         pass
+
+
+def test_readers_share_a_folder_lock_and_a_writer_waits_for_them(tmp_path):
+    """train and evaluate read a curate OUT for hours: select would swap its shards under them. They hold
+    the lock shared; a writer then stops, naming them, and a reader stops while a writer runs."""
+    from manifests.files import FolderBusy, folder_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with (
+        folder_lock(out, "inbetweener train rectify", shared=True),
+        folder_lock(out, "inbetweener evaluate", shared=True),
+    ):
+        with pytest.raises(FolderBusy) as busy, folder_lock(out, "inbetweener select"):
+            pass
+        assert str(busy.value) == (
+            f"{out} is being read by inbetweener train rectify (pid {os.getpid()}), inbetweener evaluate (pid"
+            f" {os.getpid()}), which would see its shards replaced mid-run; wait for it to end, or work on a"
+            " copy of the folder"
+        )
+    with folder_lock(out, "inbetweener select"):
+        assert (
+            out / ".lock"
+        ).read_text() == f"inbetweener select (pid {os.getpid()})\n"  # readers' lines gone
+        with (
+            pytest.raises(FolderBusy, match=r"out is being written by inbetweener select \(pid \d+\); wait"),
+            folder_lock(out, "inbetweener train rectify", shared=True),
+        ):
+            pass
+    assert (out / ".lock").read_text() == ""  # a writer leaves no line behind
+
+
+def test_a_reader_of_a_folder_it_cannot_write_goes_on_without_the_lock(tmp_path, monkeypatch):
+    import errno
+
+    from manifests.files import folder_lock
+
+    real_open = os.open
+
+    def read_only(path, flags, *mode):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with folder_lock(tmp_path, "inbetweener train rectify", shared=True):  # a shared, read-only dataset
+        pass
+    with pytest.raises(PermissionError), folder_lock(tmp_path, "inbetweener select"):  # a writer cannot
+        pass

@@ -8,6 +8,7 @@ torchrun (DDP, FSDP) runs are in test_train_distributed.py, the data/roles/confi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,24 @@ def test_decoder_stage_trains_the_decoder_with_lpips_discriminator_and_eval(
 def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_path, train_shards):
     with pytest.raises(SystemExit, match=r"lpips/alex\.pth[\s\S]*--no-lpips"):
         train("decoder", tmp_path / "dec", train_shards, "--models-dir", str(tmp_path / "empty"))
+
+
+def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsys):
+    """select swaps a curate OUT's shard folders: under a running training the shards would change
+    mid-epoch (another version of the dataset, an inexact resume). train holds the OUT's lock shared."""
+    import shutil
+
+    from manifests.files import folder_lock
+
+    data = tmp_path / "curated"
+    shutil.copytree(train_shards, data)
+    (data / "manifest.parquet").write_bytes(b"")  # what makes it a curate OUT
+    with folder_lock(data, "inbetweener select"), pytest.raises(SystemExit) as stopped:
+        train("rectify", tmp_path / "run", data, "--set", "train.steps=1")
+    assert stopped.value.code == 2
+    assert f"{data} is being written by inbetweener select (pid " in capsys.readouterr().err
+    train("rectify", tmp_path / "run", data / "shards" / "train", "--set", "train.steps=1")
+    assert (data / ".lock").read_text() == f"inbetweener train rectify (pid {os.getpid()}) reads it\n"
 
 
 def test_a_second_run_on_the_same_folder_stops_before_training(tmp_path, train_shards, capsys):
