@@ -282,11 +282,30 @@ def _pooled(m: Mapping[str, Any], name: str, part: str = "all") -> float | None:
     return value.get(part) if value else None
 
 
+def clip_sets(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """keys_sha256 -> a letter, when the runs were measured on more than one set of clips (another eval
+    split after `select`, another --limit or source): their rows are then not comparable."""
+    keys = list(dict.fromkeys(r.get("data", {}).get("keys_sha256") for r in results))
+    return {k: chr(ord("A") + i) for i, k in enumerate(keys)} if len(keys) > 1 else {}
+
+
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     """The paper's rows and every run's row (generation runs, then decoder runs), with N and notes."""
     gen = [r for r in results if r.get("kind") == "generation"]
     dec = [r for r in results if r.get("kind") == "decoder"]
+    sets = clip_sets([*gen, *dec])
+
+    def label(r: Mapping[str, Any]) -> str:
+        mark = sets.get(r.get("data", {}).get("keys_sha256"))
+        return f"**{r['label']}**" + (f" (clips {mark})" if mark else "")
+
     lines = ["# Evaluation", ""]
+    if sets:
+        lines += [
+            f"These runs were measured on {len(sets)} different sets of clips ({', '.join(sorted(sets.values()))}:"
+            " another eval split, --limit or source); compare only rows of one set.",
+            "",
+        ]
     lines += [
         "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 512x320.",
         "",
@@ -301,7 +320,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     for r in gen:
         m = r["metrics"]
         lines.append(
-            f"| **{r['label']}** | {m['n_clips']} | {_fmt(m['fvd'], 2)} | {_fmt(m['kvd'], 3)} | "
+            f"| {label(r)} | {m['n_clips']} | {_fmt(m['fvd'], 2)} | {_fmt(m['kvd'], 3)} | "
             f"{_fmt(_pooled(m, 'lpips'), 4)} | {_fmt(_pooled(m, 'clip_img'), 4)} | "
             f"{_fmt(_pooled(m, 'clip_txt'), 4)} | {_fmt(_pooled(m, 'cpbd'), 4)} |"
         )
@@ -331,7 +350,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             m = r["metrics"]
             size = "x".join(str(v) for v in r["data"]["size"])
             lines.append(
-                f"| **{r['label']}** | {m['n_clips']} | {size} | {_fmt(_pooled(m, 'psnr'), 2)} | "
+                f"| {label(r)} | {m['n_clips']} | {size} | {_fmt(_pooled(m, 'psnr'), 2)} | "
                 f"{_fmt(_pooled(m, 'ssim'), 4)} | {_fmt(_pooled(m, 'lpips'), 4)} |"
             )
     return "\n".join(lines) + "\n"

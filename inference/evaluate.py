@@ -209,6 +209,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     from inference.eval_scores import (
         DECODER_METRICS,
         GENERATION_METRICS,
+        clip_sets,
         extractors_for,
         load_extractors,
         markdown_table,
@@ -413,6 +414,12 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
     write_bytes_atomic(args.out / "results.md", table.encode())
     print(f"table: {args.out / 'results.md'}")
+    if clip_sets(results):
+        print(
+            f"note: {args.out} holds runs on {len(clip_sets(results))} different sets of clips (another eval"
+            " split, --limit or source); the table marks them: compare only rows of one set",
+            file=sys.stderr,
+        )
     if device.type == "cuda" and placed.built:
         log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
     return 0

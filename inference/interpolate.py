@@ -8,6 +8,7 @@ rows at once, its pixels read at each row's turn. Sampling is inference/sampler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import json
@@ -37,6 +38,7 @@ from inference.media import (
     read_keyframes,
     same_aspect,
 )
+from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, local_input, not_a_url
 
 log = logging.getLogger("inbetweener.interpolate")
@@ -643,7 +645,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return run(args)
+        with contextlib.ExitStack() as held:  # --batch OUT/manifest.parquet reads the eval shards row by row
+            out = curate_out_of(args.batch) if args.batch else None
+            if out is not None:
+                try:
+                    held.enter_context(folder_lock(out, "inbetweener interpolate --batch", shared=True))
+                except FolderBusy as exc:
+                    raise InputError(str(exc)) from None
+            return run(args)
     except InputError as exc:
         print(f"inbetweener interpolate: error: {exc}", file=sys.stderr)
         return 2

@@ -289,6 +289,15 @@ def test_pooling_and_table_on_hand_made_records():
     assert m["clip_img"] == {"all": 0.75, "interior": 0.5} and m["real_vs_real_floor"]["n_half"] == 2
     table = markdown_table([{"kind": "generation", "label": "x", "run": "x-1", "metrics": m}])
     assert "| **x** | 4 |" in table and "0.7500" in table
+    # runs on different clips (an eval split changed by select, another --limit) are marked as such
+    runs = [
+        {"kind": "generation", "label": label, "run": label, "metrics": m, "data": {"keys_sha256": keys}}
+        for label, keys in (("linear", "k1"), ("flow", "k1"), ("ours", "k2"))
+    ]
+    table = markdown_table(runs)
+    assert "measured on 2 different sets of clips (A, B" in table and "compare only rows of one set" in table
+    assert "| **linear** (clips A) | 4 |" in table and "| **ours** (clips B) | 4 |" in table
+    assert "different sets" not in markdown_table(runs[:2]) and "| **flow** | 4 |" in markdown_table(runs[:2])
 
 
 def test_clip_from_the_checkpoint_towers_equals_open_clip():
@@ -455,6 +464,7 @@ def test_a_curate_output_with_an_empty_eval_split_says_how_to_resplit(tmp_path, 
 def test_evaluate_holds_its_curate_out_against_select(tmp_path, capsys):
     """A model evaluation reads the eval shards for hours; select must not swap them meanwhile (nor may
     evaluate start while select writes). evaluate holds the OUT's lock shared, and select stops."""
+    from inference.interpolate import main as interpolate_main
     from manifests.files import folder_lock
     from pipeline.cli import select_main
 
@@ -464,7 +474,10 @@ def test_evaluate_holds_its_curate_out_against_select(tmp_path, capsys):
     argv = [str(out / "shards" / "eval"), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
     with folder_lock(out, "inbetweener select"):
         assert cli.main(argv, extractors=fake_extractors()) == 2
-    assert f"{out} is being written by inbetweener select (pid " in capsys.readouterr().err
+        assert f"{out} is being written by inbetweener select (pid " in capsys.readouterr().err
+        batch = ["--batch", str(out / "manifest.parquet"), "--out", str(tmp_path / "batch")]
+        assert interpolate_main(batch) == 2  # interpolate --batch reads the eval shards row by row too
+        assert f"{out} is being written by inbetweener select (pid " in capsys.readouterr().err
     with folder_lock(out, "inbetweener evaluate", shared=True):
         assert select_main([str(out), "--quiet"]) == 2
     assert f"{out} is being read by inbetweener evaluate (pid " in capsys.readouterr().err
