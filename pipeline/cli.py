@@ -133,7 +133,8 @@ def select_main(argv: list[str] | None = None) -> int:
         prog="inbetweener select",
         description="Re-apply thresholds to a finished job's scores and re-shard. Nothing is decoded for scoring; "
         "clips that become kept are encoded from their sources. Thresholds start from those the manifest "
-        "was last written with (by curate or select); --set changes some of them.",
+        "was last written with (by curate or select); --set changes some of them. The split stays put: what was "
+        "in train never goes to eval (split.sticky).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  inbetweener select out/run1 --set motion.min=0.3",
     )
