@@ -122,6 +122,10 @@ class SplitConfig:
     # (OUT/split_history.parquet), so a model trained on earlier shards is never evaluated on its own
     # training clips; false, or another seed, by_source, max_distance or dedup, draws the split afresh
     sticky: bool = True
+    # another curate OUT (or its split_history.parquet) whose train must stay out of this OUT's eval: a
+    # new version of a dataset curated into a new folder from overlapping footage (sources match by
+    # content hash, clips by id); its split settings must be this split's
+    history_from: str | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from manifests.files import FolderBusy, atomic_path, folder_lock, write_json_atomic
 from manifests.io import (
+    ManifestError,
     manifest_config,
     read_manifest,
     read_split_history,
@@ -162,6 +163,7 @@ class CurateJob:
     def _run(self, sources: list[str]) -> JobResult:
         self._check_state()
         self.check_weights()
+        self._history_from()
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
@@ -246,6 +248,8 @@ class CurateJob:
                 if c.sticky
                 else "; drawn afresh (split.sticky=false)"
             )
+        if c.history_from:
+            lines[-1] += f"; keeps the train of {c.history_from} out of eval (split.history_from)"
         lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
         return "\n".join(lines)
 
@@ -257,6 +261,7 @@ class CurateJob:
         becoming an error row and leaving the shards."""
         from pipeline.report import write_report
 
+        self._history_from()  # a split.history_from that cannot be used stops before any work
         table = self._drop_duplicate_sources(table)
         table = decide(table, self.config)
         table = self._encode(table, sources_required)
@@ -556,37 +561,79 @@ class CurateJob:
         return {k: getattr(self.config.split, k) for k in STICKY_KEYS}
 
     def _previous_split(self):
-        """What an earlier split of this OUT put in train and eval, when the split is sticky and drawn with
-        the same settings: OUT/split_history.parquet, or for an OUT written before it existed, the
-        manifest. None draws afresh (saying why, when an earlier split is set aside)."""
+        """What earlier splits put in train and eval: this OUT's, when the split is sticky and was drawn with
+        the same settings (else None, saying why), joined by split.history_from's."""
+        own = self._history_of(self.out) if self.config.split.sticky else None
+        if own is not None:
+            previous, settings = own
+            changed = [
+                f"split.{k} {settings.get(k)} -> {v}"
+                for k, v in self._split_settings().items()
+                if settings.get(k) != v
+            ]
+            if changed:
+                self._say(
+                    f"split: drawn afresh ({', '.join(changed)}); clips that were in train may now be in eval,"
+                    " so evaluate models trained on the earlier shards on the earlier eval"
+                )
+                own = None
+        other = self._history_from()
+        if own is None:
+            return other
+        return previous.then(other) if other else previous
+
+    @staticmethod
+    def _history_of(folder: Path):
+        """(PreviousSplit, the split settings it was drawn with) of a curate OUT: its split_history.parquet,
+        or for an OUT written before that file existed, its manifest; None for a folder with neither."""
         from manifests.split import PreviousSplit
 
-        if not self.config.split.sticky:
+        history, manifest = folder / SPLIT_HISTORY, folder / "manifest.parquet"
+        if history.is_file():
+            return read_split_history(history)
+        if not manifest.is_file():
             return None
-        history, manifest = self.out / SPLIT_HISTORY, self.out / "manifest.parquet"
-        if history.exists():
-            previous, settings = read_split_history(history)
-        elif manifest.exists():
-            written = manifest_config(manifest).get("split", {})  # a key added since: its default then
-            settings = {k: written.get(k, getattr(SplitConfig(), k)) for k in STICKY_KEYS}
-            table = pq.read_table(manifest, columns=["clip_id", "source_id", "split"]).to_pylist()
-            previous = PreviousSplit.of(
-                (r["clip_id"], r["source_id"], r["split"]) for r in table if r["split"] in ("train", "eval")
+        written = manifest_config(manifest).get("split", {})  # a key added since: its default then
+        settings = {k: written.get(k, getattr(SplitConfig(), k)) for k in STICKY_KEYS}
+        table = pq.read_table(manifest, columns=["clip_id", "source_id", "split"]).to_pylist()
+        assigned = (
+            (r["clip_id"], r["source_id"], r["split"]) for r in table if r["split"] in ("train", "eval")
+        )
+        return PreviousSplit.of(assigned), settings
+
+    def _history_from(self):
+        """The split of the OUT named by split.history_from (ConfigError when it cannot be used)."""
+        source = self.config.split.history_from
+        if not source:
+            return None
+        path = Path(source)
+        try:
+            found = (
+                self._history_of(path)
+                if path.is_dir()
+                else read_split_history(path)
+                if path.is_file()
+                else None
             )
-        else:
-            return None
+        except (ManifestError, OSError) as exc:
+            raise ConfigError(f"split.history_from: {exc}") from None
+        if found is None:
+            raise ConfigError(
+                f"split.history_from: {path} is neither a curate OUT (its {SPLIT_HISTORY} or manifest.parquet)"
+                f" nor a {SPLIT_HISTORY}"
+            )
+        other, settings = found
         changed = [
-            f"split.{k} {settings.get(k)} -> {v}"
+            f"{k} {settings.get(k)} there, {v} here"
             for k, v in self._split_settings().items()
             if settings.get(k) != v
         ]
         if changed:
-            self._say(
-                f"split: drawn afresh ({', '.join(changed)}); clips that were in train may now be in eval, so"
-                " evaluate models trained on the earlier shards on the earlier eval"
+            raise ConfigError(
+                f"split.history_from: {path} was drawn with other split settings ({', '.join(changed)}); use the"
+                " same ones, or leave split.history_from out to draw afresh"
             )
-            return None
-        return previous
+        return other
 
     def _say_short_eval(self, result, kept: int, sticky: bool = False) -> None:
         c = self.config.split

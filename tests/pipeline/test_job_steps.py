@@ -186,3 +186,33 @@ def test_a_second_job_on_the_same_out_stops_before_any_work(tmp_path, capsys):
     holder.wait()
     with folder_lock(out, "inbetweener select"):  # free again
         pass
+
+
+def test_a_new_folder_keeps_an_earlier_folders_train_out_of_eval(tmp_path):
+    """A new version of a dataset curated into a new folder starts with no history of its own: with
+    split.history_from naming the earlier OUT, what was in train there stays out of eval here."""
+    import pytest
+
+    from pipeline.config import ConfigError
+
+    sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
+
+    def split(table, out, **settings):
+        config = CurateConfig()
+        config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
+        for key, value in settings.items():
+            setattr(config.split, key, value)
+        return {r["clip_id"]: r["split"] for r in CurateJob(["x"], out, config)._split(table).to_pylist()}
+
+    v1 = split(kept_rows(sizes), tmp_path / "v1")
+    rng = random.Random(2)
+    first = kept_rows(sizes)
+    v2_rows = first.filter(pa.array([rng.random() > 0.3 for _ in range(first.num_rows)]))
+    fresh = split(v2_rows, tmp_path / "fresh")
+    assert any(side == "train" and fresh.get(c) == "eval" for c, side in v1.items())  # the leak it prevents
+    v2 = split(v2_rows, tmp_path / "v2", history_from=str(tmp_path / "v1"))
+    assert not any(side == "train" and v2.get(c) == "eval" for c, side in v1.items())
+    with pytest.raises(ConfigError, match=r"v1 was drawn with other split settings \(seed 0"):
+        split(v2_rows, tmp_path / "v3", history_from=str(tmp_path / "v1"), seed=4)
+    with pytest.raises(ConfigError, match="nowhere is neither a curate OUT"):
+        split(v2_rows, tmp_path / "v4", history_from=str(tmp_path / "nowhere"))
