@@ -560,17 +560,17 @@ class CurateJob:
     def _split_settings(self) -> dict:
         return {k: getattr(self.config.split, k) for k in STICKY_KEYS}
 
+    def _settings_changed(self, settings: dict) -> list[tuple[str, object, object]]:
+        """(key, then, now) of the split settings an earlier split was drawn with that differ now."""
+        return [(k, settings.get(k), v) for k, v in self._split_settings().items() if settings.get(k) != v]
+
     def _previous_split(self):
         """What earlier splits put in train and eval: this OUT's, when the split is sticky and was drawn with
         the same settings (else None, saying why), joined by split.history_from's."""
         own = self._history_of(self.out) if self.config.split.sticky else None
         if own is not None:
             previous, settings = own
-            changed = [
-                f"split.{k} {settings.get(k)} -> {v}"
-                for k, v in self._split_settings().items()
-                if settings.get(k) != v
-            ]
+            changed = [f"split.{k} {was} -> {now}" for k, was, now in self._settings_changed(settings)]
             if changed:
                 self._say(
                     f"split: drawn afresh ({', '.join(changed)}); clips that were in train may now be in eval,"
@@ -623,11 +623,7 @@ class CurateJob:
                 f" nor a {SPLIT_HISTORY}"
             )
         other, settings = found
-        changed = [
-            f"{k} {settings.get(k)} there, {v} here"
-            for k, v in self._split_settings().items()
-            if settings.get(k) != v
-        ]
+        changed = [f"{k} {was} there, {now} here" for k, was, now in self._settings_changed(settings)]
         if changed:
             raise ConfigError(
                 f"split.history_from: {path} was drawn with other split settings ({', '.join(changed)}); use the"

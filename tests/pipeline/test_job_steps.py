@@ -43,6 +43,15 @@ def split_with(
     return CurateJob(["x"], out, config)._split(kept_rows(sizes, opening)).to_pylist()
 
 
+def split_in(out, table, **settings) -> dict[str, str]:
+    """clip id -> side, split in `out` (which remembers earlier splits) with eval 20 of at most half."""
+    config = CurateConfig()
+    config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
+    for key, value in settings.items():
+        setattr(config.split, key, value)
+    return {r["clip_id"]: r["split"] for r in CurateJob(["x"], out, config)._split(table).to_pylist()}
+
+
 def test_a_rerun_never_moves_a_train_clip_to_eval(tmp_path, capsys):
     """select with tighter thresholds, or a rerun with more footage, splits again. A fresh draw put up
     to a fifth of the new eval on clips the earlier shards had in train: a model trained on those
@@ -50,23 +59,16 @@ def test_a_rerun_never_moves_a_train_clip_to_eval(tmp_path, capsys):
     sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
     first = kept_rows(sizes)
 
-    def split(table, out, **settings):
-        config = CurateConfig()
-        config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
-        for key, value in settings.items():
-            setattr(config.split, key, value)
-        return {r["clip_id"]: r["split"] for r in CurateJob(["x"], out, config)._split(table).to_pylist()}
-
     def moved(before, after):
         return sorted(c for c, side in before.items() if side == "train" and after.get(c) == "eval")
 
-    v1 = split(first, tmp_path / "out")
+    v1 = split_in(tmp_path / "out", first)
     assert sum(side == "eval" for side in v1.values()) == 20
     rng = random.Random(1)
     tighter = first.filter(pa.array([rng.random() > 0.3 for _ in range(first.num_rows)]))  # select, stricter
-    fresh = split(tighter, tmp_path / "fresh", sticky=False)
+    fresh = split_in(tmp_path / "fresh", tighter, sticky=False)
     assert moved(v1, fresh)  # what a fresh draw does: the test would catch it
-    v2 = split(tighter, tmp_path / "out")
+    v2 = split_in(tmp_path / "out", tighter)
     assert not moved(v1, v2)
     assert all(v2[c] == "eval" for c, side in v1.items() if side == "eval" and c in v2)  # eval stays eval
     assert "what was in train stays out of eval" in capsys.readouterr().err  # and says why it is short
@@ -74,13 +76,13 @@ def test_a_rerun_never_moves_a_train_clip_to_eval(tmp_path, capsys):
     # comes back (the history remembers it, the v2 manifest alone could not)
     gone = next(s for s in sorted({c.split("c")[0] for c in v1}) if v1[f"{s}c0"] == "train")
     without = tighter.filter(pc.not_equal(tighter["source_id"], gone))
-    v3 = split(without, tmp_path / "out")
+    v3 = split_in(tmp_path / "out", without)
     grown = kept_rows(sizes + [4, 6, 5])
-    v4 = split(grown, tmp_path / "out")
+    v4 = split_in(tmp_path / "out", grown)
     assert not moved(v1, v4) and not moved(v3, v4) and sum(side == "eval" for side in v4.values()) == 20
     assert all(v4[c] == "train" for c in v1 if c.startswith(gone + "c"))
     # another seed is another split, and the job says what that means for earlier models
-    split(grown, tmp_path / "out", seed=1)
+    split_in(tmp_path / "out", grown, seed=1)
     assert "split: drawn afresh (split.seed 0 -> 1); clips that were in train may now be in eval" in (
         capsys.readouterr().err
     )
@@ -197,22 +199,15 @@ def test_a_new_folder_keeps_an_earlier_folders_train_out_of_eval(tmp_path):
 
     sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
 
-    def split(table, out, **settings):
-        config = CurateConfig()
-        config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
-        for key, value in settings.items():
-            setattr(config.split, key, value)
-        return {r["clip_id"]: r["split"] for r in CurateJob(["x"], out, config)._split(table).to_pylist()}
-
-    v1 = split(kept_rows(sizes), tmp_path / "v1")
+    v1 = split_in(tmp_path / "v1", kept_rows(sizes))
     rng = random.Random(2)
     first = kept_rows(sizes)
     v2_rows = first.filter(pa.array([rng.random() > 0.3 for _ in range(first.num_rows)]))
-    fresh = split(v2_rows, tmp_path / "fresh")
+    fresh = split_in(tmp_path / "fresh", v2_rows)
     assert any(side == "train" and fresh.get(c) == "eval" for c, side in v1.items())  # the leak it prevents
-    v2 = split(v2_rows, tmp_path / "v2", history_from=str(tmp_path / "v1"))
+    v2 = split_in(tmp_path / "v2", v2_rows, history_from=str(tmp_path / "v1"))
     assert not any(side == "train" and v2.get(c) == "eval" for c, side in v1.items())
     with pytest.raises(ConfigError, match=r"v1 was drawn with other split settings \(seed 0"):
-        split(v2_rows, tmp_path / "v3", history_from=str(tmp_path / "v1"), seed=4)
+        split_in(tmp_path / "v3", v2_rows, history_from=str(tmp_path / "v1"), seed=4)
     with pytest.raises(ConfigError, match="nowhere is neither a curate OUT"):
-        split(v2_rows, tmp_path / "v4", history_from=str(tmp_path / "nowhere"))
+        split_in(tmp_path / "v4", v2_rows, history_from=str(tmp_path / "nowhere"))
