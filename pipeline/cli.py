@@ -205,7 +205,18 @@ def report_main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="list cross-split near-duplicate pairs and shared sources; exit 1 if any",
     )
+    p.add_argument(
+        "--against",
+        nargs="+",
+        type=local_folder,
+        default=[],
+        metavar="OTHER",
+        help="with --leaks: check OUT and these curate OUTs together, as one dataset (a model trained on one"
+        " folder's train and evaluated on another's eval)",
+    )
     args = p.parse_args(argv)
+    if args.against and not args.leaks:
+        p.error("--against goes with --leaks")
     from pipeline.job import CurateJob
     from pipeline.report import write_report
 
@@ -216,8 +227,15 @@ def report_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"inbetweener report: {exc}", file=sys.stderr)
         return 2
+    others = []
+    for other in args.against:
+        try:
+            others.append((other, read_manifest(other / "manifest.parquet")))
+        except ManifestError as exc:
+            print(f"inbetweener report: --against: {exc}", file=sys.stderr)
+            return 2
     if args.leaks:
-        return _leak_check(table, config)
+        return _leak_check(table, config, others)
     try:
         path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
     except OSError as exc:
@@ -234,16 +252,27 @@ def os_error(exc: OSError) -> str:
     return str(exc)
 
 
-def _leak_check(table, config) -> int:
+def _leak_check(table, config, others=()) -> int:
+    """Near-duplicate pairs and shared sources across train and eval; with `others` ((folder, manifest)
+    of other curate OUTs), over all of them together. Their clips are named FOLDER:CLIP_ID (one clip may
+    be in two folders, in train in one and in eval in the other: that is a leak of distance 0)."""
     from manifests.split import cross_split_pairs
 
     rows = [r for r in table.to_pylist() if r["split"] in ("train", "eval")]
+    for folder, other in others:
+        rows += [
+            {**r, "clip_id": f"{folder}:{r['clip_id']}"}
+            for r in other.to_pylist()
+            if r["split"] in ("train", "eval")
+        ]
     leaks = cross_split_pairs(rows, config.split.max_distance)
     if config.split.by_source is False:
         leaks = [leak for leak in leaks if leak["kind"] != "source"]
     evals = sum(r["split"] == "eval" for r in rows)
+    where = f" in {1 + len(others)} folders" if others else ""
     print(
-        f"leak check: {len(rows) - evals} train and {evals} eval clips, max distance {config.split.max_distance}"
+        f"leak check: {len(rows) - evals} train and {evals} eval clips{where}, max distance"
+        f" {config.split.max_distance}"
     )
     for leak in leaks:
         print(f"  {leak['kind']}: {leak['a']} <-> {leak['b']} distance {leak['distance']}")

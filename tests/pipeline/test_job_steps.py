@@ -211,3 +211,35 @@ def test_a_new_folder_keeps_an_earlier_folders_train_out_of_eval(tmp_path):
         split_in(tmp_path / "v3", v2_rows, history_from=str(tmp_path / "v1"), seed=4)
     with pytest.raises(ConfigError, match="nowhere is neither a curate OUT"):
         split_in(tmp_path / "v4", v2_rows, history_from=str(tmp_path / "nowhere"))
+
+
+def test_the_leak_check_across_folders_finds_what_a_fresh_draw_leaks(tmp_path, capsys):
+    """report OUT --leaks --against OTHER checks the folders as one dataset: a fresh draw of a new version
+    in a new folder leaks the old one's train into its eval; split.history_from does not."""
+    from manifests.io import write_manifest
+    from pipeline.cli import report_main
+
+    sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
+    first = kept_rows(sizes)
+    rng = random.Random(2)
+    second = first.filter(pa.array([rng.random() > 0.3 for _ in range(first.num_rows)]))
+
+    def curated(out, table, **settings):
+        config = CurateConfig()
+        config.split.eval_size, config.split.max_eval_fraction = 20, 0.5
+        for key, value in settings.items():
+            setattr(config.split, key, value)
+        write_manifest(
+            CurateJob(["x"], out, config)._split(table), out / "manifest.parquet", config.to_dict()
+        )
+        return out
+
+    v1 = curated(tmp_path / "v1", first)
+    fresh = curated(tmp_path / "fresh", second)
+    kept = curated(tmp_path / "v2", second, history_from=str(v1))
+    capsys.readouterr()
+    assert report_main([str(fresh), "--leaks"]) == 0  # each folder alone is clean
+    assert report_main([str(fresh), "--leaks", "--against", str(v1)]) == 1
+    out = capsys.readouterr().out
+    assert "in 2 folders" in out and f"{v1}:" in out and "near-duplicate" in out and "source" in out
+    assert report_main([str(kept), "--leaks", "--against", str(v1)]) == 0
