@@ -185,3 +185,52 @@ def clip_window(
     if last >= len(frames):
         return None
     return frames[start : last + 1 : stride]
+
+
+def training_overlap(checkpoint: Path, clips: Sequence[EvalClip], max_distance: int = 12) -> dict:
+    """Which evaluated clips the checkpoint's training run saw: the same clip, a near-duplicate (keyframe
+    pHashes within `max_distance`, the curate split's default), or a clip of a source it trained on.
+    The run's `train_index.parquet` (written by `inbetweener train` beside its checkpoints) says what it
+    trained on; a checkpoint without one (the released ToonCrafter, a run on shards without an index)
+    cannot be checked, and the record says so."""
+    import pyarrow.parquet as pq
+
+    from manifests.split import cross_split_pairs
+    from training.data import TRAIN_INDEX
+
+    index = next((p / TRAIN_INDEX for p in list(checkpoint.parents)[:4] if (p / TRAIN_INDEX).is_file()), None)
+    if index is None:
+        return {
+            "checked": False,
+            "why": f"no {TRAIN_INDEX} beside the checkpoint: its training data is unknown",
+        }
+    trained = pq.read_table(index, columns=["clip_id", "source_id", "phash"]).to_pylist()
+    ids = {r["clip_id"] for r in trained}
+    same = sorted(c.key for c in clips if c.key in ids)
+    rows = [{**r, "clip_id": f"train:{r['clip_id']}", "split": "train"} for r in trained]
+    rows += [
+        {
+            "clip_id": f"eval:{c.key}",
+            "source_id": c.meta.get("source_id") or f"unknown:{c.key}",  # an unknown source matches nothing
+            "phash": c.meta.get("phash") or [],
+            "split": "eval",
+        }
+        for c in clips
+    ]
+    near: set[str] = set()
+    sources: set[str] = set()
+    for leak in cross_split_pairs(rows, max_distance):
+        if leak["kind"] == "source":
+            sources.add(leak["a"])
+        else:
+            near.update(x.removeprefix("eval:") for x in (leak["a"], leak["b"]) if x.startswith("eval:"))
+    near = near | set(same)
+    return {
+        "checked": True,
+        "index": str(index),
+        "train_clips": len(trained),
+        "same_clips": len(same),
+        "near_duplicates": len(near),
+        "shared_sources": len(sources),
+        "examples": sorted(near)[:5],
+    }

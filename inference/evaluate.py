@@ -320,6 +320,18 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         "keys_sha256": _digest([c.key for c in clips], 64),
         "skipped": skipped,
     }
+    overlap = None
+    if needs_model and checkpoint is not None:  # were these clips in the checkpoint's training data?
+        from inference.eval_data import training_overlap
+
+        overlap = training_overlap(checkpoint, [w.clip for w in clips])
+        if overlap["checked"] and (overlap["near_duplicates"] or overlap["shared_sources"]):
+            print(
+                f"warning: {overlap['near_duplicates']} of {len(clips)} eval clips are the same as or"
+                f" near-duplicates of clips this checkpoint trained on, and {overlap['shared_sources']} of"
+                f" their sources are in its training data ({overlap['index']}): its scores are not held-out",
+                file=sys.stderr,
+            )
     score_id = _digest([extractors.record, sorted(metrics)])
     from tqdm import tqdm
 
@@ -391,6 +403,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             "generation": gen_id,
             "protocol": protocol_record(),
             "weights": weights,
+            "training_overlap": overlap if method in ("model", "decoder") else None,
             "device": str(device),
             "timing": {
                 "seconds": round(time.perf_counter() - start, 2),

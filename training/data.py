@@ -109,6 +109,34 @@ def is_tar_name(path: str) -> bool:
     return path.endswith((".tar", ".tar.gz", ".tgz"))
 
 
+TRAIN_INDEX = "train_index.parquet"  # in a run folder: the clips it trained on (evaluate checks against it)
+
+
+def write_train_index(shards: list[str], path: Path) -> int | None:
+    """Record which clips a run trains on: clip_id, source_id and the keyframe hashes of every clip in
+    `shards`, from the index curate writes beside each shard (NNNNNN.parquet), joined with what `path`
+    already holds (a resumed run). Returns the clips recorded; None, writing nothing, when a shard has no
+    index beside it (a URL, shards from elsewhere): `evaluate` then cannot check its clips against them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from manifests.files import atomic_path
+
+    siblings = [Path(s).with_suffix(".parquet") for s in shards]
+    if not siblings or any(is_url(s) for s in shards) or not all(p.is_file() for p in siblings):
+        return None
+    columns = ["clip_id", "source_id", "phash"]
+    tables = [pq.read_table(p, columns=columns) for p in siblings]
+    if path.is_file():
+        tables.append(pq.read_table(path, columns=columns))
+    table = pa.concat_tables(tables, promote_options="default")
+    keep = sorted({cid: i for i, cid in enumerate(table["clip_id"].to_pylist())}.values())
+    table = table.take(keep)
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return table.num_rows
+
+
 def split_dirs(spec: str) -> tuple[str, str]:
     """(train, eval) shard specs for `--data`: a curate OUT folder (or its manifest.parquet, as interpolate
     and evaluate take it) gives OUT/shards/{train,eval}. A `file://` URL is its local path."""

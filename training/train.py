@@ -32,6 +32,7 @@ from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, not_a_url
 from training import engine, float8
 from training.data import (
+    TRAIN_INDEX,
     DataConfig,
     DataError,
     DataState,
@@ -43,6 +44,7 @@ from training.data import (
     make_loader,
     split_dirs,
     to_model_range,
+    write_train_index,
 )
 from training.engine import TrainConfig
 from training.models.layout import set_channels_last
@@ -346,6 +348,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             data = curate_out_of(run.data.train)  # and no `select` swaps the shards under the run
             if data is not None:
                 held.enter_context(folder_lock(data, f"inbetweener train {stage_name}", shared=True))
+        if write_train_index(shards, out / TRAIN_INDEX) is None:  # what evaluate checks its clips against
+            log.info("no shard index beside the shards: %s not written", out / TRAIN_INDEX)
         print(json.dumps(run.for_stage(stage_name), indent=1))
         print(
             f"{d.world} rank(s) on {device.type}, autocast {amp}, {accum} micro-batch(es) of {tc.micro_batch} "

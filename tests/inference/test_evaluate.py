@@ -202,6 +202,43 @@ def test_decoder_only_scores_the_reconstruction(curated, checkpoint, tmp_path):
     assert "full dual-reference decoder (paper)" in (out / "results.md").read_text()
 
 
+def test_a_checkpoint_evaluated_on_clips_it_trained_on_is_flagged(curated, checkpoint, tmp_path, capsys):
+    """A run of `inbetweener train` records its clips (train_index.parquet); evaluating its checkpoint on
+    any of them (another eval split after select, another folder) is said, and recorded in the results.
+    A checkpoint without a record (the released model) is recorded as unchecked."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    shutil.copy(checkpoint, step / "model.safetensors")
+    first = next(iter(CLIPS))
+    trained = [
+        {"clip_id": first, "source_id": "s1", "phash": [1, 2, 3]},
+        {"clip_id": "x", "source_id": "s2", "phash": [7]},
+    ]
+    pq.write_table(pa.Table.from_pylist(trained), run / "train_index.parquet")
+
+    def evaluate(ckpt, out):
+        argv = [str(curated / "manifest.parquet"), "--out", str(out), "--decoder-only", "--decoder-size", "32",
+                "--limit", "2", "--checkpoint", str(ckpt), "--device", "cpu", "--quiet"]  # fmt: skip
+        assert cli.main(argv, extractors=fake_extractors()) == 0
+        (path,) = (out / "results").glob("decoder-*.json")
+        return json.loads(path.read_text())["training_overlap"]
+
+    overlap = evaluate(step / "model.safetensors", tmp_path / "eval")
+    assert overlap["checked"] and overlap["same_clips"] == overlap["near_duplicates"] == 1
+    assert overlap["examples"] == [first] and overlap["train_clips"] == 2
+    assert (
+        "warning: 1 of 2 eval clips are the same as or near-duplicates of clips this checkpoint trained on"
+        in (capsys.readouterr().err)
+    )
+    assert evaluate(checkpoint, tmp_path / "eval2")["checked"] is False  # no record beside it
+
+
 def test_missing_metric_weights_are_named(curated, checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
     argv = [str(curated), "--out", str(tmp_path / "e"), "--method", "linear", "--limit", "1", *TINY]

@@ -220,6 +220,26 @@ def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsy
     assert (data / ".lock").read_text() == f"inbetweener train rectify (pid {os.getpid()}) reads it\n"
 
 
+def test_a_run_records_the_clips_it_trains_on(tmp_path, train_shards):
+    """From the index curate writes beside each shard: evaluate checks its eval clips against it. Shards
+    without an index (from elsewhere) leave no record rather than a wrong one."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "shards"
+    shutil.copytree(train_shards / "shards" / "train", data)
+    train("rectify", tmp_path / "bare", data, "--set", "train.steps=1")
+    assert not (tmp_path / "bare" / "train_index.parquet").exists()
+    for n, tar in enumerate(sorted(data.glob("*.tar"))):
+        rows = [{"clip_id": f"c{n}{k}", "source_id": f"s{n}", "phash": [n, k]} for k in range(3)]
+        pq.write_table(pa.Table.from_pylist(rows), tar.with_suffix(".parquet"))
+    train("rectify", tmp_path / "run", data, "--set", "train.steps=1")
+    index = pq.read_table(tmp_path / "run" / "train_index.parquet").to_pylist()
+    assert sorted(r["clip_id"] for r in index) == ["c00", "c01", "c02", "c10", "c11", "c12"]
+
+
 def test_a_second_run_on_the_same_folder_stops_before_training(tmp_path, train_shards, capsys):
     from manifests.files import folder_lock
 
