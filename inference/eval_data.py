@@ -193,6 +193,7 @@ def training_overlap(checkpoint: Path, clips: Sequence[EvalClip], max_distance: 
     The run's `train_index.parquet` (written by `inbetweener train` beside its checkpoints) says what it
     trained on; a checkpoint without one (the released ToonCrafter, a run on shards without an index)
     cannot be checked, and the record says so."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from manifests.split import cross_split_pairs
@@ -204,7 +205,10 @@ def training_overlap(checkpoint: Path, clips: Sequence[EvalClip], max_distance: 
             "checked": False,
             "why": f"no {TRAIN_INDEX} beside the checkpoint: its training data is unknown",
         }
-    trained = pq.read_table(index, columns=["clip_id", "source_id", "phash"]).to_pylist()
+    try:
+        trained = pq.read_table(index, columns=["clip_id", "source_id", "phash"]).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        return {"checked": False, "why": f"{index}: unreadable ({exc})"}
     ids = {r["clip_id"] for r in trained}
     same = sorted(c.key for c in clips if c.key in ids)
     rows = [{**r, "clip_id": f"train:{r['clip_id']}", "split": "train"} for r in trained]

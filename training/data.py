@@ -126,10 +126,13 @@ def write_train_index(shards: list[str], path: Path) -> int | None:
     if not siblings or any(is_url(s) for s in shards) or not all(p.is_file() for p in siblings):
         return None
     columns = ["clip_id", "source_id", "phash"]
-    tables = [pq.read_table(p, columns=columns) for p in siblings]
-    if path.is_file():
-        tables.append(pq.read_table(path, columns=columns))
-    table = pa.concat_tables(tables, promote_options="default")
+    try:
+        tables = [pq.read_table(p, columns=columns) for p in siblings]
+        if path.is_file():
+            tables.append(pq.read_table(path, columns=columns))
+        table = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError):  # not curate's index, or damaged: no record
+        return None
     keep = sorted({cid: i for i, cid in enumerate(table["clip_id"].to_pylist())}.values())
     table = table.take(keep)
     with atomic_path(path, suffix=".parquet") as tmp:

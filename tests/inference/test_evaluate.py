@@ -237,6 +237,9 @@ def test_a_checkpoint_evaluated_on_clips_it_trained_on_is_flagged(curated, check
         in (capsys.readouterr().err)
     )
     assert evaluate(checkpoint, tmp_path / "eval2")["checked"] is False  # no record beside it
+    (run / "train_index.parquet").write_bytes(b"PAR1 damaged")
+    unreadable = evaluate(step / "model.safetensors", tmp_path / "eval3")
+    assert unreadable["checked"] is False and "train_index.parquet: unreadable" in unreadable["why"]
 
 
 def test_missing_metric_weights_are_named(curated, checkpoint, tmp_path, monkeypatch, capsys):

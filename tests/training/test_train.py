@@ -232,6 +232,10 @@ def test_a_run_records_the_clips_it_trains_on(tmp_path, train_shards):
     shutil.copytree(train_shards / "shards" / "train", data)
     train("rectify", tmp_path / "bare", data, "--set", "train.steps=1")
     assert not (tmp_path / "bare" / "train_index.parquet").exists()
+    for tar in data.glob("*.tar"):  # parquet files beside the shards that are not curate's index
+        pq.write_table(pa.table({"other": [1]}), tar.with_suffix(".parquet"))
+    train("rectify", tmp_path / "foreign", data, "--set", "train.steps=1")
+    assert not (tmp_path / "foreign" / "train_index.parquet").exists()
     for n, tar in enumerate(sorted(data.glob("*.tar"))):
         rows = [{"clip_id": f"c{n}{k}", "source_id": f"s{n}", "phash": [n, k]} for k in range(3)]
         pq.write_table(pa.Table.from_pylist(rows), tar.with_suffix(".parquet"))
