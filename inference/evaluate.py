@@ -427,9 +427,10 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
     write_bytes_atomic(args.out / "results.md", table.encode())
     print(f"table: {args.out / 'results.md'}")
-    if clip_sets(results):
+    sets = clip_sets(results)
+    if sets:
         print(
-            f"note: {args.out} holds runs on {len(clip_sets(results))} different sets of clips (another eval"
+            f"note: {args.out} holds runs on {len(sets)} different sets of clips (another eval"
             " split, --limit or source); the table marks them: compare only rows of one set",
             file=sys.stderr,
         )

@@ -249,9 +249,8 @@ class SplitResult:
     target: int
     largest_unit: int = 0  # clips in the largest component that goes whole to one side
     duplicate_of: dict[str, str] = field(default_factory=dict)  # dedup: clip id -> the clip kept instead
-    # with `previous`: clips of the previous eval kept in eval, and those that had to go to train
-    # (their component now also holds a previous train clip or source, or eval shrank)
-    previous_eval_kept: int = 0
+    # with `previous`: clips of the previous eval that had to go to train (their component now also
+    # holds a previous train clip or source, or eval shrank)
     previous_eval_to_train: int = 0
 
 
@@ -374,9 +373,9 @@ def assign_split(
         group_of, split_of, sum(len(components[i]) for i in chosen), target, largest, duplicate_of
     )
     if previous is not None:
-        before = [cid for cid in ids if previous.clips.get(cid) == "eval"]
-        result.previous_eval_kept = sum(split_of[cid] == "eval" for cid in before)
-        result.previous_eval_to_train = len(before) - result.previous_eval_kept
+        result.previous_eval_to_train = sum(
+            previous.clips.get(cid) == "eval" and split_of[cid] == "train" for cid in ids
+        )
     return result
 
 

@@ -602,7 +602,13 @@ class CurateJob:
         return PreviousSplit.of(assigned), settings
 
     def _history_from(self):
-        """The split of the OUT named by split.history_from (ConfigError when it cannot be used)."""
+        """The split of the OUT named by split.history_from (ConfigError when it cannot be used), read
+        once per job: it is checked before any work and used again by the split."""
+        if not hasattr(self, "_other_split"):
+            self._other_split = self._read_history_from()
+        return self._other_split
+
+    def _read_history_from(self):
         source = self.config.split.history_from
         if not source:
             return None
