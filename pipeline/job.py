@@ -163,7 +163,9 @@ class CurateJob:
     def _run(self, sources: list[str]) -> JobResult:
         self._check_state()
         self.check_weights()
-        self._history_from()
+        self._history_from()  # split histories that cannot be read stop the job before any work
+        if self.config.split.sticky:
+            self._history_of(self.out)
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
@@ -590,7 +592,10 @@ class CurateJob:
 
         history, manifest = folder / SPLIT_HISTORY, folder / "manifest.parquet"
         if history.is_file():
-            return read_split_history(history)
+            try:
+                return read_split_history(history)
+            except ManifestError as exc:
+                raise ConfigError(str(exc)) from None
         if not manifest.is_file():
             return None
         written = manifest_config(manifest).get("split", {})  # a key added since: its default then

@@ -7,9 +7,10 @@ import tempfile
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 
 from manifests.schema import CLIP_SCHEMA
-from pipeline.config import CurateConfig
+from pipeline.config import ConfigError, CurateConfig
 from pipeline.job import CurateJob
 from pipeline.report import funnel
 
@@ -86,6 +87,9 @@ def test_a_rerun_never_moves_a_train_clip_to_eval(tmp_path, capsys):
     assert "split: drawn afresh (split.seed 0 -> 1); clips that were in train may now be in eval" in (
         capsys.readouterr().err
     )
+    (tmp_path / "out" / "split_history.parquet").write_bytes(b"damaged")  # one line naming it, no traceback
+    with pytest.raises(ConfigError, match=r"split_history.parquet: not a readable split history.*delete it"):
+        split_in(tmp_path / "out", grown, seed=1)
 
 
 def test_eval_short_of_the_size_asked_says_why(tmp_path, capsys):
@@ -193,9 +197,6 @@ def test_a_second_job_on_the_same_out_stops_before_any_work(tmp_path, capsys):
 def test_a_new_folder_keeps_an_earlier_folders_train_out_of_eval(tmp_path):
     """A new version of a dataset curated into a new folder starts with no history of its own: with
     split.history_from naming the earlier OUT, what was in train there stays out of eval here."""
-    import pytest
-
-    from pipeline.config import ConfigError
 
     sizes = [3, 9, 4, 7, 5, 8, 6, 3, 9, 5, 4, 7]
 
