@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: content_box
+SCHEMA_VERSION = "1.2"  # 1.1: content_box; 1.2: vfr
 
 # The values a reader may rely on (checked when a manifest is read: manifests.io).
 STATUSES = ("kept", "rejected", "error")
@@ -28,7 +28,17 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("end_frame", pa.int64(), "one past the last frame of the clip (exclusive)"),
     ("start_s", pa.float64(), "start time in seconds"),
     ("end_s", pa.float64(), "end time in seconds (exclusive)"),
-    ("fps", pa.float64(), "source frame rate"),
+    (
+        "fps",
+        pa.float64(),
+        "source frame rate (a variable-rate source: the rate of the grid its frames are put on)",
+    ),
+    (
+        "vfr",
+        pa.bool_(),
+        "the source's frame rate varies: frame numbers count a constant grid at `fps` (FFmpeg's fps"
+        " filter: a frame shown longer repeats). Null or false: the source's own frames",
+    ),
     ("width", pa.int32(), "source frame width in pixels"),
     ("height", pa.int32(), "source frame height in pixels"),
     ("num_frames", pa.int64(), "end_frame - start_frame"),
@@ -89,7 +99,7 @@ CLIP_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in _COLUMNS])
 
 
 # What every row of a source repeats from the source's probe.
-SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "width", "height", "codec", "content_box")
+SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "vfr", "width", "height", "codec", "content_box")
 
 
 def to_table(rows: list[dict]) -> pa.Table:

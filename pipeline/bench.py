@@ -534,13 +534,94 @@ def _finalize_row(r: dict) -> str:
     return line
 
 
+def long_source(path: Path, minutes: float, mbps: float, size: tuple[int, int] = (640, 360)) -> Path:
+    """An episode-length H.264 source at about `mbps` (noise cycled over 48 frames: x264 spends the
+    bits), so that hashing and demuxing it cost what a real episode's bytes and packets cost."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    frames = [rng.integers(0, 256, (h, w, 3), np.uint8) for _ in range(48)]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = int(mbps * 1e6)
+        stream.options = {
+            "preset": "ultrafast",
+            "x264-params": f"vbv-maxrate={int(mbps * 1000)}:vbv-bufsize=2000",
+        }
+        for i in range(int(minutes * 60 * 24)):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[i % 48], format="rgb24")))
+        out.mux(stream.encode(None))
+    return path
+
+
+def run_probe_bench(minutes: float, mbps: float, repeat: int) -> dict:
+    """The probe stage on one long source: its hash, its frame-rate check over every packet (this
+    code) against the first 240 packets (the check before it, the baseline), and a decode of every
+    frame (which the shots stage does anyway), best of `repeat`, interleaved."""
+    import hashlib
+
+    import av
+
+    from pipeline.stages.discover import ProbeStage
+    from pipeline.video import probe, video_stream
+
+    def window() -> None:  # the former check: the first 240 packets' timestamps
+        with av.open(uri) as container:
+            stream = video_stream(container)
+            for n, _packet in enumerate(container.demux(stream)):
+                if n >= 240:
+                    break
+
+    def sha256() -> None:
+        with open(uri, "rb") as handle:
+            hashlib.file_digest(handle, "sha256")
+
+    def stage() -> None:
+        ProbeStage().process({"source_uri": uri})
+
+    def decode() -> None:
+        with av.open(uri) as container:
+            stream = video_stream(container)
+            stream.codec_context.thread_count = 1
+            for _ in container.decode(stream):
+                pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = str(long_source(Path(tmp) / "episode.mp4", minutes, mbps))
+        size_mb = Path(uri).stat().st_size / 1e6
+        sha256()  # the file in the page cache, as the probe stage finds it after hashing
+        timings = {name: [] for name in ("hash", "window", "probe_all", "stage", "decode")}
+        for _ in range(repeat):
+            for name, fn in (("hash", sha256), ("window", window), ("probe_all", lambda: probe(uri)),
+                             ("stage", stage), ("decode", decode)):  # fmt: skip
+                start = time.perf_counter()
+                fn()
+                timings[name].append(time.perf_counter() - start)
+        best = {name: min(values) for name, values in timings.items()}
+    packets = int(minutes * 60 * 24)
+    result = {"minutes": minutes, "size_mb": round(size_mb, 1), "packets": packets, **best}
+    print(f"source: {minutes:g} min, {packets} packets, {size_mb:.0f} MB (640x360 H.264)")
+    for name in timings:
+        print(f"  {name:10s} {best[name]:8.3f} s")
+    print(
+        f"frame-rate check over every packet: {best['probe_all'] / best['hash']:.2f}x the hash, "
+        f"{best['probe_all'] / best['stage']:.0%} of the probe stage, "
+        f"{best['probe_all'] / best['decode']:.1%} of one decode of every frame"
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener bench",
         description="Benchmarks that print ratios against a baseline measured in the same run.",
         epilog="examples:\n  inbetweener bench curate --sources 8 --workers 1 2\n"
         "  inbetweener bench split --clips 20000 40000 271000 --flat 0.05\n"
-        "  inbetweener bench finalize --rows 20000 271000 1000000",
+        "  inbetweener bench finalize --rows 20000 271000 1000000\n"
+        "  inbetweener bench probe --minutes 22 --mbps 2.5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="what", required=True)
@@ -572,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-max", type=int, default=40000, help="run the pure-Python baseline up to this many clips"
     )
     sp.add_argument("--json", type=Path, help="also write the results here")
+    pr = sub.add_parser("probe", help="the probe stage's frame-rate check over every packet of an episode")
+    pr.add_argument("--minutes", type=float, default=22.0, help="length of the generated source")
+    pr.add_argument("--mbps", type=float, default=2.5, help="its bit rate (a 1080p web episode: 2-5)")
+    pr.add_argument("--repeat", type=int, default=3)
+    pr.add_argument("--json", type=Path, help="also write the results here")
     f = sub.add_parser("finalize", help="the curate job's final steps (decide, split, report) at scale")
     f.add_argument("--rows", type=int, nargs="+", default=[20000, 271000, 1000000])
     f.add_argument("--sources", type=int, default=2000, help="episodes the rows come from")
@@ -583,6 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     f.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.what == "probe":
+        result = run_probe_bench(args.minutes, args.mbps, args.repeat)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return 0
     if args.what == "finalize":
         if args.sources < 1 or min(args.rows) < args.sources:
             p.error(f"finalize needs --sources >= 1 and every --rows >= --sources ({args.sources})")

@@ -32,7 +32,10 @@ class ProbeConfig:
     max_width: int = 4096  # larger frames are an error row (absurd input), not a slow job
     max_height: int = 4096
     max_duration_s: float = 6 * 3600.0  # longer than this is an error row
-    vfr_tolerance: float = 0.05  # relative spread of frame intervals tolerated before "variable frame rate"
+    vfr_tolerance: float = (
+        0.05  # frame intervals varying more than this (relative) = variable rate: curated on a constant grid
+    )
+    vfr_fps: float | None = None  # that grid's rate; None: the rate most of the source's frames are shown at
     hash_chunk_bytes: int = 1 << 20  # read size while hashing the source content
     crop_borders: bool = True  # find letterbox/pillarbox bars on a few keyframes; clips are cut inside them
     border_luma: int = 12  # a bar's rows/columns: mean grey at most this, no pixel above 3x (0..255)
@@ -321,6 +324,7 @@ def _validate(config: CurateConfig) -> None:
         (probe.max_width >= 1 and probe.max_height >= 1, "probe.max_width and probe.max_height must be >= 1"),
         (probe.max_duration_s > 0, "probe.max_duration_s must be > 0"),
         (probe.vfr_tolerance >= 0, "probe.vfr_tolerance must be >= 0"),
+        (probe.vfr_fps is None or 1 <= probe.vfr_fps <= 240, "probe.vfr_fps must be in 1..240 or null"),
         (probe.hash_chunk_bytes >= 1, "probe.hash_chunk_bytes must be >= 1"),
         (0 <= probe.border_luma <= 255, "probe.border_luma must be in 0..255"),
         (timing.held_threshold >= 0, "timing.held_threshold must be >= 0"),

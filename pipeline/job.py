@@ -90,6 +90,17 @@ class Progress:
         )
 
 
+def _with_new_defaults(saved: dict, defaults: dict) -> dict:
+    """A scoring fingerprint saved by an earlier version, with the settings added since at their
+    defaults: a new setting left at its default does not make finished work "another config"."""
+    out = {section: dict(values) for section, values in saved.items()}
+    for section, values in defaults.items():
+        if section in out:
+            for key, value in values.items():
+                out[section].setdefault(key, value)
+    return out
+
+
 def uri_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:20]
 
@@ -284,6 +295,8 @@ class CurateJob:
 
             shutil.rmtree(self.work)
         saved = json.loads(state_file.read_text())["scoring"] if state_file.exists() else None
+        if saved is not None:
+            saved = _with_new_defaults(saved, self._scoring_fingerprint(CurateConfig()))
         if saved is not None and saved != current and self._has_scored_work():
             changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ConfigError(
@@ -297,11 +310,12 @@ class CurateJob:
         """Whether any source was scored into OUT/.work (a half-written part does not count)."""
         return self.parts.is_dir() and any(not p.name.startswith(".") for p in self.parts.glob("*.parquet"))
 
-    def _scoring_fingerprint(self) -> dict:
+    def _scoring_fingerprint(self, config: CurateConfig | None = None) -> dict:
         """The settings scores depend on: not thresholds, not how stages run (device, batch size)."""
-        data = {s: getattr(self.config, s).__dict__ for s in SCORING_SECTIONS}
+        config = config or self.config
+        data = {s: getattr(config, s).__dict__ for s in SCORING_SECTIONS}
         for section in ("motion", *MODEL_STAGES):
-            values = getattr(self.config, section).__dict__
+            values = getattr(config, section).__dict__
             data[section] = {
                 k: v
                 for k, v in values.items()
@@ -485,6 +499,7 @@ class CurateJob:
                     {
                         "source_uri": row["source_uri"],
                         "fps": row["fps"],
+                        "vfr": row["vfr"],
                         "content_box": row["content_box"],
                         "clips": [],
                     },

@@ -201,6 +201,13 @@ def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumb
             f"<p>Black bars: {len(boxed)} of {sources} sources were cut inside their letterbox/pillarbox"
             " bars (the manifest's <code>content_box</code>).</p>"
         )
+    variable = {r["source_uri"]: r["fps"] for r in rows if r.get("vfr") and r["status"] != "error"}
+    if variable:
+        rates = ", ".join(f"{fps:g} fps: {n}" for fps, n in Counter(variable.values()).most_common())
+        parts.append(
+            f"<p>Variable frame rate: {len(variable)} of {len({r['source_uri'] for r in rows})} sources were"
+            f" curated on a constant grid ({rates}; the manifest's <code>vfr</code>).</p>"
+        )
 
     by_reason: dict[str, list[dict]] = defaultdict(list)
     for r in rows:

@@ -3,7 +3,8 @@
 Cartoon-like clips (flat colours, outlined characters, hard cuts, drawings held on twos, a static
 shot, a pan, a rising title card, a corrupt file) are drawn with numpy/OpenCV, encoded with PyAV and
 described by `truth.json`, so that every curation stage can be checked against a known answer.
-`make_bad_inputs` writes the inputs the probe stage must survive; `fetch_big_buck_bunny` gets a
+`make_bad_inputs` writes the inputs the probe stage must survive, `write_vfr_video` a source whose
+frame rate varies (curated on a constant grid); `fetch_big_buck_bunny` gets a
 short real clip for manual checks where the network allows.
 
 Example:
@@ -338,8 +339,10 @@ def generate_footage(out_dir: Path, seed: int = 0, size: tuple[int, int] = (320,
 
 # --- bad inputs --------------------------------------------------------------------------------
 
-BAD_INPUTS = ("not_video", "zero_bytes", "truncated", "no_frames", "vfr", "huge", "audio_only", "missing")
-VFR_STEPS_MS = (20, 60, 33, 90, 41, 17, 125, 42)  # irregular frame durations
+BAD_INPUTS = ("not_video", "zero_bytes", "truncated", "no_frames", "huge", "audio_only", "missing")
+# frame durations of a variable-rate source: mostly a 24 fps frame (~42 ms), some held longer (as an
+# encoder that drops repeated frames stores held drawings), some shorter (a capture catching up)
+VFR_STEPS_MS = (42, 42, 83, 41, 42, 125, 42, 33, 41, 42, 17, 42, 60, 41)
 HUGE_SIZE = (8192, 4608)
 
 
@@ -373,7 +376,6 @@ def make_bad_inputs(out_dir: Path) -> dict[str, Path]:
     paths["truncated"].write_bytes(data[: len(data) // 2])
     # A fragmented mp4 keeps its (empty) video track in the header; a plain mp4 would drop it.
     write_video(paths["no_frames"], [], fps, size, movflags="frag_keyframe+empty_moov")
-    write_video(paths["vfr"], frames[:24], fps, size, steps_ms=VFR_STEPS_MS)
     # A real 8192x4608 stream of one flat frame, held: small on disk, absurd to decode. Built in
     # yuv420p directly (no 113 MB RGB frame); still ~0.7 s of encoding.
     width, height = HUGE_SIZE
@@ -382,6 +384,15 @@ def make_bad_inputs(out_dir: Path) -> dict[str, Path]:
     _write_sine(paths["audio_only"])
     paths["missing"].unlink(missing_ok=True)
     return paths
+
+
+def write_vfr_video(path: Path, seed: int = 0, size: tuple[int, int] = (320, 192)) -> Path:
+    """The second shot of episode 1 (a character in motion, 60 drawings) stored at a variable frame
+    rate: durations cycle through VFR_STEPS_MS (mostly 24 fps), ~3 s in all."""
+    write_video(
+        path, shot_frames(EPISODES["episode_01.mp4"][1], seed, size, 24), 24, size, steps_ms=VFR_STEPS_MS
+    )
+    return path
 
 
 # --- a real clip -------------------------------------------------------------------------------

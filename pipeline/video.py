@@ -106,10 +106,15 @@ class ProbeInfo:
     fps: float
     num_frames: int  # from the container; may be an estimate for formats that do not store it
     duration_s: float
-    vfr_spread: float  # relative spread of packet intervals (0 for constant frame rate)
+    vfr_spread: float  # relative spread of frame intervals beyond the clock's rounding (0: constant rate)
+    nominal_rate: Fraction | None  # the rate most frames are shown at; None when no interval was seen
 
 
-_REORDER_DEPTH = 32  # more than any codec's decode-to-presentation reordering (H.264: 16)
+# Frame rates a source is likely made at: a variable-rate source is decoded on a grid at the one its
+# common interval matches (within the rounding of its timestamps), else at that interval's own rate
+STANDARD_RATES = tuple(
+    Fraction(n) for n in (8, 10, 12, 15, 24, 25, 30, 48, 50, 60, 72, 90, 100, 120)
+) + tuple(Fraction(n * 1000, 1001) for n in (24, 30, 48, 60, 120))
 
 
 def video_stream(container):
@@ -120,8 +125,10 @@ def video_stream(container):
     return container.streams.best("video") or container.streams.video[0]
 
 
-def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
-    """Container facts of the main video stream, and a variable-frame-rate measure from packets."""
+def probe(uri: str) -> ProbeInfo:
+    """Container facts of the main video stream, and how much its frame intervals vary, from the
+    timestamps of all its packets (demuxed, not decoded: a frame rate that changes late in an episode,
+    as a 29.97 fps opening in a 23.976 fps show, counts)."""
     with open_container(uri) as container:
         stream = video_stream(container)
         if stream is None:
@@ -141,21 +148,9 @@ def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
             for packet in container.demux(stream):
                 if packet.pts is not None and packet.size > 0:
                     pts.append(packet.pts)
-                if len(pts) >= vfr_packets:
-                    break
         except Exception as exc:
             raise SourceError(f"cannot read packets ({_short(exc)})") from exc
-        spread = 0.0
-        ordered = np.sort(np.asarray(pts, dtype=np.float64))
-        if len(pts) >= vfr_packets:
-            # packets come in decode order: with B-frames, a window cut there misses a few of the
-            # largest timestamps, which would look like a gap; drop the reordering depth's worth
-            ordered = ordered[:-_REORDER_DEPTH]
-        if len(ordered) >= 3:
-            steps = np.diff(ordered)
-            steps = steps[steps > 0]
-            if steps.size:
-                spread = float((steps.max() - steps.min()) / np.median(steps))
+        spread, nominal = frame_intervals(pts, stream.time_base or Fraction(1, 1000))
         return ProbeInfo(
             codec=ctx.name or "unknown",
             width=int(ctx.width or 0),
@@ -164,7 +159,42 @@ def probe(uri: str, vfr_packets: int = 240) -> ProbeInfo:
             num_frames=num_frames,
             duration_s=duration_s,
             vfr_spread=spread,
+            nominal_rate=nominal,
         )
+
+
+def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fraction | None]:
+    """(spread, nominal rate) of a stream's presentation timestamps (in `time_base` ticks, any order).
+
+    Timestamps are rounded to a clock: the container's, or milliseconds (Matroska and WebM count
+    them, and a remux into MP4 keeps their rounding), so a constant 60 fps stream can have intervals
+    of 16 and 17 ms. Intervals within that rounding of each other are one rate:
+    spread = (longest - shortest interval - rounding) / the median interval, 0 when negative.
+    nominal = the rate of the common interval (the mean of those within rounding of the median, so
+    that 24 and 23.976 fps, both 41/42 ms, come apart), snapped to the nearest standard rate within
+    0.5%, else rounded to 1/1000 fps.
+    """
+    steps = np.diff(np.unique(np.asarray(pts, dtype=np.int64)))
+    if steps.size == 0:
+        return 0.0, None
+    rounding = max(1, round(0.001 / float(time_base)))  # ticks
+    median = float(np.median(steps))
+    spread = max(0.0, float(steps.max() - steps.min() - rounding)) / median
+    step_s = float(steps[np.abs(steps - median) <= rounding].mean() * time_base)
+    near = [(abs(float(r) * step_s - 1), r) for r in STANDARD_RATES if abs(float(r) * step_s - 1) <= 0.005]
+    nominal = min(near)[1] if near else Fraction(max(1, round(1000 / step_s)), 1000)
+    return spread, nominal
+
+
+def grid_rate(fps: float) -> Fraction:
+    """The exact rate behind a manifest's `fps` (standard rates such as 24000/1001, or 1/1000 fps)."""
+    return Fraction(fps).limit_denominator(1001)
+
+
+def source_grid(row: dict) -> Fraction | None:
+    """The constant grid a source's frames are decoded on: its `fps` when the manifest says its rate
+    varies (`vfr`), else None (the source's own frames; rows written before `vfr` existed too)."""
+    return grid_rate(float(row["fps"])) if row.get("vfr") else None
 
 
 def cover_size(width: int, height: int, out_w: int, out_h: int) -> tuple[int, int]:
@@ -181,10 +211,13 @@ def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
     return frame[top : top + out_h, left : left + out_w]
 
 
-def _decoded(uri: str, convert: Callable) -> Iterator:
+def _decoded(uri: str, convert: Callable, rate: Fraction | None = None) -> Iterator:
     """`convert(frame, sar)` for every frame of the main video stream, in order, one decoder thread;
     `sar` is the stream's sample (pixel) aspect ratio, width over height of one stored pixel (DVD
-    video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels).
+    video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels). With `rate` (a
+    variable-frame-rate source), the frames on a constant grid at that rate (FFmpeg's fps filter: a
+    frame shown longer repeats, one shown shorter than a grid step may drop), so that frame numbers
+    mean the same times in every stage.
 
     Decode (and conversion) failures raise SourceError naming the frame they happened at.
     """
@@ -198,40 +231,53 @@ def _decoded(uri: str, convert: Callable) -> Iterator:
         sar = _sample_aspect(stream)
         index = 0
         try:
-            for frame in _deinterlaced(stream, container.decode(stream)):
+            for frame in _filtered(stream, container.decode(stream), rate):
                 yield convert(frame, sar)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
 
 
-def _deinterlaced(stream, frames: Iterator) -> Iterator:
-    """The decoded frames, through FFmpeg's bwdif deinterlacer when the stream says it is interlaced or
-    its first frame is (video from DVDs and broadcast often is): one frame out per frame in, so frame
-    numbers stay those of the source; only frames flagged interlaced change, so a progressive intro
-    passes as it is. Progressive video does not go through the filter at all."""
+def _filtered(stream, frames: Iterator, rate: Fraction | None = None) -> Iterator:
+    """The decoded frames, through FFmpeg filters where the stream needs them.
+
+    Interlaced (the stream says so, or its first frame is: video from DVDs and broadcast often is):
+    FFmpeg's bwdif deinterlacer, one frame out per frame in, so frame numbers stay those of the source;
+    only frames flagged interlaced change, so a progressive intro passes as it is. `rate`: FFmpeg's fps
+    filter puts the frames on a constant grid (nearest frame to each grid time). A progressive stream
+    without `rate` does not go through a filter at all.
+    """
     import av
 
     first = next(frames, None)
     if first is None:
         return
     field_order = stream.codec_context.field_order  # 0 unknown, 1 progressive, 2-5 the field orders
-    if not first.interlaced_frame and int(field_order or 0) <= 1:
+    interlaced = bool(first.interlaced_frame) or int(field_order or 0) > 1
+    filters = [("bwdif", "mode=send_frame:parity=auto:deint=interlaced")] if interlaced else []
+    if rate is not None:
+        filters.append(("fps", f"fps={rate.numerator}/{rate.denominator}"))
+    graph = None
+    if filters:
+        try:
+            graph = av.filter.Graph()
+            chain = [
+                graph.add_buffer(template=stream),
+                *(graph.add(*f) for f in filters),
+                graph.add("buffersink"),
+            ]
+            for left, right in itertools.pairwise(chain):
+                left.link_to(right)
+            graph.configure()
+        except (av.error.FFmpegError, ValueError) as exc:
+            if rate is not None:  # frames off the grid would mean other times in other stages
+                raise SourceError(f"cannot resample to {float(rate):g} fps ({_short(exc)})") from exc
+            graph = None  # a pixel format bwdif does not take: frames as they are
+    if graph is None:
         yield first
         yield from frames
         return
-    try:
-        graph = av.filter.Graph()
-        source = graph.add_buffer(template=stream)
-        bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
-        sink = graph.add("buffersink")
-        source.link_to(bwdif)
-        bwdif.link_to(sink)
-        graph.configure()
-    except (av.error.FFmpegError, ValueError):  # a pixel format bwdif does not take: frames as they are
-        yield first
-        yield from frames
-        return
+    source, sink = chain[0], chain[-1]
 
     def ready() -> Iterator:
         while True:
@@ -243,7 +289,7 @@ def _deinterlaced(stream, frames: Iterator) -> Iterator:
     for frame in itertools.chain([first], frames):
         source.push(frame)
         yield from ready()
-    source.push(None)  # bwdif holds one frame back to look ahead: flush it
+    source.push(None)  # bwdif holds one frame back to look ahead, fps the last grid step: flush them
     yield from ready()
 
 
@@ -255,19 +301,21 @@ def _sample_aspect(stream) -> float:
 
 
 def iter_frames(
-    uri: str, width: int, height: int, crop: bool = True, box: Box | None = None
+    uri: str, width: int, height: int, crop: bool = True, box: Box | None = None, rate: Fraction | None = None
 ) -> Iterator[np.ndarray]:
     """Decode every frame in order as uint8 RGB [height, width, 3].
 
     crop=True: resize to cover then centre-crop (the displayed aspect is kept: non-square pixels
     are made square); crop=False: plain resize.
     box: only this part of the source frame (the picture inside black bars, `detect_borders`).
+    rate: a variable-frame-rate source's grid (`_decoded`).
     """
     # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than converting and
     # resizing with OpenCV (measured: see BENCHMARKS.md)
     return _decoded(
         uri,
         lambda frame, sar: _fit_rgb(_boxed(frame.to_ndarray(format="rgb24"), box), width, height, crop, sar),
+        rate,
     )
 
 
@@ -505,11 +553,17 @@ def _even_crop(size: tuple[int, int], out_w: int, out_h: int) -> tuple[int, int]
 
 
 def iter_pictures(
-    uri: str, width: int, height: int, box: Box | None = None, only: Container[int] | None = None
+    uri: str,
+    width: int,
+    height: int,
+    box: Box | None = None,
+    only: Container[int] | None = None,
+    rate: Fraction | None = None,
 ) -> Iterator[Picture | None]:
     """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures;
     with `box`, only that part of the source frame (the picture inside black bars); with `only`, the
-    frames at other indices are decoded but yield None.
+    frames at other indices are decoded but yield None; with `rate`, the frames on a variable-frame-rate
+    source's constant grid (`_decoded`), which the indices count.
 
     8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
     through RGB.
@@ -523,7 +577,7 @@ def iter_pictures(
             return None
         return _picture(frame, width, height, box, sar)
 
-    return _decoded(uri, convert)
+    return _decoded(uri, convert, rate)
 
 
 def _picture(frame, width: int, height: int, box: Box | None = None, sar: float = 1.0) -> Picture:

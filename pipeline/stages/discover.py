@@ -1,7 +1,9 @@
 """discover + probe: list inputs, hash their content, read container facts.
 
-Unreadable, truncated, zero-length, audio-only, variable-frame-rate or absurd inputs become rows
-with `status=error` and a reason; the job goes on.
+Unreadable, truncated, zero-length, audio-only or absurd inputs become rows with `status=error` and
+a reason; the job goes on. A variable-frame-rate source (screen and phone recordings, GIFs, anime
+released with a 29.97 fps opening in a 23.976 fps episode) is curated on a constant grid at the rate
+most of its frames are shown at (`vfr`: every stage decodes the same grid).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from pathlib import Path
 from manifests.keys import clip_id, source_id_from_stream
 from manifests.remote import local_path
 from pipeline.stages.base import Stage
-from pipeline.video import VIDEO_EXTENSIONS, SourceError, detect_borders, is_local, open_binary, probe
+from pipeline.video import (
+    VIDEO_EXTENSIONS,
+    SourceError,
+    detect_borders,
+    grid_rate,
+    is_local,
+    open_binary,
+    probe,
+)
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
@@ -127,6 +137,7 @@ class ProbeStage(Stage):
     max_height: int = 4096
     max_duration_s: float = 6 * 3600.0
     vfr_tolerance: float = 0.05
+    vfr_fps: float | None = None
     hash_chunk_bytes: int = 1 << 20
     crop_borders: bool = True
     border_luma: int = 12
@@ -166,11 +177,10 @@ class ProbeStage(Stage):
                 raise SourceError(
                     f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}"
                 )
-            if info.vfr_spread > self.vfr_tolerance:
-                raise SourceError(
-                    f"variable frame rate (frame intervals vary by {info.vfr_spread:.0%}); "
-                    "re-encode at a constant rate first"
-                )
+            out["vfr"] = info.vfr_spread > self.vfr_tolerance and info.nominal_rate is not None
+            if out["vfr"]:  # frame numbers count the grid: the stages decode it (video.source_grid)
+                out["fps"] = float(grid_rate(self.vfr_fps) if self.vfr_fps else info.nominal_rate)
+                out["num_frames"] = max(1, round(info.duration_s * out["fps"]))
             out["content_box"] = self._content_box(uri)
             out["status"] = None
             out["reason"] = None

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def curated(tmp_path_factory):
     truth = samples.generate_footage(footage)
     bad = samples.make_bad_inputs(footage / "bad")
     shutil.copy(footage / "episode_01.mp4", footage / "episode_01_copy.mp4")  # same bytes, another name
+    samples.write_vfr_video(footage / "variable_rate.mp4", seed=7)
     out = root / "out"
     code = curate_main(
         [str(footage), str(bad["missing"]), "--out", str(out), "--set", SMALL_SHARDS, "--quiet", *SKIPS]
@@ -84,10 +86,26 @@ def test_bad_and_corrupt_sources_are_error_rows(curated):
     table = read_manifest(curated["out"] / "manifest.parquet")
     files = rows_by_file(table)
     assert [r["status"] for r in files["corrupt.mp4"]] == ["error"]
-    for case in ("not_video", "zero_bytes", "truncated", "no_frames", "vfr", "huge", "audio_only", "missing"):
+    for case in ("not_video", "zero_bytes", "truncated", "no_frames", "huge", "audio_only", "missing"):
         rows = files[curated["bad"][case].name]
         assert any(r["status"] == "error" and r["reason"] for r in rows), (case, rows)
         assert all(r["split"] == "none" and r["shard"] is None for r in rows if r["status"] == "error")
+
+
+def test_variable_rate_source_is_curated_on_a_constant_grid(curated):
+    """A source whose frames are shown for varying times (held drawings stored once) was an error row;
+    it is curated on a 24 fps grid: the rows say so, and its clip holds the frames its row counts."""
+    import av
+
+    (row,) = rows_by_file(read_manifest(curated["out"] / "manifest.parquet"))["variable_rate.mp4"]
+    assert (row["status"], row["vfr"], row["fps"], row["timing"]) == ("kept", True, 24.0, "mixed"), row
+    shard = curated["out"] / "shards" / row["shard"]
+    with tarfile.open(shard) as tar, av.open(tar.extractfile(f"{row['key']}.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (len(list(container.decode(stream))), stream.average_rate) == (row["num_frames"], 24)
+    others = read_manifest(curated["out"] / "manifest.parquet").to_pylist()
+    assert not any(r["vfr"] for r in others if Path(r["source_uri"]).name.startswith("episode_0"))
+    assert "Variable frame rate: 1 of " in (curated["out"] / "report.html").read_text()
 
 
 def test_duplicate_content_is_curated_once(curated):
@@ -107,7 +125,7 @@ def test_shards_read_back_with_webdataset(curated):
 
     out = curated["out"]
     table = read_manifest(out / "manifest.parquet")
-    kept = {r["key"]: r for r in table.to_pylist() if r["status"] == "kept"}
+    kept = {r["key"]: r for r in table.to_pylist() if r["status"] == "kept" and r["split"] == "train"}
     urls = [str(p) for p in list_shards(out / "shards" / "train")]
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -118,6 +119,63 @@ def test_long_constant_rate_video_with_b_frames_is_not_vfr(tmp_path):
     assert probe(str(path))["status"] is None
 
 
+def _clock(rate: Fraction, tick: Fraction, frames: int) -> list[int]:
+    """Frame intervals, in ticks, of a constant `rate` whose timestamps are rounded to `tick`."""
+    return np.diff([round(k / rate / tick) for k in range(frames + 1)]).tolist()
+
+
+MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
+
+
+@pytest.mark.parametrize(
+    ("tick", "steps", "vfr", "rate"),
+    [
+        # Matroska/WebM count milliseconds: a constant 60 fps is 17, 17, 16 ms (an error row before),
+        # also remuxed into a finer clock;
+        # 23.976 and 24 fps are both 41/42 ms, told apart by their mean interval
+        (MS, _clock(Fraction(60), MS, 120), False, Fraction(60)),
+        (MS, _clock(Fraction(60000, 1001), MS, 120), False, Fraction(60000, 1001)),
+        (MS, _clock(Fraction(24), MS, 120), False, Fraction(24)),
+        (MS, _clock(Fraction(24000, 1001), MS, 120), False, Fraction(24000, 1001)),
+        (MPEG, _clock(Fraction(24000, 1001), MPEG, 120), False, Fraction(24000, 1001)),
+        (MS, _clock(Fraction(50), MS, 120), False, Fraction(50)),
+        (Fraction(1, 16000), [16 * s for s in _clock(Fraction(60), MS, 120)], False, Fraction(60)),
+        # an episode at 23.976 fps with a 29.97 fps opening: the grid is at the rate most frames have
+        (MS, _clock(Fraction(24000, 1001), MS, 200) + _clock(Fraction(30000, 1001), MS, 60), True,
+         Fraction(24000, 1001)),
+        # a screen recording catching up after stalls; a GIF at 12.5 fps with merged held frames
+        (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(30000, 1001)),
+        (GIF, [8, 8, 16, 8, 24, 8] * 10, True, Fraction(25, 2)),
+        (MS, [45, 47, 44, 90, 46] * 10, True, Fraction(21739, 1000)),  # no standard rate: to 1/1000 fps
+    ],
+)  # fmt: skip
+def test_frame_intervals_tell_clock_rounding_from_a_varying_rate(tick, steps, vfr, rate):
+    from pipeline.video import frame_intervals
+
+    pts = np.concatenate([[0], np.cumsum(steps)])
+    spread, nominal = frame_intervals(pts[::-1].tolist(), tick)  # any order: packets come in decode order
+    assert (spread > ProbeStage.vfr_tolerance) == vfr
+    assert nominal == rate
+
+
+def test_constant_60fps_matroska_is_curated_at_its_own_frames(tmp_path):
+    """Regression: every 60 fps Matroska/WebM source (a 60 fps download or capture) was an error row,
+    "variable frame rate", because its millisecond timestamps alternate 16 and 17 ms."""
+    path = tmp_path / "sixty.mkv"
+    samples.write_video(path, (np.full((64, 96, 3), 8 * i, np.uint8) for i in range(30)), 60, (96, 64))
+    row = probe(str(path))
+    assert (row["status"], row["fps"], row["vfr"]) == (None, 60.0, False)
+
+
+def test_variable_rate_source_is_curated_on_a_constant_grid(tmp_path):
+    row = probe(str(samples.write_vfr_video(tmp_path / "vfr.mp4")))
+    assert (row["status"], row["vfr"], row["fps"]) == (None, True, 24.0)
+    assert row["num_frames"] == round(row["duration_s"] * 24)
+    pinned = ProbeStage(vfr_fps=30)
+    pinned.setup()
+    assert rows_of(pinned(batch_of([{"source_uri": row["source_uri"]}])))[0]["fps"] == 30.0
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -125,7 +183,6 @@ def test_long_constant_rate_video_with_b_frames_is_not_vfr(tmp_path):
         ("zero_bytes", "zero-byte file"),
         ("truncated", None),  # fails at probe or while decoding (shots); both are error rows
         ("no_frames", None),
-        ("vfr", "variable frame rate"),
         ("huge", "exceeds probe.max_width"),
         ("audio_only", "no video stream"),
         ("missing", "no such file"),

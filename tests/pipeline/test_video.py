@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from fractions import Fraction
+
 import av
 import cv2
 import numpy as np
@@ -316,3 +319,69 @@ def test_interlaced_video_is_deinterlaced_frame_for_frame(tmp_path):
     with av.open(str(progressive)) as container:
         first = next(container.decode(video=0)).to_ndarray(format="rgb24")
     assert np.array_equal(next(iter_frames(str(progressive), *first.shape[1::-1])), first)
+
+
+# Display times of a variable-rate source, in ms: held drawings stored once (125, 83, 250), one
+# 17 ms flash, the rest a 24 fps frame rounded to milliseconds (41 or 42); no start falls half way
+# between two 24 fps grid times.
+VFR_MS = [42, 125, 41, 83, 17, 42, 41, 250, 41, 42, 83, 42]
+# Grid frame k (time k/24 s) shows the last drawing starting nearest to it (FFmpeg's fps filter):
+# held drawings repeat, the flash shares its grid time with the next drawing and drops (drawing 4)
+VFR_GRID = [0, 1, 1, 1, 2, 3, 3, 5, 6, 7, 7, 7, 7, 7, 7, 8, 9, 10, 10, 11]
+
+
+def _drawing(i: int, size=(160, 96)) -> np.ndarray:
+    """A still background with a patch in the middle whose colour encodes `i` (0..99)."""
+    w, h = size
+    image = np.empty((h, w, 3), np.uint8)
+    image[...] = np.linspace(60, 200, w, dtype=np.uint8)[None, :, None]
+    image[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = (20 + 20 * (i % 10), 128, 20 + 20 * (i // 10))
+    return image
+
+
+def _drawing_id(image: np.ndarray) -> int:
+    h, w = image.shape[:2]
+    r, _, b = image[h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].reshape(-1, 3).mean(axis=0)
+    return int(round((b - 20) / 20)) * 10 + int(round((r - 20) / 20))
+
+
+def test_variable_rate_video_decodes_on_a_constant_grid(tmp_path):
+    """A drawing held 125 ms comes out as three 24 fps frames (a hold the timing stage can see), in
+    both decode paths; without the grid the source's own frames come out, one per drawing."""
+    from pipeline import samples
+
+    path = tmp_path / "vfr.mp4"
+    samples.write_video(path, (_drawing(i) for i in range(len(VFR_MS))), 24, (160, 96), steps_ms=VFR_MS)
+    grid = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, rate=Fraction(24))]
+    assert grid[: len(VFR_GRID)] == VFR_GRID
+    assert len(grid) in (len(VFR_GRID), len(VFR_GRID) + 1)  # the last drawing's 42 ms: one grid step or two
+    pictures = [_drawing_id(p.rgb()) for p in iter_pictures(str(path), 160, 96, rate=Fraction(24))]
+    assert pictures == grid
+    assert [_drawing_id(f) for f in iter_frames(str(path), 160, 96)] == list(range(len(VFR_MS)))
+
+
+def test_variable_rate_clips_are_written_from_the_frames_shots_numbered(tmp_path):
+    """Shots numbers the grid's frames; the write stage must encode those same frames, or a clip
+    would start and end at other moments than its manifest row says."""
+    from pipeline import samples
+    from pipeline.stages.discover import ProbeStage
+    from pipeline.stages.shots import ShotsStage
+    from pipeline.stages.write import EncodeSource
+
+    path = tmp_path / "vfr.mp4"
+    drawings = 4 * len(VFR_MS)  # ~3.4 s: long enough for a clip
+    samples.write_video(path, (_drawing(i) for i in range(drawings)), 24, (160, 96), steps_ms=VFR_MS)
+    probe = ProbeStage()
+    (source,) = probe.process_rows([{"source_uri": str(path)}])
+    assert source["vfr"] and source["fps"] == 24.0
+    clips = [r for r in ShotsStage(min_len_s=0.5).process_rows([source]) if r["row_kind"] == "clip"]
+    assert clips and all(c["fps"] == 24.0 and c["vfr"] for c in clips)
+    grid = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, rate=Fraction(24))]
+    job = {**{k: source[k] for k in ("source_uri", "fps", "vfr", "content_box")}, "clips": clips}
+    encoded = EncodeSource(160, 96)(job)
+    assert not encoded["errors"]
+    for clip in clips:
+        with av.open(io.BytesIO(encoded["encoded"][clip["clip_id"]])) as container:
+            written = [_drawing_id(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+        assert written == grid[clip["start_frame"] : clip["end_frame"]]
+    assert max(c["end_frame"] for c in clips) > 40  # past the first drawings: the grid held all the way
