@@ -170,20 +170,37 @@ def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fra
     them, and a remux into MP4 keeps their rounding), so a constant 60 fps stream can have intervals
     of 16 and 17 ms. Intervals within that rounding of each other are one rate:
     spread = (longest - shortest interval - rounding) / the median interval, 0 when negative.
-    nominal = the rate of the common interval (the mean of those within rounding of the median, so
-    that 24 and 23.976 fps, both 41/42 ms, come apart), snapped to the nearest standard rate within
-    0.5%, else rounded to 1/1000 fps.
+
+    nominal: the grid a variable-rate source is decoded on. A regular cadence first: when the mean rate
+    over the whole stream is a standard rate (within 0.5%) that gives every frame its own grid time
+    (soft-telecined film on DVD shows 23.976 fps frames for 2 and 3 fields in turn, 33 and 50 ms), that
+    rate. Otherwise the rate of the common interval (the mean of the intervals within rounding of the
+    median one, so that 24 and 23.976 fps, both 41/42 ms, come apart), snapped likewise, else rounded
+    to 1/1000 fps: held drawings stored once, jittery captures, a 29.97 fps opening in a 23.976 fps
+    episode.
     """
-    steps = np.diff(np.unique(np.asarray(pts, dtype=np.int64)))
+    times = np.unique(np.asarray(pts, dtype=np.int64))
+    steps = np.diff(times)
     if steps.size == 0:
         return 0.0, None
     rounding = max(1, round(0.001 / float(time_base)))  # ticks
-    median = float(np.median(steps))
-    spread = max(0.0, float(steps.max() - steps.min() - rounding)) / median
-    step_s = float(steps[np.abs(steps - median) <= rounding].mean() * time_base)
+    median = np.sort(steps)[steps.size // 2]  # an interval that occurs (a mean of two may not)
+    spread = max(0.0, float(steps.max() - steps.min() - rounding)) / float(median)
+    common = float(steps[np.abs(steps - median) <= rounding].mean() * time_base)
+    overall = float((times[-1] - times[0]) / steps.size * time_base)
+    seconds = (times - times[0]) * float(time_base)
+
+    regular = _standard_rate(overall)
+    drops = times.size - np.unique(np.rint(seconds * float(regular))).size  # frames sharing a grid time
+    if regular in STANDARD_RATES and drops <= times.size // 1000:
+        return spread, regular
+    return spread, _standard_rate(common)
+
+
+def _standard_rate(step_s: float) -> Fraction:
+    """The standard rate nearest 1/step_s within 0.5%, else 1/step_s to 1/1000 fps."""
     near = [(abs(float(r) * step_s - 1), r) for r in STANDARD_RATES if abs(float(r) * step_s - 1) <= 0.005]
-    nominal = min(near)[1] if near else Fraction(max(1, round(1000 / step_s)), 1000)
-    return spread, nominal
+    return min(near)[1] if near else Fraction(max(1, round(1000 / step_s)), 1000)
 
 
 def grid_rate(fps: float) -> Fraction:

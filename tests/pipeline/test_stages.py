@@ -147,6 +147,8 @@ MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
         (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(30000, 1001)),
         (GIF, [8, 8, 16, 8, 24, 8] * 10, True, Fraction(25, 2)),
         (MS, [45, 47, 44, 90, 46] * 10, True, Fraction(21739, 1000)),  # no standard rate: to 1/1000 fps
+        # soft-telecined film (MPEG-2 on DVD): 23.976 frames shown for 2 and 3 fields in turn
+        (MPEG, [3003, 4505, 3003, 4504] * 30, True, Fraction(24000, 1001)),
     ],
 )  # fmt: skip
 def test_frame_intervals_tell_clock_rounding_from_a_varying_rate(tick, steps, vfr, rate):
