@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: content_box; 1.2: vfr
+SCHEMA_VERSION = "1.2"  # 1.1: content_box; 1.2: vfr, ivtc
 
 # The values a reader may rely on (checked when a manifest is read: manifests.io).
 STATUSES = ("kept", "rejected", "error")
@@ -38,6 +38,12 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
         pa.bool_(),
         "the source's frame rate varies: frame numbers count a constant grid at `fps` (FFmpeg's fps"
         " filter: a frame shown longer repeats). Null or false: the source's own frames",
+    ),
+    (
+        "ivtc",
+        pa.bool_(),
+        "the source is telecined film (3:2 pulldown found by FFmpeg's idet): frame numbers count its film"
+        " frames (fieldmatch, yadif, decimate), `fps` their rate (29.97 -> 23.976). Null or false: not",
     ),
     ("width", pa.int32(), "source frame width in pixels"),
     ("height", pa.int32(), "source frame height in pixels"),
@@ -99,7 +105,7 @@ CLIP_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in _COLUMNS])
 
 
 # What every row of a source repeats from the source's probe.
-SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "vfr", "width", "height", "codec", "content_box")
+SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "vfr", "ivtc", "width", "height", "codec", "content_box")
 
 
 def to_table(rows: list[dict]) -> pa.Table:

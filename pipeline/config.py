@@ -36,6 +36,9 @@ class ProbeConfig:
         0.05  # frame intervals varying more than this (relative) = variable rate: curated on a constant grid
     )
     vfr_fps: float | None = None  # that grid's rate; None: the rate most of the source's frames are shown at
+    ivtc: bool = (
+        True  # telecined film (interlaced, 3:2 pulldown found by FFmpeg's idet) back to its film frames
+    )
     hash_chunk_bytes: int = 1 << 20  # read size while hashing the source content
     crop_borders: bool = True  # find letterbox/pillarbox bars on a few keyframes; clips are cut inside them
     border_luma: int = 12  # a bar's rows/columns: mean grey at most this, no pixel above 3x (0..255)

@@ -500,6 +500,7 @@ class CurateJob:
                         "source_uri": row["source_uri"],
                         "fps": row["fps"],
                         "vfr": row["vfr"],
+                        "ivtc": row["ivtc"],
                         "content_box": row["content_box"],
                         "clips": [],
                     },

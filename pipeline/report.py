@@ -194,9 +194,9 @@ def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumb
         parts.append(
             "<p>Animation timing: " + ", ".join(f"{k}: {v}" for k, v in timings.most_common()) + "</p>"
         )
+    sources = len({r["source_uri"] for r in rows})
     boxed = sorted({r["source_uri"] for r in rows if r.get("content_box") is not None})
     if boxed:
-        sources = len({r["source_uri"] for r in rows})
         parts.append(
             f"<p>Black bars: {len(boxed)} of {sources} sources were cut inside their letterbox/pillarbox"
             " bars (the manifest's <code>content_box</code>).</p>"
@@ -205,8 +205,14 @@ def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumb
     if variable:
         rates = ", ".join(f"{fps:g} fps: {n}" for fps, n in Counter(variable.values()).most_common())
         parts.append(
-            f"<p>Variable frame rate: {len(variable)} of {len({r['source_uri'] for r in rows})} sources were"
-            f" curated on a constant grid ({rates}; the manifest's <code>vfr</code>).</p>"
+            f"<p>Variable frame rate: {len(variable)} of {sources} sources were curated on a constant grid"
+            f" ({rates}; the manifest's <code>vfr</code>).</p>"
+        )
+    telecined = {r["source_uri"] for r in rows if r.get("ivtc") and r["status"] != "error"}
+    if telecined:
+        parts.append(
+            f"<p>Telecined film: {len(telecined)} of {sources} sources were decoded back to their film frames"
+            " (4 frames of every 5; the manifest's <code>ivtc</code>).</p>"
         )
 
     by_reason: dict[str, list[dict]] = defaultdict(list)

@@ -208,10 +208,67 @@ def grid_rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def source_grid(row: dict) -> Fraction | None:
-    """The constant grid a source's frames are decoded on: its `fps` when the manifest says its rate
-    varies (`vfr`), else None (the source's own frames; rows written before `vfr` existed too)."""
-    return grid_rate(float(row["fps"])) if row.get("vfr") else None
+@dataclass(frozen=True)
+class Retime:
+    """How a source's frames are retimed before any stage counts them; every stage that decodes the
+    source applies the same, so frame numbers mean the same moments everywhere.
+
+    rate: a variable-frame-rate source's constant grid (FFmpeg's fps filter).
+    ivtc: telecined film (3:2 pulldown) back to its own frames: FFmpeg's fieldmatch pairs the fields of
+    each film frame, yadif deinterlaces what no field pairs, decimate drops the one repeated frame in 5
+    (29.97 -> 23.976 fps).
+    """
+
+    rate: Fraction | None = None
+    ivtc: bool = False
+
+
+def source_retime(row: dict) -> Retime | None:
+    """The manifest's word on how a source is decoded: on the grid at its `fps` when its rate varies
+    (`vfr`), inverse-telecined (`ivtc`), else None (its own frames; rows written before the two
+    columns existed too)."""
+    if row.get("ivtc"):
+        return Retime(ivtc=True)
+    if row.get("vfr"):
+        return Retime(rate=grid_rate(float(row["fps"])))
+    return None
+
+
+# idet's verdict on each frame: a field repeated from the previous frame ("top"/"bottom") is how 3:2
+# pulldown makes 5 video frames of 4 film frames (2 repeated fields in 5 frames in motion; native
+# interlaced video repeats none)
+TELECINE_MIN_REPEATED = 0.1  # share of sampled frames with a repeated field
+
+
+def detect_telecine(uri: str, frames: int = 240) -> bool | None:
+    """Whether an interlaced source is telecined film: FFmpeg's idet on `frames` frames from the middle
+    of the source (openings are often still), a field repeated in at least TELECINE_MIN_REPEATED of
+    them. None: the source is progressive (nothing to decide)."""
+    import av
+
+    with open_container(uri) as container:
+        stream = video_stream(container)
+        if stream is None:
+            return None
+        stream.codec_context.thread_count = 1
+        decoded = container.decode(stream)
+        first = next(decoded, None)
+        if first is None or not _interlaced(stream, first):
+            return None
+        if stream.duration and (stream.frames or 0) > 2 * frames:
+            container.seek((stream.start_time or 0) + stream.duration // 2, stream=stream)
+            decoded = container.decode(stream)
+        graph = av.filter.Graph()
+        chain = [_buffer(graph, stream), graph.add("idet"), graph.add("buffersink")]
+        for left, right in itertools.pairwise(chain):
+            left.link_to(right)
+        graph.configure()
+        verdicts = []
+        for frame in itertools.islice(decoded, frames):
+            chain[0].push(frame)
+            verdicts += [f.metadata.get("lavfi.idet.repeated.current_frame") for f in _pulled(chain[-1])]
+        repeated = sum(v in ("top", "bottom") for v in verdicts)
+        return bool(verdicts) and repeated >= TELECINE_MIN_REPEATED * len(verdicts)
 
 
 def cover_size(width: int, height: int, out_w: int, out_h: int) -> tuple[int, int]:
@@ -228,13 +285,13 @@ def center_crop(frame: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
     return frame[top : top + out_h, left : left + out_w]
 
 
-def _decoded(uri: str, convert: Callable, rate: Fraction | None = None) -> Iterator:
+def _decoded(uri: str, convert: Callable, retime: Retime | None = None) -> Iterator:
     """`convert(frame, sar)` for every frame of the main video stream, in order, one decoder thread;
     `sar` is the stream's sample (pixel) aspect ratio, width over height of one stored pixel (DVD
-    video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels). With `rate` (a
-    variable-frame-rate source), the frames on a constant grid at that rate (FFmpeg's fps filter: a
-    frame shown longer repeats, one shown shorter than a grid step may drop), so that frame numbers
-    mean the same times in every stage.
+    video stores 16:9 pictures as 720x480 with sar 32/27; 1.0 for square pixels). With `retime`, the
+    frames retimed as it says: on a variable-frame-rate source's constant grid (FFmpeg's fps filter: a
+    frame shown longer repeats, one shown shorter than a grid step may drop), or telecined film back
+    to its own frames.
 
     Decode (and conversion) failures raise SourceError naming the frame they happened at.
     """
@@ -248,66 +305,95 @@ def _decoded(uri: str, convert: Callable, rate: Fraction | None = None) -> Itera
         sar = _sample_aspect(stream)
         index = 0
         try:
-            for frame in _filtered(stream, container.decode(stream), rate):
+            for frame in _filtered(stream, container.decode(stream), retime):
                 yield convert(frame, sar)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
 
 
-def _filtered(stream, frames: Iterator, rate: Fraction | None = None) -> Iterator:
+def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterator:
     """The decoded frames, through FFmpeg filters where the stream needs them.
 
     Interlaced (the stream says so, or its first frame is: video from DVDs and broadcast often is):
     FFmpeg's bwdif deinterlacer, one frame out per frame in, so frame numbers stay those of the source;
-    only frames flagged interlaced change, so a progressive intro passes as it is. `rate`: FFmpeg's fps
-    filter puts the frames on a constant grid (nearest frame to each grid time). A progressive stream
-    without `rate` does not go through a filter at all.
+    only frames flagged interlaced change, so a progressive intro passes as it is. `retime.ivtc`:
+    fieldmatch, yadif and decimate instead (`Retime`); `retime.rate`: FFmpeg's fps filter puts the
+    frames on a constant grid (nearest frame to each grid time). A progressive stream with nothing to
+    retime does not go through a filter at all.
     """
     import av
 
     first = next(frames, None)
     if first is None:
         return
-    field_order = stream.codec_context.field_order  # 0 unknown, 1 progressive, 2-5 the field orders
-    interlaced = bool(first.interlaced_frame) or int(field_order or 0) > 1
-    filters = [("bwdif", "mode=send_frame:parity=auto:deint=interlaced")] if interlaced else []
-    if rate is not None:
-        filters.append(("fps", f"fps={rate.numerator}/{rate.denominator}"))
+    retime = retime or Retime()
+    if retime.ivtc:
+        filters = [
+            ("fieldmatch", "order=auto:combmatch=full"),
+            ("yadif", "deint=interlaced"),
+            ("decimate", ""),
+        ]
+    elif _interlaced(stream, first):
+        filters = [("bwdif", "mode=send_frame:parity=auto:deint=interlaced")]
+    else:
+        filters = []
+    if retime.rate is not None:
+        filters.append(("fps", f"fps={retime.rate.numerator}/{retime.rate.denominator}"))
     graph = None
     if filters:
         try:
             graph = av.filter.Graph()
-            chain = [
-                graph.add_buffer(template=stream),
-                *(graph.add(*f) for f in filters),
-                graph.add("buffersink"),
-            ]
+            chain = [_buffer(graph, stream), *(graph.add(*f) for f in filters), graph.add("buffersink")]
             for left, right in itertools.pairwise(chain):
                 left.link_to(right)
             graph.configure()
         except (av.error.FFmpegError, ValueError) as exc:
-            if rate is not None:  # frames off the grid would mean other times in other stages
-                raise SourceError(f"cannot resample to {float(rate):g} fps ({_short(exc)})") from exc
+            if retime != Retime():  # frames not retimed would mean other moments in other stages
+                raise SourceError(
+                    f"cannot retime the frames ({', '.join(f for f, _ in filters)}: {_short(exc)})"
+                ) from exc
             graph = None  # a pixel format bwdif does not take: frames as they are
     if graph is None:
         yield first
         yield from frames
         return
-    source, sink = chain[0], chain[-1]
-
-    def ready() -> Iterator:
-        while True:
-            try:
-                yield sink.pull()
-            except (av.BlockingIOError, av.EOFError):
-                return
-
     for frame in itertools.chain([first], frames):
-        source.push(frame)
-        yield from ready()
-    source.push(None)  # bwdif holds one frame back to look ahead, fps the last grid step: flush them
-    yield from ready()
+        chain[0].push(frame)
+        yield from _pulled(chain[-1])
+    chain[0].push(None)  # bwdif holds one frame back to look ahead, fps and decimate more: flush them
+    yield from _pulled(chain[-1])
+
+
+def _interlaced(stream, first) -> bool:
+    field_order = stream.codec_context.field_order  # 0 unknown, 1 progressive, 2-5 the field orders
+    return bool(first.interlaced_frame) or int(field_order or 0) > 1
+
+
+def _buffer(graph, stream):
+    """A filter graph's source for the stream's frames, with its frame rate (decimate needs it)."""
+    ctx = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate
+    sar = stream.sample_aspect_ratio or ctx.sample_aspect_ratio
+    if not (ctx.pix_fmt and rate and ctx.width):
+        return graph.add_buffer(template=stream)
+    args = (
+        f"video_size={ctx.width}x{ctx.height}:pix_fmt={ctx.pix_fmt}:time_base={stream.time_base}"
+        f":pixel_aspect={sar.numerator if sar else 1}/{sar.denominator if sar else 1}"
+        f":frame_rate={rate.numerator}/{rate.denominator}"
+    )
+    return graph.add("buffer", args)
+
+
+def _pulled(sink) -> Iterator:
+    """The frames a filter graph's sink has ready."""
+    import av
+
+    while True:
+        try:
+            yield sink.pull()
+        except (av.BlockingIOError, av.EOFError):
+            return
 
 
 def _sample_aspect(stream) -> float:
@@ -318,21 +404,21 @@ def _sample_aspect(stream) -> float:
 
 
 def iter_frames(
-    uri: str, width: int, height: int, crop: bool = True, box: Box | None = None, rate: Fraction | None = None
+    uri: str, width: int, height: int, crop: bool = True, box: Box | None = None, retime: Retime | None = None
 ) -> Iterator[np.ndarray]:
     """Decode every frame in order as uint8 RGB [height, width, 3].
 
     crop=True: resize to cover then centre-crop (the displayed aspect is kept: non-square pixels
     are made square); crop=False: plain resize.
     box: only this part of the source frame (the picture inside black bars, `detect_borders`).
-    rate: a variable-frame-rate source's grid (`_decoded`).
+    retime: how the source's frames are retimed (`source_retime`).
     """
     # RGB at native size is swscale's fast path; scaling there costs ~2.5x more than converting and
     # resizing with OpenCV (measured: see BENCHMARKS.md)
     return _decoded(
         uri,
         lambda frame, sar: _fit_rgb(_boxed(frame.to_ndarray(format="rgb24"), box), width, height, crop, sar),
-        rate,
+        retime,
     )
 
 
@@ -575,12 +661,12 @@ def iter_pictures(
     height: int,
     box: Box | None = None,
     only: Container[int] | None = None,
-    rate: Fraction | None = None,
+    retime: Retime | None = None,
 ) -> Iterator[Picture | None]:
     """Decode every frame in order, resized to cover (width, height) and centre-cropped, as Pictures;
     with `box`, only that part of the source frame (the picture inside black bars); with `only`, the
-    frames at other indices are decoded but yield None; with `rate`, the frames on a variable-frame-rate
-    source's constant grid (`_decoded`), which the indices count.
+    frames at other indices are decoded but yield None; with `retime`, the source's frames retimed
+    (`source_retime`), which the indices count.
 
     8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
     through RGB.
@@ -594,7 +680,7 @@ def iter_pictures(
             return None
         return _picture(frame, width, height, box, sar)
 
-    return _decoded(uri, convert, rate)
+    return _decoded(uri, convert, retime)
 
 
 def _picture(frame, width: int, height: int, box: Box | None = None, sar: float = 1.0) -> Picture:

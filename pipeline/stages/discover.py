@@ -3,7 +3,8 @@
 Unreadable, truncated, zero-length, audio-only or absurd inputs become rows with `status=error` and
 a reason; the job goes on. A variable-frame-rate source (screen and phone recordings, GIFs, anime
 released with a 29.97 fps opening in a 23.976 fps episode) is curated on a constant grid at the rate
-most of its frames are shown at (`vfr`: every stage decodes the same grid).
+most of its frames are shown at (`vfr`: every stage decodes the same grid); telecined film is decoded
+back to its film frames (`ivtc`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from manifests.keys import clip_id, source_id_from_stream
@@ -20,6 +22,7 @@ from pipeline.video import (
     VIDEO_EXTENSIONS,
     SourceError,
     detect_borders,
+    detect_telecine,
     grid_rate,
     is_local,
     open_binary,
@@ -138,6 +141,7 @@ class ProbeStage(Stage):
     max_duration_s: float = 6 * 3600.0
     vfr_tolerance: float = 0.05
     vfr_fps: float | None = None
+    ivtc: bool = True
     hash_chunk_bytes: int = 1 << 20
     crop_borders: bool = True
     border_luma: int = 12
@@ -178,8 +182,13 @@ class ProbeStage(Stage):
                     f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}"
                 )
             out["vfr"] = info.vfr_spread > self.vfr_tolerance and info.nominal_rate is not None
-            if out["vfr"]:  # frame numbers count the grid: the stages decode it (video.source_grid)
+            out["ivtc"] = not out["vfr"] and self.ivtc and self._telecined(uri, info.fps)
+            # frame numbers count the retimed frames: every stage decodes them (video.source_retime)
+            if out["vfr"]:
                 out["fps"] = float(grid_rate(self.vfr_fps) if self.vfr_fps else info.nominal_rate)
+            elif out["ivtc"]:
+                out["fps"] = float(grid_rate(info.fps) * Fraction(4, 5))
+            if out["vfr"] or out["ivtc"]:
                 out["num_frames"] = max(1, round(info.duration_s * out["fps"]))
             out["content_box"] = self._content_box(uri)
             out["status"] = None
@@ -187,6 +196,17 @@ class ProbeStage(Stage):
         except SourceError as exc:
             out.update(error_fields(out, f"probe: {exc}"))
         return out
+
+    @staticmethod
+    def _telecined(uri: str, fps: float) -> bool:
+        """Whether an interlaced source at 29.97 or 30 fps is telecined film (`detect_telecine`); a source
+        the detector cannot read is decoded as it is (the shots stage reports what is wrong with it)."""
+        if not 29.9 <= fps <= 30.05:
+            return False
+        try:
+            return bool(detect_telecine(uri))
+        except Exception:  # noqa: BLE001 - a damaged source is the shots stage's to report
+            return False
 
     def _content_box(self, uri: str) -> list[int] | None:
         """The picture inside black bars, or None; a source the detector cannot read is left whole

@@ -19,7 +19,7 @@ from manifests.keys import clip_id
 from manifests.schema import SOURCE_COLUMNS
 from pipeline.stages.base import Stage
 from pipeline.stages.discover import error_fields
-from pipeline.video import SourceError, as_box, encode_jpeg, iter_pictures, source_grid
+from pipeline.video import SourceError, as_box, encode_jpeg, iter_pictures, source_retime
 
 
 @dataclass
@@ -77,7 +77,11 @@ class ShotsStage(Stage):
         try:
             box = as_box(source.get("content_box"))
             for picture in iter_pictures(
-                source["source_uri"], self.keyframe_width, self.keyframe_height, box, rate=source_grid(source)
+                source["source_uri"],
+                self.keyframe_width,
+                self.keyframe_height,
+                box,
+                retime=source_retime(source),
             ):
                 gray = picture.gray(self.analysis_width, self.analysis_height)
                 # PySceneDetect expects BGR; frame numbers are ours, so boundaries are exact to the frame

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from manifests.files import atomic_path, write_json_atomic
 from manifests.keys import sample_key, shard_name
 from manifests.schema import CLIP_SCHEMA, to_table
-from pipeline.video import SourceError, SourceMissing, as_box, encode_clip, iter_pictures, source_grid
+from pipeline.video import SourceError, SourceMissing, as_box, encode_clip, iter_pictures, source_retime
 
 
 @dataclass
@@ -38,7 +38,7 @@ class EncodeSource:
     preset: str = "veryfast"
 
     def __call__(self, job: dict) -> dict:
-        """job: {source_uri, fps, vfr, content_box, clips: [{clip_id, start_frame, end_frame}]} ->
+        """job: {source_uri, fps, vfr, ivtc, content_box, clips: [{clip_id, start_frame, end_frame}]} ->
         {source_uri, encoded: {clip_id: mp4 bytes}, errors: {clip_id: reason}, missing: why the source is not
         there, or None}."""
         clips = sorted(job["clips"], key=lambda c: c["start_frame"])
@@ -60,7 +60,7 @@ class EncodeSource:
             box = as_box(job.get("content_box"))
             # YUV planes from decoder to encoder (no RGB in between: half the cost of a frame)
             decoded = iter_pictures(
-                job["source_uri"], self.width, self.height, box=box, only=wanted, rate=source_grid(job)
+                job["source_uri"], self.width, self.height, box=box, only=wanted, retime=source_retime(job)
             )
             for index, image in enumerate(decoded):  # None for a frame in no clip
                 for i in wanted.get(index, ()):

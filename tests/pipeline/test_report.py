@@ -79,3 +79,13 @@ def test_reasons_group_by_problem_not_by_the_value_file_or_clip_they_name():
     assert steps["dedup"]["reasons"] == {"dedup: near-duplicate of a kept clip": 3}
     assert steps["shots"]["reasons"] == {"shots: length < min_len_s 1": 3}  # was one group per length
     assert steps["write"]["reasons"] == {"write: decode failed at frame N": 2}
+
+
+def test_report_counts_retimed_sources_but_not_failed_ones(tmp_path):
+    rows = [row("vfr.mkv", 0, "kept", fps=24.0, vfr=True), row("vfr.mkv", 1, "kept", fps=24.0, vfr=True)]
+    rows += [row("dvd.vob", 0, "kept", fps=24000 / 1001, ivtc=True)]
+    rows += [row("broken.mp4", 0, "error", "shots: decode failed at frame 9", fps=30.0, vfr=True)]
+    rows += [row("plain.mp4", 0, "kept", fps=25.0, vfr=False, ivtc=False)]
+    page = write_report(tmp_path, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), CurateConfig()).read_text()
+    assert "Variable frame rate: 1 of 4 sources were curated on a constant grid (24 fps: 1;" in page
+    assert "Telecined film: 1 of 4 sources were decoded back to their film frames" in page

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.video import iter_frames, iter_pictures
+from pipeline.video import Retime, iter_frames, iter_pictures
 
 
 def _write(path, pix_fmt: str, size=(200, 120), frames: int = 6) -> None:
@@ -331,18 +331,27 @@ VFR_GRID = [0, 1, 1, 1, 2, 3, 3, 5, 6, 7, 7, 7, 7, 7, 7, 8, 9, 10, 10, 11]
 
 
 def _drawing(i: int, size=(160, 96)) -> np.ndarray:
-    """A still background with a patch in the middle whose colour encodes `i` (0..99)."""
+    """A still background; in the middle two grey patches whose levels encode `i` (0..99: ones left,
+    tens right; grey, so that it lives in luma, which interlaced video keeps per field, not in the
+    4:2:0 chroma shared by two lines); a bar moving along the bottom (motion for idet to see)."""
     w, h = size
     image = np.empty((h, w, 3), np.uint8)
     image[...] = np.linspace(60, 200, w, dtype=np.uint8)[None, :, None]
-    image[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = (20 + 20 * (i % 10), 128, 20 + 20 * (i // 10))
+    image[h // 3 : 2 * h // 3, w // 3 : w // 2] = 20 + 20 * (i % 10)
+    image[h // 3 : 2 * h // 3, w // 2 : 2 * w // 3] = 20 + 20 * (i // 10)
+    x = 7 * i % (w - 20)
+    image[h * 3 // 4 : h - 4, x : x + 16] = 250
     return image
 
 
 def _drawing_id(image: np.ndarray) -> int:
     h, w = image.shape[:2]
-    r, _, b = image[h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].reshape(-1, 3).mean(axis=0)
-    return int(round((b - 20) / 20)) * 10 + int(round((r - 20) / 20))
+    patch = image[h // 2 - 4 : h // 2 + 4].mean(axis=(0, 2))
+    ones, tens = (
+        patch[w * 5 // 12 - 4 : w * 5 // 12 + 4].mean(),
+        patch[w * 7 // 12 - 4 : w * 7 // 12 + 4].mean(),
+    )
+    return int(round((tens - 20) / 20)) * 10 + int(round((ones - 20) / 20))
 
 
 def test_variable_rate_video_decodes_on_a_constant_grid(tmp_path):
@@ -352,36 +361,101 @@ def test_variable_rate_video_decodes_on_a_constant_grid(tmp_path):
 
     path = tmp_path / "vfr.mp4"
     samples.write_video(path, (_drawing(i) for i in range(len(VFR_MS))), 24, (160, 96), steps_ms=VFR_MS)
-    grid = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, rate=Fraction(24))]
+    grid = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, retime=Retime(rate=Fraction(24)))]
     assert grid[: len(VFR_GRID)] == VFR_GRID
     assert len(grid) in (len(VFR_GRID), len(VFR_GRID) + 1)  # the last drawing's 42 ms: one grid step or two
-    pictures = [_drawing_id(p.rgb()) for p in iter_pictures(str(path), 160, 96, rate=Fraction(24))]
+    pictures = [
+        _drawing_id(p.rgb()) for p in iter_pictures(str(path), 160, 96, retime=Retime(rate=Fraction(24)))
+    ]
     assert pictures == grid
     assert [_drawing_id(f) for f in iter_frames(str(path), 160, 96)] == list(range(len(VFR_MS)))
 
 
-def test_variable_rate_clips_are_written_from_the_frames_shots_numbered(tmp_path):
-    """Shots numbers the grid's frames; the write stage must encode those same frames, or a clip
-    would start and end at other moments than its manifest row says."""
+def _interlaced_video(path, frames: list[np.ndarray]) -> None:
+    """Frames whose rows alternate two pictures' fields, encoded interlaced (top field first) at 29.97."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(30000, 1001))
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.options = {"x264-params": "interlaced=1:tff=1", "crf": "12", "preset": "fast"}
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _weave(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    frame = top.copy()
+    frame[1::2] = bottom[1::2]
+    return frame
+
+
+def _telecined(path, film: list[np.ndarray]) -> None:
+    """3:2 pulldown, as NTSC DVDs of film and most cartoons store it: film frames A B C D become the
+    video frames AA BB BC CD DD (top field, bottom field), 24 -> 30 frames a second."""
+    frames = []
+    for a, b, c, d in zip(film[0::4], film[1::4], film[2::4], film[3::4], strict=True):
+        frames += [_weave(a, a), _weave(b, b), _weave(b, c), _weave(c, d), _weave(d, d)]
+    _interlaced_video(path, frames)
+
+
+def _combing(image: np.ndarray) -> float:
+    grey = image.astype(np.float64).mean(axis=2)
+    return float(np.abs(grey[1:-1] - (grey[:-2] + grey[2:]) / 2).max(axis=1).mean())
+
+
+def test_telecined_film_is_found_and_decoded_as_its_film_frames(tmp_path):
+    """Telecined film is found (FFmpeg's idet sees its repeated fields; native interlaced video has
+    none) and decoded back to its own frames, in order, none combed; deinterlacing it frame for frame
+    gave 5 frames for every 4 drawings, one of them repeated and two woven from two drawings."""
+    from pipeline.video import detect_telecine
+
+    film = [_drawing(i, (320, 240)) for i in range(48)]
+    telecined, native = tmp_path / "telecined.mp4", tmp_path / "native.mp4"
+    _telecined(telecined, film)
+    _interlaced_video(native, [_weave(film[2 * i], film[2 * i + 1]) for i in range(24)])
+    progressive = tmp_path / "progressive.mp4"
+    _write(progressive, "yuv420p")
+    assert (detect_telecine(str(telecined)), detect_telecine(str(native))) == (True, False)
+    assert detect_telecine(str(progressive)) is None
+    frames = list(iter_frames(str(telecined), 320, 240, retime=Retime(ivtc=True)))
+    assert [_drawing_id(f) for f in frames] == list(range(48))
+    with av.open(str(telecined)) as container:
+        raw = [_combing(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    assert sum(c > 20 for c in raw) >= 20  # of the 24 frames woven from two drawings (edges ~50-100)
+    assert max(_combing(f) for f in frames) < 20  # none left (progressive edges: ~3)
+    as_video = [_drawing_id(f) for f in iter_frames(str(telecined), 320, 240)]
+    assert len(as_video) == 60 and len(set(as_video)) < 60
+
+
+@pytest.mark.parametrize("kind", ["vfr", "telecined"])
+def test_retimed_clips_are_written_from_the_frames_shots_numbered(tmp_path, kind):
+    """Shots numbers the retimed frames (a variable-rate source's grid, telecined film's own frames);
+    the write stage must encode those same frames, or a clip would start and end at other moments
+    than its manifest row says."""
     from pipeline import samples
     from pipeline.stages.discover import ProbeStage
     from pipeline.stages.shots import ShotsStage
     from pipeline.stages.write import EncodeSource
+    from pipeline.video import source_retime
 
-    path = tmp_path / "vfr.mp4"
-    drawings = 4 * len(VFR_MS)  # ~3.4 s: long enough for a clip
-    samples.write_video(path, (_drawing(i) for i in range(drawings)), 24, (160, 96), steps_ms=VFR_MS)
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "vfr":
+        drawings = 4 * len(VFR_MS)  # ~3.4 s: long enough for a clip
+        samples.write_video(path, (_drawing(i) for i in range(drawings)), 24, (160, 96), steps_ms=VFR_MS)
+        expected = {"vfr": True, "ivtc": False, "fps": 24.0}
+    else:
+        _telecined(path, [_drawing(i, (320, 240)) for i in range(96)])
+        expected = {"vfr": False, "ivtc": True, "fps": float(Fraction(24000, 1001))}
     probe = ProbeStage()
     (source,) = probe.process_rows([{"source_uri": str(path)}])
-    assert source["vfr"] and source["fps"] == 24.0
+    assert {k: source[k] for k in expected} == expected
     clips = [r for r in ShotsStage(min_len_s=0.5).process_rows([source]) if r["row_kind"] == "clip"]
-    assert clips and all(c["fps"] == 24.0 and c["vfr"] for c in clips)
-    grid = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, rate=Fraction(24))]
-    job = {**{k: source[k] for k in ("source_uri", "fps", "vfr", "content_box")}, "clips": clips}
+    assert clips and all({k: c[k] for k in expected} == expected for c in clips)
+    retimed = [_drawing_id(f) for f in iter_frames(str(path), 160, 96, retime=source_retime(source))]
+    job = {**{k: source[k] for k in ("source_uri", "fps", "vfr", "ivtc", "content_box")}, "clips": clips}
     encoded = EncodeSource(160, 96)(job)
     assert not encoded["errors"]
     for clip in clips:
         with av.open(io.BytesIO(encoded["encoded"][clip["clip_id"]])) as container:
             written = [_drawing_id(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
-        assert written == grid[clip["start_frame"] : clip["end_frame"]]
-    assert max(c["end_frame"] for c in clips) > 40  # past the first drawings: the grid held all the way
+        assert written == retimed[clip["start_frame"] : clip["end_frame"]]
+    assert max(c["end_frame"] for c in clips) > 40  # past the first drawings: retimed all the way
