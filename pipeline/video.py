@@ -544,8 +544,46 @@ def _even_up(n: int) -> int:
     return n + (n % 2)
 
 
-# BT.601 limited-range luma (16..235) to the full-range grey that RGB->grey gives (0..255)
+# Limited-range luma (16..235) to the full-range grey that RGB->grey gives (0..255)
 _LUMA_TO_GRAY = np.clip(np.round((np.arange(256) - 16) * 255.0 / 219.0), 0, 255).astype(np.uint8)
+
+# How YUV planes encode colour: FFmpeg's matrix code (AVColorSpace: 1 BT.709, 9/10 BT.2020, anything
+# else taken as BT.601, as swscale takes it) and full range (AVCOL_RANGE_JPEG) or not
+BT601 = (6, False)  # SMPTE 170M, limited range: what OpenCV's I420 conversions and untagged video mean
+_KR_KB = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+
+
+def _colour_of(frame) -> tuple[int, bool]:
+    """A decoded frame's (matrix, full range); BT.601 unless tagged otherwise."""
+    matrix = int(frame.colorspace or 0)
+    full = int(frame.color_range or 0) == 2 or frame.format.name == "yuvj420p"  # JPEG-range 4:2:0
+    return (matrix if matrix in _KR_KB else BT601[0]), full
+
+
+def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, colour: tuple[int, bool]) -> np.ndarray:
+    """uint8 RGB from 4:2:0 planes in `colour`'s matrix and range (chroma upsampled bilinearly), as
+    one affine map of (Y, Cb, Cr) per pixel (OpenCV's transform: rounds and saturates)."""
+    import cv2
+
+    h, w = y.shape
+    kr, kb = _KR_KB.get(colour[0], (0.299, 0.114))
+    kg = 1 - kr - kb
+    s, c, black = (
+        (1.0, 1.0, 0.0) if colour[1] else (255 / 219, 255 / 224, 16.0)
+    )  # limited: Y 16..235, C 16..240
+    cr_r, cb_b = 2 * (1 - kr) * c, 2 * (1 - kb) * c
+    cb_g, cr_g = -kb * cb_b / kg, -kr * cr_r / kg
+    affine = np.array(
+        [
+            [s, 0.0, cr_r, -black * s - 128 * cr_r],
+            [s, cb_g, cr_g, -black * s - 128 * (cb_g + cr_g)],
+            [s, cb_b, 0.0, -black * s - 128 * cb_b],
+        ],
+        np.float32,
+    )
+    up = cv2.INTER_LINEAR
+    ycc = cv2.merge([y, cv2.resize(u, (w, h), interpolation=up), cv2.resize(v, (w, h), interpolation=up)])
+    return cv2.transform(ycc, affine)
 
 
 class Picture:
@@ -553,14 +591,17 @@ class Picture:
 
     Most video is 8-bit yuv420p; keeping its planes skips the full-size RGB conversion, the
     costliest step of analysis, and halves the memory a held frame takes. `rgb()` converts on
-    demand (BT.601 limited range, as swscale's default), for the few frames a clip keeps.
+    demand, for the few frames a clip keeps, in the planes' own matrix and range (`colour`: HD
+    video is BT.709; read as BT.601, its reds and greens moved by up to ~25 levels).
     """
 
-    __slots__ = ("_y", "_u", "_v", "_rgb", "_small_y")
+    __slots__ = ("_y", "_u", "_v", "_rgb", "_small_y", "colour")
 
-    def __init__(self, y=None, u=None, v=None, rgb=None):
+    def __init__(self, y=None, u=None, v=None, rgb=None, colour: tuple[int, bool] = BT601):
         self._y, self._u, self._v, self._rgb = y, u, v, rgb
         self._small_y = None  # the luma that gray() reduced; bgr() goes on from it
+        # (matrix, full range) of what i420() gives: the planes', or BT.601 for an RGB picture
+        self.colour = BT601 if rgb is not None else colour
 
     @property
     def size(self) -> tuple[int, int]:
@@ -571,13 +612,15 @@ class Picture:
         """uint8 RGB [h, w, 3]."""
         if self._rgb is not None:
             return self._rgb
+        if self.colour != BT601:
+            return _yuv_to_rgb(self._y, self._u, self._v, self.colour)
         import cv2
 
         return cv2.cvtColor(_i420(self._y, self._u, self._v), cv2.COLOR_YUV2RGB_I420)
 
     def i420(self) -> np.ndarray:
-        """The [h * 3 / 2, w] yuv420p buffer an encoder takes (BT.601 limited range): the planes as
-        they are, or the RGB converted."""
+        """The [h * 3 / 2, w] yuv420p buffer an encoder takes, in `colour`: the planes as they are,
+        or the RGB converted (BT.601 limited range)."""
         if self._rgb is None:
             return _i420(self._y, self._u, self._v)
         import cv2
@@ -591,7 +634,7 @@ class Picture:
         if self._rgb is not None:
             return cv2.cvtColor(shrink(self._rgb, width, height), cv2.COLOR_RGB2GRAY)
         self._small_y = shrink(self._y, width, height)
-        return cv2.LUT(self._small_y, _LUMA_TO_GRAY)
+        return self._small_y if self.colour[1] else cv2.LUT(self._small_y, _LUMA_TO_GRAY)
 
     def bgr(self, width: int, height: int) -> np.ndarray:
         """uint8 BGR [height, width, 3], small (for scene detection); width and height even."""
@@ -668,8 +711,8 @@ def iter_pictures(
     frames at other indices are decoded but yield None; with `retime`, the source's frames retimed
     (`source_retime`), which the indices count.
 
-    8-bit yuv420p frames stay in YUV planes (each resized on its own); any other pixel format goes
-    through RGB.
+    8-bit yuv420p (and yuvj420p) frames stay in YUV planes (each resized on its own), with their
+    colour matrix and range (`Picture.colour`); any other pixel format goes through RGB.
     """
     if width % 2 or height % 2:
         raise ValueError(f"keyframe size must be even, got {width}x{height}")
@@ -690,7 +733,7 @@ def _picture(frame, width: int, height: int, box: Box | None = None, sar: float 
     x, y, bw, bh = box or (0, 0, fw, fh)
     if x + bw > fw or y + bh > fh:  # the frame size changed mid-stream: the box no longer applies
         x, y, bw, bh = 0, 0, fw, fh
-    if frame.format.name != "yuv420p" or any(v % 2 for v in (fw, fh, x, y, bw, bh)):
+    if frame.format.name not in ("yuv420p", "yuvj420p") or any(v % 2 for v in (fw, fh, x, y, bw, bh)):
         image = _boxed(frame.to_ndarray(format="rgb24"), (x, y, bw, bh))
         return Picture(rgb=_fit_rgb(image, width, height, True, sar))
     sw, sh = cover_size(_displayed(bw, sar), bh, width, height)
@@ -704,7 +747,7 @@ def _picture(frame, width: int, height: int, box: Box | None = None, sar: float 
         # resizing makes a new array; a frame already at size is copied (the decoder reuses its buffers)
         data = cv2.resize(data, (ow, oh), interpolation=interp) if data.shape != (oh, ow) else data.copy()
         planes.append(data[top // s : (top + height) // s, left // s : (left + width) // s])
-    return Picture(*planes)
+    return Picture(*planes, colour=_colour_of(frame))
 
 
 def _displayed(width: int, sar: float) -> int:
@@ -735,11 +778,17 @@ def encode_clip(
     preset: str = "veryfast",
 ) -> bytes:
     """Encode RGB frames [H, W, 3] (or Pictures, whose YUV planes go in as they are) as an mp4 in
-    memory (yuv420p, constant frame rate)."""
+    memory (yuv420p, constant frame rate), tagged with the matrix and range its planes are in (the
+    source's, when every frame kept its planes; BT.601 limited range otherwise), so that decoders
+    that honour the tags (PyAV's, which training uses) give back the source's colours."""
     import av
 
     if not frames:
         raise ValueError("no frames to encode")
+    colours = {f.colour if isinstance(f, Picture) else BT601 for f in frames}
+    if len(colours) > 1:  # planes in different matrices (a stream that changed): all through RGB
+        frames = [Picture(rgb=f.rgb()) if isinstance(f, Picture) else f for f in frames]
+    matrix, full = colours.pop() if len(colours) == 1 else BT601
     first = frames[0]
     width, height = first.size if isinstance(first, Picture) else first.shape[1::-1]
     buffer = io.BytesIO()
@@ -747,6 +796,7 @@ def encode_clip(
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.colorspace, stream.codec_context.color_range = matrix, 2 if full else 1
         if codec == "libx264":
             # mbtree=0: with x264's macroblock-tree rate control the bytes depend on what the process
             # decoded before (x264 as PyAV 16-18 ship it; measured): off, the same frames give the same mp4

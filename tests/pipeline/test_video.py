@@ -459,3 +459,48 @@ def test_retimed_clips_are_written_from_the_frames_shots_numbered(tmp_path, kind
             written = [_drawing_id(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
         assert written == retimed[clip["start_frame"] : clip["end_frame"]]
     assert max(c["end_frame"] for c in clips) > 40  # past the first drawings: retimed all the way
+
+
+COLOUR_BARS = [(220, 30, 40), (30, 200, 60), (40, 60, 220), (240, 200, 40), (128, 128, 128), (250, 250, 245)]
+
+
+@pytest.mark.parametrize(
+    ("matrix", "colorspace", "full"),
+    [("ITU709", 1, False), ("ITU601", 6, False), ("ITU709", 1, True), ("BT2020", 9, False)],
+)
+def test_colours_survive_analysis_and_writing_in_the_sources_matrix(tmp_path, matrix, colorspace, full):
+    """HD video stores colour in the BT.709 matrix (BT.2020 for UHD; full range from screen captures).
+    The YUV-plane path read every source as BT.601 limited range and wrote its planes untagged:
+    an HD source's reds and greens moved by up to ~25 levels in the frames the model stages scored and
+    in the training shards. Now the keyframes and the written clips (decoded as training decodes
+    them) keep the source's colours."""
+    w, h = 192, 64
+    image = np.zeros((h, w, 3), np.uint8)
+    for i, colour in enumerate(COLOUR_BARS):
+        image[:, i * 32 : (i + 1) * 32] = colour
+    path = tmp_path / f"{matrix}_{full}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.colorspace, stream.codec_context.color_range = colorspace, 2 if full else 1
+        stream.options = {"crf": "0"}
+        for _ in range(2):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = frame.reformat(
+                format="yuv420p", dst_colorspace=matrix, dst_color_range="JPEG" if full else "MPEG"
+            )
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+    def bars(rgb: np.ndarray) -> np.ndarray:
+        return np.array([rgb[h // 2, i * 32 + 16] for i in range(len(COLOUR_BARS))], np.int32)
+
+    truth = np.array(COLOUR_BARS, np.int32)
+    pictures = list(iter_pictures(str(path), w, h))
+    assert np.abs(bars(pictures[0].rgb()) - truth).max() <= 3
+    assert np.abs(bars(next(iter_frames(str(path), w, h))) - truth).max() <= 3
+    from pipeline.video import encode_clip
+
+    with av.open(io.BytesIO(encode_clip(pictures, 24.0, crf=0))) as container:
+        written = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.abs(bars(written) - truth).max() <= 3
