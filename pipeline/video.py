@@ -108,6 +108,7 @@ class ProbeInfo:
     duration_s: float
     vfr_spread: float  # relative spread of frame intervals beyond the clock's rounding (0: constant rate)
     nominal_rate: Fraction | None  # the rate most frames are shown at; None when no interval was seen
+    transfer: int = 0  # FFmpeg's transfer characteristic (AVColorTransferCharacteristic); 16: PQ (HDR10)
 
 
 # Frame rates a source is likely made at: a variable-rate source is decoded on a grid at the one its
@@ -160,6 +161,7 @@ def probe(uri: str) -> ProbeInfo:
             duration_s=duration_s,
             vfr_spread=spread,
             nominal_rate=nominal,
+            transfer=int(ctx.color_trc or 0),
         )
 
 

@@ -1,7 +1,7 @@
 """discover + probe: list inputs, hash their content, read container facts.
 
-Unreadable, truncated, zero-length, audio-only or absurd inputs become rows with `status=error` and
-a reason; the job goes on. A variable-frame-rate source (screen and phone recordings, GIFs, anime
+Unreadable, truncated, zero-length, audio-only, HDR10 (PQ) or absurd inputs become rows with
+`status=error` and a reason; the job goes on. A variable-frame-rate source (screen and phone recordings, GIFs, anime
 released with a 29.97 fps opening in a 23.976 fps episode) is curated on a constant grid at the rate
 most of its frames are shown at (`vfr`: every stage decodes the same grid); telecined film is decoded
 back to its film frames (`ivtc`).
@@ -30,6 +30,8 @@ from pipeline.video import (
 )
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
+# SMPTE ST 2084 (FFmpeg's AVCOL_TRC_SMPTE2084). HLG (18) passes: it is made to look right on SDR displays
+PQ_TRANSFER = 16
 
 
 def discover(inputs: list[str]) -> list[str]:
@@ -180,6 +182,12 @@ class ProbeStage(Stage):
             if info.duration_s > self.max_duration_s:
                 raise SourceError(
                     f"duration {info.duration_s:.0f} s exceeds probe.max_duration_s = {self.max_duration_s:.0f}"
+                )
+            if info.transfer == PQ_TRANSFER:
+                raise SourceError(
+                    "HDR video (PQ transfer, HDR10): its frames would be read without tone mapping, dim and "
+                    "washed out; convert it to SDR first (e.g. ffmpeg -vf zscale=t=linear:npl=100,"
+                    "tonemap=hable,zscale=t=bt709:m=bt709:p=bt709:r=tv,format=yuv420p)"
                 )
             out["vfr"] = info.vfr_spread > self.vfr_tolerance and info.nominal_rate is not None
             out["ivtc"] = not out["vfr"] and self.ivtc and self._telecined(uri, info.fps)

@@ -169,6 +169,28 @@ def test_constant_60fps_matroska_is_curated_at_its_own_frames(tmp_path):
     assert (row["status"], row["fps"], row["vfr"]) == (None, 60.0, False)
 
 
+def test_hdr10_source_is_an_error_row_that_says_how_to_convert_it(tmp_path):
+    """PQ-coded frames read as SDR come out dim and washed out; a model trained on them learns those
+    colours. An HDR10 source is refused by name (no tone mapping in this FFmpeg build: no zscale)."""
+    import av
+
+    path = tmp_path / "hdr10.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        ctx = stream.codec_context
+        ctx.color_trc, ctx.color_primaries, ctx.colorspace = 16, 9, 9  # PQ, BT.2020
+        for _ in range(2):
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.zeros((96, 64), np.uint8), format="yuv420p"))
+            )
+        container.mux(stream.encode())
+    row = probe(str(path))
+    assert (
+        row["status"] == "error" and "HDR video (PQ transfer" in row["reason"] and "tonemap" in row["reason"]
+    )
+
+
 def test_variable_rate_source_is_curated_on_a_constant_grid(tmp_path):
     row = probe(str(samples.write_vfr_video(tmp_path / "vfr.mp4")))
     assert (row["status"], row["vfr"], row["fps"]) == (None, True, 24.0)
