@@ -111,6 +111,8 @@ class ProbeInfo:
     transfer: int = 0  # FFmpeg's transfer characteristic (AVColorTransferCharacteristic); 16: PQ (HDR10)
 
 
+DISCONTINUITY_S = 10.0  # a longer gap between two frames' timestamps is a break, not a held frame
+
 # Frame rates a source is likely made at: a variable-rate source is decoded on a grid at the one its
 # common interval matches (within the rounding of its timestamps), else at that interval's own rate
 STANDARD_RATES = tuple(
@@ -172,6 +174,8 @@ def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fra
     them, and a remux into MP4 keeps their rounding), so a constant 60 fps stream can have intervals
     of 16 and 17 ms. Intervals within that rounding of each other are one rate:
     spread = (longest - shortest interval - rounding) / the median interval, 0 when negative.
+    An interval longer than DISCONTINUITY_S is a break in the timestamps (files joined, a broadcast
+    recording's discontinuity), not a frame held that long: it counts for neither.
 
     nominal: the grid a variable-rate source is decoded on. A regular cadence first: when the mean rate
     over the whole stream is a standard rate (within 0.5%) that gives every frame its own grid time
@@ -183,14 +187,15 @@ def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fra
     """
     times = np.unique(np.asarray(pts, dtype=np.int64))
     steps = np.diff(times)
+    steps = steps[steps * float(time_base) <= DISCONTINUITY_S]
     if steps.size == 0:
         return 0.0, None
     rounding = max(1, round(0.001 / float(time_base)))  # ticks
     median = np.sort(steps)[steps.size // 2]  # an interval that occurs (a mean of two may not)
     spread = max(0.0, float(steps.max() - steps.min() - rounding)) / float(median)
     common = float(steps[np.abs(steps - median) <= rounding].mean() * time_base)
-    overall = float((times[-1] - times[0]) / steps.size * time_base)
-    seconds = (times - times[0]) * float(time_base)
+    overall = float(steps.sum() / steps.size * time_base)
+    seconds = np.concatenate([[0.0], np.cumsum(steps) * float(time_base)])  # breaks closed up
 
     regular = _standard_rate(overall)
     drops = times.size - np.unique(np.rint(seconds * float(regular))).size  # frames sharing a grid time

@@ -147,6 +147,8 @@ MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
         (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(30000, 1001)),
         (GIF, [8, 8, 16, 8, 24, 8] * 10, True, Fraction(25, 2)),
         (MS, [45, 47, 44, 90, 46] * 10, True, Fraction(21739, 1000)),  # no standard rate: to 1/1000 fps
+        # two recordings joined (a transport stream's discontinuity): a 25 s break is not a held frame
+        (MPEG, [3750] * 50 + [3750 * 600] + [3750] * 50, False, Fraction(24)),
         # soft-telecined film (MPEG-2 on DVD): 23.976 frames shown for 2 and 3 fields in turn
         (MPEG, [3003, 4505, 3003, 4504] * 30, True, Fraction(24000, 1001)),
     ],
