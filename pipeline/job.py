@@ -90,15 +90,19 @@ class Progress:
         )
 
 
-def _with_new_defaults(saved: dict, defaults: dict) -> dict:
-    """A scoring fingerprint saved by an earlier version, with the settings added since at their
-    defaults: a new setting left at its default does not make finished work "another config"."""
-    out = {section: dict(values) for section, values in saved.items()}
-    for section, values in defaults.items():
-        if section in out:
-            for key, value in values.items():
-                out[section].setdefault(key, value)
-    return out
+def _scoring_change(saved: dict, current: dict) -> str:
+    """What differs between the scoring settings finished work was scored with and the current ones, in
+    words for the message that refuses to mix them."""
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    added = sorted(
+        f"{section}.{key}"
+        for section, values in current.items()
+        for key in values
+        if section in saved and key not in saved[section]
+    )
+    if added:  # scored by an earlier version, which lacked these settings (and what they do)
+        return f"an earlier version of inbetweener, without {', '.join(added)}"
+    return f"a different config ({', '.join(changed)})"
 
 
 def uri_key(uri: str) -> str:
@@ -221,16 +225,17 @@ class CurateJob:
         if self.restart and self.work.exists():
             lines.append(f"{self.work}: would be discarded (--restart)")
         elif state_file.exists():
-            same = json.loads(state_file.read_text())["scoring"] == self._scoring_fingerprint()
+            saved, current = json.loads(state_file.read_text())["scoring"], self._scoring_fingerprint()
             done = sum((self.parts / f"{uri_key(u)}.parquet").exists() for u in sources)
             lines.append(
                 f"{self.out}: {done} of {len(sources)} sources already scored"
-                if same or not self._has_scored_work()
-                else f"{self.out}: holds work scored with another config: run would stop (use --restart)"
+                if saved == current or not self._has_scored_work()
+                else f"{self.out}: holds work scored with {_scoring_change(saved, current)}: "
+                "run would stop (use --restart)"
             )
             done_file = self.work / "done.json"
             finished = done_file.exists() and json.loads(done_file.read_text()).get("key")
-            if same and finished == self._done_key(sources):
+            if saved == current and finished == self._done_key(sources):
                 lines[-1] += "; finished with these inputs and this config: run would be a no-op"
         stages = [type(stage).__name__.removesuffix("Stage").lower() for stage in self.stages()]
         lines.append("stages: " + " -> ".join(stages) + " -> write")
@@ -295,13 +300,10 @@ class CurateJob:
 
             shutil.rmtree(self.work)
         saved = json.loads(state_file.read_text())["scoring"] if state_file.exists() else None
-        if saved is not None:
-            saved = _with_new_defaults(saved, self._scoring_fingerprint(CurateConfig()))
         if saved is not None and saved != current and self._has_scored_work():
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ConfigError(
-                f"{self.out} holds work scored with a different config ({', '.join(changed)}); "
-                "use another --out, or --restart to discard it"
+                f"{self.out} holds work scored with {_scoring_change(saved, current)}; "
+                "use another --out, or --restart to discard it and score again"
             )
         if saved != current:  # new, or a run that stopped before scoring anything (missing weights)
             write_json_atomic(state_file, {"scoring": current})
@@ -310,12 +312,11 @@ class CurateJob:
         """Whether any source was scored into OUT/.work (a half-written part does not count)."""
         return self.parts.is_dir() and any(not p.name.startswith(".") for p in self.parts.glob("*.parquet"))
 
-    def _scoring_fingerprint(self, config: CurateConfig | None = None) -> dict:
+    def _scoring_fingerprint(self) -> dict:
         """The settings scores depend on: not thresholds, not how stages run (device, batch size)."""
-        config = config or self.config
-        data = {s: getattr(config, s).__dict__ for s in SCORING_SECTIONS}
+        data = {s: getattr(self.config, s).__dict__ for s in SCORING_SECTIONS}
         for section in ("motion", *MODEL_STAGES):
-            values = getattr(config, section).__dict__
+            values = getattr(self.config, section).__dict__
             data[section] = {
                 k: v
                 for k, v in values.items()

@@ -107,11 +107,13 @@ class ProbeInfo:
     num_frames: int  # from the container; may be an estimate for formats that do not store it
     duration_s: float
     vfr_spread: float  # relative spread of frame intervals beyond the clock's rounding (0: constant rate)
-    nominal_rate: Fraction | None  # the rate most frames are shown at; None when no interval was seen
+    nominal_rate: Fraction | None  # the grid a variable rate is decoded on; None when no interval was seen
+    breaks: int = 0  # breaks in the timestamps (frame_intervals)
     transfer: int = 0  # FFmpeg's transfer characteristic (AVColorTransferCharacteristic); 16: PQ (HDR10)
 
 
 DISCONTINUITY_S = 10.0  # a longer gap between two frames' timestamps is a break, not a held frame
+_REORDER_DEPTH = 32  # more than any codec's decode-to-presentation reordering (H.264: 16)
 
 # Frame rates a source is likely made at: a variable-rate source is decoded on a grid at the one its
 # common interval matches (within the rounding of its timestamps), else at that interval's own rate
@@ -153,7 +155,7 @@ def probe(uri: str) -> ProbeInfo:
                     pts.append(packet.pts)
         except Exception as exc:
             raise SourceError(f"cannot read packets ({_short(exc)})") from exc
-        spread, nominal = frame_intervals(pts, stream.time_base or Fraction(1, 1000))
+        spread, nominal, breaks = frame_intervals(pts, stream.time_base or Fraction(1, 1000))
         return ProbeInfo(
             codec=ctx.name or "unknown",
             width=int(ctx.width or 0),
@@ -163,45 +165,71 @@ def probe(uri: str) -> ProbeInfo:
             duration_s=duration_s,
             vfr_spread=spread,
             nominal_rate=nominal,
+            breaks=breaks,
             transfer=int(ctx.color_trc or 0),
         )
 
 
-def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fraction | None]:
-    """(spread, nominal rate) of a stream's presentation timestamps (in `time_base` ticks, any order).
+def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fraction | None, int]:
+    """(spread, nominal rate, breaks) of a stream's presentation timestamps (in `time_base` ticks, in
+    decode order: B-frames come before the frames they sit between).
 
     Timestamps are rounded to a clock: the container's, or milliseconds (Matroska and WebM count
     them, and a remux into MP4 keeps their rounding), so a constant 60 fps stream can have intervals
     of 16 and 17 ms. Intervals within that rounding of each other are one rate:
     spread = (longest - shortest interval - rounding) / the median interval, 0 when negative.
-    An interval longer than DISCONTINUITY_S is a break in the timestamps (files joined, a broadcast
-    recording's discontinuity), not a frame held that long: it counts for neither.
+    breaks: gaps of more than DISCONTINUITY_S and jumps back (files joined, a broadcast recording's
+    discontinuity): not frames held that long; gaps count for neither.
 
-    nominal: the grid a variable-rate source is decoded on. A regular cadence first: when the mean rate
-    over the whole stream is a standard rate (within 0.5%) that gives every frame its own grid time
-    (soft-telecined film on DVD shows 23.976 fps frames for 2 and 3 fields in turn, 33 and 50 ms), that
-    rate. Otherwise the rate of the common interval (the mean of the intervals within rounding of the
-    median one, so that 24 and 23.976 fps, both 41/42 ms, come apart), snapped likewise, else rounded
-    to 1/1000 fps: held drawings stored once, jittery captures, a 29.97 fps opening in a 23.976 fps
-    episode.
+    nominal: the grid a variable-rate source is decoded on, in this order:
+    - a regular cadence: the mean rate over the stream when it is a standard rate (within 0.5%) that
+      gives every frame its own grid time and no interval is longer than 1.25 grid steps
+      (soft-telecined film on DVD: 23.976 fps frames shown for 2 and 3 fields in turn, 33 and 50 ms);
+    - the lowest rate, from that of the common interval (the mean of the intervals within rounding of
+      the median one) up to 4 times it, at which at least 95% of the intervals are whole numbers of
+      grid steps (within rounding; of two standard rates 0.1% apart, as 23.976 and 24, the closer fit):
+      drawings held for 2 and 3 frames and stored once, with some on ones, come out on their 24 fps
+      grid, not on the 12 fps of their common interval (which would drop every drawing on ones);
+    - else the common interval's rate (a jittery capture: the odd catch-up frame drops).
+    Rates are snapped to the nearest standard rate within 0.5%, else rounded to 1/1000 fps.
     """
-    times = np.unique(np.asarray(pts, dtype=np.int64))
+    raw = np.asarray(pts, dtype=np.int64)
+    limit = DISCONTINUITY_S / float(time_base)
+    times = np.unique(raw)
     steps = np.diff(times)
-    steps = steps[steps * float(time_base) <= DISCONTINUITY_S]
+    # a jump back: packets stay below the latest timestamp for longer than B-frames reorder them
+    behind = np.concatenate([[False], raw[1:] < np.maximum.accumulate(raw)[:-1], [False]])
+    edges = np.flatnonzero(np.diff(behind.astype(np.int8)))
+    jumps_back = int(np.sum(edges[1::2] - edges[0::2] > _REORDER_DEPTH))
+    breaks = int(np.sum(steps > limit)) + jumps_back
+    steps = steps[steps <= limit]
     if steps.size == 0:
-        return 0.0, None
-    rounding = max(1, round(0.001 / float(time_base)))  # ticks
+        return 0.0, None, breaks
+    tick = float(time_base)
+    rounding = max(1, round(0.001 / tick))  # ticks
     median = np.sort(steps)[steps.size // 2]  # an interval that occurs (a mean of two may not)
     spread = max(0.0, float(steps.max() - steps.min() - rounding)) / float(median)
-    common = float(steps[np.abs(steps - median) <= rounding].mean() * time_base)
-    overall = float(steps.sum() / steps.size * time_base)
-    seconds = np.concatenate([[0.0], np.cumsum(steps) * float(time_base)])  # breaks closed up
+    seconds = np.concatenate([[0.0], np.cumsum(steps) * tick])  # breaks closed up
+    step_s = steps * tick
 
-    regular = _standard_rate(overall)
-    drops = times.size - np.unique(np.rint(seconds * float(regular))).size  # frames sharing a grid time
-    if regular in STANDARD_RATES and drops <= times.size // 1000:
-        return spread, regular
-    return spread, _standard_rate(common)
+    regular = _standard_rate(float(step_s.mean()))
+    drops = seconds.size - np.unique(np.rint(seconds * float(regular))).size  # frames sharing a grid time
+    if regular in STANDARD_RATES and drops <= seconds.size // 1000 and step_s.max() * regular <= 1.25:
+        return spread, regular, breaks
+    base = _standard_rate(float(step_s[np.abs(steps - median) <= rounding].mean()))
+    fits = []
+    for rate in [base, *(r for r in STANDARD_RATES if base < r <= 4 * base)]:
+        multiples = step_s * float(rate)
+        residual = np.abs(multiples - np.rint(multiples)) / float(rate)  # seconds off the grid
+        # within the clock's rounding, but never a quarter step (a clock of 1/24 s is exact for 24 fps)
+        whole = (np.rint(multiples) >= 1) & (residual <= min(rounding * tick, 0.25 / float(rate)))
+        if whole.mean() >= 0.95:
+            fits.append((rate, float(residual.mean())))
+    if not fits:
+        return spread, base, breaks
+    lowest = min(rate for rate, _ in fits)
+    near = [(residual, rate) for rate, residual in fits if rate <= lowest * Fraction(1002, 1000)]
+    return spread, min(near)[1], breaks
 
 
 def _standard_rate(step_s: float) -> Fraction:
@@ -262,8 +290,14 @@ def detect_telecine(uri: str, frames: int = 240) -> bool | None:
         first = next(decoded, None)
         if first is None or not _interlaced(stream, first):
             return None
-        if stream.duration and (stream.frames or 0) > 2 * frames:
-            container.seek((stream.start_time or 0) + stream.duration // 2, stream=stream)
+        # Matroska and MPEG-TS give no stream duration or frame count: the container's duration
+        if stream.duration and stream.time_base:
+            duration_s = float(stream.duration * stream.time_base)
+        else:
+            duration_s = (container.duration or 0) / av.time_base
+        rate = float(stream.average_rate or stream.guessed_rate or 30)
+        if duration_s * rate > 2 * frames:
+            container.seek(int(duration_s / 2 * av.time_base))  # in AV_TIME_BASE units: any container
             decoded = container.decode(stream)
         graph = av.filter.Graph()
         chain = [_buffer(graph, stream), graph.add("idet"), graph.add("buffersink")]
@@ -659,6 +693,8 @@ class Picture:
         y = shrink(small if reuse else self._y, width, height)
         u = shrink(self._u, width // 2, height // 2)
         v = shrink(self._v, width // 2, height // 2)
+        if self.colour != BT601:
+            return np.ascontiguousarray(_yuv_to_rgb(y, u, v, self.colour)[..., ::-1])
         return cv2.cvtColor(_i420(y, u, v), cv2.COLOR_YUV2BGR_I420)
 
 

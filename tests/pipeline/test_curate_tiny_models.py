@@ -92,14 +92,27 @@ def test_missing_weights_stop_the_job_before_any_work(tmp_path, capsys):
         code == 2
         and "holds work scored with a different config (aesthetic, caption)" in capsys.readouterr().err
     )
-    # work scored before a setting existed (here probe.vfr_fps) resumes while it stays at its default
+    # work scored by an earlier version (without probe.ivtc, which changes what some sources give) is
+    # not mixed with this version's: the run stops and says so, and --dry-run says the same
     state = out / ".work" / "state.json"
     saved = json.loads(state.read_text())
-    del saved["scoring"]["probe"]["vfr_fps"]
+    del saved["scoring"]["probe"]["ivtc"]
     state.write_text(json.dumps(saved))
-    code = curate_main([str(footage), "--out", str(out), "--models-dir", str(tmp_path / "empty"), "--quiet",
-                        "--limit", "1", *skips])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    code = curate_main([str(footage), "--out", str(out), "--models-dir", str(tmp_path / "empty"), "--quiet",
-                        "--limit", "1", "--set", "probe.vfr_fps=30", *skips])  # fmt: skip
-    assert code == 2 and "holds work scored with a different config (probe)" in capsys.readouterr().err
+    args = [
+        str(footage),
+        "--out",
+        str(out),
+        "--models-dir",
+        str(tmp_path / "empty"),
+        "--quiet",
+        "--limit",
+        "1",
+        *skips,
+    ]
+    assert curate_main(args) == 2
+    assert (
+        "holds work scored with an earlier version of inbetweener, without probe.ivtc"
+        in capsys.readouterr().err
+    )
+    assert curate_main([*args, "--dry-run"]) == 0
+    assert "an earlier version of inbetweener, without probe.ivtc: run would stop" in capsys.readouterr().out

@@ -143,8 +143,15 @@ MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
         # an episode at 23.976 fps with a 29.97 fps opening: the grid is at the rate most frames have
         (MS, _clock(Fraction(24000, 1001), MS, 200) + _clock(Fraction(30000, 1001), MS, 60), True,
          Fraction(24000, 1001)),
-        # a screen recording catching up after stalls; a GIF at 12.5 fps with merged held frames
-        (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(30000, 1001)),
+        # a screen recording catching up after stalls: on a 29.97 grid its catch-up frames would drop;
+        # 60 keeps every frame (a frame shown 33 ms is two grid frames)
+        (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(60)),
+        # drawings held 2 and 3 frames at 24 fps and stored once, some on ones: the common interval
+        # (12 or 8 fps) would drop every drawing on ones; the grid they are all whole steps of is 24
+        (MS, _clock(Fraction(12), MS, 90) * 3 + _clock(Fraction(24), MS, 30), True, Fraction(24)),
+        (Fraction(1, 24), [1, 3] * 40, True, Fraction(24)),  # an AVI counting frames: held 1 and 3
+        (MS, [42, 125] * 40, True, Fraction(24)),  # ones and threes: not a regular cadence at 12
+        # a GIF at 12.5 fps with merged held frames
         (GIF, [8, 8, 16, 8, 24, 8] * 10, True, Fraction(25, 2)),
         (MS, [45, 47, 44, 90, 46] * 10, True, Fraction(21739, 1000)),  # no standard rate: to 1/1000 fps
         # two recordings joined (a transport stream's discontinuity): a 25 s break is not a held frame
@@ -157,7 +164,8 @@ def test_frame_intervals_tell_clock_rounding_from_a_varying_rate(tick, steps, vf
     from pipeline.video import frame_intervals
 
     pts = np.concatenate([[0], np.cumsum(steps)])
-    spread, nominal = frame_intervals(pts[::-1].tolist(), tick)  # any order: packets come in decode order
+    pts[1:-1:2], pts[2::2] = pts[2::2].copy(), pts[1:-1:2].copy()  # decode order: B-frames first
+    spread, nominal, breaks = frame_intervals(pts.tolist(), tick)
     assert (spread > ProbeStage.vfr_tolerance) == vfr
     assert nominal == rate
 
@@ -191,6 +199,22 @@ def test_hdr10_source_is_an_error_row_that_says_how_to_convert_it(tmp_path):
     assert (
         row["status"] == "error" and "HDR video (PQ transfer" in row["reason"] and "tonemap" in row["reason"]
     )
+
+
+def test_variable_rate_source_with_a_break_in_its_timestamps_is_an_error_row(tmp_path):
+    """A grid over a 30 s gap would be 720 copies of one frame; a constant-rate source with the same
+    break decodes its own frames (the break is not a hold)."""
+    frames = [np.full((64, 96, 3), 4 * i, np.uint8) for i in range(40)]
+    steps = list(samples.VFR_STEPS_MS) * 2
+    steps[20] = 30_000
+    samples.write_video(tmp_path / "vfr.mp4", frames, 24, (96, 64), steps_ms=steps)
+    row = probe(str(tmp_path / "vfr.mp4"))
+    assert row["status"] == "error" and "1 break(s) in its timestamps" in row["reason"], row["reason"]
+    samples.write_video(
+        tmp_path / "cfr.mp4", frames, 24, (96, 64), steps_ms=[42, 42, 41] * 6 + [30_000] + [42] * 30
+    )
+    row = probe(str(tmp_path / "cfr.mp4"))
+    assert (row["status"], row["vfr"]) == (None, False)
 
 
 def test_variable_rate_source_is_curated_on_a_constant_grid(tmp_path):

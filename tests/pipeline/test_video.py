@@ -388,10 +388,11 @@ def _weave(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return frame
 
 
-def _telecined(path, film: list[np.ndarray]) -> None:
+def _telecined(path, film: list[np.ndarray], still: int = 0) -> None:
     """3:2 pulldown, as NTSC DVDs of film and most cartoons store it: film frames A B C D become the
-    video frames AA BB BC CD DD (top field, bottom field), 24 -> 30 frames a second."""
-    frames = []
+    video frames AA BB BC CD DD (top field, bottom field), 24 -> 30 frames a second; after `still`
+    frames of the first drawing (an opening card)."""
+    frames = [_weave(film[0], film[0])] * still
     for a, b, c, d in zip(film[0::4], film[1::4], film[2::4], film[3::4], strict=True):
         frames += [_weave(a, a), _weave(b, b), _weave(b, c), _weave(c, d), _weave(d, d)]
     _interlaced_video(path, frames)
@@ -424,6 +425,17 @@ def test_telecined_film_is_found_and_decoded_as_its_film_frames(tmp_path):
     assert max(_combing(f) for f in frames) < 20  # none left (progressive edges: ~3)
     as_video = [_drawing_id(f) for f in iter_frames(str(telecined), 320, 240)]
     assert len(as_video) == 60 and len(set(as_video)) < 60
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".ts"])
+def test_telecine_is_found_past_a_still_opening_in_containers_without_a_stream_duration(tmp_path, suffix):
+    """idet reads frames from the middle of the source; Matroska and MPEG-TS (DVD rips) give no
+    stream duration, and it read their first frames instead: a still opening, no repeated field."""
+    from pipeline.video import detect_telecine
+
+    path = tmp_path / f"late{suffix}"
+    _telecined(path, [_drawing(i % 100, (320, 240)) for i in range(240)], still=200)
+    assert detect_telecine(str(path)) is True
 
 
 @pytest.mark.parametrize("kind", ["vfr", "telecined"])
@@ -504,3 +516,19 @@ def test_colours_survive_analysis_and_writing_in_the_sources_matrix(tmp_path, ma
     with av.open(io.BytesIO(encode_clip(pictures, 24.0, crf=0))) as container:
         written = next(container.decode(video=0)).to_ndarray(format="rgb24")
     assert np.abs(bars(written) - truth).max() <= 3
+
+
+@pytest.mark.parametrize("colour", [(1, False), (1, True), (6, True)])
+def test_scene_detection_frames_have_the_keyframes_colours(colour):
+    """Picture.bgr (the small frames PySceneDetect compares) converts as rgb() does: it read every
+    picture as BT.601 limited range, stretching full-range captures' contrast."""
+    from pipeline.video import Picture
+
+    planes = (
+        np.full((64, 96), 230, np.uint8),
+        np.full((32, 48), 100, np.uint8),
+        np.full((32, 48), 160, np.uint8),
+    )
+    picture = Picture(*planes, colour=colour)
+    small = picture.bgr(48, 32)[..., ::-1].reshape(-1, 3).astype(int)
+    assert np.abs(small - picture.rgb()[0, 0].astype(int)).max() <= 1
