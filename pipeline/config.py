@@ -35,7 +35,9 @@ class ProbeConfig:
     vfr_tolerance: float = (
         0.05  # frame intervals varying more than this (relative) = variable rate: curated on a constant grid
     )
-    vfr_fps: float | None = None  # that grid's rate; None: the rate most of the source's frames are shown at
+    vfr_fps: float | None = (
+        None  # that grid's rate; None: chosen from the frame intervals (video.frame_intervals)
+    )
     ivtc: bool = (
         True  # telecined film (interlaced, 3:2 pulldown found by FFmpeg's idet) back to its film frames
     )

@@ -2,8 +2,8 @@
 
 Unreadable, truncated, zero-length, audio-only, HDR10 (PQ) or absurd inputs become rows with
 `status=error` and a reason; the job goes on. A variable-frame-rate source (screen and phone recordings, GIFs, anime
-released with a 29.97 fps opening in a 23.976 fps episode) is curated on a constant grid at the rate
-most of its frames are shown at (`vfr`: every stage decodes the same grid); telecined film is decoded
+released with a 29.97 fps opening in a 23.976 fps episode) is curated on a constant grid
+(`video.frame_intervals` chooses its rate; `vfr`: every stage decodes the same grid); telecined film is decoded
 back to its film frames (`ivtc`).
 """
 
