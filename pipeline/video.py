@@ -299,15 +299,11 @@ def detect_telecine(uri: str, frames: int = 240) -> bool | None:
         if duration_s * rate > 2 * frames:
             container.seek(int(duration_s / 2 * av.time_base))  # in AV_TIME_BASE units: any container
             decoded = container.decode(stream)
-        graph = av.filter.Graph()
-        chain = [_buffer(graph, stream), graph.add("idet"), graph.add("buffersink")]
-        for left, right in itertools.pairwise(chain):
-            left.link_to(right)
-        graph.configure()
-        verdicts = []
+        verdicts, chain, shape = [], None, None
         for frame in itertools.islice(decoded, frames):
-            chain[0].push(frame)
-            verdicts += [f.metadata.get("lavfi.idet.repeated.current_frame") for f in _pulled(chain[-1])]
+            if _shape(frame) != shape:  # (re)built for the frames' size and format, as in _filtered
+                chain, shape = _Chain(stream, frame, [("idet", "")]), _shape(frame)
+            verdicts += [f.metadata.get("lavfi.idet.repeated.current_frame") for f in chain(frame)]
         repeated = sum(v in ("top", "bottom") for v in verdicts)
         return bool(verdicts) and repeated >= TELECINE_MIN_REPEATED * len(verdicts)
 
@@ -381,29 +377,55 @@ def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterato
         filters = []
     if retime.rate is not None:
         filters.append(("fps", f"fps={retime.rate.numerator}/{retime.rate.denominator}"))
-    graph = None
-    if filters:
-        try:
-            graph = av.filter.Graph()
-            chain = [_buffer(graph, stream), *(graph.add(*f) for f in filters), graph.add("buffersink")]
-            for left, right in itertools.pairwise(chain):
-                left.link_to(right)
-            graph.configure()
-        except (av.error.FFmpegError, ValueError) as exc:
-            if retime != Retime():  # frames not retimed would mean other moments in other stages
-                raise SourceError(
-                    f"cannot retime the frames ({', '.join(f for f, _ in filters)}: {_short(exc)})"
-                ) from exc
-            graph = None  # a pixel format bwdif does not take: frames as they are
-    if graph is None:
+    if not filters:
         yield first
         yield from frames
         return
+    try:
+        chain = _Chain(stream, first, filters)
+    except (av.error.FFmpegError, ValueError) as exc:
+        if retime != Retime():  # frames not retimed would mean other moments in other stages
+            raise SourceError(
+                f"cannot retime the frames ({', '.join(f for f, _ in filters)}: {_short(exc)})"
+            ) from exc
+        yield first  # a pixel format bwdif does not take: frames as they are
+        yield from frames
+        return
+    shape = _shape(first)
     for frame in itertools.chain([first], frames):
-        chain[0].push(frame)
-        yield from _pulled(chain[-1])
-    chain[0].push(None)  # bwdif holds one frame back to look ahead, fps and decimate more: flush them
-    yield from _pulled(chain[-1])
+        # filters are built for one size and format (fieldmatch corrupts memory when fed another): when
+        # the picture changes mid-stream (a broadcast recording's SD/HD switch), the chain is flushed
+        # and a new one built
+        if _shape(frame) != shape:
+            yield from chain(None)
+            chain, shape = _Chain(stream, frame, filters), _shape(frame)
+        yield from chain(frame)
+    yield from chain(None)  # bwdif holds one frame back to look ahead, fps and decimate more: flush them
+
+
+def _shape(frame) -> tuple:
+    return frame.width, frame.height, frame.format.name
+
+
+class _Chain:
+    """A configured filter graph for frames like `frame`: source -> filters -> sink. It holds the graph:
+    PyAV frees the filters with it, and a push into a freed filter crashes the process."""
+
+    def __init__(self, stream, frame, filters: list[tuple[str, str]]):
+        import av
+
+        self.graph = av.filter.Graph()
+        nodes = [_buffer(self.graph, stream, frame), *(self.graph.add(*f) for f in filters)]
+        nodes.append(self.graph.add("buffersink"))
+        for left, right in itertools.pairwise(nodes):
+            left.link_to(right)
+        self.graph.configure()
+        self.source, self.sink = nodes[0], nodes[-1]
+
+    def __call__(self, frame) -> Iterator:
+        """Push a frame (None: the end, flushing what the filters hold) and yield what comes out."""
+        self.source.push(frame)
+        return _pulled(self.sink)
 
 
 def _interlaced(stream, first) -> bool:
@@ -411,15 +433,14 @@ def _interlaced(stream, first) -> bool:
     return bool(first.interlaced_frame) or int(field_order or 0) > 1
 
 
-def _buffer(graph, stream):
-    """A filter graph's source for the stream's frames, with its frame rate (decimate needs it)."""
-    ctx = stream.codec_context
-    rate = stream.average_rate or stream.guessed_rate
-    sar = stream.sample_aspect_ratio or ctx.sample_aspect_ratio
-    if not (ctx.pix_fmt and rate and ctx.width):
-        return graph.add_buffer(template=stream)
+def _buffer(graph, stream, frame):
+    """A filter graph's source for frames like `frame` of the stream, with the stream's frame rate
+    (decimate needs it)."""
+    rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+    sar = frame.sample_aspect_ratio if hasattr(frame, "sample_aspect_ratio") else None
+    sar = sar or stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     args = (
-        f"video_size={ctx.width}x{ctx.height}:pix_fmt={ctx.pix_fmt}:time_base={stream.time_base}"
+        f"video_size={frame.width}x{frame.height}:pix_fmt={frame.format.name}:time_base={stream.time_base}"
         f":pixel_aspect={sar.numerator if sar else 1}/{sar.denominator if sar else 1}"
         f":frame_rate={rate.numerator}/{rate.denominator}"
     )

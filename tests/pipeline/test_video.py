@@ -532,3 +532,35 @@ def test_scene_detection_frames_have_the_keyframes_colours(colour):
     picture = Picture(*planes, colour=colour)
     small = picture.bgr(48, 32)[..., ::-1].reshape(-1, 3).astype(int)
     assert np.abs(small - picture.rgb()[0, 0].astype(int)).max() <= 1
+
+
+def test_filters_follow_a_picture_size_change_mid_stream(tmp_path):
+    """A broadcast recording switches from SD to HD mid-stream; FFmpeg's filters are built for one
+    size: bwdif refused the new frames (an error row for the whole source) and fieldmatch corrupted
+    the process's memory (malloc_consolidate abort: the Ray worker dies). The chain is rebuilt."""
+    parts = []
+    for size, first_pts in (((320, 240), 0), ((480, 272), 1000)):
+        part = tmp_path / f"{size[0]}.ts"
+        with av.open(str(part), "w", format="mpegts") as container:
+            stream = container.add_stream("libx264", rate=Fraction(30000, 1001))
+            stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+            stream.options = {"x264-params": "interlaced=1:tff=1", "preset": "ultrafast"}
+            for i in range(60):
+                frame = av.VideoFrame.from_ndarray(
+                    np.full((size[1], size[0], 3), 4 * i, np.uint8), format="rgb24"
+                )
+                frame.pts = first_pts + i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        parts.append(part.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    counts = {
+        name: sum(1 for _ in iter_pictures(str(joined), 128, 80, retime=retime))
+        for name, retime in (
+            ("bwdif", None),
+            ("ivtc", Retime(ivtc=True)),
+            ("grid", Retime(rate=Fraction(24))),
+        )
+    }
+    assert counts == {"bwdif": 120, "ivtc": 96, "grid": 96}
