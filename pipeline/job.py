@@ -45,7 +45,7 @@ from pipeline.config import (
 )
 from pipeline.select import decide
 from pipeline.stages.dedup import DedupStage
-from pipeline.stages.discover import ProbeStage, discover
+from pipeline.stages.discover import ProbeStage, discover, error_fields
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
@@ -88,6 +88,13 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+# what a source (or a source's clips) whose Ray task failed every attempt becomes
+GIVEN_UP = (
+    "the worker processing it died or failed on every attempt (a crash in FFmpeg or a model, memory "
+    "exhausted, or an error in this code: Ray's worker logs, under /tmp/ray/session_latest/logs, say which)"
+)
 
 
 def _scoring_change(saved: dict, current: dict) -> str:
@@ -398,6 +405,13 @@ class CurateJob:
                 self._save_part(uri, rows)
                 expected.pop(uri)
                 progress.update(1, sum(r.get("status") != "error" for r in rows))
+        # a source whose task failed every attempt (runner.WORKER_RETRIES) left no part: its clips seen
+        # so far are dropped and it is one error row, so that the job ends and a rerun does not hang on it
+        for uri in pending:
+            if not (self.parts / f"{uri_key(uri)}.parquet").exists():
+                row = {"source_uri": uri}
+                self._save_part(uri, [{**row, **error_fields(row, f"score: {GIVEN_UP}")}])
+                progress.update(1, 0)
 
     def _init_ray(self) -> None:
         """A local Ray gets one CPU slot per worker, plus room for the model actors' token shares."""
@@ -514,7 +528,13 @@ class CurateJob:
             progress = Progress("write", len(jobs), "sources", self.log)
             failures: dict[str, str] = {}
             missing: dict[str, str] = {}
+            # a source whose task failed every attempt returns nothing: its clips are errors
+            failures.update(
+                {c["clip_id"]: f"write: {GIVEN_UP}" for job in jobs.values() for c in job["clips"]}
+            )
             for result in run_tasks(encoder, list(jobs.values()), self._workers()):
+                for clip in jobs[result["source_uri"]]["clips"]:
+                    failures.pop(clip["clip_id"], None)
                 for cid, data in result["encoded"].items():
                     save_clip(self.clips, cid, data)
                 failures.update(result["errors"])

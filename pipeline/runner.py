@@ -24,6 +24,10 @@ import numpy as np
 from pipeline.stages.base import Packed, Stage, batch_of, rows_of
 
 HEAVY_COLUMNS = ("analysis", "keyframes", "distinct_idx", "clip_image_emb")
+# A task whose worker process dies (a crash in a decoder, memory exhausted, a lost node) runs at most
+# this many times more; then its source is given up and the job goes on (the job makes it an error
+# row). Ray Data's default retries such a task for ever: one source that crashes FFmpeg hung the job.
+WORKER_RETRIES = 2
 CPU_ACTOR_SHARE = 0.1  # CPU slot a model actor reserves on a machine without GPUs
 GPU_ACTOR_MIN_CPUS = 0.01  # the least CPU share a GPU actor reserves (see actor_plan)
 
@@ -156,6 +160,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
         raise ConfigError(_cannot_connect(address, exc)) from None
     ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = -1  # a source whose task fails is left out (the job says which), not the job
     ctx.enable_progress_bars = False  # the job prints its own progress (stages, clips/s, ETA)
     ctx.print_on_execution_start = False
     # rows travel as pickled Python objects on purpose (see ROW below): say so, instead of Ray
@@ -399,6 +404,7 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 batch_format="numpy",
                 num_cpus=num_cpus,
                 compute=_tasks(workers),
+                max_retries=WORKER_RETRIES,
             )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)
@@ -414,6 +420,8 @@ def run_tasks(fn: Callable[[dict], dict], items: Sequence[dict], workers: int) -
     ds = ray.data.from_items(
         [{ROW: Packed(dict(item))} for item in items], override_num_blocks=max(1, len(items))
     )
-    ds = ds.map_batches(udf, batch_size=None, batch_format="numpy", compute=_tasks(workers))
+    ds = ds.map_batches(
+        udf, batch_size=None, batch_format="numpy", compute=_tasks(workers), max_retries=WORKER_RETRIES
+    )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield from _unwrap(batch)

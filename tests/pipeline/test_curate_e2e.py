@@ -108,6 +108,64 @@ def test_variable_rate_source_is_curated_on_a_constant_grid(curated):
     assert "Variable frame rate: 1 of " in (curated["out"] / "report.html").read_text()
 
 
+def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_path, monkeypatch):
+    """A source whose decoding kills the worker process (a crash in FFmpeg, memory exhausted) hung
+    the job: Ray retried it for ever. It is now an error row saying so, and the job finishes."""
+    from dataclasses import dataclass
+
+    from pipeline.job import CurateJob
+    from pipeline.stages.base import Stage
+
+    @dataclass
+    class CrashesOnEpisode2(Stage):
+        name = "crashes"
+
+        def process(self, row: dict) -> dict:
+            import os
+
+            if row["source_uri"].endswith("episode_02.mp4"):
+                os.abort()
+            return row
+
+    stages = CurateJob.stages
+    monkeypatch.setattr(
+        CurateJob, "stages", lambda self: [*stages(self)[:1], CrashesOnEpisode2(), *stages(self)[1:]]
+    )
+    samples.generate_footage(tmp_path / "footage")
+    out = tmp_path / "out"
+    assert (
+        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
+    )
+    files = rows_by_file(read_manifest(out / "manifest.parquet"))
+    (row,) = files["episode_02.mp4"]
+    assert row["status"] == "error" and row["reason"].startswith("score: the worker processing it died")
+    assert any(r["status"] == "kept" for r in files["episode_01.mp4"])
+    # the same in the write stage: the source's kept clips become errors, the others are written
+    from pipeline import job as job_module
+    from pipeline.stages.write import EncodeSource
+
+    class CrashingEncoder(EncodeSource):
+        def __call__(self, job: dict) -> dict:
+            import os
+
+            if job["source_uri"].endswith("episode_01.mp4"):
+                os.abort()
+            return super().__call__(job)
+
+    monkeypatch.setattr(CurateJob, "stages", stages)
+    monkeypatch.setattr(job_module, "EncodeSource", CrashingEncoder)
+    out = tmp_path / "out2"
+    assert (
+        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
+    )
+    files = rows_by_file(read_manifest(out / "manifest.parquet"))
+    scored = [
+        r for r in files["episode_01.mp4"] if r["reason"] and r["reason"].startswith("write: the worker")
+    ]
+    assert len(scored) == 3 and all(r["status"] == "error" and r["shard"] is None for r in scored)
+    assert any(r["status"] == "kept" and r["shard"] for r in files["episode_02.mp4"])
+
+
 def test_duplicate_content_is_curated_once(curated):
     files = rows_by_file(read_manifest(curated["out"] / "manifest.parquet"))
     (row,) = files["episode_01_copy.mp4"]

@@ -29,6 +29,29 @@ def test_task_stages_keep_opencv_to_the_cpus_they_declare():
     assert {r["opencv_threads"] for r in rows} == {1}
 
 
+def test_a_source_that_kills_its_worker_is_given_up_and_the_others_go_on():
+    """A decoder crash (a segfault in FFmpeg) kills the worker process; Ray Data retried such a task
+    for ever and the job hung. It is retried WORKER_RETRIES times, then left out."""
+    import time
+
+    @dataclass
+    class CrashesOnS1(Stage):
+        name = "crashes_on_s1"
+
+        def process(self, row: dict) -> dict:
+            import os
+
+            if row["source_uri"] == "s1":
+                os.abort()  # as a segfault in native code does: the process is gone, no exception
+            return row
+
+    init_ray(num_cpus=2)
+    start = time.monotonic()
+    rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(3)], [CrashesOnS1()], workers=2))
+    assert sorted(r["source_uri"] for r in rows) == ["s0", "s2"]
+    assert time.monotonic() - start < 120  # given up, not retried for ever
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_model_actors_do_not_absorb_the_cpu_task_chain(workers: int):
     """Decoding and scoring run in the task workers; a model stage's actor only runs its model.
