@@ -45,11 +45,32 @@ def test_a_source_that_kills_its_worker_is_given_up_and_the_others_go_on():
                 os.abort()  # as a segfault in native code does: the process is gone, no exception
             return row
 
+    @dataclass
+    class ModelCrashesOnS2(Stage):  # a model stage (an actor pool): a batch that kills the actor
+        name = "model_crashes_on_s2"
+        batch_size: int = 1
+
+        def setup(self) -> None:
+            self.ready = True
+
+        def process(self, row: dict) -> dict:
+            import os
+
+            if row["source_uri"] == "s2":
+                os.abort()
+            return row
+
     init_ray(num_cpus=2)
     start = time.monotonic()
-    rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(3)], [CrashesOnS1()], workers=2))
-    assert sorted(r["source_uri"] for r in rows) == ["s0", "s2"]
-    assert time.monotonic() - start < 120  # given up, not retried for ever
+    rows = list(run_stages([{"source_uri": f"s{i}"} for i in range(4)], [CrashesOnS1()], workers=2))
+    assert sorted(r["source_uri"] for r in rows) == ["s0", "s2", "s3"]
+    rows = list(
+        run_stages(
+            [{"source_uri": f"s{i}"} for i in range(4)], [CrashesOnS1(), ModelCrashesOnS2()], workers=1
+        )
+    )
+    assert sorted(r["source_uri"] for r in rows) == ["s0", "s3"]
+    assert time.monotonic() - start < 180  # given up, not retried for ever
 
 
 @pytest.mark.parametrize("workers", [1, 2])
