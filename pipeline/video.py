@@ -178,38 +178,41 @@ def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fra
     them, and a remux into MP4 keeps their rounding), so a constant 60 fps stream can have intervals
     of 16 and 17 ms. Intervals within that rounding of each other are one rate:
     spread = (longest - shortest interval - rounding) / the median interval, 0 when negative.
-    breaks: gaps of more than DISCONTINUITY_S and jumps back (files joined, a broadcast recording's
-    discontinuity): not frames held that long; gaps count for neither.
+    breaks: jumps back (files joined, a broadcast recording's discontinuity), each side measured on its
+    own. Gaps longer than DISCONTINUITY_S count for neither spread nor rate.
 
     nominal: the grid a variable-rate source is decoded on, in this order:
     - a regular cadence: the mean rate over the stream when it is a standard rate (within 0.5%) that
       gives every frame its own grid time and no interval is longer than 1.25 grid steps
       (soft-telecined film on DVD: 23.976 fps frames shown for 2 and 3 fields in turn, 33 and 50 ms);
     - the lowest rate, from that of the common interval (the mean of the intervals within rounding of
-      the median one) up to 4 times it, at which at least 95% of the intervals are whole numbers of
-      grid steps (within rounding; of two standard rates 0.1% apart, as 23.976 and 24, the closer fit):
+      the median one) up to 4 times it, at which at most 0.1% of the intervals are shorter than a step
+      (each such frame would drop) and at least 95% are whole numbers of steps (within rounding; of two
+      standard rates 0.1% apart, as 23.976 and 24, the one the frames' times drift least from):
       drawings held for 2 and 3 frames and stored once, with some on ones, come out on their 24 fps
       grid, not on the 12 fps of their common interval (which would drop every drawing on ones);
     - else the common interval's rate (a jittery capture: the odd catch-up frame drops).
     Rates are snapped to the nearest standard rate within 0.5%, else rounded to 1/1000 fps.
     """
     raw = np.asarray(pts, dtype=np.int64)
-    limit = DISCONTINUITY_S / float(time_base)
-    times = np.unique(raw)
-    steps = np.diff(times)
-    # a jump back: packets stay below the latest timestamp for longer than B-frames reorder them
+    # a jump back (files joined, a broadcast recording's discontinuity): packets stay below the latest
+    # timestamp for longer than B-frames reorder them; each side is measured on its own
     behind = np.concatenate([[False], raw[1:] < np.maximum.accumulate(raw)[:-1], [False]])
     edges = np.flatnonzero(np.diff(behind.astype(np.int8)))
-    jumps_back = int(np.sum(edges[1::2] - edges[0::2] > _REORDER_DEPTH))
-    breaks = int(np.sum(steps > limit)) + jumps_back
-    steps = steps[steps <= limit]
+    starts = [int(s) + 1 for s, e in zip(edges[0::2], edges[1::2], strict=True) if e - s > _REORDER_DEPTH]
+    segments = np.split(raw, starts)
+    steps = np.concatenate([np.diff(np.unique(segment)) for segment in segments])
+    breaks = len(starts)
+    # a gap longer than DISCONTINUITY_S is not a rate: a held card in a variable-rate source (the grid
+    # holds it), or a break in a constant-rate one (decoded as its own frames)
+    steps = steps[steps * float(time_base) <= DISCONTINUITY_S]
     if steps.size == 0:
         return 0.0, None, breaks
     tick = float(time_base)
     rounding = max(1, round(0.001 / tick))  # ticks
     median = np.sort(steps)[steps.size // 2]  # an interval that occurs (a mean of two may not)
     spread = max(0.0, float(steps.max() - steps.min() - rounding)) / float(median)
-    seconds = np.concatenate([[0.0], np.cumsum(steps) * tick])  # breaks closed up
+    seconds = np.concatenate([[0.0], np.cumsum(steps) * tick])  # gaps closed up
     step_s = steps * tick
 
     regular = _standard_rate(float(step_s.mean()))
@@ -222,14 +225,22 @@ def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fra
         multiples = step_s * float(rate)
         residual = np.abs(multiples - np.rint(multiples)) / float(rate)  # seconds off the grid
         # within the clock's rounding, but never a quarter step (a clock of 1/24 s is exact for 24 fps)
-        whole = (np.rint(multiples) >= 1) & (residual <= min(rounding * tick, 0.25 / float(rate)))
-        if whole.mean() >= 0.95:
-            fits.append((rate, float(residual.mean())))
+        tolerance = min(rounding * tick, 0.25 / float(rate))
+        short = multiples * (1 + 1e-9) < 1 - tolerance * float(rate)  # shown less than a step: dropped
+        whole = (np.rint(multiples) >= 1) & (residual <= tolerance)
+        if short.mean() <= 0.001 and whole.mean() >= 0.95:
+            fits.append(rate)
     if not fits:
         return spread, base, breaks
-    lowest = min(rate for rate, _ in fits)
-    near = [(residual, rate) for rate, residual in fits if rate <= lowest * Fraction(1002, 1000)]
-    return spread, min(near)[1], breaks
+    # of two rates 0.1% apart (23.976 and 24: a millisecond clock cannot tell them apart interval by
+    # interval), the one whose grid the frames' times drift least from
+    lowest = min(fits)
+    near = [r for r in fits if r <= lowest * Fraction(1002, 1000)]
+
+    def drift(rate: Fraction) -> float:
+        return float(np.abs(seconds * float(rate) - np.rint(seconds * float(rate))).mean())
+
+    return spread, min(near, key=drift), breaks
 
 
 def _standard_rate(step_s: float) -> Fraction:
@@ -297,7 +308,8 @@ def detect_telecine(uri: str, frames: int = 240) -> bool | None:
             duration_s = (container.duration or 0) / av.time_base
         rate = float(stream.average_rate or stream.guessed_rate or 30)
         if duration_s * rate > 2 * frames:
-            container.seek(int(duration_s / 2 * av.time_base))  # in AV_TIME_BASE units: any container
+            # in AV_TIME_BASE units, from the container's start (a broadcast recording's is anywhere)
+            container.seek((container.start_time or 0) + int(duration_s / 2 * av.time_base))
             decoded = container.decode(stream)
         verdicts, chain, shape = [], None, None
         for frame in itertools.islice(decoded, frames):

@@ -124,6 +124,13 @@ def _clock(rate: Fraction, tick: Fraction, frames: int) -> list[int]:
     return np.diff([round(k / rate / tick) for k in range(frames + 1)]).tolist()
 
 
+def _held(rate: Fraction, tick: Fraction, holds: list[int], frames: int) -> list[int]:
+    """Frame intervals, in ticks, of drawings stored once and held `holds` steps (cycled) of a `rate`
+    grid, with timestamps rounded to `tick` (as an encoder that drops repeated frames stores them)."""
+    steps = np.cumsum([0] + [holds[i % len(holds)] for i in range(frames)])
+    return np.diff([round(k / rate / tick) for k in steps]).tolist()
+
+
 MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
 
 
@@ -144,13 +151,16 @@ MS, MPEG, GIF = Fraction(1, 1000), Fraction(1, 90000), Fraction(1, 100)
         (MS, _clock(Fraction(24000, 1001), MS, 200) + _clock(Fraction(30000, 1001), MS, 60), True,
          Fraction(24000, 1001)),
         # a screen recording catching up after stalls: on a 29.97 grid its catch-up frames would drop;
-        # 60 keeps every frame (a frame shown 33 ms is two grid frames)
-        (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(60)),
+        # 59.94 keeps every frame (a frame shown 33 ms is two grid frames)
+        (MS, [33, 34, 33, 67, 17, 33, 34, 100] * 10, True, Fraction(60000, 1001)),
         # drawings held 2 and 3 frames at 24 fps and stored once, some on ones: the common interval
         # (12 or 8 fps) would drop every drawing on ones; the grid they are all whole steps of is 24
         (MS, _clock(Fraction(12), MS, 90) * 3 + _clock(Fraction(24), MS, 30), True, Fraction(24)),
         (Fraction(1, 24), [1, 3] * 40, True, Fraction(24)),  # an AVI counting frames: held 1 and 3
-        (MS, [42, 125] * 40, True, Fraction(24)),  # ones and threes: not a regular cadence at 12
+        (MS, _held(Fraction(24), MS, [1, 3], 80), True, Fraction(24)),  # ones and threes: not 12 on ones
+        # on twos at 23.976 with 2.5% on ones (action): 12 would drop the drawings on ones
+        (MS, _held(Fraction(24000, 1001), MS, [2] * 39 + [1], 400), True, Fraction(24000, 1001)),
+        (MS, _held(Fraction(24), MS, [2, 2, 3, 2, 1, 2], 300), True, Fraction(24)),
         # a GIF at 12.5 fps with merged held frames
         (GIF, [8, 8, 16, 8, 24, 8] * 10, True, Fraction(25, 2)),
         (MS, [45, 47, 44, 90, 46] * 10, True, Fraction(21739, 1000)),  # no standard rate: to 1/1000 fps
@@ -201,20 +211,31 @@ def test_hdr10_source_is_an_error_row_that_says_how_to_convert_it(tmp_path):
     )
 
 
-def test_variable_rate_source_with_a_break_in_its_timestamps_is_an_error_row(tmp_path):
-    """A grid over a 30 s gap would be 720 copies of one frame; a constant-rate source with the same
-    break decodes its own frames (the break is not a hold)."""
-    frames = [np.full((64, 96, 3), 4 * i, np.uint8) for i in range(40)]
-    steps = list(samples.VFR_STEPS_MS) * 2
-    steps[20] = 30_000
-    samples.write_video(tmp_path / "vfr.mp4", frames, 24, (96, 64), steps_ms=steps)
-    row = probe(str(tmp_path / "vfr.mp4"))
-    assert row["status"] == "error" and "1 break(s) in its timestamps" in row["reason"], row["reason"]
-    samples.write_video(
-        tmp_path / "cfr.mp4", frames, 24, (96, 64), steps_ms=[42, 42, 41] * 6 + [30_000] + [42] * 30
-    )
-    row = probe(str(tmp_path / "cfr.mp4"))
-    assert (row["status"], row["vfr"]) == (None, False)
+def test_variable_rate_source_with_a_jump_back_in_its_timestamps_is_an_error_row(tmp_path):
+    """Two variable-rate recordings joined, each with its own clock: one grid over both would drop
+    what follows the jump back. A constant-rate source joined the same way decodes its own frames,
+    and a long held card in a variable-rate source is a hold (the grid repeats it), not a break."""
+    frames = [np.full((64, 96, 3), 2 * i, np.uint8) for i in range(120)]
+    parts = []
+    for name, steps in (("vfr", list(samples.VFR_STEPS_MS)), ("cfr", [42, 42, 41])):
+        for half in (0, 1):
+            samples.write_video(
+                tmp_path / f"{name}{half}.ts",
+                frames[60 * half : 60 * half + 60],
+                24,
+                (96, 64),
+                steps_ms=steps,
+            )
+        joined = tmp_path / f"{name}.ts"
+        joined.write_bytes((tmp_path / f"{name}0.ts").read_bytes() + (tmp_path / f"{name}1.ts").read_bytes())
+        parts.append(probe(str(joined)))
+    assert parts[0]["status"] == "error" and "1 break(s) in its timestamps" in parts[0]["reason"], parts[0]
+    assert (parts[1]["status"], parts[1]["vfr"]) == (None, False)
+    steps = list(samples.VFR_STEPS_MS) * 3
+    steps[20] = 12_500  # a title card held 12.5 s, stored once
+    samples.write_video(tmp_path / "card.mp4", frames, 24, (96, 64), steps_ms=steps)
+    row = probe(str(tmp_path / "card.mp4"))
+    assert (row["status"], row["vfr"], row["fps"]) == (None, True, 24.0)
 
 
 def test_variable_rate_source_is_curated_on_a_constant_grid(tmp_path):

@@ -371,14 +371,16 @@ def test_variable_rate_video_decodes_on_a_constant_grid(tmp_path):
     assert [_drawing_id(f) for f in iter_frames(str(path), 160, 96)] == list(range(len(VFR_MS)))
 
 
-def _interlaced_video(path, frames: list[np.ndarray]) -> None:
+def _interlaced_video(path, frames: list[np.ndarray], first_pts: int = 0) -> None:
     """Frames whose rows alternate two pictures' fields, encoded interlaced (top field first) at 29.97."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(30000, 1001))
         stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
         stream.options = {"x264-params": "interlaced=1:tff=1", "crf": "12", "preset": "fast"}
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = first_pts + i  # a broadcast recording's clock starts anywhere
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
 
@@ -388,14 +390,14 @@ def _weave(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return frame
 
 
-def _telecined(path, film: list[np.ndarray], still: int = 0) -> None:
+def _telecined(path, film: list[np.ndarray], still: int = 0, first_pts: int = 0) -> None:
     """3:2 pulldown, as NTSC DVDs of film and most cartoons store it: film frames A B C D become the
     video frames AA BB BC CD DD (top field, bottom field), 24 -> 30 frames a second; after `still`
     frames of the first drawing (an opening card)."""
     frames = [_weave(film[0], film[0])] * still
     for a, b, c, d in zip(film[0::4], film[1::4], film[2::4], film[3::4], strict=True):
         frames += [_weave(a, a), _weave(b, b), _weave(b, c), _weave(c, d), _weave(d, d)]
-    _interlaced_video(path, frames)
+    _interlaced_video(path, frames, first_pts)
 
 
 def _combing(image: np.ndarray) -> float:
@@ -434,7 +436,8 @@ def test_telecine_is_found_past_a_still_opening_in_containers_without_a_stream_d
     from pipeline.video import detect_telecine
 
     path = tmp_path / f"late{suffix}"
-    _telecined(path, [_drawing(i % 100, (320, 240)) for i in range(240)], still=200)
+    first_pts = 30_000 if suffix == ".ts" else 0  # a recording whose clock starts at 1001 s
+    _telecined(path, [_drawing(i % 100, (320, 240)) for i in range(240)], still=200, first_pts=first_pts)
     assert detect_telecine(str(path)) is True
 
 
