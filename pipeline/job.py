@@ -6,6 +6,7 @@ continues where it stopped:
   .work/clips/<clip_id>.mp4          an encoded clip (written atomically)
   .work/state.json                   the scoring config the work was done with
   .work/done.json                    what the last finished run produced (a rerun is then a no-op)
+  .work/given_up.json                sources whose worker died on every attempt (a rerun tries again)
 The final steps (shards, manifest, report) are rebuilt from these files and are deterministic, given
 OUT/split_history.parquet: what earlier splits of this OUT put in train and eval (split.sticky).
 """
@@ -92,8 +93,8 @@ class Progress:
 
 # what a source (or a source's clips) whose Ray task failed every attempt becomes
 GIVEN_UP = (
-    "the worker processing it died or failed on every attempt (a crash in FFmpeg or a model, memory "
-    "exhausted, or an error in this code: Ray's worker logs, under /tmp/ray/session_latest/logs, say which)"
+    "the worker processing it died on every attempt (a crash in FFmpeg or a model, or memory exhausted: "
+    "Ray's worker logs, under /tmp/ray/session_latest/logs, say which); a rerun tries it again"
 )
 
 
@@ -157,6 +158,7 @@ class CurateJob:
         self.parts = self.work / "sources"
         self.clips = self.work / "clips"
         self.restart = restart
+        self._encodes_given_up = False  # a source's encode task died on every attempt (see _encode)
         self.log = config.run.progress
 
     # ------------------------------------------------------------------ entry points
@@ -200,10 +202,11 @@ class CurateJob:
             result = self._result(table, noop=True)
             self._say("nothing to do: this job already finished with the same inputs and config")
             return result
-        self._score(sources)
+        given_up = self._score(sources)
         table = self._load_parts(sources)
         result = self.finalize(table)
-        write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
+        if not given_up and not self._encodes_given_up:  # a rerun tries them again: not a no-op
+            write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
 
     def _sources(self) -> list[str]:
@@ -379,16 +382,23 @@ class CurateJob:
             *self.model_stages(),
         ]
 
-    def _score(self, sources: list[str]) -> None:
+    def _score(self, sources: list[str]) -> list[str]:
+        """Score the sources without a part in OUT/.work; returns those given up (runner.WORKER_RETRIES):
+        their parts are error rows for this run's manifest, and the next run scores them again."""
         from pipeline.runner import run_stages
 
         for stale in self.parts.glob(".*"):  # a temporary file a killed run left half-written
             stale.unlink(missing_ok=True)
+        given_up_file = self.work / "given_up.json"
+        if given_up_file.exists():  # an out-of-memory or a lost node is worth another try
+            for uri in json.loads(given_up_file.read_text()):
+                (self.parts / f"{uri_key(uri)}.parquet").unlink(missing_ok=True)
+            given_up_file.unlink()
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
         if len(pending) < len(sources):
             self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
         if not pending:
-            return
+            return []
         self._init_ray()
         workers = self._workers()
         progress = Progress("score", len(pending), "sources", self.log)
@@ -407,11 +417,14 @@ class CurateJob:
                 progress.update(1, sum(r.get("status") != "error" for r in rows))
         # a source whose task failed every attempt (runner.WORKER_RETRIES) left no part: its clips seen
         # so far are dropped and it is one error row, so that the job ends and a rerun does not hang on it
-        for uri in pending:
-            if not (self.parts / f"{uri_key(uri)}.parquet").exists():
-                row = {"source_uri": uri}
-                self._save_part(uri, [{**row, **error_fields(row, f"score: {GIVEN_UP}")}])
-                progress.update(1, 0)
+        given_up = [uri for uri in pending if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
+        for uri in given_up:
+            row = {"source_uri": uri}
+            self._save_part(uri, [{**row, **error_fields(row, f"score: {GIVEN_UP}")}])
+            progress.update(1, 0)
+        if given_up:
+            write_json_atomic(given_up_file, given_up)
+        return given_up
 
     def _init_ray(self) -> None:
         """A local Ray gets one CPU slot per worker, plus room for the model actors' token shares."""
@@ -532,7 +545,9 @@ class CurateJob:
             failures.update(
                 {c["clip_id"]: f"write: {GIVEN_UP}" for job in jobs.values() for c in job["clips"]}
             )
+            given_up = set(jobs)
             for result in run_tasks(encoder, list(jobs.values()), self._workers()):
+                given_up.discard(result["source_uri"])
                 for clip in jobs[result["source_uri"]]["clips"]:
                     failures.pop(clip["clip_id"], None)
                 for cid, data in result["encoded"].items():
@@ -549,6 +564,7 @@ class CurateJob:
                     f" are not in the clip cache ({self.clips}) and their sources are not there (e.g. {why});"
                     " nothing was changed: restore the sources (or the cache) and run select again"
                 )
+            self._encodes_given_up = bool(given_up)  # their clips are tried again by a rerun
             if failures:
                 for row in rows:
                     if row["clip_id"] in failures:

@@ -160,7 +160,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
         raise ConfigError(_cannot_connect(address, exc)) from None
     ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = -1  # a source whose task fails is left out (the job says which), not the job
+    # a source whose worker dies on every attempt is left out (the job makes it an error row), not the
+    # job; an exception in a stage never gets here: it fails its row (_through, _ActorUDF)
+    ctx.max_errored_blocks = -1
     ctx.enable_progress_bars = False  # the job prints its own progress (stages, clips/s, ETA)
     ctx.print_on_execution_start = False
     # rows travel as pickled Python objects on purpose (see ROW below): say so, instead of Ray
@@ -249,14 +251,39 @@ def _threads_as_declared(num_cpus: float) -> None:
         cv2.setNumThreads(threads)
 
 
+def _failed(stage: Stage, row: dict, exc: Exception) -> dict:
+    """The row a stage failed on (a bug, or an input no one foresaw), as an error row naming the
+    error: a clip keeps its identity, a source becomes its source-level error row. The traceback goes
+    to the worker's log (Ray forwards it to the driver's console)."""
+    from pipeline.stages.discover import error_fields
+
+    logging.getLogger(__name__).exception("%s failed on %s", stage.name, row.get("source_uri"))
+    reason = f"{stage.name}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+    if row.get("row_kind") == "clip":
+        return {**row, "status": "error", "reason": reason}
+    return {**row, **error_fields(row, reason), "row_kind": "error"}
+
+
 def _through(stage: Stage, rows: Iterator[dict]) -> Iterator[dict]:
-    """One task stage over a stream of rows, one row at a time (what Ray gave it, one block per row)."""
+    """One task stage over a stream of rows, one row at a time (what Ray gave it, one block per row).
+    An exception fails the row it happened on, not the source's task (nor the job)."""
     for row in rows:
-        if stage.emits_many:
-            for out in stage.process_rows([row]):
-                yield stage.mark(out)
-        else:
-            yield from rows_of(stage(batch_of([row])))
+        emitted = 0
+        try:
+            if stage.emits_many:
+                for out in stage.process_rows([row]):
+                    emitted += out.get("row_kind") != "source_end"
+                    yield stage.mark(out)
+            else:
+                yield from rows_of(stage(batch_of([row])))
+        except Exception as exc:  # noqa: BLE001 - the row becomes an error row with the error's name
+            yield _failed(stage, row, exc)
+            if stage.emits_many:  # the source's clips cut so far stand; the job counts them and this
+                yield {
+                    "row_kind": "source_end",
+                    "source_uri": row["source_uri"],
+                    "clips_emitted": emitted + 1,
+                }
 
 
 def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...], num_cpus: float) -> Callable:
@@ -288,8 +315,17 @@ class _ActorUDF:
         self.stage.setup()
 
     def __call__(self, ray_batch):
-        rows = rows_of(self.stage(batch_of(_unwrap(ray_batch))))
-        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in rows])
+        rows = _unwrap(ray_batch)
+        try:
+            out = rows_of(self.stage(batch_of(rows)))
+        except Exception:  # noqa: BLE001 - one clip (or the batch's size: GPU memory) fails, not the batch
+            out = []
+            for row in rows:
+                try:
+                    out += rows_of(self.stage(batch_of([row])))
+                except Exception as exc:  # noqa: BLE001 - an error row naming the error
+                    out.append(_failed(self.stage, row, exc))
+        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
 
 
 def _tasks(workers: int):

@@ -140,6 +140,13 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
     (row,) = files["episode_02.mp4"]
     assert row["status"] == "error" and row["reason"].startswith("score: the worker processing it died")
     assert any(r["status"] == "kept" for r in files["episode_01.mp4"])
+    # an out-of-memory or a lost node is worth another try: the rerun scores it (not a no-op)
+    monkeypatch.setattr(CurateJob, "stages", stages)
+    assert (
+        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
+    )
+    files = rows_by_file(read_manifest(out / "manifest.parquet"))
+    assert any(r["status"] == "kept" for r in files["episode_02.mp4"])
     # the same in the write stage: the source's kept clips become errors, the others are written
     from pipeline import job as job_module
     from pipeline.stages.write import EncodeSource
@@ -164,6 +171,12 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
     ]
     assert len(scored) == 3 and all(r["status"] == "error" and r["shard"] is None for r in scored)
     assert any(r["status"] == "kept" and r["shard"] for r in files["episode_02.mp4"])
+    monkeypatch.setattr(job_module, "EncodeSource", EncodeSource)  # and a rerun writes them
+    assert (
+        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
+    )
+    files = rows_by_file(read_manifest(out / "manifest.parquet"))
+    assert sum(r["status"] == "kept" and r["shard"] is not None for r in files["episode_01.mp4"]) == 3
 
 
 def test_duplicate_content_is_curated_once(curated):

@@ -73,6 +73,44 @@ def test_a_source_that_kills_its_worker_is_given_up_and_the_others_go_on():
     assert time.monotonic() - start < 180  # given up, not retried for ever
 
 
+def test_a_stage_that_raises_fails_the_row_with_the_errors_name_not_the_job():
+    """An exception (a bug, an input no one foresaw) in a task stage or a model stage becomes the
+    error row of the row it happened on, naming the error; the batch's other rows are scored."""
+
+    @dataclass
+    class RaisesOnS1(Stage):
+        name = "raises"
+
+        def process(self, row: dict) -> dict:
+            if row["source_uri"] == "s1":
+                raise ValueError("no such thing")
+            return {**row, "row_kind": "clip", "scored": True}
+
+    @dataclass
+    class ModelRaisesOnS2(Stage):
+        name = "model"
+        batch_size: int = 4
+
+        def setup(self) -> None:
+            self.ready = True
+
+        def process(self, row: dict) -> dict:
+            if row["source_uri"] == "s2":
+                raise RuntimeError("CUDA out of memory")
+            return {**row, "modelled": True}
+
+    init_ray(num_cpus=2)
+    rows = {r["source_uri"]: r for r in run_stages([{"source_uri": f"s{i}"} for i in range(4)],
+                                                   [RaisesOnS1(), ModelRaisesOnS2()], workers=1)}  # fmt: skip
+    assert sorted(rows) == ["s0", "s1", "s2", "s3"]
+    assert rows["s1"]["status"] == "error" and rows["s1"]["reason"] == "raises: ValueError: no such thing"
+    assert (
+        rows["s2"]["status"] == "error" and rows["s2"]["reason"] == "model: RuntimeError: CUDA out of memory"
+    )
+    assert rows["s2"]["row_kind"] == "clip"  # a clip keeps its identity
+    assert rows["s0"]["modelled"] and rows["s3"]["modelled"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_model_actors_do_not_absorb_the_cpu_task_chain(workers: int):
     """Decoding and scoring run in the task workers; a model stage's actor only runs its model.
