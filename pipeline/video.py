@@ -112,7 +112,9 @@ class ProbeInfo:
     transfer: int = 0  # FFmpeg's transfer characteristic (AVColorTransferCharacteristic); 16: PQ (HDR10)
 
 
-DISCONTINUITY_S = 10.0  # a longer gap between two frames' timestamps is a break, not a held frame
+DISCONTINUITY_S = (
+    10.0  # a longer gap between two frames is no rate (a held card, or a break in a constant rate)
+)
 _REORDER_DEPTH = 32  # more than any codec's decode-to-presentation reordering (H.264: 16)
 
 # Frame rates a source is likely made at: a variable-rate source is decoded on a grid at the one its
@@ -142,11 +144,7 @@ def probe(uri: str) -> ProbeInfo:
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        duration_s = 0.0
-        if stream.duration is not None and stream.time_base is not None:
-            duration_s = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration_s = container.duration / 1_000_000
+        duration_s = _duration_s(container, stream)
         num_frames = int(stream.frames or round(duration_s * fps))
         pts = []
         try:
@@ -168,6 +166,14 @@ def probe(uri: str) -> ProbeInfo:
             breaks=breaks,
             transfer=int(ctx.color_trc or 0),
         )
+
+
+def _duration_s(container, stream) -> float:
+    """The stream's duration in seconds, else the container's (Matroska and MPEG-TS give no stream
+    duration), else 0."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return (container.duration or 0) / 1_000_000  # AV_TIME_BASE
 
 
 def frame_intervals(pts: Sequence[int], time_base: Fraction) -> tuple[float, Fraction | None, int]:
@@ -301,11 +307,7 @@ def detect_telecine(uri: str, frames: int = 240) -> bool | None:
         first = next(decoded, None)
         if first is None or not _interlaced(stream, first):
             return None
-        # Matroska and MPEG-TS give no stream duration or frame count: the container's duration
-        if stream.duration and stream.time_base:
-            duration_s = float(stream.duration * stream.time_base)
-        else:
-            duration_s = (container.duration or 0) / av.time_base
+        duration_s = _duration_s(container, stream)
         rate = float(stream.average_rate or stream.guessed_rate or 30)
         if duration_s * rate > 2 * frames:
             # in AV_TIME_BASE units, from the container's start (a broadcast recording's is anywhere)
@@ -868,7 +870,7 @@ def encode_clip(
     first = frames[0]
     width, height = first.size if isinstance(first, Picture) else first.shape[1::-1]
     buffer = io.BytesIO()
-    rate = Fraction(fps).limit_denominator(1001)
+    rate = grid_rate(fps)
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -19,7 +19,6 @@ from manifests.keys import clip_id, source_id_from_stream
 from manifests.remote import local_path
 from pipeline.stages.base import Stage
 from pipeline.video import (
-    DISCONTINUITY_S,
     VIDEO_EXTENSIONS,
     SourceError,
     detect_borders,
@@ -191,12 +190,12 @@ class ProbeStage(Stage):
                     "tonemap=hable,zscale=t=bt709:m=bt709:p=bt709:r=tv,format=yuv420p)"
                 )
             out["vfr"] = info.vfr_spread > self.vfr_tolerance and info.nominal_rate is not None
-            # a grid would fill a break with one frame held, or drop what follows a jump back
+            # one grid over both sides of a jump back would drop what follows it
             if out["vfr"] and info.breaks:
                 raise SourceError(
-                    f"variable frame rate with {info.breaks} break(s) in its timestamps (a gap of more than "
-                    f"{DISCONTINUITY_S:g} s, or a jump back): its frames cannot be put on one grid; remux it "
-                    "with fresh timestamps or split it at the breaks"
+                    f"variable frame rate with {info.breaks} break(s) in its timestamps (jumps back: recordings "
+                    "joined): its frames cannot be put on one grid; remux it with fresh timestamps or split it "
+                    "at the breaks"
                 )
             out["ivtc"] = not out["vfr"] and self.ivtc and self._telecined(uri, info.fps)
             # frame numbers count the retimed frames: every stage decodes them (video.source_retime)
