@@ -28,6 +28,7 @@ from inference.media import (
     InputError,
     check_keyframe_files,
     check_size,
+    check_writable_folder,
     fit_frame,
     frame_size,
     image_size,
@@ -40,6 +41,7 @@ from inference.media import (
 )
 from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, local_input, not_a_url
+from training.models.tooncrafter import size_step, tooncrafter_config
 
 log = logging.getLogger("inbetweener.interpolate")
 
@@ -241,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
+    """A row's name as a folder name: letters and digits of any script kept (歩く, Scène), runs of anything
+    else (path separators, spaces, control characters) made one `_`."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "clip"
 
 
 def _sketch_files(items: list[str], keyframe_size: tuple[int, int], resolve=Path) -> dict[int, Path]:
@@ -299,6 +303,7 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
         return [v for v in (str(value or "").split(";")) if v.strip()]
 
     jobs, problems = [], []
+    names: dict[str, list[str]] = {}  # output folder -> the rows' names that give it
     for i, row in enumerate(rows):
         try:
             keys = split(row.get("keyframes")) or [row.get("start"), row.get("end")]
@@ -316,6 +321,7 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             problems.append(f"row {i + 1}: {exc}")
             continue
         name = row.get("name") or f"{i:04d}_{paths[0].stem}_{paths[-1].stem}"
+        names.setdefault(_safe_name(str(name)), []).append(str(name))
         prompt = row.get("prompt")
         jobs.append(
             Job(
@@ -335,6 +341,12 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             f"{path}: {len(problems)} of {len(rows)} rows cannot be used (nothing was run; fix or remove them):"
             f"\n  {listed}{more}"
         )
+    shared = [(folder, given) for folder, given in names.items() if len(given) > 1]
+    if shared:
+        listed = "; ".join(
+            f"{', '.join(repr(g) for g in sorted(set(given)))} -> {folder}/" for folder, given in shared[:5]
+        )
+        raise InputError(f"{path}: rows share an output folder: {listed} (give each row a unique `name`)")
     return jobs
 
 
@@ -432,6 +444,43 @@ def _formats(text: str) -> list[str]:
     return formats
 
 
+TRAINED_ASPECT = 512 / 320  # the frames ToonCrafter was trained on
+FAR_ASPECT = 2.5  # a frame whose long side is more than this many times its short side is warned about
+
+
+def warn_far_from_training(size: tuple[int, int], name: str = "") -> bool:
+    """Warn (and say True) when a frame's shape is far from the model's training frames: a 20:1 pan background
+    becomes a 320x6400 frame, slow and outside anything the model has seen."""
+    aspect = max(size) / min(size)
+    if aspect <= FAR_ASPECT:
+        return False
+    log.warning(
+        "%sframe %dx%d is %.1f:1; the model was trained on %.1f:1 frames (320x512), so expect a slow run and"
+        " poor in-betweens: crop the keyframes closer to the model's shape, or give --size",
+        f"{name}: " if name else "",
+        size[1],
+        size[0],
+        aspect,
+        TRAINED_ASPECT,
+    )
+    return True
+
+
+def warn_long_prompts(jobs: list[Job]) -> None:
+    """The text encoder reads 77 tokens (75 of the prompt); a longer prompt is cut there, as the reference
+    does. Said, so that a detail at the end of a long prompt is not believed to be used."""
+    from training.models.clip import CLIPTextEncoder
+
+    long = [(j.name, n) for j in jobs if (n := CLIPTextEncoder.token_count(j.prompt)) > PROMPT_TOKENS]
+    if long:
+        rows = ", ".join(f"{name or 'the prompt'} ({n} tokens)" for name, n in long[:5])
+        more = f" and {len(long) - 5} more" if len(long) > 5 else ""
+        log.warning("prompts longer than %d tokens are cut there: %s%s", PROMPT_TOKENS, rows, more)
+
+
+PROMPT_TOKENS = 75  # 77 minus the start and end tokens
+
+
 def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, multiple: int):
     """The job's keyframes and sketches fitted to the model frame -> (keyframe tensors, sketch hints, size)."""
     import torch
@@ -442,6 +491,7 @@ def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, mult
     h, w = images[0].shape[:2]
     target = size or frame_size(h, w, short_side, multiple)
     check_size(target, multiple)
+    warn_far_from_training(target, job.name)
     keyframes = [to_model_range(fit_frame(k, target)) for k in images]
     hints = {i: torch.from_numpy(sketch_hint(fit_frame(s, target))) for i, s in job.read_sketches().items()}
     return keyframes, hints, target
@@ -456,6 +506,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--short-side must be positive, got {args.short_side}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the outputs")
+    check_writable_folder(args.out, create=False)
     size = parse_size(args.size) if args.size else None
     jobs = build_jobs(args)
     problems = []
@@ -491,13 +542,15 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
     needs_sketch = any(j.sketch_files for j in jobs)
     sketch_path = find_weights(args.sketch_checkpoint, SKETCH_FILE, args.models_dir) if needs_sketch else None
+    warn_long_prompts(jobs)
     if args.dry_run:
         return _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, device, dtype)
+    check_writable_folder(args.out, create=True)
     model = load_tooncrafter(checkpoint, args.preset)
     from training.checkpoint import preset_name
 
     preset = preset_name(model.cfg)
-    multiple = 2 ** (len(model.cfg.vae.ch_mult) - 1) * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    multiple = size_step(model.cfg)
     if size is not None:
         check_size(size, multiple)
     sketch_encoder = load_sketch_encoder(sketch_path, preset) if sketch_path else None
@@ -607,6 +660,20 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
     if all(j.size is not None for j in jobs):  # found by the checks; a manifest's clips have theirs
         sizes = Counter(j.size for j in jobs)
         print("keyframe sizes: " + ", ".join(f"{w}x{h} ({_rows(k)})" for (h, w), k in sorted(sizes.items())))
+        cfg = _header_config(checkpoint) or tooncrafter_config(args.preset or "toon-512")
+        multiple = size_step(cfg)
+        if args.size:
+            check_size(parse_size(args.size), multiple)
+        frames = Counter(
+            parse_size(args.size) if args.size else frame_size(*j.size, args.short_side, multiple)
+            for j in jobs
+        )
+        for size in frames:
+            warn_far_from_training(size)
+        print(
+            f"frame sizes (sides multiples of {multiple}): "
+            + ", ".join(f"{w}x{h} ({_rows(k)})" for (h, w), k in sorted(frames.items()))
+        )
     else:
         print("keyframe sizes: the clips' (decoded at each row's turn)")
     print(f"checkpoint: {checkpoint} (found; loaded and checked only by a real run)")
@@ -622,6 +689,15 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
     )
     print(f"dry run: nothing was loaded or written{later}")
     return 0
+
+
+def _header_config(checkpoint: Path):
+    from training.checkpoint import CheckpointError, header_config
+
+    try:
+        return header_config(checkpoint)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
 
 
 def write_batch_status(out: Path, jobs: list[Job], failed: dict[str, str]) -> Path:

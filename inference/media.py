@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from manifests.files import atomic_path
+
+log = logging.getLogger("inbetweener.media")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -46,6 +49,23 @@ class InputError(ValueError):
 # --- reading ---------------------------------------------------------------------------------------------------
 
 
+# Pillow refuses images over twice its MAX_IMAGE_PIXELS (89 Mpx: a guard against decompression bombs from
+# the web) with a traceback; keyframes are the user's own files, and a 1200 dpi scan of a drawing is ~180 Mpx.
+# Here the limit is what decodes in a few GB of memory, and passing it is an InputError naming the file.
+MAX_IMAGE_PIXELS = 512_000_000
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int | None) -> Iterator[None]:
+    from PIL import Image
+
+    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 @contextlib.contextmanager
 def _opened_image(path: str | os.PathLike) -> Iterator[Any]:
     """A Pillow image of `path`; InputError naming the file when it is missing, a folder or unreadable
@@ -58,9 +78,22 @@ def _opened_image(path: str | os.PathLike) -> Iterator[Any]:
     if path.is_dir():
         raise InputError(f"{path} is a folder, not an image file")
     try:
-        with Image.open(path) as image:
+        with _pixel_limit(None), Image.open(path) as image:
+            pixels = image.size[0] * image.size[1]
+            if pixels > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{path} is {image.size[0]}x{image.size[1]} ({pixels / 1e6:.0f} megapixels), more than the"
+                    f" {MAX_IMAGE_PIXELS / 1e6:.0f} read here; scale it down first (the model sees a keyframe"
+                    " 320 pixels high)"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                log.warning(
+                    "%s has %d frames (animated or multi-page); its first is used", path, image.n_frames
+                )
             yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         raise InputError(
             f"{path} is not an image file that Pillow can read ({exc.__class__.__name__}"
@@ -78,9 +111,14 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
     with _opened_image(path) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
+        key = image.info.get("transparency")  # a colour key (PNG tRNS): the pixels of that value are clear
         if image.mode.startswith("I") or image.mode == "F":
-            image = Image.fromarray(grey_to_uint8(np.asarray(image), image.mode), "L")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            values = np.asarray(image)
+            image = Image.fromarray(grey_to_uint8(values, image.mode), "L")
+            if isinstance(key, int):  # the key is in the 16-bit values: carry it over as an alpha plane
+                alpha = np.where(values == key, 0, 255).astype(np.uint8)
+                image = Image.merge("LA", (image, Image.fromarray(alpha, "L")))
+        if image.mode in ("RGBA", "LA", "PA") or (key is not None and image.mode in ("P", "L", "RGB")):
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         image = image.convert("L" if grey else "RGB")
@@ -187,7 +225,7 @@ def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
                     add(index, p)
             unnumbered = [p.name for i, p in numbered if i is None]
             if unnumbered:  # said, so that a sketch named without its index is not silently left out
-                logging.getLogger("inbetweener.interpolate").warning(
+                log.warning(
                     "sketch folder %s: %s not used (no frame index at the end of the name)",
                     path,
                     ", ".join(unnumbered),
@@ -285,6 +323,19 @@ def write_pngs(frames: np.ndarray, folder: Path, first_index: int = 0) -> list[P
     return paths
 
 
+def remove_stale(out_dir: Path, written: dict[str, Path | list[Path]], stem: str = "inbetween") -> list[Path]:
+    """Remove what an earlier run left in `out_dir` that this run did not write: numbered frames past this
+    run's count (an image-sequence import would take them as part of this clip) and the clip files of formats
+    not asked for this time (made from other frames). Other files are left alone. -> the removed paths."""
+    kept = {Path(p) for v in written.values() for p in (v if isinstance(v, list) else [v])}
+    stale = [p for p in sorted((out_dir / "frames").glob("*.png")) if re.fullmatch(r"\d{4,}", p.stem)]
+    stale += [out_dir / f"{stem}.{ext}" for ext in ("mp4", "gif")]
+    removed = [p for p in stale if p not in kept and p.is_file()]
+    for p in removed:
+        p.unlink()
+    return removed
+
+
 def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
     """An endlessly looping GIF (Pillow; one adaptive palette per frame)."""
     from PIL import Image
@@ -346,7 +397,34 @@ def write_outputs(
         written["gif"] = write_gif(frames, out_dir / f"{stem}.gif", fps)
     if "mp4" in formats:
         written["mp4"] = write_mp4(frames, out_dir / f"{stem}.mp4", fps)
+    removed = remove_stale(out_dir, written, stem)
+    if removed:
+        log.info(
+            "%s: removed %d file(s) an earlier run left there (%s)", out_dir, len(removed), removed[0].name
+        )
     return written
+
+
+def check_writable_folder(path: Path, create: bool) -> None:
+    """InputError, before any model loads, when `path` cannot be the output folder: a file stands at it or
+    above it, or it (or the folder it would be made in) is not writable. create=True makes it (a real run);
+    create=False (a dry run) writes nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {path}: {existing} is a file, not a folder")
+    if not create:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"--out {path}: the folder {existing} is not writable")
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def decode_video(source: bytes | str | os.PathLike) -> np.ndarray:

@@ -196,9 +196,10 @@ class InferenceModel:
 
     @property
     def multiple(self) -> int:
-        """Frame sides must be multiples of this: VAE downsampling x UNet downsampling."""
-        cfg = self.model.cfg
-        return 2 ** (len(cfg.vae.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
+        """Frame sides must be multiples of this (`size_step`)."""
+        from training.models.tooncrafter import size_step
+
+        return size_step(self.model.cfg)
 
     def _towers(self) -> list[nn.Module]:
         # A container without CLIP towers (None) is accepted: bench_gpu.py runs where open_clip is absent.

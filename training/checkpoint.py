@@ -181,6 +181,19 @@ def _parse_config(value: Any, path: Path) -> ToonCrafterConfig | None:
         raise CheckpointError(f"{path}: embedded config is not a ToonCrafterConfig: {exc}") from exc
 
 
+def header_config(path: str | Path) -> ToonCrafterConfig | None:
+    """The config embedded in a safetensors file's header, read without its tensors (a dry run's frame sizes);
+    None for other formats (their config is inside the pickle) or a file without one."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+    return _parse_config(meta.get(CONFIG_METADATA), Path(path))
+
+
 def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
     if "://" in str(path):  # e.g. train.init_checkpoint set in a config file

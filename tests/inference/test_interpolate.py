@@ -400,6 +400,60 @@ def test_output_settings_that_would_fail_after_sampling_are_refused_first(
     assert "--short-side must be positive, got 0" in _error(capsys, [*argv, "--short-side", "0"])
 
 
+def test_an_output_folder_that_cannot_be_written_stops_before_the_model_loads(
+    files, tmp_path, capsys, monkeypatch, no_device_work
+):
+    """It failed in write_outputs, after the 10.5 GB model had loaded and sampled, with a traceback; the
+    dry run said all was well."""
+    import inference.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(inference.weights, "load_tooncrafter", refuse)
+    root, ckpt, keys = files
+    argv = [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *FAST]
+    (tmp_path / "afile").write_text("x")
+    for extra in ([], ["--dry-run"]):
+        err = _error(capsys, [*argv, "--out", str(tmp_path / "afile" / "walk"), *extra])
+        assert f"--out {tmp_path / 'afile' / 'walk'}: {tmp_path / 'afile'} is a file, not a folder" in err
+
+
+def test_batch_names_keep_their_letters_and_a_shared_folder_names_its_rows(files, tmp_path, capsys):
+    """Names in Japanese all became `clip` (then refused as "used twice: ['clip']"), and `Scène 1` became
+    `Sc_ne_1`; rows whose names map to one folder are named as the user wrote them."""
+    root, ckpt, keys = files
+    a, b = str(keys["a"]), str(keys["b"])
+    batch = tmp_path / "rows.jsonl"
+    rows = [{"name": n, "start": a, "end": b} for n in ("歩く", "走る", "Scène 1", "../up")]
+    batch.write_text("\n".join(json.dumps(r) for r in rows))
+    args = cli.build_parser().parse_args(["--batch", str(batch), "--out", str(tmp_path / "out")])
+    assert [j.name for j in cli.build_jobs(args)] == ["歩く", "走る", "Scène_1", "up"]
+    batch.write_text(
+        "\n".join(json.dumps({"name": n, "start": a, "end": b}) for n in ("walk 1", "walk/1", "x"))
+    )
+    err = _error(capsys, ["--batch", str(batch), "--checkpoint", str(ckpt), *FAST])
+    assert "rows share an output folder: 'walk 1', 'walk/1' -> walk_1/" in err
+
+
+def test_dry_run_checks_the_frame_size_and_warns_of_shapes_and_prompts_far_from_training(
+    files, tmp_path, capsys, caplog, no_device_work
+):
+    """A --size the model cannot take passed the dry run (refused only after loading); a 20:1 pan
+    background ran as a huge frame unlike anything the model saw; a prompt past 75 tokens was cut unsaid."""
+    root, ckpt, keys = files
+    argv = [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), "--dry-run", *FAST]
+    assert "frame size 30x60 must be positive multiples of 32" in _error(capsys, [*argv, "--size", "30x60"])
+    assert cli.main(argv) == 0
+    assert "frame sizes (sides multiples of 32): 64x32 (1 row)" in capsys.readouterr().out
+    pan = _keyframe(tmp_path / "pan.png", (400, 40), 4)
+    with caplog.at_level("WARNING", logger="inbetweener.interpolate"):
+        long_prompt = " ".join(["a cartoon cat walking"] * 30)
+        assert cli.main([str(pan), str(pan), "--prompt", long_prompt, *argv[2:]]) == 0
+    assert "frame 320x32 is 10.0:1; the model was trained on 1.6:1 frames" in caplog.text
+    assert "prompts longer than 75 tokens are cut there: the prompt (120 tokens)" in caplog.text
+
+
 def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
     root, ckpt, keys = files
     notes = tmp_path / "notes.png"
@@ -511,7 +565,7 @@ def test_sketch_arguments():
 def test_a_sketch_folders_unnumbered_images_are_named_as_unused(tmp_path, caplog):
     for name in ("07.png", "frame_09.png", "notes.png", "readme.txt"):
         (tmp_path / name).write_bytes(b"x")
-    with caplog.at_level("WARNING", logger="inbetweener.interpolate"):
+    with caplog.at_level("WARNING", logger="inbetweener.media"):
         assert parse_sketch_args([str(tmp_path)]) == {7: tmp_path / "07.png", 9: tmp_path / "frame_09.png"}
     assert f"sketch folder {tmp_path}: notes.png not used" in caplog.text and "readme" not in caplog.text
 

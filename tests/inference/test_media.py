@@ -1,8 +1,10 @@
-"""Keyframes and sketches as users' files come: orientation tags and high-depth greyscale."""
+"""Keyframes and sketches as users' files come (orientation tags, high-depth greyscale, colour-keyed
+transparency, huge scans, animations), and output folders reused or unwritable."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from inference.media import read_image
@@ -45,3 +47,74 @@ def test_float_greyscale_in_unit_range(tmp_path):
     out = read_image(tmp_path / "depth.tif", grey=True)
     assert out[0, 0] == 0 and out[-1, -1] == 255
     assert np.abs(out.astype(int) - np.rint(values * 255)).max() == 0
+
+
+def test_colour_keyed_transparency_is_paper_white(tmp_path):
+    """PNG optimisers (oxipng, optipng) store an all-or-nothing alpha as a colour key (tRNS) in an RGB or
+    greyscale PNG; its clear pixels read black (the key colour) before."""
+    drawing = _drawing()
+    drawing[30:, :] = 0  # the clear background, keyed by its colour
+    Image.fromarray(drawing).save(tmp_path / "rgb_key.png", transparency=(0, 0, 0))
+    Image.fromarray(drawing[..., 0]).save(tmp_path / "grey_key.png", transparency=0)
+    sixteen = drawing[..., 0].astype(np.uint16) * 257
+    Image.fromarray(sixteen).save(tmp_path / "grey16_key.png", transparency=0)
+    for name in ("rgb_key.png", "grey_key.png", "grey16_key.png"):
+        image = read_image(tmp_path / name)
+        assert (image[30:] == 255).all(), name  # the background is paper white
+        assert (image[10:20, 5:17] != 255).any() and (image[:5] == 230).all(), name  # the drawing is kept
+
+
+def test_a_huge_scan_is_read_and_a_too_huge_one_named(tmp_path, monkeypatch, caplog):
+    """Pillow refuses images over twice its bomb limit with a traceback (a 1200 dpi A3 scan is past it);
+    keyframes are the user's own files: read up to MAX_IMAGE_PIXELS, and past it an InputError naming the
+    file and its size. (The limits are lowered here to keep the files small.)"""
+    import PIL.Image
+
+    from inference import media
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 500)  # this 64x40 drawing is a "bomb" to Pillow now
+    Image.fromarray(_drawing()).save(tmp_path / "scan.png")
+    assert read_image(tmp_path / "scan.png").shape == (40, 64, 3)
+    assert media.image_size(tmp_path / "scan.png") == (40, 64)
+    assert PIL.Image.MAX_IMAGE_PIXELS == 500  # put back
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 2000)
+    with pytest.raises(media.InputError, match=r"scan\.png is 64x40 .*scale it down first"):
+        read_image(tmp_path / "scan.png")
+
+
+def test_an_animated_keyframe_says_which_frame_is_used(tmp_path, caplog):
+    frames = [Image.fromarray(_drawing()), Image.fromarray(255 - _drawing())]
+    frames[0].save(tmp_path / "walk.gif", save_all=True, append_images=frames[1:], duration=100)
+    with caplog.at_level("WARNING", logger="inbetweener.media"):
+        image = read_image(tmp_path / "walk.gif")
+    assert "walk.gif has 2 frames (animated or multi-page); its first is used" in caplog.text
+    assert abs(int(image[0, 0, 0]) - 230) <= 8  # the first frame's paper (GIF palette rounding)
+
+
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path):
+    """An earlier 16-frame run's frames 8..15 stayed beside a new 8-frame run's (an image-sequence import
+    took them as one clip), and its mp4/gif of other frames beside a png-only run."""
+    from inference.media import write_outputs
+
+    clip = np.stack([_drawing()] * 16)
+    write_outputs(clip, tmp_path, fps=8, formats=("png", "gif", "mp4"))
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "frames" / "cover.png").write_bytes(b"x")
+    written = write_outputs(clip[:8], tmp_path, fps=8, formats=("png",))
+    assert sorted(p.name for p in (tmp_path / "frames").glob("0*.png")) == [f"{i:04d}.png" for i in range(8)]
+    assert written["png"] == sorted((tmp_path / "frames").glob("0*.png"))
+    assert not (tmp_path / "inbetween.mp4").exists() and not (tmp_path / "inbetween.gif").exists()
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "frames" / "cover.png").exists()  # not ours
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_first(tmp_path):
+    from inference.media import InputError, check_writable_folder
+
+    (tmp_path / "afile").write_text("x")
+    for create in (False, True):
+        with pytest.raises(InputError, match=r"afile is a file, not a folder"):
+            check_writable_folder(tmp_path / "afile" / "sub", create=create)
+    check_writable_folder(tmp_path / "new" / "deeper", create=False)
+    assert not (tmp_path / "new").exists()  # a dry run writes nothing
+    check_writable_folder(tmp_path / "new" / "deeper", create=True)
+    assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())

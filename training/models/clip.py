@@ -149,6 +149,13 @@ class CLIPTextEncoder(nn.Module):
 
         return open_clip.tokenize(prompts)
 
+    @staticmethod
+    def token_count(prompt: str) -> int:
+        """How many BPE tokens the prompt is, start and end tokens left out (`tokenize` keeps 75)."""
+        from open_clip.tokenizer import _tokenizer
+
+        return len(_tokenizer.encode(prompt))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding  # [b, l, w]

@@ -109,6 +109,11 @@ def tooncrafter_config(preset: str, **overrides: Any) -> ToonCrafterConfig:
     return replace(TOONCRAFTER_PRESETS[preset], **overrides)
 
 
+def size_step(cfg: ToonCrafterConfig) -> int:
+    """Frame sides must be multiples of this: the VAE's downsampling times the UNet's."""
+    return 2 ** (len(cfg.vae.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
 class DiffusionWrapper(nn.Module):
     """The reference's hybrid conditioning: the keyframe latents are concatenated to the noisy latent as
     channels, the text + image tokens go to cross-attention. Holds the UNet as `diffusion_model`."""
