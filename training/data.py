@@ -151,8 +151,9 @@ def split_dirs(spec: str) -> tuple[str, str]:
                 f"{spec} is a manifest without OUT/shards/train beside it: give the shards"
             )
         path = path.parent
-    if not is_url(spec) and (path / "shards" / "train").is_dir():
-        return str(path / "shards" / "train"), str(path / "shards" / "eval")
+    if not is_url(spec) and (path / "shards" / "train").is_dir():  # no eval folder: copied without it
+        held_out = path / "shards" / "eval"
+        return str(path / "shards" / "train"), str(held_out) if held_out.is_dir() else ""
     if not is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
         return spec, str(path.parent / "eval")
     if not is_url(spec) and path.name == "eval" and (path.parent / "train").is_dir():
@@ -197,24 +198,102 @@ def list_shards(spec: str) -> list[str]:
         return [str(p) for p in sorted(path.glob("*.tar"))]
     if path.suffix in (".txt", ".lst", ".list") and path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines()]
-        return [line for line in lines if line and not line.startswith("#")]
+        named = [line for line in lines if line and not line.startswith("#")]
+        # a relative entry is relative to the list file's folder (as a playlist's), where it is there
+        return [
+            n if is_url(n) or os.path.isabs(n) or not (path.parent / n).exists() else str(path.parent / n)
+            for n in named
+        ]
     if path.is_file():
         return [str(path)]
     raise FileNotFoundError(f"no shards at {spec!r}: not a folder, a file, a glob, a pattern or a URL")
+
+
+def held_out_shards(shards: list[str]) -> list[str]:
+    """The shards of a curate job's held-out eval split among `shards` (OUT/shards/eval/*.tar, however they
+    were named: a glob over both splits, a list file, the file itself): training on them leaks the eval
+    split into the model."""
+    out = []
+    for s in shards:
+        if is_url(s):
+            if "/shards/eval/" in s:
+                out.append(s)
+            continue
+        folder = Path(s).resolve().parent
+        if folder.name == "eval" and folder.parent.name == "shards" and (folder.parent / "train").is_dir():
+            out.append(s)
+    return out
+
+
+def check_shards(shards: list[str]) -> None:
+    """Setup errors, said before any model is built (ValueError): local shards named that do not exist (a
+    typo in a pattern or list file, an incomplete copy: training on what is left would go unnoticed), eval
+    shards of a curate output, and fsspec URLs none of which can be opened (offline, no credentials: the
+    first few are tried, so one bad shard is still only skipped)."""
+    missing = [s for s in shards if not is_url(s) and not os.path.exists(s)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{len(missing)} of {len(shards)} shards do not exist: {missing[0]}{more}; fix the pattern or"
+            " list, or leave them out"
+        )
+    leaked = held_out_shards(shards)
+    if leaked:
+        more = f" (and {len(leaked) - 1} more)" if len(leaked) > 1 else ""
+        raise ValueError(
+            f"{leaked[0]}{more} is in the held-out eval split of a curate output: training on it would leak"
+            " it into the model. Give the curate OUT folder or its shards/train (the eval split is then used"
+            " for evaluation only)"
+        )
+    urls = [s for s in shards if "://" in s][:3]  # not pipe: commands (a probe would run one to its end)
+    errors = []
+    for url in urls:
+        try:
+            with open_shard(url) as stream:
+                stream.read(512)
+            return
+        except DataError:
+            raise
+        except Exception as exc:  # fsspec backends raise their own types (botocore's NoCredentialsError)
+            errors.append(f"{type(exc).__name__}: {exc}")
+    if errors:
+        raise ValueError(
+            f"cannot read the shards: {urls[0]}: {errors[0]}"
+            + (f" (and the next {len(errors) - 1} as well)" if len(errors) > 1 else "")
+            + "; check the network and the credentials"
+        )
+
+
+def shards_digest(shards: list[str]) -> str:
+    """What a data position is a position in: the shards' names in order, with local files' sizes (a moved
+    folder keeps its digest; a curate rerun that adds or rewrites shards changes it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in shards:
+        size = os.path.getsize(s) if not is_url(s) and os.path.isfile(s) else -1
+        h.update(f"{s.rstrip('/').rsplit('/', 1)[-1]}\t{size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
 def open_shard(url: str) -> Iterator[Any]:
     """A readable binary stream of one shard: local file, `pipe:COMMAND`, or fsspec URL."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             yield proc.stdout
+            proc.stdout.read()  # read to the end (tar stops at its end marker), so the command can exit
+            status, err = proc.wait(), proc.stderr.read().decode(errors="replace").strip()
+            if status:  # its stream may still have parsed: a failed download is not a whole shard
+                raise OSError(
+                    f"{url}: the command exited with status {status}" + (f": {err[-300:]}" if err else "")
+                )
         finally:
             proc.stdout.close()
+            proc.stderr.close()
             proc.kill()
             proc.wait()
-            # a failed command gives an empty or cut stream, which tarfile reports as a bad shard
     elif "://" in url:
         import fsspec
 
@@ -223,7 +302,7 @@ def open_shard(url: str) -> Iterator[Any]:
         try:
             check_backend(url)
         except MissingBackendError as exc:  # a setup error, not a bad shard: stop
-            raise RuntimeError(f"{exc}; or stream it with pipe:, e.g. 'pipe:curl -sL {url}'") from exc
+            raise DataError(f"{exc}; or stream it with pipe:, e.g. 'pipe:curl -sL {url}'") from exc
         opened = fsspec.open(url, "rb")
         with opened as f:
             yield f
@@ -232,14 +311,32 @@ def open_shard(url: str) -> Iterator[Any]:
             yield f
 
 
+class _EndCheckedInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly where the bytes stop at a member boundary (no end-of-archive blocks):
+    a shard cut there by an interrupted copy read as whole, its last sample without its caption and the
+    rest uncounted. Every tar writer ends an archive with zero blocks; a stream without them is cut."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exc:
+            if tarfile_.offset == 0:
+                raise
+            raise tarfile.ReadError(
+                f"cut short at byte {tarfile_.offset}: the tar ends without its end-of-archive blocks"
+            ) from exc
+
+
 def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar read as a stream: {"__key__": key, ext: bytes, ...}.
 
     Members are grouped by key (the path up to the first dot of the file name), as webdataset does;
-    a sample ends where the key changes. Errors of a truncated or garbled tar propagate.
+    a sample ends where the key changes. Errors of a truncated or garbled tar propagate (a tar cut at a
+    member boundary included); the sample being read when one comes is not yielded.
     """
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedInfo) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -341,6 +438,11 @@ def cover_crop(video: torch.Tensor, height: int, width: int, crop: str, rng: np.
     return x.permute(1, 0, 2, 3).contiguous()  # [3, t, height, width]
 
 
+# A clip whose aspect is this many times wider or narrower than the window's is not a picture to crop (a
+# 4000x2 stream would be scaled to 640000 pixels wide to cover 320x512): counted as corrupt.
+MAX_ASPECT_MISMATCH = 8.0
+
+
 def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Generator | None) -> dict[str, Any]:
     """One training window from one sample; `rng=None` gives the eval window (stride_min, start 0, centre).
 
@@ -358,6 +460,8 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         meta = json.loads(sample["json"]) if sample.get("json") else {}
     except ValueError:
         meta = {}
+    if not isinstance(meta, dict):  # valid JSON, not a row
+        meta = {}
     try:
         n = _clip_length(data, meta)
     except Exception as exc:  # PyAV raises many types for broken files
@@ -365,8 +469,10 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     for attempt in range(2):  # a container that over-states its length is decoded once more with the true one
         longest = (n - 1) // (cfg.frames - 1) if n >= cfg.frames else 0
         if longest < cfg.stride_min:
+            needs = (cfg.frames - 1) * cfg.stride_min + 1
             raise SampleError(
-                "too_short", f"{key}: {n} frames, a window needs {cfg.frames} at stride {cfg.stride_min}"
+                "too_short",
+                f"{key}: {n} frames, a window of {cfg.frames} at stride {cfg.stride_min} needs {needs}",
             )
         hi = min(cfg.stride_max, longest)
         stride = cfg.stride_min if rng is None else int(rng.integers(cfg.stride_min, hi + 1))
@@ -381,6 +487,9 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         if attempt or not frames:
             raise SampleError("corrupt", f"{key}: decodes {len(frames)} frames, {n} stated")
         n = len(frames)
+    h0, w0 = frames[0].height, frames[0].width
+    if max(h0 * cfg.width / (w0 * cfg.height), w0 * cfg.height / (h0 * cfg.width)) > MAX_ASPECT_MISMATCH:
+        raise SampleError("corrupt", f"{key}: a {w0}x{h0} clip is too far from the window's aspect to crop")
     picked = np.stack([frames[start + i * stride].to_ndarray(format="rgb24") for i in range(cfg.frames)])
     video = cover_crop(torch.from_numpy(picked), cfg.height, cfg.width, cfg.crop, rng)
     fps = rate or float(meta.get("fps") or 0) or 24.0
@@ -445,9 +554,11 @@ class DataState:
     """What a rank's trainer consumed: batches so far and the latest position of every slot."""
 
     world: int = 1
-    workers: int = 0
+    workers: int | None = 0  # None: a restarted position, which any number of workers may take
     batches: int = 0
     slots: dict[int, SlotState] = field(default_factory=dict)
+    shards: str = ""  # shards_digest of the shards read ("": a checkpoint from before it was recorded)
+    first_epoch: int = 0  # where a slot without a saved position starts (a data restart: a new order)
 
     def consume(self, batch: dict[str, Any]) -> None:
         self.batches += 1
@@ -469,12 +580,52 @@ class DataState:
             "workers": self.workers,
             "batches": self.batches,
             "slots": {str(k): v.to_dict() for k, v in self.slots.items()},
+            "shards": self.shards,
+            "first_epoch": self.first_epoch,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataState:
         slots = {int(k): SlotState(**v) for k, v in d["slots"].items()}
-        return cls(world=d["world"], workers=d["workers"], batches=d["batches"], slots=slots)
+        return cls(
+            world=d["world"],
+            workers=d["workers"],
+            batches=d["batches"],
+            slots=slots,
+            shards=d.get("shards", ""),
+            first_epoch=d.get("first_epoch", 0),
+        )
+
+    def restarted(self) -> DataState:
+        """A fresh position for the same ranks, in an order not read before (the epoch after the furthest
+        any slot reached): `--restart-data`, after the shards or the workers changed."""
+        epoch = max((s.epoch for s in self.slots.values()), default=self.first_epoch - 1) + 1
+        return DataState(world=self.world, workers=None, first_epoch=epoch)
+
+    def check_resumable(self, shards: list[str], world: int, workers: int) -> None:
+        """ValueError when this position cannot continue on `shards` with `world` ranks x `workers` workers:
+        the same samples in the same order need the same shards and reading slots."""
+        if self.world != world or self.workers is not None and max(1, self.workers) != max(1, workers):
+            raise ValueError(
+                f"the data position was saved with {self.world} rank(s) x {self.workers} worker(s); resume with"
+                f" the same (now {world} x {workers}) to continue the same sample order, or pass"
+                " --restart-data to read the data in a new order from here"
+            )
+        if self.shards and self.shards != shards_digest(shards):
+            raise ValueError(
+                "the shards differ from those the data position was saved on (other files, or the same names"
+                " at other sizes: a curate rerun?); pass --restart-data to read the new shards in a new order"
+                " from here (the weights, optimizer and step continue), or give the same --data"
+            )
+
+
+def slot_shards(shards: list[str], slot: int, slots: int) -> tuple[list[str], int | None]:
+    """(the shards a slot reads in one epoch's order, which of every `slots` samples it takes: None = all).
+    Whole shards per slot when there are at least as many shards as slots, else every slots-th sample of
+    every shard."""
+    if len(shards) >= slots:
+        return shards[slot::slots], None
+    return shards, slot
 
 
 def _raw_samples(
@@ -482,10 +633,7 @@ def _raw_samples(
 ) -> Iterator[dict]:
     """This slot's samples of one epoch; an unreadable shard is tagged in `bad` (and its error kept in
     `why`) and skipped."""
-    if len(shards) >= slots:
-        mine, take = shards[slot::slots], None  # whole shards per slot
-    else:
-        mine, take = shards, slot  # fewer shards than slots: every slots-th sample of every shard
+    mine, take = slot_shards(shards, slot, slots)
     index = 0
     for url in mine:
         try:
@@ -494,7 +642,9 @@ def _raw_samples(
                     if take is None or index % slots == take:
                         yield sample
                     index += 1
-        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as exc:
+        except DataError:  # a setup error (a missing fsspec backend): stop
+            raise
+        except Exception as exc:  # tarfile, OSError, and fsspec backends' own types (botocore's, aiohttp's)
             tag = f"{epoch}:{url}"
             if why is not None:
                 why.setdefault(url, f"{type(exc).__name__}: {exc}")
@@ -540,31 +690,34 @@ class ClipStream(IterableDataset):
             raise ValueError("no training shards: pass --data (a curate OUT folder, a shard folder or a URL)")
         self.shards, self.cfg, self.batch_size, self.seed = shards, cfg, batch_size, seed
         self.rank, self.world = rank, world
-        self.state = state or DataState(world=world, workers=cfg.num_workers)
-        if self.state.world != world or self.state.workers != cfg.num_workers:
-            raise ValueError(
-                f"the data position was saved with {self.state.world} rank(s) x {self.state.workers} worker(s); "
-                f"resume with the same (now {world} x {cfg.num_workers}) to continue the same sample order"
-            )
+        if state is not None:
+            state.check_resumable(shards, world, cfg.num_workers)
+        state = state or DataState(world=world)
+        state.workers, state.shards = cfg.num_workers, shards_digest(shards)
+        self.state = state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers = max(1, self.cfg.num_workers)
         physical = info.id if info is not None else 0
         worker = (physical + self.state.batches) % workers  # whose turn it was when the state was saved
-        slot = self.rank * workers + worker
-        start = self.state.slots.get(slot, SlotState(slot=slot))
+        slot, slots = self.rank * workers + worker, self.world * workers
+        start = self.state.slots.get(slot, SlotState(slot=slot, epoch=self.state.first_epoch))
         counts = {"corrupt": 0, "too_short": 0, **start.counts}
         bad = list(start.bad_shards)
         epoch, skip = start.epoch, start.pos
         pending: list[dict[str, Any]] = []
+        # An epoch in which this slot's shards give no usable clip (they are the bad ones this time) is not
+        # an error: the next epoch deals it other shards. Only when the slot's fruitless epochs have covered
+        # every shard is there no training data at all.
+        fruitless = _Fruitless(self.shards, slots)
         while True:
             order = list(self.shards)
             if self.cfg.shuffle_shards:
                 order = [order[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(order))]
             rng = np.random.default_rng([self.seed, epoch, slot])
             unreadable: dict[str, str] = {}
-            raw = _raw_samples(order, slot, self.world * workers, epoch, bad, unreadable)
+            raw = _raw_samples(order, slot, slots, epoch, bad, unreadable)
             pos = good = 0
             for sample in _shuffled(raw, self.cfg.shuffle_buffer, rng):
                 pos += 1
@@ -576,6 +729,10 @@ class ClipStream(IterableDataset):
                     counts[exc.reason] = counts.get(exc.reason, 0) + 1
                     log.warning("skipping sample: %s", exc)
                     continue
+                except Exception as exc:  # an input no one foresaw: that sample is lost, not the run
+                    counts["corrupt"] += 1
+                    log.warning("skipping sample %s: %s: %s", sample.get("__key__"), type(exc).__name__, exc)
+                    continue
                 good += 1
                 pending.append(item)
                 if len(pending) == self.batch_size:
@@ -583,23 +740,53 @@ class ClipStream(IterableDataset):
                     batch["state"] = SlotState(slot, epoch, pos, dict(counts), list(bad))
                     pending = []
                     yield batch
-            if good == 0 and skip == 0 and pos > 0:
-                raise DataError(
-                    f"reading slot {slot} found no usable clip in a whole epoch of {self.shards[:3]}... "
-                    f"({counts}, bad shards {len(bad)})"
-                )
-            if pos == 0 and unreadable:
-                url, reason = next(iter(unreadable.items()))
-                raise DataError(
-                    f"no shard could be read ({len(unreadable)} unreadable, e.g. {url}: {reason}); "
-                    "--data takes a curate OUT folder, a folder of .tar shards, a glob, a list file or a URL"
-                )
-            if pos == 0:
-                raise DataError(
-                    f"reading slot {slot} of {self.world * workers} gets no samples from {len(self.shards)} shard(s): "
-                    "fewer samples than ranks x workers? lower data.num_workers"
-                )
+            if good or skip:
+                fruitless = _Fruitless(self.shards, slots)
+            else:
+                fruitless.add(slot_shards(order, slot, slots)[0], pos, unreadable)
+                if fruitless.covered():
+                    raise DataError(fruitless.message(slot, counts))
             epoch, skip = epoch + 1, 0
+
+
+class _Fruitless:
+    """A reading slot's run of epochs without a usable clip: the shards they dealt it and what they gave."""
+
+    EPOCHS = 64  # so many fruitless epochs in a row end the search even before every shard was dealt
+
+    def __init__(self, shards: list[str], slots: int):
+        self.shards, self.slots = shards, slots
+        self.tried: set[str] = set()
+        self.epochs = self.samples = 0
+        self.unreadable: dict[str, str] = {}
+
+    def add(self, dealt: list[str], samples: int, unreadable: dict[str, str]) -> None:
+        self.tried.update(dealt)
+        self.epochs += 1
+        self.samples += samples
+        self.unreadable.update(unreadable)
+
+    def covered(self) -> bool:
+        return self.epochs >= self.EPOCHS or self.tried >= set(self.shards)
+
+    def message(self, slot: int, counts: dict[str, int]) -> str:
+        if self.samples == 0 and self.unreadable:
+            url, reason = next(iter(self.unreadable.items()))
+            return (
+                f"no shard could be read ({len(self.unreadable)} of {len(self.shards)} unreadable, e.g. {url}:"
+                f" {reason}); --data takes a curate OUT folder, a folder of .tar shards, a glob, a list file or"
+                " a URL"
+            )
+        if self.samples == 0:
+            return (
+                f"reading slot {slot} of {self.slots} gets no samples from {len(self.shards)} shard(s): fewer"
+                " samples than ranks x workers? lower data.num_workers"
+            )
+        return (
+            f"no usable clip in {len(self.tried)} of {len(self.shards)} shard(s) ({self.samples} samples read"
+            f" over {self.epochs} epoch(s): {counts['corrupt']} corrupt and {counts['too_short']} too short in"
+            f" all; {len(self.unreadable)} shard(s) unreadable), e.g. {self.shards[0]}"
+        )
 
 
 def make_loader(

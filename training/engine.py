@@ -719,8 +719,13 @@ def load_checkpoint(
         if state["ema"] is None:
             raise ValueError(f"{state_file} has no EMA but train.ema_decay > 0")
         ema.load_state_dict(state["ema"])
-    rank_state = _load_state(folder / f"rank_{d.rank}.pt", folder)
-    return int(state["step"]), rank_state
+    return int(state["step"]), read_rank_state(folder, d.rank)
+
+
+def read_rank_state(folder: Path, rank: int = 0) -> dict[str, Any]:
+    """One rank's data position and RNG states from a checkpoint (a small file: read before a resume
+    builds the model, to check the data position against the run's shards and workers)."""
+    return _load_state(folder / f"rank_{rank}.pt", folder)
 
 
 def _load_state(path: Path, folder: Path) -> dict[str, Any]:

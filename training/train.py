@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from training.data import (
     DataConfig,
     DataError,
     DataState,
+    check_shards,
     collate,
     eval_windows,
     is_tar_name,
@@ -163,6 +165,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             help="weights folder (LPIPS, Anime2Sketch); default $INBETWEENER_MODELS, else ~/.cache/inbetweener/models",
         )
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+        p.add_argument(
+            "--restart-data",
+            action="store_true",
+            help="with --resume: read the data in a new order from here (after the shards or data.num_workers"
+            " changed); the weights, optimizer and step continue",
+        )
         if name == "decoder":
             p.add_argument(
                 "--no-lpips", action="store_true", help="train without LPIPS (= decoder.lpips_weight=0)"
@@ -326,9 +334,16 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 f"{not_tar[0]} is not a shard (.tar){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"
                 " pass --data a curate OUT folder (or its manifest.parquet), a shard folder, a glob or a URL"
             )
+        check_shards(shards)  # missing files, the eval split, URLs that cannot be read at all
+        eval_shards = list_shards(run.data.eval) if run.data.eval else []  # sample videos, decoder's metrics
+        if args.restart_data and not args.resume:
+            raise ValueError("--restart-data goes with --resume (a new run reads the data from its start)")
         resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
         if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
             raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(Path(args.out))}")
+        if resume_from is not None and not args.restart_data:  # said before the model is built (minutes)
+            saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
+            saved.check_resumable(shards, int(os.environ.get("WORLD_SIZE", 1)), run.data.num_workers)
     tc, stage_name = run.train, args.stage
     out = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else None
@@ -418,6 +433,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 folder, d, trainable=trainable, optimizers=optimizers, ema=ema
             )
         data_state = DataState.from_dict(rank_state["data"])
+        if args.restart_data:
+            data_state = data_state.restarted()
         engine.restore_rng(rank_state["rng"], device)
         if d.main:
             changed = engine.config_changes(folder, run.for_stage(stage_name))
@@ -434,7 +451,6 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     sample_batch = None
     samples_here = d.main or (tc.fsdp and d.active)  # sharded weights: every rank takes part in sampling
     if samples_here and tc.sample_every > 0:
-        eval_shards = list_shards(run.data.eval) if run.data.eval else []
         windows = eval_windows(eval_shards or shards, run.data, tc.sample_clips)
         sample_batch = collate(windows) if windows else None
 

@@ -387,6 +387,33 @@ def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, t
     assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
 
 
+def test_resuming_on_changed_shards_stops_first_and_restart_data_continues(
+    tmp_path, train_shards, monkeypatch, capsys
+):
+    """A curate rerun added a shard: --resume replayed the saved position on another shard order, silently.
+    It now stops (one line, before the model is built); --restart-data continues the weights and the step
+    and reads the data in a new order."""
+    import shutil
+
+    import training.train as train_module
+
+    data = tmp_path / "data"
+    shutil.copytree(train_shards / "shards" / "train", data)
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", data, *common, "--set", "train.steps=1")
+    shutil.copy(data / "000000.tar", data / "000002.tar")
+    real = train_module.initial_model
+    monkeypatch.setattr(train_module, "initial_model", lambda *a: pytest.fail("the model was built first"))
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", out, data, *common, "--set", "train.steps=2", "--resume")
+    assert stop.value.code == 2 and "the shards differ from those" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "initial_model", real)
+    train("rectify", out, data, *common, "--set", "train.steps=2", "--resume", "--restart-data")
+    rank = torch.load(latest(out) / "rank_0.pt", weights_only=False)
+    assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 2
+    assert rank["data"]["first_epoch"] == 1 and rank["data"]["slots"]["0"]["epoch"] == 1
+
+
 def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     tmp_path, train_shards, monkeypatch, capsys
 ):

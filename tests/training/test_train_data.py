@@ -73,6 +73,9 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
     )  # a curate output: its manifest (what interpolate and evaluate take) names its shards
     (out / "shards" / "train").mkdir(parents=True)
     (out / "manifest.parquet").write_bytes(b"PAR1")
+    # copied to the training machine without its eval split: no eval shards (a traceback before)
+    assert data.split_dirs(str(out / "manifest.parquet")) == (str(out / "shards" / "train"), "")
+    (out / "shards" / "eval").mkdir()
     assert (
         data.split_dirs(str(out / "manifest.parquet"))
         == data.split_dirs(str(out))
@@ -81,7 +84,6 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
             str(out / "shards" / "eval"),
         )
     )
-    (out / "shards" / "eval").mkdir()
     with pytest.raises(ValueError, match="is the held-out eval split of a curate output"):
         data.split_dirs(str(out / "shards" / "eval"))  # training on it would leak the eval clips
     assert data.list_shards(str(train_dir)) == expected
@@ -89,6 +91,9 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
     assert data.list_shards(str(train_dir / "{000000..000001}.tar")) == expected
     (tmp_path / "list.txt").write_text("\n".join(expected) + "\n")
     assert data.list_shards(str(tmp_path / "list.txt")) == expected
+    # relative entries are relative to the list file's folder (they were taken from the working directory)
+    (train_dir / "rel.txt").write_text("\n".join(Path(e).name for e in expected) + "\n")
+    assert data.list_shards(str(train_dir / "rel.txt")) == expected
     # a file:// URL is its local path, with or without the trailing slash (fsspec lists neither folder)
     assert data.list_shards(f"file://{train_dir}/") == data.list_shards(f"file://{train_dir}") == expected
     assert data.split_dirs(f"file://{train_shards}") == data.split_dirs(str(train_shards))
@@ -292,3 +297,162 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
             main(["rectify", "--preset", "tiny", "--out", str(tmp_path / "out"), *extra])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "inbetweener train: error: " in err and message in err, (message, err)
+
+
+# --- real-world shards: partly bad, cut short, remote, changed between runs -------------------------------------
+
+SMALL = dict(frames=4, height=32, width=48, shuffle_buffer=2)
+
+
+@pytest.fixture(scope="module")
+def half_bad(tmp_path_factory, train_shards: Path) -> Path:
+    """Two good shards, a 0-byte shard (an interrupted upload) and a shard whose clips are all too short."""
+    import shutil
+
+    from tests.training.conftest import clip_sample
+
+    out = tmp_path_factory.mktemp("half_bad")
+    for p in sorted((train_shards / "shards" / "train").glob("*.tar")):
+        shutil.copy(p, out / p.name)
+    (out / "000002.tar").write_bytes(b"")
+    data.write_shard(out / "000003.tar", [clip_sample(f"short{i}", 3, (64, 40), i) for i in range(2)])
+    return out
+
+
+def test_an_epoch_that_deals_one_worker_only_bad_shards_does_not_stop_the_run(half_bad: Path):
+    """Shards are dealt to workers anew each epoch; where both bad ones went to one worker, that worker's
+    epoch held no usable clip and the run stopped ("no usable clip in a whole epoch"), at the same step on
+    every --resume. Now that worker reads on into the next epoch; the run stops only when no shard gives data."""
+    shards = data.list_shards(str(half_bad))
+    slots = 2
+    together = []  # epochs whose deal gives one slot both bad shards
+    for epoch in range(8):
+        order = [shards[i] for i in np.random.default_rng([5, epoch]).permutation(len(shards))]
+        for slot in range(slots):
+            dealt = {Path(s).name for s in data.slot_shards(order, slot, slots)[0]}
+            if dealt == {"000002.tar", "000003.tar"}:
+                together.append(epoch)
+    assert together, "the seed deals no such epoch: pick another"
+    cfg = data.DataConfig(**SMALL, num_workers=slots)
+    batches, state = windows_of(shards, cfg, 1, 30)
+    assert max(s.epoch for s in state.slots.values()) > together[0]
+    assert {k for b in batches for k in b["key"]} <= {f"clip{i:03d}" for i in range(6)}
+    skipped = state.skipped()
+    assert skipped["too_short"] >= 2 and skipped["bad_shards"] == 1  # distinct shards, not per epoch
+    # more workers than good shards: a worker dealt only the 0-byte shard reads on (it stopped at once)
+    data.write_shard(half_bad / "000003.tar", [])
+    windows_of(shards, data.DataConfig(**SMALL, num_workers=4), 1, 6)
+
+
+def test_no_usable_clip_anywhere_still_stops_with_one_line(tmp_path):
+    from tests.training.conftest import clip_sample
+
+    for i in range(3):
+        data.write_shard(tmp_path / f"00000{i}.tar", [clip_sample(f"s{i}", 3, (64, 40), i)])
+    shards = data.list_shards(str(tmp_path))
+    with pytest.raises(data.DataError, match=r"no usable clip in 3 of 3 shard\(s\)"):
+        windows_of(shards, data.DataConfig(**SMALL, num_workers=0), 1, 1)
+
+
+def test_a_shard_cut_at_a_member_boundary_is_a_bad_shard(train_shards: Path, tmp_path: Path):
+    """tarfile ends quietly where the bytes stop between members: the shard read as whole, its last sample
+    without its caption and json, and the rest never counted."""
+    import tarfile
+
+    whole = train_shards / "shards" / "train" / "000000.tar"
+    with tarfile.open(whole) as tar:
+        members = tar.getmembers()
+    cut = next(m.offset for m in members if m.name == "clip001.json")  # after clip001.mp4, before its json
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut])
+    bad: list[str] = []
+    samples = list(data._raw_samples([str(tmp_path / "cut.tar")], 0, 1, 0, bad))
+    assert [s["__key__"] for s in samples] == ["clip000"]  # clip001 (its mp4 alone) is not yielded
+    assert bad == [f"0:{tmp_path / 'cut.tar'}"]
+    assert [s["__key__"] for s in data._raw_samples([str(whole)], 0, 1, 0, bad)] == [
+        "clip000",
+        "clip001",
+        "clip002",
+    ]
+
+
+def test_a_pipe_whose_command_fails_is_a_bad_shard(train_shards: Path):
+    whole = train_shards / "shards" / "train" / "000000.tar"
+    bad: list[str] = []
+    samples = list(data._raw_samples([f"pipe:cat {whole}; exit 3"], 0, 1, 0, bad))
+    assert len(samples) == 3 and bad == [f"0:pipe:cat {whole}; exit 3"]  # its bytes read; its status counts
+
+
+def test_a_backends_own_error_type_is_a_bad_shard_and_no_readable_url_stops_first(monkeypatch, train_shards):
+    """botocore's NoCredentialsError is no OSError: it crashed the DataLoader worker with a traceback."""
+
+    class NoCredentialsError(Exception):
+        pass
+
+    real = data.open_shard
+
+    def open_shard(url):
+        if url.startswith("s3://"):
+            raise NoCredentialsError("Unable to locate credentials")
+        return real(url)
+
+    monkeypatch.setattr(data, "open_shard", open_shard)
+    good = str(train_shards / "shards" / "train" / "000000.tar")
+    bad: list[str] = []
+    why: dict[str, str] = {}
+    samples = list(data._raw_samples(["s3://b/000000.tar", good], 0, 1, 0, bad, why))
+    assert len(samples) == 3 and why == {
+        "s3://b/000000.tar": "NoCredentialsError: Unable to locate credentials"
+    }
+    with pytest.raises(ValueError, match=r"cannot read the shards: s3://b/000000.tar: NoCredentialsError"):
+        data.check_shards([f"s3://b/{i:06d}.tar" for i in range(5)])
+    data.check_shards(["s3://b/000000.tar", f"file://{good}"])  # one bad shard among readable ones: no stop
+
+
+def test_missing_and_held_out_shards_are_named_before_training(train_shards: Path, tmp_path: Path):
+    train_dir = train_shards / "shards" / "train"
+    with pytest.raises(ValueError, match=r"1 of 3 shards do not exist: .*000009\.tar"):
+        data.check_shards(
+            data.list_shards(str(train_dir / "{000000..000001}.tar")) + [str(train_dir / "000009.tar")]
+        )
+    for spec in (
+        str(train_shards / "shards" / "*" / "*.tar"),
+        str(train_shards / "shards" / "eval" / "000000.tar"),
+    ):
+        with pytest.raises(ValueError, match=r"eval/000000\.tar is in the held-out eval split"):
+            data.check_shards(data.list_shards(spec))
+    data.check_shards(data.list_shards(str(train_dir)))
+
+
+def test_resuming_on_other_shards_is_refused_unless_the_data_restarts(train_shards: Path, tmp_path: Path):
+    """A saved position replayed on another shard list (a curate rerun added shards) silently read another
+    order; 0 and 1 workers are one reading slot; --restart-data reads on in an epoch not read before."""
+    import shutil
+
+    folder = tmp_path / "shards"
+    shutil.copytree(train_shards / "shards" / "train", folder)
+    shards = data.list_shards(str(folder))
+    cfg = data.DataConfig(**SMALL, num_workers=1)
+    _, state = windows_of(shards, cfg, 1, 3)
+    saved = data.DataState.from_dict(state.to_dict())
+    saved.check_resumable(shards, 1, 0)  # one slot either way
+    shutil.copy(folder / "000000.tar", folder / "000002.tar")
+    grown = data.list_shards(str(folder))
+    with pytest.raises(ValueError, match="the shards differ from those the data position was saved on"):
+        windows_of(grown, cfg, 1, 1, state=saved)
+    with pytest.raises(ValueError, match="--restart-data"):
+        saved.check_resumable(shards, 1, 3)
+    fresh = saved.restarted()
+    batches, after = windows_of(grown, data.DataConfig(**SMALL, num_workers=2), 1, 2, state=fresh)
+    assert min(s.epoch for s in after.slots.values()) == max(s.epoch for s in saved.slots.values()) + 1
+
+
+def test_samples_no_one_foresaw_are_skipped_not_fatal(train_shards: Path):
+    """Valid JSON that is no row, and a clip far too wide to crop (a 4000x2 stream asked for 39 GB)."""
+    from tests.training.conftest import clip_sample
+
+    sample = clip_sample("odd", 20, (64, 40), 3, caption="a disc")
+    tar_like = {"__key__": "odd", "mp4": sample["mp4"], "json": b"null", "txt": b"a disc"}
+    assert data.decode_window(tar_like, data.DataConfig(**SMALL), None)["caption"] == "a disc"
+    wide = clip_sample("wide", 20, (640, 8), 3)
+    with pytest.raises(data.SampleError, match=r"wide: a 640x8 clip is too far from the window's aspect"):
+        data.decode_window({"__key__": "wide", "mp4": wide["mp4"]}, data.DataConfig(**SMALL), None)
