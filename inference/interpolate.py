@@ -242,10 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
 # --- jobs ------------------------------------------------------------------------------------------------------
 
 
+NAME_BYTES = 120  # a row's folder name at most (file systems allow 255 bytes)
+
+
 def _safe_name(text: str) -> str:
-    """A row's name as a folder name: letters and digits of any script kept (歩く, Scène), runs of anything
-    else (path separators, spaces, control characters) made one `_`."""
-    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "clip"
+    """A row's name as a folder name: letters, marks and digits of any script kept (歩く, Scène, कुत्ता; NFC),
+    runs of anything else (path separators, spaces, control characters) made one `_`, cut to NAME_BYTES."""
+    import unicodedata
+
+    kept = "".join(
+        c if unicodedata.category(c)[0] in "LMN" or c in "._-" else "\0"
+        for c in unicodedata.normalize("NFC", text)
+    )
+    name = re.sub("\0+", "_", kept).strip("._")
+    while len(name.encode()) > NAME_BYTES:
+        name = name[:-1]
+    return name or "clip"
 
 
 def _sketch_files(items: list[str], keyframe_size: tuple[int, int], resolve=Path) -> dict[int, Path]:
@@ -321,7 +333,8 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             problems.append(f"row {i + 1}: {exc}")
             continue
         name = row.get("name") or f"{i:04d}_{paths[0].stem}_{paths[-1].stem}"
-        names.setdefault(_safe_name(str(name)), []).append(str(name))
+        # one folder on a case-insensitive file system (macOS, Windows) counts as one here too
+        names.setdefault(_safe_name(str(name)).casefold(), []).append(str(name))
         prompt = row.get("prompt")
         jobs.append(
             Job(
@@ -341,10 +354,11 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             f"{path}: {len(problems)} of {len(rows)} rows cannot be used (nothing was run; fix or remove them):"
             f"\n  {listed}{more}"
         )
-    shared = [(folder, given) for folder, given in names.items() if len(given) > 1]
+    shared = [given for given in names.values() if len(given) > 1]
     if shared:
         listed = "; ".join(
-            f"{', '.join(repr(g) for g in sorted(set(given)))} -> {folder}/" for folder, given in shared[:5]
+            f"{', '.join(repr(g) for g in sorted(set(given)))} -> {_safe_name(given[0])}/"
+            for given in shared[:5]
         )
         raise InputError(f"{path}: rows share an output folder: {listed} (give each row a unique `name`)")
     return jobs
@@ -590,7 +604,8 @@ def run(args: argparse.Namespace) -> int:
         )
         frames = to_uint8_frames(video)
         out_dir = args.out / job.name
-        written = write_outputs(frames, out_dir, args.fps, formats)
+        inputs = [*job.labels, *job.sketch_labels.values()]  # a user's drawings in the folder stay
+        written = write_outputs(frames, out_dir, args.fps, formats, keep=inputs)
         meta = {
             "keyframes": job.labels,
             "sketches": {str(k): v for k, v in sorted(job.sketch_labels.items())},

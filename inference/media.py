@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -55,15 +56,21 @@ class InputError(ValueError):
 MAX_IMAGE_PIXELS = 512_000_000
 
 
+_PIXEL_LIMIT_LOCK = threading.RLock()  # the limit is Pillow's global: one image read under another at a time
+
+
 @contextlib.contextmanager
 def _pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's pixel limit set to `limit` for the block (plugins check it when they decode, too), and put
+    back after; reads in other threads wait, so none sees the other's limit."""
     from PIL import Image
 
-    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
+    with _PIXEL_LIMIT_LOCK:
+        before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 @contextlib.contextmanager
@@ -86,10 +93,6 @@ def _opened_image(path: str | os.PathLike) -> Iterator[Any]:
                     f" {MAX_IMAGE_PIXELS / 1e6:.0f} read here; scale it down first (the model sees a keyframe"
                     " 320 pixels high)"
                 )
-            if getattr(image, "n_frames", 1) > 1:
-                log.warning(
-                    "%s has %d frames (animated or multi-page); its first is used", path, image.n_frames
-                )
             yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, InputError):
@@ -109,6 +112,8 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
     from PIL import Image, ImageOps
 
     with _opened_image(path) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            log.warning("%s has %d frames (animated or multi-page); its first is used", path, image.n_frames)
         image.load()
         image = ImageOps.exif_transpose(image)
         key = image.info.get("transparency")  # a colour key (PNG tRNS): the pixels of that value are clear
@@ -118,7 +123,7 @@ def read_image(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
             if isinstance(key, int):  # the key is in the 16-bit values: carry it over as an alpha plane
                 alpha = np.where(values == key, 0, 255).astype(np.uint8)
                 image = Image.merge("LA", (image, Image.fromarray(alpha, "L")))
-        if image.mode in ("RGBA", "LA", "PA") or (key is not None and image.mode in ("P", "L", "RGB")):
+        if image.mode in ("RGBA", "LA", "PA") or (key is not None and image.mode in ("P", "L", "RGB", "1")):
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         image = image.convert("L" if grey else "RGB")
@@ -323,16 +328,31 @@ def write_pngs(frames: np.ndarray, folder: Path, first_index: int = 0) -> list[P
     return paths
 
 
-def remove_stale(out_dir: Path, written: dict[str, Path | list[Path]], stem: str = "inbetween") -> list[Path]:
-    """Remove what an earlier run left in `out_dir` that this run did not write: numbered frames past this
-    run's count (an image-sequence import would take them as part of this clip) and the clip files of formats
-    not asked for this time (made from other frames). Other files are left alone. -> the removed paths."""
-    kept = {Path(p) for v in written.values() for p in (v if isinstance(v, list) else [v])}
-    stale = [p for p in sorted((out_dir / "frames").glob("*.png")) if re.fullmatch(r"\d{4,}", p.stem)]
-    stale += [out_dir / f"{stem}.{ext}" for ext in ("mp4", "gif")]
-    removed = [p for p in stale if p not in kept and p.is_file()]
-    for p in removed:
-        p.unlink()
+def remove_stale(
+    out_dir: Path, written: dict[str, Path | list[Path]], keep: Iterable[str | os.PathLike] = ()
+) -> list[Path]:
+    """Remove the outputs an earlier run recorded in `out_dir/meta.json` that this run did not write again:
+    its numbered frames past this run's count (an image-sequence import would take them as part of this
+    clip), its mp4/gif when this run was not asked for them (made from other frames). Only files that run
+    listed, inside `out_dir`, are touched, and never one in `keep` (this run's keyframes and sketches).
+    -> the removed paths."""
+    import json
+
+    try:
+        earlier = json.loads((out_dir / "meta.json").read_text()).get("outputs", {})
+        listed = [Path(p) for v in earlier.values() for p in (v if isinstance(v, list) else [v])]
+    except (OSError, ValueError, AttributeError, TypeError):  # no earlier run, or not this program's file
+        return []
+    kept = {Path(p).resolve() for v in written.values() for p in (v if isinstance(v, list) else [v])}
+    kept |= {Path(p).resolve() for p in keep}
+    inside = out_dir.resolve()
+    removed = []
+    for path in listed:
+        real = path.resolve()
+        if real in kept or inside not in real.parents or not real.is_file():
+            continue
+        real.unlink()
+        removed.append(path)
     return removed
 
 
@@ -386,8 +406,11 @@ def write_outputs(
     fps: float,
     formats: Iterable[str] = OUTPUT_FORMATS,
     stem: str = "inbetween",
+    keep: Iterable[str | os.PathLike] = (),
 ) -> dict[str, Path | list[Path]]:
-    """Write a clip [T, H, W, 3] as out_dir/{stem}.mp4, {stem}.gif and frames/0000.png ... (as asked)."""
+    """Write a clip [T, H, W, 3] as out_dir/{stem}.mp4, {stem}.gif and frames/0000.png ... (as asked); the
+    outputs an earlier run into out_dir listed in its meta.json and this one did not write again are
+    removed (`remove_stale`; `keep`: files never to remove)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path | list[Path]] = {}
     formats = set(formats)
@@ -397,7 +420,7 @@ def write_outputs(
         written["gif"] = write_gif(frames, out_dir / f"{stem}.gif", fps)
     if "mp4" in formats:
         written["mp4"] = write_mp4(frames, out_dir / f"{stem}.mp4", fps)
-    removed = remove_stale(out_dir, written, stem)
+    removed = remove_stale(out_dir, written, keep)
     if removed:
         log.info(
             "%s: removed %d file(s) an earlier run left there (%s)", out_dir, len(removed), removed[0].name

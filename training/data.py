@@ -46,6 +46,7 @@ import os
 import re
 import subprocess
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -245,7 +246,8 @@ def check_shards(shards: list[str]) -> None:
             " it into the model. Give the curate OUT folder or its shards/train (the eval split is then used"
             " for evaluation only)"
         )
-    urls = [s for s in shards if "://" in s][:3]  # not pipe: commands (a probe would run one to its end)
+    # not pipe: commands, even of URLs: a probe would run one to its end
+    urls = [s for s in shards if "://" in s and not s.startswith("pipe:")][:3]
     errors = []
     for url in urls:
         try:
@@ -280,20 +282,27 @@ def shards_digest(shards: list[str]) -> str:
 def open_shard(url: str) -> Iterator[Any]:
     """A readable binary stream of one shard: local file, `pipe:COMMAND`, or fsspec URL."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            yield proc.stdout
-            proc.stdout.read()  # read to the end (tar stops at its end marker), so the command can exit
-            status, err = proc.wait(), proc.stderr.read().decode(errors="replace").strip()
-            if status:  # its stream may still have parsed: a failed download is not a whole shard
-                raise OSError(
-                    f"{url}: the command exited with status {status}" + (f": {err[-300:]}" if err else "")
-                )
-        finally:
-            proc.stdout.close()
-            proc.stderr.close()
-            proc.kill()
-            proc.wait()
+        # stderr to a file, not a pipe: a chatty command (wget's progress) would fill a pipe no one reads
+        # while stdout is read, and both sides would wait for ever
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=errors)
+            try:
+                yield proc.stdout
+                while proc.stdout.read(
+                    1 << 20
+                ):  # to the end (tar stops at its end marker): the command exits
+                    pass
+                status = proc.wait()
+                if status:  # its stream may still have parsed: a failed download is not a whole shard
+                    errors.seek(max(0, errors.seek(0, 2) - 300))
+                    said = errors.read().decode(errors="replace").strip()
+                    raise OSError(
+                        f"{url}: the command exited with status {status}" + (f": {said}" if said else "")
+                    )
+            finally:
+                proc.stdout.close()
+                proc.kill()
+                proc.wait()
     elif "://" in url:
         import fsspec
 
@@ -605,11 +614,15 @@ class DataState:
     def check_resumable(self, shards: list[str], world: int, workers: int) -> None:
         """ValueError when this position cannot continue on `shards` with `world` ranks x `workers` workers:
         the same samples in the same order need the same shards and reading slots."""
-        if self.world != world or self.workers is not None and max(1, self.workers) != max(1, workers):
+        if self.world != world:  # the checkpoint's optimizer state is per rank too
             raise ValueError(
-                f"the data position was saved with {self.world} rank(s) x {self.workers} worker(s); resume with"
-                f" the same (now {world} x {workers}) to continue the same sample order, or pass"
-                " --restart-data to read the data in a new order from here"
+                f"the data position was saved by {self.world} rank(s); resume with the same number (now {world})"
+            )
+        if self.workers is not None and max(1, self.workers) != max(1, workers):
+            raise ValueError(
+                f"the data position was saved with {self.workers} DataLoader worker(s) per rank; resume with"
+                f" the same (now {workers}) to continue the same sample order, or pass --restart-data to read"
+                " the data in a new order from here"
             )
         if self.shards and self.shards != shards_digest(shards):
             raise ValueError(
@@ -710,7 +723,7 @@ class ClipStream(IterableDataset):
         # An epoch in which this slot's shards give no usable clip (they are the bad ones this time) is not
         # an error: the next epoch deals it other shards. Only when the slot's fruitless epochs have covered
         # every shard is there no training data at all.
-        fruitless = _Fruitless(self.shards, slots)
+        fruitless = _Fruitless(self.shards, slots, self.cfg.shuffle_shards)
         while True:
             order = list(self.shards)
             if self.cfg.shuffle_shards:
@@ -741,7 +754,7 @@ class ClipStream(IterableDataset):
                     pending = []
                     yield batch
             if good or skip:
-                fruitless = _Fruitless(self.shards, slots)
+                fruitless = _Fruitless(self.shards, slots, self.cfg.shuffle_shards)
             else:
                 fruitless.add(slot_shards(order, slot, slots)[0], pos, unreadable)
                 if fruitless.covered():
@@ -750,12 +763,17 @@ class ClipStream(IterableDataset):
 
 
 class _Fruitless:
-    """A reading slot's run of epochs without a usable clip: the shards they dealt it and what they gave."""
+    """A reading slot's run of epochs without a usable clip: the shards they dealt it and what they gave.
 
-    EPOCHS = 64  # so many fruitless epochs in a row end the search even before every shard was dealt
+    It ends (`covered`) when reading on cannot help: whole shards per slot, shuffled, and every shard dealt
+    to this slot without a usable clip (then no shard has one); a fixed deal (data.shuffle_shards=false:
+    each epoch gives the slot what the last one did); or EPOCHS in a row (the bound when fewer shards than
+    slots make each epoch take other samples of every shard)."""
 
-    def __init__(self, shards: list[str], slots: int):
-        self.shards, self.slots = shards, slots
+    EPOCHS = 64
+
+    def __init__(self, shards: list[str], slots: int, shuffled: bool):
+        self.shards, self.slots, self.shuffled = shards, slots, shuffled
         self.tried: set[str] = set()
         self.epochs = self.samples = 0
         self.unreadable: dict[str, str] = {}
@@ -766,26 +784,42 @@ class _Fruitless:
         self.samples += samples
         self.unreadable.update(unreadable)
 
+    def _whole_shards(self) -> bool:
+        return len(self.shards) >= self.slots
+
     def covered(self) -> bool:
-        return self.epochs >= self.EPOCHS or self.tried >= set(self.shards)
+        if self.epochs >= self.EPOCHS or not self.shuffled:
+            return True
+        if not self._whole_shards():  # every epoch reads every shard; no sample at all stays so
+            return self.samples == 0
+        return self.tried >= set(self.shards)
 
     def message(self, slot: int, counts: dict[str, int]) -> str:
-        if self.samples == 0 and self.unreadable:
-            url, reason = next(iter(self.unreadable.items()))
+        example = next(iter(self.unreadable), None) or min(self.tried, default=self.shards[0])
+        everything = self._whole_shards() and self.tried >= set(self.shards) or len(self.shards) < self.slots
+        if everything and self.samples == 0 and len(self.unreadable) == len(self.shards):
             return (
-                f"no shard could be read ({len(self.unreadable)} of {len(self.shards)} unreadable, e.g. {url}:"
-                f" {reason}); --data takes a curate OUT folder, a folder of .tar shards, a glob, a list file or"
-                " a URL"
+                f"no shard could be read ({len(self.unreadable)} of {len(self.shards)} unreadable, e.g. {example}:"
+                f" {self.unreadable[example]}); --data takes a curate OUT folder, a folder of .tar shards, a glob,"
+                " a list file or a URL"
             )
-        if self.samples == 0:
+        if len(self.shards) < self.slots and self.samples == 0:
             return (
                 f"reading slot {slot} of {self.slots} gets no samples from {len(self.shards)} shard(s): fewer"
                 " samples than ranks x workers? lower data.num_workers"
             )
+        found = (
+            f"{self.samples} samples over {self.epochs} epoch(s); {counts['corrupt']} corrupt and"
+            f" {counts['too_short']} too short in all; {len(self.unreadable)} shard(s) unreadable"
+        )
+        if self._whole_shards() and self.tried >= set(self.shards):
+            return f"no usable clip in any of the {len(self.shards)} shard(s) ({found}), e.g. {example}"
+        fixed = " (the same every epoch: data.shuffle_shards=false)" if not self.shuffled else ""
         return (
-            f"no usable clip in {len(self.tried)} of {len(self.shards)} shard(s) ({self.samples} samples read"
-            f" over {self.epochs} epoch(s): {counts['corrupt']} corrupt and {counts['too_short']} too short in"
-            f" all; {len(self.unreadable)} shard(s) unreadable), e.g. {self.shards[0]}"
+            f"reading slot {slot} of {self.slots} found no usable clip in what it was dealt: {len(self.tried)} of"
+            f" {len(self.shards)} shard(s){fixed} ({found}), e.g. {example}; other slots may have clips, but"
+            " every slot must give batches: lower data.num_workers"
+            + (" or set data.shuffle_shards=true" if not self.shuffled else "")
         )
 
 

@@ -419,21 +419,40 @@ def test_an_output_folder_that_cannot_be_written_stops_before_the_model_loads(
         assert f"--out {tmp_path / 'afile' / 'walk'}: {tmp_path / 'afile'} is a file, not a folder" in err
 
 
+def test_a_rerun_into_the_folder_of_the_keyframes_removes_only_its_own_earlier_outputs(files, tmp_path):
+    """The second run writes 4 frames where the first wrote 8: frames 4..7 go; the user's drawings in the
+    same frames/ folder (two of them this run's keyframes) stay."""
+    root, ckpt, keys = files
+    shot = tmp_path / "shot"
+    (shot / "frames").mkdir(parents=True)
+    drawings = [_keyframe(shot / "frames" / f"{i:04d}.png", (80, 40), 4 + 10 * i) for i in (20, 21)]
+    argv = [str(d) for d in drawings] + ["--checkpoint", str(ckpt), "--out", str(shot), *FAST]
+    assert cli.main([*argv, "--frames", "8", "--formats", "png,gif"]) == 0
+    assert cli.main([*argv, "--frames", "4", "--formats", "png"]) == 0
+    names = sorted(p.name for p in (shot / "frames").glob("*.png"))
+    assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "0020.png", "0021.png"]
+    assert not (shot / "inbetween.gif").exists()
+
+
 def test_batch_names_keep_their_letters_and_a_shared_folder_names_its_rows(files, tmp_path, capsys):
     """Names in Japanese all became `clip` (then refused as "used twice: ['clip']"), and `Scène 1` became
     `Sc_ne_1`; rows whose names map to one folder are named as the user wrote them."""
     root, ckpt, keys = files
     a, b = str(keys["a"]), str(keys["b"])
     batch = tmp_path / "rows.jsonl"
-    rows = [{"name": n, "start": a, "end": b} for n in ("歩く", "走る", "Scène 1", "../up")]
+    names = ("歩く", "走る", "Scène 1", "../up", "कुत्ता दौड़ता", "ไก่", "Sce\u0300ne 2", "歩く" * 45)
+    rows = [{"name": n, "start": a, "end": b} for n in names]
     batch.write_text("\n".join(json.dumps(r) for r in rows))
     args = cli.build_parser().parse_args(["--batch", str(batch), "--out", str(tmp_path / "out")])
-    assert [j.name for j in cli.build_jobs(args)] == ["歩く", "走る", "Scène_1", "up"]
-    batch.write_text(
-        "\n".join(json.dumps({"name": n, "start": a, "end": b}) for n in ("walk 1", "walk/1", "x"))
-    )
+    folders = [j.name for j in cli.build_jobs(args)]
+    assert folders[:7] == ["歩く", "走る", "Scène_1", "up", "कुत्ता_दौड़ता", "ไก่", "Scène_2"]  # marks kept, NFC
+    assert len(folders[7].encode()) <= 120 and folders[7].startswith(
+        "歩く歩く"
+    )  # a folder name the disk takes
+    names = ("walk 1", "walk/1", "x", "Run", "run")  # Run and run: one folder on macOS and Windows
+    batch.write_text("\n".join(json.dumps({"name": n, "start": a, "end": b}) for n in names))
     err = _error(capsys, ["--batch", str(batch), "--checkpoint", str(ckpt), *FAST])
-    assert "rows share an output folder: 'walk 1', 'walk/1' -> walk_1/" in err
+    assert "rows share an output folder: 'walk 1', 'walk/1' -> walk_1/; 'Run', 'run' -> Run/" in err
 
 
 def test_dry_run_checks_the_frame_size_and_warns_of_shapes_and_prompts_far_from_training(

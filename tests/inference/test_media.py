@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.media import read_image
+from inference.media import image_size, read_image
 
 
 def _drawing(h: int = 40, w: int = 64) -> np.ndarray:
@@ -62,6 +62,8 @@ def test_colour_keyed_transparency_is_paper_white(tmp_path):
         image = read_image(tmp_path / name)
         assert (image[30:] == 255).all(), name  # the background is paper white
         assert (image[10:20, 5:17] != 255).any() and (image[:5] == 230).all(), name  # the drawing is kept
+    Image.fromarray(drawing[..., 0] > 0).save(tmp_path / "bilevel_key.png", transparency=0)  # 1-bit
+    assert (read_image(tmp_path / "bilevel_key.png") == 255).all()  # white lines; the clear black is paper
 
 
 def test_a_huge_scan_is_read_and_a_too_huge_one_named(tmp_path, monkeypatch, caplog):
@@ -86,25 +88,35 @@ def test_an_animated_keyframe_says_which_frame_is_used(tmp_path, caplog):
     frames = [Image.fromarray(_drawing()), Image.fromarray(255 - _drawing())]
     frames[0].save(tmp_path / "walk.gif", save_all=True, append_images=frames[1:], duration=100)
     with caplog.at_level("WARNING", logger="inbetweener.media"):
+        image_size(tmp_path / "walk.gif")  # a batch's header check, then the read at its turn
         image = read_image(tmp_path / "walk.gif")
-    assert "walk.gif has 2 frames (animated or multi-page); its first is used" in caplog.text
+    assert caplog.text.count("walk.gif has 2 frames (animated or multi-page); its first is used") == 1
     assert abs(int(image[0, 0, 0]) - 230) <= 8  # the first frame's paper (GIF palette rounding)
 
 
 def test_a_rerun_into_the_same_folder_leaves_only_its_own_outputs(tmp_path):
     """An earlier 16-frame run's frames 8..15 stayed beside a new 8-frame run's (an image-sequence import
-    took them as one clip), and its mp4/gif of other frames beside a png-only run."""
+    took them as one clip), and its mp4/gif of other frames beside a png-only run. Only what the earlier
+    run's meta.json lists goes: a user's own drawings in the folder stay, even numbered like frames, and
+    so do the run's keyframes."""
+    import json
+
     from inference.media import write_outputs
 
     clip = np.stack([_drawing()] * 16)
-    write_outputs(clip, tmp_path, fps=8, formats=("png", "gif", "mp4"))
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(_drawing()).save(tmp_path / "frames" / "0020.png")  # the user's, never listed
+    written = write_outputs(clip, tmp_path, fps=8, formats=("png", "gif", "mp4"))
+    outputs = {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()}
+    (tmp_path / "meta.json").write_text(json.dumps({"outputs": outputs}))  # as interpolate records them
     (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "frames" / "cover.png").write_bytes(b"x")
-    written = write_outputs(clip[:8], tmp_path, fps=8, formats=("png",))
-    assert sorted(p.name for p in (tmp_path / "frames").glob("0*.png")) == [f"{i:04d}.png" for i in range(8)]
-    assert written["png"] == sorted((tmp_path / "frames").glob("0*.png"))
+    keyframe = tmp_path / "frames" / "0015.png"  # an earlier output now given as this run's keyframe
+    written = write_outputs(clip[:8], tmp_path, fps=8, formats=("png",), keep=[keyframe])
+    names = sorted(p.name for p in (tmp_path / "frames").glob("*.png"))
+    assert names == [f"{i:04d}.png" for i in range(8)] + ["0015.png", "0020.png"]
+    assert written["png"] == [tmp_path / "frames" / f"{i:04d}.png" for i in range(8)]
     assert not (tmp_path / "inbetween.mp4").exists() and not (tmp_path / "inbetween.gif").exists()
-    assert (tmp_path / "notes.txt").exists() and (tmp_path / "frames" / "cover.png").exists()  # not ours
+    assert (tmp_path / "notes.txt").exists()
 
 
 def test_an_output_folder_that_cannot_be_written_is_named_first(tmp_path):

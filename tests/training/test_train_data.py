@@ -350,7 +350,7 @@ def test_no_usable_clip_anywhere_still_stops_with_one_line(tmp_path):
     for i in range(3):
         data.write_shard(tmp_path / f"00000{i}.tar", [clip_sample(f"s{i}", 3, (64, 40), i)])
     shards = data.list_shards(str(tmp_path))
-    with pytest.raises(data.DataError, match=r"no usable clip in 3 of 3 shard\(s\)"):
+    with pytest.raises(data.DataError, match=r"no usable clip in any of the 3 shard\(s\)"):
         windows_of(shards, data.DataConfig(**SMALL, num_workers=0), 1, 1)
 
 
@@ -456,3 +456,54 @@ def test_samples_no_one_foresaw_are_skipped_not_fatal(train_shards: Path):
     wide = clip_sample("wide", 20, (640, 8), 3)
     with pytest.raises(data.SampleError, match=r"wide: a 640x8 clip is too far from the window's aspect"):
         data.decode_window({"__key__": "wide", "mp4": wide["mp4"]}, data.DataConfig(**SMALL), None)
+
+
+def test_sparse_clips_on_more_slots_than_shards_do_not_stop_the_run(tmp_path):
+    """Fewer shards than slots: each epoch a slot takes other samples of every shard, so one epoch without a
+    usable clip says nothing of the next (it stopped a 4-rank run whose shards did have clips)."""
+    from tests.training.conftest import clip_sample
+
+    for i in range(3):  # shards of 5, 4 and 3 samples: which slot takes a sample depends on the order
+        samples = [clip_sample(f"s{i}{j}", 3, (64, 40), j) for j in range(4 - i)]  # too short for a window
+        samples.insert(i, clip_sample(f"ok{i}", 8, (64, 40), 10 + i))
+        data.write_shard(tmp_path / f"00000{i}.tar", samples)
+    shards = data.list_shards(str(tmp_path))
+    cfg = data.DataConfig(**SMALL, num_workers=0)
+    for rank in range(4):
+        batches, _ = windows_of_rank(shards, cfg, rank=rank, world=4, count=4)
+        assert all(k.startswith("ok") for b in batches for k in b["key"])
+
+
+def windows_of_rank(shards, cfg, rank: int, world: int, count: int):
+    loader = data.make_loader(shards, cfg, 1, seed=5, rank=rank, world=world)
+    it = iter(loader)
+    return [next(it) for _ in range(count)], loader.dataset.state
+
+
+def test_a_fixed_deal_of_bad_shards_names_a_bad_shard_and_the_way_out(half_bad: Path, tmp_path: Path):
+    import shutil
+
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    for name, src in (
+        ("000000.tar", "000000.tar"),
+        ("000001.tar", "000002.tar"),
+        ("000002.tar", "000001.tar"),
+    ):
+        shutil.copy(half_bad / src, folder / name)
+    data.write_shard(folder / "000003.tar", [])
+    shards = data.list_shards(str(folder))  # unshuffled, slot 1 of 2 is dealt 000001 (0 bytes) and 000003
+    cfg = data.DataConfig(**SMALL, num_workers=2, shuffle_shards=False)
+    with pytest.raises(data.DataError) as stop:
+        windows_of(shards, cfg, 1, 4)
+    message = str(stop.value)
+    assert "found no usable clip in what it was dealt: 2 of 4 shard(s) (the same every epoch" in message
+    assert "e.g. " + str(folder / "000001.tar") in message and "data.shuffle_shards=true" in message
+
+
+def test_a_pipe_command_that_writes_much_to_stderr_does_not_hang(train_shards: Path):
+    whole = train_shards / "shards" / "train" / "000000.tar"
+    url = f"pipe:head -c 300000 /dev/zero | tr '\\0' x >&2; cat {whole}"  # wget's progress, say
+    bad: list[str] = []
+    assert len(list(data._raw_samples([url], 0, 1, 0, bad))) == 3 and bad == []
+    data.check_shards([f"pipe:sleep 30; curl -s https://example.com/{i}.tar" for i in range(3)])  # not run
