@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError, decode_video
+from manifests.tar import EndCheckedTarInfo
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -34,11 +35,22 @@ class EvalClip:
     caption: str
     meta: dict = field(default_factory=dict)  # its manifest row
     shard: str = ""  # the tar it came from
+    missing: str = ""  # why a clip the split names could not be read (then there is no mp4)
+
+    @property
+    def content(self) -> str:
+        """A digest of the clip's bytes: the same key re-curated (another crop, size or encode) differs."""
+        import hashlib
+
+        return hashlib.sha256(self.mp4).hexdigest()[:16]
 
     def frames(self) -> np.ndarray:
-        """Every frame, uint8 [T, H, W, 3]; InputError naming the clip when its mp4 does not decode."""
+        """Every frame, uint8 [T, H, W, 3]; InputError naming the clip when its mp4 does not decode (or
+        could not be read from its shard)."""
         import av
 
+        if self.missing:
+            raise InputError(self.missing)
         try:
             return decode_video(self.mp4)
         except (av.error.FFmpegError, ValueError, OSError) as exc:  # InputError is a ValueError
@@ -49,8 +61,10 @@ def _is_manifest(path: Path) -> bool:
     return path.suffix == ".parquet" or (path.is_dir() and path.name == "manifest")
 
 
-def _samples(tar_path: Path) -> Iterator[EvalClip]:
-    """The samples of one shard, in order: members grouped by key (the name up to the first dot)."""
+def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
+    """The samples of one shard, in order: members grouped by key (the name up to the first dot). A shard
+    unreadable from some point on (cut short, also exactly between two members; damaged) gives the
+    clips before it, and `problems[str(tar_path)]` says why the rest is missing."""
     current: dict[str, bytes] = {}
     key = None
 
@@ -68,8 +82,9 @@ def _samples(tar_path: Path) -> Iterator[EvalClip]:
         caption = current["txt"].decode() if "txt" in current else (meta.get("caption") or "")
         return EvalClip(key, current["mp4"], caption, meta, str(tar_path))
 
+    count = 0
     try:
-        with tarfile.open(tar_path) as tar:
+        with tarfile.open(tar_path, tarinfo=EndCheckedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -78,18 +93,23 @@ def _samples(tar_path: Path) -> Iterator[EvalClip]:
                 if k != key:
                     clip = finish()
                     if clip is not None:
+                        count += 1
                         yield clip
                     key, current = k, {}
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""
-    except tarfile.TarError as exc:
-        raise InputError(f"{tar_path}: not a readable shard ({exc})") from exc
+    except (tarfile.TarError, OSError, EOFError) as exc:  # the sample being read is incomplete: not given
+        problems[str(tar_path)] = f"{tar_path}: unreadable after {count} clip(s) ({exc})"
+        return
     clip = finish()
     if clip is not None:
         yield clip
 
 
 def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
+    """The kept clips of `split` in manifest order, read from the shards beside the manifest. A clip that
+    cannot be read (its row names no shard, its shard is missing, cut short, or does not hold it) comes
+    as an EvalClip with `missing` saying why, so that the evaluation reports it instead of dropping it."""
     from manifests.io import ManifestError, read_manifest
 
     try:
@@ -99,25 +119,42 @@ def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
     rows = [
         r
         for r in table.select(["key", "shard", "split", "status"]).to_pylist()
-        if r["status"] == "kept" and r["split"] == split and r["shard"] and r["key"]
+        if r["status"] == "kept" and r["split"] == split and r["key"]
     ]
     if not rows:
-        raise InputError(f"{path}: the manifest has no kept rows in the {split!r} split with a shard")
+        raise InputError(
+            f"{path}: the manifest has no kept rows in the {split!r} split{_resplit_hint(path.parent, split)}"
+        )
     root = path.parent / "shards"  # OUT/manifest.parquet or OUT/manifest/ -> OUT/shards
     wanted: dict[str, set[str]] = {}
     for r in rows:
-        wanted.setdefault(r["shard"], set()).add(r["key"])
+        if r["shard"]:
+            wanted.setdefault(r["shard"], set()).add(r["key"])
     found: dict[str, EvalClip] = {}
+    why: dict[str, str] = {}  # shard -> why some of its clips are missing
     for shard, keys in wanted.items():
         tar_path = root / shard
         if not tar_path.is_file():
-            raise InputError(f"{path}: shard {tar_path} named by the manifest is missing")
-        for clip in _samples(tar_path):
+            why[shard] = f"its shard {tar_path}, named by {path}, is missing"
+            continue
+        problems: dict[str, str] = {}
+        for clip in _samples(tar_path, problems):
             if clip.key in keys:
                 found[clip.key] = clip
+        if problems:
+            why[shard] = problems[str(tar_path)]
     for r in rows:
-        if r["key"] in found:
-            yield found.pop(r["key"])
+        clip = found.pop(r["key"], None)
+        if clip is not None:
+            yield clip
+            continue
+        shard = r["shard"]
+        reason = (
+            f"its row in {path} names no shard"
+            if not shard
+            else why.get(shard, f"{root / shard} does not hold it (the manifest and the shards disagree)")
+        )
+        yield EvalClip(r["key"], b"", "", {}, str(root / shard) if shard else "", missing=reason)
 
 
 def shard_files(source: Path, split: str = "eval") -> list[Path]:
@@ -136,23 +173,29 @@ def shard_files(source: Path, split: str = "eval") -> list[Path]:
         tars = list_shards(folder) if folder.is_dir() else []
         if tars:
             return tars
-    hint = ""
-    if split == "eval" and (source / "manifest.parquet").is_file():  # a curate output, empty eval
-        hint = (
-            f"; its manifest puts no kept clip in the eval split (a small job gives eval at most"
-            f" split.max_eval_fraction of its kept clips, in whole sources): `inbetweener select"
-            f" {source} --set split.by_source=false` re-splits it by near-duplicate groups, and a"
-            f" larger split.max_eval_fraction lets eval take more"
-        )
     raise InputError(
-        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/){hint}"
+        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/)"
+        + _resplit_hint(source, split)
+    )
+
+
+def _resplit_hint(out: Path, split: str) -> str:
+    """For a curate output whose eval split is empty: how to re-split it."""
+    if split != "eval" or not (out / "manifest.parquet").is_file():
+        return ""
+    return (
+        " (a small job gives eval at most split.max_eval_fraction of its kept clips, in whole sources):"
+        f" `inbetweener select {out} --set split.by_source=false` re-splits it by near-duplicate groups,"
+        " and a larger split.max_eval_fraction lets eval take more"
     )
 
 
 def iter_clips(
     sources: Sequence[str | Path], split: str = "eval", limit: int | None = None
 ) -> Iterator[EvalClip]:
-    """The clips of `sources` in order (sources in the order given), at most `limit`."""
+    """The clips of `sources` in order (sources in the order given), at most `limit`. A curate output folder
+    is read through its manifest (so a clip of a missing or cut shard is reported, not silently absent);
+    a clip that cannot be read comes with `missing` set (and counts toward `limit`)."""
     from manifests.remote import local_path
 
     count = 0
@@ -166,15 +209,25 @@ def iter_clips(
     for source in map(Path, sources):
         if not source.exists():
             raise InputError(f"{source}: no such file or folder")
-        if _is_manifest(source):
-            clips = _manifest_clips(source, split)
-        else:
-            clips = (c for tar in shard_files(source, split) for c in _samples(tar))
+        if source.is_dir() and (source / "manifest.parquet").is_file() and (source / "shards").is_dir():
+            source = source / "manifest.parquet"  # a curate output: its manifest says what the split holds
+        clips = _manifest_clips(source, split) if _is_manifest(source) else _shard_clips(source, split)
         for clip in clips:
             if limit is not None and count >= limit:
                 return
             yield clip
             count += 1
+
+
+def _shard_clips(source: Path, split: str) -> Iterator[EvalClip]:
+    """The clips of a shard folder or file; a shard unreadable from some point on gives its clips before
+    it and then one EvalClip (keyed by the shard) with `missing` saying what was lost."""
+    for tar in shard_files(source, split):
+        problems: dict[str, str] = {}
+        yield from _samples(tar, problems)
+        if problems:
+            reason = problems[str(tar)] + "; the rest of the shard is not evaluated"
+            yield EvalClip(f"{tar.name}:rest", b"", "", {}, str(tar), missing=reason)
 
 
 def clip_window(

@@ -36,7 +36,9 @@ from training.metrics import (
 from training.metrics.lpips import lpips_frames
 
 # The metrics of a generation run and of a decoder run (--decoder-only), and the extractor each needs.
-GENERATION_METRICS = ("fvd", "kvd", "lpips", "clip_img", "clip_txt", "cpbd")
+# PSNR and SSIM of a generation run compare each generated frame with the ground truth's (pooled over
+# the interior frames: the keyframes are given): not in the paper's table, but they need no weights.
+GENERATION_METRICS = ("fvd", "kvd", "lpips", "clip_img", "clip_txt", "cpbd", "psnr", "ssim")
 DECODER_METRICS = ("psnr", "ssim", "lpips")
 # the `Extractors` fields a generation metric calls
 _EXTRACTOR_FIELDS = {
@@ -121,6 +123,28 @@ class TowerCLIP(torch.nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         proj = m.text_projection
         return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+
+
+def missing_weights(needs: Sequence[str], root: str | os.PathLike | None, clip_fallback: bool) -> list[str]:
+    """What `load_extractors(needs, root)` would miss, every file at once (it stops at the first), read
+    from the models dir before any clip is decoded. `clip_fallback`: the CLIP towers of the interpolation
+    checkpoint serve when the CLIP file is absent."""
+    from training import features
+
+    files = []
+    if "video" in needs:
+        files.append(features.I3D_FILE)
+    if "lpips" in needs:
+        files += features.LPIPS_FILES["alex"]
+    if "clip" in needs and not clip_fallback:
+        files.append(features.CLIP_FILE)
+    out = []
+    for weight in files:
+        try:
+            features.require_file(weight, root)
+        except FileNotFoundError as exc:
+            out.append(str(exc))
+    return out
 
 
 def load_extractors(
@@ -210,6 +234,12 @@ def score_clip(
             out["clip_txt"] = clip_txt_scores(emb[None, :t], text)[0].numpy()
     if "cpbd" in wanted:
         out["cpbd"], out["cpbd_real"] = cpbd_frames(gen), cpbd_frames(gt)
+    if wanted & {"psnr", "ssim"}:
+        gen_c, gt_c = torch.from_numpy(gen).permute(0, 3, 1, 2), torch.from_numpy(gt).permute(0, 3, 1, 2)
+        if "psnr" in wanted:
+            out["psnr"] = psnr(gen_c, gt_c).numpy()
+        if "ssim" in wanted:
+            out["ssim"] = ssim(gen_c, gt_c).numpy()
     return out
 
 
@@ -242,6 +272,9 @@ def _frame_averages(records: Sequence[Mapping[str, np.ndarray]], names: Sequence
     }
 
 
+FVD_FEW_CLIPS = 100  # below this many clips FVD and KVD are marked as small-sample numbers
+
+
 def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0) -> dict[str, Any]:
     """Per-clip records -> the protocol's numbers (frame scores pooled over all and interior frames)."""
     n = len(records)
@@ -252,6 +285,11 @@ def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0
         if n >= 2:
             mmd2 = mmd2_unbiased(real, gen)
             out.update(fvd=fvd(real, gen), kvd=kvd(real, gen), kvd_mmd2=mmd2)
+            if n < FVD_FEW_CLIPS:  # a covariance of rank n-1 in 400 dimensions: the bias dominates
+                out["fvd_note"] = (
+                    f"N={n}: FVD and KVD of so few clips are mostly their small-sample bias; compare only runs"
+                    " of the same N (the paper's: 1,000)"
+                )
         else:
             out["fvd_note"] = "needs at least 2 clips"
         out["real_vs_real_floor"] = (
@@ -259,7 +297,9 @@ def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0
         )
     else:
         out["fvd_note"] = "not computed (--metrics)"
-    out.update(_frame_averages(records, ("lpips", "clip_img", "clip_txt", "cpbd", "cpbd_real")))
+    out.update(
+        _frame_averages(records, ("lpips", "clip_img", "clip_txt", "cpbd", "cpbd_real", "psnr", "ssim"))
+    )
     return out
 
 
@@ -282,11 +322,29 @@ def _pooled(m: Mapping[str, Any], name: str, part: str = "all") -> float | None:
     return value.get(part) if value else None
 
 
+def clip_set(result: Mapping[str, Any]) -> str | None:
+    """What identifies a run's clips: their keys and bytes (clips_sha256; a re-curated split keeps its
+    keys), else, for results of earlier versions, their keys."""
+    data = result.get("data", {})
+    return data.get("clips_sha256") or data.get("keys_sha256")
+
+
 def clip_sets(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """keys_sha256 -> a letter, when the runs were measured on more than one set of clips (another eval
-    split after `select`, another --limit or source): their rows are then not comparable."""
-    keys = list(dict.fromkeys(r.get("data", {}).get("keys_sha256") for r in results))
+    """clip_set -> a letter, when the runs were measured on more than one set of clips (another eval
+    split after `select`, another --limit or source, the split re-curated): their rows are then not
+    comparable."""
+    keys = list(dict.fromkeys(clip_set(r) for r in results))
     return {k: chr(ord("A") + i) for i, k in enumerate(keys)} if len(keys) > 1 else {}
+
+
+def _window(result: Mapping[str, Any]) -> str | None:
+    """The run's window when it is not the paper's (16 frames at 320x512, stride 1), e.g. "8 frames,
+    stride 2, 160x256"; None for the paper's."""
+    data = result.get("data", {})
+    frames, stride, size = data.get("frames", 16), data.get("stride", 1), data.get("size", [320, 512])
+    if result.get("kind") == "decoder" or (frames, stride, list(size)) == (16, 1, [320, 512]):
+        return None
+    return f"{frames} frames" + (f", stride {stride}" if stride != 1 else "") + f", {size[0]}x{size[1]}"
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
@@ -296,8 +354,12 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     sets = clip_sets([*gen, *dec])
 
     def label(r: Mapping[str, Any]) -> str:
-        mark = sets.get(r.get("data", {}).get("keys_sha256"))
-        return f"**{r['label']}**" + (f" (clips {mark})" if mark else "")
+        mark = sets.get(clip_set(r))
+        window = _window(r)
+        return f"**{r['label']}**" + (f" (clips {mark})" if mark else "") + (f" [{window}]" if window else "")
+
+    def few(m: Mapping[str, Any], text: str) -> str:  # FVD/KVD of few clips carry a mark
+        return text + " †" if text != "-" and m["n_clips"] < FVD_FEW_CLIPS else text
 
     lines = ["# Evaluation", ""]
     if sets:
@@ -307,7 +369,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             "",
         ]
     lines += [
-        "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 512x320.",
+        "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 512x320."
+        " A run with another window says it in brackets; its numbers do not compare with the paper's.",
         "",
         "| method | N | FVD | KVD | LPIPS | CLIP_img | CLIP_txt | CPBD |",
         "|---|---|---|---|---|---|---|---|",
@@ -320,10 +383,16 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     for r in gen:
         m = r["metrics"]
         lines.append(
-            f"| {label(r)} | {m['n_clips']} | {_fmt(m['fvd'], 2)} | {_fmt(m['kvd'], 3)} | "
+            f"| {label(r)} | {m['n_clips']} | {few(m, _fmt(m['fvd'], 2))} | {few(m, _fmt(m['kvd'], 3))} | "
             f"{_fmt(_pooled(m, 'lpips'), 4)} | {_fmt(_pooled(m, 'clip_img'), 4)} | "
             f"{_fmt(_pooled(m, 'clip_txt'), 4)} | {_fmt(_pooled(m, 'cpbd'), 4)} |"
         )
+    if any(r["metrics"]["n_clips"] < FVD_FEW_CLIPS and r["metrics"].get("fvd") is not None for r in gen):
+        lines += [
+            "",
+            f"† fewer than {FVD_FEW_CLIPS} clips: FVD and KVD are then mostly their small-sample bias (the"
+            " paper's are of 1,000 clips); compare only runs of the same N.",
+        ]
     if gen:
         lines += ["", "Our runs, more numbers:", ""]
         for r in gen:
@@ -331,8 +400,9 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             floor = m.get("real_vs_real_floor", {})
             lines.append(
                 f"- {r['label']}: LPIPS interior {_fmt(_pooled(m, 'lpips', 'interior'), 4)}, CLIP_img interior "
-                f"{_fmt(_pooled(m, 'clip_img', 'interior'), 4)}, ground-truth CPBD "
-                f"{_fmt(_pooled(m, 'cpbd_real'), 4)}, "
+                f"{_fmt(_pooled(m, 'clip_img', 'interior'), 4)}, PSNR interior "
+                f"{_fmt(_pooled(m, 'psnr', 'interior'), 2)}, SSIM interior {_fmt(_pooled(m, 'ssim', 'interior'), 4)},"
+                f" ground-truth CPBD {_fmt(_pooled(m, 'cpbd_real'), 4)}, "
                 f"real-vs-real floor FVD {_fmt(floor.get('fvd'), 2)} / KVD {_fmt(floor.get('kvd'), 3)} "
                 f"(halves of {floor.get('n_half', '-')}); results/{r['run']}.json"
             )

@@ -172,6 +172,12 @@ class _Window:
     caption: str
     clip: Any  # inference.eval_data.EvalClip
 
+    @property
+    def cache_name(self) -> str:
+        """Its cache files' name: the key and a digest of the clip's bytes (a re-curated split keeps its
+        clip ids but not their pixels; scores of the old clips must not be taken for the new)."""
+        return f"{self.key}.{self.clip.content}"
+
     def frames(self, args: argparse.Namespace, size: tuple[int, int]) -> np.ndarray:
         """The [T, H, W, 3] ground-truth window at `size`."""
         from inference.eval_data import clip_window
@@ -184,11 +190,14 @@ class _Window:
 
 def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
     """(clips, skipped), in source order: every clip is decoded once here to tell whether it yields a window
-    (too short or undecodable clips are skipped with their reason), and its frames let go."""
+    (too short, undecodable or unreadable clips are skipped with their reason), and its frames let go.
+    --limit counts the clips evaluated, not those skipped on the way."""
     from inference.eval_data import clip_window, iter_clips
 
     clips, skipped = [], []
-    for clip in iter_clips(args.sources, args.split, args.limit):
+    for clip in iter_clips(args.sources, args.split):
+        if args.limit is not None and len(clips) >= args.limit:
+            break
         try:
             frames = clip.frames()
         except InputError as exc:  # a corrupt clip is reported in the results, not a crashed evaluation
@@ -213,6 +222,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         extractors_for,
         load_extractors,
         markdown_table,
+        missing_weights,
         pool_decoder_scores,
         pool_scores,
         score_clip,
@@ -229,6 +239,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the results")
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
+    if min(size) <= 0:
+        raise InputError(f"the evaluation frame {size[0]}x{size[1]} must have positive sides")
     methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
     unknown = [] if args.decoder_only else [m for m in methods if m not in METHODS]
     if unknown:
@@ -243,6 +255,11 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     needs = extractors_for(metrics)
     device, dtype = device_and_dtype(args.device, args.dtype)
     hash_cache = args.out / ".sha256.json"
+    if "ssim" in metrics and min(size) < SSIM_WINDOW:
+        raise InputError(
+            f"SSIM's {SSIM_WINDOW}-tap window needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, not"
+            f" {size[0]}x{size[1]}"
+        )
 
     # Every input is checked before the device works: checkpoint, metric weights, clips.
     checkpoint = None
@@ -252,6 +269,18 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         except InputError:
             if needs_model:
                 raise  # the baselines only use it for CLIP, when the CLIP file is absent
+    if needs_model:
+        _check_model_size(size, checkpoint, args)
+    if extractors is None:  # every missing weight file at once, before the clips are decoded (minutes)
+        missing = missing_weights(needs, args.models_dir, clip_fallback=checkpoint is not None)
+        if missing:
+            hint = ""
+            if checkpoint is None and any("clip/" in m for m in missing):
+                hint = (
+                    f"\nfor CLIP, the ToonCrafter checkpoint at {TOONCRAFTER_FILE.relpath} in the models dir (or"
+                    " --checkpoint) serves instead: its CLIP towers"
+                )
+            raise InputError(f"{len(missing)} weight file(s) missing:\n" + "\n".join(missing) + hint)
     model = _Lazy(lambda: load_tooncrafter(checkpoint, args.preset))
     placed = _Lazy(lambda: InferenceModel(model(), device, dtype, compile=args.compile))
     clips, skipped = _windows(args)
@@ -311,13 +340,15 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         ckpt_ident = [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns]
     data = {
         "sources": [str(s) for s in args.sources],
+        "sources_resolved": [str(Path(s).resolve()) for s in args.sources],
         "split": args.split,
         "frames": args.frames,
         "stride": args.stride,
         "size": list(size),
         "window": f"frames 0, {args.stride}, ..., {(args.frames - 1) * args.stride} of each clip, scaled to cover "
         f"{size[0]}x{size[1]} and centre-cropped when the clip has another size",
-        "keys_sha256": _digest([c.key for c in clips], 64),
+        "keys_sha256": _digest(sorted(c.key for c in clips), 64),  # the same clips in any order: one set
+        "clips_sha256": _digest(sorted(c.cache_name for c in clips), 64),  # and the same bytes
         "skipped": skipped,
     }
     overlap = None
@@ -362,14 +393,14 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         bar = tqdm(clips, desc=f"{method}", unit="clip", disable=args.quiet, dynamic_ncols=True)
         for clip in bar:
             key, caption = clip.key, clip.caption
-            record = _load_npz(score_dir / f"{key}.npz")
+            record = _load_npz(score_dir / f"{clip.cache_name}.npz")
             if record is None:
                 gt = clip.frames(args, size)
                 if method == "decoder":
                     record = score_reconstruction(_reconstruct(placed(), gt), gt, extractors, metrics)
                     generated += 1
                 else:
-                    cache = gen_dir / f"{key}.npz"
+                    cache = gen_dir / f"{clip.cache_name}.npz"
                     stored = _load_npz(cache)
                     if stored is None:
                         gen = _generate(method, gt, caption, placed, settings, _clip_seed(args.seed, key))
@@ -378,7 +409,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     else:
                         gen, cached = stored["frames"], cached + 1
                     record = score_clip(gen, gt, caption, extractors, metrics)
-                _save_npz(score_dir / f"{key}.npz", **record)
+                _save_npz(score_dir / f"{clip.cache_name}.npz", **record)
             else:
                 cached += 1
             records.append(record)
@@ -401,7 +432,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             "metrics_computed": metrics,
             "data": data,
             "generation": gen_id,
-            "protocol": protocol_record(),
+            "protocol": protocol_record(args.frames, size, args.stride),
             "weights": weights,
             "training_overlap": overlap if method in ("model", "decoder") else None,
             "device": str(device),
@@ -417,10 +448,12 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "all frames VAE-encoded (posterior mean), decoded together with the first and last frames' "
                 "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
             )
-        write_json_atomic(args.out / "results" / f"{run_name}.json", result)
+        write_json_atomic(args.out / "results" / f"{run_name}.json", json_safe(result))
         print(
             f"{label}: {_summary(pooled, method == 'decoder')} -> {args.out / 'results' / (run_name + '.json')}"
         )
+        if pooled.get("fvd") is not None and pooled.get("fvd_note"):
+            print(f"note: {pooled['fvd_note']}", file=sys.stderr)
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
     table = markdown_table(results)
     from manifests.files import write_bytes_atomic
@@ -437,6 +470,41 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if device.type == "cuda" and placed.built:
         log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
     return 0
+
+
+SSIM_WINDOW = 11  # taps of SSIM's Gaussian window (training/metrics/frames.py)
+
+
+def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespace) -> None:
+    """The frame size against the model's size step (the config in a safetensors header, else --preset,
+    else toon-512), before any clip is decoded or the model loads (it failed in the sampler after both)."""
+    from training.checkpoint import CheckpointError, header_config
+    from training.models.tooncrafter import size_step, tooncrafter_config
+
+    try:
+        cfg = (header_config(checkpoint) if checkpoint else None) or tooncrafter_config(
+            args.preset or "toon-512"
+        )
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from exc
+    step = 2 ** (len(cfg.vae.ch_mult) - 1) if args.decoder_only else size_step(cfg)
+    if size[0] % step or size[1] % step:
+        flag = "--decoder-size" if args.decoder_only else "--size"
+        raise InputError(
+            f"{flag}: the frame {size[0]}x{size[1]} must have sides that are multiples of {step} for this model"
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None: JSON has no NaN or Infinity (Python writes them; JavaScript's
+    JSON.parse and strict parsers refuse the file, jq turns them into null)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _generate(method: str, gt: np.ndarray, caption: str, placed: _Lazy, settings, seed: int) -> np.ndarray:
@@ -478,13 +546,20 @@ def _summary(m: dict, decoder: bool) -> str:
     shown = (
         [("PSNR", "psnr", 2), ("SSIM", "ssim", 4), ("LPIPS", "lpips", 4)]
         if decoder
-        else [("FVD", "fvd", 2), ("LPIPS", "lpips", 4), ("CLIP_img", "clip_img", 4), ("CPBD", "cpbd", 4)]
+        else [
+            ("FVD", "fvd", 2),
+            ("LPIPS", "lpips", 4),
+            ("CLIP_img", "clip_img", 4),
+            ("CPBD", "cpbd", 4),
+            ("PSNR interior", "psnr", 2),
+            ("SSIM interior", "ssim", 4),
+        ]
     )
     parts = [f"N={m['n_clips']}"]
     for label, key, digits in shown:
         value = m.get(key)
         if isinstance(value, dict):
-            value = value.get("all")
+            value = value.get("interior" if label.endswith("interior") else "all")
         if value is not None:
             parts.append(f"{label} {value:.{digits}f}")
         elif key == "fvd" and m.get("fvd_note") == "needs at least 2 clips":

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from manifests.remote import local_path
+from manifests.tar import EndCheckedTarInfo
 
 log = logging.getLogger(__name__)
 
@@ -320,23 +321,6 @@ def open_shard(url: str) -> Iterator[Any]:
             yield f
 
 
-class _EndCheckedInfo(tarfile.TarInfo):
-    """tarfile ends a stream quietly where the bytes stop at a member boundary (no end-of-archive blocks):
-    a shard cut there by an interrupted copy read as whole, its last sample without its caption and the
-    rest uncounted. Every tar writer ends an archive with zero blocks; a stream without them is cut."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_):
-        try:
-            return super().fromtarfile(tarfile_)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exc:
-            if tarfile_.offset == 0:
-                raise
-            raise tarfile.ReadError(
-                f"cut short at byte {tarfile_.offset}: the tar ends without its end-of-archive blocks"
-            ) from exc
-
-
 def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar read as a stream: {"__key__": key, ext: bytes, ...}.
 
@@ -345,7 +329,7 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
     member boundary included); the sample being read when one comes is not yielded.
     """
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedInfo) as tar:
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndCheckedTarInfo) as tar:
         for member in tar:
             if not member.isfile():
                 continue

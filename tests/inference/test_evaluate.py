@@ -148,12 +148,16 @@ def test_evaluate_limit_2_writes_the_json_and_the_table_and_resumes(curated, che
     assert result["weights"]["video"] == "test: mean/std"
     assert result["generation"]["settings"]["cfg"] == 7.5 and result["generation"]["settings"]["steps"] == 1
     assert result["data"]["frames"] == 16 and result["data"]["size"] == [H, W]
-    generated = sorted(p.name for p in (out / "generated" / result["run"]).glob("*.npz"))
-    assert generated == ["clip000a.npz", "clip000b.npz"]
-    with np.load(out / "generated" / result["run"] / "clip000a.npz") as f:
+    generated = sorted((out / "generated" / result["run"]).glob("*.npz"))
+    assert [p.name.split(".")[0] for p in generated] == ["clip000a", "clip000b"]  # KEY.CONTENT.npz
+    with np.load(generated[0]) as f:
         assert f["frames"].shape == (16, H, W, 3) and f["frames"].dtype == np.uint8
     table = (out / "results.md").read_text()
-    assert "| ToonCrafter (paper) | 1000 | 43.92 |" in table and "**ToonCrafter (ours)** | 2 |" in table
+    assert (
+        "| ToonCrafter (paper) | 1000 | 43.92 |" in table
+        and "**ToonCrafter (ours)** [16 frames, 32x64] | 2 |" in table
+    )
+    assert f"| {m['fvd']:.2f} † |" in table and "† fewer than 100 clips" in table  # 2 clips: marked
 
     # a second run redoes nothing: every clip comes from the cache
     calls = ex.video.calls
@@ -186,7 +190,12 @@ def test_the_baselines_run_through_the_same_code(curated, tmp_path):
         assert r["metrics"]["n_clips"] == 2 and "checkpoint" not in r["weights"]
         assert r["metrics"]["lpips"]["all"] > 0  # the interior frames differ from the ground truth
     table = (out / "results.md").read_text()
-    assert "**linear_blend** | 2 |" in table and "**flow_warp** | 2 |" in table and "EISAI (paper)" in table
+    win = "[16 frames, 32x64]"  # not the paper's 320x512: said on the row
+    assert (
+        f"**linear_blend** {win} | 2 |" in table
+        and f"**flow_warp** {win} | 2 |" in table
+        and "EISAI (paper)" in table
+    )
 
 
 def test_decoder_only_scores_the_reconstruction(curated, checkpoint, tmp_path):
@@ -265,7 +274,7 @@ def test_metrics_subset_needs_only_its_weights(curated, tmp_path, monkeypatch, c
     assert 0 <= m["cpbd"]["all"] <= 1 and 0 <= m["cpbd_real"]["all"] <= 1  # 32x64 frames: few edge blocks
     assert m["fvd"] is None and m["lpips"] is None and m["clip_img"] is None and m["clip_txt"] is None
     row = next(line for line in (out / "results.md").read_text().splitlines() if "**linear_blend**" in line)
-    assert row == f"| **linear_blend** | 2 | - | - | - | - | - | {m['cpbd']['all']:.4f} |"
+    assert row == f"| **linear_blend** [16 frames, 32x64] | 2 | - | - | - | - | - | {m['cpbd']['all']:.4f} |"
     assert "CPBD" in capsys.readouterr().out
 
     ex = fake_extractors()  # with every extractor at hand, only the asked scores are computed
@@ -274,9 +283,16 @@ def test_metrics_subset_needs_only_its_weights(curated, tmp_path, monkeypatch, c
     (path,) = [p for p in (out / "results").glob("*.json")]
     assert json.loads(path.read_text())["metrics"]["lpips"]["all"] > 0
 
-    capsys.readouterr()
-    assert cli.main([*argv[: -len(TINY) - 1], "psnr", *TINY]) == 2
-    assert "--metrics: ['psnr'] not among the metrics of a generation run" in capsys.readouterr().err
+    capsys.readouterr()  # PSNR and SSIM of the baselines need no weights either (README said so; refused)
+    assert cli.main([*argv[: -len(TINY) - 1], "psnr", "ssim", *TINY]) == 0
+    (path,) = [
+        p for p in (out / "results").glob("*.json") if "psnr" in json.loads(p.read_text())["metrics_computed"]
+    ]
+    m = json.loads(path.read_text())["metrics"]
+    assert m["psnr"]["all"] is None and m["psnr"]["interior"] > 10  # the keyframes are exact: infinite PSNR
+    assert 0 < m["ssim"]["interior"] <= 1 and "PSNR interior" in capsys.readouterr().out
+    assert cli.main([*argv[: -len(TINY) - 1], "cpbd", "--decoder-only", *TINY]) == 2
+    assert "--metrics: ['cpbd'] not among the metrics of --decoder-only" in capsys.readouterr().err
     assert cli.main([*argv[: -len(TINY) - 1], "clip_txt", *TINY]) == 2
     assert "tooncrafter/model.ckpt" in capsys.readouterr().err  # CLIP: its file or the checkpoint's towers
 
@@ -494,7 +510,7 @@ def test_a_curate_output_with_an_empty_eval_split_says_how_to_resplit(tmp_path, 
     argv = [str(out), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 2
     err = capsys.readouterr().err
-    assert f"{out}: no shards found" in err
+    assert f"{out / 'manifest.parquet'}: the manifest has no kept rows in the 'eval' split" in err
     assert f"inbetweener select {out} --set split.by_source=false" in err
     # an object-store URL is named as such, not folded by Path() into a missing local file
     assert cli.main(["s3://bucket/run1", *argv[1:]], extractors=fake_extractors()) == 2
@@ -521,3 +537,161 @@ def test_evaluate_holds_its_curate_out_against_select(tmp_path, capsys):
     with folder_lock(out, "inbetweener evaluate", shared=True):
         assert select_main([str(out), "--quiet"]) == 2
     assert f"{out} is being read by inbetweener evaluate (pid " in capsys.readouterr().err
+
+
+# --- evaluating real splits: re-curated, incomplete, other windows ---------------------------------------------
+
+
+def _copy_curated(curated: Path, to: Path, seed_shift: int = 0) -> Path:
+    """A copy of the curated fixture; seed_shift > 0 re-encodes every clip with other pixels, same keys."""
+    import shutil
+
+    shutil.copytree(curated, to)
+    if seed_shift:
+        with tarfile.open(to / "shards" / "eval" / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (key, n) in enumerate(CLIPS.items()):
+                _member(tar, f"{key}.mp4", _mp4(_clip_frames(n, i + seed_shift)))
+                _member(tar, f"{key}.txt", f"a square moving right, clip {i}".encode())
+    return to
+
+
+def _result(out: Path, method: str = "linear_blend") -> dict:
+    (path,) = [p for p in (out / "results").glob(f"{method}-*.json")]
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the results JSON"))
+
+
+def test_a_re_curated_split_with_the_same_keys_is_scored_again(curated, tmp_path):
+    """Clip ids hash the source and the frame range, so a re-curated split (another crop or size) keeps
+    them: its scores were read from the first split's cache, and the table could not tell the sets apart."""
+    first, second = _copy_curated(curated, tmp_path / "A"), _copy_curated(curated, tmp_path / "B", 100)
+    out = tmp_path / "eval"
+    base = ["--out", str(out), "--method", "linear", "--metrics", "psnr", "--limit", "2", *TINY]
+    assert cli.main([str(first), *base], extractors=fake_extractors()) == 0
+    a = _result(out)
+    assert cli.main([str(second), *base], extractors=fake_extractors()) == 0
+    b = _result(out)
+    assert b["timing"]["generated"] == 2 and b["metrics"]["psnr"] != a["metrics"]["psnr"]
+    assert a["data"]["keys_sha256"] == b["data"]["keys_sha256"]
+    assert a["data"]["clips_sha256"] != b["data"]["clips_sha256"]
+
+
+def test_clips_the_split_names_but_that_cannot_be_read_are_listed_not_dropped(curated, tmp_path, capsys):
+    """A manifest row whose shard lacks it, a row without a shard, a deleted shard (given the OUT folder,
+    not only its manifest) and a shard cut short: each missing clip is in `skipped` with its reason;
+    the readable ones are evaluated; --limit counts evaluated clips, not skipped ones."""
+    from manifests.io import read_manifest
+
+    out = _copy_curated(curated, tmp_path / "OUT")
+    rows = read_manifest(out / "manifest.parquet").to_pylist()
+    extra = [
+        {**rows[0], "clip_id": "ghost", "key": "ghost"},  # its shard does not hold it
+        {**rows[0], "clip_id": "noshard", "key": "noshard", "shard": None},
+        {**rows[0], "clip_id": "gone", "key": "gone", "shard": "eval/000001.tar"},  # a deleted shard
+    ]
+    write_manifest(to_table([*extra, *rows]), out / "manifest.parquet")
+    argv = [
+        str(out),
+        "--out",
+        str(tmp_path / "e"),
+        "--method",
+        "linear",
+        "--metrics",
+        "cpbd",
+        "--limit",
+        "2",
+        *TINY,
+    ]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    result = _result(tmp_path / "e")
+    assert result["metrics"]["n_clips"] == 2  # clip000a and clip000b, after 3 unreadable rows
+    reasons = {s["key"]: s["reason"] for s in result["data"]["skipped"]}
+    assert "does not hold it" in reasons["ghost"] and "names no shard" in reasons["noshard"]
+    assert "000001.tar, named by" in reasons["gone"] and "is missing" in reasons["gone"]
+    assert "skipped ghost:" in capsys.readouterr().err
+
+    shard = out / "shards" / "eval" / "000000.tar"  # cut exactly between clip000b's and clip000c's members:
+    with tarfile.open(shard) as tar:  # clip000b may lack members that followed, so it is not used either
+        cut = next(m.offset for m in tar.getmembers() if m.name == "clip000c.mp4")
+    shard.write_bytes(shard.read_bytes()[:cut])
+    for source, lost in ((out, "clip000b"), (shard, "000000.tar:rest")):
+        e = tmp_path / f"e_{lost}"
+        argv = [str(source), "--out", str(e), "--method", "linear", "--metrics", "cpbd", *TINY]
+        assert cli.main(argv, extractors=fake_extractors()) == 0  # it stopped the whole evaluation
+        result = _result(e)
+        reasons = {s["key"]: s["reason"] for s in result["data"]["skipped"]}
+        assert result["metrics"]["n_clips"] == 1 and "unreadable after 1 clip(s)" in reasons[lost]
+
+
+def test_another_window_is_recorded_and_marked_and_the_json_has_no_nan(curated, tmp_path):
+    """--frames/--stride/--size were in no row and no protocol line (four runs looked alike); two frames
+    have no interior frames, whose NaN made the JSON unreadable to strict parsers."""
+    out = tmp_path / "eval"
+    argv = [
+        str(curated),
+        "--out",
+        str(out),
+        "--method",
+        "linear",
+        "--metrics",
+        "cpbd",
+        "psnr",
+        "--frames",
+        "2",
+    ]
+    assert cli.main([*argv, *TINY], extractors=fake_extractors()) == 0
+    result = _result(out)  # fails on NaN or Infinity
+    assert result["metrics"]["cpbd"]["interior"] is None and result["protocol"]["paper_window"] is False
+    assert result["protocol"]["frames"].startswith(f"2 frames per clip (every 1. frame) at {H}x{W}")
+    assert "**linear_blend** [2 frames, 32x64]" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--size", "0x0"], "must have positive sides"),
+        (
+            ["--method", "model", "--size", "40x72"],
+            "--size: the frame 40x72 must have sides that are multiples of 32",
+        ),
+        (["--decoder-only", "--decoder-size", "8"], "SSIM's 11-tap window needs frames of at least 11x11"),
+        (
+            ["--decoder-only", "--decoder-size", "20"],
+            "--decoder-size: the frame 20x20 must have sides that are multiples of 8",
+        ),
+    ],
+    ids=["zero", "model-step", "ssim-window", "vae-step"],
+)
+def test_a_frame_size_the_run_cannot_take_stops_before_any_clip(
+    flags, message, curated, checkpoint, tmp_path, monkeypatch, capsys
+):
+    import inference.evaluate
+
+    monkeypatch.setattr(inference.evaluate, "_windows", lambda *a: pytest.fail("clips were decoded first"))
+    argv = [
+        str(curated),
+        "--out",
+        str(tmp_path / "e"),
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        *flags,
+    ]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_missing_metric_weight_is_named_before_the_clips_are_decoded(
+    curated, tmp_path, monkeypatch, capsys
+):
+    import inference.evaluate
+
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(inference.evaluate, "_windows", lambda *a: pytest.fail("clips were decoded first"))
+    argv = [str(curated), "--out", str(tmp_path / "e"), "--method", "linear", *TINY]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 weight file(s) missing" in err  # I3D, LPIPS's two files and CLIP: one run tells all
+    for name in ("i3d/i3d_torchscript.pt", "lpips/alex.pth", "lpips/alexnet-owt-7be5be79.pth", "clip/"):
+        assert name in err
+    assert "tooncrafter/model.ckpt" in err  # the CLIP towers of the checkpoint serve instead

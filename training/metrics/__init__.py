@@ -76,10 +76,15 @@ def _version(module: str) -> str | None:
         return None
 
 
-def protocol_record() -> dict:
-    """Every choice the numbers depend on, with library versions, for the results JSON."""
+def protocol_record(frames: int = 16, size: tuple[int, int] = (320, 512), stride: int = 1) -> dict:
+    """Every choice the numbers depend on, with library versions, for the results JSON (`frames`, `size`,
+    `stride`: the run's window; the paper's is 16 frames at 320x512, stride 1)."""
+    paper = (frames, tuple(size), stride) == (16, (320, 512), 1)
     return {
-        "frames": "16 frames per clip at 320x512 (h x w); generated frames rounded to uint8 before scoring",
+        "frames": f"{frames} frames per clip (every {stride}. frame) at {size[0]}x{size[1]} (h x w); generated"
+        " frames rounded to uint8 before scoring"
+        + ("" if paper else "; the paper's protocol is 16 frames at 320x512, stride 1"),
+        "paper_window": paper,
         "fvd": {
             "features": "Kinetics-400 I3D logits (400-d, time-averaged), StyleGAN-V i3d_torchscript.pt",
             "detector_call": "uint8-range float [N,3,T,H,W], rescale=True, resize=True (224x224), return_features=True",
@@ -96,15 +101,15 @@ def protocol_record() -> dict:
         },
         "lpips": {
             "net": "AlexNet backbone (torchvision ImageNet weights), LPIPS v0.1 linear layers",
-            "input": "[-1, 1], per frame at 320x512, generated frame t vs ground-truth frame t",
-            "pooling": "mean over frames and clips; over all 16 frames and over the 14 interior frames",
+            "input": "[-1, 1], per frame at the evaluation size, generated frame t vs ground-truth frame t",
+            "pooling": "mean over frames and clips; over all frames and over the interior ones (not the keyframes)",
         },
         "clip": {
             "encoder": "OpenCLIP ViT-H-14 laion2b_s32b_b79k (configurable)",
             "preprocess": "whole frame resized to 224x224 (bicubic, antialiased, no crop), OpenAI mean/std",
             "similarity": "raw cosine (not x100, not clamped)",
-            "clip_img": "generated frame t vs ground-truth frame t, all 16 frames, mean over frames and clips",
-            "clip_txt": "generated frame t vs the clip's caption, all 16 frames, mean over frames and clips",
+            "clip_img": "generated frame t vs ground-truth frame t, all frames, mean over frames and clips",
+            "clip_txt": "generated frame t vs the clip's caption, all frames, mean over frames and clips",
         },
         "cpbd": {
             "reference": "Narvekar & Karam 2011, reference CPBD_compute.m (2009); implemented in this project",
@@ -116,7 +121,8 @@ def protocol_record() -> dict:
             "edge_detector": f"opencv {_version('cv2')}",
         },
         "psnr_ssim": {
-            "size": "256x256, uint8 range, data_range 255",
+            "size": "the decoder run's size (the paper's: 256x256); a generation run's: the evaluation size;"
+            " uint8 range, data_range 255",
             "psnr": "per frame (MSE over RGB and pixels), averaged",
             "ssim": "Gaussian window sigma 1.5 (11 taps), population covariances, K1 0.01, K2 0.03, "
             "per RGB channel averaged, pixels with a full window only (as skimage)",

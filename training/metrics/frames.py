@@ -7,8 +7,6 @@ float64 so that they match the numpy references in the tests to ~1e-10.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -113,7 +111,7 @@ def clip_txt_scores(gen_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tens
     return cosine_similarity(gen_emb, text_emb[:, None, :])
 
 
-def frame_average(scores: np.ndarray | torch.Tensor) -> dict[str, float]:
+def frame_average(scores: np.ndarray | torch.Tensor) -> dict[str, float | None]:
     """Pool per-frame scores `[b, t]` into the protocol's numbers.
 
     `all`: the mean over every frame of every clip; `interior`: the same without the first and last
@@ -124,9 +122,6 @@ def frame_average(scores: np.ndarray | torch.Tensor) -> dict[str, float]:
     s = np.asarray(as_tensor(scores).detach().cpu().to(torch.float64))
     if s.ndim != 2:
         raise ValueError(f"expected per-frame scores [b, t], got shape {s.shape}")
-    out = {"all": float(s.mean())}
-    if s.shape[1] > 2:
-        out["interior"] = float(s[:, 1:-1].mean())
-    else:
-        out["interior"] = math.nan
+    out: dict[str, float | None] = {"all": float(s.mean())}
+    out["interior"] = float(s[:, 1:-1].mean()) if s.shape[1] > 2 else None  # two frames: no interior
     return out
