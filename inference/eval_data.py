@@ -130,25 +130,34 @@ def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
     for r in rows:
         if r["shard"]:
             wanted.setdefault(r["shard"], set()).add(r["key"])
+    # Shards are read when a row first needs one, so that memory holds the clips read and not yet given
+    # (one shard's, when the manifest lists them shard by shard, as curate writes them) and a --limit
+    # reads only the shards its clips are in.
     found: dict[str, EvalClip] = {}
+    read: set[str] = set()
     why: dict[str, str] = {}  # shard -> why some of its clips are missing
-    for shard, keys in wanted.items():
+
+    def read_shard(shard: str) -> None:
+        read.add(shard)
         tar_path = root / shard
         if not tar_path.is_file():
             why[shard] = f"its shard {tar_path}, named by {path}, is missing"
-            continue
+            return
         problems: dict[str, str] = {}
         for clip in _samples(tar_path, problems):
-            if clip.key in keys:
+            if clip.key in wanted[shard]:
                 found[clip.key] = clip
         if problems:
             why[shard] = problems[str(tar_path)]
+
     for r in rows:
+        shard = r["shard"]
+        if shard and shard not in read:
+            read_shard(shard)
         clip = found.pop(r["key"], None)
         if clip is not None:
             yield clip
             continue
-        shard = r["shard"]
         reason = (
             f"its row in {path} names no shard"
             if not shard
@@ -209,8 +218,11 @@ def iter_clips(
     for source in map(Path, sources):
         if not source.exists():
             raise InputError(f"{source}: no such file or folder")
-        if source.is_dir() and (source / "manifest.parquet").is_file() and (source / "shards").is_dir():
-            source = source / "manifest.parquet"  # a curate output: its manifest says what the split holds
+        if source.is_dir() and (source / "shards").is_dir():  # a curate output: its manifest says what the
+            manifest = next(
+                (m for m in (source / "manifest.parquet", source / "manifest") if m.exists()), None
+            )
+            source = manifest or source  # split holds
         clips = _manifest_clips(source, split) if _is_manifest(source) else _shard_clips(source, split)
         for clip in clips:
             if limit is not None and count >= limit:

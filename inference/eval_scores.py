@@ -265,11 +265,29 @@ def score_reconstruction(
 
 def _frame_averages(records: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> dict[str, Any]:
     """Each frame score pooled over all and interior frames; None for a score the records lack (a
-    metric left out with --metrics)."""
-    return {
-        name: frame_average(np.stack([r[name] for r in records])) if name in records[0] else None
-        for name in names
-    }
+    metric left out with --metrics). PSNR of a frame reproduced exactly is infinite (a baseline's
+    keyframes, a held drawing decoded bit for bit): such frames are left out of its means and counted
+    (`psnr_exact_frames`), or one of them would make the run's PSNR infinite."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name not in records[0]:
+            out[name] = None
+            continue
+        scores = np.stack([r[name] for r in records]).astype(np.float64)
+        if name == "psnr":
+            exact = np.isinf(scores)
+            out["psnr_exact_frames"] = {"all": int(exact.sum()), "interior": int(exact[:, 1:-1].sum())}
+            scores = np.where(exact, np.nan, scores)
+            interior = scores[:, 1:-1]
+            out[name] = {
+                "all": float(np.nanmean(scores)) if (~exact).any() else None,
+                "interior": float(np.nanmean(interior))
+                if interior.size and (~exact[:, 1:-1]).any()
+                else None,
+            }
+            continue
+        out[name] = frame_average(scores)
+    return out
 
 
 FVD_FEW_CLIPS = 100  # below this many clips FVD and KVD are marked as small-sample numbers
@@ -332,8 +350,11 @@ def clip_set(result: Mapping[str, Any]) -> str | None:
 def clip_sets(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """clip_set -> a letter, when the runs were measured on more than one set of clips (another eval
     split after `select`, another --limit or source, the split re-curated): their rows are then not
-    comparable."""
-    keys = list(dict.fromkeys(clip_set(r) for r in results))
+    comparable. Beside results of an earlier version (keys only), keys are compared."""
+    by_bytes = all(r.get("data", {}).get("clips_sha256") for r in results)
+    keys = list(
+        dict.fromkeys(clip_set(r) if by_bytes else r.get("data", {}).get("keys_sha256") for r in results)
+    )
     return {k: chr(ord("A") + i) for i, k in enumerate(keys)} if len(keys) > 1 else {}
 
 
@@ -353,8 +374,10 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     dec = [r for r in results if r.get("kind") == "decoder"]
     sets = clip_sets([*gen, *dec])
 
+    by_bytes = all(r.get("data", {}).get("clips_sha256") for r in [*gen, *dec])
+
     def label(r: Mapping[str, Any]) -> str:
-        mark = sets.get(clip_set(r))
+        mark = sets.get(clip_set(r) if by_bytes else r.get("data", {}).get("keys_sha256"))
         window = _window(r)
         return f"**{r['label']}**" + (f" (clips {mark})" if mark else "") + (f" [{window}]" if window else "")
 

@@ -281,7 +281,13 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     " --checkpoint) serves instead: its CLIP towers"
                 )
             raise InputError(f"{len(missing)} weight file(s) missing:\n" + "\n".join(missing) + hint)
-    model = _Lazy(lambda: load_tooncrafter(checkpoint, args.preset))
+
+    def loaded():
+        m = load_tooncrafter(checkpoint, args.preset)
+        _check_model_size(size, checkpoint, args, m.cfg)  # the config its weights say
+        return m
+
+    model = _Lazy(loaded)
     placed = _Lazy(lambda: InferenceModel(model(), device, dtype, compile=args.compile))
     clips, skipped = _windows(args)
     for s in skipped[:3]:
@@ -475,18 +481,23 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 SSIM_WINDOW = 11  # taps of SSIM's Gaussian window (training/metrics/frames.py)
 
 
-def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespace) -> None:
-    """The frame size against the model's size step (the config in a safetensors header, else --preset,
-    else toon-512), before any clip is decoded or the model loads (it failed in the sampler after both)."""
+def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespace, cfg=None) -> None:
+    """The frame size against the model's size step (it failed in the sampler, after the model had loaded
+    and the clips were decoded). Before loading, the config is known from a safetensors header, or from
+    --preset; a pickled checkpoint (`.ckpt`) without --preset is checked once loaded (`cfg`), since
+    load_tooncrafter reads its preset from its weights."""
     from training.checkpoint import CheckpointError, header_config
     from training.models.tooncrafter import size_step, tooncrafter_config
 
-    try:
-        cfg = (header_config(checkpoint) if checkpoint else None) or tooncrafter_config(
-            args.preset or "toon-512"
-        )
-    except CheckpointError as exc:
-        raise InputError(str(exc)) from exc
+    if cfg is None:
+        try:
+            cfg = header_config(checkpoint) if checkpoint else None
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from exc
+        if cfg is None and args.preset:
+            cfg = tooncrafter_config(args.preset)
+        if cfg is None:
+            return
     step = 2 ** (len(cfg.vae.ch_mult) - 1) if args.decoder_only else size_step(cfg)
     if size[0] % step or size[1] % step:
         flag = "--decoder-size" if args.decoder_only else "--size"
@@ -498,8 +509,10 @@ def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespac
 def json_safe(value: Any) -> Any:
     """`value` with non-finite floats as None: JSON has no NaN or Infinity (Python writes them; JavaScript's
     JSON.parse and strict parsers refuse the file, jq turns them into null)."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

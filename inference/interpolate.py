@@ -371,8 +371,11 @@ def _manifest_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
         frames = clip.frames()  # decoded at the clip's turn: the job holds only its encoded bytes
         return [frames[0], frames[-1]]
 
-    jobs = []
+    jobs, missing = [], []
     for clip in iter_clips([path], split=args.split):
+        if clip.missing:  # as a batch file's unusable rows: all listed before anything runs
+            missing.append(f"{clip.key}: {clip.missing}")
+            continue
         label = f"{clip.shard}:{clip.key}"
         jobs.append(
             Job(
@@ -382,6 +385,13 @@ def _manifest_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
                 args.seed,
                 functools.partial(ends, clip),
             )
+        )
+    if missing:
+        listed = "\n  ".join(missing[:MAX_LISTED])
+        more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+        raise InputError(
+            f"{path}: {len(missing)} of {len(jobs) + len(missing)} clips cannot be read (nothing was run):"
+            f"\n  {listed}{more}"
         )
     return jobs
 

@@ -289,7 +289,9 @@ def test_metrics_subset_needs_only_its_weights(curated, tmp_path, monkeypatch, c
         p for p in (out / "results").glob("*.json") if "psnr" in json.loads(p.read_text())["metrics_computed"]
     ]
     m = json.loads(path.read_text())["metrics"]
-    assert m["psnr"]["all"] is None and m["psnr"]["interior"] > 10  # the keyframes are exact: infinite PSNR
+    # the keyframes are exact (infinite PSNR): left out of the means and counted, not an infinite mean
+    assert m["psnr_exact_frames"] == {"all": 4, "interior": 0}
+    assert 10 < m["psnr"]["interior"] == pytest.approx(m["psnr"]["all"])
     assert 0 < m["ssim"]["interior"] <= 1 and "PSNR interior" in capsys.readouterr().out
     assert cli.main([*argv[: -len(TINY) - 1], "cpbd", "--decoder-only", *TINY]) == 2
     assert "--metrics: ['cpbd'] not among the metrics of --decoder-only" in capsys.readouterr().err
@@ -695,3 +697,59 @@ def test_every_missing_metric_weight_is_named_before_the_clips_are_decoded(
     for name in ("i3d/i3d_torchscript.pt", "lpips/alex.pth", "lpips/alexnet-owt-7be5be79.pth", "clip/"):
         assert name in err
     assert "tooncrafter/model.ckpt" in err  # the CLIP towers of the checkpoint serve instead
+
+
+def test_a_pickled_tiny_checkpoint_needs_no_preset_and_a_limit_reads_only_its_shards(
+    curated, checkpoint, tmp_path, monkeypatch
+):
+    """The early size check took toon-512's step for a .ckpt without --preset (load_tooncrafter reads the
+    preset from the weights): a valid tiny run was refused. Reading an OUT through its manifest must stream
+    shard by shard: --limit 1 read every shard of the split first."""
+    from safetensors.torch import load_file
+
+    import inference.eval_data as eval_data
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(checkpoint))}, ckpt)
+    out = _copy_curated(curated, tmp_path / "OUT")
+    (out / "shards" / "eval" / "000001.tar").write_bytes(
+        (out / "shards" / "eval" / "000000.tar").read_bytes()
+    )
+    from manifests.io import read_manifest
+
+    rows = read_manifest(out / "manifest.parquet").to_pylist()
+    more = [
+        {**r, "clip_id": r["key"] + "x", "key": r["key"], "shard": "eval/000001.tar"}
+        for r in rows
+        if r["key"]
+    ]
+    write_manifest(to_table([*rows, *more]), out / "manifest.parquet")
+    opened = []
+    real = eval_data._samples
+    monkeypatch.setattr(
+        eval_data, "_samples", lambda tar, problems: opened.append(tar.name) or real(tar, problems)
+    )
+    argv = [
+        str(out),
+        "--out",
+        str(tmp_path / "e"),
+        "--checkpoint",
+        str(ckpt),
+        "--limit",
+        "1",
+        "--metrics",
+        "cpbd",
+        *TINY,
+    ]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    assert _result(tmp_path / "e", "model")["metrics"]["n_clips"] == 1 and opened == ["000000.tar"]
+
+
+def test_json_safe_takes_numpy_values_too():
+    value = {
+        "a": np.float32("nan"),
+        "b": np.array([1.0, np.inf]),
+        "c": [float("nan"), 2],
+        "d": np.float64(3.5),
+    }
+    assert cli.json_safe(value) == {"a": None, "b": [1.0, None], "c": [None, 2], "d": 3.5}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tarfile
 from pathlib import Path
 
 import av
@@ -21,6 +22,8 @@ from safetensors.torch import save_file
 from inference import interpolate as cli
 from inference.media import frame_size, parse_sketch_args, sketch_index
 from inference.sampler import InferenceModel, SamplerSettings, SketchGuide, interpolate, interpolate_chain
+from manifests.io import write_manifest
+from manifests.schema import to_table
 from training.checkpoint import save_safetensors
 from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
 from training.models.tooncrafter import build_tooncrafter
@@ -432,6 +435,38 @@ def test_a_rerun_into_the_folder_of_the_keyframes_removes_only_its_own_earlier_o
     names = sorted(p.name for p in (shot / "frames").glob("*.png"))
     assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "0020.png", "0021.png"]
     assert not (shot / "inbetween.gif").exists()
+
+
+def test_a_manifest_batch_with_unreadable_clips_lists_them_before_anything_runs(
+    files, tmp_path, capsys, no_device_work
+):
+    """A curate OUT whose eval shard is gone: every row it held is listed (as a batch file's unusable rows),
+    before the model loads; --dry-run says the same."""
+    import shutil
+
+    from tests.inference.test_evaluate import CLIPS, _clip_frames, _member, _mp4  # its clip writers
+
+    root, ckpt, keys = files
+    out = tmp_path / "OUT"
+    (out / "shards" / "eval").mkdir(parents=True)
+    rows = []
+    with tarfile.open(out / "shards" / "eval" / "000000.tar", "w") as tar:
+        for i, (key, n) in enumerate(CLIPS.items()):
+            _member(tar, f"{key}.mp4", _mp4(_clip_frames(n, i)))
+            rows.append(
+                {"clip_id": key, "key": key, "shard": "eval/000000.tar", "split": "eval", "status": "kept"}
+            )
+    rows.append(
+        {"clip_id": "gone", "key": "gone", "shard": "eval/000001.tar", "split": "eval", "status": "kept"}
+    )
+    write_manifest(to_table(rows), out / "manifest.parquet")
+    for extra in ([], ["--dry-run"]):
+        err = _error(
+            capsys,
+            ["--batch", str(out), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), *FAST, *extra],
+        )
+        assert "1 of 4 clips cannot be read (nothing was run)" in err and "gone: its shard" in err
+    shutil.rmtree(out / "shards" / "eval")
 
 
 def test_batch_names_keep_their_letters_and_a_shared_folder_names_its_rows(files, tmp_path, capsys):
