@@ -150,6 +150,7 @@ def select_main(argv: list[str] | None = None) -> int:
     try:
         table = read_manifest(manifest)
         config = config_from_dict(_saved_config(manifest))
+        config.split.sticky = True  # a fresh draw is asked for each time (split.sticky=false), not inherited
         overrides = parse_set(args.sets)
         allowed = SELECT_KEYS
         for section, values in overrides.items():

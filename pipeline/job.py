@@ -3,7 +3,8 @@
 Finished work is recorded under OUT/.work so that the same command after a crash (even kill -9)
 continues where it stopped:
   .work/sources/<uri hash>.parquet   the scored rows of one finished source (written atomically)
-  .work/clips/<clip_id>.mp4          an encoded clip (written atomically)
+  .work/clips/<encoding>/<clip_id>.mp4  an encoded clip (written atomically), in a folder per set of
+                                     write settings (clip_cache_name): other settings, other clips
   .work/state.json                   the scoring config the work was done with
   .work/done.json                    what the last finished run produced (a rerun is then a no-op)
   .work/given_up.json                sources whose worker died on every attempt (a rerun tries again)
@@ -113,6 +114,31 @@ def _scoring_change(saved: dict, current: dict) -> str:
     return f"a different config ({', '.join(changed)})"
 
 
+ENCODE_KEYS = (
+    "width",
+    "height",
+    "fps",
+    "codec",
+    "crf",
+    "preset",
+)  # the write.* settings a clip's bytes depend on
+
+
+def clip_cache_name(write) -> str:
+    """The clip cache's folder for a set of write settings, e.g. `512x320-srcfps-libx264-crf18-1a2b3c4d`: a
+    clip encoded with other settings is another clip (a rerun with write.width=256 reused the 512x320 ones
+    while the manifest said 256x160)."""
+    settings = {k: getattr(write, k) for k in ENCODE_KEYS}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    fps = "srcfps" if write.fps is None else f"{write.fps:g}fps"
+    return f"{write.width}x{write.height}-{fps}-{write.codec}-crf{write.crf}-{digest}"
+
+
+def _absolute(uri: str | None) -> str | None:
+    """A local source as an absolute path (as discover names it now); another URI as it is."""
+    return os.path.abspath(uri) if uri and is_local(uri) else uri
+
+
 def uri_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:20]
 
@@ -156,7 +182,7 @@ class CurateJob:
         self.config = config
         self.work = self.out / ".work"
         self.parts = self.work / "sources"
-        self.clips = self.work / "clips"
+        self.clips = self.work / "clips" / clip_cache_name(config.write)
         self.restart = restart
         self._encodes_given_up = False  # a source's encode task died on every attempt (see _encode)
         self.log = config.run.progress
@@ -168,6 +194,8 @@ class CurateJob:
         sources = self._sources()
         if not sources:
             raise ConfigError(f"no video files found in {self.inputs}")
+        for item in self._unmatched:
+            self._say(f"{item}: no video file there (an empty folder, a pattern that matches none): left out")
         try:  # an output folder that cannot be written stops the job before any work
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -202,6 +230,8 @@ class CurateJob:
             result = self._result(table, noop=True)
             self._say("nothing to do: this job already finished with the same inputs and config")
             return result
+        self._say_leaving(sources)
+        self._say_thresholds_changed()
         given_up = self._score(sources)
         table = self._load_parts(sources)
         result = self.finalize(table)
@@ -209,8 +239,58 @@ class CurateJob:
             write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
 
+    def _leaving(self, sources: list[str]) -> tuple[list[str], int, int]:
+        """Sources of this OUT's manifest that are not among `sources` (an input left out, a file deleted,
+        --limit): (their URIs, their kept clips, of which in eval); the new manifest and shards drop them."""
+        manifest = self.out / "manifest.parquet"
+        if not manifest.is_file():
+            return [], 0, 0
+        try:
+            rows = pq.read_table(manifest, columns=["source_uri", "status", "split"]).to_pylist()
+        except (pa.ArrowInvalid, OSError, KeyError):
+            return [], 0, 0
+        current = set(sources)
+        gone = [r for r in rows if _absolute(r["source_uri"]) not in current]
+        uris = sorted({r["source_uri"] for r in gone})
+        kept = [r for r in gone if r["status"] == "kept"]
+        return uris, len(kept), sum(r["split"] == "eval" for r in kept)
+
+    def _say_leaving(self, sources: list[str]) -> None:
+        uris, kept, held_out = self._leaving(sources)
+        if uris:
+            self._say(
+                f"{len(uris)} source(s) of {self.out / 'manifest.parquet'} are not among the inputs this time"
+                f" (e.g. {uris[0]}): their {kept} kept clips ({held_out} in eval) leave the manifest and the"
+                " shards; give them again to keep them"
+            )
+
+    def _say_thresholds_changed(self) -> None:
+        """A rerun applies the thresholds it is given (defaults included): say which differ from those the
+        manifest was written with, by an earlier curate or by `select`, so that they are not lost unsaid."""
+        manifest = self.out / "manifest.parquet"
+        if not manifest.is_file():
+            return
+        try:
+            written = manifest_config(manifest)
+        except ManifestError:
+            return
+        changed = []
+        for section, key in sorted(THRESHOLD_KEYS):
+            then = written.get(section, {}).get(key)
+            now = getattr(getattr(self.config, section), key)
+            if then is not None and then != now and getattr(getattr(self.config, section), "enabled", True):
+                changed.append((f"{section}.{key}", then, now))
+        if changed:
+            listed = ", ".join(f"{k} {then} there, {now} now" for k, then, now in changed)
+            keep = " ".join(f"--set {k}={then}" for k, then, _ in changed)
+            self._say(
+                f"thresholds differ from those {manifest} was written with ({listed}); this run applies"
+                f" the new ones: {keep} keeps the earlier"
+            )
+
     def _sources(self) -> list[str]:
-        sources = discover(self.inputs)
+        self._unmatched: list[str] = []
+        sources = discover(self.inputs, self._unmatched)
         return sources[: self.limit] if self.limit else sources
 
     def plan(self) -> str:
@@ -219,6 +299,8 @@ class CurateJob:
         if not self.inputs:
             raise ConfigError("no inputs given")
         sources = self._sources()
+        if not sources:
+            raise ConfigError(f"no video files found in {self.inputs}")  # as run says it
         lines = [f"sources: {len(sources)}"]
         local = [u for u in sources if is_local(u) and os.path.isfile(local_path(u))]
         if local:
@@ -231,6 +313,14 @@ class CurateJob:
         )
         if missing:
             lines.append(f"missing paths (each will be an error row): {len(missing)}")
+        if self._unmatched:
+            lines.append(f"no video file in (left out): {', '.join(self._unmatched)}")
+        leaving, kept, held_out = self._leaving(sources)
+        if leaving:
+            lines.append(
+                f"leaving: {len(leaving)} source(s) of the earlier manifest are not among the inputs"
+                f" (e.g. {leaving[0]}); their {kept} kept clips ({held_out} in eval) would leave it"
+            )
         state_file = self.work / "state.json"
         if self.restart and self.work.exists():
             lines.append(f"{self.work}: would be discarded (--restart)")
@@ -290,6 +380,7 @@ class CurateJob:
         from pipeline.report import write_report
 
         self._history_from()  # a split.history_from that cannot be used stops before any work
+        self._adopt_clip_cache()
         table = self._drop_duplicate_sources(table)
         table = decide(table, self.config)
         table = self._encode(table, sources_required)
@@ -317,6 +408,27 @@ class CurateJob:
             )
         if saved != current:  # new, or a run that stopped before scoring anything (missing weights)
             write_json_atomic(state_file, {"scoring": current})
+
+    def _check_text_backend(self) -> None:
+        """text.backend=auto scores with CRAFT when its weights are in the models dir, else with PP-OCR: the
+        setting reads the same when the weights appear (or --models-dir changes), but new sources would be
+        scored by another detector than the work already in OUT, and one text.max would filter both."""
+        if not self.config.text.enabled or not self._has_scored_work():
+            return
+        current = self.config.text.resolved_backend()
+        for part in sorted(self.parts.glob("[!.]*.parquet")):
+            if "text_backend" not in pq.read_schema(part).names:
+                continue
+            used = {b for b in pq.read_table(part, columns=["text_backend"])["text_backend"].to_pylist() if b}
+            if used and current not in used:
+                raise ConfigError(
+                    f"{self.out} holds work whose text stage scored with {sorted(used)[0]}; with the weights now"
+                    f" found it would score new sources with {current}, and one text.max would filter both:"
+                    f" --set text.backend={sorted(used)[0]} to go on as before, or --restart to score everything"
+                    f" with {current}"
+                )
+            if used:
+                return
 
     def _has_scored_work(self) -> bool:
         """Whether any source was scored into OUT/.work (a half-written part does not count)."""
@@ -394,11 +506,13 @@ class CurateJob:
             for uri in json.loads(given_up_file.read_text()):
                 (self.parts / f"{uri_key(uri)}.parquet").unlink(missing_ok=True)
             given_up_file.unlink()
+        self._adopt_relative_parts(sources)
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
         if len(pending) < len(sources):
             self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
         if not pending:
             return []
+        self._check_text_backend()  # new sources must be scored as the finished ones were
         self._init_ray()
         workers = self._workers()
         progress = Progress("score", len(pending), "sources", self.log)
@@ -425,6 +539,28 @@ class CurateJob:
         if given_up:
             write_json_atomic(given_up_file, given_up)
         return given_up
+
+    def _adopt_relative_parts(self, sources: list[str]) -> None:
+        """Sources are named by absolute paths now; an earlier version named them as typed (relative to the
+        working directory then). A part saved under a source's path relative to this working directory is
+        that source's: it is renamed to its absolute path, and its rows say that path, instead of scoring
+        the source again."""
+        for uri in sources:
+            new = self.parts / f"{uri_key(uri)}.parquet"
+            if new.exists() or not is_local(uri):
+                continue
+            relative = os.path.relpath(uri)
+            for typed in dict.fromkeys((relative, f"./{relative}")):
+                old = self.parts / f"{uri_key(typed)}.parquet"
+                if not old.exists():
+                    continue
+                table = pq.read_table(old)
+                uris = pa.array([uri] * table.num_rows, table.schema.field("source_uri").type)
+                table = table.set_column(table.schema.get_field_index("source_uri"), "source_uri", uris)
+                with atomic_path(new, suffix=".parquet") as tmp:
+                    pq.write_table(table, tmp)
+                old.unlink()
+                break
 
     def _init_ray(self) -> None:
         """A local Ray gets one CPU slot per worker, plus room for the model actors' token shares."""
@@ -572,6 +708,34 @@ class CurateJob:
                 table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
         return table
 
+    def _adopt_clip_cache(self) -> None:
+        """Clips an earlier version kept directly in .work/clips (for every write setting alike) move to the
+        folder of the settings this OUT's manifest was written with; and when kept clips exist only for
+        other write settings, say that they are encoded again."""
+        root = self.work / "clips"
+        loose = sorted(root.glob("*.mp4")) if root.is_dir() else []
+        if loose:
+            from pipeline.config import WriteConfig
+
+            written = (
+                manifest_config(self.out / "manifest.parquet").get("write", {})
+                if (self.out / "manifest.parquet").is_file()
+                else {}
+            )
+            settings = WriteConfig(
+                **{k: v for k, v in written.items() if k in WriteConfig.__dataclass_fields__}
+            )
+            folder = root / clip_cache_name(settings if written else self.config.write)
+            folder.mkdir(parents=True, exist_ok=True)
+            for clip in loose:
+                os.replace(clip, folder / clip.name)
+        others = [d.name for d in root.iterdir() if d.is_dir() and d != self.clips] if root.is_dir() else []
+        if others and not (self.clips.is_dir() and any(self.clips.glob("*.mp4"))):
+            self._say(
+                f"write: the clip cache holds clips encoded with other write settings ({', '.join(sorted(others))});"
+                f" kept clips are encoded again as {self.clips.name} (the others stay, for those settings)"
+            )
+
     def _split(self, table: pa.Table) -> pa.Table:
         """Near-duplicate groups over every scored clip; kept clips split train/eval by whole
         components (group, and by default source), deterministically; all others get `none`."""
@@ -623,6 +787,11 @@ class CurateJob:
         """What earlier splits put in train and eval: this OUT's, when the split is sticky and was drawn with
         the same settings (else None, saying why), joined by split.history_from's."""
         own = self._history_of(self.out) if self.config.split.sticky else None
+        if not self.config.split.sticky and self._history_of(self.out) is not None:
+            self._say(
+                "split: drawn afresh (split.sticky=false); clips that were in train may now be in eval, so"
+                " evaluate models trained on the earlier shards on the earlier eval"
+            )
         if own is not None:
             previous, settings = own
             changed = [f"split.{k} {was} -> {now}" for k, was, now in self._settings_changed(settings)]
@@ -699,7 +868,7 @@ class CurateJob:
         c = self.config.split
         units = "sources" if c.by_source else "near-duplicate groups"
         clips = f"{result.eval_size} clip{'' if result.eval_size == 1 else 's'} (asked {c.eval_size}"
-        if result.target < c.eval_size:
+        if result.target < c.eval_size and not (sticky and result.eval_size < result.target):
             why = f"a small job gives eval at most {c.max_eval_fraction:.0%} of its {kept} kept clips"
             self._say(f"eval split: {clips}; {why}, in whole {units})")
             return

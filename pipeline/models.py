@@ -711,7 +711,7 @@ models directory: --models-dir, else ${ENV_VAR}, else {DEFAULT_DIR}""",
     p.add_argument(
         "--no-hashes", dest="hashes", action="store_false", help="list: skip the sha256 of present files"
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # `list --no-hashes text`: options between the positionals
     root = resolve_models_dir(args.models_dir)
     names = args.stages or [n for names in JOBS.values() for n in names]
     try:

@@ -34,6 +34,17 @@ VIDEO_EXTENSIONS = (
     ".flv",
     ".wmv",
     ".gif",
+    ".m2ts",  # Blu-ray
+    ".mts",  # AVCHD
+    ".vob",  # DVD
+    ".mxf",  # broadcast and studio masters
+    ".ogv",
+    ".3gp",
+    ".dv",
+    ".divx",
+    ".asf",
+    ".f4v",
+    ".rmvb",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,17 +35,34 @@ LIST_EXTENSIONS = (".txt", ".lst", ".list")
 PQ_TRANSFER = 16
 
 
-def discover(inputs: list[str]) -> list[str]:
+def discover(inputs: list[str], unmatched: list[str] | None = None) -> list[str]:
     """Expand inputs (files, folders, globs, list files, object-store URIs/prefixes) to source URIs.
 
-    A path that does not exist stays in the list: it becomes an error row, it is never dropped.
+    A path that does not exist stays in the list: it becomes an error row, it is never dropped. A folder,
+    glob or list file that names no video is added to `unmatched` (the job says so). Local paths are
+    absolute, so that a rerun or `select` from another working directory finds the same sources.
     Order is deterministic (sorted within each input, inputs in the order given, duplicates once).
     A folder's hidden entries (a name starting with "."), and everything under a hidden folder, are
     not sources: macOS's `._clip.mp4` resource forks, `.Trash`, `.git`. Named explicitly, they are.
+    Folders are walked into symbolic links to folders (once each: a link to a parent is no loop).
+    A file name that is not valid UTF-8 (a Latin-1 name from an old archive) stops the job before any
+    work, naming it: the manifest stores text.
     """
     found: list[str] = []
     for item in inputs:
-        found.extend(_expand(item))
+        expanded = _expand(item)
+        if not expanded and unmatched is not None:
+            unmatched.append(item)
+        found.extend(expanded)
+    undecodable = [u for u in found if not _utf8(u)]
+    if undecodable:
+        from pipeline.config import ConfigError
+
+        shown = ", ".join(_printable(u) for u in undecodable[:3])
+        raise ConfigError(
+            f"{len(undecodable)} input file name(s) are not valid UTF-8 ({shown}): the manifest stores names as"
+            " text; rename them (e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`)"
+        )
     seen: set[str] = set()
     unique = []
     for uri in found:
@@ -54,33 +72,69 @@ def discover(inputs: list[str]) -> list[str]:
     return unique
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name, kept by Python as surrogates
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _expand(item: str) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
-    path = Path(local_path(item))
+    path = Path(os.path.abspath(local_path(item)))
     if glob.has_magic(str(path)):
         return _glob_local(path)
     if path.is_dir():
-        return sorted(
-            str(p)
-            for p in path.rglob("*")
-            if p.is_file() and _is_video(p.name) and not _hidden(p.relative_to(path).parts)
-        )
+        return _walk(path)
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
-        out = []
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                entry = line if "://" in line or os.path.isabs(line) else str(path.parent / line)
-                out.extend(_expand(entry))
-        return out
+        return _list_file(path)
     return [str(path)]
 
 
+def _walk(root: Path) -> list[str]:
+    """The videos below a folder, not hidden, following links to folders once each (by their real path)."""
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder walked already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [os.path.join(folder, f) for f in files if not f.startswith(".") and _is_video(f)]
+    return sorted(p for p in out if os.path.isfile(p))
+
+
+def _list_file(path: Path) -> list[str]:
+    """The entries of a list file (one per line, `#` comments; relative to its folder; a BOM ignored). A
+    .txt whose lines name nothing that could be a source (notes beside the videos, caught by a shell's
+    `*`) is not a list: it is left out, and said."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
+    entries = [line for line in lines if line and not line.startswith("#")]
+    resolved = [e if "://" in e or os.path.isabs(e) else str(path.parent / e) for e in entries]
+    plausible = [e for e in resolved if "://" in e or _is_video(e) or os.path.exists(e) or glob.has_magic(e)]
+    if entries and not plausible:
+        print(
+            f"{path}: no line names a video, folder or URL: not a list of sources, left out", file=sys.stderr
+        )
+        return []
+    out = []
+    for entry in resolved:
+        out.extend(_expand(entry))
+    return out
+
+
 def _glob_local(pattern: Path) -> list[str]:
-    """The files a local glob matches. `**` does not follow links to folders (the standard library's
-    glob does, and a link to a parent folder made it search forever); as with the shell, a hidden
-    name matches only a pattern part that starts with "." itself."""
+    """The video files a local glob matches (`in/*` leaves out the .srt and .jpg beside the videos, as a
+    folder input does). `**` does not follow links to folders (the standard library's glob does, and a
+    link to a parent folder made it search forever); as with the shell, a hidden name matches only a
+    pattern part that starts with "." itself."""
     parts = pattern.parts
     first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root, rest = Path(*parts[:first]) if first else Path("."), parts[first:]
@@ -88,7 +142,7 @@ def _glob_local(pattern: Path) -> list[str]:
     return sorted(
         str(p)
         for p in root.glob(str(Path(*rest)))
-        if p.is_file() and (dotted or not _hidden(p.relative_to(root).parts))
+        if p.is_file() and _is_video(p.name) and (dotted or not _hidden(p.relative_to(root).parts))
     )
 
 

@@ -534,3 +534,35 @@ def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(
     monkeypatch.setattr(job, "write_shards", real)  # the next select finishes the work
     assert select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"]) == 0
     assert len(list_shards(copy / "shards" / "train")) > len(before)
+
+
+def test_a_rerun_says_what_it_changes(curated, tmp_path, capsys):
+    """Other write settings reused the clips of the earlier ones (the manifest said 256x160, the shards
+    held 512x320); an input left out dropped its clips unsaid; a rerun put select's thresholds back to the
+    defaults unsaid; a select with split.sticky=false warned of nothing and the next select inherited it."""
+    import av
+
+    from manifests.io import manifest_config
+
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    assert select_main([str(copy), "--set", "motion.min=0.06", "--quiet"]) == 0
+    capsys.readouterr()
+    one = curated["footage"] / "episode_01.mp4"
+    sets = ["--set", "write.width=256", "--set", "write.height=160"]
+    assert curate_main([str(one), "--out", str(copy), *sets, *SKIPS]) == 0
+    err = capsys.readouterr().err
+    assert "thresholds differ from those" in err and "motion.min 0.06 there, 0.05 now" in err
+    assert "are not among the inputs this time" in err and "leave the manifest and the shards" in err
+    assert "the clip cache holds clips encoded with other write settings" in err
+    (shard, *_) = list_shards(copy / "shards" / "train")
+    with tarfile.open(shard) as tar:
+        mp4 = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+        with av.open(tar.extractfile(mp4)) as container:
+            stream = container.streams.video[0]
+            assert (stream.width, stream.height) == (256, 160)
+    assert select_main([str(copy), "--set", "split.sticky=false"]) == 0
+    assert "split: drawn afresh (split.sticky=false)" in capsys.readouterr().err
+    assert manifest_config(copy / "manifest.parquet")["split"]["sticky"] is False
+    assert select_main([str(copy)]) == 0
+    assert "drawn afresh" not in capsys.readouterr().err  # sticky again: a fresh draw is asked for each time

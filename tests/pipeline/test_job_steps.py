@@ -244,3 +244,40 @@ def test_the_leak_check_across_folders_finds_what_a_fresh_draw_leaks(tmp_path, c
     out = capsys.readouterr().out
     assert "in 2 folders" in out and f"{v1}:" in out and "near-duplicate" in out and "source" in out
     assert report_main([str(kept), "--leaks", "--against", str(v1)]) == 0
+
+
+def test_work_of_an_earlier_version_is_adopted_not_redone(tmp_path, monkeypatch):
+    """Sources were named as typed (relative paths), clips cached for every write setting alike: a part
+    saved under the relative path is the absolute path's, and loose clips go to the folder of the write
+    settings the manifest was written with."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from manifests.io import write_manifest
+    from pipeline.job import WORK_SCHEMA, clip_cache_name, uri_key
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    source = str(tmp_path / "in" / "ep.mp4")
+    out = tmp_path / "out"
+    job = CurateJob([source], out, CurateConfig())
+    job.parts.mkdir(parents=True)
+    row = {"source_uri": "in/ep.mp4", "clip_id": "c1", "status": "kept", "split": "none"}
+    pq.write_table(
+        pa.Table.from_pylist([row], schema=WORK_SCHEMA), job.parts / f"{uri_key('in/ep.mp4')}.parquet"
+    )
+    job._adopt_relative_parts([source])
+    adopted = job.parts / f"{uri_key(source)}.parquet"
+    assert adopted.exists() and not (job.parts / f"{uri_key('in/ep.mp4')}.parquet").exists()
+    assert pq.read_table(adopted)["source_uri"].to_pylist() == [source]
+
+    earlier = CurateConfig()
+    earlier.write.width, earlier.write.height = 256, 160
+    write_manifest(pa.Table.from_pylist([], schema=CLIP_SCHEMA), out / "manifest.parquet", earlier.to_dict())
+    (out / ".work" / "clips").mkdir(parents=True)
+    (out / ".work" / "clips" / "c1.mp4").write_bytes(b"clip")
+    job._adopt_clip_cache()
+    assert (out / ".work" / "clips" / clip_cache_name(earlier.write) / "c1.mp4").read_bytes() == b"clip"
+    assert job.clips.name == clip_cache_name(CurateConfig().write) != clip_cache_name(earlier.write)
+    assert os.listdir(out / ".work" / "clips") == [clip_cache_name(earlier.write)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import samples
-from pipeline.config import CurateConfig
+from pipeline.config import ConfigError, CurateConfig
 from pipeline.select import decide_row, rules
 from pipeline.stages.base import batch_of, rows_of
 from pipeline.stages.discover import ProbeStage, discover
@@ -69,6 +69,41 @@ def test_a_recursive_glob_does_not_follow_links_to_folders(tmp_path):
     assert discover([str(root / "**" / "*.m*")]) == [str(root / "a.mp4"), str(root / "sub/b.mkv")]
     assert discover([str(root / ".Trash" / "*.mp4")]) == [str(root / ".Trash/old.mp4")]  # named: found
     assert discover([str(root / "**" / ".cache" / "*")]) == [str(root / "sub/.cache/c.mp4")]
+
+
+def test_discover_as_users_lay_out_footage(tmp_path, monkeypatch, capsys):
+    """Linked season folders were skipped; a quoted `in/*` took the .srt and .jpg beside the videos as
+    sources; a list saved with a BOM named a missing file; notes.txt caught by the shell's `*` was read as
+    a list of paths; a pattern or folder with no video vanished unsaid; relative paths made a rerun from
+    another folder a new job; a Latin-1 file name crashed the job."""
+    root = tmp_path / "in"
+    for rel in ["ep1.mp4", "ep1.srt", "cover.jpg", "notes.txt", "disc/VTS_01_1.VOB", "bluray/00001.m2ts"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("Episode notes: check the colours\n" if rel == "notes.txt" else "x")
+    season = tmp_path / "season2"
+    (season / "s2e1.mkv").parent.mkdir()
+    (season / "s2e1.mkv").write_bytes(b"x")
+    (root / "season2").symlink_to(season)  # followed once
+    (season / "back").symlink_to(root)  # and a loop is no hang
+    videos = [
+        str(root / r) for r in ("bluray/00001.m2ts", "disc/VTS_01_1.VOB", "ep1.mp4", "season2/s2e1.mkv")
+    ]
+    assert discover([str(root)]) == videos
+    assert discover([str(root / "*")]) == [str(root / "ep1.mp4")]  # a glob takes videos only
+    assert discover([str(root / "notes.txt")]) == [] and "not a list of sources" in capsys.readouterr().err
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("\ufeffin/ep1.mp4\n".encode())  # saved by Notepad
+    assert discover([str(listed)]) == [str(root / "ep1.mp4")]
+    unmatched: list[str] = []
+    assert discover([str(root / "ep1.mp4"), str(tmp_path / "typo" / "*.mp4")], unmatched) == [
+        str(root / "ep1.mp4")
+    ]
+    assert unmatched == [str(tmp_path / "typo" / "*.mp4")]
+    monkeypatch.chdir(tmp_path)
+    assert discover(["in/ep1.mp4", "./in/../in/ep1.mp4"]) == [str(root / "ep1.mp4")]  # absolute, once
+    (root / "caf\udce9.mp4").write_bytes(b"x")  # the byte 0xe9 of a Latin-1 name
+    with pytest.raises(ConfigError, match=r"not valid UTF-8 \(.*caf\\xe9\.mp4\)"):
+        discover([str(root)])
 
 
 def test_discover_reads_object_store_uris():
