@@ -265,6 +265,13 @@ def _group(keys: list[str], examples: int) -> list[str]:
 
 
 def _hints(report: KeyReport, expected: Mapping[str, torch.Tensor]) -> list[str]:
+    if any(
+        k.split(".")[0] in ("zero_convs", "input_hint_block", "middle_block_out") for k in report.unexpected
+    ):
+        return [  # its other keys would also match a bare UNet's: say only what it is
+            "the file is a sketch encoder (what `train sketch` exports, or the released sketch_encoder.ckpt):"
+            " it goes to `interpolate --sketch-checkpoint`, not in place of the interpolation model"
+        ]
     hints = []
     for prefix in ("model.diffusion_model.", "first_stage_model.", "image_proj_model."):
         bare = [k for k in report.unexpected if prefix + k in expected]
@@ -420,6 +427,13 @@ def resolve_config(ckpt: Checkpoint, preset: str | None = None, **overrides: Any
             log.info("%s carries its config; preset %r is not used", ckpt.path, preset)
         return replace(ckpt.config, **overrides)
     if preset is not None:
+        detected = detect_config(ckpt.state_dict)
+        name = preset_name(detected) if detected is not None else None
+        if name is not None and name != preset:  # else a wall of shape mismatches, without the cause
+            raise CheckpointError(
+                f"{ckpt.path} carries no config and has the key layout of preset {name!r}, not {preset!r}:"
+                f" give preset {name} (--preset {name})"
+            )
         return tooncrafter_config(preset, **overrides)
     raise CheckpointError(f"{ckpt.path} carries no config: pass a preset (e.g. preset='toon-512')")
 

@@ -28,6 +28,7 @@ import logging
 import lzma
 import os
 import random
+import re
 import shutil
 import types
 import typing
@@ -588,8 +589,21 @@ def latest_checkpoint(out: Path) -> Path | None:
         folder = root / pointer.read_text().strip()
         if folder.is_dir():
             return folder
-    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    complete = sorted(p for p in checkpoint_folders(root) if (p / "meta.json").is_file())
     return complete[-1] if complete else None
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`: step_NNNNNNN exactly (a damaged one renamed aside,
+    `step_0000300.bad`, is not one: it is neither resumed from nor pruned)."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, **values: Any) -> None:
+    """Put the config's values into a restored optimizer's param groups: `load_state_dict` brings back the
+    saved ones, so a resume with another weight decay or betas said so but trained with the old."""
+    for group in optimizer.param_groups:
+        group.update(values)
 
 
 def config_changes(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -685,7 +699,7 @@ def save_checkpoint(
     pointer.write_text(name + "\n")
     pointer.replace(root / "latest")
     if keep > 0:
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        for old in checkpoint_folders(root)[:-keep]:
             shutil.rmtree(old)
     barrier(d)
     return final

@@ -183,8 +183,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     cli: dict[str, Any] = {"train": {}, "data": {}}
     if args.preset:
         cli["train"]["preset"] = args.preset
-    if args.init:
-        cli["train"]["init_checkpoint"] = args.init
+    if args.init:  # a checkpoint folder (as the `done:` line names it): its exported model
+        init = Path(args.init)
+        exported = [
+            init / n for n in ("model.safetensors", "sketch_encoder.safetensors") if (init / n).is_file()
+        ]
+        cli["train"]["init_checkpoint"] = str(exported[0]) if init.is_dir() and exported else args.init
     if args.from_scratch:
         cli["train"]["from_scratch"] = True
     if args.data:
@@ -194,8 +198,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             cli["data"]["eval"] = eval_spec
     if getattr(args, "no_lpips", False):
         cli["decoder"] = {"lpips_weight": 0.0}
-    files = [engine.load_overrides(path) for path in args.config]
+    files = [_stage_file(engine.load_overrides(path), path, args.stage) for path in args.config]
     sets = engine.parse_set(args.set)
+    for layer in [*files, sets]:  # a section given as a value (`--set train=5`): said before it is read
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping of settings, got {values!r}")
     preset = "toon-512"
     for layer in [*files, cli, sets]:
         preset = layer.get("train", {}).get("preset", preset)
@@ -214,6 +222,14 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return run
 
 
+def _stage_file(layer: dict[str, Any], path: str, stage: str) -> dict[str, Any]:
+    """A config file; a checkpoint's config.yaml (which names its stage) is one too, for its own stage."""
+    named = layer.pop("stage", None)
+    if named is not None and named != stage:
+        raise ValueError(f"{path} is the config of a {named!r} run, not of {stage!r}")
+    return layer
+
+
 def check_ranges(run: RunConfig) -> None:
     """A ValueError naming the first setting outside its range, before any work (the same values would
     otherwise fail deep in the loader or the optimizer, or, like an EMA decay above 1, not fail at all)."""
@@ -222,7 +238,7 @@ def check_ranges(run: RunConfig) -> None:
         ("train.steps", t.steps >= 1, ">= 1"),
         ("train.global_batch", t.global_batch >= 1, ">= 1"),
         ("train.micro_batch", t.micro_batch >= 1, ">= 1"),
-        ("train.lr", t.lr > 0, "> 0"),
+        ("train.lr", 0 < t.lr < math.inf, "> 0 and finite"),
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
         ("train.beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
@@ -248,6 +264,23 @@ def check_ranges(run: RunConfig) -> None:
         ("data.num_workers", d.num_workers >= 0, ">= 0 (0 reads in the training process)"),
         ("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1"),
     ]
+    rules.append(("train.precision", t.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"))
+    for stage in STAGES:  # the stage sections' probabilities (each given or not, checked alike)
+        section = getattr(run, stage)
+        if hasattr(section, "uncond_prob"):
+            # three disjoint dropout events of p each (text only, both, image only): 3p <= 1
+            rules.append((f"{stage}.uncond_prob", 0 <= section.uncond_prob <= 1 / 3, "in [0, 1/3]"))
+        if hasattr(section, "train_roles"):
+            rules.append((f"{stage}.train_roles", len(section.train_roles) > 0, "at least one role"))
+    sk = run.sketch
+    rules += [
+        ("sketch.frame_prob_min", 0 <= sk.frame_prob_min <= 1, "in [0, 1]"),
+        (
+            "sketch.frame_prob_max",
+            sk.frame_prob_min <= sk.frame_prob_max <= 1,
+            "in [sketch.frame_prob_min, 1]",
+        ),
+    ]
     for name, ok, expected in rules:
         if not ok:
             section, key = name.split(".")
@@ -264,6 +297,31 @@ INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then s
     "decoder": "the DynamiCrafter-512-interp or ToonCrafter model.ckpt",
     "sketch": "the rectify stage's exported model.safetensors",
 }
+
+
+def _check_same_start(folder: Path, run: RunConfig) -> None:
+    """A resume rebuilds the frozen weights from the init checkpoint and the preset the run began with: a
+    resume without --init, or with another file or preset, silently trained on other (random) frozen
+    weights. Refused, naming what the run began with."""
+    import yaml
+
+    saved = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train", {})
+    for key, flag in (
+        ("preset", "--preset"),
+        ("init_checkpoint", "--init"),
+        ("from_scratch", "--from-scratch"),
+    ):
+        then, now = saved.get(key), getattr(run.train, key)
+        if key in saved and then != now:
+            given = (
+                f"{flag} {then}"
+                if key != "from_scratch"
+                else ("--from-scratch" if then else "no --from-scratch")
+            )
+            raise ValueError(
+                f"the run in {folder.parent.parent} began with train.{key}={then!r}, this one has {now!r}: its"
+                f" frozen weights come from there; resume with {given}"
+            )
 
 
 def initial_model(cfg: TrainConfig):
@@ -341,6 +399,14 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
         if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
             raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(Path(args.out))}")
+        earlier = engine.latest_checkpoint(Path(args.out)) if not args.resume else None
+        if earlier is not None:  # its pruning would delete the new run's checkpoints (lower steps) first
+            raise ValueError(
+                f"--out {args.out} holds the checkpoints of an earlier run (latest {earlier.name}): --resume"
+                " continues it; for a new run give another --out (or move its checkpoints/ aside)"
+            )
+        if resume_from is not None:
+            _check_same_start(resume_from, run)
         if resume_from is not None and not args.restart_data:  # said before the model is built (minutes)
             saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
             saved.check_resumable(shards, int(os.environ.get("WORLD_SIZE", 1)), run.data.num_workers)
@@ -354,7 +420,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         for name in ("training.train", "training.checkpoint", "training.stages"):
             logging.getLogger(name).setLevel(logging.ERROR)
     device = engine.pick_device(tc, d)
-    amp = engine.autocast_dtype(tc, device)
+    amp = engine.autocast_dtype(tc, device)  # train.precision was checked with the other settings
     with _input_errors():  # the number of ranks is known only now
         accum = engine.accumulation_steps(tc, d.world)
     if d.main:
@@ -432,6 +498,12 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             step, rank_state = engine.load_checkpoint(
                 folder, d, trainable=trainable, optimizers=optimizers, ema=ema
             )
+        # the config's optimizer settings, not the saved ones (lr is set every step)
+        engine.set_hyperparameters(
+            optimizers["model"], betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
+        )
+        if "discriminator" in optimizers:
+            engine.set_hyperparameters(optimizers["discriminator"], lr=run.decoder.disc_lr or tc.lr)
         data_state = DataState.from_dict(rank_state["data"])
         if args.restart_data:
             data_state = data_state.restarted()
@@ -442,6 +514,10 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 f"resumed from {folder} at step {step}" + (f"; config changed: {changed}" if changed else ""),
                 flush=True,
             )
+            if step >= tc.steps:
+                print(
+                    f"train.steps={tc.steps}: the run is at step {step} already, nothing to train", flush=True
+                )
     else:
         torch.manual_seed(tc.seed + d.rank)  # noise differs per rank, identically on every run
     with _input_errors():  # e.g. resuming with another number of ranks or data workers

@@ -819,3 +819,98 @@ def test_wait_for_file_returns_when_the_file_comes_and_gives_up_after_its_limit(
     assert came["found"] and 0.2 <= came["waited_s"] < 10
     gone = wait_for_file(tmp_path / "never", 0.3, "test", poll_s=0.05)
     assert not gone["found"] and gone["waited_s"] >= 0.3
+
+
+def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refused(
+    tmp_path, train_shards, dc_checkpoint, capsys, monkeypatch
+):
+    """A new run into an --out with checkpoints pruned its own (lower steps) at once and exited 0; a resume
+    without the --init the run began with trained on random frozen weights; a checkpoint renamed aside
+    (step_N.bad) was resumed from again. All said now, before the model is built."""
+    import training.train as train_module
+
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1", "--init", str(dc_checkpoint)]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=2")
+    real = train_module.initial_model
+    monkeypatch.setattr(train_module, "initial_model", lambda *a: pytest.fail("the model was built first"))
+    for argv, message in [
+        (
+            (*common, "--set", "train.steps=1"),
+            "holds the checkpoints of an earlier run (latest step_0000002)",
+        ),
+        (("--set", "train.steps=3", "--resume"), f"began with train.init_checkpoint='{dc_checkpoint}'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", out, train_shards, *argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "initial_model", real)
+    newest = latest(out)
+    (out / "checkpoints" / "latest").unlink()
+    newest.rename(newest.with_name(newest.name + ".bad"))  # damaged, moved aside by its name
+    sets = ["--set", "train.steps=3", "--set", "train.weight_decay=0.5", "--set", "train.beta1=0.5"]
+    train("rectify", out, train_shards, *common, *sets, "--resume")
+    assert "resumed from " + str(out / "checkpoints" / "step_0000001") in capsys.readouterr().out
+    groups = torch.load(latest(out) / "state.pt", weights_only=False)["optimizers"]["model"]["param_groups"]
+    assert all(g["weight_decay"] == 0.5 and tuple(g["betas"]) == (0.5, 0.999) for g in groups)  # applied
+    assert (out / "checkpoints" / "step_0000002.bad").is_dir()  # neither resumed from nor pruned
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train=5"], "config section 'train' must be a mapping of settings, got 5"),
+        (["train.precision=fp16"], "train.precision must be auto, bf16 or fp32, got 'fp16'"),
+        (["rectify.uncond_prob=0.5"], "rectify.uncond_prob must be in [0, 1/3], got 0.5"),
+        (["rectify.train_roles=[]"], "rectify.train_roles must be at least one role"),
+        (["train.lr=.inf"], "train.lr must be > 0 and finite"),
+    ],
+    ids=["section-value", "precision", "uncond", "no-roles", "inf-lr"],
+)
+def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tmp_path, train_shards, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", tmp_path / "run", train_shards, *[a for s in sets for a in ("--set", s)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp_path, train_shards, capsys):
+    from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
+    from training.stages.sketch import save_encoder
+
+    out = train(
+        "rectify", tmp_path / "run", train_shards, "--set", "train.steps=1", "--set", "train.ckpt_every=1"
+    )
+    saved = latest(out) / "config.yaml"
+    # it names its stage, which was refused as an unknown key
+    train("rectify", tmp_path / "again", train_shards, "--config", str(saved))
+    with pytest.raises(SystemExit):
+        train("decoder", tmp_path / "other", train_shards, "--config", str(saved))
+    assert "is the config of a 'rectify' run, not of 'decoder'" in capsys.readouterr().err
+    sketch = tmp_path / "sketch_encoder.safetensors"
+    save_encoder(SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"]), sketch, {})  # as `train sketch` exports it
+    with pytest.raises(SystemExit):
+        train("rectify", tmp_path / "wrong", train_shards, "--init", str(sketch))
+    assert "the file is a sketch encoder" in capsys.readouterr().err
+
+
+def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_taken(
+    tmp_path, dc_checkpoint
+):
+    """A pickled tiny checkpoint (no embedded config) under the default preset was a wall of shape
+    mismatches; `--init runs/x/checkpoints/step_N` (the folder the done: line prints) was "not found"."""
+    from safetensors.torch import load_file
+
+    from training.checkpoint import CheckpointError, load_model
+    from training.train import parse_args, resolve_config
+
+    pickled = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(dc_checkpoint))}, pickled)
+    with pytest.raises(
+        CheckpointError, match=r"key layout of preset 'tiny', not 'toon-512': give preset tiny"
+    ):
+        load_model(pickled, preset="toon-512")
+    folder = tmp_path / "step_0000002"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(dc_checkpoint.read_bytes())
+    args = parse_args(["rectify", "--out", str(tmp_path / "o"), "--init", str(folder)])
+    assert resolve_config(args).train.init_checkpoint == str(folder / "model.safetensors")

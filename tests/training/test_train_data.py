@@ -215,7 +215,7 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "trian.steps=3"]))
     for setting, message in [
         ("train.micro_batch=0", "train.micro_batch must be >= 1, got 0"),
-        ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+        ("train.lr=-1", "train.lr must be > 0 and finite, got -1.0"),
         ("train.ema_decay=2", r"train.ema_decay must be in \[0, 1\)"),
         ("data.frames=0", "data.frames must be >= 2"),
         ("data.stride_min=7", r"data.stride_min must be in 1..data.stride_max \(6\), got 7"),
