@@ -299,6 +299,18 @@ INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then s
 }
 
 
+def _check_writable(out: Path) -> None:
+    """--out made and written to once, before any work (a read-only disk was a traceback from the lock)."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
+
+
 def _check_same_start(folder: Path, run: RunConfig) -> None:
     """A resume rebuilds the frozen weights from the init checkpoint and the preset the run began with: a
     resume without --init, or with another file or preset, silently trained on other (random) frozen
@@ -373,6 +385,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     with _input_errors():  # everything the user gave is checked before a model is built
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
+        _check_writable(Path(args.out))
         run = resolve_config(args)
         engine.check_device(run.train)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:

@@ -914,3 +914,11 @@ def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_
     (folder / "model.safetensors").write_bytes(dc_checkpoint.read_bytes())
     args = parse_args(["rectify", "--out", str(tmp_path / "o"), "--init", str(folder)])
     assert resolve_config(args).train.init_checkpoint == str(folder / "model.safetensors")
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, train_shards, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", tmp_path / "afile" / "run", train_shards)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--out {tmp_path / 'afile' / 'run'}: cannot write there" in err
