@@ -717,11 +717,10 @@ class CurateJob:
         if loose:
             from pipeline.config import WriteConfig
 
-            written = (
-                manifest_config(self.out / "manifest.parquet").get("write", {})
-                if (self.out / "manifest.parquet").is_file()
-                else {}
-            )
+            try:
+                written = manifest_config(self.out / "manifest.parquet").get("write", {})
+            except (ManifestError, OSError):  # none (the first run stopped before it), or unreadable
+                written = {}
             settings = WriteConfig(
                 **{k: v for k, v in written.items() if k in WriteConfig.__dataclass_fields__}
             )

@@ -188,7 +188,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         exported = [
             init / n for n in ("model.safetensors", "sketch_encoder.safetensors") if (init / n).is_file()
         ]
-        cli["train"]["init_checkpoint"] = str(exported[0]) if init.is_dir() and exported else args.init
+        chosen = exported[0] if init.is_dir() and exported else init
+        # absolute: a resume from another folder names the same file (_check_same_start)
+        cli["train"]["init_checkpoint"] = os.path.abspath(chosen) if chosen.exists() else args.init
     if args.from_scratch:
         cli["train"]["from_scratch"] = True
     if args.data:
@@ -299,6 +301,17 @@ INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then s
 }
 
 
+def _same_file(then: str, now: str) -> bool:
+    """Whether --init names the file the run began from: the same file by another path (relative, from
+    another folder), or, when that file is gone (converted, moved), whatever is given now (said)."""
+    if os.path.exists(then) and os.path.exists(now):
+        return os.path.samefile(then, now)
+    if not os.path.exists(then) and os.path.exists(now):
+        print(f"the run began from {then}, which is not there now: resuming with {now} as its weights")
+        return True
+    return False
+
+
 def _check_writable(out: Path) -> None:
     """--out made and written to once, before any work (a read-only disk was a traceback from the lock)."""
     import tempfile
@@ -324,6 +337,8 @@ def _check_same_start(folder: Path, run: RunConfig) -> None:
         ("from_scratch", "--from-scratch"),
     ):
         then, now = saved.get(key), getattr(run.train, key)
+        if key == "init_checkpoint" and then and now and _same_file(then, now):
+            continue
         if key in saved and then != now:
             given = (
                 f"{flag} {then}"
@@ -385,7 +400,6 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     with _input_errors():  # everything the user gave is checked before a model is built
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
-        _check_writable(Path(args.out))
         run = resolve_config(args)
         engine.check_device(run.train)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
@@ -420,6 +434,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             )
         if resume_from is not None:
             _check_same_start(resume_from, run)
+        _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None and not args.restart_data:  # said before the model is built (minutes)
             saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
             saved.check_resumable(shards, int(os.environ.get("WORLD_SIZE", 1)), run.data.num_workers)

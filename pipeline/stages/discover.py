@@ -98,11 +98,15 @@ def _expand(item: str) -> list[str]:
 
 
 def _walk(root: Path) -> list[str]:
-    """The videos below a folder, not hidden, following links to folders once each (by their real path)."""
+    """The videos below a folder, not hidden, following links to folders once each (by their real path),
+    but never a link to the folder itself or one above it (`up -> ..`, a link to `/`: the walk would leave
+    the input, or take the whole disk)."""
     out, seen = [], set()
+    top = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back to a folder walked already
+        above = folder != str(root) and os.path.commonpath([real, top]) == real
+        if real in seen or above:  # a link back to a folder walked already, or out of the input
             dirs[:] = []
             continue
         seen.add(real)
@@ -115,10 +119,15 @@ def _list_file(path: Path) -> list[str]:
     """The entries of a list file (one per line, `#` comments; relative to its folder; a BOM ignored). A
     .txt whose lines name nothing that could be a source (notes beside the videos, caught by a shell's
     `*`) is not a list: it is left out, and said."""
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
-    entries = [line for line in lines if line and not line.startswith("#")]
+    # surrogateescape: a Latin-1 name in the list keeps its bytes, and discover names it as not UTF-8
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    entries = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+    ]
     resolved = [e if "://" in e or os.path.isabs(e) else str(path.parent / e) for e in entries]
-    plausible = [e for e in resolved if "://" in e or _is_video(e) or os.path.exists(e) or glob.has_magic(e)]
+    # a path (a folder on a disk not mounted yet is one too) or a video name; prose is neither
+    plausible = [e for e in entries if "://" in e or "/" in e or os.sep in e or _is_video(e)]
+    plausible += [e for e in resolved if os.path.exists(e)]
     if entries and not plausible:
         print(
             f"{path}: no line names a video, folder or URL: not a list of sources, left out", file=sys.stderr
@@ -139,10 +148,13 @@ def _glob_local(pattern: Path) -> list[str]:
     first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root, rest = Path(*parts[:first]) if first else Path("."), parts[first:]
     dotted = any(part.startswith(".") for part in rest)
+    # `in/*` or `ep*`: the videos among what matches; `*.y4m` names its extension: what it matches
+    suffix = Path(rest[-1]).suffix
+    named = bool(suffix) and not glob.has_magic(suffix)
     return sorted(
         str(p)
         for p in root.glob(str(Path(*rest)))
-        if p.is_file() and _is_video(p.name) and (dotted or not _hidden(p.relative_to(root).parts))
+        if p.is_file() and (named or _is_video(p.name)) and (dotted or not _hidden(p.relative_to(root).parts))
     )
 
 

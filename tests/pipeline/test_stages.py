@@ -101,9 +101,22 @@ def test_discover_as_users_lay_out_footage(tmp_path, monkeypatch, capsys):
     assert unmatched == [str(tmp_path / "typo" / "*.mp4")]
     monkeypatch.chdir(tmp_path)
     assert discover(["in/ep1.mp4", "./in/../in/ep1.mp4"]) == [str(root / "ep1.mp4")]  # absolute, once
+    (root / "up").symlink_to(tmp_path)  # a link above the input (or to /) is not walked: it would leave it
+    (tmp_path / "other" / "secret.mp4").parent.mkdir()
+    (tmp_path / "other" / "secret.mp4").write_bytes(b"x")
+    assert discover([str(root)]) == videos
+    (root / "raw.y4m").write_bytes(b"x")  # a glob that names its extension takes what it matches
+    assert discover([str(root / "*.y4m")]) == [str(root / "raw.y4m")]
+    mounts = tmp_path / "mounts.txt"  # folders of a disk not mounted yet: kept, each an error row
+    mounts.write_text("/mnt/archive/show1\n/mnt/archive/show2\n")
+    assert discover([str(mounts)]) == ["/mnt/archive/show1", "/mnt/archive/show2"]
     (root / "caf\udce9.mp4").write_bytes(b"x")  # the byte 0xe9 of a Latin-1 name
     with pytest.raises(ConfigError, match=r"not valid UTF-8 \(.*caf\\xe9\.mp4\)"):
         discover([str(root)])
+    latin = tmp_path / "latin.lst"
+    latin.write_bytes(b"in/caf\xe9.mp4\n")  # a list saved in Latin-1: the name is said, not "missing"
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        discover([str(latin)])
 
 
 def test_discover_reads_object_store_uris():

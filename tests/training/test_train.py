@@ -922,3 +922,34 @@ def test_an_out_that_cannot_be_written_is_one_line(tmp_path, train_shards, capsy
         train("rectify", tmp_path / "afile" / "run", train_shards)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"--out {tmp_path / 'afile' / 'run'}: cannot write there" in err
+
+
+def test_a_resume_names_its_init_by_any_path_and_a_refused_run_leaves_no_folder(
+    tmp_path, train_shards, dc_checkpoint, monkeypatch, capsys
+):
+    """The run began with --init models/dc.safetensors: a resume with the absolute path, or from another
+    folder, named the same file and was refused."""
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(dc_checkpoint, tmp_path / "models" / "dc.safetensors")
+    monkeypatch.chdir(tmp_path)
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
+    out = train(
+        "rectify",
+        tmp_path / "run",
+        train_shards,
+        *common,
+        "--set",
+        "train.steps=1",
+        "--init",
+        "models/dc.safetensors",
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = ["--init", str(tmp_path / "models" / "dc.safetensors"), "--set", "train.steps=2", "--resume"]
+    train("rectify", out, train_shards, *common, *again)
+    assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 2
+    with pytest.raises(SystemExit):
+        train("rectify", tmp_path / "fresh", train_shards, "--set", "train.lr=-1")
+    assert "train.lr must be" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
