@@ -1,7 +1,8 @@
 """Clips of a curated split, read back from the curate job's shards (ARCHITECTURE.md, "The data contract").
 
 A source is any of:
-* a curate output folder `OUT` (its `OUT/shards/<split>/*.tar` are read),
+* a curate output folder `OUT`: read through its manifest (below), shard by shard; without one, its
+  `OUT/shards/<split>/*.tar`,
 * a folder of shards (`OUT/shards/eval`), or shard files `NNNNNN.tar`,
 * a clip manifest (`OUT/manifest.parquet` or a `manifest/` folder of parts): its kept rows of the split,
   in manifest order, read from the shards beside it (`OUT/shards/<row.shard>`).

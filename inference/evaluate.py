@@ -75,7 +75,7 @@ def _comma_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inbetweener evaluate",
-        description="FVD, KVD, LPIPS, CLIP_img, CLIP_txt, CPBD of in-betweening on the eval split.",
+        description="FVD, KVD, LPIPS, CLIP_img, CLIP_txt, CPBD (and PSNR/SSIM) of in-betweening on the eval split.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -95,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=_comma_list,
         metavar="METRIC",
-        help="compute only these (fvd kvd lpips clip_img clip_txt cpbd; --decoder-only: psnr ssim lpips);"
+        help="compute only these (fvd kvd lpips clip_img clip_txt cpbd psnr ssim; --decoder-only: psnr ssim lpips);"
         " only their weights are needed. Default: all",
     )
-    p.add_argument("--limit", type=int, help="first N clips only")
+    p.add_argument(
+        "--limit", type=int, help="the first N clips that can be evaluated (skipped ones do not count)"
+    )
     p.add_argument("--split", default="eval", help="split to read from a curate output or manifest (eval)")
     p.add_argument("--frames", type=int, default=16, help="frames per window (16)")
     p.add_argument("--stride", type=int, default=1, help="take every n-th frame of the clip (1)")

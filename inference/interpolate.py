@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=local_input,
         metavar="FILE",
-        help="CSV/TSV/JSONL list or clip manifest: one output per row",
+        help="CSV/TSV/JSONL list, clip manifest or a curate OUT folder: one output per row (clip)",
     )
     p.add_argument("--split", default="eval", help="split of a manifest given to --batch (default: eval)")
     p.add_argument("--prompt", default="", help="text prompt, e.g. 'an anime scene' (default: empty)")

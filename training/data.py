@@ -17,7 +17,7 @@ the DataLoader's round-robin continues with the worker whose turn it was.
 
 Nothing here is fatal for bad input: an unreadable or truncated shard, a sample without a readable
 mp4, a clip shorter than one window are skipped and counted (`SlotState.counts`), and the trainer logs
-the counts. webdataset (the library) is not used: its pipeline exposes no position to resume from, and
+the counts, until a reading slot can never get a usable clip (`_Fruitless`: then a DataError, one line). webdataset (the library) is not used: its pipeline exposes no position to resume from, and
 the GPU machines have only torch.
 
 Window policy (stated, as the issue asks):

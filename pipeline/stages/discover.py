@@ -44,7 +44,8 @@ def discover(inputs: list[str], unmatched: list[str] | None = None) -> list[str]
     Order is deterministic (sorted within each input, inputs in the order given, duplicates once).
     A folder's hidden entries (a name starting with "."), and everything under a hidden folder, are
     not sources: macOS's `._clip.mp4` resource forks, `.Trash`, `.git`. Named explicitly, they are.
-    Folders are walked into symbolic links to folders (once each: a link to a parent is no loop).
+    Folders are walked into symbolic links to folders (once each; never a link to the folder itself or one
+    above it). A local glob takes the videos it matches unless it names an extension (`*.y4m`).
     A file name that is not valid UTF-8 (a Latin-1 name from an old archive) stops the job before any
     work, naming it: the manifest stores text.
     """
