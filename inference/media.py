@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from manifests.files import atomic_path
+from manifests.files import atomic_path, make_writable_folder
 
 log = logging.getLogger("inbetweener.media")
 
@@ -442,12 +441,9 @@ def check_writable_folder(path: Path, create: bool) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise InputError(f"--out {path}: the folder {existing} is not writable")
         return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from exc
+    problem = make_writable_folder(path)
+    if problem:
+        raise InputError(f"--out {path}: {problem}")
 
 
 def decode_video(source: bytes | str | os.PathLike) -> np.ndarray:

@@ -147,3 +147,16 @@ def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator
         if holding:  # a writer leaves the file empty for the readers' lines (kill -9: its pid is gone)
             os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def make_writable_folder(path: Path | str) -> str | None:
+    """Make the output folder `path` (with its parents) and write a file in it once: None when that
+    works, else why not, as "cannot write there (Read-only file system)" (said before any work)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None

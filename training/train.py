@@ -314,14 +314,11 @@ def _same_file(then: str, now: str) -> bool:
 
 def _check_writable(out: Path) -> None:
     """--out made and written to once, before any work (a read-only disk was a traceback from the lock)."""
-    import tempfile
+    from manifests.files import make_writable_folder
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
+    problem = make_writable_folder(out)
+    if problem:
+        raise ValueError(f"--out {out}: {problem}")
 
 
 def _check_same_start(folder: Path, run: RunConfig) -> None:
