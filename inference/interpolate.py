@@ -35,8 +35,8 @@ from inference.media import (
     mp4_available,
     parse_size,
     parse_sketch_args,
-    read_image,
     read_keyframes,
+    read_sketch,
     same_aspect,
 )
 from manifests.files import FolderBusy, curate_out_of, folder_lock
@@ -91,7 +91,8 @@ chains (--keyframes A B C ... or more than two positionals): segment k goes from
 
 batch files (--batch): CSV/TSV with a header, or JSON lines, one output folder per row under --out.
   Columns: start, end (or keyframes: paths separated by ';'), prompt, name, seed, sketch (items as for
-  --sketch, separated by ';'); relative paths are relative to the batch file. A clip manifest
+  --sketch, separated by ';'; --sketch itself is refused with --batch); relative paths are relative to
+  the batch file. A clip manifest
   (manifest.parquet) works too: each kept clip of --split becomes a row (its first and last frames,
   its caption as the prompt, its key as the name). Every row's files are checked first (headers only:
   thousands of rows take moments) and all unusable rows are listed at once, with nothing run; each row's
@@ -121,7 +122,7 @@ class Job:
         return {i: str(p) for i, p in self.sketch_files.items()}
 
     def read_sketches(self) -> dict[int, np.ndarray]:  # grey uint8 [H, W]
-        return {i: read_image(p, grey=True) for i, p in self.sketch_files.items()}
+        return {i: read_sketch(p) for i, p in self.sketch_files.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,17 +261,24 @@ def _safe_name(text: str) -> str:
     return name or "clip"
 
 
-def _sketch_files(items: list[str], keyframe_size: tuple[int, int], resolve=Path) -> dict[int, Path]:
-    """`--sketch` items -> {frame index: file}, each file's header checked (image_size): readable, and of the
-    keyframes' aspect ratio, since a sketch is cropped to the frame as they are."""
+def _sketch_files(
+    items: list[str], keyframes: list[Path], keyframe_size: tuple[int, int], frames: int, resolve=Path
+) -> dict[int, Path]:
+    """`--sketch` items -> {frame index: file}, each index inside the output's frames (`frames` per
+    segment) and each file's header checked (image_size): readable, and of the keyframes' aspect ratio,
+    since a sketch is cropped to the frame as they are."""
 
     def resolved(item: str) -> str:  # a file, or INDEX=FILE: the file relative to the batch file too
         spec, sep, file = item.partition("=")
         if sep and spec.strip().isdigit():
-            return f"{spec}={resolve(file)}"
+            return f"{spec}={resolve(file.strip())}"
         return str(resolve(item))
 
-    files = parse_sketch_args([resolved(i) for i in items])
+    files = parse_sketch_args([resolved(i) for i in items], keyframes)
+    total = (len(keyframes) - 1) * (frames - 1) + 1
+    outside = sorted(i for i in files if not 0 <= i < total)
+    if outside:
+        raise InputError(f"sketches for frames {outside}: the output has frames 0..{total - 1}")
     for file in files.values():
         h, w = image_size(file)
         if not same_aspect((h, w), keyframe_size):
@@ -323,7 +331,7 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
                 raise InputError("needs `start` and `end` (or `keyframes`) columns")
             paths = [resolve(k) for k in keys]
             size = check_keyframe_files(paths)  # headers only: the pixels are read at the row's turn
-            sketch_files = _sketch_files(split(row.get("sketch")), size, resolve)
+            sketch_files = _sketch_files(split(row.get("sketch")), paths, size, args.frames, resolve)
             seed = row.get("seed")
             try:
                 seed = args.seed if seed in (None, "") else int(seed)
@@ -403,6 +411,13 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         if not args.batch.exists():
             raise InputError(f"batch file {args.batch} not found")
         is_manifest = args.batch.suffix == ".parquet" or args.batch.is_dir()
+        if args.sketch:  # one drawing for every row's frame i would guide them all towards one pose
+            where = (
+                "a clip manifest's rows have none"
+                if is_manifest
+                else "give each row's in its `sketch` column"
+            )
+            raise InputError(f"--sketch is for one job, not --batch: {where}")
         jobs = _manifest_jobs(args.batch, args) if is_manifest else _row_jobs(args.batch, args)
         if not jobs:
             raise InputError(f"{args.batch}: no rows")
@@ -417,8 +432,14 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
     if args.keyframes and args.inputs:
         raise InputError("give the keyframes either as positionals or with --keyframes, not both")
     if len(paths or []) < 2:
-        raise InputError("give two keyframes (START END), more to chain, or --batch FILE; see --help")
-    images = read_keyframes([Path(p) for p in paths])  # one job: read now, every error before the model loads
+        swallowed = (
+            " (--sketch takes every value after it: put the keyframes before --sketch)" if args.sketch else ""
+        )
+        raise InputError(
+            f"give two keyframes (START END), more to chain, or --batch FILE; see --help{swallowed}"
+        )
+    paths = [Path(p) for p in paths]
+    images = read_keyframes(paths)  # one job: read now, every error before the model loads
     size = images[0].shape[:2]
     job = Job(
         "",
@@ -426,7 +447,7 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         args.prompt,
         args.seed,
         lambda: images,
-        _sketch_files(args.sketch or [], size),
+        _sketch_files(args.sketch or [], paths, size, args.frames),
         size,
     )
     job.read_sketches()  # likewise: a sketch that does not decode stops here, not at its turn
@@ -533,18 +554,6 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(args.out, create=False)
     size = parse_size(args.size) if args.size else None
     jobs = build_jobs(args)
-    problems = []
-    for job in jobs:
-        total = (len(job.labels) - 1) * (settings.frames - 1) + 1
-        outside = sorted(i for i in job.sketch_files if not 0 <= i < total)
-        if outside:
-            where = f"{job.name}: " if job.name else ""
-            problems.append(f"{where}sketches for frames {outside}: the output has frames 0..{total - 1}")
-    if len(problems) == 1:
-        raise InputError(problems[0])
-    if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
-        raise InputError(f"{len(problems)} rows have sketches past their last frame:\n  {listed}")
     every_job = jobs
     if args.skip_existing:
         jobs = [j for j in jobs if not (args.out / j.name / "meta.json").is_file()]
@@ -565,6 +574,8 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
     needs_sketch = any(j.sketch_files for j in jobs)
+    if args.sketch_checkpoint and not needs_sketch:
+        log.warning("--sketch-checkpoint given but no frame has a sketch: the sketch encoder is not used")
     sketch_path = find_weights(args.sketch_checkpoint, SKETCH_FILE, args.models_dir) if needs_sketch else None
     warn_long_prompts(jobs)
     if args.dry_run:
@@ -703,6 +714,11 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
         print("keyframe sizes: the clips' (decoded at each row's turn)")
     print(f"checkpoint: {checkpoint} (found; loaded and checked only by a real run)")
     print(f"sketch encoder: {sketch_path}" if sketch_path else "sketch encoder: not needed")
+    sketched = [j for j in jobs if j.sketch_files]
+    if len(jobs) == 1 and sketched:
+        print(f"sketched frames: {', '.join(f'{i} ({p})' for i, p in sorted(jobs[0].sketch_files.items()))}")
+    elif sketched:
+        print(f"sketched frames: in {_rows(len(sketched))}")
     where = f"{args.out}/NAME/" if args.batch is not None else f"{args.out}/"
     print(
         f"outputs: {where} {', '.join(formats)} + meta.json; device {device}, {str(dtype).removeprefix('torch.')}"

@@ -33,6 +33,22 @@ from manifests.files import atomic_path, make_writable_folder
 log = logging.getLogger("inbetweener.media")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# pictures of formats not read here (painting programs' own, newer codecs): a sketch saved as one is named
+# as not used rather than silently left out
+OTHER_PICTURES = (
+    ".psd",
+    ".kra",
+    ".clip",
+    ".xcf",
+    ".ora",
+    ".avif",
+    ".heic",
+    ".heif",
+    ".jxl",
+    ".svg",
+    ".tga",
+    ".exr",
+)
 
 
 DTYPES = {
@@ -201,9 +217,17 @@ def sketch_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def parse_sketch_args(items: Sequence[str], keyframes: Sequence[Path] = ()) -> dict[int, Path]:
     """`--sketch` values -> {frame index: file}. Each item is a folder (every image in it whose name ends in
-    a number, that number being the frame index), `INDEX=FILE`, or a FILE whose name ends in its index."""
+    a number, that number being the frame index; hidden files and the `keyframes` left out), `INDEX=FILE`,
+    or a FILE whose name ends in its index."""
     out: dict[int, Path] = {}
 
     def add(index: int, path: Path) -> None:
@@ -211,15 +235,22 @@ def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
             raise InputError(f"two sketches for frame {index}: {out[index]} and {path}")
         out[index] = path
 
+    def is_keyframe(p: Path) -> bool:
+        return any(p.name == k.name and _same_file(p, k) for k in keyframes)
+
     for item in items:
         spec, sep, file = item.partition("=")
         if sep and spec.strip().isdigit():
-            add(int(spec), Path(file))
+            add(int(spec), Path(file.strip()))
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            numbered = [(sketch_index(p.name), p) for p in files]
+            # hidden files (macOS's ._NAME beside each file copied to a USB disk) and the keyframes, when the
+            # sketches sit beside them, are not sketches
+            files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+            files = [p for p in files if not is_keyframe(p)]
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            numbered = [(sketch_index(p.name), p) for p in images]
             if not any(i is not None for i, _ in numbered):
                 raise InputError(
                     f"sketch folder {path} holds no image named by its frame index (e.g. 00.png, frame_07.png)"
@@ -233,6 +264,14 @@ def parse_sketch_args(items: Sequence[str]) -> dict[int, Path]:
                     "sketch folder %s: %s not used (no frame index at the end of the name)",
                     path,
                     ", ".join(unnumbered),
+                )
+            others = [p.name for p in files if p.suffix.lower() in OTHER_PICTURES]
+            if others:  # a .psd or .avif sketch is not silently left out either
+                log.warning(
+                    "sketch folder %s: %s not used (export sketches as %s)",
+                    path,
+                    ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else ""),
+                    "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES),
                 )
         else:
             index = sketch_index(path.name)
@@ -302,10 +341,51 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def sketch_hint(image: np.ndarray) -> np.ndarray:
-    """A grey sketch [H, W] uint8 -> the encoder's hint in [0, 1] with lines ~1 on 0 (MODEL.md 4: the
-    reference inverts dark-on-light drawings). A picture that is mostly dark is taken as already inverted."""
-    x = image.astype(np.float32) / 255.0
-    return 1.0 - x if x.mean() > 0.5 else x
+    """A sketch as `read_sketch` gives it (grey uint8 [H, W], lines light on dark) -> the encoder's hint in
+    [0, 1], lines ~1 on 0 (MODEL.md 4)."""
+    return image.astype(np.float32) / 255.0
+
+
+SKETCH_BLANK = 64  # a sketch none of whose pixels is this far (of 255) from its paper has no lines
+
+
+def paper_is_light(grey: np.ndarray) -> bool:
+    """Whether a grey drawing [H, W] is dark lines on light paper, judged by its paper: the median of a ring
+    along its edges (5% of the short side), where drawings seldom reach. The mean would take a drawing of
+    more ink than paper (a dense, shaded sketch) for an inverted one."""
+    ring = max(1, round(0.05 * min(grey.shape[:2])))
+    edges = np.concatenate(
+        [grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(), grey[:, -ring:].ravel()]
+    )
+    return float(np.median(edges)) > 127.5
+
+
+def read_sketch(path: str | os.PathLike) -> np.ndarray:
+    """A sketch file -> grey uint8 [H, W] in the encoder's polarity: lines light on dark. Dark-on-light and
+    light-on-dark drawings are told apart by their paper (`paper_is_light`). A line layer exported on
+    transparency (most of the picture clear) is read by its opacity, whatever the colour of its lines:
+    composited onto white, white lines would vanish. A sketch with no line at all is warned about."""
+
+    with _opened_image(path) as image:
+        image.load()
+        clear = None
+        if image.mode in ("RGBA", "LA", "PA") or (
+            "transparency" in image.info and image.mode in ("P", "L", "RGB", "1")
+        ):
+            from PIL import ImageOps
+
+            alpha = np.asarray(ImageOps.exif_transpose(image).convert("RGBA"), dtype=np.uint8)[..., 3]
+            clear = alpha if (alpha < 128).mean() > 0.5 else None
+    if clear is not None:
+        lines = clear.copy()  # opaque = ink
+    else:
+        grey = read_image(path, grey=True)
+        lines = 255 - grey if paper_is_light(grey) else grey
+    if int(lines.max(initial=0)) - int(lines.min(initial=0)) < SKETCH_BLANK:
+        log.warning(
+            "sketch %s has no lines (a blank page): that frame is guided towards an empty drawing", path
+        )
+    return lines
 
 
 # --- writing ---------------------------------------------------------------------------------------------------

@@ -617,11 +617,49 @@ def test_sketch_arguments():
 
 
 def test_a_sketch_folders_unnumbered_images_are_named_as_unused(tmp_path, caplog):
-    for name in ("07.png", "frame_09.png", "notes.png", "readme.txt"):
+    """Unnumbered pictures and pictures of formats not read (a .psd) are named as not used; macOS's hidden
+    ._NAME twins (a USB disk) and the keyframes, when the sketches sit beside them, are not sketches."""
+    for name in (
+        "07.png",
+        "frame_09.png",
+        "notes.png",
+        "readme.txt",
+        "._07.png",
+        "key_00.png",
+        "pose_05.psd",
+    ):
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level("WARNING", logger="inbetweener.media"):
-        assert parse_sketch_args([str(tmp_path)]) == {7: tmp_path / "07.png", 9: tmp_path / "frame_09.png"}
+        found = parse_sketch_args([str(tmp_path)], keyframes=[tmp_path / "key_00.png"])
+    assert found == {7: tmp_path / "07.png", 9: tmp_path / "frame_09.png"}
     assert f"sketch folder {tmp_path}: notes.png not used" in caplog.text and "readme" not in caplog.text
+    assert "pose_05.psd not used" in caplog.text
+    assert parse_sketch_args(["2= sk.png"]) == {2: Path("sk.png")}  # a space after = is not part of the name
+
+
+def test_sketches_with_a_batch_are_refused_and_row_indices_checked_with_the_rest(files, tmp_path, capsys):
+    """--sketch with --batch was dropped silently (each row ran unguided); a row's sketch past its last
+    frame was named only after every other row had been fixed, under another name."""
+    root, ckpt, keys = files
+    sketch = _keyframe(tmp_path / "s.png", (80, 40), 10)
+    argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *FAST]
+    batch = _write_batch(tmp_path / "pairs.csv", [[str(keys["a"]), str(keys["b"]), "", ""]])
+    err = _error(capsys, ["--batch", str(batch), "--sketch", f"2={sketch}", *argv])
+    assert "--sketch is for one job, not --batch" in err and "`sketch` column" in err
+    batch = tmp_path / "sketched.csv"
+    with batch.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["start", "end", "sketch"],
+                [str(keys["a"]), str(keys["b"]), f"99={sketch}"],
+                [str(keys["a"]), str(keys["b"]), f"2={tmp_path / 'absent.png'}"],
+            ]
+        )
+    err = _error(capsys, ["--batch", str(batch), *argv])
+    assert "2 of 2 rows cannot be used" in err
+    assert "row 1: sketches for frames [99]: the output has frames 0..15" in err and "row 2: " in err
+    err = _error(capsys, [str(keys["a"]), "--sketch", str(sketch), str(keys["b"]), *argv])
+    assert "put the keyframes before --sketch" in err
 
 
 # --- the sampler -----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.media import image_size, read_image
+from inference.media import image_size, read_image, read_sketch
 
 
 def _drawing(h: int = 40, w: int = 64) -> np.ndarray:
@@ -130,3 +130,45 @@ def test_an_output_folder_that_cannot_be_written_is_named_first(tmp_path):
     assert not (tmp_path / "new").exists()  # a dry run writes nothing
     check_writable_folder(tmp_path / "new" / "deeper", create=True)
     assert (tmp_path / "new" / "deeper").is_dir() and not list((tmp_path / "new" / "deeper").iterdir())
+
+
+def _pose(ink: int, paper: int, dense: bool = False) -> np.ndarray:
+    """A grey drawing 48x64: a frame of paper, a line across, and (dense) a shaded body covering most of it."""
+    a = np.full((48, 64), paper, np.uint8)
+    a[20:22, 4:60] = ink
+    if dense:
+        a[4:44, 6:58] = ink  # more ink than paper: a shaded sketch
+        a[24:26, 10:50] = paper
+    return a
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_sketches_read_lines_light_on_dark_whichever_way_drawn(tmp_path, dense):
+    """The encoder wants lines ~1 on 0. A dark-on-light drawing with more ink than paper was taken for an
+    inverted one (its mean is dark), so its paper became the lines: the paper decides now."""
+    dark_on_light = _pose(0, 255, dense)
+    Image.fromarray(dark_on_light).save(tmp_path / "pencil.png")
+    Image.fromarray(255 - dark_on_light).save(tmp_path / "chalk.png")
+    for name in ("pencil.png", "chalk.png"):
+        lines = read_sketch(tmp_path / name)
+        assert lines[21, 30] > 200 and lines[0, 0] < 50, name  # a line is bright, the paper dark
+
+
+@pytest.mark.parametrize("colour", [0, 255])
+def test_a_line_layer_on_transparency_is_read_by_its_opacity(tmp_path, colour, caplog):
+    """White lines on a transparent layer, composited onto white paper, vanished (a blank hint, used
+    unsaid); black ones must keep working."""
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., :3] = colour
+    rgba[20:22, 4:60, 3] = 255  # the strokes are the only opaque pixels
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "layer.png")
+    with caplog.at_level("WARNING", logger="inbetweener.media"):
+        lines = read_sketch(tmp_path / "layer.png")
+    assert lines[21, 30] == 255 and lines[0, 0] == 0 and "no lines" not in caplog.text
+
+
+def test_a_blank_sketch_is_warned_about(tmp_path, caplog):
+    Image.fromarray(np.full((48, 64), 250, np.uint8)).save(tmp_path / "blank_03.png")
+    with caplog.at_level("WARNING", logger="inbetweener.media"):
+        read_sketch(tmp_path / "blank_03.png")
+    assert "blank_03.png has no lines" in caplog.text
