@@ -7,6 +7,7 @@ folder, then renamed. Readers therefore never see half a manifest, even after `k
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.files import atomic_path
-from manifests.schema import CLIP_SCHEMA, SCHEMA_VERSION, SPLITS, STATUSES, conform
+from manifests.schema import (
+    CLIP_SCHEMA,
+    REQUIRED_COLUMNS,
+    SCHEMA_VERSION,
+    SPLITS,
+    STAGE_COLUMNS,
+    STATUSES,
+    conform,
+)
 
 CODE_VERSION = "0.1.0"
 
@@ -50,11 +59,53 @@ def read_manifest(path: Path | str) -> pa.Table:
             parts = sorted(path.glob("*.parquet"))
             if not parts:
                 raise ManifestError(f"{path}: folder holds no .parquet parts")
-            tables = [_read_one(p) for p in parts]
-            return pa.concat_tables(tables)
-        return _read_one(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+            table = pa.concat_tables([_read_one(p) for p in parts])
+        else:
+            table = _read_one(path)
+    except (pa.ArrowException, OSError) as exc:  # ArrowException: also a column cast another type can't take
         raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+    _check_unique_ids(path, table)
+    return table
+
+
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")  # a DataFrame's index, written as a column by to_parquet
+
+
+def _check_columns(path: Path, table: pa.Table) -> None:
+    """A manifest edited by hand or by another tool: the columns this code relies on are there, and a
+    stage that scored the rows left its score (a dropped `text_area` let title cards through select); a
+    column of one's own would be lost at the next write, so it is named rather than dropped."""
+    names = set(table.column_names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ManifestError(
+            f"{path}: no {', '.join(missing)} column (every manifest has it); not a clip manifest"
+        )
+    extra = sorted(names - set(CLIP_SCHEMA.names))
+    if extra:
+        raise ManifestError(
+            f"{path}: columns outside the manifest schema: {', '.join(extra)} (keep your own columns in"
+            " another table keyed by clip_id; this one is rewritten by select and curate)"
+        )
+    if "stages_run" in names:
+        ran = set(pc.list_flatten(table["stages_run"]).unique().to_pylist()) - {None}
+        lost = [c for stage in sorted(ran) for c in STAGE_COLUMNS.get(stage, ()) if c not in names]
+        if lost:
+            raise ManifestError(
+                f"{path}: no {', '.join(lost)} column, though its stage scored the clips; its thresholds could"
+                " not be applied (`inbetweener curate` again rescores the clips)"
+            )
+
+
+def _check_unique_ids(path: Path, table: pa.Table) -> None:
+    """Each clip once: a duplicated row (manifests concatenated, a row pasted twice) would be written
+    into the shards twice."""
+    ids = pc.drop_null(table["clip_id"])
+    counts = pc.value_counts(ids)
+    twice = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+    if twice:
+        shown = ", ".join(sorted(twice)[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+        raise ManifestError(f"{path}: {len(twice)} clip id(s) on more than one row: {shown}")
 
 
 def _read_one(path: Path) -> pa.Table:
@@ -67,6 +118,8 @@ def _read_one(path: Path) -> pa.Table:
         )
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ManifestError(f"{path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+    table = table.drop_columns([c for c in table.column_names if _PANDAS_INDEX.fullmatch(c)])
+    _check_columns(path, table)
     table = conform(table.replace_schema_metadata(None))
     for column, allowed in (("status", STATUSES), ("split", SPLITS)):
         _check_values(path, table, column, allowed)

@@ -103,6 +103,17 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
 
 CLIP_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in _COLUMNS])
 
+# Columns every manifest has had since its first version: without them a row is no clip.
+REQUIRED_COLUMNS = ("clip_id", "source_id", "source_uri", "start_frame", "end_frame", "status", "split")
+# The columns a stage writes when it scores a row (it is then in the row's `stages_run`).
+STAGE_COLUMNS = {
+    "motion": ("motion_mean",),
+    "text": ("text_area",),
+    "aesthetic": ("aesthetic_min",),
+    "caption": ("caption",),
+    "alignment": ("clip_sim_min",),
+}
+
 
 # What every row of a source repeats from the source's probe.
 SOURCE_COLUMNS = ("source_id", "source_uri", "fps", "vfr", "ivtc", "width", "height", "codec", "content_box")

@@ -146,6 +146,7 @@ def select_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pipeline.job import CurateJob
 
+    args.out = _out_of(args.out)
     manifest = args.out / "manifest.parquet"
     try:
         table = read_manifest(manifest)
@@ -159,6 +160,8 @@ def select_main(argv: list[str] | None = None) -> int:
                     allowed_names = ", ".join(sorted(f"{s}.{k}" for s, k in allowed))
                     known = hasattr(getattr(config, section, None), key)
                     what = "changes scores, not thresholds" if known else "is not a setting"
+                    if known and section == "write":
+                        what = "is how clips are encoded, not a threshold (curate again with it)"
                     raise ConfigError(f"{section}.{key} {what}; select accepts {allowed_names}")
                 stage = getattr(config, section, None)
                 if section in MODEL_STAGES and not getattr(stage, "enabled", True):
@@ -186,6 +189,11 @@ def select_main(argv: list[str] | None = None) -> int:
         return 1
     print(result.summary())
     return 0
+
+
+def _out_of(path: Path) -> Path:
+    """A curate OUT given by its manifest file (`OUT/manifest.parquet`) is that OUT."""
+    return path.parent if path.name == "manifest.parquet" and path.is_file() else path
 
 
 def _saved_config(manifest: Path) -> dict:
@@ -221,6 +229,7 @@ def report_main(argv: list[str] | None = None) -> int:
     from pipeline.job import CurateJob
     from pipeline.report import write_report
 
+    args.out = _out_of(args.out)
     manifest = args.out / "manifest.parquet"
     try:
         table = read_manifest(manifest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable
@@ -230,6 +231,8 @@ def _coerce(value, annotation, key: str):
                 continue
             if hint is int and isinstance(value, float) and not value.is_integer():
                 continue
+            if hint is float and not math.isfinite(cast):  # NaN passes every threshold; inf is no setting
+                raise ConfigError(f"config key {key!r}: {value!r} is not a finite number")
             return cast
         if hint is str:
             return str(value)
@@ -336,7 +339,7 @@ def _validate(config: CurateConfig) -> None:
         (0 <= timing.changed_delta <= 255, "timing.changed_delta must be in 0..255"),
         (0 <= timing.changed_max <= 1, "timing.changed_max must be in [0, 1]"),
         (0 < timing.dominant_share <= 1, "timing.dominant_share must be in (0, 1]"),
-        (motion.min is None or motion.min >= 0, "motion.min must be >= 0 or null"),
+        (motion.min is None or motion.min >= 0, "motion.min must be >= 0 (0 keeps still shots too)"),
         (
             motion.max is None or motion.min is None or motion.max > motion.min,
             "motion.max must be > motion.min (or null: no upper bound)",
@@ -394,7 +397,8 @@ def parse_set(items: list[str]) -> dict[str, dict]:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set expects stage.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
-        section, key = dotted.split(".", 1)
+        section, key = (part.strip() for part in dotted.split(".", 1))  # "motion.min = 0.1", quoted
+        raw = raw.strip()
         out.setdefault(section, {})[key] = _parse_scalar(raw)
     return out
 

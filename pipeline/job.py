@@ -206,15 +206,25 @@ class CurateJob:
     @contextmanager
     def lock(self, what: str):
         """Only one job (curate or select) writes OUT at a time: a second one stops before any work."""
+        locked = False
         try:
             with folder_lock(self.out, what):
+                locked = True
                 yield
         except FolderBusy as exc:
             raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            if locked:  # the work inside failed: its own message
+                raise
+            # a read-only OUT: nothing was done yet, so there is nothing to continue from
+            raise ConfigError(
+                f"{self.out} cannot be written ({exc.strerror or exc}); nothing was done"
+            ) from None
 
     def _run(self, sources: list[str]) -> JobResult:
         self._check_state()
         self.check_weights()
+        self.check_encoder()
         self._history_from()  # split histories that cannot be read stop the job before any work
         if self.config.split.sticky:
             self._history_of(self.out)
@@ -301,6 +311,12 @@ class CurateJob:
         sources = self._sources()
         if not sources:
             raise ConfigError(f"no video files found in {self.inputs}")  # as run says it
+        self.check_encoder()
+        self._history_from()  # as run checks them before any work
+        existing = next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            why = "Not a directory" if not existing.is_dir() else "Permission denied"
+            raise ConfigError(f"--out {self.out} cannot be written: {why}")
         lines = [f"sources: {len(sources)}"]
         local = [u for u in sources if is_local(u) and os.path.isfile(local_path(u))]
         if local:
@@ -388,7 +404,14 @@ class CurateJob:
         table = self._write_shards(table)
         manifest = self.out / "manifest.parquet"
         write_manifest(table, manifest, self.config.to_dict())
-        report = write_report(self.out, table, self.config, thumbs=self.thumbs_of)
+        try:
+            report = write_report(self.out, table, self.config, thumbs=self.thumbs_of)
+        except Exception as exc:  # the manifest and shards are written: the page is not worth losing them
+            self._say(
+                f"warning: the manifest and shards are written, but report.html could not be rebuilt"
+                f" ({type(exc).__name__}: {exc}); `inbetweener report {self.out}` tries again"
+            )
+            return self._result(table, report_failed=True)
         return self._result(table, report=report)
 
     # ------------------------------------------------------------------ steps
@@ -459,6 +482,24 @@ class CurateJob:
             params = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
             stages.append(cls(**params))
         return stages
+
+    def check_encoder(self) -> None:
+        """Encode two blank frames with the write settings: an encoder this FFmpeg lacks, or one that
+        cannot open here (h264_nvenc without an NVIDIA GPU), stops the job before any work; found in
+        the write step, it failed every kept clip, as a worker crash."""
+        import numpy as np
+
+        from pipeline.video import encode_clip
+
+        w = self.config.write
+        blank = np.zeros((w.height, w.width, 3), np.uint8)
+        try:
+            encode_clip([blank, blank], w.fps or 24.0, w.codec, w.crf, w.preset)
+        except Exception as exc:
+            raise ConfigError(
+                f"write.codec={w.codec} cannot encode here ({type(exc).__name__}: {exc}); libx264, the"
+                " default, can"
+            ) from None
 
     def check_weights(self) -> None:
         """Stop before any work when an enabled stage's weights are missing or wrong."""
@@ -615,7 +656,11 @@ class CurateJob:
             part = self.parts / f"{uri_key(uri)}.parquet"
             if not part.exists():
                 continue
-            t = pq.read_table(part, columns=["clip_id", "thumb"])
+            try:
+                t = pq.read_table(part, columns=["clip_id", "thumb"])
+            except (pa.ArrowException, OSError) as exc:  # a damaged part costs its thumbnails, not the report
+                self._say(f"warning: report: the thumbnails of {uri} are not shown ({part}: {exc})")
+                continue
             t = t.filter(pc.is_in(t["clip_id"], pa.array(sorted(ids), pa.string())))
             for cid, data in zip(t["clip_id"].to_pylist(), t["thumb"].to_pylist()):
                 if data:
@@ -909,7 +954,9 @@ class CurateJob:
         return pa.Table.from_pylist(final, schema=CLIP_SCHEMA)
 
     # ------------------------------------------------------------------ helpers
-    def _result(self, table: pa.Table, report: Path | None = None, noop: bool = False) -> JobResult:
+    def _result(
+        self, table: pa.Table, report: Path | None = None, noop: bool = False, report_failed: bool = False
+    ) -> JobResult:
         rows = table.select(
             ["source_uri", "status", "row_kind"]
             if "row_kind" in table.column_names
@@ -920,6 +967,7 @@ class CurateJob:
         kept = sum(r["status"] == "kept" for r in rows)
         clips = sum(1 for r in rows if r["status"] != "error")
         report_path = report or ((self.out / "report.html") if (self.out / "report.html").exists() else None)
+        report_path = None if report_failed else report_path  # the page there is an earlier run's
         return JobResult(
             self.out, self.out / "manifest.parquet", report_path, len(sources), len(failed), clips, kept, noop
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
@@ -183,7 +184,7 @@ def write_report(out: Path, table: pa.Table, config: CurateConfig, thumbs: Thumb
 
     parts.append("<h2>Scores</h2>")
     for column, _stage in HISTOGRAMS:
-        values = [r[column] for r in rows if r.get(column) is not None]
+        values = [r[column] for r in rows if r.get(column) is not None and math.isfinite(r[column])]
         if not values:
             continue
         png = _histogram_png(values, f"{column} ({len(values)} clips)", active.get(column, []))

@@ -9,6 +9,7 @@ again if it is kept. The first failing rule, in stage order (cheapest first), na
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 
@@ -46,10 +47,14 @@ def decide_row(row: dict, active: list[tuple[str, str, str, float]]) -> tuple[st
         return "error", row.get("reason")
     if row.get("status") == "rejected" and reason.startswith(STRUCTURAL_STAGES):
         return "rejected", reason
+    ran = row.get("stages_run")
     for stage, column, cmp, threshold in active:
         value = row.get(column)
-        if value is None:
+        if value is None and (ran is None or stage not in ran):
             continue  # the stage did not run (skipped): the report says so
+        if value is None or not math.isfinite(value):  # NaN compares false both ways: it would pass
+            what = "missing" if value is None else f"{value} (not a score)"
+            return "rejected", f"{stage}: {column} {what}; curate again to rescore it"
         if cmp == "min" and value < threshold:
             return "rejected", f"{stage}: {column} {value:.4g} < {stage}.min {threshold:g}"
         if cmp == "max" and value > threshold:

@@ -67,15 +67,21 @@ class EncodeSource:
                     cid = clips[i]["clip_id"]
                     buffers[cid].append(image)
                     if len(buffers[cid]) == len(plans[cid]):
-                        encoded[cid] = encode_clip(
-                            buffers.pop(cid), out_fps, self.codec, self.crf, self.preset
-                        )
+                        try:
+                            encoded[cid] = encode_clip(
+                                buffers.pop(cid), out_fps, self.codec, self.crf, self.preset
+                            )
+                        except Exception as exc:  # this clip's row, not a worker crash retried and given up
+                            errors[cid] = f"write: encoding failed ({type(exc).__name__}: {exc})"
                 if index >= last:
                     break
         except SourceError as exc:
             missing = str(exc) if isinstance(exc, SourceMissing) else None
             for cid in buffers:
                 errors[cid] = f"write: {exc}"
+        except Exception as exc:  # a decoder error no one foresaw: the clips not yet encoded fail, named
+            for cid in buffers:
+                errors.setdefault(cid, f"write: {type(exc).__name__}: {exc}")
         for cid in list(buffers):
             if cid not in encoded and cid not in errors:
                 errors[cid] = "write: source ended before the clip's last frame"

@@ -120,3 +120,38 @@ def test_a_status_or_split_outside_the_contract_is_an_error_naming_the_file_and_
         read_manifest(path)
     rows[2]["split"] = "eval"
     assert read_manifest(write_manifest(to_table(rows), tmp_path / "m.parquet")).num_rows == 4  # nulls pass
+
+
+def _edited(tmp_path, table: pa.Table, name: str):
+    """A manifest as another tool leaves it: other columns, the file's metadata kept."""
+    path = tmp_path / name
+    pq.write_table(table.replace_schema_metadata({"inbetweener.schema_version": SCHEMA_VERSION}), path)
+    return path
+
+
+def test_a_manifest_edited_elsewhere_is_read_or_refused_by_name(tmp_path):
+    """Edits that were tracebacks deep in select (a pandas index column, a dropped clip_id) or that let
+    clips through it (a dropped score column, a duplicated row written into the shards twice) are one
+    line naming the file and the problem; a pandas index is no data and is dropped."""
+    base = to_table(
+        [
+            {"clip_id": f"c{i}", "source_id": "s", "source_uri": "a.mp4", "start_frame": 0, "end_frame": 9,
+             "status": "kept", "split": "train", "text_area": 0.0, "stages_run": ["shots", "text"]}
+            for i in range(3)
+        ]
+    )  # fmt: skip
+    indexed = base.append_column("__index_level_0__", pa.array([0, 1, 2]))
+    assert read_manifest(_edited(tmp_path, indexed, "pandas.parquet")).schema.equals(CLIP_SCHEMA)
+    mine = base.append_column("notes", pa.array(["", "", ""]))
+    with pytest.raises(ManifestError, match=r"mine\.parquet: columns outside the manifest schema: notes"):
+        read_manifest(_edited(tmp_path, mine, "mine.parquet"))
+    with pytest.raises(ManifestError, match=r"no clip_id column"):
+        read_manifest(_edited(tmp_path, base.drop_columns(["clip_id"]), "noid.parquet"))
+    with pytest.raises(ManifestError, match=r"no text_area column, though its stage scored the clips"):
+        read_manifest(_edited(tmp_path, base.drop_columns(["text_area"]), "notext.parquet"))
+    twice = pa.concat_tables([base, base.slice(1, 1)])
+    with pytest.raises(ManifestError, match=r"twice\.parquet: 1 clip id\(s\) on more than one row: c1"):
+        read_manifest(_edited(tmp_path, twice, "twice.parquet"))
+    words = base.set_column(base.schema.get_field_index("text_area"), "text_area", pa.array(["low"] * 3))
+    with pytest.raises(ManifestError, match=r"words\.parquet: not a readable Parquet manifest"):
+        read_manifest(_edited(tmp_path, words, "words.parquet"))

@@ -39,6 +39,9 @@ def test_yaml_file_overrides(tmp_path):
         (["motion.min=0.5", "motion.max=0.2"], "motion.max must be > motion.min"),
         (["probe.max_width=0"], "probe.max_width and probe.max_height must be >= 1"),  # was: all error rows
         (["aesthetic.batch_size=0"], "aesthetic.batch_size must be >= 1"),
+        (["motion.min=inf"], r"'motion.min': inf is not a finite number"),  # was saved, Infinity in JSON
+        (["text.max=nan"], r"'text.max': nan is not a finite number"),  # NaN passes every comparison
+        (["motion.min=-1"], r"motion.min must be >= 0 \(0 keeps still shots too\)$"),  # said "or null"
     ],
 )
 def test_bad_keys_and_values_name_the_key(sets, message):
@@ -58,6 +61,7 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 
 def test_parse_set_reads_yaml_scalars():
+    assert parse_set(["motion.min = 0.1"]) == {"motion": {"min": 0.1}}  # a quoted item with spaces
     assert parse_set(["run.fail_on_error=true", "motion.min=1e-2"]) == {
         "run": {"fail_on_error": True},
         "motion": {"min": 0.01},

@@ -264,6 +264,39 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     assert sorted(again) == sorted(r["clip_id"] for r in kept_after)
 
 
+def test_a_damaged_work_part_costs_thumbnails_not_the_report(curated, tmp_path, capsys):
+    """A 0-byte scored part in .work (a disk that filled) crashed select's report step with a traceback,
+    after the manifest and the shards had been replaced: the report leaves out those thumbnails."""
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    part = sorted((copy / ".work" / "sources").glob("*.parquet"))[0]
+    part.write_bytes(b"")
+    before = (copy / "report.html").stat().st_mtime_ns
+    assert select_main([str(copy)]) == 0
+    assert "thumbnails of" in capsys.readouterr().err and (copy / "report.html").stat().st_mtime_ns > before
+    assert report_main([str(copy / "manifest.parquet")]) == 0  # OUT named by its manifest
+
+
+def test_a_read_only_out_stops_before_any_work_saying_so(tmp_path, capsys, monkeypatch):
+    """The lock file could not be written: the message said scored sources were kept to continue from."""
+    import contextlib
+    import errno
+
+    from pipeline import job as job_module
+
+    @contextlib.contextmanager
+    def read_only(folder, what, shared=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(folder / ".lock"))
+        yield
+
+    monkeypatch.setattr(job_module, "folder_lock", read_only)
+    samples.generate_footage(tmp_path / "footage")
+    argv = [str(tmp_path / "footage"), "--out", str(tmp_path / "ro"), *SKIPS, "--skip", "text"]
+    assert curate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ro cannot be written (Read-only file system); nothing was done" in err and "continues" not in err
+
+
 def test_report_shows_funnel_scores_and_thumbnails(curated):
     out = curated["out"]
     assert report_main([str(out)]) == 0
@@ -291,6 +324,25 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     inside_a_file = tmp_path / "notes.txt" / "run1"
     assert curate_main([str(tmp_path / "footage"), "--out", str(inside_a_file), "--skip", "text"]) == 2
     assert f"--out {inside_a_file} cannot be written: Not a directory" in capsys.readouterr().err
+    dry = [str(tmp_path / "footage"), "--dry-run", *SKIPS, "--skip", "text"]
+    assert curate_main([*dry, "--out", str(inside_a_file)]) == 2  # the dry run passed it
+    assert f"--out {inside_a_file} cannot be written: Not a directory" in capsys.readouterr().err
+    assert curate_main([*dry, "--out", str(out), "--set", f"split.history_from={tmp_path / 'gone'}"]) == 2
+    assert "gone" in capsys.readouterr().err
+    # an encoder that cannot encode here failed every kept clip in the write step, as a worker crash
+    for dry in ([], ["--dry-run"]):
+        argv = [
+            str(tmp_path / "footage"),
+            "--out",
+            str(out),
+            "--set",
+            "write.codec=no_such_codec",
+            *dry,
+            *SKIPS,
+        ]
+        assert curate_main(argv) == 2
+        assert "write.codec=no_such_codec cannot encode here" in capsys.readouterr().err
+    assert not (out / "manifest.parquet").exists()
 
 
 def test_resume_after_kill_9(tmp_path):

@@ -89,3 +89,13 @@ def test_report_counts_retimed_sources_but_not_failed_ones(tmp_path):
     page = write_report(tmp_path, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), CurateConfig()).read_text()
     assert "Variable frame rate: 1 of 4 sources were curated on a constant grid (24 fps: 1;" in page
     assert "Telecined film: 1 of 4 sources were decoded back to their film frames" in page
+
+
+def test_a_score_that_is_not_finite_is_left_out_of_its_histogram(tmp_path):
+    """An infinite score (an edited manifest, an fp16 overflow) crashed the report after select had
+    replaced the manifest and shards."""
+    rows = [row("a.mp4", i, "kept", motion_mean=float(i)) for i in range(4)]
+    rows[0]["motion_mean"] = float("inf")
+    rows[1]["motion_mean"] = float("nan")
+    write_report(tmp_path, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), CurateConfig())
+    assert (tmp_path / "report_files" / "hist_motion_mean.png").exists()

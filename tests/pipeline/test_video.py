@@ -476,6 +476,39 @@ def test_retimed_clips_are_written_from_the_frames_shots_numbered(tmp_path, kind
     assert max(c["end_frame"] for c in clips) > 40  # past the first drawings: retimed all the way
 
 
+def test_a_clip_the_encoder_fails_on_is_its_row_not_a_worker_crash(tmp_path, monkeypatch):
+    """An exception in encoding was left to Ray's retries and recorded for every clip of the source as
+    'the worker died on every attempt'; it is the clip's error, named, and the other clips are written."""
+    from pipeline import samples
+    from pipeline.stages import write
+
+    path = tmp_path / "two.mp4"
+    samples.write_video(path, (_drawing(i) for i in range(48)), 24, (160, 96))
+    real = write.encode_clip
+
+    def fussy(frames, *args, **kwargs):
+        if len(frames) == 10:
+            raise ValueError("odd number of rows")
+        return real(frames, *args, **kwargs)
+
+    monkeypatch.setattr(write, "encode_clip", fussy)
+    clips = [
+        {"clip_id": "a", "start_frame": 0, "end_frame": 12},
+        {"clip_id": "b", "start_frame": 20, "end_frame": 30},
+    ]
+    job = {
+        "source_uri": str(path),
+        "fps": 24.0,
+        "vfr": False,
+        "ivtc": False,
+        "content_box": None,
+        "clips": clips,
+    }
+    result = write.EncodeSource(160, 96)(job)
+    assert set(result["encoded"]) == {"a"}
+    assert result["errors"] == {"b": "write: encoding failed (ValueError: odd number of rows)"}
+
+
 COLOUR_BARS = [(220, 30, 40), (30, 200, 60), (40, 60, 220), (240, 200, 40), (128, 128, 128), (250, 250, 245)]
 
 
