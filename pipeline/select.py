@@ -47,14 +47,14 @@ def decide_row(row: dict, active: list[tuple[str, str, str, float]]) -> tuple[st
         return "error", row.get("reason")
     if row.get("status") == "rejected" and reason.startswith(STRUCTURAL_STAGES):
         return "rejected", reason
-    ran = row.get("stages_run")
     for stage, column, cmp, threshold in active:
         value = row.get(column)
-        if value is None and (ran is None or stage not in ran):
-            continue  # the stage did not run (skipped): the report says so
-        if value is None or not math.isfinite(value):  # NaN compares false both ways: it would pass
-            what = "missing" if value is None else f"{value} (not a score)"
-            return "rejected", f"{stage}: {column} {what}; curate again to rescore it"
+        if value is None:
+            # the stage did not run (skipped: the report says so) or had nothing to score (a clip
+            # without a caption has no alignment); a column lost from the file is refused on reading
+            continue
+        if not math.isfinite(value):  # NaN compares false both ways: it would pass
+            return "rejected", f"{stage}: {column} is {value}, not a score; curate again to rescore it"
         if cmp == "min" and value < threshold:
             return "rejected", f"{stage}: {column} {value:.4g} < {stage}.min {threshold:g}"
         if cmp == "max" and value > threshold:

@@ -456,20 +456,14 @@ def test_decide_keeps_errors_and_structural_rejections():
     ] == ("rejected")
 
 
-def test_a_score_that_is_not_there_or_not_a_number_does_not_pass_its_threshold():
-    """NaN compares false both ways and a missing score was taken for a skipped stage: either let a
-    clip through (a title card into the shards with text.max said to apply). Skipped means the stage is
-    not in the row's `stages_run`."""
+def test_a_score_that_is_not_a_number_does_not_pass_its_threshold():
+    """NaN compares false both ways: a NaN text score let a title card into the shards with text.max said
+    to apply. (A column dropped from the file is refused when the manifest is read: test_manifests.)"""
     active = rules(CurateConfig())
-    ran = ["shots", "motion", "text"]
-    for value in (float("nan"), float("inf"), None):
-        status, reason = decide_row(
-            {"status": "kept", "motion_mean": 1.0, "text_area": value, "stages_run": ran}, active
-        )
+    for value in (float("nan"), float("inf")):
+        status, reason = decide_row({"status": "kept", "motion_mean": 1.0, "text_area": value}, active)
         assert status == "rejected" and reason.startswith("text: text_area"), value
-    skipped = {"status": "kept", "motion_mean": 1.0, "text_area": None, "stages_run": ["shots", "motion"]}
-    assert decide_row(skipped, active) == ("kept", None)
-    assert decide_row({"status": "kept", "motion_mean": 1.0}, active) == ("kept", None)  # before stages_run
+    assert decide_row({"status": "kept", "motion_mean": 1.0, "text_area": None}, active) == ("kept", None)
 
 
 def test_cpu_stages_never_import_torch(footage):
