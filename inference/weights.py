@@ -54,6 +54,7 @@ def download_help(weight: WeightFile, root: Path) -> str:
 
 
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+FOLDER_NAMES = ("model.safetensors", "checkpoint/mp_rank_00_model_states.pt")  # the model in a folder
 
 
 def _weight_files_beside(path: Path, most: int = 8) -> str:
@@ -73,9 +74,16 @@ def find_weights(
     explicit: str | os.PathLike | None, weight: WeightFile, root: str | os.PathLike | None
 ) -> Path:
     """The file to load: `explicit` when given (it must exist), else the models dir's copy."""
+    from training.checkpoint import CheckpointError, checkpoint_file
+
     base = models_dir(root)
     if explicit is not None:
         path = Path(explicit).expanduser()
+        try:  # a training step folder (what `train` prints), a DeepSpeed folder
+            names = ("sketch_encoder.safetensors",) if weight is SKETCH_FILE else FOLDER_NAMES
+            path = checkpoint_file(path, names)
+        except CheckpointError as exc:
+            raise InputError(str(exc)) from None
         if not path.is_file():
             flag = "--sketch-checkpoint" if weight is SKETCH_FILE else "--checkpoint"
             raise InputError(
@@ -144,6 +152,11 @@ def load_sketch_encoder(path: Path, preset: str | None) -> nn.Module:
         encoder = SketchEncoder(cfg)
     expected = encoder.state_dict()
     report = compare_keys(expected, state)
+    if not report.ok and any(k.startswith("model.diffusion_model.") for k in state):
+        raise InputError(
+            f"{path} is the interpolation model, not a sketch encoder: it goes to --checkpoint; the sketch"
+            f" encoder is `sketch_encoder.ckpt` of {HF_REPO} (or one written by `inbetweener train sketch`)"
+        )
     if not report.ok:
         raise InputError(
             f"{path} is not a sketch encoder checkpoint for this model.\n"

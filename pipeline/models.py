@@ -170,9 +170,49 @@ def ppocr_det_model() -> Path | None:
 # --------------------------------------------------------------------------- reading and checking
 
 
+def not_weights(path: Path) -> str | None:
+    """What a file that should hold weights holds instead, told from its first bytes (None: it may be
+    weights): a Git LFS pointer (a clone made without `git lfs pull`), an HTML page (a login or error
+    page saved under the weights' name), nothing, or a folder."""
+    try:
+        if path.is_dir():
+            return "a folder, not a weight file"
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if size == 0:
+        return "an empty file (0 bytes): an interrupted download?"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights: run `git lfs pull` in that clone, or download the file itself"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page (a login or error page saved under the weights' name), not weights"
+    return None
+
+
+def weights_format(path: Path) -> str | None:
+    """ "safetensors", "torch" (a zip or a pickle: torch.save) or None, from the file's first bytes rather
+    than its name: a safetensors file named .ckpt, an HF cache blob without a suffix."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    return None
+
+
 def safetensors_header(path: Path) -> dict[str, dict]:
     """name -> {dtype, shape, data_offsets} from a safetensors header; WeightsError when the header
     is unreadable or the file holds less (or more) data than the header announces."""
+    odd = not_weights(path)
+    if odd:
+        raise WeightsError(f"{path}: {odd}")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -198,6 +238,9 @@ def load_torch_state_dict(path: Path) -> dict:
     """A pickled state dict, loaded safely (tensors only); WeightsError naming the file otherwise."""
     import torch
 
+    odd = not_weights(path)
+    if odd:
+        raise WeightsError(f"{path}: {odd}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip / pickle, wrong file: one readable error

@@ -49,6 +49,11 @@ from training.models.tooncrafter import (
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("_forward_module.", "module.")  # DeepSpeed / Lightning and DDP wrappers
+COMPILED = "_orig_mod."  # torch.compile's wrapper, at the top or around one part (model.diffusion_model)
+EMA_PREFIX = "model_ema."  # LDM/Lightning's EMA copy (LitEma: names without dots, decay, num_updates)
+# What a folder given as a checkpoint holds, in order: a training step folder's exports, a
+# Lightning-DeepSpeed checkpoint folder (last.ckpt/checkpoint/...)
+FOLDER_FILES = ("model.safetensors", "sketch_encoder.safetensors", "checkpoint/mp_rank_00_model_states.pt")
 LEGACY_RENAMES = {
     "framestride_embed.": "fps_embedding."
 }  # the reference's fallback loader (DynamiCrafter-256)
@@ -140,14 +145,77 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         raise CheckpointError(f"{unreadable} ({load_failure(exc)})") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as exc:  # any unpickling failure means: not a checkpoint we can read
+    except (ImportError, AttributeError):  # a class of a library not installed here (lvdm, omegaconf)
+        pass
+    except Exception as exc:  # any other unpickling failure means: not a checkpoint we can read
         raise CheckpointError(f"{unreadable} ({load_failure(exc)})") from exc
+    tolerant = _TolerantPickle()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=tolerant)
+    except Exception as exc:
+        raise CheckpointError(f"{unreadable} ({load_failure(exc)})") from exc
+    log.warning(
+        "%s pickles objects of %s, not installed here: read as placeholders (the training state they are part"
+        " of is not used); the tensors are loaded",
+        path,
+        ", ".join(sorted(tolerant.missing)),
+    )
+    return obj
+
+
+class _Placeholder:
+    """Stands in for an object of a class whose library is not installed (a trainer's config pickled beside
+    the weights): it takes whatever the pickle gives it and is never used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _TolerantPickle:
+    """A `pickle_module` for torch.load whose unpickler makes placeholders of the classes it cannot import,
+    recording their top-level modules in `missing`."""
+
+    __name__ = "inbetweener_tolerant_pickle"
+
+    def __init__(self) -> None:
+        self.missing: set[str] = set()
+        outer = self
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                try:
+                    return super().find_class(module, name)
+                except (ImportError, AttributeError):
+                    outer.missing.add(module.split(".")[0])
+                    return type(name, (_Placeholder,), {"__module__": module})
+
+        self.Unpickler = Unpickler
+
+    def load(self, file: Any, **kwargs: Any) -> Any:
+        return self.Unpickler(file, **kwargs).load()
 
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in WRAPPER_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    if any(COMPILED in k for k in state_dict):  # saved from a torch.compile'd model or part
+        state_dict = {k.replace(COMPILED, ""): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _drop_ema(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """A Lightning file of a run trained with EMA holds the EMA copy beside the weights (`model_ema.*`, its
+    names without dots): the weights are what is loaded; the copy is left out, said."""
+    ema = [k for k in state_dict if k.startswith(EMA_PREFIX)]
+    if ema and len(ema) < len(state_dict):
+        log.warning(
+            "%s: %d EMA entries (model_ema.*) left out; the model's own weights are loaded", path, len(ema)
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
     return state_dict
 
 
@@ -181,10 +249,24 @@ def _parse_config(value: Any, path: Path) -> ToonCrafterConfig | None:
         raise CheckpointError(f"{path}: embedded config is not a ToonCrafterConfig: {exc}") from exc
 
 
+def _embedded_config(value: Any, path: Path) -> ToonCrafterConfig | None:
+    """The file's embedded config; one this version cannot read (written by a newer one, with fields it
+    does not know) is set aside, said, and the weights' key layout decides the model as for a file without
+    one: the tensors are what must match."""
+    try:
+        return _parse_config(value, path)
+    except CheckpointError as exc:
+        log.warning("%s; it is not used: the weights' key layout decides the model", exc)
+        return None
+
+
 def header_config(path: str | Path) -> ToonCrafterConfig | None:
     """The config embedded in a safetensors file's header, read without its tensors (a dry run's frame sizes);
     None for other formats (their config is inside the pickle) or a file without one."""
-    if Path(path).suffix != ".safetensors":
+    from pipeline.models import weights_format
+
+    path = checkpoint_file(path)
+    if not Path(path).is_file() or weights_format(Path(path)) != "safetensors":
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -194,30 +276,53 @@ def header_config(path: str | Path) -> ToonCrafterConfig | None:
     return _parse_config(meta.get(CONFIG_METADATA), Path(path))
 
 
+def checkpoint_file(path: str | Path, names: tuple[str, ...] = FOLDER_FILES) -> Path:
+    """The file a checkpoint path names: itself; in a folder (what `train` prints, a DeepSpeed folder), the
+    first of `names` it holds; a training run's `checkpoints/latest` pointer, the folder it names."""
+    path = Path(path)
+    if path.is_file() and path.name == "latest" and path.stat().st_size < 256:
+        path = path.parent / path.read_text(errors="replace").strip()
+    if not path.is_dir():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    held = sorted(p.name for p in path.iterdir())[:8]
+    raise CheckpointError(
+        f"{path} is a folder without a checkpoint file ({' or '.join(names)}); it holds: {', '.join(held) or 'nothing'}"
+    )
+
+
 def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
     if "://" in str(path):  # e.g. train.init_checkpoint set in a config file
         raise CheckpointError(f"{path} is a URL; checkpoints are read from local files: download it first")
-    path = Path(path)
+    from pipeline.models import not_weights, weights_format
+
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    odd = not_weights(path)
+    if odd:
+        raise CheckpointError(f"{path}: {odd}")
+    kind = weights_format(path) or ("safetensors" if path.suffix == ".safetensors" else "torch")
+    if kind == "safetensors":  # by its bytes: a safetensors file named .ckpt, a torch file named .safetensors
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
             state_dict = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
-        config = _parse_config(meta.get(CONFIG_METADATA), path)
+        config = _embedded_config(meta.get(CONFIG_METADATA), path)
     else:
         obj = _torch_load(path, allow_pickle)
         state_dict = _find_state_dict(obj, path)
-        config = _parse_config(obj.get(CONFIG_KEY), path) if isinstance(obj, Mapping) else None
+        config = _embedded_config(obj.get(CONFIG_KEY), path) if isinstance(obj, Mapping) else None
         meta = {}
     non_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if non_tensors:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {non_tensors[:5]}")
-    return Checkpoint(path, _rename_legacy(_strip_wrappers(state_dict)), config, meta)
+    return Checkpoint(path, _rename_legacy(_drop_ema(_strip_wrappers(state_dict), path)), config, meta)
 
 
 # --- checking --------------------------------------------------------------------------------------------------
@@ -322,10 +427,22 @@ def dual_ref_only_keys(cfg: ToonCrafterConfig) -> set[str]:
     return {f"first_stage_model.{k}" for k in set(dual) - set(plain)}
 
 
-def _check_schedule(model: ToonCrafter, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def _check_schedule(model: ToonCrafter, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """The file's diffusion schedule against the config's. Buffers stored in half precision (a checkpoint
+    cast whole to fp16/bf16) are replaced by the computed fp32 values: fp16 cannot hold alphas_cumprod
+    near t = 999 (9% off there), bf16 is off by up to 0.4%."""
     from training.diffusion.schedule import schedule_buffers
 
     computed = schedule_buffers(model.cfg.schedule)
+    low = [n for n in computed if n in state_dict and state_dict[n].dtype in (torch.float16, torch.bfloat16)]
+    if low:
+        log.info(
+            "%s: schedule buffers stored in %s; the config's fp32 values are used",
+            source,
+            state_dict[low[0]].dtype,
+        )
+        for name in low:
+            state_dict[name] = computed[name].to(torch.float32)
     differ = [
         name
         for name, value in computed.items()
@@ -423,8 +540,14 @@ def preset_name(cfg: ToonCrafterConfig) -> str | None:
 def resolve_config(ckpt: Checkpoint, preset: str | None = None, **overrides: Any) -> ToonCrafterConfig:
     """The config embedded in the file when present, else the named preset, with top-level overrides."""
     if ckpt.config is not None:
-        if preset is not None:
-            log.info("%s carries its config; preset %r is not used", ckpt.path, preset)
+        name = preset_name(ckpt.config)
+        if preset is not None and name is not None and name != preset:  # else tiny weights, toon-512 data
+            raise CheckpointError(
+                f"{ckpt.path} carries the config of preset {name!r}, not {preset!r}: give preset {name}"
+                f" (--preset {name})"
+            )
+        if preset is not None and name is None:
+            log.info("%s carries its own (custom) config; preset %r is not used", ckpt.path, preset)
         return replace(ckpt.config, **overrides)
     if preset is not None:
         detected = detect_config(ckpt.state_dict)

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.output.suffix != ".safetensors":
         parser.error(f"output must end in .safetensors: {args.output}")
+    if args.output.is_dir():  # checked before a 10 GB file is read
+        parser.error(
+            f"output {args.output} is a folder; give the file to write (e.g. {args.output / 'model.safetensors'})"
+        )
     try:
         ckpt = read_checkpoint(args.input, allow_pickle=not args.no_pickle)
         if ckpt.config is not None:
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         save_safetensors(model, args.output, dtype=dtype, metadata={"inbetweener.source": args.input.name})
     except CheckpointError as exc:
         print(f"inbetweener convert: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the output's folder not writable, the disk full
+        print(f"inbetweener convert: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     decoder = "dual-reference" if cfg.dual_ref_decoder else "plain (DynamiCrafter)"
     size = args.output.stat().st_size

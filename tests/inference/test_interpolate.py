@@ -722,3 +722,22 @@ def test_chain_keeps_each_segment_and_drops_only_the_shared_frame(tiny_model):
     second = interpolate(im, keys[1], keys[2], "x", settings, seed=10, progress=False)[0]
     assert chain.shape[1] == 5
     assert torch.equal(chain[:, :3], first) and torch.equal(chain[:, 3:], second[:, 1:])
+
+
+def test_a_training_step_folder_is_a_checkpoint_and_the_model_is_no_sketch_encoder(
+    files, tmp_path, capsys, no_device_work
+):
+    """`--checkpoint runs/x/checkpoints/step_N` (what `train` prints) was 'no such file' with advice to
+    download from Hugging Face; the interpolation model given as the sketch encoder got a decoder hint."""
+    root, ckpt, keys = files
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    (step / "model.safetensors").write_bytes(ckpt.read_bytes())
+    argv = [str(keys["a"]), str(keys["b"]), "--out", str(tmp_path / "out"), *FAST]
+    assert cli.main([*argv, "--checkpoint", str(step), "--dry-run"]) == 0
+    assert f"checkpoint: {step / 'model.safetensors'}" in capsys.readouterr().out
+    sketch = _keyframe(tmp_path / "pose_05.png", (80, 40), 10)
+    err = _error(
+        capsys, [*argv, "--checkpoint", str(ckpt), "--sketch", str(sketch), "--sketch-checkpoint", str(ckpt)]
+    )
+    assert "is the interpolation model, not a sketch encoder: it goes to --checkpoint" in err

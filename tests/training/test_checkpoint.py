@@ -218,3 +218,104 @@ def test_read_checkpoint_reports_what_it_found(tmp_path):
     torch.save({"epoch": 1, "optimizer": {}}, path)
     with pytest.raises(CheckpointError, match="no state dict found"):
         read_checkpoint(Path(path))
+
+
+def test_files_as_people_have_them_load(tiny, tmp_path, caplog):
+    """A torch.compile'd model's keys (`_orig_mod.`, whole or one part), a Lightning file with its EMA copy
+    (`model_ema.*`), a trainer's config object of a library not installed here, a training step folder or a
+    DeepSpeed folder given for the file, a safetensors file named .ckpt: each was refused."""
+    state = tiny.state_dict()
+    compiled = tmp_path / "compiled.pt"
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, compiled)
+    _assert_equal_state(load_model(compiled, preset="tiny"), tiny)
+    unet = tmp_path / "compiled_unet.ckpt"
+    part = "model.diffusion_model."
+    torch.save({"state_dict": {k.replace(part, part + "_orig_mod."): v for k, v in state.items()}}, unet)
+    _assert_equal_state(load_model(unet, preset="tiny"), tiny)
+    ema = tmp_path / "ema.ckpt"
+    litema = {"model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(7)}
+    litema.update(
+        {
+            "model_ema." + k.removeprefix(part).replace(".", ""): v
+            for k, v in state.items()
+            if k.startswith(part)
+        }
+    )
+    torch.save({"state_dict": {**state, **litema}}, ema)
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        _assert_equal_state(load_model(ema, preset="tiny"), tiny)
+    assert f"{len(litema)} EMA entries (model_ema.*) left out" in caplog.text
+    step = tmp_path / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    save_safetensors(tiny, step / "model.safetensors")
+    (step.parent / "latest").write_text("step_0000001\n")
+    for given in (step, step.parent / "latest"):
+        _assert_equal_state(load_model(given), tiny)
+    deepspeed = tmp_path / "last.ckpt" / "checkpoint"
+    deepspeed.mkdir(parents=True)
+    torch.save({"module": state}, deepspeed / "mp_rank_00_model_states.pt")
+    _assert_equal_state(load_model(tmp_path / "last.ckpt", preset="tiny"), tiny)
+    with pytest.raises(
+        CheckpointError, match=r"is a folder without a checkpoint file .*it holds: checkpoints"
+    ):
+        read_checkpoint(tmp_path)
+    named = tmp_path / "renamed.ckpt"
+    named.write_bytes((step / "model.safetensors").read_bytes())
+    _assert_equal_state(load_model(named), tiny)
+
+
+def test_a_pickled_object_of_a_library_not_installed_is_a_placeholder(tiny, tmp_path, caplog, monkeypatch):
+    import sys
+    import types
+
+    library = types.ModuleType("lvdm_not_here")
+
+    class Cfg:
+        def __init__(self):
+            self.lr = 1e-5
+
+    Cfg.__module__, Cfg.__qualname__ = library.__name__, "Cfg"
+    library.Cfg = Cfg
+    monkeypatch.setitem(sys.modules, library.__name__, library)
+    path = tmp_path / "trainer.ckpt"
+    torch.save({"state_dict": tiny.state_dict(), "hyper_parameters": {"cfg": Cfg()}}, path)
+    monkeypatch.delitem(sys.modules, library.__name__)
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        _assert_equal_state(load_model(path, preset="tiny"), tiny)
+    assert "pickles objects of lvdm_not_here, not installed here" in caplog.text
+
+
+def test_what_is_not_a_checkpoint_is_named_by_what_it_is(tmp_path):
+    lfs = tmp_path / "model.ckpt"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 10725445003\n")
+    with pytest.raises(CheckpointError, match="a Git LFS pointer, not the weights: run `git lfs pull`"):
+        read_checkpoint(lfs)
+    page = tmp_path / "page.safetensors"
+    page.write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    with pytest.raises(CheckpointError, match="an HTML page"):
+        read_checkpoint(page)
+
+
+def test_an_embedded_config_decides_unless_it_contradicts_the_preset(tiny, tmp_path, caplog):
+    """A tiny file with its config trained the tiny model on toon-512's 16x320x512 profile under
+    `--preset toon-512` (an info line only); a config from a newer version made the file unloadable."""
+    path = save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    with pytest.raises(
+        CheckpointError, match="carries the config of preset 'tiny', not 'toon-512': give preset tiny"
+    ):
+        load_model(path, preset="toon-512")
+    newer = tiny.cfg.to_dict()
+    newer["unet"]["future_knob"] = 3
+    torch.save({"state_dict": tiny.state_dict(), "inbetweener_config": newer}, tmp_path / "newer.pt")
+    with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
+        _assert_equal_state(load_model(tmp_path / "newer.pt", preset="tiny"), tiny)
+    assert "future_knob" in caplog.text and "key layout decides" in caplog.text
+
+
+def test_a_schedule_stored_in_half_precision_is_recomputed(tiny, tmp_path):
+    """A checkpoint cast whole to fp16 held alphas_cumprod 9% off near t = 999, and sampling used it."""
+    path = tmp_path / "fp16.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in tiny.state_dict().items()}, path)
+    loaded = load_model(path, preset="tiny", dtype=None)
+    assert loaded.alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(loaded.alphas_cumprod, tiny.alphas_cumprod)
