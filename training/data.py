@@ -589,18 +589,20 @@ class DataState:
             first_epoch=d.get("first_epoch", 0),
         )
 
-    def restarted(self) -> DataState:
-        """A fresh position for the same ranks, in an order not read before (the epoch after the furthest
-        any slot reached): `--restart-data`, after the shards or the workers changed."""
+    def restarted(self, world: int | None = None) -> DataState:
+        """A fresh position for `world` ranks (default: the same), in an order not read before (the epoch
+        after the furthest any slot reached): `--restart-data`, after the shards, workers or ranks changed."""
         epoch = max((s.epoch for s in self.slots.values()), default=self.first_epoch - 1) + 1
-        return DataState(world=self.world, workers=None, first_epoch=epoch)
+        return DataState(world=world or self.world, workers=None, first_epoch=epoch)
 
     def check_resumable(self, shards: list[str], world: int, workers: int) -> None:
         """ValueError when this position cannot continue on `shards` with `world` ranks x `workers` workers:
         the same samples in the same order need the same shards and reading slots."""
-        if self.world != world:  # the checkpoint's optimizer state is per rank too
+        if self.world != world:  # each rank's reading slots continue where that rank stopped
             raise ValueError(
                 f"the data position was saved by {self.world} rank(s); resume with the same number (now {world})"
+                " to continue the same sample order, or pass --restart-data to go on with the weights,"
+                " optimizer and step on these ranks, reading the data in a new order"
             )
         if self.workers is not None and max(1, self.workers) != max(1, workers):
             raise ValueError(

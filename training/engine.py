@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import lzma
+import math
 import os
 import random
 import re
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from manifests.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,9 @@ class TrainConfig:
     seed: int = 123  # model init (without init_checkpoint), data order, noise
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the last step)
     keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    max_nonfinite_steps: int = (
+        20  # updates with a NaN/inf gradient are skipped; this many in a row stop the run
+    )
     log_every: int = 10  # steps between scalar logs
     sample_every: int = 1000  # steps between sample videos in TensorBoard; 0 disables
     sample_clips: int = 2  # clips per sample video log
@@ -106,6 +112,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, str):  # `steps: 5e4` (YAML 1.1 reads it as a string)
+            with contextlib.suppress(ValueError):
+                number = float(value)
+                if number.is_integer():
+                    return int(number)
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -712,13 +723,14 @@ def load_checkpoint(
     trainable: Mapping[str, nn.Parameter],
     optimizers: Mapping[str, torch.optim.Optimizer],
     ema: EMA | None,
+    restart_data: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore what `save_checkpoint` wrote into the live objects; -> (step, this rank's rank_state)."""
+    """Restore what `save_checkpoint` wrote into the live objects; -> (step, this rank's rank_state). With
+    `restart_data` a replicated (DDP) checkpoint continues on another number of ranks: its state is one
+    file, the same for every rank; a rank it had no data position for gets rank 0's (restarted anyway),
+    marked with the rank it came from."""
     meta = json.loads((folder / "meta.json").read_text())
-    if meta["world"] != d.world:
-        raise ValueError(
-            f"{folder} was written by {meta['world']} rank(s); resume it with the same number (now {d.world})"
-        )
+    check_world(folder, d.world, restart_data)
     state_file = folder / (f"shard_{d.rank}.pt" if meta["sharded"] else "state.pt")
     state = _load_state(state_file, folder)
     missing = sorted(set(trainable) - set(state["trainable"]))
@@ -733,7 +745,28 @@ def load_checkpoint(
         if state["ema"] is None:
             raise ValueError(f"{state_file} has no EMA but train.ema_decay > 0")
         ema.load_state_dict(state["ema"])
-    return int(state["step"]), read_rank_state(folder, d.rank)
+    if meta["world"] == d.world:
+        return int(state["step"]), read_rank_state(folder, d.rank)
+    return int(state["step"]), {**read_rank_state(folder, 0), "rank": 0}
+
+
+def check_world(folder: Path, world: int, restart_data: bool) -> None:
+    """ValueError when the checkpoint in `folder` cannot continue on `world` ranks: a sharded (FSDP) one
+    holds one shard per rank; a replicated one needs --restart-data (the data position is per rank)."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    if meta["world"] == world:
+        return
+    if meta.get("sharded"):
+        raise ValueError(
+            f"{folder} was written by {meta['world']} FSDP rank(s), one shard each; resume it with the same"
+            f" number (now {world})"
+        )
+    if not restart_data:
+        raise ValueError(
+            f"{folder} was written by {meta['world']} rank(s); resume it with the same number (now {world}) to"
+            " continue the same sample order, or pass --restart-data to go on with the weights, optimizer and"
+            " step on these ranks, reading the data in a new order"
+        )
 
 
 def read_rank_state(folder: Path, rank: int = 0) -> dict[str, Any]:
@@ -759,25 +792,46 @@ def _load_state(path: Path, folder: Path) -> dict[str, Any]:
 # --- logging -------------------------------------------------------------------------------------------------
 
 
+def _drop_records_from(path: Path, first_step: int) -> None:
+    """Rewrite metrics.jsonl without its records of steps >= first_step (a line cut by a kill is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) < first_step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+
+
 class Logger:
     """TensorBoard + metrics.jsonl on rank 0; does nothing on the other ranks."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, first_step: int = 1):
+        """`first_step`: the first step this run logs. What an earlier run logged from there on (a run that
+        went past the checkpoint it is resumed from, or stopped before its first one) is dropped, from
+        TensorBoard (its purge_step) and from metrics.jsonl, so that each step is logged once."""
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / "tb"))
-            self.jsonl = (Path(out) / "metrics.jsonl").open("a")
+            self.writer = SummaryWriter(str(Path(out) / "tb"), purge_step=first_step)
+            path = Path(out) / "metrics.jsonl"
+            if path.is_file():
+                _drop_records_from(path, first_step)
+            self.jsonl = path.open("a")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        # NaN and inf as null: the file stays JSON that strict parsers (jq, browsers) read
+        record = {k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self.jsonl.flush()
 
     def videos(self, step: int, tag: str, video: torch.Tensor, fps: int = 8) -> None:

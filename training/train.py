@@ -250,6 +250,7 @@ def check_ranges(run: RunConfig) -> None:
         ("train.checkpoint_levels", t.checkpoint_levels >= 0, ">= 0 (0 = every block)"),
         ("train.ckpt_every", t.ckpt_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0 keeps all)"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1"),
         ("train.log_every", t.log_every >= 1, ">= 1"),
         ("train.sample_every", t.sample_every >= 0, ">= 0 (0 disables)"),
         ("train.sample_clips", t.sample_clips >= 1, ">= 1"),
@@ -432,9 +433,12 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if resume_from is not None:
             _check_same_start(resume_from, run)
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
-        if resume_from is not None and not args.restart_data:  # said before the model is built (minutes)
-            saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
-            saved.check_resumable(shards, int(os.environ.get("WORLD_SIZE", 1)), run.data.num_workers)
+        if resume_from is not None:  # said before the model is built (minutes)
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            engine.check_world(resume_from, world, args.restart_data)
+            if not args.restart_data:
+                saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
+                saved.check_resumable(shards, world, run.data.num_workers)
     tc, stage_name = run.train, args.stage
     out = Path(args.out)
     models_dir = Path(args.models_dir) if args.models_dir else None
@@ -521,18 +525,23 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         folder = resume_from
         with _input_errors():  # a damaged checkpoint, or another number of ranks
             step, rank_state = engine.load_checkpoint(
-                folder, d, trainable=trainable, optimizers=optimizers, ema=ema
+                folder, d, trainable=trainable, optimizers=optimizers, ema=ema, restart_data=args.restart_data
             )
         # the config's optimizer settings, not the saved ones (lr is set every step)
         engine.set_hyperparameters(
             optimizers["model"], betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
         )
         if "discriminator" in optimizers:
-            engine.set_hyperparameters(optimizers["discriminator"], lr=run.decoder.disc_lr or tc.lr)
+            engine.set_hyperparameters(
+                optimizers["discriminator"], lr=run.decoder.disc_lr or tc.lr, weight_decay=tc.weight_decay
+            )
         data_state = DataState.from_dict(rank_state["data"])
         if args.restart_data:
-            data_state = data_state.restarted()
-        engine.restore_rng(rank_state["rng"], device)
+            data_state = data_state.restarted(d.world)
+        if data_state.world == d.world and rank_state.get("rank") in (None, d.rank):
+            engine.restore_rng(rank_state["rng"], device)
+        else:  # on another number of ranks: each rank's noise seeded anew, from the step
+            torch.manual_seed(tc.seed + d.rank + 1_000_003 * step)
         if d.main:
             changed = engine.config_changes(folder, run.for_stage(stage_name))
             print(
@@ -555,13 +564,14 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         windows = eval_windows(eval_shards or shards, run.data, tc.sample_clips)
         sample_batch = collate(windows) if windows else None
 
-    logger = engine.Logger(out, d.main)
+    logger = engine.Logger(out, d.main, first_step=step + 1)  # a resume's logs replace what followed
     bar = None
     if d.main:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage_name}", unit="step", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
+    nonfinite_run, nonfinite_steps = 0, 0  # updates skipped for a gradient that is not finite
 
     # --- the loop ---------------------------------------------------------------------------------------------
     while step < tc.steps:
@@ -593,14 +603,37 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 if torch.is_tensor(v) and v.ndim == 0:
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(list(ema_params.values()), tc.grad_clip or math.inf)
-        optimizers["model"].step()
+        # The same norm on every rank (the gradients are reduced): all skip together. A NaN update would
+        # make every weight NaN, and the checkpoints written after it would push the good ones out.
+        finite = math.isfinite(float(grad_norm))
+        if finite:
+            optimizers["model"].step()
+            if use_disc:
+                optimizers["discriminator"].step()
+            if ema is not None:
+                ema.update(ema_params)
+            nonfinite_run = 0
+        else:
+            nonfinite_run, nonfinite_steps = nonfinite_run + 1, nonfinite_steps + 1
         optimizers["model"].zero_grad(set_to_none=True)
         if use_disc:
-            optimizers["discriminator"].step()
             optimizers["discriminator"].zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(ema_params)
         step += 1
+        if not finite:
+            if d.main:
+                log.warning("step %d: gradient norm %s: the update is skipped", step, float(grad_norm))
+            if nonfinite_run >= tc.max_nonfinite_steps:
+                if bar is not None:
+                    bar.close()
+                if d.main:
+                    print(
+                        f"inbetweener train: error: the gradient has not been finite for {nonfinite_run} steps"
+                        f" in a row (to step {step}; the weights were left as they were): the run stops."
+                        f" Lower train.lr, or check the data; --resume continues from"
+                        f" {engine.latest_checkpoint(out) or 'the start (no checkpoint yet)'}",
+                        file=sys.stderr,
+                    )
+                raise SystemExit(1)
 
         if step % tc.log_every == 0 or step == tc.steps:
             now = time.perf_counter()
@@ -609,6 +642,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 **{f"train/{k}": v for k, v in sums.items()},
                 "train/lr": lr,
                 "train/grad_norm": float(grad_norm),
+                "train/skipped_updates": float(nonfinite_steps),
                 "train/samples_per_s": tc.global_batch * (step - step_last) / max(now - t_last, 1e-9),
                 **{f"data/{k}": v for k, v in skipped.items()},
             }

@@ -368,6 +368,65 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, trai
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
 
 
+def test_a_diverging_run_skips_its_nan_updates_and_stops_keeping_its_good_checkpoints(
+    tmp_path, train_shards, capsys
+):
+    """A run whose loss turned NaN trained on, exit 0: every later checkpoint was NaN and pushed the good
+    ones out (3 kept), and metrics.jsonl held the bare token NaN, which JSON parsers refuse."""
+    out = tmp_path / "nan"
+    argv = ["rectify", "--preset", "tiny", "--data", str(train_shards), "--out", str(out), "--set",
+            "data.num_workers=0", "--set", "train.sample_every=0", "--set", "train.steps=12", "--set",
+            "train.ckpt_every=1", "--set", "train.log_every=1", "--set", "train.lr=1e30", "--set",
+            "train.warmup_steps=0", "--set", "train.max_nonfinite_steps=2", "--set", "train.keep_checkpoints=2"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 1
+    assert "the gradient has not been finite for 2 steps in a row" in capsys.readouterr().err
+    records = metrics(out)  # strict JSON: json.loads refuses NaN only with a parse_constant hook
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    assert any(r["train/grad_norm"] is None for r in records)
+    for folder in (out / "checkpoints").glob("step_*"):  # whatever was kept holds finite weights
+        state = torch.load(folder / "state.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["trainable"].values()), folder
+
+
+def test_a_resume_logs_each_step_once(tmp_path, train_shards):
+    """A run killed after logging past its last checkpoint, resumed: its steps were logged twice, the step
+    going backwards in metrics.jsonl and TensorBoard."""
+    common = ["--set", "train.ckpt_every=1", "--set", "train.log_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=2")
+    root = out / "checkpoints"
+    (root / "latest").write_text("step_0000001\n")  # as if killed after step 2 was logged, before its save
+    import shutil
+
+    shutil.rmtree(root / "step_0000002")
+    train("rectify", out, train_shards, *common, "--set", "train.steps=2", "--resume")
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_a_replicated_checkpoint_continues_on_other_ranks_with_restart_data(tmp_path, train_shards, capsys):
+    """A lost node (2 ranks -> 1) could never continue, not even with --restart-data, and learnt so only
+    after the model was built. A DDP checkpoint's state is one file for all ranks: --restart-data goes on.
+    (The 2-rank checkpoint is made from a 1-rank one: the same files, its meta saying 2 ranks.)"""
+    import shutil
+
+    common = ["--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=1")
+    folder = latest(out)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "world": 2}))
+    shutil.copy(folder / "rank_0.pt", folder / "rank_1.pt")
+    argv = ["rectify", "--preset", "tiny", "--data", str(train_shards), "--out", str(out), "--set",
+            "data.num_workers=0", "--set", "train.sample_every=0", *common, "--set", "train.steps=2", "--resume"]  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    assert "pass --restart-data to go on with the weights" in capsys.readouterr().err
+    assert main([*argv, "--restart-data"]) == 0
+    assert json.loads((latest(out) / "meta.json").read_text())["step"] == 2
+
+
 def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, train_shards, capsys):
     """The newest checkpoint's state cut short (a full disk, a copy interrupted): --resume stops with one
     line naming the file and what to do, and after moving that checkpoint aside resumes from the one before."""
