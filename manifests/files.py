@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -89,6 +89,24 @@ def _holders(fd: int) -> str:
     return ", ".join(alive) or "another process"
 
 
+# The lock descriptors this process holds. A forked child (a DataLoader worker) shares each one's open file,
+# and an flock lasts until every descriptor of it is closed: a worker left behind by a killed run held the
+# run's folder for seconds, and the run's immediate --resume was refused as "being written". The child
+# closes its copies at once (the parent's lock stays).
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextmanager
 def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator[None]:
     """Hold `folder/.lock` (an `flock`) for the block. Writers (curate, select, a training run on its own
@@ -112,6 +130,7 @@ def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator
         yield
         return
     holding = False
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -146,6 +165,7 @@ def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator
     finally:
         if holding:  # a writer leaves the file empty for the readers' lines (kill -9: its pid is gone)
             os.ftruncate(fd, 0)
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock
 
 

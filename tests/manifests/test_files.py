@@ -8,7 +8,7 @@ import stat
 import numpy as np
 import pytest
 
-from manifests.files import atomic_path, write_json_atomic
+from manifests.files import atomic_path, folder_lock, write_json_atomic
 
 
 @pytest.fixture
@@ -118,3 +118,30 @@ def test_a_reader_of_a_folder_it_cannot_write_goes_on_without_the_lock(tmp_path,
         pass
     with pytest.raises(PermissionError), folder_lock(tmp_path, "inbetweener select"):  # a writer cannot
         pass
+
+
+def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
+    """A DataLoader worker (a fork) left behind by a killed training run kept the run's folder locked
+    for seconds, and an immediate --resume was refused as 'being written by another process'."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    with folder_lock(tmp_path, "inbetweener train"):
+        child = ctx.Process(target=time.sleep, args=(30,))
+        child.start()
+    from manifests.files import FolderBusy
+
+    try:
+        deadline = time.monotonic() + 10  # the child closes its copy as soon as it runs, not at its end
+        while True:
+            try:
+                with folder_lock(tmp_path, "inbetweener train --resume"):
+                    assert child.is_alive()
+                break
+            except FolderBusy:
+                assert time.monotonic() < deadline, "the forked child kept the lock"
+                time.sleep(0.05)
+    finally:
+        child.kill()
+        child.join()
