@@ -37,7 +37,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 # what to do after Ctrl-C, for the commands that keep their finished work
 AFTER_INTERRUPT = {
     "curate": "run the same command again to go on (finished sources are kept)",
-    "train": "run it again with --resume to go on from the last checkpoint",
     "evaluate": "run the same command again to go on (generated and scored clips are kept)",
     "interpolate": "with --batch, run it again with --skip-existing to go on",
 }

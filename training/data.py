@@ -564,8 +564,12 @@ class DataState:
         for s in self.slots.values():
             for k, v in s.counts.items():
                 out[k] = out.get(k, 0) + v
-        out["bad_shards"] = len({b.split(":", 1)[1] for s in self.slots.values() for b in s.bad_shards})
+        out["bad_shards"] = len(self.bad_shard_names())
         return out
+
+    def bad_shard_names(self) -> set[str]:
+        """The distinct unreadable shards this rank's slots met."""
+        return {b.split(":", 1)[1] for s in self.slots.values() for b in s.bad_shards}
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -387,19 +387,36 @@ def _input_errors():
         raise SystemExit(2) from exc
 
 
+_RUN_OUT: list[Path] = []  # the run's --out, once parsed: what to say after Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
-    with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
-        return _main(argv, held)
+    try:
+        with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
+            return _main(argv, held)
+    except KeyboardInterrupt:
+        last = engine.latest_checkpoint(_RUN_OUT[-1]) if _RUN_OUT else None
+        hint = (
+            f"run it again with --resume to go on from {last}"
+            if last is not None
+            else "no checkpoint was written yet: run the same command again (without --resume) to start over"
+        )
+        print(f"\ninbetweener train: interrupted; {hint}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
 
 
 def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
+    _RUN_OUT.append(Path(args.out))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with _input_errors():  # everything the user gave is checked before a model is built
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
         run = resolve_config(args)
         engine.check_device(run.train)
+        resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
+        if resume_from is not None:  # first: a resume must start as its run began (its preset, its init)
+            _check_same_start(resume_from, run)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
             raise ValueError(
                 f"train {args.stage}: preset {run.train.preset} starts from a checkpoint: pass --init"
@@ -421,7 +438,6 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         eval_shards = list_shards(run.data.eval) if run.data.eval else []  # sample videos, decoder's metrics
         if args.restart_data and not args.resume:
             raise ValueError("--restart-data goes with --resume (a new run reads the data from its start)")
-        resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
         if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
             raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(Path(args.out))}")
         earlier = engine.latest_checkpoint(Path(args.out)) if not args.resume else None
@@ -430,8 +446,24 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 f"--out {args.out} holds the checkpoints of an earlier run (latest {earlier.name}): --resume"
                 " continues it; for a new run give another --out (or move its checkpoints/ aside)"
             )
-        if resume_from is not None:
-            _check_same_start(resume_from, run)
+        if args.stage == "sketch" and not run.train.init_checkpoint:
+            log.warning(
+                "train sketch without --init: the UNet's output conv starts at zero and is frozen, so no"
+                " gradient reaches the sketch encoder (grad_norm 0); give the rectify stage's model as --init"
+            )
+        if args.stage in ("decoder", "sketch"):  # the stage's own weights, before the run takes its folder
+            from training.stages import decoder as decoder_stage
+            from training.stages import sketch as sketch_stage
+
+            given = Path(args.models_dir) if args.models_dir else None
+            module, cfg = (
+                (decoder_stage, run.decoder) if args.stage == "decoder" else (sketch_stage, run.sketch)
+            )
+            problem = module.missing_weights(cfg, given)
+            if problem:
+                raise FileNotFoundError(problem)
+        if run.train.global_batch % (run.train.micro_batch * int(os.environ.get("WORLD_SIZE", 1))):
+            engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # its message
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))
@@ -504,7 +536,12 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 flush=True,
             )
     stage.net.to(device)
-    net = engine.wrap(stage.net, d, device, stage.shard_blocks if tc.fsdp and stage.shard_blocks else None)
+    fsdp = tc.fsdp and bool(stage.shard_blocks)
+    if tc.fsdp and not fsdp and d.main:
+        log.warning(
+            "train.fsdp: the %s stage has no UNet blocks to shard; it runs replicated (DDP)", stage_name
+        )
+    net = engine.wrap(stage.net, d, device, stage.shard_blocks if fsdp else None)
     trainable = {n: p for n, p in stage.net.named_parameters() if p.requires_grad}
     optimizers = {"model": engine.adamw(trainable.values(), tc, device)}
     disc = disc_net = None
@@ -559,7 +596,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     data_state = loader.dataset.state
     batches = iter(loader)
     sample_batch = None
-    samples_here = d.main or (tc.fsdp and d.active)  # sharded weights: every rank takes part in sampling
+    samples_here = d.main or (fsdp and d.active)  # sharded weights: every rank takes part in sampling
     if samples_here and tc.sample_every > 0:
         windows = eval_windows(eval_shards or shards, run.data, tc.sample_clips)
         sample_batch = collate(windows) if windows else None
@@ -647,6 +684,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 **{f"data/{k}": v for k, v in skipped.items()},
             }
             values = _reduce_over_ranks(values, d, device)
+            values["data/bad_shards"] = _distinct_bad_shards(data_state, d)
             logger.scalars(step, values)
             t_last, step_last = now, step
             if bar is not None:
@@ -685,13 +723,14 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 config=run.for_stage(stage_name),
                 export=export,
                 keep=tc.keep_checkpoints,
-                sharded=tc.fsdp and d.active,
+                sharded=fsdp and d.active,
             )
 
     if bar is not None:
         bar.close()
     logger.close()
     skipped = _reduce_over_ranks({f"data/{k}": v for k, v in data_state.skipped().items()}, d, device)
+    skipped["data/bad_shards"] = _distinct_bad_shards(data_state, d)
     if d.main:  # the skipped samples of every rank
         skipped = {k.removeprefix("data/"): int(v) for k, v in skipped.items()}
         print(f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {skipped}")
@@ -712,6 +751,16 @@ def _next_batch(batches: Iterator[dict], bar: Any) -> dict:
         message = str(exc).rstrip().rsplit("DataError: ", 1)[-1]
         print(f"inbetweener train: error: {message}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def _distinct_bad_shards(data_state: DataState, d: engine.Dist) -> int:
+    """Unreadable shards met by any rank, each once (summed per rank, one bad shard counted N times)."""
+    names = data_state.bad_shard_names()
+    if d.active:
+        every: list[Any] = [None] * d.world
+        torch.distributed.all_gather_object(every, sorted(names))
+        names = set().union(*(set(n) for n in every))
+    return len(names)
 
 
 def _reduce_over_ranks(values: dict[str, float], d: engine.Dist, device: torch.device) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -197,9 +198,19 @@ def test_decoder_stage_trains_the_decoder_with_lpips_discriminator_and_eval(
     assert "discriminator" in state["optimizers"]
 
 
-def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_path, train_shards):
-    with pytest.raises(SystemExit, match=r"lpips/alex\.pth[\s\S]*--no-lpips"):
-        train("decoder", tmp_path / "dec", train_shards, "--models-dir", str(tmp_path / "empty"))
+def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_path, train_shards, capsys):
+    """Said before the run takes its folder (it left .lock and train_index.parquet, exit 1), like the other
+    input errors; so are Anime2Sketch asked for without its weights and a global batch the ranks can't split."""
+    for stage, extra, message in [
+        ("decoder", (), r"lpips/alex\.pth[\s\S]*--no-lpips"),
+        ("sketch", ("--set", "sketch.extractor=anime2sketch"), r"Anime2Sketch weights not found"),
+        ("rectify", ("--set", "train.global_batch=3", "--set", "train.micro_batch=2"), r"not a multiple"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train(stage, tmp_path / stage, train_shards, "--models-dir", str(tmp_path / "empty"), *extra)
+        assert stop.value.code == 2
+        assert re.search(message, capsys.readouterr().err), stage
+        assert not (tmp_path / stage).exists(), stage
 
 
 def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsys):
@@ -902,6 +913,9 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         with pytest.raises(SystemExit) as stop:
             train("rectify", out, train_shards, *argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # without --preset tiny: not "pass --init (DynamiCrafter)"
+        main(["rectify", "--data", str(train_shards), "--out", str(out), "--resume"])
+    assert stop.value.code == 2 and "resume with --preset tiny" in capsys.readouterr().err
     monkeypatch.setattr(train_module, "initial_model", real)
     newest = latest(out)
     (out / "checkpoints" / "latest").unlink()
@@ -1012,3 +1026,24 @@ def test_a_resume_names_its_init_by_any_path_and_a_refused_run_leaves_no_folder(
     with pytest.raises(SystemExit):
         train("rectify", tmp_path / "fresh", train_shards, "--set", "train.lr=-1")
     assert "train.lr must be" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
+
+
+def test_ctrl_c_says_how_to_go_on_from_where_the_run_is(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first checkpoint recommended a --resume that then failed ('no checkpoint')."""
+    from training import train as train_module
+
+    def interrupted(argv, held):
+        train_module._RUN_OUT.append(tmp_path / "run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_main", interrupted)
+    assert main(["rectify", "--out", str(tmp_path / "run")]) == 130
+    assert (
+        "no checkpoint was written yet: run the same command again (without --resume)"
+        in capsys.readouterr().err
+    )
+    step = tmp_path / "run" / "checkpoints" / "step_0000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    assert main(["rectify", "--out", str(tmp_path / "run")]) == 130
+    assert f"run it again with --resume to go on from {step}" in capsys.readouterr().err

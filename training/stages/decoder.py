@@ -88,6 +88,28 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def missing_weights(cfg: DecoderConfig, models_dir: Path | None) -> str | None:
+    """Why the loss's LPIPS cannot load (its files absent), said before the run takes its folder; None: fine."""
+    from training.features import MissingWeightsError, require_file
+    from training.metrics.lpips import LPIPS_FILES
+
+    if cfg.lpips_weight <= 0:
+        return None
+    missing = []
+    for weight in LPIPS_FILES[cfg.lpips_net]:
+        try:
+            require_file(weight, models_dir)
+        except MissingWeightsError as exc:
+            missing.append(str(exc))
+    if not missing:
+        return None
+    return (
+        f"train decoder: LPIPS ({cfg.lpips_net}) needs its weights: "
+        + "\n".join(missing)
+        + "\nOr train without it: --no-lpips (= --set decoder.lpips_weight=0)."
+    )
+
+
 def load_perceptual(net: str, models_dir: Path | None) -> nn.Module:
     """LPIPS from training/metrics/lpips.py with its weights from the models dir; a clear error otherwise."""
     from pipeline.models import WeightsError

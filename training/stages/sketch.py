@@ -14,7 +14,9 @@ the rectified, frozen ToonCrafter.
 * sparse and dense guidance: per clip a rate r ~ U[frame_prob_min, frame_prob_max], per frame a sketch
   with probability r; the keyframes always get theirs (`keyframe_sketches`, the paper's bisection
   setting). Frames without a sketch get a zero hint and are masked (`sketch_mask`), so they contribute
-  no residual, which is what inference does by default.
+  no residual, which is what inference does by default. A batch that drew no sketch at all gets one
+  (its first clip's first frame): every encoder parameter must take part in each DDP step, so the rate
+  never quite reaches 0 (`frame_prob_max=0` still logs a small train/sketch_rate).
 * the loss is the diffusion loss of the rectify stage with the encoder's residuals added to the UNet
   (scaled by `control_scale` = 1, ControlNet's training strength; inference uses the app's 0.6). The
   ToonCrafter is frozen entirely; its UNet stays in train mode only so that gradient checkpointing
@@ -167,6 +169,17 @@ def _models_dir(models_dir: Path | None) -> Path:
     if models_dir is not None:
         return Path(models_dir).expanduser()
     return Path(os.environ.get("INBETWEENER_MODELS") or "~/.cache/inbetweener/models").expanduser()
+
+
+def missing_weights(cfg: SketchConfig, models_dir: Path | None) -> str | None:
+    """Why `load_extractor` would stop (Anime2Sketch asked for, its weights absent); None: fine."""
+    base = _models_dir(models_dir)
+    if cfg.extractor == "anime2sketch" and not any((base / f).is_file() for f in ANIME2SKETCH_FILES):
+        return (
+            f"train sketch: Anime2Sketch weights not found: put {' or '.join(ANIME2SKETCH_FILES)} under the "
+            f"models dir {base} (from {ANIME2SKETCH_SOURCE}), or use --set sketch.extractor=xdog"
+        )
+    return None
 
 
 def load_extractor(cfg: SketchConfig, models_dir: Path | None) -> tuple[str, nn.Module]:
