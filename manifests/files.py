@@ -155,12 +155,15 @@ def folder_lock(folder: Path | str, what: str, shared: bool = False) -> Iterator
                 stacklevel=3,
             )
         else:
-            if shared:
-                os.write(fd, f"{what} (pid {os.getpid()}) reads it\n".encode())
-            else:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
-                holding = True
+            try:  # who holds it, for the others' messages; a full disk costs only that (the lock is held)
+                if shared:
+                    os.write(fd, f"{what} (pid {os.getpid()}) reads it\n".encode())
+                else:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
+                    holding = True
+            except OSError:
+                pass
         yield
     finally:
         if holding:  # a writer leaves the file empty for the readers' lines (kill -9: its pid is gone)

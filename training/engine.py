@@ -683,18 +683,22 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier(d)
-    export(tmp)  # collective under FSDP; writes on rank 0
-    state = {
-        "step": step,
-        "trainable": {n: local(p).detach().cpu() for n, p in trainable.items()},
-        "optimizers": {k: _optimizer_state(o) for k, o in optimizers.items()},
-        "ema": ema.state_dict() if ema is not None else None,
-    }
-    if sharded:
-        torch.save(state, tmp / f"shard_{d.rank}.pt")
-    elif d.main:
-        torch.save(state, tmp / "state.pt")
-    torch.save(rank_state, tmp / f"rank_{d.rank}.pt")
+    try:
+        export(tmp)  # collective under FSDP; writes on rank 0
+        state = {
+            "step": step,
+            "trainable": {n: local(p).detach().cpu() for n, p in trainable.items()},
+            "optimizers": {k: _optimizer_state(o) for k, o in optimizers.items()},
+            "ema": ema.state_dict() if ema is not None else None,
+        }
+        if sharded:
+            torch.save(state, tmp / f"shard_{d.rank}.pt")
+        elif d.main:
+            torch.save(state, tmp / "state.pt")
+        torch.save(rank_state, tmp / f"rank_{d.rank}.pt")
+    except (OSError, RuntimeError) as exc:  # torch.save on a full disk: "unexpected pos", no errno
+        shutil.rmtree(tmp, ignore_errors=True)  # gigabytes at full size
+        raise _write_failed(root, name, exc) from exc
     barrier(d)
     if not d.main:
         barrier(d)
@@ -714,6 +718,40 @@ def save_checkpoint(
             shutil.rmtree(old)
     barrier(d)
     return final
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder gone): the last complete one is intact."""
+
+
+def _write_failed(root: Path, name: str, exc: BaseException) -> CheckpointWriteError:
+    import errno
+
+    try:
+        free = shutil.disk_usage(root.parent if not root.exists() else root).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < 256 * 2**20)
+    why = f"no space left on its disk ({free / 2**20:.0f} MiB free)" if full and free is not None else None
+    why = why or (
+        "no space left on its disk" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    )
+    last = latest_checkpoint(root.parent)
+    after = (
+        f"the last complete checkpoint, {last.name}, is intact: free space, then --resume"
+        if last is not None
+        else "no checkpoint is complete yet"
+    )
+    return CheckpointWriteError(f"cannot write checkpoint {name} in {root}: {why}; {after}")
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoints a killed run left half-written (.step_N.tmp)."""
+    root = checkpoint_root(out)
+    stale = sorted(p for p in root.glob(".step_*.tmp") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def load_checkpoint(

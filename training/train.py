@@ -490,6 +490,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             data = curate_out_of(run.data.train)  # and no `select` swaps the shards under the run
             if data is not None:
                 held.enter_context(folder_lock(data, f"inbetweener train {stage_name}", shared=True))
+        for stale in engine.remove_stale_tmp(out):
+            log.info("removed %s, a checkpoint an earlier run left half-written", stale)
         if write_train_index(shards, out / TRAIN_INDEX) is None:  # what evaluate checks its clips against
             log.info("no shard index beside the shards: %s not written", out / TRAIN_INDEX)
         print(json.dumps(run.for_stage(stage_name), indent=1))
@@ -712,19 +714,25 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     stage.export(folder, metadata)
 
             rank_state = {"data": data_state.to_dict(), "rng": engine.capture_rng(device)}
-            engine.save_checkpoint(
-                out,
-                step,
-                d,
-                trainable=trainable,
-                optimizers=optimizers,
-                ema=ema,
-                rank_state=rank_state,
-                config=run.for_stage(stage_name),
-                export=export,
-                keep=tc.keep_checkpoints,
-                sharded=fsdp and d.active,
-            )
+            try:
+                engine.save_checkpoint(
+                    out,
+                    step,
+                    d,
+                    trainable=trainable,
+                    optimizers=optimizers,
+                    ema=ema,
+                    rank_state=rank_state,
+                    config=run.for_stage(stage_name),
+                    export=export,
+                    keep=tc.keep_checkpoints,
+                    sharded=fsdp and d.active,
+                )
+            except engine.CheckpointWriteError as exc:
+                if bar is not None:
+                    bar.close()
+                print(f"inbetweener train: error: {exc}", file=sys.stderr)
+                raise SystemExit(1) from exc
 
     if bar is not None:
         bar.close()

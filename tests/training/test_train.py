@@ -1047,3 +1047,40 @@ def test_ctrl_c_says_how_to_go_on_from_where_the_run_is(tmp_path, monkeypatch, c
     (step / "meta.json").write_text("{}")
     assert main(["rectify", "--out", str(tmp_path / "run")]) == 130
     assert f"run it again with --resume to go on from {step}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half_written(
+    tmp_path, train_shards, capsys, monkeypatch
+):
+    """A full disk: torch.save's 'unexpected pos' traceback, a half-written .step_N.tmp of gigabytes left,
+    and the --resume after it died in the lock's own write. One line now naming the disk and the intact
+    checkpoint; the half-written folder removed (and a killed run's, at the next start)."""
+    import collections
+
+    from training import engine
+
+    common = ["--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=1")
+    stale = out / "checkpoints" / ".step_0000009.tmp"
+    stale.mkdir()  # a run killed while writing
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if Path(path).name == "state.pt":
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . unexpected pos 1474816 vs 1474768"
+            )
+        return real_save(obj, path, *args, **kwargs)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    argv = ["rectify", "--preset", "tiny", "--data", str(train_shards), "--out", str(out), "--set",
+            "data.num_workers=0", "--set", "train.sample_every=0", *common, "--set", "train.steps=2", "--resume"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "cannot write checkpoint step_0000002" in err and "no space left on its disk (1 MiB free)" in err
+    assert "step_0000001, is intact: free space, then --resume" in err
+    assert not list((out / "checkpoints").glob(".step_*"))
