@@ -559,17 +559,27 @@ class CurateJob:
         progress = Progress("score", len(pending), "sources", self.log)
         open_rows: dict[str, list[dict]] = {}
         expected: dict[str, int] = {}
-        for row in run_stages([{"source_uri": u} for u in pending], self.stages(), workers):
-            uri = row["source_uri"]
-            if row.get("row_kind") == "source_end":
-                expected[uri] = int(row["clips_emitted"])
-            else:
-                open_rows.setdefault(uri, []).append(row)
-            if uri in expected and len(open_rows.get(uri, [])) >= expected[uri]:
-                rows = open_rows.pop(uri, [])
-                self._save_part(uri, rows)
-                expected.pop(uri)
-                progress.update(1, sum(r.get("status") != "error" for r in rows))
+        try:
+            for row in run_stages([{"source_uri": u} for u in pending], self.stages(), workers):
+                uri = row["source_uri"]
+                if row.get("row_kind") == "source_end":
+                    expected[uri] = int(row["clips_emitted"])
+                else:
+                    open_rows.setdefault(uri, []).append(row)
+                if uri in expected and len(open_rows.get(uri, [])) >= expected[uri]:
+                    rows = open_rows.pop(uri, [])
+                    self._save_part(uri, rows)
+                    expected.pop(uri)
+                    progress.update(1, sum(r.get("status") != "error" for r in rows))
+        except Exception as exc:
+            from pipeline.runner import stage_load_error
+
+            message = stage_load_error(exc)
+            if message is None:
+                raise
+            raise ConfigError(
+                f"{message}; `inbetweener models check` looks at the weights; the sources scored so far are kept"
+            ) from None
         # a source whose task failed every attempt (runner.WORKER_RETRIES) left no part: its clips seen
         # so far are dropped and it is one error row, so that the job ends and a rerun does not hang on it
         given_up = [uri for uri in pending if not (self.parts / f"{uri_key(uri)}.parquet").exists()]

@@ -343,8 +343,32 @@ def missing_message(wf: WeightFile, models_dir: Path, stage: str | None = None) 
     )
 
 
+# the JSON files of a snapshot that transformers reads (a cut one failed deep inside a Ray worker)
+SNAPSHOT_JSON = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
 def _snapshot_weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
+    if not index.exists() and not (folder / "model.safetensors").exists():
+        shards = sorted(folder.glob("model-*-of-*.safetensors"))
+        if shards:
+            raise WeightsError(
+                f"{index}: missing: the folder holds {len(shards)} safetensors shards but not the index that"
+                " names them (download it with the shards)"
+            )
+        if any(folder.glob("pytorch_model*.bin")):
+            raise WeightsError(
+                f"{folder}: holds only .bin weights (pytorch_model*.bin); this reads the safetensors files of"
+                " the snapshot (download model*.safetensors, as `inbetweener models download caption` does)"
+            )
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -367,24 +391,66 @@ def check_hf_snapshot(folder: Path) -> list[str]:
             problems.append(f"{config}: model_type is {model_type!r}, expected 'blip-2'")
     except (OSError, ValueError) as exc:
         problems.append(f"{config}: missing or unreadable ({exc})")
-    keys: set[str] = set()
+    for name in SNAPSHOT_JSON[1:]:
+        path = folder / name
+        if path.exists():
+            try:
+                json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path}: not readable JSON ({exc}): a download cut short?")
+    shapes: dict[str, tuple[int, ...]] = {}
+    whole = True  # every shard there and readable: only then can missing weights be told apart
     try:
         for shard in _snapshot_weight_files(folder):
             if not shard.exists():
                 problems.append(f"{shard}: missing (named by the snapshot's index)")
+                whole = False
                 continue
-            keys.update(safetensors_header(shard))
+            try:
+                header = safetensors_header(shard)
+            except WeightsError as exc:
+                problems.append(str(exc))
+                whole = False
+                continue
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
     except WeightsError as exc:
         problems.append(str(exc))
-    if keys:
-        absent = [p for p in BLIP2_REQUIRED_PREFIXES if not any(k.startswith(p) for k in keys)]
+        whole = False
+    if shapes and whole:
+        absent = [p for p in BLIP2_REQUIRED_PREFIXES if not any(k.startswith(p) for k in shapes)]
         if absent:
             problems.append(f"{folder}: no weights for {', '.join(absent)} (not a BLIP-2 checkpoint?)")
+        elif not problems:
+            problems += _config_shapes_problems(folder, shapes)
     if not (folder / "tokenizer_config.json").exists():
         problems.append(f"{folder / 'tokenizer_config.json'}: missing (the tokenizer)")
     if not any((folder / n).exists() for n in ("preprocessor_config.json", "processor_config.json")):
         problems.append(f"{folder / 'preprocessor_config.json'}: missing (the image processor)")
     return problems
+
+
+def _config_shapes_problems(folder: Path, shapes: Shapes) -> list[str]:
+    """config.json against the weights: the model it describes, built on the meta device (no memory), must
+    have the shapes the files hold (a config of another size loaded into a RuntimeError deep in a worker)."""
+    try:
+        import torch
+        from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+        config = Blip2Config.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape) for k, v in Blip2ForConditionalGeneration(config).state_dict().items()
+            }
+    except Exception as exc:  # a config transformers cannot build a model from
+        return [f"{folder / 'config.json'}: does not describe a BLIP-2 model ({type(exc).__name__}: {exc})"]
+    wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if not wrong:
+        return []
+    k = wrong[0]
+    return [
+        f"{folder / 'config.json'}: describes another model than its weights: {len(wrong)} tensors of other"
+        f" shapes (e.g. {k}: {list(shapes[k])} in the files, {list(expected[k])} by the config)"
+    ]
 
 
 def check_file(wf: WeightFile, models_dir: Path, verify_hashes: bool = False) -> list[str]:

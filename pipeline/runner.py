@@ -305,6 +305,25 @@ def _chain_udf(stages: Sequence[Stage], drop: tuple[str, ...], num_cpus: float) 
     return run
 
 
+class StageLoadError(RuntimeError):
+    """A stage's setup (its model loading) failed in a worker: the job stops with this one line."""
+
+
+def stage_load_error(exc: BaseException) -> str | None:
+    """The StageLoadError message inside an exception Ray raised on the driver (wrapped, re-raised with the
+    worker's traceback as text), if any."""
+    import re
+
+    seen, first = set(), exc
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StageLoadError):
+            return str(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    found = re.search(r"StageLoadError: (.+)", str(first))  # an actor's death carries it as text
+    return found.group(1).strip() if found else None
+
+
 class _ActorUDF:
     """An actor holding one stage instance: setup() runs once per actor (a model loads once).
     Its rows leave without the heavy columns in `drop`."""
@@ -312,7 +331,13 @@ class _ActorUDF:
     def __init__(self, stage: Stage, drop: tuple[str, ...]):
         self.stage = stage
         self.drop = drop
-        self.stage.setup()
+        try:
+            self.stage.setup()
+        except Exception as exc:  # a model that will not load fails every row: one line, not 300 of Ray's
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StageLoadError(
+                f"{stage.name}: its model did not load ({type(exc).__name__}: {first[:300]})"
+            ) from None
 
     def __call__(self, ray_batch):
         rows = _unwrap(ray_batch)

@@ -122,3 +122,50 @@ def test_missing_or_broken_blip2_snapshot_is_named(models, tmp_path):
         stage.setup()
     (folder / "tokenizer_config.json").unlink()
     assert any("tokenizer_config.json" in p for p in check_weights([stage]))
+
+
+def test_a_snapshot_whose_files_disagree_is_named_before_any_work(models, tmp_path):
+    """A config.json of another size than its weights and a cut tokenizer.json passed `models check` and
+    curate's pre-check, then crashed each caption actor with 300 lines of Ray traceback; a sharded snapshot
+    without its index was 'model.safetensors: missing (named by the index)', with a wrong second line."""
+    import shutil
+
+    folder = tmp_path / "hf" / REPO
+    shutil.copytree(models / "hf" / REPO, folder)
+    stage = CaptionStage(model=REPO, models_dir=str(tmp_path), device="cpu")
+    config = json.loads((folder / "config.json").read_text())
+    config["qformer_config"]["hidden_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    (problem,) = check_weights([stage])
+    assert "config.json: describes another model than its weights" in problem
+    shutil.copy(models / "hf" / REPO / "config.json", folder / "config.json")
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    (problem,) = check_weights([stage])
+    assert "tokenizer.json: not readable JSON" in problem
+    shutil.copy(models / "hf" / REPO / "tokenizer.json", folder / "tokenizer.json")
+    assert check_weights([stage]) == []
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (problem,) = check_weights([stage])
+    assert "model.safetensors.index.json: missing: the folder holds 1 safetensors shards" in problem
+
+
+def test_a_model_that_does_not_load_in_a_worker_is_one_line(tmp_path):
+    """The stage's setup in a Ray actor: its exception arrives on the driver wrapped by Ray, the cause's
+    type and message inside; the job says that one line."""
+    from pipeline.runner import StageLoadError, _ActorUDF, stage_load_error
+
+    class Broken(CaptionStage):
+        def setup(self):
+            raise RuntimeError("You set ignore_mismatched_sizes to False\nlook at the above report!")
+
+    with pytest.raises(StageLoadError) as err:
+        _ActorUDF(Broken(model=REPO, models_dir=str(tmp_path)), ())
+    assert (
+        str(err.value)
+        == "caption: its model did not load (RuntimeError: You set ignore_mismatched_sizes to False)"
+    )
+    wrapped = RuntimeError(
+        f"ray.exceptions.ActorDiedError: ... raise StageLoadError(\nStageLoadError: {err.value}\n"
+    )
+    assert stage_load_error(wrapped) == str(err.value)
+    assert stage_load_error(ValueError("another failure")) is None
