@@ -423,14 +423,46 @@ class CurateJob:
             import shutil
 
             shutil.rmtree(self.work)
-        saved = json.loads(state_file.read_text())["scoring"] if state_file.exists() else None
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        saved = state.get("scoring")
         if saved is not None and saved != current and self._has_scored_work():
             raise ConfigError(
                 f"{self.out} holds work scored with {_scoring_change(saved, current)}; "
                 "use another --out, or --restart to discard it and score again"
             )
-        if saved != current:  # new, or a run that stopped before scoring anything (missing weights)
-            write_json_atomic(state_file, {"scoring": current})
+        weights = self._weights_fingerprint()
+        before = state.get("weights")
+        if before is not None and self._has_scored_work():  # a file replaced under the same name
+            changed = [
+                f"{stage}: {name} (sha256 {old[:12]}..., now {weights[stage][name][:12]}...)"
+                for stage, files in before.items()
+                for name, old in files.items()
+                if name in weights.get(stage, {}) and weights[stage][name] != old
+            ]
+            if changed:
+                raise ConfigError(
+                    f"{self.out} holds work scored with other weights: {'; '.join(changed[:3])}; one threshold"
+                    " would filter scores of two models: use another --out, or --restart to score again"
+                )
+        if saved != current or before != weights:  # new, or a run that stopped before scoring anything
+            write_json_atomic(state_file, {"scoring": current, "weights": weights})
+
+    def _weights_fingerprint(self) -> dict[str, dict[str, str]]:
+        """sha256 of each enabled model stage's weight files that are there (cached by size and mtime in
+        the models dir: the workers' lineage hashes them anyway)."""
+        from pipeline.models import file_sha256, resolve_models_dir
+
+        out: dict[str, dict[str, str]] = {}
+        for stage in self.model_stages():
+            root = resolve_models_dir(getattr(stage, "models_dir", None))
+            for wf in stage.weight_files():
+                path = root / wf.path
+                if path.exists():
+                    try:
+                        out.setdefault(stage.name, {})[str(wf.path)] = file_sha256(path, root)
+                    except OSError:
+                        continue  # unreadable: check_weights names it
+        return out
 
     def _check_text_backend(self) -> None:
         """text.backend=auto scores with CRAFT when its weights are in the models dir, else with PP-OCR: the

@@ -33,7 +33,7 @@ def models_dir(tmp_path_factory):
     return root
 
 
-def test_curate_with_every_model_stage(models_dir, tmp_path):
+def test_curate_with_every_model_stage(models_dir, tmp_path, capsys):
     footage = tmp_path / "footage"
     samples.generate_footage(footage)
     out = tmp_path / "out"
@@ -70,6 +70,21 @@ def test_curate_with_every_model_stage(models_dir, tmp_path):
     by_key = {r["key"]: r for r in kept}
     assert texts and all(texts[k] == by_key[k]["caption"] for k in texts)
     assert report_main([str(out), "--leaks"]) == 0
+
+    # the aesthetic MLP replaced under its name (another download): a rerun mixed two models' scores
+    import torch
+
+    from pipeline.models import aesthetic_file
+
+    mlp = models_dir / aesthetic_file().path
+    original = mlp.read_bytes()
+    state = torch.load(mlp, weights_only=True)
+    torch.save({k: v + 0.01 for k, v in state.items()}, mlp)
+    try:
+        assert curate_main(args + [a for s in sets for a in ("--set", s)]) == 2
+    finally:
+        mlp.write_bytes(original)
+    assert "holds work scored with other weights: aesthetic:" in capsys.readouterr().err
 
 
 def test_missing_weights_stop_the_job_before_any_work(tmp_path, capsys):
