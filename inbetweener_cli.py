@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, one-line help)
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = getattr(module, func_name)(rest)
+    except BrokenPipeError:  # `inbetweener models | head`: the reader has gone; nothing to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 1
     except KeyboardInterrupt:
         hint = AFTER_INTERRUPT.get(name)
         print(f"\ninbetweener {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

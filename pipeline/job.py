@@ -537,12 +537,17 @@ class CurateJob:
         """Stop before any work when an enabled stage's weights are missing or wrong."""
         from pipeline.models import check_weights
 
-        problems = check_weights(self.model_stages())
+        stages = self.model_stages()
+        problems = check_weights(stages)
         if problems:
+            from pipeline.models import resolve_models_dir
+
             lines = "\n  ".join(problems)
+            root = resolve_models_dir(getattr(stages[0], "models_dir", None)) if stages else None
+            where = f" --models-dir {root}" if root is not None else ""
             raise ConfigError(
                 f"model weights are missing or wrong:\n  {lines}\n"
-                "fetch them (inbetweener models download STAGE), or skip the stage explicitly (--skip STAGE)"
+                f"fetch them (inbetweener models{where} download STAGE), or skip the stage explicitly (--skip STAGE)"
             )
 
     def _done_key(self, sources: list[str]) -> str:

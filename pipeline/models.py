@@ -191,6 +191,31 @@ def not_weights(path: Path) -> str | None:
     return None
 
 
+def quick_problem(path: Path) -> str | None:
+    """What is wrong with a weight file that can be told without loading it (None: nothing found): not
+    weights at all (`not_weights`), a safetensors file shorter than its header says, a zip (torch.save)
+    whose directory at its end is missing: a download cut short."""
+    import zipfile
+
+    odd = not_weights(path)
+    if odd:
+        return odd
+    kind = weights_format(path)
+    if kind == "safetensors":
+        try:
+            safetensors_header(path)
+        except WeightsError as exc:
+            return str(exc).removeprefix(f"{path}: ")
+    elif kind == "torch":
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if zipped and not zipfile.is_zipfile(path):
+            return (
+                "truncated: the zip directory torch.save writes at its end is missing (a download cut short?)"
+            )
+    return None
+
+
 def weights_format(path: Path) -> str | None:
     """ "safetensors", "torch" (a zip or a pickle: torch.save) or None, from the file's first bytes rather
     than its name: a safetensors file named .ckpt, an HF cache blob without a suffix."""
@@ -506,6 +531,8 @@ def check_weights(
     with the command that fetches it, each truncated or wrong file with what was expected.
     An empty list: every stage can load its weights. Call it before any work starts."""
     root = resolve_models_dir(models_dir)
+    if root.exists() and not root.is_dir():
+        return [f"the models dir {root} is a file, not a folder (set by --models-dir or ${ENV_VAR})"]
     stages = list(stages)
     if any(isinstance(s, str) for s in stages):
         stages = [default_stages([s], root)[0] if isinstance(s, str) else s for s in stages]
@@ -517,7 +544,10 @@ def check_weights(
                 if not wf.optional:
                     problems.append(f"{stage.name}: {missing_message(wf, stage_dir, stage.name)}")
                 continue
-            problems += [f"{stage.name}: {p}" for p in check_file(wf, stage_dir, verify_hashes)]
+            try:
+                problems += [f"{stage.name}: {p}" for p in check_file(wf, stage_dir, verify_hashes)]
+            except ValueError as exc:  # a setting that names no model (aesthetic.clip_model with a typo)
+                problems.append(f"{stage.name}: {exc}")
     return problems
 
 
@@ -563,8 +593,12 @@ def file_sha256(path: Path, models_dir: Path | None = None) -> str:
     """sha256 of a file (or of a folder: of its files' names and sha256s), cached in
     MODELS_DIR/.sha256.json by size and mtime so a 15 GB snapshot is hashed once."""
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if path.is_dir():  # hidden paths left out: .cache/huggingface's download records carry timestamps
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         lines = [f"{p.relative_to(path)} {file_sha256(p, models_dir)}" for p in files]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     cache_file = (models_dir or path.parent) / ".sha256.json"
@@ -761,6 +795,8 @@ def _list_other_jobs(root: Path) -> None:
             found = next((root / p for p in paths if (root / p).exists()), None)
             if found is None:
                 print(f"  {paths[0]}  missing  ({what})  <- {source}")
+            elif problem := quick_problem(found):
+                print(f"  {found.relative_to(root)}  BROKEN: {problem}  ({what})  <- {source}")
             else:
                 print(f"  {found.relative_to(root)}  present  {_human(_size(found))}  ({what})")
     print(
@@ -822,6 +858,9 @@ models directory: --models-dir, else ${ENV_VAR}, else {DEFAULT_DIR}""",
     )
     args = p.parse_intermixed_args(argv)  # `list --no-hashes text`: options between the positionals
     root = resolve_models_dir(args.models_dir)
+    if root.exists() and not root.is_dir():  # every file would read as "missing"
+        print(f"inbetweener models: {root} is a file, not a models folder", file=sys.stderr)
+        return 2
     names = args.stages or [n for names in JOBS.values() for n in names]
     try:
         stages = default_stages(names, root)

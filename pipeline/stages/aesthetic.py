@@ -20,6 +20,7 @@ AESTHETIC_MIN = 4.0: flat-colour cartoon frames score lower than photographs on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +60,41 @@ def _build_clip(model: str, pretrained: str, device):
     import open_clip
 
     quick_gelu = bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
-    return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, device=device)
+    # open_clip warns "Model initialized randomly" when it loads no weights itself: ours load next
+    with _quiet_root_warning("No pretrained weights loaded"):
+        return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick_gelu, device=device)
+
+
+@contextlib.contextmanager
+def _quiet_root_warning(start: str):
+    """Drop the root logger's records beginning with `start` while the block runs."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(start)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    handlers = list(root.handlers)
+    for h in handlers:  # logging.warning() before any configuration goes to the last-resort handler
+        h.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        for h in handlers:
+            h.removeFilter(keep)
 
 
 def clip_shapes(model: str, pretrained: str, models_dir: Path) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the open_clip model, built on the meta device (no memory, no weights)."""
     import torch
 
+    import open_clip
+
     register_clip_config(model, models_dir)
+    if open_clip.get_model_config(model) is None:  # open_clip's own error lists its 200 models
+        raise ValueError(f"unknown open_clip model {model!r} (no MODELS_DIR/open_clip/{model}.json either)")
     with torch.device("meta"):
         net = _build_clip(model, pretrained, "meta")
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}

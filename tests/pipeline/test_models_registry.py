@@ -115,3 +115,70 @@ def test_lineage_merges_stages():
         "aesthetic": {"model": "laion", "sha256": "bb", "clip_sha256": "cc"},
         "text": {"model": "ppocr:det.onnx", "sha256": "aa"},
     }
+
+
+def test_the_other_jobs_broken_files_are_not_called_present(tmp_path, capsys):
+    """A cut model.ckpt (its zip directory gone), a folder under a file's name, a 0-byte I3D and a Git LFS
+    pointer were all listed as 'present'; a models dir that is a file listed everything as missing."""
+    import torch
+
+    (tmp_path / "tooncrafter").mkdir()
+    torch.save({"w": torch.zeros(4096)}, tmp_path / "whole.ckpt")
+    whole = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "tooncrafter" / "model.ckpt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "tooncrafter" / "sketch_encoder.ckpt").mkdir()
+    (tmp_path / "i3d").mkdir()
+    (tmp_path / "i3d" / "i3d_torchscript.pt").write_bytes(b"")
+    (tmp_path / "lpips").mkdir()
+    (tmp_path / "lpips" / "alex.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    assert cli(["models", "--models-dir", str(tmp_path), "list", "--no-hashes"]) == 0
+    out = capsys.readouterr().out
+    assert "tooncrafter/model.ckpt  BROKEN: truncated: the zip directory" in out
+    assert "tooncrafter/sketch_encoder.ckpt  BROKEN: a folder, not a weight file" in out
+    assert "i3d/i3d_torchscript.pt  BROKEN: an empty file (0 bytes)" in out
+    assert "lpips/alex.pth  BROKEN: a Git LFS pointer" in out
+    assert cli(["models", "--models-dir", str(tmp_path / "whole.ckpt"), "list"]) == 2
+    assert "whole.ckpt is a file, not a models folder" in capsys.readouterr().err
+    assert check_weights(["aesthetic"], tmp_path / "whole.ckpt") == [
+        f"the models dir {tmp_path / 'whole.ckpt'} is a file, not a folder (set by --models-dir or ${ENV_VAR})"
+    ]
+
+
+def test_a_folders_hash_leaves_out_hidden_paths(tmp_path):
+    """huggingface_hub's download records (.cache/huggingface/download/*.metadata) hold a timestamp: two
+    identical downloads had two lineage hashes."""
+    for name, stamp in (("a", "1700000000"), ("b", "1800000000")):
+        folder = tmp_path / name
+        (folder / ".cache" / "huggingface" / "download").mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text(
+            f"etag\n{stamp}\n"
+        )
+    assert file_sha256(tmp_path / "a", tmp_path) == file_sha256(tmp_path / "b", tmp_path)
+
+
+def test_a_clip_model_name_that_names_no_model_is_a_problem_not_a_traceback(tmp_path):
+    """aesthetic.clip_model with a typo: a ValueError traceback out of the pre-check (and --dry-run)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.stages.aesthetic import AestheticStage
+
+    stage = AestheticStage(models_dir=str(tmp_path), clip_model="ViT-L-14-typo")
+    for wf in stage.weight_files():
+        (tmp_path / wf.path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": torch.zeros(1)}, str(tmp_path / wf.path))  # readable: its keys are compared next
+    problems = check_weights([stage], tmp_path)
+    assert any("unknown open_clip model 'ViT-L-14-typo'" in p for p in problems), problems
+
+
+def test_building_a_clip_model_says_nothing_of_random_weights(tmp_path, caplog):
+    """open_clip's 'No pretrained weights loaded ... Model initialized randomly' came twice with every models
+    check and curate run, though our loader loads the weights next."""
+    import logging
+
+    from pipeline.stages.aesthetic import clip_shapes
+
+    with caplog.at_level(logging.WARNING):
+        assert clip_shapes("ViT-B-32", "openai", tmp_path)
+    assert "initialized randomly" not in caplog.text
