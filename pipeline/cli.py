@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from manifests.files import FolderBusy, folder_lock
 from manifests.io import ManifestError, manifest_config, read_manifest
 from manifests.remote import local_folder, not_a_url
 from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
@@ -149,6 +150,11 @@ def select_main(argv: list[str] | None = None) -> int:
     args.out = _out_of(args.out)
     manifest = args.out / "manifest.parquet"
     try:
+        if not manifest.exists() and (args.out / ".work").is_dir():
+            raise ConfigError(
+                f"{args.out} has no manifest yet: its curate job has not finished (running, or stopped: run it"
+                " again to the end), and select re-decides a finished job's clips"
+            )
         table = read_manifest(manifest)
         config = config_from_dict(_saved_config(manifest))
         config.split.sticky = True  # a fresh draw is asked for each time (split.sticky=false), not inherited
@@ -246,8 +252,13 @@ def report_main(argv: list[str] | None = None) -> int:
             return 2
     if args.leaks:
         return _leak_check(table, config, others)
-    try:
-        path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
+    try:  # shared: not while a select or curate replaces the manifest and shards (the page would mix them)
+        with folder_lock(args.out, "inbetweener report", shared=True):
+            table = read_manifest(manifest)  # again, under the lock
+            path = write_report(args.out, table, config, thumbs=CurateJob([], args.out, config).thumbs_of)
+    except (FolderBusy, ManifestError) as exc:
+        print(f"inbetweener report: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"inbetweener report: {os_error(exc)}", file=sys.stderr)
         return 1

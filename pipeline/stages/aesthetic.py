@@ -88,9 +88,8 @@ def _quiet_root_warning(start: str):
 
 def clip_shapes(model: str, pretrained: str, models_dir: Path) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the open_clip model, built on the meta device (no memory, no weights)."""
-    import torch
-
     import open_clip
+    import torch
 
     register_clip_config(model, models_dir)
     if open_clip.get_model_config(model) is None:  # open_clip's own error lists its 200 models

@@ -275,6 +275,15 @@ def test_a_damaged_work_part_costs_thumbnails_not_the_report(curated, tmp_path, 
     assert select_main([str(copy)]) == 0
     assert "thumbnails of" in capsys.readouterr().err and (copy / "report.html").stat().st_mtime_ns > before
     assert report_main([str(copy / "manifest.parquet")]) == 0  # OUT named by its manifest
+    from manifests.files import folder_lock
+
+    with folder_lock(copy, "inbetweener select"):  # a select replacing the manifest and shards meanwhile
+        assert report_main([str(copy)]) == 2
+    assert "is being written by inbetweener select" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".work").mkdir(parents=True)  # a curate still running, or stopped
+    assert select_main([str(unfinished)]) == 2
+    assert "has no manifest yet: its curate job has not finished" in capsys.readouterr().err
 
 
 def test_a_read_only_out_stops_before_any_work_saying_so(tmp_path, capsys, monkeypatch):
