@@ -93,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = getattr(module, func_name)(rest)
-    except BrokenPipeError:  # `inbetweener models | head`: the reader has gone; nothing to say to it
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
-        return 1
+    except BrokenPipeError:  # `inbetweener models | head`: the reader of stdout has gone
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
+            return 1
+        raise  # another pipe (a socket, a worker's): not the reader going away
     except KeyboardInterrupt:
         hint = AFTER_INTERRUPT.get(name)
         print(f"\ninbetweener {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)

@@ -346,18 +346,23 @@ def sketch_hint(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 255.0
 
 
-SKETCH_BLANK = 64  # a sketch none of whose pixels is this far (of 255) from its paper has no lines
+SKETCH_BLANK = 16  # a sketch none of whose pixels is this far (of 255) from the others has no visible line
 
 
 def paper_is_light(grey: np.ndarray) -> bool:
-    """Whether a grey drawing [H, W] is dark lines on light paper, judged by its paper: the median of a ring
-    along its edges (5% of the short side), where drawings seldom reach. The mean would take a drawing of
-    more ink than paper (a dense, shaded sketch) for an inverted one."""
+    """Whether a grey drawing [H, W] is dark lines on light paper. Two views of the paper: the median of a
+    ring along the edges (5% of the short side), where drawings seldom reach, and the most common grey
+    level. Light by either is light: a drawing of more ink than paper (a dense, shaded sketch) has a light
+    edge and a dark commonest level, a photo of a sheet on a desk (a scan with the lid's dark margin) a
+    dark edge and a light commonest level; only a light-on-dark drawing is dark by both. (The mean took
+    the first for an inverted drawing.)"""
     ring = max(1, round(0.05 * min(grey.shape[:2])))
     edges = np.concatenate(
         [grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(), grey[:, -ring:].ravel()]
     )
-    return float(np.median(edges)) > 127.5
+    counts = np.bincount((grey.ravel() // 16).astype(np.int64), minlength=16)
+    commonest = 16 * int(np.argmax(counts)) + 8
+    return float(np.median(edges)) > 127.5 or commonest > 127.5
 
 
 def read_sketch(path: str | os.PathLike) -> np.ndarray:
@@ -382,9 +387,7 @@ def read_sketch(path: str | os.PathLike) -> np.ndarray:
         grey = read_image(path, grey=True)
         lines = 255 - grey if paper_is_light(grey) else grey
     if int(lines.max(initial=0)) - int(lines.min(initial=0)) < SKETCH_BLANK:
-        log.warning(
-            "sketch %s has no lines (a blank page): that frame is guided towards an empty drawing", path
-        )
+        log.warning("sketch %s shows no line (a blank or nearly uniform page): check the file", path)
     return lines
 
 

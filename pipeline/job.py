@@ -224,6 +224,7 @@ class CurateJob:
     def _run(self, sources: list[str]) -> JobResult:
         self._check_state()
         self.check_weights()
+        self._check_same_weights()  # after: a broken file is named as broken, not as other weights
         self.check_encoder()
         self._history_from()  # split histories that cannot be read stop the job before any work
         if self.config.split.sticky:
@@ -407,9 +408,10 @@ class CurateJob:
         try:
             report = write_report(self.out, table, self.config, thumbs=self.thumbs_of)
         except Exception as exc:  # the manifest and shards are written: the page is not worth losing them
-            self._say(
+            print(  # said under --quiet too: the job's summary has no report line then
                 f"warning: the manifest and shards are written, but report.html could not be rebuilt"
-                f" ({type(exc).__name__}: {exc}); `inbetweener report {self.out}` tries again"
+                f" ({type(exc).__name__}: {exc}); `inbetweener report {self.out}` tries again",
+                file=sys.stderr,
             )
             return self._result(table, report_failed=True)
         return self._result(table, report=report)
@@ -430,38 +432,55 @@ class CurateJob:
                 f"{self.out} holds work scored with {_scoring_change(saved, current)}; "
                 "use another --out, or --restart to discard it and score again"
             )
-        weights = self._weights_fingerprint()
+        if saved != current:  # new, or a run that stopped before scoring anything (missing weights)
+            write_json_atomic(state_file, {**state, "scoring": current})
+
+    def _check_same_weights(self) -> None:
+        """Finished work is only reused when its stages' weight files are the ones it was scored with."""
+        state_file = self.work / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
         before = state.get("weights")
+        weights = self._weights_fingerprint(before or {})
         if before is not None and self._has_scored_work():  # a file replaced under the same name
             changed = [
-                f"{stage}: {name} (sha256 {old[:12]}..., now {weights[stage][name][:12]}...)"
+                f"{stage}: {name} (sha256 {old['sha256'][:12]}..., now {weights[stage][name]['sha256'][:12]}...)"
                 for stage, files in before.items()
                 for name, old in files.items()
-                if name in weights.get(stage, {}) and weights[stage][name] != old
+                if isinstance(old, dict)
+                and name in weights.get(stage, {})
+                and weights[stage][name]["sha256"] != old.get("sha256")
             ]
             if changed:
                 raise ConfigError(
                     f"{self.out} holds work scored with other weights: {'; '.join(changed[:3])}; one threshold"
                     " would filter scores of two models: use another --out, or --restart to score again"
                 )
-        if saved != current or before != weights:  # new, or a run that stopped before scoring anything
-            write_json_atomic(state_file, {"scoring": current, "weights": weights})
+        if before != weights:
+            write_json_atomic(state_file, {**state, "weights": weights})
 
-    def _weights_fingerprint(self) -> dict[str, dict[str, str]]:
-        """sha256 of each enabled model stage's weight files that are there (cached by size and mtime in
-        the models dir: the workers' lineage hashes them anyway)."""
-        from pipeline.models import file_sha256, resolve_models_dir
+    def _weights_fingerprint(self, before: dict) -> dict[str, dict[str, dict]]:
+        """{stage: {file: {stamp, sha256}}} of each enabled model stage's weight files that are there. A file
+        whose stamp (sizes and mtimes) is the one recorded keeps its recorded sha256: a rerun hashes nothing
+        (a read-only models dir keeps no hash cache, and BLIP-2 is 15 GB); a changed one is hashed."""
+        from pipeline.models import file_sha256, file_stamp, resolve_models_dir
 
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, dict[str, dict]] = {}
         for stage in self.model_stages():
             root = resolve_models_dir(getattr(stage, "models_dir", None))
             for wf in stage.weight_files():
                 path = root / wf.path
-                if path.exists():
-                    try:
-                        out.setdefault(stage.name, {})[str(wf.path)] = file_sha256(path, root)
-                    except OSError:
-                        continue  # unreadable: check_weights names it
+                if not path.exists():
+                    continue
+                try:
+                    stamp = file_stamp(path)
+                    known = before.get(stage.name, {}).get(str(wf.path))
+                    if isinstance(known, dict) and known.get("stamp") == stamp:
+                        sha = known["sha256"]
+                    else:
+                        sha = file_sha256(path, root)
+                except OSError:
+                    continue  # unreadable: check_weights names it
+                out.setdefault(stage.name, {})[str(wf.path)] = {"stamp": stamp, "sha256": sha}
         return out
 
     def _check_text_backend(self) -> None:
@@ -523,6 +542,8 @@ class CurateJob:
 
         from pipeline.video import encode_clip
 
+        if self.config.run.address or os.environ.get("RAY_ADDRESS"):
+            return  # a cluster's workers encode with their own FFmpeg: a clip theirs cannot is its error row
         w = self.config.write
         blank = np.zeros((w.height, w.width, 3), np.uint8)
         try:

@@ -225,10 +225,13 @@ def weights_format(path: Path) -> str | None:
             head = f.read(9)
     except OSError:
         return None
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
+    # safetensors first: its first byte is the header length's low byte, 0x80 for one file in 32
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
+        return "torch"  # a zip (torch.save since 1.6) or a pickle of protocol 2-5 (the legacy format)
     return None
 
 
@@ -589,16 +592,32 @@ def _digest(path: Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """A folder's files, hidden paths left out (.cache/huggingface's download records carry timestamps)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def file_stamp(path: Path) -> str:
+    """Size and mtime of a file, or of a folder's files: what changes when a file is replaced, got
+    without reading it."""
+    files = _visible_files(path) if path.is_dir() else [path]
+    lines = [
+        f"{p.relative_to(path) if path.is_dir() else p.name} {p.stat().st_size} {p.stat().st_mtime_ns}"
+        for p in files
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
 def file_sha256(path: Path, models_dir: Path | None = None) -> str:
     """sha256 of a file (or of a folder: of its files' names and sha256s), cached in
     MODELS_DIR/.sha256.json by size and mtime so a 15 GB snapshot is hashed once."""
     path = Path(path)
-    if path.is_dir():  # hidden paths left out: .cache/huggingface's download records carry timestamps
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+    if path.is_dir():
+        files = _visible_files(path)
         lines = [f"{p.relative_to(path)} {file_sha256(p, models_dir)}" for p in files]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     cache_file = (models_dir or path.parent) / ".sha256.json"

@@ -53,7 +53,12 @@ COMPILED = "_orig_mod."  # torch.compile's wrapper, at the top or around one par
 EMA_PREFIX = "model_ema."  # LDM/Lightning's EMA copy (LitEma: names without dots, decay, num_updates)
 # What a folder given as a checkpoint holds, in order: a training step folder's exports, a
 # Lightning-DeepSpeed checkpoint folder (last.ckpt/checkpoint/...)
-FOLDER_FILES = ("model.safetensors", "sketch_encoder.safetensors", "checkpoint/mp_rank_00_model_states.pt")
+FOLDER_FILES = (
+    "model.safetensors",
+    "sketch_encoder.safetensors",
+    "checkpoint/mp_rank_00_model_states.pt",
+    "mp_rank_00_model_states.pt",  # a DeepSpeed tag folder (global_stepN)
+)
 LEGACY_RENAMES = {
     "framestride_embed.": "fps_embedding."
 }  # the reference's fallback loader (DynamiCrafter-256)
@@ -163,15 +168,23 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
     return obj
 
 
-class _Placeholder:
+class _Placeholder(dict):
     """Stands in for an object of a class whose library is not installed (a trainer's config pickled beside
-    the weights): it takes whatever the pickle gives it and is never used."""
+    the weights): it takes whatever the pickle gives it (a dict subclass's items, a list subclass's
+    appends, an object's state) and is never used."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
+        super().__init__()
+        self.args, self.kwargs, self.items_appended = args, kwargs, []
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
+
+    def append(self, item: Any) -> None:  # the pickle rebuilds it with __new__, not __init__
+        self.__dict__.setdefault("items_appended", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("items_appended", []).extend(items)
 
 
 class _TolerantPickle:
@@ -287,6 +300,11 @@ def checkpoint_file(path: str | Path, names: tuple[str, ...] = FOLDER_FILES) -> 
     for name in names:
         if (path / name).is_file():
             return path / name
+    pointer = path / "latest"  # a training run's checkpoints folder, a DeepSpeed save folder (its tag)
+    if pointer.is_file() and pointer.stat().st_size < 256:
+        target = path / pointer.read_text(errors="replace").strip()
+        if target.is_dir() and target.resolve() != path.resolve():
+            return checkpoint_file(target, names)
     held = sorted(p.name for p in path.iterdir())[:8]
     raise CheckpointError(
         f"{path} is a folder without a checkpoint file ({' or '.join(names)}); it holds: {', '.join(held) or 'nothing'}"
@@ -436,10 +454,20 @@ def _check_schedule(model: ToonCrafter, state_dict: dict[str, torch.Tensor], sou
     computed = schedule_buffers(model.cfg.schedule)
     low = [n for n in computed if n in state_dict and state_dict[n].dtype in (torch.float16, torch.bfloat16)]
     if low:
-        log.info(
-            "%s: schedule buffers stored in %s; the config's fp32 values are used",
+        # beyond what half precision explains (~1e-2 relative for bf16), the file's schedule is another one
+        other = [
+            n
+            for n in low
+            if not torch.allclose(
+                state_dict[n].float().cpu(), computed[n], rtol=2e-2, atol=1e-3, equal_nan=True
+            )
+        ]
+        log.log(
+            logging.WARNING if other else logging.INFO,
+            "%s: schedule buffers stored in %s; the config's fp32 values are used%s",
             source,
             state_dict[low[0]].dtype,
+            f" (the file's {other} differ beyond half precision: another schedule?)" if other else "",
         )
         for name in low:
             state_dict[name] = computed[name].to(torch.float32)

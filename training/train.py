@@ -168,8 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(
             "--restart-data",
             action="store_true",
-            help="with --resume: read the data in a new order from here (after the shards or data.num_workers"
-            " changed); the weights, optimizer and step continue",
+            help="with --resume: read the data in a new order from here (after the shards, data.num_workers or"
+            " the number of ranks changed; an FSDP checkpoint needs its own number); the weights, optimizer"
+            " and step continue",
         )
         if name == "decoder":
             p.add_argument(
@@ -184,11 +185,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.preset:
         cli["train"]["preset"] = args.preset
     if args.init:  # a checkpoint folder (as the `done:` line names it): its exported model
-        init = Path(args.init)
-        exported = [
-            init / n for n in ("model.safetensors", "sketch_encoder.safetensors") if (init / n).is_file()
-        ]
-        chosen = exported[0] if init.is_dir() and exported else init
+        from training.checkpoint import CheckpointError, checkpoint_file
+
+        try:  # a `latest` pointer resolved now: recorded, it would name another step at the resume
+            chosen = checkpoint_file(args.init)
+        except CheckpointError:
+            chosen = Path(args.init)  # said when it is read, with the other input errors
         # absolute: a resume from another folder names the same file (_check_same_start)
         cli["train"]["init_checkpoint"] = os.path.abspath(chosen) if chosen.exists() else args.init
     if args.from_scratch:

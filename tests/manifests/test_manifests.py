@@ -149,6 +149,11 @@ def test_a_manifest_edited_elsewhere_is_read_or_refused_by_name(tmp_path):
         read_manifest(_edited(tmp_path, base.drop_columns(["clip_id"]), "noid.parquet"))
     with pytest.raises(ManifestError, match=r"no text_area column, though its stage scored the clips"):
         read_manifest(_edited(tmp_path, base.drop_columns(["text_area"]), "notext.parquet"))
+    broken = to_table(  # two byte-identical copies of a file that does not decode: one source-level id
+        [{"clip_id": "src", "source_id": "s", "source_uri": u, "status": "error", "reason": "probe: not a video"}
+         for u in ("a.mp4", "copy of a.mp4")]
+    )  # fmt: skip
+    assert read_manifest(_edited(tmp_path, broken, "copies.parquet")).num_rows == 2
     twice = pa.concat_tables([base, base.slice(1, 1)])
     with pytest.raises(ManifestError, match=r"twice\.parquet: 1 clip id\(s\) on more than one row: c1"):
         read_manifest(_edited(tmp_path, twice, "twice.parquet"))

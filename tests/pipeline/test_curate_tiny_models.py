@@ -74,8 +74,18 @@ def test_curate_with_every_model_stage(models_dir, tmp_path, capsys):
     # the aesthetic MLP replaced under its name (another download): a rerun mixed two models' scores
     import torch
 
+    from pipeline import models as models_module
     from pipeline.models import aesthetic_file
 
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a rerun hashed the unchanged weights (15 GB of BLIP-2 on every run)")
+
+    real_sha = models_module.file_sha256
+    models_module.file_sha256 = no_hashing
+    try:  # nothing changed: the rerun is a no-op and hashes nothing
+        assert curate_main(args + [a for s in sets for a in ("--set", s)]) == 0
+    finally:
+        models_module.file_sha256 = real_sha
     mlp = models_dir / aesthetic_file().path
     original = mlp.read_bytes()
     state = torch.load(mlp, weights_only=True)

@@ -255,6 +255,12 @@ def test_files_as_people_have_them_load(tiny, tmp_path, caplog):
     deepspeed.mkdir(parents=True)
     torch.save({"module": state}, deepspeed / "mp_rank_00_model_states.pt")
     _assert_equal_state(load_model(tmp_path / "last.ckpt", preset="tiny"), tiny)
+    raw = tmp_path / "ds_save" / "global_step100"  # DeepSpeed's own layout: a tag folder and `latest`
+    raw.mkdir(parents=True)
+    torch.save({"module": state}, raw / "mp_rank_00_model_states.pt")
+    (raw.parent / "latest").write_text("global_step100")
+    for given in (raw.parent, raw.parent / "latest", raw):
+        _assert_equal_state(load_model(given, preset="tiny"), tiny)
     with pytest.raises(
         CheckpointError, match=r"is a folder without a checkpoint file .*it holds: checkpoints"
     ):
@@ -274,11 +280,19 @@ def test_a_pickled_object_of_a_library_not_installed_is_a_placeholder(tiny, tmp_
         def __init__(self):
             self.lr = 1e-5
 
-    Cfg.__module__, Cfg.__qualname__ = library.__name__, "Cfg"
-    library.Cfg = Cfg
+    class AttrDict(dict):  # EasyDict/addict-style hparams: rebuilt by item assignment
+        pass
+
+    class Steps(list):  # rebuilt by appends
+        pass
+
+    for cls in (Cfg, AttrDict, Steps):
+        cls.__module__, cls.__qualname__ = library.__name__, cls.__name__
+        setattr(library, cls.__name__, cls)
     monkeypatch.setitem(sys.modules, library.__name__, library)
     path = tmp_path / "trainer.ckpt"
-    torch.save({"state_dict": tiny.state_dict(), "hyper_parameters": {"cfg": Cfg()}}, path)
+    hparams = {"cfg": Cfg(), "opt": AttrDict(lr=1e-5, betas=[0.9, 0.999]), "milestones": Steps([10, 20])}
+    torch.save({"state_dict": tiny.state_dict(), "hyper_parameters": hparams}, path)
     monkeypatch.delitem(sys.modules, library.__name__)
     with caplog.at_level(logging.WARNING, logger="training.checkpoint"):
         _assert_equal_state(load_model(path, preset="tiny"), tiny)
@@ -319,3 +333,22 @@ def test_a_schedule_stored_in_half_precision_is_recomputed(tiny, tmp_path):
     loaded = load_model(path, preset="tiny", dtype=None)
     assert loaded.alphas_cumprod.dtype == torch.float32
     torch.testing.assert_close(loaded.alphas_cumprod, tiny.alphas_cumprod)
+
+
+def test_a_safetensors_file_whose_first_byte_looks_like_a_pickle_keeps_its_config(tiny, tmp_path):
+    """A safetensors file starts with its header's length; for one in 32 files its low byte is 0x80, a
+    pickle's first byte: the file was read as a torch file, without its embedded config."""
+    from safetensors.torch import save_file
+
+    from training.checkpoint import header_config
+
+    base = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    meta = {"inbetweener.config": json.dumps(tiny.cfg.to_dict())}
+    path = tmp_path / "padded.safetensors"
+    for pad in range(0, 264, 8):  # the header's length moves with the metadata's, in steps of 8
+        save_file(base, str(path), metadata={**meta, "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert header_config(path) == tiny.cfg
+    assert read_checkpoint(path).config == tiny.cfg

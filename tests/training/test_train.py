@@ -987,6 +987,10 @@ def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_
     (folder / "model.safetensors").write_bytes(dc_checkpoint.read_bytes())
     args = parse_args(["rectify", "--out", str(tmp_path / "o"), "--init", str(folder)])
     assert resolve_config(args).train.init_checkpoint == str(folder / "model.safetensors")
+    # `latest` is resolved to its step now: recorded as a pointer, a resume would start from a later step
+    (tmp_path / "latest").write_text("step_0000002\n")
+    args = parse_args(["rectify", "--out", str(tmp_path / "o"), "--init", str(tmp_path / "latest")])
+    assert resolve_config(args).train.init_checkpoint == str(folder / "model.safetensors")
 
 
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, train_shards, capsys):
