@@ -29,7 +29,7 @@ def _curate_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""example:
   inbetweener curate footage/ more/*.mp4 s3://bucket/raw/ --out out/run1 --set motion.min=0.2
-  inbetweener curate list.txt --out out/run1 --address ray://head:10001
+  inbetweener curate list.txt --out out/run1 --address auto   # on a node of a running Ray cluster
 
 writes OUT/manifest.parquet, OUT/shards/train/, OUT/shards/eval/, OUT/report.html.
 Rerun the same command after a crash to continue; a finished job reruns as a no-op.""",

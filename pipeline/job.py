@@ -524,6 +524,8 @@ class CurateJob:
         """The enabled model stages, built from their config sections (threshold and switch removed)."""
         import dataclasses
 
+        from pipeline.models import resolve_models_dir
+
         stages = []
         for name in MODEL_STAGES:
             section = getattr(self.config, name)
@@ -531,6 +533,9 @@ class CurateJob:
                 continue
             cls = type(section).__mro__[1]  # the stage class the section extends
             params = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+            if "models_dir" in params:  # as the driver resolved and checked it: a cluster's workers have
+                # another working directory and environment (INBETWEENER_MODELS, a relative --models-dir)
+                params["models_dir"] = str(resolve_models_dir(params["models_dir"]).absolute())
             stages.append(cls(**params))
         return stages
 
@@ -540,9 +545,10 @@ class CurateJob:
         the write step, it failed every kept clip, as a worker crash."""
         import numpy as np
 
+        from pipeline.runner import is_cluster
         from pipeline.video import encode_clip
 
-        if self.config.run.address or os.environ.get("RAY_ADDRESS"):
+        if is_cluster(self.config.run.address):
             return  # a cluster's workers encode with their own FFmpeg: a clip theirs cannot is its error row
         w = self.config.write
         blank = np.zeros((w.height, w.width, 3), np.uint8)

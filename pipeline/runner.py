@@ -137,11 +137,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     _tune_scheduling()
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None  # a list file's "\r" too
+    if address and address.startswith("ray://"):
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"--address {address}: Ray Client (ray://) cannot run Ray Data's streaming jobs (it fails inside"
+            " Ray Data); run the job on a node of the cluster with --address auto (or its HOST:6379), or"
+            " submit it there with `ray job submit`"
+        )
+    if address and address not in ("auto", "local") and not _looks_like_host_port(address):
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"--address {address!r}: give HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), auto or local"
+        )
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
+    if address and address != "local":
         kwargs["address"] = address
-    else:
+    else:  # a new local instance, even beside a cluster `ray start` left running (ray.init() would join it)
+        address = None
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
@@ -182,6 +198,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 GCS_PROBE_TIMEOUT_S = 10.0
+
+
+def _looks_like_host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def is_cluster(address: str | None) -> bool:
+    """Whether the job runs on a cluster (its workers on other machines, with their own files and
+    FFmpeg): an address other than `local`, given or in RAY_ADDRESS."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    return bool(address) and address != "local"
 
 
 def probe_gcs(address: str, timeout: float = GCS_PROBE_TIMEOUT_S) -> str | None:
@@ -425,6 +453,21 @@ def actor_plan(stages: Sequence[Stage], gpus: float, cpus: float, workers: int) 
     return plan
 
 
+def check_room(cpus: float, plan: dict[int, Pool], groups: list[list[Stage]]) -> None:
+    """ConfigError when the model actors' reserved CPU shares leave no room for one decoding task: the
+    actors hold theirs for the whole job, so the tasks would wait forever, silently (a 1-CPU cluster)."""
+    held = sum(pool.actors * pool.cpus for pool in plan.values())
+    task = max((max(s.num_cpus for s in g) for g in groups if not g[0].has_setup()), default=0.0)
+    if task and cpus + 1e-9 < held + task:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(
+            f"the Ray cluster has {cpus:g} CPU(s): the model stages' actors hold {held:g} for the whole job and"
+            f" a decoding task needs {task:g}, so no task could ever start; give the cluster more CPUs"
+            " (`ray start --num-cpus N` on a node)"
+        )
+
+
 def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> Iterator[dict]:
     """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped)."""
     import ray
@@ -436,6 +479,7 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
     plan = actor_plan(stages, resources.get("GPU", 0), resources.get("CPU", 1), workers)
     pools = {id(stages[i]): pool for i, pool in plan.items()}
     groups = _groups(stages)
+    check_room(resources.get("CPU", 0), plan, groups)
     for i, group in enumerate(groups):
         stage = group[0]
         # rows leave a group without the heavy columns no later stage reads (all of them at the end):

@@ -281,3 +281,16 @@ def test_work_of_an_earlier_version_is_adopted_not_redone(tmp_path, monkeypatch)
     assert (out / ".work" / "clips" / clip_cache_name(earlier.write) / "c1.mp4").read_bytes() == b"clip"
     assert job.clips.name == clip_cache_name(CurateConfig().write) != clip_cache_name(earlier.write)
     assert os.listdir(out / ".work" / "clips") == [clip_cache_name(earlier.write)]
+
+
+def test_model_stages_get_the_models_dir_the_driver_resolved(tmp_path, monkeypatch):
+    """On a cluster the workers have another working directory and environment: INBETWEENER_MODELS or a
+    relative --models-dir resolved there scored with another text detector than the driver had checked."""
+    from pipeline.config import load_config
+    from pipeline.job import CurateJob
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INBETWEENER_MODELS", "models")  # relative, and an environment variable
+    config = load_config(sets=["aesthetic.enabled=false", "caption.enabled=false", "alignment.enabled=false"])
+    (text,) = CurateJob([], tmp_path / "out", config).model_stages()
+    assert text.models_dir == str(tmp_path / "models")

@@ -429,3 +429,43 @@ print("all rows through, every pool up at once")
     assert proc.returncode == 0 and "every pool up at once" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-3000:]
     )
+
+
+def test_addresses_as_people_give_them(monkeypatch):
+    """A plain local run joined a cluster a `ray start` left on the machine and crashed (num_cpus with an
+    existing cluster); `ray://` (the help's own example) failed inside Ray Data; `6379` was a traceback and
+    `HOST:6379 ` (a trailing space) slipped past the probe and hung."""
+    import ray
+
+    from pipeline import runner
+    from pipeline.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(runner, "probe_gcs", lambda address: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    runner.init_ray(num_cpus=3)
+    runner.init_ray("local", num_cpus=3)
+    assert [(c["address"], c["num_cpus"]) for c in calls] == [("local", 3), ("local", 3)]
+    runner.init_ray("10.0.0.9:6379 ")
+    assert calls[-1]["address"] == "10.0.0.9:6379" and "num_cpus" not in calls[-1]
+    for bad, message in (("ray://head:10001", "Ray Client"), ("6379", "give HOST:PORT")):
+        with pytest.raises(ConfigError, match=message):
+            runner.init_ray(bad)
+    assert runner.is_cluster("auto") and not runner.is_cluster("local") and not runner.is_cluster(None)
+
+
+def test_a_cluster_too_small_for_the_actors_and_one_task_is_refused():
+    """A 1-CPU cluster: the text actor's 0.1 CPU left 0.9 for tasks that need 1, and the job waited
+    forever without a word."""
+    from pipeline.config import ConfigError
+    from pipeline.runner import Pool, check_room
+    from pipeline.stages.motion import MotionStage
+    from pipeline.stages.text import TextStage
+
+    text, motion = TextStage(), MotionStage()
+    groups = [[motion], [text]]
+    with pytest.raises(ConfigError, match=r"has 1 CPU\(s\): the model stages' actors hold 0.1"):
+        check_room(1.0, {1: Pool(1, 0.0, 0.1)}, groups)
+    check_room(2.0, {1: Pool(1, 0.0, 0.1)}, groups)  # room for both
