@@ -385,6 +385,16 @@ class CurateJob:
             )
         if c.history_from:
             lines[-1] += f"; keeps the train of {c.history_from} out of eval (split.history_from)"
+        from pipeline.runner import is_cluster
+
+        given = self.config.run.address
+        address = (given or os.environ.get("RAY_ADDRESS") or "").strip()
+        lines.append(
+            f"ray: the cluster at {address} (not contacted by a dry run; the models dir must be the same path"
+            " on its nodes)"
+            if is_cluster(given)
+            else "ray: a local instance"
+        )
         lines.append(f"output: {self.out} (manifest.parquet, shards/train, shards/eval, report.html)")
         return "\n".join(lines)
 

@@ -506,6 +506,10 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
     n = len([line for line in said.splitlines() if line.startswith("  ")])
     assert "sources already scored" in said and "weights: all present" in said and n >= 1
     assert "stages: probe -> shots -> timing -> motion -> dedup -> text -> write" in said
+    assert "ray: a local instance" in said
+    argv = [str(footage), "--out", str(out), "--dry-run", "--address", "10.0.0.9:6379", *SKIPS]
+    assert curate_main(argv) == 0  # a dry run contacts no cluster, and says so
+    assert "ray: the cluster at 10.0.0.9:6379 (not contacted by a dry run" in capsys.readouterr().out
     fresh = tmp_path / "fresh"
     models = tmp_path / "no-models"
     assert curate_main([str(footage), "--out", str(fresh), "--models-dir", str(models), "--dry-run"]) == 0
