@@ -196,6 +196,10 @@ class CurateJob:
             raise ConfigError(f"no video files found in {self.inputs}")
         for item in self._unmatched:
             self._say(f"{item}: no video file there (an empty folder, a pattern that matches none): left out")
+        from pipeline.runner import is_cluster
+
+        if is_cluster(self.config.run.address):  # a cluster that cannot be joined: said before OUT is made
+            self._init_ray()
         try:  # an output folder that cannot be written stops the job before any work
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -338,6 +338,15 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert f"--out {inside_a_file} cannot be written: Not a directory" in capsys.readouterr().err
     assert curate_main([*dry, "--out", str(out), "--set", f"split.history_from={tmp_path / 'gone'}"]) == 2
     assert "gone" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as free:  # a cluster address nothing answers at: said before OUT is made
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    unjoined = tmp_path / "unjoined"
+    argv = [str(tmp_path / "footage"), "--out", str(unjoined), "--address", f"127.0.0.1:{port}", *SKIPS]
+    assert curate_main(argv) == 2
+    assert "nothing answers at 127.0.0.1" in capsys.readouterr().err and not unjoined.exists()
     # an encoder that cannot encode here failed every kept clip in the write step, as a worker crash
     for dry in ([], ["--dry-run"]):
         argv = [
