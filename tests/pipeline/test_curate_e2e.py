@@ -345,7 +345,11 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
         port = free.getsockname()[1]
     unjoined = tmp_path / "unjoined"
     argv = [str(tmp_path / "footage"), "--out", str(unjoined), "--address", f"127.0.0.1:{port}", *SKIPS]
-    assert curate_main(argv) == 2
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:  # as a fresh process is (earlier tests started a local Ray)
+        patch.setattr(ray, "is_initialized", lambda: False)
+        assert curate_main(argv) == 2
     assert "nothing answers at 127.0.0.1" in capsys.readouterr().err and not unjoined.exists()
     # an encoder that cannot encode here failed every kept clip in the write step, as a worker crash
     for dry in ([], ["--dry-run"]):
