@@ -464,8 +464,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             problem = module.missing_weights(cfg, given)
             if problem:
                 raise FileNotFoundError(problem)
-        if run.train.global_batch % (run.train.micro_batch * int(os.environ.get("WORLD_SIZE", 1))):
-            engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # its message
+        engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # a batch the ranks split
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))

@@ -101,12 +101,13 @@ def missing_weights(cfg: DecoderConfig, models_dir: Path | None) -> str | None:
             require_file(weight, models_dir)
         except MissingWeightsError as exc:
             missing.append(str(exc))
-    if not missing:
-        return None
+    return _lpips_advice(cfg.lpips_net, "\n".join(missing)) if missing else None
+
+
+def _lpips_advice(net: str, problem: object) -> str:
     return (
-        f"train decoder: LPIPS ({cfg.lpips_net}) needs its weights: "
-        + "\n".join(missing)
-        + "\nOr train without it: --no-lpips (= --set decoder.lpips_weight=0)."
+        f"train decoder: LPIPS ({net}) needs its weights: {problem}\n"
+        "Or train without it: --no-lpips (= --set decoder.lpips_weight=0)."
     )
 
 
@@ -119,10 +120,7 @@ def load_perceptual(net: str, models_dir: Path | None) -> nn.Module:
     try:
         return load_lpips(models_dir, net=net)
     except (MissingWeightsError, WeightsError) as exc:
-        raise SystemExit(
-            f"train decoder: LPIPS ({net}) needs its weights: {exc}\n"
-            "Or train without it: --no-lpips (= --set decoder.lpips_weight=0)."
-        ) from exc
+        raise SystemExit(_lpips_advice(net, exc)) from exc
 
 
 def checkpoint_forward(module: nn.Module) -> None:

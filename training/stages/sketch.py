@@ -196,10 +196,7 @@ def load_extractor(cfg: SketchConfig, models_dir: Path | None) -> tuple[str, nn.
             load_module_weights(net, found, prefix="module.")  # WeightsError naming the file if it is not
             return f"anime2sketch ({found})", net.eval().requires_grad_(False)
         if cfg.extractor == "anime2sketch":
-            raise SystemExit(
-                f"train sketch: Anime2Sketch weights not found: put {' or '.join(ANIME2SKETCH_FILES)} under the "
-                f"models dir {base} (from {ANIME2SKETCH_SOURCE}), or use --set sketch.extractor=xdog"
-            )
+            raise SystemExit(missing_weights(cfg, models_dir))
     return "xdog", XDoG(cfg.xdog_sigma, cfg.xdog_k, cfg.xdog_tau, cfg.xdog_phi)
 
 
