@@ -724,11 +724,8 @@ def test_bench_gpu_smoke_mode(tmp_path):
     ):
         assert parts[part] > 0, part
     assert parts["forward, rest"] > -1e-3  # the hooked parts lie inside the forward
-    assert (
-        0.2 * rows[("rectify", 1)]["s_per_step"]
-        < sum(parts.values())
-        < 5 * rows[("rectify", 1)]["s_per_step"]
-    )
+    # (no comparison of the by-part step with the timed steps: two walls on a shared machine, CI saw
+    # one stalled step take six times the other)
     assert rows[("decoder", 1)]["breakdown_s"]["backward"] > 0
 
 
