@@ -120,6 +120,7 @@ class ProbeInfo:
     vfr_spread: float  # relative spread of frame intervals beyond the clock's rounding (0: constant rate)
     nominal_rate: Fraction | None  # the grid a variable rate is decoded on; None when no interval was seen
     breaks: int = 0  # breaks in the timestamps (frame_intervals)
+    turns: int = 0  # quarter turns counterclockwise that show the frames upright (`quarter_turns`)
     transfer: int = 0  # FFmpeg's transfer characteristic (AVColorTransferCharacteristic); 16: PQ (HDR10)
 
 
@@ -146,7 +147,8 @@ def video_stream(container):
 def probe(uri: str) -> ProbeInfo:
     """Container facts of the main video stream, and how much its frame intervals vary, from the
     timestamps of all its packets (demuxed, not decoded: a frame rate that changes late in an episode,
-    as a 29.97 fps opening in a 23.976 fps show, counts)."""
+    as a 29.97 fps opening in a 23.976 fps show, counts). Width and height are those displayed: a phone
+    video stored 1920x1080 with a 90 degree display rotation is 1080x1920 (its first frame says)."""
     with open_container(uri) as container:
         stream = video_stream(container)
         if stream is None:
@@ -157,18 +159,25 @@ def probe(uri: str) -> ProbeInfo:
         fps = float(rate) if rate else 0.0
         duration_s = _duration_s(container, stream)
         num_frames = int(stream.frames or round(duration_s * fps))
-        pts = []
+        pts, turns = [], None
         try:
             for packet in container.demux(stream):
                 if packet.pts is not None and packet.size > 0:
                     pts.append(packet.pts)
+                if turns is None:
+                    turns = _first_turns(ctx, packet)
+            if turns is None:  # a stream so short that the decoder held all its frames back: flushed
+                turns = _first_turns(ctx, None)
         except Exception as exc:
             raise SourceError(f"cannot read packets ({_short(exc)})") from exc
         spread, nominal, breaks = frame_intervals(pts, stream.time_base or Fraction(1, 1000))
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        if (turns or 0) % 2:
+            width, height = height, width
         return ProbeInfo(
             codec=ctx.name or "unknown",
-            width=int(ctx.width or 0),
-            height=int(ctx.height or 0),
+            width=width,
+            height=height,
             fps=fps,
             num_frames=num_frames,
             duration_s=duration_s,
@@ -176,7 +185,28 @@ def probe(uri: str) -> ProbeInfo:
             nominal_rate=nominal,
             breaks=breaks,
             transfer=int(ctx.color_trc or 0),
+            turns=turns or 0,
         )
+
+
+def _first_turns(ctx, packet) -> int | None:
+    """`quarter_turns` of the first frame a packet decodes to (None: the decoder flushed); None while
+    none has come out (0 when the packet does not decode: the shots stage, which decodes every frame,
+    reports what is wrong)."""
+    import av
+
+    try:
+        frames = ctx.decode(packet)
+    except av.error.FFmpegError:
+        return 0
+    return quarter_turns(frames[0]) if frames else None
+
+
+def quarter_turns(frame) -> int:
+    """Quarter turns counterclockwise (0..3) that show a decoded frame upright, from its display matrix
+    (phones store portrait video as landscape frames and a rotation; players, and FFmpeg's command line,
+    turn it). A mirroring matrix counts for its rotation only."""
+    return round((frame.rotation or 0) / 90) % 4
 
 
 def _duration_s(container, stream) -> float:
@@ -367,22 +397,30 @@ def _decoded(uri: str, convert: Callable, retime: Retime | None = None) -> Itera
         sar = _sample_aspect(stream)
         index = 0
         try:
-            for frame in _filtered(stream, container.decode(stream), retime):
+            decoded = container.decode(stream)
+            first = next(decoded, None)
+            if first is None:
+                return
+            turns = quarter_turns(first)
+            if turns % 2:  # a stored pixel stands on its side once the frame is turned
+                sar = 1 / sar
+            for frame in _filtered(stream, itertools.chain([first], decoded), retime, turns):
                 yield convert(frame, sar)
                 index += 1
         except av.error.FFmpegError as exc:
             raise SourceError(f"decode failed at frame {index} ({_short(exc)})") from exc
 
 
-def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterator:
+def _filtered(stream, frames: Iterator, retime: Retime | None = None, turns: int = 0) -> Iterator:
     """The decoded frames, through FFmpeg filters where the stream needs them.
 
     Interlaced (the stream says so, or its first frame is: video from DVDs and broadcast often is):
     FFmpeg's bwdif deinterlacer, one frame out per frame in, so frame numbers stay those of the source;
     only frames flagged interlaced change, so a progressive intro passes as it is. `retime.ivtc`:
     fieldmatch, yadif and decimate instead (`Retime`); `retime.rate`: FFmpeg's fps filter puts the
-    frames on a constant grid (nearest frame to each grid time). A progressive stream with nothing to
-    retime does not go through a filter at all.
+    frames on a constant grid (nearest frame to each grid time); `turns`: the frames turned upright
+    (`quarter_turns`), after deinterlacing (fields are rows of the stored frame). A progressive, upright
+    stream with nothing to retime does not go through a filter at all.
     """
     import av
 
@@ -400,6 +438,7 @@ def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterato
         filters = [("bwdif", "mode=send_frame:parity=auto:deint=interlaced")]
     else:
         filters = []
+    filters += TURN_FILTERS[turns]
     if retime.rate is not None:
         filters.append(("fps", f"fps={retime.rate.numerator}/{retime.rate.denominator}"))
     if not filters:
@@ -409,9 +448,10 @@ def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterato
     try:
         chain = _Chain(stream, first, filters)
     except (av.error.FFmpegError, ValueError) as exc:
-        if retime != Retime():  # frames not retimed would mean other moments in other stages
+        # frames not retimed would mean other moments in other stages; not turned, a clip on its side
+        if retime != Retime() or turns:
             raise SourceError(
-                f"cannot retime the frames ({', '.join(f for f, _ in filters)}: {_short(exc)})"
+                f"cannot retime or turn the frames ({', '.join(f for f, _ in filters)}: {_short(exc)})"
             ) from exc
         yield first  # a pixel format bwdif does not take: frames as they are
         yield from frames
@@ -426,6 +466,15 @@ def _filtered(stream, frames: Iterator, retime: Retime | None = None) -> Iterato
             chain, shape = _Chain(stream, frame, filters), _shape(frame)
         yield from chain(frame)
     yield from chain(None)  # bwdif holds one frame back to look ahead, fps and decimate more: flush them
+
+
+# FFmpeg's filters that turn a frame counterclockwise by 0..3 quarter turns (as its command line's autorotate)
+TURN_FILTERS = {
+    0: [],
+    1: [("transpose", "cclock")],
+    2: [("hflip", ""), ("vflip", "")],
+    3: [("transpose", "clock")],
+}
 
 
 def _shape(frame) -> tuple:
@@ -592,6 +641,7 @@ class _Bars:
             return True
         self.seen.add(frame.pts)
         gray = cv2.cvtColor(frame.to_ndarray(format="rgb24"), cv2.COLOR_RGB2GRAY)
+        gray = np.rot90(gray, quarter_turns(frame))  # the box is in the upright frames that stages decode
         dark = self.dark
         if gray.max() <= 3 * dark:
             return True  # a black frame (a fade) says nothing about bars

@@ -600,3 +600,86 @@ def test_filters_follow_a_picture_size_change_mid_stream(tmp_path):
         )
     }
     assert counts == {"bwdif": 120, "ivtc": 96, "grid": 96}
+
+
+def _turned_video(path, rotation: int, size=(320, 192), frames: int = 3, sar=None) -> None:
+    """A red square at the stored frame's top-left, on blue; `rotation`: the display matrix's angle,
+    counterclockwise, as a phone writes it for video held upright (-90: turn clockwise to show)."""
+    w, h = size
+    image = np.full((h, w, 3), (30, 60, 200), np.uint8)
+    image[: h // 4, : h // 4] = (250, 20, 20)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if sar:
+            stream.codec_context.sample_aspect_ratio = sar
+        stream.set_display_rotation(rotation)
+        for _ in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _red_corner(image: np.ndarray) -> str:
+    h, w = image.shape[:2]
+    corners = {
+        "top-left": (2, 2),
+        "top-right": (2, w - 3),
+        "bottom-left": (h - 3, 2),
+        "bottom-right": (h - 3, w - 3),
+    }
+    return " ".join(k for k, (y, x) in corners.items() if image[y, x, 0] > 200 and image[y, x, 2] < 80)
+
+
+@pytest.mark.parametrize(
+    "rotation, corner", [(0, "top-left"), (90, "bottom-left"), (-90, "top-right"), (180, "bottom-right")]
+)
+def test_rotated_video_is_probed_and_decoded_upright(tmp_path, rotation, corner):
+    """A video with a display rotation (phones store portrait video as landscape frames) is shown turned
+    by players; the probe gives its displayed size and both decode paths give upright frames (they were
+    read as stored: a portrait clip written on its side)."""
+    from pipeline.video import probe
+
+    path = tmp_path / f"turned{rotation}.mp4"
+    _turned_video(path, rotation)
+    info = probe(str(path))
+    size = (192, 320) if rotation % 180 else (320, 192)
+    assert (info.width, info.height) == size
+    pictures = [p.rgb() for p in iter_pictures(str(path), *size)]
+    frames = list(iter_frames(str(path), *size))
+    assert len(pictures) == len(frames) == 3
+    for image in (pictures[0], frames[0]):
+        assert image.shape == (size[1], size[0], 3) and _red_corner(image) == corner
+
+
+def test_rotated_video_keeps_its_bars_and_pixel_aspect_upright(tmp_path):
+    """The black bars are found in the upright frames the stages decode, and a non-square pixel of a turned
+    frame stands on its side: a pillarboxed, anamorphic portrait video comes out round and without bars."""
+    from pipeline.video import detect_borders
+
+    path = tmp_path / "turned_boxed.mp4"
+    w, h = 240, 320  # stored landscape 320x240, shown portrait 240x320; pixels 4:3 wide when stored
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = h, w, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(3, 4)
+        stream.set_display_rotation(-90)
+        stream.options = {"g": "12"}
+        for i in range(24):
+            upright = np.zeros((h, w, 3), np.uint8)  # shown: pillarbox bars 40 px left and right
+            upright[:, 40:200] = (60 + 4 * i, 140, 200)
+            ys, xs = np.mgrid[0:h, 0:160]
+            # a circle of the displayed picture: stored pixels are 3/4 as wide as high once turned upright
+            upright[:, 40:200][((xs - 80) * 4 / 3) ** 2 + ((ys - 160) * 1.0) ** 2 < 50**2] = 250
+            stored = np.ascontiguousarray(np.rot90(upright, 1))  # turned back: -90 shows it upright
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    box = detect_borders(str(path))
+    assert box == (40, 0, 160, 320)
+    for image in (
+        next(iter_pictures(str(path), 128, 192, box)).rgb(),
+        next(iter_frames(str(path), 128, 192, box=box)),
+    ):
+        assert image[:, :3].mean() > 40 and image[:, -3:].mean() > 40  # no bar left
+        rows, cols = np.nonzero(image.mean(axis=2) > 240)
+        width, height = cols.max() - cols.min() + 1, rows.max() - rows.min() + 1
+        assert abs(width / height - 1) < 0.1, (width, height)
