@@ -28,8 +28,18 @@ class MissingBackendError(ValueError):
 
 
 def local_path(uri: str) -> str:
-    """A `file://` URL is its local path; anything else is returned as given."""
-    return uri.removeprefix("file://")
+    """A `file://` URL is its local path, its %-escapes decoded and a `localhost` host dropped (RFC 8089:
+    `Path.as_uri()` and file managers write `file:///ep%2001.mp4` for `/ep 01.mp4`); anything else is
+    returned as given."""
+    if not uri.startswith("file://"):
+        return uri
+    from urllib.parse import unquote
+
+    path = uri.removeprefix("file://")
+    if path.lower().startswith("localhost/"):
+        path = path[len("localhost") :]
+    # not urlsplit: a name with a bare `#` or `?` is a path, not a fragment or a query
+    return unquote(path, errors="surrogateescape")
 
 
 def protocol_of(url: str) -> str:

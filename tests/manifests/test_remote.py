@@ -162,3 +162,17 @@ def test_a_checkpoint_url_from_a_config_file_is_named():
         CheckpointError, match="s3://bucket/dc.ckpt is a URL; checkpoints are read from local"
     ):
         read_checkpoint("s3://bucket/dc.ckpt")
+
+
+def test_file_urls_are_decoded_to_the_files_they_name(tmp_path):
+    """A file:// URL as Path.as_uri() and file managers write it (spaces, colons and non-ASCII names
+    %-escaped, or a `localhost` host) names its file: it was looked for under its escaped name, as a
+    missing file."""
+    from pipeline.stages.discover import ProbeStage
+
+    video = tmp_path / "épisode 01: pilot.mp4"
+    video.write_bytes(b"")
+    for url in (video.as_uri(), "file://localhost" + video.as_uri().removeprefix("file://")):
+        assert discover([url]) == [str(video)]
+        assert ProbeStage().process({"source_uri": url})["reason"] == "probe: zero-byte file"
+    assert discover([tmp_path.as_uri()]) == [str(video)]
