@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import select
 import sys
 
 # subcommand -> (module, function, one-line help)
@@ -71,6 +72,23 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def stdout_gone() -> bool:
+    """Whether the reader of stdout has closed its end. A failed flush says so; with PYTHONUNBUFFERED
+    (set in many containers) the failed write left nothing to flush, so the pipe itself is asked."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -94,13 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = getattr(module, func_name)(rest)
     except BrokenPipeError:  # `inbetweener models | head`: the reader of stdout has gone
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
-            return 1
-        raise  # another pipe (a socket, a worker's): not the reader going away
+        if not stdout_gone():
+            raise  # another pipe (a socket, a worker's): not the reader going away
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 1
     except KeyboardInterrupt:
         hint = AFTER_INTERRUPT.get(name)
         print(f"\ninbetweener {name}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
