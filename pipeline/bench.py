@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import shutil
 import tempfile
 import threading
@@ -303,8 +305,10 @@ def format_results(r: dict) -> str:
             f"  {_num(v['job_peak_mb'], 11, 0)}"
         )
     if "score_scaling" in r:
+        low, high = min(r["workers"]), max(r["workers"])
         lines.append(
-            f"2 workers / 1 worker: score {r['score_scaling']:.2f}x, decode {r['decode_scaling']:.2f}x;"
+            f"{high} workers / {low} worker{'s' if low > 1 else ''}: score {r['score_scaling']:.2f}x,"
+            f" decode {r['decode_scaling']:.2f}x;"
             f" the same decoding in plain processes (no Ray): 2 / 1 = {r['plain_decode_scaling']:.2f}x"
         )
     cores = ", ".join(f"{w} worker(s) {v['score_ray_cores']:.2f}" for w, v in r["workers"].items())
@@ -614,6 +618,53 @@ def run_probe_bench(minutes: float, mbps: float, repeat: int) -> dict:
     return result
 
 
+def _number(kind: type, low: float, high: float | None = None, above: bool = False):
+    """argparse type: a finite `kind` number >= low (> low with `above`), and <= high when given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        too_low = value <= low if above else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bound = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+LONG_SOURCE_RAW_MBPS = 640 * 360 * 1.5 * 8 * 24 / 1e6  # yuv420p at 24 fps: x264 spends no more on noise
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the option types cannot say alone; refused before minutes of measuring, not after."""
+    if args.what == "curate" and (args.width % 2 or args.height % 2):
+        p.error(f"--width and --height must be even (yuv420p), got {args.width}x{args.height}")
+    if args.what == "probe":
+        if args.minutes * 60 * 24 < 1:
+            p.error(f"--minutes {args.minutes:g} is less than one frame at 24 fps (1/1440 minute)")
+        tmp = tempfile.gettempdir()
+        need = args.minutes * 60 * min(args.mbps, LONG_SOURCE_RAW_MBPS) / 8 * 1e6
+        free = shutil.disk_usage(tmp).free
+        if need > 0.9 * free:
+            p.error(
+                f"--minutes {args.minutes:g} at --mbps {args.mbps:g} is a source of about {need / 1e9:.1f} GB;"
+                f" {tmp} has {free / 1e9:.1f} GB free (TMPDIR chooses the folder)"
+            )
+    if args.json is not None:
+        folder = args.json.parent
+        if args.json.is_dir():
+            p.error(f"--json {args.json} is a folder; give a file name")
+        if not folder.is_dir():
+            p.error(f"--json {args.json}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (args.json.exists() and not os.access(args.json, os.W_OK)):
+            p.error(f"--json {args.json}: not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="inbetweener bench",
@@ -627,16 +678,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("curate", help="decoding vs the curate job's CPU stages")
     c.add_argument(
-        "--sources", type=int, default=8, help="sources per measurement (the memory check uses 2x)"
+        "--sources",
+        type=_number(int, 1),
+        default=8,
+        help="sources per measurement (the memory check uses 2x)",
     )
-    c.add_argument("--width", type=int, default=640)
-    c.add_argument("--height", type=int, default=384)
-    c.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    c.add_argument("--width", type=_number(int, 64), default=640, help="frame width (even, >= 64)")
+    c.add_argument("--height", type=_number(int, 64), default=384, help="frame height (even, >= 64)")
+    c.add_argument("--workers", type=_number(int, 1), nargs="+", default=[1, 2])
     c.add_argument(
-        "--repeat", type=int, default=1, help="take every measurement N times, interleaved; keep the best"
+        "--repeat",
+        type=_number(int, 1),
+        default=1,
+        help="take every measurement N times, interleaved; keep the best",
     )
     c.add_argument(
-        "--episodes", type=int, default=1, help="generated episodes (~9 s each) chained into each source"
+        "--episodes",
+        type=_number(int, 1),
+        default=1,
+        help="generated episodes (~9 s each) chained into each source",
     )
     c.add_argument(
         "--no-job", action="store_true", help="skip the whole-job measurement (re-encoding dominates it)"
@@ -646,29 +706,45 @@ def main(argv: list[str] | None = None) -> int:
         "split",
         help="the near-duplicate search of the split and the leak check, against its pure-Python form",
     )
-    sp.add_argument("--clips", type=int, nargs="+", default=[20000, 40000, 271000])
-    sp.add_argument("--flat", type=float, default=0.05, help="share of clips whose first keyframe is flat")
-    sp.add_argument("--max-distance", type=int, default=12)
+    sp.add_argument("--clips", type=_number(int, 1), nargs="+", default=[20000, 40000, 271000])
     sp.add_argument(
-        "--baseline-max", type=int, default=40000, help="run the pure-Python baseline up to this many clips"
+        "--flat", type=_number(float, 0, 1), default=0.05, help="share of clips whose first keyframe is flat"
+    )
+    sp.add_argument("--max-distance", type=_number(int, 0), default=12)
+    sp.add_argument(
+        "--baseline-max",
+        type=_number(int, 0),
+        default=40000,
+        help="run the pure-Python baseline up to this many clips",
     )
     sp.add_argument("--json", type=Path, help="also write the results here")
     pr = sub.add_parser("probe", help="the probe stage's frame-rate check over every packet of an episode")
-    pr.add_argument("--minutes", type=float, default=22.0, help="length of the generated source")
-    pr.add_argument("--mbps", type=float, default=2.5, help="its bit rate (a 1080p web episode: 2-5)")
-    pr.add_argument("--repeat", type=int, default=3)
+    pr.add_argument(
+        "--minutes", type=_number(float, 0, above=True), default=22.0, help="length of the generated source"
+    )
+    pr.add_argument(
+        "--mbps",
+        type=_number(float, 0, 1000, above=True),
+        default=2.5,
+        help="its bit rate (a 1080p web episode: 2-5; at most 1000)",
+    )
+    pr.add_argument("--repeat", type=_number(int, 1), default=3)
     pr.add_argument("--json", type=Path, help="also write the results here")
     f = sub.add_parser("finalize", help="the curate job's final steps (decide, split, report) at scale")
-    f.add_argument("--rows", type=int, nargs="+", default=[20000, 271000, 1000000])
+    f.add_argument("--rows", type=_number(int, 1), nargs="+", default=[20000, 271000, 1000000])
     f.add_argument("--sources", type=int, default=2000, help="episodes the rows come from")
     f.add_argument(
-        "--baseline-max", type=int, default=20000, help="run the list-membership funnel up to this many rows"
+        "--baseline-max",
+        type=_number(int, 0),
+        default=20000,
+        help="run the list-membership funnel up to this many rows",
     )
     f.add_argument(
         "--dedup", action="store_true", help="split.dedup=true: one clip of each near-duplicate group"
     )
     f.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    _check_args({"curate": c, "split": sp, "probe": pr, "finalize": f}[args.what], args)
     if args.what == "probe":
         result = run_probe_bench(args.minutes, args.mbps, args.repeat)
         if args.json:
@@ -676,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "finalize":
         if args.sources < 1 or min(args.rows) < args.sources:
-            p.error(f"finalize needs --sources >= 1 and every --rows >= --sources ({args.sources})")
+            f.error(f"finalize needs --sources >= 1 and every --rows >= --sources ({args.sources})")
         rows = run_finalize_bench(args.rows, args.sources, args.baseline_max, args.dedup)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
@@ -689,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_curate_bench(
         args.sources,
         (args.width, args.height),
-        sorted(args.workers),
+        sorted(set(args.workers)),
         args.repeat,
         args.episodes,
         not args.no_job,

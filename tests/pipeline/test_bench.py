@@ -79,3 +79,54 @@ def test_finalize_bench_refuses_sizes_it_cannot_build(capsys):
             main(["finalize", *argv])
         assert stopped.value.code == 2
         assert "finalize needs --sources >= 1 and every --rows >= --sources" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["probe", "--minutes", "0"], "--minutes"),
+        (["probe", "--minutes", "nan"], "--minutes"),
+        (["probe", "--minutes", "0.0001"], "--minutes"),  # less than one frame
+        (["probe", "--minutes", "1e12"], "GB free"),  # a source larger than the temp folder's disk
+        (["probe", "--mbps", "1e9"], "--mbps"),
+        (["probe", "--mbps", "-1"], "--mbps"),
+        (["probe", "--repeat", "0"], "--repeat"),
+        (["split", "--max-distance", "-1"], "--max-distance"),
+        (["split", "--flat", "2"], "--flat"),
+        (["split", "--clips", "0"], "--clips"),
+        (["curate", "--sources", "0"], "--sources"),
+        (["curate", "--workers", "1", "0"], "--workers"),
+        (["curate", "--width", "321"], "--width"),
+        (["curate", "--repeat", "0"], "--repeat"),
+        (["finalize", "--rows", "100", "--baseline-max", "x"], "--baseline-max"),
+        (["probe", "--json", "no/such/folder/probe.json"], "does not exist"),
+    ],
+)
+def test_bench_refuses_values_it_cannot_measure_before_measuring(argv, named, capsys):
+    """One line naming the option, exit 2, before any footage is made or Ray is started (these crashed with
+    a traceback, some after minutes of measuring, or printed meaningless rows)."""
+    from pipeline.bench import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_curate_bench_names_the_worker_counts_it_compared():
+    results = {
+        "sources": 1,
+        "episodes_per_source": 1,
+        "frame_size": [160, 96],
+        "repeat": 1,
+        "peak_mb_N": 100.0,
+        "peak_mb_2N": 110.0,
+        "score_scaling": 1.5,
+        "decode_scaling": 1.6,
+        "plain_decode_scaling": 1.7,
+    }
+    row = dict.fromkeys(("decode_fps", "score_fps", "job_fps", "score_over_decode", "job_over_decode"), 1.0)
+    row.update(frames=10, score_peak_mb=100.0, job_peak_mb=100.0, score_ray_cores=0.5)
+    results["workers"] = {2: row, 4: row}
+    assert "4 workers / 2 workers: score 1.50x" in format_results(results)
