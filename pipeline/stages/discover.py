@@ -45,7 +45,8 @@ def discover(inputs: list[str], unmatched: list[str] | None = None) -> list[str]
     A folder's hidden entries (a name starting with "."), and everything under a hidden folder, are
     not sources: macOS's `._clip.mp4` resource forks, `.Trash`, `.git`. Named explicitly, they are.
     Folders are walked into symbolic links to folders (once each; never a link to the folder itself or one
-    above it). A local glob takes the videos it matches unless it names an extension (`*.y4m`).
+    above it). A local glob takes the videos it matches unless it names an extension (`*.y4m`); a path
+    that exists is taken as it is even when its name has glob characters (`[1080p]`).
     A file name that is not valid UTF-8 (a Latin-1 name from an old archive) stops the job before any
     work, naming it: the manifest stores text.
     """
@@ -89,7 +90,8 @@ def _expand(item: str) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
     path = Path(os.path.abspath(local_path(item)))
-    if glob.has_magic(str(path)):
+    # a path that exists is itself, brackets and all (`[Group] Show - 01 [1080p].mkv` matched nothing)
+    if glob.has_magic(str(path)) and not os.path.lexists(path):
         return _glob_local(path)
     if path.is_dir():
         return _walk(path)

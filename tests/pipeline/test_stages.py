@@ -481,3 +481,15 @@ assert all(r["motion_mean"] is not None for r in rows)
 assert "torch" not in sys.modules, "torch imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_existing_path_with_brackets_is_itself_not_a_glob(tmp_path):
+    """Release names carry brackets (`[Group] Show - 01 [1080p].mkv`): named as an input, such a file or
+    folder was read as a glob that matched nothing, and the job said the input held no video."""
+    folder = tmp_path / "[Group] Show [1080p]"
+    folder.mkdir()
+    episode = folder / "[Group] Show - 01 [1080p].mkv"
+    episode.write_bytes(b"x")
+    assert discover([str(episode)]) == [str(episode)]
+    assert discover([str(folder)]) == [str(episode)]
+    assert discover([str(tmp_path / "*" / "*.mkv")]) == [str(episode)]  # a pattern is still a pattern
