@@ -757,7 +757,9 @@ class CurateJob:
 
     def _drop_duplicate_sources(self, table: pa.Table) -> pa.Table:
         """Byte-identical files under several names: the first (by URI) is curated, each other one
-        becomes a single rejected row naming it, so clip ids stay unique and nothing is lost."""
+        becomes a single rejected row naming it, so clip ids stay unique and nothing is lost. Their error
+        rows stay errors (two empty downloads, the same broken file twice): each but the first (by URI)
+        takes an id of its content and its URI, as its content's id was the first's."""
         from manifests.keys import clip_id as make_clip_id
 
         rows = table.to_pylist()
@@ -767,9 +769,15 @@ class CurateJob:
         first: dict[str, str] = {}
         for uri in sorted({r["source_uri"] for r in rows if r["status"] != "error" or r["start_frame"] != 0}):
             first.setdefault(source_of[uri], uri)
-        out, marked = [], set()
+        owner: dict[str, str] = {}  # an error row's clip id -> the first URI (sorted) whose row has it
+        for uri, cid in sorted({(r["source_uri"], r["clip_id"]) for r in rows if r["status"] == "error"}):
+            owner.setdefault(cid, uri)
+        out, marked, renamed = [], set(), False
         for row in rows:
             original = first.get(row["source_id"], row["source_uri"])
+            if row["status"] == "error" and owner[row["clip_id"]] != row["source_uri"]:
+                renamed = True
+                row = {**row, "clip_id": make_clip_id(f"{row['source_id']}:{row['source_uri']}", -1, -1)}
             if original == row["source_uri"] or row["status"] == "error":
                 out.append(row)
             elif row["source_uri"] not in marked:
@@ -781,7 +789,7 @@ class CurateJob:
                     "status": "rejected", "split": "none",
                     "reason": f"probe: duplicate: same content as {original}",
                 })  # fmt: skip
-        return pa.Table.from_pylist(out, schema=CLIP_SCHEMA) if marked else table
+        return pa.Table.from_pylist(out, schema=CLIP_SCHEMA) if marked or renamed else table
 
     def _encode(self, table: pa.Table, sources_required: bool = False) -> pa.Table:
         """Encode kept clips that are not in the clip cache yet (one Ray task per source)."""

@@ -294,3 +294,35 @@ def test_model_stages_get_the_models_dir_the_driver_resolved(tmp_path, monkeypat
     config = load_config(sets=["aesthetic.enabled=false", "caption.enabled=false", "alignment.enabled=false"])
     (text,) = CurateJob([], tmp_path / "out", config).model_stages()
     assert text.models_dir == str(tmp_path / "models")
+
+
+def test_byte_identical_broken_sources_keep_an_error_row_each_with_its_own_id(tmp_path):
+    """Two empty downloads, or one broken file under two names: each is an error row naming its file, and
+    clip ids stay unique (both rows took the id of their shared content, so a manifest keyed by clip id
+    lost one of them). A good file and its copy still give one curated source and one duplicate row."""
+    from pipeline.stages.discover import ProbeStage
+
+    for name in ("a_empty.mp4", "b_empty.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("c_text.mp4", "d_text.mp4"):
+        (tmp_path / name).write_text("not a video\n")
+    probe = ProbeStage()
+    rows = [probe.process({"source_uri": str(p)}) for p in sorted(tmp_path.glob("*.mp4"))]
+    rows += [
+        {"clip_id": f"e{k}", "source_id": "e", "source_uri": uri, "start_frame": 40 * k, "status": "kept"}
+        for uri in ("/f/e.mp4", "/f/e_copy.mp4")
+        for k in range(2)
+    ]
+    table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+    out = CurateJob(["x"], tmp_path / "out", CurateConfig())._drop_duplicate_sources(table).to_pylist()
+    errors = [r for r in out if r["status"] == "error"]
+    assert sorted((tmp_path / r["source_uri"]).name for r in errors) == [
+        "a_empty.mp4",
+        "b_empty.mp4",
+        "c_text.mp4",
+        "d_text.mp4",
+    ]
+    assert len({r["clip_id"] for r in out}) == len(out) == 4 + 2 + 1
+    assert [r["reason"] for r in out if r["status"] == "rejected"] == [
+        "probe: duplicate: same content as /f/e.mp4"
+    ]
