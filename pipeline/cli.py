@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from manifests.files import FolderBusy, folder_lock
+from manifests.files import FolderBusy, folder_lock, make_writable_folder
 from manifests.io import ManifestError, manifest_config, read_manifest
 from manifests.remote import local_folder, not_a_url
 from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
@@ -315,10 +315,23 @@ def demo_main(argv: list[str] | None = None) -> int:
     from pipeline import samples
 
     footage = args.out / "footage"
-    footage.mkdir(parents=True, exist_ok=True)
-    samples.generate_footage(footage)
-    if not args.no_fetch:
-        samples.fetch_big_buck_bunny(footage / "real" / "bigbuckbunny.mp4")
+    if args.out.exists() and not args.out.is_dir():
+        print(
+            f"inbetweener demo: --out {args.out} is a file; give a folder for the demo's output",
+            file=sys.stderr,
+        )
+        return 2
+    problem = make_writable_folder(footage)
+    if problem:
+        print(f"inbetweener demo: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        samples.generate_footage(footage)
+        if not args.no_fetch:
+            samples.fetch_big_buck_bunny(footage / "real" / "bigbuckbunny.mp4")
+    except OSError as exc:  # disk full while encoding: the next run writes the footage again
+        print(f"inbetweener demo: {os_error(exc)}", file=sys.stderr)
+        return 1
     print(f"sample footage: {footage}")
     # No downloads in the demo: the text stage runs on the PP-OCR weights inside the rapidocr wheel;
     # the stages whose weights must be fetched are skipped explicitly (the report says so).

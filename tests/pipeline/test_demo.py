@@ -1,0 +1,19 @@
+"""`inbetweener demo`: an --out it cannot use is said in one line before any footage is drawn."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import demo_main
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/demo"])
+def test_demo_refuses_an_out_it_cannot_write_and_keeps_what_is_there(where, tmp_path, capsys):
+    """--out at an existing file, or below one, crashed with a FileExistsError/NotADirectoryError traceback."""
+    (tmp_path / "a_file").write_text("someone's notes\n")
+    assert demo_main(["--out", str(tmp_path / where), "--no-fetch"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("inbetweener demo: --out ") and "Traceback" not in err and len(err.splitlines()) == 1
+    )
+    assert (tmp_path / "a_file").read_text() == "someone's notes\n"
