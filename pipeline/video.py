@@ -66,6 +66,8 @@ def open_binary(uri: str):
     if is_local(uri):
         path = local_path(uri)
         if not os.path.exists(path):
+            if os.path.islink(path):
+                raise SourceMissing(f"broken link: {path} -> {os.readlink(path)}")
             raise SourceMissing(f"no such file: {path}")
         if os.path.isdir(path):
             raise SourceError(f"is a directory, not a video: {path}")

@@ -103,7 +103,8 @@ def _expand(item: str) -> list[str]:
 def _walk(root: Path) -> list[str]:
     """The videos below a folder, not hidden, following links to folders once each (by their real path),
     but never a link to the folder itself or one above it (`up -> ..`, a link to `/`: the walk would leave
-    the input, or take the whole disk)."""
+    the input, or take the whole disk). A broken link to a video (a disk not mounted, git-annex content not
+    fetched) is kept: its error row says so."""
     out, seen = [], set()
     top = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -115,7 +116,11 @@ def _walk(root: Path) -> list[str]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         out += [os.path.join(folder, f) for f in files if not f.startswith(".") and _is_video(f)]
-    return sorted(p for p in out if os.path.isfile(p))
+    return sorted(p for p in out if _file_or_broken_link(p))
+
+
+def _file_or_broken_link(path) -> bool:
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 def _list_file(path: Path) -> list[str]:
@@ -157,7 +162,9 @@ def _glob_local(pattern: Path) -> list[str]:
     return sorted(
         str(p)
         for p in root.glob(str(Path(*rest)))
-        if p.is_file() and (named or _is_video(p.name)) and (dotted or not _hidden(p.relative_to(root).parts))
+        if _file_or_broken_link(p)
+        and (named or _is_video(p.name))
+        and (dotted or not _hidden(p.relative_to(root).parts))
     )
 
 

@@ -493,3 +493,22 @@ def test_an_existing_path_with_brackets_is_itself_not_a_glob(tmp_path):
     assert discover([str(episode)]) == [str(episode)]
     assert discover([str(folder)]) == [str(episode)]
     assert discover([str(tmp_path / "*" / "*.mkv")]) == [str(episode)]  # a pattern is still a pattern
+
+
+def test_broken_links_to_videos_are_error_rows_not_left_out(tmp_path):
+    """A folder of links whose targets are gone (a disk not mounted, git-annex content not fetched): a
+    walk or a glob dropped them unsaid, so footage went missing from the job without a row. Each is now a
+    source whose error row names the link and its target."""
+    from pipeline.stages.discover import ProbeStage
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ep1.mp4").write_bytes(b"x")
+    (root / "ep2.mp4").symlink_to(tmp_path / "unmounted" / "ep2.mp4")
+    (root / "loop.mkv").symlink_to(root / "loop.mkv")  # a link to itself: no file either
+    (root / "notes").symlink_to(tmp_path / "gone")  # not a video name: still left out
+    expected = [str(root / n) for n in ("ep1.mp4", "ep2.mp4", "loop.mkv")]
+    assert discover([str(root)]) == discover([str(root / "*")]) == expected
+    row = ProbeStage().process({"source_uri": str(root / "ep2.mp4")})
+    assert row["status"] == "error"
+    assert row["reason"] == f"probe: broken link: {root / 'ep2.mp4'} -> {tmp_path / 'unmounted' / 'ep2.mp4'}"
