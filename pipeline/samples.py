@@ -408,8 +408,8 @@ def _pip_download(package: str, into: Path, timeout: float = 120) -> Path | None
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", None) or str(err)
-        print(f"could not download {package} (offline?): {detail.strip().splitlines()[-1:]}")
+        detail = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+        print(f"could not download {package} (offline?): {detail[-1] if detail else err}")
         return None
     wheels = sorted(into.glob("*.whl"))
     if not wheels:

