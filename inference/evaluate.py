@@ -193,13 +193,20 @@ class _Window:
 def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
     """(clips, skipped), in source order: every clip is decoded once here to tell whether it yields a window
     (too short, undecodable or unreadable clips are skipped with their reason), and its frames let go.
-    --limit counts the clips evaluated, not those skipped on the way."""
+    A clip given twice (a curate output and its shards folder, overlapping shard globs) is evaluated once:
+    counted twice it would double N and weigh FVD/KVD towards itself. --limit counts the clips
+    evaluated, not those skipped on the way."""
     from inference.eval_data import clip_window, iter_clips
 
     clips, skipped = [], []
+    seen: dict[str, str] = {}  # cache name (key and bytes) -> the shard it was first read from
     for clip in iter_clips(args.sources, args.split):
         if args.limit is not None and len(clips) >= args.limit:
             break
+        name = f"{clip.key}.{clip.content}"
+        if name in seen:
+            skipped.append({"key": clip.key, "reason": f"given twice: already evaluated from {seen[name]}"})
+            continue
         try:
             frames = clip.frames()
         except InputError as exc:  # a corrupt clip is reported in the results, not a crashed evaluation
@@ -211,6 +218,7 @@ def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
             )
             continue
         clips.append(_Window(clip.key, clip.caption, clip))
+        seen[name] = clip.shard
     return clips, skipped
 
 
@@ -328,6 +336,10 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     " pass --checkpoint): its CLIP towers serve instead"
                 )
             raise InputError(str(exc).rstrip() + hint) from exc
+        if "checkpoint" in str(extractors.record.get("clip", "")):
+            # the towers are this file's weights: its hash keys the cached CLIP scores (a baseline's cache
+            # is otherwise blind to the checkpoint, and another file's CLIP scores were served)
+            extractors.record["clip"]["sha256"] = file_sha256(checkpoint, hash_cache)
 
     settings = SamplerSettings(
         steps=args.steps,
@@ -407,13 +419,15 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             if record is None:
                 gt = clip.frames(args, size)
                 if method == "decoder":
-                    record = score_reconstruction(_reconstruct(placed(), gt), gt, extractors, metrics)
+                    record = score_reconstruction(_reconstruct(placed(), gt, key), gt, extractors, metrics)
                     generated += 1
                 else:
                     cache = gen_dir / f"{clip.cache_name}.npz"
                     stored = _load_npz(cache)
                     if stored is None:
-                        gen = _generate(method, gt, caption, placed, settings, _clip_seed(args.seed, key))
+                        gen = _generate(
+                            method, gt, key, caption, placed, settings, _clip_seed(args.seed, key)
+                        )
                         _save_npz(cache, frames=gen)
                         generated += 1
                     else:
@@ -524,26 +538,44 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _generate(method: str, gt: np.ndarray, caption: str, placed: _Lazy, settings, seed: int) -> np.ndarray:
+def _finite_uint8(video, key: str, dtype) -> np.ndarray:
+    """A generated clip [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]; InputError when it holds NaN or inf,
+    which the cast to uint8 turned into black frames that were cached and scored as the model's output."""
+    import torch
+
+    from inference.media import to_uint8_frames
+
+    if not torch.isfinite(video).all():
+        precision = str(dtype).removeprefix("torch.")
+        raise InputError(
+            f"{key}: the model's output holds NaN or inf at {precision} (nothing of this clip was cached): a"
+            " checkpoint with non-finite weights, or an fp16 overflow (--dtype bf16 or fp32)"
+        )
+    return to_uint8_frames(video)
+
+
+def _generate(
+    method: str, gt: np.ndarray, key: str, caption: str, placed: _Lazy, settings, seed: int
+) -> np.ndarray:
     from inference.baselines import BASELINES
 
     if method != "model":
         return BASELINES[METHODS[method]](gt[0], gt[-1], len(gt))
-    from inference.media import to_model_range, to_uint8_frames
+    from inference.media import to_model_range
     from inference.sampler import interpolate
 
     im = placed()
     video = interpolate(
         im, to_model_range(gt[0]), to_model_range(gt[-1]), caption, settings, seed, progress=False
     )
-    return to_uint8_frames(video[0])
+    return _finite_uint8(video[0], key, im.dtype)
 
 
-def _reconstruct(im, gt: np.ndarray) -> np.ndarray:
+def _reconstruct(im, gt: np.ndarray, key: str) -> np.ndarray:
     """Encode every frame (posterior mean), decode them together with the first/last frames' features."""
     import torch
 
-    from inference.media import to_model_range, to_uint8_frames
+    from inference.media import to_model_range
     from inference.sampler import precision
 
     vae = im.vae
@@ -555,7 +587,7 @@ def _reconstruct(im, gt: np.ndarray) -> np.ndarray:
             rec = vae.decode_video(
                 z, refs if vae.config.dual_ref else None, clip_length=z.shape[2], frame_chunk=4
             )
-    return to_uint8_frames(rec[0].float().cpu())
+    return _finite_uint8(rec[0].float().cpu(), key, im.dtype)
 
 
 def _summary(m: dict, decoder: bool) -> str:

@@ -1,0 +1,75 @@
+"""`inbetweener evaluate` on inputs as users give them: a clip given twice by overlapping sources, a
+checkpoint whose CLIP towers score the baselines replaced in place, a checkpoint that outputs NaN."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from inference import evaluate as cli
+from tests.inference.test_evaluate import TINY, curated, fake_extractors  # noqa: F401 (curated: a fixture)
+from training.checkpoint import save_safetensors
+from training.models.tooncrafter import build_tooncrafter
+
+
+def _tiny_checkpoint(path, seed: int, nan: bool = False):
+    torch.manual_seed(seed)
+    model = build_tooncrafter("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        if nan:  # a damaged file: one non-finite weight in the UNet
+            next(model.model.parameters()).view(-1)[0] = float("nan")
+    return save_safetensors(model, path)
+
+
+def test_a_clip_given_by_two_sources_is_evaluated_once(curated, tmp_path, capsys):  # noqa: F811
+    """A curate OUT and its shards folder name the same clips: each counted twice, N doubled and FVD/KVD
+    weighed towards duplicates."""
+    out = tmp_path / "eval"
+    argv = [str(curated), str(curated / "shards" / "eval"), "--out", str(out), "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    (path,) = (out / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["metrics"]["n_clips"] == 2  # clip000a, clip000b (clip000c is too short)
+    twice = [s["key"] for s in result["data"]["skipped"] if s["reason"].startswith("given twice")]
+    assert twice == ["clip000a", "clip000b"]
+    assert "given twice: already evaluated from" in capsys.readouterr().err
+
+
+def test_baseline_clip_scores_are_redone_when_the_checkpoint_with_the_towers_changes(
+    curated,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """Without the OpenCLIP file, CLIP comes from the checkpoint's towers; a baseline's cache was keyed
+    without the checkpoint, so a replaced checkpoint's run served the old towers' CLIP scores."""
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))  # no CLIP file: the towers serve
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt" / "tiny.safetensors", seed=0)
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "clip_img", "--limit", "1"]
+    argv += ["--checkpoint", str(ckpt), *TINY]
+
+    def run() -> dict:
+        assert cli.main(argv) == 0
+        (path,) = (out / "results").glob("*.json")
+        return json.loads(path.read_text())
+
+    first = run()
+    _tiny_checkpoint(ckpt, seed=1)  # other weights at the same path
+    second = run()
+    assert first["weights"]["clip"]["sha256"] != second["weights"]["clip"]["sha256"]
+    assert second["weights"]["clip"]["sha256"] == second["weights"]["checkpoint"]["sha256"]
+    assert second["metrics"]["clip_img"] != first["metrics"]["clip_img"]
+
+
+def test_a_checkpoint_that_outputs_nan_stops_instead_of_scoring_black_frames(curated, tmp_path, capsys):  # noqa: F811
+    """NaN cast to uint8 gave black frames, cached and scored as the model's output (FVD, LPIPS... of them)."""
+    ckpt = _tiny_checkpoint(tmp_path / "nan.safetensors", seed=0, nan=True)
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--limit", "1", "--checkpoint", str(ckpt), *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    err = capsys.readouterr().err
+    assert "clip000a: the model's output holds NaN or inf at float32" in err
+    assert not list(out.glob("generated/*/*.npz")) and not (out / "results").exists()
