@@ -160,7 +160,6 @@ def probe(uri: str) -> ProbeInfo:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         duration_s = _duration_s(container, stream)
-        num_frames = int(stream.frames or round(duration_s * fps))
         pts, turns = [], None
         try:
             for packet in container.demux(stream):
@@ -173,6 +172,13 @@ def probe(uri: str) -> ProbeInfo:
         except Exception as exc:
             raise SourceError(f"cannot read packets ({_short(exc)})") from exc
         spread, nominal, breaks = frame_intervals(pts, stream.time_base or Fraction(1, 1000))
+        if pts and not breaks and fps > 0 and stream.time_base:
+            # a header may claim far more than the file holds (a Matroska header saying 100 h of 4 s, a
+            # download cut short): the packets' span is the duration then
+            span_s = float((max(pts) - min(pts)) * stream.time_base) + 1 / fps
+            if duration_s > 1.01 * span_s + 1.0:
+                duration_s = span_s
+        num_frames = int(stream.frames or round(duration_s * fps))
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if (turns or 0) % 2:
             width, height = height, width

@@ -512,3 +512,28 @@ def test_broken_links_to_videos_are_error_rows_not_left_out(tmp_path):
     row = ProbeStage().process({"source_uri": str(root / "ep2.mp4")})
     assert row["status"] == "error"
     assert row["reason"] == f"probe: broken link: {root / 'ep2.mp4'} -> {tmp_path / 'unmounted' / 'ep2.mp4'}"
+
+
+def test_a_header_claiming_far_more_than_the_file_holds_is_measured_from_its_packets(tmp_path):
+    """A 4 s Matroska file whose header says 100 hours was an error row (`duration exceeds
+    probe.max_duration_s`), and one saying 5 hours claimed 432,000 frames: the packets' span is taken."""
+    import struct
+
+    import av
+
+    path = tmp_path / "few_frames.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(96):
+            frame = np.full((64, 64, 3), 2 * i, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x44\x89\x88")  # Segment Info's Duration: an 8-byte float, in milliseconds
+    for hours in (100, 5):
+        data[at + 3 : at + 11] = struct.pack(">d", hours * 3600 * 1000.0)
+        path.write_bytes(bytes(data))
+        row = ProbeStage(crop_borders=False).process({"source_uri": str(path)})
+        assert row["status"] is None, row["reason"]
+        assert row["num_frames"] == 96 and row["duration_s"] == pytest.approx(4.0, abs=0.01)
