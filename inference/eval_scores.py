@@ -376,10 +376,17 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
 
     by_bytes = all(r.get("data", {}).get("clips_sha256") for r in [*gen, *dec])
 
-    def label(r: Mapping[str, Any]) -> str:
+    def row_name(r: Mapping[str, Any]) -> str:
         mark = sets.get(clip_set(r) if by_bytes else r.get("data", {}).get("keys_sha256"))
         window = _window(r)
         return f"**{r['label']}**" + (f" (clips {mark})" if mark else "") + (f" [{window}]" if window else "")
+
+    # runs of one method that differ in what the row does not show (another checkpoint, --steps, --cfg,
+    # --seed) carry their run name, or two "ToonCrafter (ours)" rows could not be told apart
+    names = [row_name(r) for r in [*gen, *dec]]
+
+    def label(r: Mapping[str, Any]) -> str:
+        return row_name(r) + (f" (run {r['run']})" if names.count(row_name(r)) > 1 else "")
 
     def few(m: Mapping[str, Any], text: str) -> str:  # FVD/KVD of few clips carry a mark
         return text + " †" if text != "-" and m["n_clips"] < FVD_FEW_CLIPS else text

@@ -8,6 +8,7 @@ import json
 import torch
 
 from inference import evaluate as cli
+from inference.eval_scores import markdown_table
 from tests.inference.test_evaluate import TINY, curated, fake_extractors  # noqa: F401 (curated: a fixture)
 from training.checkpoint import save_safetensors
 from training.models.tooncrafter import build_tooncrafter
@@ -73,3 +74,18 @@ def test_a_checkpoint_that_outputs_nan_stops_instead_of_scoring_black_frames(cur
     err = capsys.readouterr().err
     assert "clip000a: the model's output holds NaN or inf at float32" in err
     assert not list(out.glob("generated/*/*.npz")) and not (out / "results").exists()
+
+
+def test_table_rows_of_one_method_with_other_settings_say_their_run():
+    """Two model runs in one OUT (another checkpoint, --steps or --seed) were two identical
+    "ToonCrafter (ours)" rows with different numbers."""
+    m = {"n_clips": 3, "fvd": None, "kvd": None, "lpips": {"all": 0.2, "interior": 0.2}}
+    runs = [
+        {"kind": "generation", "label": "ToonCrafter (ours)", "run": run, "metrics": m, "data": {}}
+        for run in ("model-aaaa", "model-bbbb")
+    ]
+    runs.append({"kind": "generation", "label": "linear_blend", "run": "linear_blend-cccc", "metrics": m})
+    table = markdown_table(runs)
+    assert "| **ToonCrafter (ours)** (run model-aaaa) | 3 |" in table
+    assert "| **ToonCrafter (ours)** (run model-bbbb) | 3 |" in table
+    assert "| **linear_blend** | 3 |" in table  # a label seen once stays as it was
