@@ -215,6 +215,7 @@ def run_curate_bench(
     from pipeline.runner import init_ray, shutdown_ray
 
     root = Path(tempfile.mkdtemp(prefix="inbetweener-bench-"))
+    control = None
     try:
         uris = make_footage(root / "footage", sources * 2, size, episodes)
         control = PlainProcesses() if len(workers_list) >= 2 else None

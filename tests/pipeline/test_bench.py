@@ -130,3 +130,21 @@ def test_curate_bench_names_the_worker_counts_it_compared():
     row.update(frames=10, score_peak_mb=100.0, job_peak_mb=100.0, score_ray_cores=0.5)
     results["workers"] = {2: row, 4: row}
     assert "4 workers / 2 workers: score 1.50x" in format_results(results)
+
+
+def test_curate_bench_that_fails_making_its_footage_says_why_and_cleans_up(tmp_path, monkeypatch):
+    """A full disk while drawing the footage surfaced as an UnboundLocalError ('control') from the cleanup."""
+    import tempfile
+
+    from pipeline import bench
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def disk_full(root, *args):
+        root.mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "make_footage", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run_curate_bench(sources=1, size=(160, 96), workers_list=[1, 2])
+    assert list(tmp_path.iterdir()) == []  # its temporary footage folder is gone
