@@ -86,7 +86,7 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _expand(item: str) -> list[str]:
+def _expand(item: str, reading: frozenset[str] = frozenset()) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
     path = Path(os.path.abspath(local_path(item)))
@@ -96,7 +96,7 @@ def _expand(item: str) -> list[str]:
     if path.is_dir():
         return _walk(path)
     if path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
-        return _list_file(path)
+        return _list_file(path, reading)
     return [str(path)]
 
 
@@ -123,10 +123,15 @@ def _file_or_broken_link(path) -> bool:
     return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
-def _list_file(path: Path) -> list[str]:
+def _list_file(path: Path, reading: frozenset[str] = frozenset()) -> list[str]:
     """The entries of a list file (one per line, `#` comments; relative to its folder; a BOM ignored). A
     .txt whose lines name nothing that could be a source (notes beside the videos, caught by a shell's
-    `*`) is not a list: it is left out, and said."""
+    `*`) is not a list: it is left out, and said. `reading`: the lists being read (real paths); a list
+    naming itself (`ls > list.txt` does) or one of them is read once."""
+    real = os.path.realpath(path)
+    if real in reading:
+        print(f"{path}: a list that names itself (or a list naming it): read once", file=sys.stderr)
+        return []
     # surrogateescape: a Latin-1 name in the list keeps its bytes, and discover names it as not UTF-8
     text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     entries = [
@@ -143,7 +148,7 @@ def _list_file(path: Path) -> list[str]:
         return []
     out = []
     for entry in resolved:
-        out.extend(_expand(entry))
+        out.extend(_expand(entry, reading | {real}))
     return out
 
 

@@ -537,3 +537,15 @@ def test_a_header_claiming_far_more_than_the_file_holds_is_measured_from_its_pac
         row = ProbeStage(crop_borders=False).process({"source_uri": str(path)})
         assert row["status"] is None, row["reason"]
         assert row["num_frames"] == 96 and row["duration_s"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_a_list_that_names_itself_is_read_once(tmp_path, capsys):
+    """`ls > videos.txt` writes a list that names videos.txt itself (the shell makes the file first), and
+    two lists may name each other: reading them recursed until Python's limit, and the job crashed."""
+    (tmp_path / "ep1.mp4").write_bytes(b"x")
+    (tmp_path / "videos.txt").write_text("ep1.mp4\nvideos.txt\n")
+    (tmp_path / "a.lst").write_text("b.lst\n")
+    (tmp_path / "b.lst").write_text("a.lst\nep1.mp4\n")
+    assert discover([str(tmp_path / "videos.txt")]) == [str(tmp_path / "ep1.mp4")]
+    assert discover([str(tmp_path / "a.lst")]) == [str(tmp_path / "ep1.mp4")]
+    assert "videos.txt: a list that names itself" in capsys.readouterr().err
