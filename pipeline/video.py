@@ -146,11 +146,12 @@ def video_stream(container):
     return container.streams.best("video") or container.streams.video[0]
 
 
-def probe(uri: str) -> ProbeInfo:
+def probe(uri: str, max_pixels: int | None = None) -> ProbeInfo:
     """Container facts of the main video stream, and how much its frame intervals vary, from the
     timestamps of all its packets (demuxed, not decoded: a frame rate that changes late in an episode,
     as a 29.97 fps opening in a 23.976 fps show, counts). Width and height are those displayed: a phone
-    video stored 1920x1080 with a 90 degree display rotation is 1080x1920 (its first frame says)."""
+    video stored 1920x1080 with a 90 degree display rotation is 1080x1920 (its first frame says; a frame
+    of more than `max_pixels`, which the job refuses anyway, is not decoded to learn it)."""
     with open_container(uri) as container:
         stream = video_stream(container)
         if stream is None:
@@ -161,6 +162,8 @@ def probe(uri: str) -> ProbeInfo:
         fps = float(rate) if rate else 0.0
         duration_s = _duration_s(container, stream)
         pts, turns = [], None
+        if max_pixels is not None and (ctx.width or 0) * (ctx.height or 0) > max_pixels:
+            turns = 0
         try:
             for packet in container.demux(stream):
                 if packet.pts is not None and packet.size > 0:

@@ -240,7 +240,7 @@ class ProbeStage(Stage):
                 size = handle.tell()
             if size == 0:
                 raise SourceError("zero-byte file")
-            info = probe(uri)
+            info = probe(uri, max_pixels=self.max_width * self.max_height)
             out.update(
                 codec=info.codec,
                 width=info.width,

@@ -549,3 +549,27 @@ def test_a_list_that_names_itself_is_read_once(tmp_path, capsys):
     assert discover([str(tmp_path / "videos.txt")]) == [str(tmp_path / "ep1.mp4")]
     assert discover([str(tmp_path / "a.lst")]) == [str(tmp_path / "ep1.mp4")]
     assert "videos.txt: a list that names itself" in capsys.readouterr().err
+
+
+def test_a_frame_too_large_for_the_job_is_refused_without_decoding_it(tmp_path, monkeypatch):
+    """The probe decodes a first frame to learn a display rotation; not one larger than probe.max_width x
+    probe.max_height (an 8K frame decoded only to be refused)."""
+    import av
+
+    from pipeline import video
+
+    path = tmp_path / "large.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = 256, 128, "yuv420p"
+        for _ in range(2):
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.zeros((128, 256, 3), np.uint8), "rgb24"))
+            )
+        container.mux(stream.encode())
+    decoded = []
+    real = video._first_turns
+    monkeypatch.setattr(video, "_first_turns", lambda *a: decoded.append(1) or real(*a))
+    row = ProbeStage(max_width=128, max_height=128).process({"source_uri": str(path)})
+    assert row["reason"].startswith("probe: frame size 256x128 exceeds") and not decoded
+    assert ProbeStage().process({"source_uri": str(path)})["status"] is None and decoded
