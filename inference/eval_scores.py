@@ -229,7 +229,9 @@ def score_clip(
         t = gen.shape[0]
         if "clip_img" in wanted:
             out["clip_img"] = clip_img_scores(emb[None, :t], emb[None, t:])[0].numpy()
-        if "clip_txt" in wanted:
+        if "clip_txt" in wanted and not caption.strip():  # a split curated with --skip caption
+            out["clip_txt"] = np.full(t, np.nan)  # no text to compare with: left out of the mean, counted
+        elif "clip_txt" in wanted:
             text = torch.as_tensor(ex.text([caption])).double()  # [1, D]
             out["clip_txt"] = clip_txt_scores(emb[None, :t], text)[0].numpy()
     if "cpbd" in wanted:
@@ -267,13 +269,20 @@ def _frame_averages(records: Sequence[Mapping[str, np.ndarray]], names: Sequence
     """Each frame score pooled over all and interior frames; None for a score the records lack (a
     metric left out with --metrics). PSNR of a frame reproduced exactly is infinite (a baseline's
     keyframes, a held drawing decoded bit for bit): such frames are left out of its means and counted
-    (`psnr_exact_frames`), or one of them would make the run's PSNR infinite."""
+    (`psnr_exact_frames`), or one of them would make the run's PSNR infinite. CLIP_txt of a clip without a
+    caption is NaN: the mean is over the captioned clips, counted in `clip_txt_clips` (the similarity of
+    frames to an empty string was pooled as if it were the metric)."""
     out: dict[str, Any] = {}
     for name in names:
         if name not in records[0]:
             out[name] = None
             continue
         scores = np.stack([r[name] for r in records]).astype(np.float64)
+        if name == "clip_txt":
+            scores = scores[~np.isnan(scores).all(axis=1)]
+            out["clip_txt_clips"] = len(scores)
+            out[name] = frame_average(scores) if len(scores) else None
+            continue
         if name == "psnr":
             exact = np.isinf(scores)
             out["psnr_exact_frames"] = {"all": int(exact.sum()), "interior": int(exact[:, 1:-1].sum())}
@@ -391,6 +400,10 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     def few(m: Mapping[str, Any], text: str) -> str:  # FVD/KVD of few clips carry a mark
         return text + " †" if text != "-" and m["n_clips"] < FVD_FEW_CLIPS else text
 
+    def captioned(m: Mapping[str, Any], text: str) -> str:  # CLIP_txt of the captioned clips only
+        k = m.get("clip_txt_clips", m["n_clips"])
+        return f"{text} ({k} of {m['n_clips']} captioned)" if k < m["n_clips"] else text
+
     lines = ["# Evaluation", ""]
     if sets:
         lines += [
@@ -415,7 +428,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"| {label(r)} | {m['n_clips']} | {few(m, _fmt(m['fvd'], 2))} | {few(m, _fmt(m['kvd'], 3))} | "
             f"{_fmt(_pooled(m, 'lpips'), 4)} | {_fmt(_pooled(m, 'clip_img'), 4)} | "
-            f"{_fmt(_pooled(m, 'clip_txt'), 4)} | {_fmt(_pooled(m, 'cpbd'), 4)} |"
+            f"{captioned(m, _fmt(_pooled(m, 'clip_txt'), 4))} | {_fmt(_pooled(m, 'cpbd'), 4)} |"
         )
     if any(r["metrics"]["n_clips"] < FVD_FEW_CLIPS and r["metrics"].get("fvd") is not None for r in gen):
         lines += [

@@ -478,6 +478,12 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         )
         if pooled.get("fvd") is not None and pooled.get("fvd_note"):
             print(f"note: {pooled['fvd_note']}", file=sys.stderr)
+        if pooled.get("clip_txt_clips", pooled["n_clips"]) < pooled["n_clips"]:
+            print(
+                f"note: CLIP_txt is over the {pooled['clip_txt_clips']} of {pooled['n_clips']} clips that have a"
+                " caption (a split curated with --skip caption has none)",
+                file=sys.stderr,
+            )
     results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
     table = markdown_table(results)
     from manifests.files import write_bytes_atomic

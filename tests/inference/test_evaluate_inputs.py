@@ -1,15 +1,24 @@
 """`inbetweener evaluate` on inputs as users give them: a clip given twice by overlapping sources, a
-checkpoint whose CLIP towers score the baselines replaced in place, a checkpoint that outputs NaN."""
+checkpoint whose CLIP towers score the baselines replaced in place, a checkpoint that outputs NaN, runs
+of one method with other settings in one OUT, shards without captions."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 
 import torch
 
 from inference import evaluate as cli
 from inference.eval_scores import markdown_table
-from tests.inference.test_evaluate import TINY, curated, fake_extractors  # noqa: F401 (curated: a fixture)
+from tests.inference.test_evaluate import (  # noqa: F401 (curated: a fixture)
+    TINY,
+    _clip_frames,
+    _member,
+    _mp4,
+    curated,
+    fake_extractors,
+)
 from training.checkpoint import save_safetensors
 from training.models.tooncrafter import build_tooncrafter
 
@@ -89,3 +98,26 @@ def test_table_rows_of_one_method_with_other_settings_say_their_run():
     assert "| **ToonCrafter (ours)** (run model-aaaa) | 3 |" in table
     assert "| **ToonCrafter (ours)** (run model-bbbb) | 3 |" in table
     assert "| **linear_blend** | 3 |" in table  # a label seen once stays as it was
+
+
+def test_clip_txt_is_over_the_captioned_clips_only(tmp_path, capsys):
+    """Shards curated with --skip caption hold no captions: CLIP_txt was the frames' similarity to an
+    empty string, pooled and tabled as the metric."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, key in enumerate(("clip000a", "clip000b")):
+            _member(tar, f"{key}.mp4", _mp4(_clip_frames(16, i)))
+            if i == 0:
+                _member(tar, f"{key}.txt", b"a square moving right")
+    out = tmp_path / "eval"
+    argv = [str(shards), "--out", str(out), "--method", "linear", "--metrics", "clip_txt", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    (path,) = (out / "results").glob("*.json")
+    m = json.loads(path.read_text())["metrics"]
+    assert m["n_clips"] == 2 and m["clip_txt_clips"] == 1
+    assert cli.main([*argv, "--limit", "1"], extractors=fake_extractors()) == 0  # the captioned clip alone
+    assert json.loads(path.read_text())["metrics"]["clip_txt"] == m["clip_txt"]
+    assert "CLIP_txt is over the 1 of 2 clips that have a caption" in capsys.readouterr().err
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    assert f"| {m['clip_txt']['all']:.4f} (1 of 2 captioned) |" in (out / "results.md").read_text()
