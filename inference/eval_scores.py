@@ -412,8 +412,9 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             "",
         ]
     lines += [
-        "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 512x320."
-        " A run with another window says it in brackets; its numbers do not compare with the paper's.",
+        "Generation (16 frames; LPIPS and CLIP over all 16 frames; METRICS.md). Paper rows: 1,000 clips at 320x512"
+        " (height x width, as --size and the brackets write it; the paper writes 512x320). A run with another"
+        " window says it in brackets; its numbers do not compare with the paper's.",
         "",
         "| method | N | FVD | KVD | LPIPS | CLIP_img | CLIP_txt | CPBD |",
         "|---|---|---|---|---|---|---|---|",

@@ -121,3 +121,12 @@ def test_clip_txt_is_over_the_captioned_clips_only(tmp_path, capsys):
     assert "CLIP_txt is over the 1 of 2 clips that have a caption" in capsys.readouterr().err
     assert cli.main(argv, extractors=fake_extractors()) == 0
     assert f"| {m['clip_txt']['all']:.4f} (1 of 2 captioned) |" in (out / "results.md").read_text()
+
+
+def test_the_table_writes_the_papers_frame_size_as_the_runs_are_written():
+    """The header gave the paper's size as width x height (512x320) above rows written height x width, so a
+    run at --size 512x320 (portrait) read as the paper's size."""
+    m = {"n_clips": 3, "fvd": None, "kvd": None}
+    run = {"kind": "generation", "label": "x", "run": "x-1", "metrics": m, "data": {"size": [512, 320]}}
+    table = markdown_table([run])
+    assert "Paper rows: 1,000 clips at 320x512 (height x width" in table and "[16 frames, 512x320]" in table
