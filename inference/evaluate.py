@@ -176,9 +176,11 @@ class _Window:
 
     @property
     def cache_name(self) -> str:
-        """Its cache files' name: the key and a digest of the clip's bytes (a re-curated split keeps its
-        clip ids but not their pixels; scores of the old clips must not be taken for the new)."""
-        return f"{self.key}.{self.clip.content}"
+        """Its cache files' name: the key, a digest of the clip's bytes (a re-curated split keeps its clip
+        ids but not their pixels; scores of the old clips must not be taken for the new) and one of its
+        caption (the model's prompt and CLIP_txt's text: a re-captioned split keeps the clips' bytes)."""
+        caption = hashlib.sha256(self.caption.encode()).hexdigest()[:8]
+        return f"{self.key}.{self.clip.content}.{caption}"
 
     def frames(self, args: argparse.Namespace, size: tuple[int, int]) -> np.ndarray:
         """The [T, H, W, 3] ground-truth window at `size`."""
@@ -605,6 +607,7 @@ def _summary(m: dict, decoder: bool) -> str:
             ("FVD", "fvd", 2),
             ("LPIPS", "lpips", 4),
             ("CLIP_img", "clip_img", 4),
+            ("CLIP_txt", "clip_txt", 4),
             ("CPBD", "cpbd", 4),
             ("PSNR interior", "psnr", 2),
             ("SSIM interior", "ssim", 4),

@@ -130,3 +130,25 @@ def test_the_table_writes_the_papers_frame_size_as_the_runs_are_written():
     run = {"kind": "generation", "label": "x", "run": "x-1", "metrics": m, "data": {"size": [512, 320]}}
     table = markdown_table([run])
     assert "Paper rows: 1,000 clips at 320x512 (height x width" in table and "[16 frames, 512x320]" in table
+
+
+def test_a_re_captioned_split_is_scored_again(tmp_path):
+    """The same clip bytes under a new caption (curate re-run with another captioner): the cache, keyed by
+    the clip's bytes, served CLIP_txt against the old caption (and, for the model, clips prompted by it)."""
+    out = tmp_path / "eval"
+
+    def run(caption: str) -> dict:
+        shards = tmp_path / caption.replace(" ", "_")
+        shards.mkdir()
+        with tarfile.open(shards / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, key in enumerate(("clip000a", "clip000b")):
+                _member(tar, f"{key}.mp4", _mp4(_clip_frames(16, i)))
+                _member(tar, f"{key}.txt", caption.encode())
+        argv = [str(shards), "--out", str(out), "--method", "linear", "--metrics", "clip_txt", *TINY]
+        assert cli.main(argv, extractors=fake_extractors()) == 0
+        (path,) = (out / "results").glob("*.json")
+        return json.loads(path.read_text())
+
+    first, second = run("a square"), run("a girl waving")
+    assert second["metrics"]["clip_txt"] != first["metrics"]["clip_txt"]
+    assert second["data"]["clips_sha256"] != first["data"]["clips_sha256"]  # another set for the table
