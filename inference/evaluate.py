@@ -272,6 +272,11 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             f"SSIM's {SSIM_WINDOW}-tap window needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, not"
             f" {size[0]}x{size[1]}"
         )
+    if "lpips" in metrics and min(size) < LPIPS_MIN_SIDE:  # torch's error came after the first clip's work
+        raise InputError(
+            f"LPIPS's AlexNet needs frames of at least {LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE}, not {size[0]}x{size[1]}"
+            " (or leave lpips out of --metrics)"
+        )
 
     # Every input is checked before the device works: checkpoint, metric weights, clips.
     checkpoint = None
@@ -505,6 +510,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
 
 SSIM_WINDOW = 11  # taps of SSIM's Gaussian window (training/metrics/frames.py)
+LPIPS_MIN_SIDE = 31  # AlexNet's 11x11/4 conv and two 3x3/2 max-pools leave no pixel of a smaller side
 
 
 def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespace, cfg=None) -> None:

@@ -20,6 +20,7 @@ from tests.inference.test_evaluate import (  # noqa: F401 (curated: a fixture)
     fake_extractors,
 )
 from training.checkpoint import save_safetensors
+from training.metrics.lpips import LPIPS
 from training.models.tooncrafter import build_tooncrafter
 
 
@@ -152,3 +153,27 @@ def test_a_re_captioned_split_is_scored_again(tmp_path):
     first, second = run("a square"), run("a girl waving")
     assert second["metrics"]["clip_txt"] != first["metrics"]["clip_txt"]
     assert second["data"]["clips_sha256"] != first["data"]["clips_sha256"]  # another set for the table
+
+
+def test_a_frame_too_small_for_lpips_stops_before_any_clip(curated, tmp_path, capsys):  # noqa: F811
+    """AlexNet has no pixel left below 31x31: the real LPIPS network raised torch's RuntimeError after the
+    first clip had been generated (with --decoder-size 16, after the model had loaded)."""
+    ex = fake_extractors()
+    ex.lpips = LPIPS("alex")  # the real network (random weights): its shape limits are what matter
+    out = tmp_path / "eval"
+    argv = [
+        str(curated),
+        "--out",
+        str(out),
+        "--method",
+        "linear",
+        "--metrics",
+        "lpips",
+        *TINY,
+        "--size",
+        "16x32",
+    ]
+    assert cli.main(argv, extractors=ex) == 2
+    assert "LPIPS's AlexNet needs frames of at least 31x31, not 16x32" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main([*argv[:-1], "32x64"], extractors=ex) == 0
