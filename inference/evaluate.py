@@ -255,15 +255,16 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         raise InputError(f"the evaluation frame {size[0]}x{size[1]} must have positive sides")
     methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
     unknown = [] if args.decoder_only else [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"--method: {unknown} not among {' '.join(sorted(METHODS))}")
+    if unknown or not methods:  # an empty word (`--method "$M"`) ran nothing and exited 0
+        raise InputError(f"--method: {unknown or 'none given'} not among {' '.join(sorted(METHODS))}")
     needs_model = args.decoder_only or "model" in methods
     known = DECODER_METRICS if args.decoder_only else GENERATION_METRICS
     metrics = list(dict.fromkeys(m for ms in args.metrics for m in ms) if args.metrics else known)
     unknown = [m for m in metrics if m not in known]
-    if unknown:
+    if unknown or not metrics:  # an empty word generated every clip, scored nothing, replaced the results
         mode = "--decoder-only" if args.decoder_only else "a generation run"
-        raise InputError(f"--metrics: {unknown} not among the metrics of {mode}: {' '.join(known)}")
+        given = unknown or "none given"
+        raise InputError(f"--metrics: {given} not among the metrics of {mode}: {' '.join(known)}")
     needs = extractors_for(metrics)
     device, dtype = device_and_dtype(args.device, args.dtype)
     hash_cache = args.out / ".sha256.json"

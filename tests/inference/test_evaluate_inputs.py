@@ -177,3 +177,15 @@ def test_a_frame_too_small_for_lpips_stops_before_any_clip(curated, tmp_path, ca
     assert "LPIPS's AlexNet needs frames of at least 31x31, not 16x32" in capsys.readouterr().err
     assert not out.exists()
     assert cli.main([*argv[:-1], "32x64"], extractors=ex) == 0
+
+
+def test_an_empty_method_or_metrics_word_is_refused(curated, tmp_path, capsys):  # noqa: F811
+    """`--method "$M"` with M unset ran nothing and exited 0; `--metrics ""` generated every clip, scored
+    nothing and replaced the run's results with an empty row."""
+    out = tmp_path / "eval"
+    base = [str(curated), "--out", str(out), *TINY]
+    assert cli.main([*base, "--method", ""], extractors=fake_extractors()) == 2
+    assert "--method: none given not among flow linear model" in capsys.readouterr().err
+    assert cli.main([*base, "--method", "linear", "--metrics", ","], extractors=fake_extractors()) == 2
+    assert "--metrics: none given not among the metrics of a generation run" in capsys.readouterr().err
+    assert not out.exists()
