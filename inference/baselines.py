@@ -60,6 +60,9 @@ def _luma_u8(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
 
 
+DIS_MIN_SIDE = 16  # OpenCV's DIS (4.12, medium preset) on a frame under 16 pixels high raises or segfaults
+
+
 def optical_flow(
     source: np.ndarray, target: np.ndarray, method: Literal["dis", "farneback"] = "dis"
 ) -> np.ndarray:
@@ -70,6 +73,8 @@ def optical_flow(
     import cv2
 
     a, b = _luma_u8(source), _luma_u8(target)
+    if method == "dis" and min(a.shape) < DIS_MIN_SIDE:  # e.g. 12x64 killed the process with SIGSEGV
+        raise ValueError(f"DIS flow needs frames of at least {DIS_MIN_SIDE}x{DIS_MIN_SIDE}, got {a.shape}")
     if method == "dis":
         return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(a, b, None)
     if method == "farneback":

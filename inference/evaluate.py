@@ -227,6 +227,7 @@ def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
 def run(args: argparse.Namespace, extractors=None) -> int:
     import torch
 
+    from inference.baselines import DIS_MIN_SIDE
     from inference.eval_scores import (
         DECODER_METRICS,
         GENERATION_METRICS,
@@ -271,6 +272,11 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if "ssim" in metrics and min(size) < SSIM_WINDOW:
         raise InputError(
             f"SSIM's {SSIM_WINDOW}-tap window needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, not"
+            f" {size[0]}x{size[1]}"
+        )
+    if "flow" in methods and min(size) < DIS_MIN_SIDE:
+        raise InputError(
+            f"--method flow: its DIS flow needs frames of at least {DIS_MIN_SIDE}x{DIS_MIN_SIDE}, not"
             f" {size[0]}x{size[1]}"
         )
     if "lpips" in metrics and min(size) < LPIPS_MIN_SIDE:  # torch's error came after the first clip's work

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import tarfile
 
+import numpy as np
+import pytest
 import torch
 
 from inference import evaluate as cli
+from inference.baselines import flow_warp
 from inference.eval_scores import markdown_table
 from tests.inference.test_evaluate import (  # noqa: F401 (curated: a fixture)
     TINY,
@@ -188,4 +191,27 @@ def test_an_empty_method_or_metrics_word_is_refused(curated, tmp_path, capsys): 
     assert "--method: none given not among flow linear model" in capsys.readouterr().err
     assert cli.main([*base, "--method", "linear", "--metrics", ","], extractors=fake_extractors()) == 2
     assert "--metrics: none given not among the metrics of a generation run" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_flow_on_frames_under_16_pixels_high_is_refused_not_a_segfault(curated, tmp_path, capsys):  # noqa: F811
+    """OpenCV's DIS flow segfaulted on 12x64 frames: `--method flow --size 12x64 --metrics psnr` killed the
+    process without a word."""
+    with pytest.raises(ValueError, match="at least 16x16"):
+        flow_warp(np.zeros((12, 64, 3), np.uint8), np.zeros((12, 64, 3), np.uint8), 4)
+    out = tmp_path / "eval"
+    argv = [
+        str(curated),
+        "--out",
+        str(out),
+        "--method",
+        "flow",
+        "--metrics",
+        "psnr",
+        *TINY,
+        "--size",
+        "12x64",
+    ]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert "--method flow: its DIS flow needs frames of at least 16x16, not 12x64" in capsys.readouterr().err
     assert not out.exists()
