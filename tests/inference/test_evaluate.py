@@ -657,8 +657,8 @@ def test_another_window_is_recorded_and_marked_and_the_json_has_no_nan(curated, 
         ),
         (["--decoder-only", "--decoder-size", "8"], "SSIM's 11-tap window needs frames of at least 11x11"),
         (
-            ["--decoder-only", "--decoder-size", "20"],
-            "--decoder-size: the frame 20x20 must have sides that are multiples of 8",
+            ["--decoder-only", "--decoder-size", "36"],  # under 31, LPIPS's limit would speak first
+            "--decoder-size: the frame 36x36 must have sides that are multiples of 8",
         ),
     ],
     ids=["zero", "model-step", "ssim-window", "vae-step"],
