@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         nargs="+",
         type=_comma_list,
-        default=[["model"]],
         metavar="METHOD",
         help=f"what generates ({' '.join(sorted(METHODS))}; default model); spaces or commas between them",
     )
@@ -254,7 +253,10 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     if min(size) <= 0:
         raise InputError(f"the evaluation frame {size[0]}x{size[1]} must have positive sides")
-    methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in args.method for m in ms))
+    if args.decoder_only and args.method is not None:  # it ran the decoder alone, the methods unsaid
+        raise InputError("--decoder-only scores the checkpoint's VAE: it takes no --method (run those apart)")
+    given = args.method if args.method is not None else [["model"]]
+    methods = ["decoder"] if args.decoder_only else list(dict.fromkeys(m for ms in given for m in ms))
     unknown = [] if args.decoder_only else [m for m in methods if m not in METHODS]
     if unknown or not methods:  # an empty word (`--method "$M"`) ran nothing and exited 0
         raise InputError(f"--method: {unknown or 'none given'} not among {' '.join(sorted(METHODS))}")

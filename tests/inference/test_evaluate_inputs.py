@@ -215,3 +215,10 @@ def test_flow_on_frames_under_16_pixels_high_is_refused_not_a_segfault(curated, 
     assert cli.main(argv, extractors=fake_extractors()) == 2
     assert "--method flow: its DIS flow needs frames of at least 16x16, not 12x64" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_decoder_only_with_a_method_is_refused(curated, tmp_path, capsys):  # noqa: F811
+    """--decoder-only --method linear ran the decoder alone and said nothing of the method."""
+    argv = [str(curated), "--out", str(tmp_path / "eval"), "--decoder-only", "--method", "linear", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert "--decoder-only scores the checkpoint's VAE: it takes no --method" in capsys.readouterr().err
