@@ -200,7 +200,7 @@ def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
     from inference.eval_data import clip_window, iter_clips
 
     clips, skipped = [], []
-    seen: dict[str, str] = {}  # cache name (key and bytes) -> the shard it was first read from
+    seen: dict[str, str] = {}  # KEY.CONTENT (id and bytes) -> the shard it was first read from
     for clip in iter_clips(args.sources, args.split):
         if args.limit is not None and len(clips) >= args.limit:
             break
@@ -572,7 +572,8 @@ def _finite_uint8(video, key: str, dtype) -> np.ndarray:
         precision = str(dtype).removeprefix("torch.")
         raise InputError(
             f"{key}: the model's output holds NaN or inf at {precision} (nothing of this clip was cached): a"
-            " checkpoint with non-finite weights, or an fp16 overflow (--dtype bf16 or fp32)"
+            " checkpoint with non-finite weights, an untrained one (an all-zero prediction has no spread for"
+            " guidance rescale to divide by: --guidance-rescale 0), or an fp16 overflow (--dtype bf16 or fp32)"
         )
     return to_uint8_frames(video)
 
