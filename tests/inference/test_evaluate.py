@@ -293,9 +293,8 @@ def test_metrics_subset_needs_only_its_weights(curated, tmp_path, monkeypatch, c
     assert m["psnr_exact_frames"] == {"all": 4, "interior": 0}
     assert 10 < m["psnr"]["interior"] == pytest.approx(m["psnr"]["all"])
     assert 0 < m["ssim"]["interior"] <= 1 and "PSNR interior" in capsys.readouterr().out
-    no_method = [
-        a for a in argv[: -len(TINY) - 1] if a not in ("--method", "linear")
-    ]  # --decoder-only takes none
+    # --decoder-only takes no --method
+    no_method = [a for a in argv[: -len(TINY) - 1] if a not in ("--method", "linear")]
     assert cli.main([*no_method, "cpbd", "--decoder-only", *TINY]) == 2
     assert "--metrics: ['cpbd'] not among the metrics of --decoder-only" in capsys.readouterr().err
     assert cli.main([*argv[: -len(TINY) - 1], "clip_txt", *TINY]) == 2
