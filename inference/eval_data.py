@@ -80,7 +80,13 @@ def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
                 log.warning(
                     "%s:%s: its json member is unreadable; the clip is used without it", tar_path, key
                 )
-        caption = current["txt"].decode() if "txt" in current else (meta.get("caption") or "")
+        caption = meta.get("caption") or ""
+        if "txt" in current:
+            try:
+                caption = current["txt"].decode()
+            except UnicodeDecodeError:  # a shard of another tool (latin-1): a traceback stopped the run
+                caption = current["txt"].decode(errors="replace")
+                log.warning("%s:%s: its caption is not UTF-8; undecodable bytes replaced", tar_path, key)
         return EvalClip(key, current["mp4"], caption, meta, str(tar_path))
 
     count = 0

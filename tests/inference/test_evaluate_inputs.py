@@ -1,6 +1,7 @@
 """`inbetweener evaluate` on inputs as users give them: a clip given twice by overlapping sources, a
 checkpoint whose CLIP towers score the baselines replaced in place, a checkpoint that outputs NaN, runs
-of one method with other settings in one OUT, shards without captions or re-captioned, frame sizes that
+of one method with other settings in one OUT, shards without captions, re-captioned or with captions
+not in UTF-8, frame sizes that
 LPIPS or the flow baseline cannot take, empty or contradictory --method / --metrics."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from inference import evaluate as cli
 from inference.baselines import flow_warp
+from inference.eval_data import iter_clips
 from inference.eval_scores import markdown_table
 from tests.inference.test_evaluate import (  # noqa: F401 (curated: a fixture)
     TINY,
@@ -223,3 +225,14 @@ def test_decoder_only_with_a_method_is_refused(curated, tmp_path, capsys):  # no
     argv = [str(curated), "--out", str(tmp_path / "eval"), "--decoder-only", "--method", "linear", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 2
     assert "--decoder-only scores the checkpoint's VAE: it takes no --method" in capsys.readouterr().err
+
+
+def test_a_caption_that_is_not_utf8_is_read_with_a_warning_not_a_traceback(tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        _member(tar, "clip000a.mp4", _mp4(_clip_frames(16, 0)))
+        _member(tar, "clip000a.txt", "un garçon qui court".encode("latin-1"))
+    (clip,) = iter_clips([shards])
+    assert clip.caption == "un gar\ufffdon qui court"
+    assert "its caption is not UTF-8" in caplog.text
