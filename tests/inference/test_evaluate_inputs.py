@@ -1,8 +1,8 @@
 """`inbetweener evaluate` on inputs as users give them: a clip given twice by overlapping sources, a
 checkpoint whose CLIP towers score the baselines replaced in place, a checkpoint that outputs NaN, runs
 of one method with other settings in one OUT, shards without captions, re-captioned or with captions
-not in UTF-8, frame sizes that
-LPIPS or the flow baseline cannot take, empty or contradictory --method / --metrics."""
+not in UTF-8, frame sizes that LPIPS or the flow baseline cannot take, empty or contradictory --method /
+--metrics."""
 
 from __future__ import annotations
 
