@@ -147,6 +147,11 @@ def missing_weights(needs: Sequence[str], root: str | os.PathLike | None, clip_f
     return out
 
 
+CLIP_TOWERS = (
+    "ViT-H-14 towers of the interpolation checkpoint (see weights.checkpoint)"  # record["clip"]["model"]
+)
+
+
 def load_extractors(
     needs: Sequence[str],
     root: str | os.PathLike | None,
@@ -187,9 +192,7 @@ def load_extractors(
             note("clip", features.CLIP_FILE, {"model": "ViT-H-14 laion2b_s32b_b79k"})
         else:
             encoder = features.OpenClipEncoder(clip_model(), open_clip.get_tokenizer("ViT-H-14"))
-            ex.record["clip"] = {
-                "model": "ViT-H-14 towers of the interpolation checkpoint (see weights.checkpoint)"
-            }
+            ex.record["clip"] = {"model": CLIP_TOWERS}
         encoder.model = encoder.model.to(device)
         ex.image, ex.text = encoder.embed_images, encoder.embed_texts
     return ex

@@ -352,7 +352,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     " pass --checkpoint): its CLIP towers serve instead"
                 )
             raise InputError(str(exc).rstrip() + hint) from exc
-        if "checkpoint" in str(extractors.record.get("clip", "")):
+        if clip_towers(extractors):
             # the towers are this file's weights: its hash keys the cached CLIP scores (a baseline's cache
             # is otherwise blind to the checkpoint, and another file's CLIP scores were served)
             extractors.record["clip"]["sha256"] = file_sha256(checkpoint, hash_cache)
@@ -456,9 +456,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         bar.close()
         pooled = pool_decoder_scores(records) if method == "decoder" else pool_scores(records)
         weights: dict[str, Any] = dict(extractors.record)
-        if checkpoint is not None and (
-            method in ("model", "decoder") or "checkpoint" in str(extractors.record.get("clip", ""))
-        ):
+        if checkpoint is not None and (method in ("model", "decoder") or clip_towers(extractors)):
             weights["checkpoint"] = {"file": str(checkpoint), "sha256": file_sha256(checkpoint, hash_cache)}
         label = {"model": "ToonCrafter (ours)", "decoder": "VAE decoder (ours)"}.get(
             method, METHODS.get(method, method)
@@ -545,6 +543,15 @@ def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespac
         raise InputError(
             f"{flag}: the frame {size[0]}x{size[1]} must have sides that are multiples of {step} for this model"
         )
+
+
+def clip_towers(extractors) -> bool:
+    """Whether CLIP runs on the interpolation checkpoint's towers (the CLIP file's record is not told by
+    the word "checkpoint": a models dir under /data/checkpoints/ has it in its path)."""
+    from inference.eval_scores import CLIP_TOWERS
+
+    clip = extractors.record.get("clip")
+    return isinstance(clip, dict) and clip.get("model") == CLIP_TOWERS
 
 
 def json_safe(value: Any) -> Any:

@@ -236,3 +236,29 @@ def test_a_caption_that_is_not_utf8_is_read_with_a_warning_not_a_traceback(tmp_p
     (clip,) = iter_clips([shards])
     assert clip.caption == "un gar\ufffdon qui court"
     assert "its caption is not UTF-8" in caplog.text
+
+
+def test_a_models_dir_whose_path_says_checkpoint_is_not_taken_for_the_towers(curated, tmp_path, monkeypatch):  # noqa: F811
+    """The CLIP file's record was told from the towers' by the word "checkpoint" anywhere in it: with the
+    models dir under /data/checkpoints/ and no interpolation checkpoint, evaluate hashed None (TypeError)."""
+    import inference.eval_scores as scores
+
+    models = tmp_path / "checkpoints" / "models"
+    clip_file = models / "clip" / "open_clip_pytorch_model.bin"
+
+    def load(needs, root, device, clip_model=None, hash_file=None):
+        assert clip_model is None  # no interpolation checkpoint in this models dir
+        ex = fake_extractors()
+        ex.record = {"clip": {"file": str(clip_file), "sha256": "c1", "model": "ViT-H-14 laion2b_s32b_b79k"}}
+        return ex
+
+    monkeypatch.setattr(scores, "load_extractors", load)
+    monkeypatch.setattr(scores, "missing_weights", lambda *a, **k: [])
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "clip_img"]
+    assert cli.main([*argv, "--models-dir", str(models), *TINY]) == 0
+    (path,) = (out / "results").glob("*.json")
+    weights = json.loads(path.read_text())["weights"]
+    assert weights == {
+        "clip": {"file": str(clip_file), "sha256": "c1", "model": "ViT-H-14 laion2b_s32b_b79k"}
+    }
