@@ -147,9 +147,8 @@ def missing_weights(needs: Sequence[str], root: str | os.PathLike | None, clip_f
     return out
 
 
-CLIP_TOWERS = (
-    "ViT-H-14 towers of the interpolation checkpoint (see weights.checkpoint)"  # record["clip"]["model"]
-)
+# record["clip"]["model"] when CLIP runs on the interpolation checkpoint's towers
+CLIP_TOWERS = "ViT-H-14 towers of the interpolation checkpoint (see weights.checkpoint)"
 
 
 def load_extractors(

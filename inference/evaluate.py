@@ -352,7 +352,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     " pass --checkpoint): its CLIP towers serve instead"
                 )
             raise InputError(str(exc).rstrip() + hint) from exc
-        if clip_towers(extractors):
+        if _clip_towers(extractors):
             # the towers are this file's weights: its hash keys the cached CLIP scores (a baseline's cache
             # is otherwise blind to the checkpoint, and another file's CLIP scores were served)
             extractors.record["clip"]["sha256"] = file_sha256(checkpoint, hash_cache)
@@ -456,7 +456,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         bar.close()
         pooled = pool_decoder_scores(records) if method == "decoder" else pool_scores(records)
         weights: dict[str, Any] = dict(extractors.record)
-        if checkpoint is not None and (method in ("model", "decoder") or clip_towers(extractors)):
+        if checkpoint is not None and (method in ("model", "decoder") or _clip_towers(extractors)):
             weights["checkpoint"] = {"file": str(checkpoint), "sha256": file_sha256(checkpoint, hash_cache)}
         label = {"model": "ToonCrafter (ours)", "decoder": "VAE decoder (ours)"}.get(
             method, METHODS.get(method, method)
@@ -545,7 +545,7 @@ def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespac
         )
 
 
-def clip_towers(extractors) -> bool:
+def _clip_towers(extractors) -> bool:
     """Whether CLIP runs on the interpolation checkpoint's towers (the CLIP file's record is not told by
     the word "checkpoint": a models dir under /data/checkpoints/ has it in its path)."""
     from inference.eval_scores import CLIP_TOWERS
