@@ -328,6 +328,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             )
         reasons = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:5])
         raise InputError(f"no usable clips in {sources} ({len(skipped)} skipped: {reasons})")
+    if len(clips) < 2 and {"fvd", "kvd"} & set(metrics):  # said before the work, not only as a blank after
+        print("note: FVD and KVD compare sets of clips; of 1 clip they are left blank", file=sys.stderr)
     if extractors is None:
         clip_model = None
         if checkpoint is not None:

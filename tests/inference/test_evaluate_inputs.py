@@ -262,3 +262,15 @@ def test_a_models_dir_whose_path_says_checkpoint_is_not_taken_for_the_towers(cur
     assert weights == {
         "clip": {"file": str(clip_file), "sha256": "c1", "model": "ViT-H-14 laion2b_s32b_b79k"}
     }
+
+
+def test_one_clip_says_fvd_and_kvd_are_left_blank(curated, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--limit", "1", *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 0
+    assert "FVD and KVD compare sets of clips; of 1 clip they are left blank" in capsys.readouterr().err
+    (path,) = (out / "results").glob("*.json")
+    m = json.loads(path.read_text())["metrics"]
+    assert m["fvd"] is None and m["kvd"] is None and m["fvd_note"] == "needs at least 2 clips"
+    row = next(line for line in (out / "results.md").read_text().splitlines() if "**linear_blend**" in line)
+    assert "| 1 | - | - |" in row
