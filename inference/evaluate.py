@@ -276,6 +276,11 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             f"SSIM's {SSIM_WINDOW}-tap window needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, not"
             f" {size[0]}x{size[1]}"
         )
+    if {"fvd", "kvd"} & set(metrics) and args.frames < I3D_MIN_FRAMES:  # torch's error came after a clip
+        raise InputError(
+            f"FVD and KVD's I3D needs windows of at least {I3D_MIN_FRAMES} frames, not {args.frames} (its"
+            " temporal strides leave less than its last 2-frame pooling); leave fvd and kvd out of --metrics"
+        )
     if "flow" in methods and min(size) < DIS_MIN_SIDE:
         raise InputError(
             f"--method flow: its DIS flow needs frames of at least {DIS_MIN_SIDE}x{DIS_MIN_SIDE}, not"
@@ -519,6 +524,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
 
 SSIM_WINDOW = 11  # taps of SSIM's Gaussian window (training/metrics/frames.py)
+I3D_MIN_FRAMES = 9  # StyleGAN-V's I3D halves time three times before a 2-frame average pool
 LPIPS_MIN_SIDE = 31  # AlexNet's 11x11/4 conv and two 3x3/2 max-pools leave no pixel of a smaller side
 
 

@@ -274,3 +274,14 @@ def test_one_clip_says_fvd_and_kvd_are_left_blank(curated, tmp_path, capsys):  #
     assert m["fvd"] is None and m["kvd"] is None and m["fvd_note"] == "needs at least 2 clips"
     row = next(line for line in (out / "results.md").read_text().splitlines() if "**linear_blend**" in line)
     assert "| 1 | - | - |" in row
+
+
+def test_a_window_too_short_for_i3d_stops_before_any_clip(curated, tmp_path, capsys):  # noqa: F811
+    """StyleGAN-V's I3D raises on windows of 8 frames or fewer (time 1 at its 2-frame average pool), after
+    the first clip had been generated; the injected extractors here take any length, the real one does not."""
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", *TINY, "--frames", "8"]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    assert "FVD and KVD's I3D needs windows of at least 9 frames, not 8" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main([*argv, "--metrics", "lpips,cpbd"], extractors=fake_extractors()) == 0
