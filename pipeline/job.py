@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -635,20 +636,44 @@ class CurateJob:
         self._init_ray()
         workers = self._workers()
         progress = Progress("score", len(pending), "sources", self.log)
+        stages = self.stages()
+        self._score_pass(run_stages([{"source_uri": u} for u in pending], stages, workers), progress)
+        given_up = [uri for uri in pending if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
+        if given_up and any(stage.has_setup() for stage in stages):
+            # a model actor's death takes down the batches queued on it: sources beside a crashing
+            # one may have been given up with it; tried again with one batch per actor at a time
+            self._say(
+                f"{len(given_up)} source(s) lost with a worker that died: trying them once more, one by one"
+            )
+            isolated = run_stages([{"source_uri": u} for u in given_up], stages, workers, isolate=True)
+            self._score_pass(isolated, progress)
+            given_up = [uri for uri in given_up if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
+        # a source whose task failed every attempt (runner.WORKER_RETRIES) left no part: its clips seen
+        # so far are dropped and it is one error row, so that the job ends and a rerun does not hang on it
+        for uri in given_up:
+            row = {"source_uri": uri}
+            self._save_part(uri, [{**row, **error_fields(row, f"score: {GIVEN_UP}")}])
+            progress.update(1, 0)
+        if given_up:
+            write_json_atomic(given_up_file, given_up)
+        return given_up
+
+    def _score_pass(self, rows: Iterator[dict], progress: Progress) -> None:
+        """Save each source's part once all of its rows have come (its `source_end` row says how many)."""
         open_rows: dict[str, list[dict]] = {}
         expected: dict[str, int] = {}
         try:
-            for row in run_stages([{"source_uri": u} for u in pending], self.stages(), workers):
+            for row in rows:
                 uri = row["source_uri"]
                 if row.get("row_kind") == "source_end":
                     expected[uri] = int(row["clips_emitted"])
                 else:
                     open_rows.setdefault(uri, []).append(row)
                 if uri in expected and len(open_rows.get(uri, [])) >= expected[uri]:
-                    rows = open_rows.pop(uri, [])
-                    self._save_part(uri, rows)
+                    done = open_rows.pop(uri, [])
+                    self._save_part(uri, done)
                     expected.pop(uri)
-                    progress.update(1, sum(r.get("status") != "error" for r in rows))
+                    progress.update(1, sum(r.get("status") != "error" for r in done))
         except Exception as exc:
             from pipeline.runner import stage_load_error
 
@@ -658,16 +683,6 @@ class CurateJob:
             raise ConfigError(
                 f"{message}; `inbetweener models check` looks at the weights; the sources scored so far are kept"
             ) from None
-        # a source whose task failed every attempt (runner.WORKER_RETRIES) left no part: its clips seen
-        # so far are dropped and it is one error row, so that the job ends and a rerun does not hang on it
-        given_up = [uri for uri in pending if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
-        for uri in given_up:
-            row = {"source_uri": uri}
-            self._save_part(uri, [{**row, **error_fields(row, f"score: {GIVEN_UP}")}])
-            progress.update(1, 0)
-        if given_up:
-            write_json_atomic(given_up_file, given_up)
-        return given_up
 
     def _adopt_relative_parts(self, sources: list[str]) -> None:
         """Sources are named by absolute paths now; an earlier version named them as typed (relative to the

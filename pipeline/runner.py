@@ -468,8 +468,15 @@ def check_room(cpus: float, plan: dict[int, Pool], groups: list[list[Stage]]) ->
         )
 
 
-def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> Iterator[dict]:
-    """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped)."""
+def run_stages(
+    items: Sequence[dict], stages: Sequence[Stage], workers: int, isolate: bool = False
+) -> Iterator[dict]:
+    """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped).
+
+    A model actor has several batches in flight (the next one waits on it while it computes): a batch
+    that kills it takes the others down with it, and each such death spends one of their retries too,
+    so a source beside a crashing one can be given up with it. `isolate` sends each actor one batch at
+    a time (slower: the actor waits for each next batch), for a second try of the given-up sources."""
     import ray
 
     ds = ray.data.from_items(
@@ -500,7 +507,9 @@ def run_stages(items: Sequence[dict], stages: Sequence[Stage], workers: int) -> 
                 _ActorUDF,
                 fn_constructor_args=(stage, drop),
                 batch_size=stage.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                compute=ray.data.ActorPoolStrategy(
+                    size=pool.actors, max_tasks_in_flight_per_actor=1 if isolate else None
+                ),
                 batch_format="numpy",
                 max_task_retries=WORKER_RETRIES,  # a batch that kills its actor: as for tasks
                 **shares,
