@@ -577,20 +577,14 @@ def json_safe(value: Any) -> Any:
 
 
 def _finite_uint8(video, key: str, dtype) -> np.ndarray:
-    """A generated clip [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]; InputError when it holds NaN or inf,
-    which the cast to uint8 turned into black frames that were cached and scored as the model's output."""
-    import torch
-
+    """A generated clip [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]; InputError when it holds NaN or inf
+    (nothing of the clip is cached)."""
     from inference.media import to_uint8_frames
 
-    if not torch.isfinite(video).all():
-        precision = str(dtype).removeprefix("torch.")
-        raise InputError(
-            f"{key}: the model's output holds NaN or inf at {precision} (nothing of this clip was cached): a"
-            " checkpoint with non-finite weights, an untrained one (an all-zero prediction has no spread for"
-            " guidance rescale to divide by: --guidance-rescale 0), or an fp16 overflow (--dtype bf16 or fp32)"
-        )
-    return to_uint8_frames(video)
+    try:
+        return to_uint8_frames(video, key, dtype)
+    except InputError as exc:
+        raise InputError(f"{exc} (nothing of this clip was cached)") from None
 
 
 def _generate(

@@ -623,7 +623,9 @@ def run(args: argparse.Namespace) -> int:
         video = interpolate_chain(
             im, keyframes, job.prompt, settings, job.seed, hints, progress=not args.quiet
         )
-        frames = to_uint8_frames(video)
+        frames = to_uint8_frames(
+            video, job.name, im.dtype
+        )  # NaN: InputError, the run stops (every row would)
         out_dir = args.out / job.name
         inputs = [*job.labels, *job.sketch_labels.values()]  # a user's drawings in the folder stay
         written = write_outputs(frames, out_dir, args.fps, formats, keep=inputs)

@@ -333,9 +333,16 @@ def to_model_range(frames: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+def to_uint8_frames(video: torch.Tensor, what: str = "", dtype: torch.dtype | None = None) -> np.ndarray:
     """A generated clip `[3, T, H, W]` in [-1, 1] -> uint8 `[T, H, W, 3]`, clamped and rounded (the reference
-    truncates instead of rounding: at most one grey level apart)."""
+    truncates instead of rounding: at most one grey level apart). InputError naming `what` when the clip holds
+    NaN or inf, which the cast would turn into black frames written (or scored) as the model's output."""
+    if not torch.isfinite(video).all():
+        precision = f" at {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+        raise InputError(
+            f"{what + ': ' if what else ''}the model's output holds NaN or inf{precision}: a checkpoint with"
+            " non-finite weights, an untrained one, or an fp16 overflow (--dtype bf16 or fp32)"
+        )
     x = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).numpy()
 

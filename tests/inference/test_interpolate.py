@@ -123,6 +123,20 @@ def test_writes_mp4_gif_and_numbered_pngs_at_the_keyframes_aspect(files, tmp_pat
     assert meta["clip_towers"] == "device" and meta["cuda_graph"] is False  # a CPU run: nothing to move
 
 
+def test_a_checkpoint_that_outputs_nan_writes_no_black_video(files, tmp_path, capsys):
+    """NaN cast to uint8 was written as black frames, exit 0; now one line naming the row, nothing written."""
+    root, _, keys = files
+    model = randomised_tiny()
+    with torch.no_grad():
+        next(model.model.parameters()).view(-1)[0] = float("nan")  # a damaged file
+    ckpt = save_safetensors(model, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    argv = [str(keys["a"]), str(keys["b"]), "--prompt", "p", "--checkpoint", str(ckpt), "--out", str(out)]
+    assert cli.main([*argv, "--steps", "2", *FAST]) == 2
+    assert "the model's output holds NaN or inf at float32" in capsys.readouterr().err
+    assert not (out / "inbetween.mp4").exists() and not list(out.glob("frames/*.png"))
+
+
 def test_frame_geometry_follows_the_keyframes_aspect():
     assert frame_size(320, 512) == (320, 512)  # the reference's frame, exactly
     assert frame_size(1080, 1920) == (320, 576)  # 16:9

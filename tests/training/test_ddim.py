@@ -89,6 +89,16 @@ def test_guidance_rescale_blends_towards_the_conditional_std():
     torch.testing.assert_close(rescale_guidance(guided, cond, 0.7), 0.7 * full + 0.3 * guided)
 
 
+def test_guidance_rescale_of_an_output_without_spread_is_not_nan():
+    """An untrained model predicts zeros: the rescale divided their std 0 by 0 and every frame was NaN."""
+    zeros, cond = torch.zeros(2, 4, 3, 5, 5), torch.zeros(2, 4, 3, 5, 5)
+    assert torch.equal(rescale_guidance(zeros, cond, 0.7), zeros)
+    g = torch.Generator().manual_seed(0)
+    mixed = torch.cat([torch.zeros(1, 4, 3, 5, 5), torch.randn(1, 4, 3, 5, 5, generator=g)])
+    out = rescale_guidance(mixed, torch.randn(2, 4, 3, 5, 5, generator=g), 1.0)
+    assert torch.isfinite(out).all() and torch.equal(out[0], mixed[0])  # the other sample is rescaled
+
+
 def test_cfg_with_scale_one_runs_only_the_conditional_branch():
     seen = []
     denoiser = cfg_denoiser(

@@ -38,7 +38,10 @@ def rescale_guidance(guided: Tensor, cond_out: Tensor, phi: float) -> Tensor:
     The std is taken per sample over all non-batch dims (unbiased, as torch.std), in the model's output space (v).
     """
     dims = list(range(1, guided.ndim))
-    rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    guided_std = guided.std(dim=dims, keepdim=True)
+    # a guided output without spread (an untrained model's zeros) is left as it is: 0/0 made it NaN
+    ratio = torch.where(guided_std > 0, cond_out.std(dim=dims, keepdim=True) / guided_std, 1.0)
+    rescaled = guided * ratio
     return phi * rescaled + (1 - phi) * guided
 
 
