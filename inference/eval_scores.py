@@ -332,6 +332,41 @@ def pool_scores(records: Sequence[Mapping[str, np.ndarray]], floor_seed: int = 0
     return out
 
 
+# Pooled numbers each metric of --metrics gives (a metric not listed gives the entry of its name).
+POOLED_BY_METRIC = {
+    "fvd": ("fvd", "fvd_note", "real_vs_real_floor"),
+    "kvd": ("kvd", "kvd_mmd2", "fvd_note", "real_vs_real_floor"),
+    "clip_txt": ("clip_txt", "clip_txt_clips"),
+    "cpbd": ("cpbd", "cpbd_real"),
+}
+
+
+def with_earlier_metrics(result: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict[str, Any]:
+    """`result` with the metrics that an earlier run of the same method, settings and clips computed and
+    this one did not (`--metrics lpips` after a full run replaced FVD, CLIP... with blanks); their weights'
+    record comes along. An earlier run of other clips or another protocol is not mixed in."""
+    same = all(result.get(k) == earlier.get(k) for k in ("kind", "generation", "protocol")) and clip_set(
+        result
+    ) == clip_set(earlier)
+    carried = [m for m in earlier.get("metrics_computed", []) if m not in result.get("metrics_computed", [])]
+    if not same or not carried:
+        return dict(result)
+    metrics = dict(result["metrics"])
+    for name in carried:
+        for key in POOLED_BY_METRIC.get(name, (name,)):
+            if key in earlier["metrics"]:
+                metrics[key] = earlier["metrics"][key]
+            else:  # e.g. this run's "not computed" note on FVD
+                metrics.pop(key, None)
+    return {
+        **result,
+        "metrics": metrics,
+        "metrics_computed": sorted({*result["metrics_computed"], *carried}),
+        "metrics_carried": {"metrics": sorted(carried), "from_code_version": earlier.get("code_version")},
+        "weights": {**earlier.get("weights", {}), **result.get("weights", {})},
+    }
+
+
 def pool_decoder_scores(records: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
     return {"n_clips": len(records), **_frame_averages(records, ("psnr", "ssim", "lpips"))}
 

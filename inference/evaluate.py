@@ -6,7 +6,9 @@ they depend on, so an interrupted run continues where it stopped and a finished 
 
     OUT/generated/<run>/<key>.npz    generated frames, uint8 [T, H, W, 3]
     OUT/scores/<run>/<key>.npz       per-frame scores and I3D features of the clip
-    OUT/results/<run>.json           the numbers, every protocol choice, settings, weight hashes
+    OUT/results/<run>-<clips>.json   the numbers, every protocol choice, settings, weight hashes (one
+                                     file per run and set of clips; a run of fewer --metrics keeps
+                                     the others its earlier run measured, as metrics_carried)
     OUT/results.md                   every run in OUT beside the paper's rows
 """
 
@@ -239,6 +241,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         pool_scores,
         score_clip,
         score_reconstruction,
+        with_earlier_metrics,
     )
     from inference.sampler import InferenceModel, SamplerSettings, device_and_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
@@ -406,7 +409,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 f" their sources are in its training data ({overlap['index']}): its scores are not held-out",
                 file=sys.stderr,
             )
-    score_id = _digest([extractors.record, sorted(metrics)])
+    score_id = _digest([extractors.record, sorted(metrics), _scoring_code()])
     from tqdm import tqdm
 
     # the methods of the checkpoint first: a file that does not load stops the run before the baselines
@@ -493,10 +496,14 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "all frames VAE-encoded (posterior mean), decoded together with the first and last frames' "
                 "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
             )
-        write_json_atomic(args.out / "results" / f"{run_name}.json", json_safe(result))
-        print(
-            f"{label}: {_summary(pooled, method == 'decoder')} -> {args.out / 'results' / (run_name + '.json')}"
-        )
+        # one file per run and set of clips: a --limit 5 try after the 1K run is a row of its own
+        result_path = args.out / "results" / f"{run_name}-{data['clips_sha256'][:8]}.json"
+        earlier = _load_result(result_path)
+        if earlier is not None:
+            result = with_earlier_metrics(result, earlier)
+            pooled = result["metrics"]
+        write_json_atomic(result_path, json_safe(result))
+        print(f"{label}: {_summary(pooled, method == 'decoder')} -> {result_path}")
         if pooled.get("fvd") is not None and pooled.get("fvd_note"):
             print(f"note: {pooled['fvd_note']}", file=sys.stderr)
         if pooled.get("clip_txt_clips", pooled["n_clips"]) < pooled["n_clips"]:
@@ -648,6 +655,34 @@ def _summary(m: dict, decoder: bool) -> str:
         elif key == "fvd" and m.get("fvd_note") == "needs at least 2 clips":
             parts.append("FVD -")
     return " ".join(parts)
+
+
+def _load_result(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: this run's replaces it
+        return None
+
+
+# The code that turns a clip into its cached per-clip scores: edited, the cached scores are redone
+# (a fixed CPBD or SSIM was served from the cache of the old code). Pooling (FVD, KVD) runs every time.
+SCORING_MODULES = (
+    "inference.eval_scores",
+    "training.features",
+    "training.metrics.cpbd",
+    "training.metrics.frames",
+    "training.metrics.lpips",
+    "training.metrics.preprocess",
+)
+
+
+def _scoring_code() -> str:
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in SCORING_MODULES:
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _code_version() -> str:

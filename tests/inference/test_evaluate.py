@@ -560,7 +560,8 @@ def _copy_curated(curated: Path, to: Path, seed_shift: int = 0) -> Path:
 
 
 def _result(out: Path, method: str = "linear_blend") -> dict:
-    (path,) = [p for p in (out / "results").glob(f"{method}-*.json")]
+    # the newest: a run on another set of clips writes a file of its own
+    path = max((out / "results").glob(f"{method}-*.json"), key=lambda p: p.stat().st_mtime_ns)
     return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the results JSON"))
 
 

@@ -153,7 +153,7 @@ def test_a_re_captioned_split_is_scored_again(tmp_path):
                 _member(tar, f"{key}.txt", caption.encode())
         argv = [str(shards), "--out", str(out), "--method", "linear", "--metrics", "clip_txt", *TINY]
         assert cli.main(argv, extractors=fake_extractors()) == 0
-        (path,) = (out / "results").glob("*.json")
+        path = max((out / "results").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)  # the newest
         return json.loads(path.read_text())
 
     first, second = run("a square"), run("a girl waving")
@@ -285,3 +285,40 @@ def test_a_window_too_short_for_i3d_stops_before_any_clip(curated, tmp_path, cap
     assert "FVD and KVD's I3D needs windows of at least 9 frames, not 8" in capsys.readouterr().err
     assert not out.exists()
     assert cli.main([*argv, "--metrics", "lpips,cpbd"], extractors=fake_extractors()) == 0
+
+
+def test_runs_on_other_clips_or_metrics_keep_what_earlier_runs_measured(curated, tmp_path, monkeypatch):  # noqa: F811
+    """The results file was named by the method and its settings only: a --limit 1 try after a full run
+    replaced the full run's row, and `--metrics psnr` after it blanked every other metric."""
+    from inference import evaluate
+
+    out = tmp_path / "eval"
+    base = [str(curated), "--out", str(out), "--method", "linear", *TINY]
+
+    def results() -> dict[str, dict]:
+        return {p.name: json.loads(p.read_text()) for p in (out / "results").glob("*.json")}
+
+    assert cli.main(base, extractors=fake_extractors()) == 0
+    (full,) = results().values()
+    assert full["metrics"]["n_clips"] == 2 and full["metrics"]["lpips"] and full["metrics"]["fvd"] is not None
+    assert cli.main([*base, "--limit", "1"], extractors=fake_extractors()) == 0
+    assert sorted(r["metrics"]["n_clips"] for r in results().values()) == [1, 2]  # each set its own row
+    # psnr alone on the same clips: the full run's other metrics stay in its row, said to be carried
+    assert cli.main([*base, "--metrics", "psnr"], extractors=fake_extractors()) == 0
+    (merged,) = [r for r in results().values() if r["metrics"]["n_clips"] == 2]
+    assert (
+        merged["metrics"]["lpips"] == full["metrics"]["lpips"]
+        and merged["metrics"]["fvd"] == full["metrics"]["fvd"]
+    )
+    assert (
+        "fvd" in merged["metrics_carried"]["metrics"] and "psnr" not in merged["metrics_carried"]["metrics"]
+    )
+    assert merged["metrics"].get("fvd_note") == full["metrics"].get("fvd_note")  # not "not computed"
+    # the code that scores a clip changed (a fixed SSIM): the cached per-clip scores are not served
+    score_dirs = set((out / "scores").iterdir())
+    assert cli.main([*base, "--metrics", "psnr"], extractors=fake_extractors()) == 0
+    assert set((out / "scores").iterdir()) == score_dirs  # unchanged code: served from the cache
+    monkeypatch.setattr(evaluate, "_scoring_code", lambda: "edited")
+    assert cli.main([*base, "--metrics", "psnr"], extractors=fake_extractors()) == 0
+    (new,) = set((out / "scores").iterdir()) - score_dirs
+    assert len(list(new.glob("*.npz"))) == 2  # both clips scored again
