@@ -300,9 +300,15 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     if needs_model or (extractors is None and "clip" in needs):
         try:
             checkpoint = find_weights(args.checkpoint, TOONCRAFTER_FILE, args.models_dir)
-        except InputError:
-            if needs_model:
-                raise  # the baselines only use it for CLIP, when the CLIP file is absent
+        except InputError as exc:
+            if needs_model:  # the baselines only use it for CLIP, when the CLIP file is absent
+                # the metric weights are named with it: one run tells all (its CLIP towers serve CLIP)
+                missing = [] if extractors is not None else missing_weights(needs, args.models_dir, True)
+                if missing:
+                    raise InputError(
+                        f"{exc}\nand {len(missing)} metric weight file(s) missing:\n" + "\n".join(missing)
+                    ) from None
+                raise
     if needs_model:
         _check_model_size(size, checkpoint, args)
     if extractors is None:  # every missing weight file at once, before the clips are decoded (minutes)

@@ -702,6 +702,21 @@ def test_every_missing_metric_weight_is_named_before_the_clips_are_decoded(
     assert "tooncrafter/model.ckpt" in err  # the CLIP towers of the checkpoint serve instead
 
 
+def test_a_missing_model_is_named_with_the_missing_metric_weights(curated, tmp_path, monkeypatch, capsys):
+    """README: missing weight files are all named at once. A run of the model with an empty models dir
+    named the checkpoint alone; the metric weights came one run later."""
+    import inference.evaluate
+
+    monkeypatch.setenv("INBETWEENER_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(inference.evaluate, "_windows", lambda *a: pytest.fail("clips were decoded first"))
+    assert cli.main([str(curated), "--out", str(tmp_path / "e"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "tooncrafter/model.ckpt" in err and "3 metric weight file(s) missing" in err
+    for name in ("i3d/i3d_torchscript.pt", "lpips/alex.pth", "lpips/alexnet-owt-7be5be79.pth"):
+        assert name in err
+    assert "clip/" not in err  # the checkpoint's CLIP towers serve once it is there
+
+
 def test_a_pickled_tiny_checkpoint_needs_no_preset_and_a_limit_reads_only_its_shards(
     curated, checkpoint, tmp_path, monkeypatch
 ):
