@@ -110,13 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", type=local_input, help="model weights (default: MODELS/tooncrafter/model.ckpt)"
     )
-    p.add_argument("--models-dir", type=local_input, help="models dir")
+    p.add_argument(
+        "--models-dir",
+        type=local_input,
+        help="models dir (default: $INBETWEENER_MODELS or ~/.cache/inbetweener/models)",
+    )
     p.add_argument("--preset", choices=("toon-512", "tiny"), help="model preset if the file does not say")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.7)
-    p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--fs", type=int, default=10)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.7, help="guidance rescale phi (0.7)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0)")
+    p.add_argument("--fs", type=int, default=10, help="frame-stride condition (10)")
     p.add_argument("--seed", type=int, default=123, help="base seed; each clip's seed also hashes its key")
     p.add_argument("--single-decode", action="store_true", help="skip the reference's second decode")
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")

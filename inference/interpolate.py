@@ -151,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", help="split of a manifest given to --batch (default: eval)")
     p.add_argument("--prompt", default="", help="text prompt, e.g. 'an anime scene' (default: empty)")
     p.add_argument(
-        "--sketch", nargs="+", metavar="DIR|FILE|I=FILE", help="sketches of some frames (see above)"
+        "--sketch",
+        nargs="+",
+        metavar="DIR|FILE|I=FILE",
+        help="sketches of some frames: a folder of pictures named by frame index (07.png, frame_07.png),"
+        " a picture named so, or I=FILE for frame I (over a chain: global frame numbers)",
     )
-    p.add_argument("--out", type=local_folder, default=Path("out/interpolate"), help="output folder")
+    p.add_argument(
+        "--out", type=local_folder, default=Path("out/interpolate"), help="output folder (out/interpolate)"
+    )
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (50)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--guidance-rescale", type=float, default=0.7, help="guidance rescale phi (0.7)")

@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, module in STAGES.items():
         p = sub.add_parser(
             name,
-            help=(module.__doc__ or "").splitlines()[0],
+            help=" ".join((module.__doc__ or "").split("\n\n")[0].split()),  # the whole first sentence
             epilog=EXAMPLES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override one field, e.g. train.lr=1e-5 data.num_workers=8",
+            help="override one field, e.g. train.lr=1e-5 (repeatable: --set data.num_workers=8 --set ...)",
         )
         p.add_argument("--init", type=not_a_url, help="init checkpoint (= train.init_checkpoint)")
         p.add_argument(
