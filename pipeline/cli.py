@@ -34,7 +34,11 @@ def _curate_parser() -> argparse.ArgumentParser:
 writes OUT/manifest.parquet, OUT/shards/train/, OUT/shards/eval/, OUT/report.html.
 Rerun the same command after a crash to continue; a finished job reruns as a no-op.""",
     )
-    p.add_argument("inputs", nargs="+", help="files, folders, globs, list files (.txt) or object-store URIs")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="files, folders, globs, list files (.txt, .lst, .list: one input a line) or object-store URIs",
+    )
     p.add_argument("--out", required=True, type=local_folder, help="output folder")
     p.add_argument(
         "--config", type=Path, help="YAML file overriding stage settings (sections: probe, shots, ...)"
@@ -141,9 +145,15 @@ def select_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out", type=local_folder, help="the output folder of a curate job")
     p.add_argument(
-        "--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE", help="a threshold"
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="a threshold (motion.min, motion.max, text.max, aesthetic.min, alignment.min), a split.* setting"
+        " or write.shard_bytes; repeatable",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     from pipeline.job import CurateJob
 
