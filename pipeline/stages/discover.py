@@ -134,8 +134,11 @@ def _list_file(path: Path, reading: frozenset[str] = frozenset()) -> list[str]:
         return []
     # surrogateescape: a Latin-1 name in the list keeps its bytes, and discover names it as not UTF-8
     text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    # `~/footage/ep1.mp4`: the shell expands it on a command line, not in a file
     entries = [
-        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+        os.path.expanduser(line.strip())
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
     ]
     resolved = [e if "://" in e or os.path.isabs(e) else str(path.parent / e) for e in entries]
     # a path (a folder on a disk not mounted yet is one too) or a video name; prose is neither

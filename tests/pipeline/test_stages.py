@@ -573,3 +573,15 @@ def test_a_frame_too_large_for_the_job_is_refused_without_decoding_it(tmp_path, 
     row = ProbeStage(max_width=128, max_height=128).process({"source_uri": str(path)})
     assert row["reason"].startswith("probe: frame size 256x128 exceeds") and not decoded
     assert ProbeStage().process({"source_uri": str(path)})["status"] is None and decoded
+
+
+def test_a_list_entry_under_the_home_folder_is_found(tmp_path, monkeypatch):
+    """`~/footage/ep1.mp4` in a list file was looked for as a folder named `~` beside the list."""
+    home = tmp_path / "home"
+    (home / "footage").mkdir(parents=True)
+    (home / "footage" / "ep1.mp4").write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(home))
+    listed = tmp_path / "lists" / "videos.txt"
+    listed.parent.mkdir()
+    listed.write_text("~/footage/ep1.mp4\n~/footage\n")
+    assert discover([str(listed)]) == [str(home / "footage" / "ep1.mp4")]
