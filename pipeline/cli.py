@@ -319,7 +319,13 @@ def demo_main(argv: list[str] | None = None) -> int:
         epilog="example:\n  inbetweener demo --out out/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", type=local_folder, default=Path("out/demo"))
+    p.add_argument(
+        "--out",
+        type=local_folder,
+        default=Path("out/demo"),
+        help="folder for OUT/footage/ and the curate job's OUT/curated/ (default: out/demo, from the current"
+        " folder); a rerun draws the footage again and scores it again (curate --restart)",
+    )
     p.add_argument("--no-fetch", action="store_true", help="do not fetch the Big Buck Bunny excerpt")
     args = p.parse_args(argv)
     from pipeline import samples

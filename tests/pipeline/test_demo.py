@@ -17,3 +17,11 @@ def test_demo_refuses_an_out_it_cannot_write_and_keeps_what_is_there(where, tmp_
         err.startswith("inbetweener demo: --out ") and "Traceback" not in err and len(err.splitlines()) == 1
     )
     assert (tmp_path / "a_file").read_text() == "someone's notes\n"
+
+
+def test_demo_help_says_where_out_is_and_what_goes_in_it(capsys):
+    """--out had no help line: neither its default nor that a rerun scores OUT/curated again."""
+    with pytest.raises(SystemExit):
+        demo_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default: out/demo" in out and "OUT/curated/" in out and "--restart" in out
