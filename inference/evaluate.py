@@ -250,7 +250,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     from inference.sampler import InferenceModel, SamplerSettings, device_and_dtype
     from inference.weights import TOONCRAFTER_FILE, file_sha256, find_weights, load_tooncrafter
     from manifests.files import write_json_atomic
-    from pipeline.models import WeightsError
+    from manifests.weights import WeightsError
     from training.metrics import protocol_record
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):

@@ -3,6 +3,10 @@
 The names below load on first use, so that `manifests.files` (atomic writes) and `manifests.keys`
 import with the standard library alone: the GPU machine, which has torch but not pyarrow, writes
 the benches' compile caches through `manifests.files`.
+
+Two modules serve every job beside the data contract, here because each package may import
+`manifests` and none may import another's way back (ARCHITECTURE.md): `manifests.weights` (what a
+weight file holds, one-line errors naming it) and `manifests.messages` (did-you-mean, YAML errors).
 """
 
 from importlib import import_module

@@ -7,17 +7,16 @@ a value of the wrong type, is an error before any work starts, naming the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from manifests.messages import did_you_mean, yaml_problem
 from pipeline.stages.aesthetic import AESTHETIC_MIN, AestheticStage
 from pipeline.stages.alignment import ALIGNMENT_MIN, AlignmentStage
 from pipeline.stages.caption import CaptionStage
@@ -255,12 +254,6 @@ def _parse_scalar(text: str):
     return value
 
 
-def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
-    """`"; did you mean motion.min?"` for a misspelt setting close to a known one, else `""`."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""
-
-
 def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateConfig:
     """Apply {section: {key: value}} to a config, checking every section, key and value."""
     for section, values in overrides.items():
@@ -401,17 +394,6 @@ def parse_set(items: list[str]) -> dict[str, dict]:
         raw = raw.strip()
         out.setdefault(section, {})[key] = _parse_scalar(raw)
     return out
-
-
-def yaml_problem(exc: Exception) -> str:
-    """A YAML parse error in one line: what is wrong and where ("expected ',' or ']' at line 2,
-    column 1"), not PyYAML's several lines with a caret; other errors as they are."""
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem is None:
-        return str(exc)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
 
 
 def load_config(path: Path | str | None = None, sets: list[str] | None = None) -> CurateConfig:

@@ -121,7 +121,7 @@ NOT_A_PICKLE = ("Unsupported operand", "String is too long", "unsupported persis
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
-    from pipeline.models import load_failure
+    from manifests.weights import load_failure
 
     mmap = zipfile.is_zipfile(path)  # the zip format can be memory-mapped: no copy of a 10 GB file
     unreadable = (
@@ -276,7 +276,7 @@ def _embedded_config(value: Any, path: Path) -> ToonCrafterConfig | None:
 def header_config(path: str | Path) -> ToonCrafterConfig | None:
     """The config embedded in a safetensors file's header, read without its tensors (a dry run's frame sizes);
     None for other formats (their config is inside the pickle) or a file without one."""
-    from pipeline.models import weights_format
+    from manifests.weights import weights_format
 
     path = checkpoint_file(path)
     if not Path(path).is_file() or weights_format(Path(path)) != "safetensors":
@@ -315,7 +315,7 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
     if "://" in str(path):  # e.g. train.init_checkpoint set in a config file
         raise CheckpointError(f"{path} is a URL; checkpoints are read from local files: download it first")
-    from pipeline.models import not_weights, weights_format
+    from manifests.weights import not_weights, weights_format
 
     path = checkpoint_file(path)
     if not path.is_file():

@@ -149,7 +149,7 @@ def apply_overrides(obj: Any, values: Mapping[str, Any], where: str = "config") 
     changes = {}
     for key, value in values.items():
         if key not in known:
-            from pipeline.config import did_you_mean
+            from manifests.messages import did_you_mean
 
             section = where.removeprefix("config").lstrip(".")
             hint = did_you_mean(key, known, f"{section}." if section else "")
@@ -169,7 +169,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "data.frames=16"]` -> {"train": {"lr": 1e-4}, "data": {"frames": 16}} (YAML values)."""
     import yaml
 
-    from pipeline.config import yaml_problem
+    from manifests.messages import yaml_problem
 
     out: dict[str, Any] = {}
     for item in items:
@@ -191,7 +191,7 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping (empty file: no overrides)."""
     import yaml
 
-    from pipeline.config import yaml_problem
+    from manifests.messages import yaml_problem
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -816,7 +816,7 @@ def read_rank_state(folder: Path, rank: int = 0) -> dict[str, Any]:
 def _load_state(path: Path, folder: Path) -> dict[str, Any]:
     """One file of a checkpoint this project wrote (full unpickling: optimizer state, RNG states); a
     damaged or missing one is a ValueError that says how to resume from the checkpoint before it."""
-    from pipeline.models import load_failure
+    from manifests.weights import load_failure
 
     try:
         return torch.load(path, map_location="cpu", weights_only=False)

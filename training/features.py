@@ -11,7 +11,7 @@ The statistics in `training.metrics` only see arrays; these are the networks tha
 
 Nothing here downloads: a missing file raises `MissingWeightsError` naming the file, where to put it
 and where it comes from; a file that is there but truncated or another network's raises
-`pipeline.models.WeightsError` naming it, its size and what was wrong. Loaders return modules on the
+`manifests.weights.WeightsError` naming it, its size and what was wrong. Loaders return modules on the
 CPU in fp32; the caller moves them.
 """
 
@@ -157,7 +157,7 @@ class I3DFeatures:
 
 def load_i3d(root: str | os.PathLike | None = None, batch_size: int = 16) -> I3DFeatures:
     """Load `i3d/i3d_torchscript.pt` from the models dir with `torch.jit.load`, on the CPU."""
-    from pipeline.models import unreadable_weights
+    from manifests.weights import unreadable_weights
 
     path = require_file(I3D_FILE, root)
     with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format this file ships in
@@ -238,7 +238,7 @@ def load_open_clip(
     path = require_file(weight, root)
     import open_clip  # heavy: imported only when a CLIP metric is asked for
 
-    from pipeline.models import unreadable_weights
+    from manifests.weights import unreadable_weights
 
     try:
         model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")

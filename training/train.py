@@ -379,7 +379,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _input_errors():
     """A bad setting, a missing shard folder, a wrong checkpoint or weight file: one line naming it and exit
     code 2, not a traceback (errors inside the training loop keep theirs)."""
-    from pipeline.models import WeightsError
+    from manifests.weights import WeightsError
     from training.checkpoint import CheckpointError
 
     try:

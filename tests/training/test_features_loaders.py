@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import WeightsError
+from manifests.weights import WeightsError
 from training.features import (
     CLIP_FILE,
     I3D_FILE,

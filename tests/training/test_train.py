@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models import WeightsError
+from manifests.weights import WeightsError
 from training import roles
 from training.engine import TrainConfig
 from training.train import main

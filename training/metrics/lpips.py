@@ -112,7 +112,7 @@ def load_lpips(root: str | os.PathLike | None = None, net: Literal["alex", "vgg"
     if missing:
         raise MissingWeightsError("\n".join(missing))
     lin_path, backbone_path = paths
-    from pipeline.models import WeightsError, load_module_weights, load_torch_state_dict
+    from manifests.weights import WeightsError, load_module_weights, load_torch_state_dict
 
     model = LPIPS(net)
     # The torchvision file also holds the classifier; only `features.*` belongs to LPIPS.

@@ -113,7 +113,7 @@ def _lpips_advice(net: str, problem: object) -> str:
 
 def load_perceptual(net: str, models_dir: Path | None) -> nn.Module:
     """LPIPS from training/metrics/lpips.py with its weights from the models dir; a clear error otherwise."""
-    from pipeline.models import WeightsError
+    from manifests.weights import WeightsError
     from training.features import MissingWeightsError
     from training.metrics.lpips import load_lpips
 

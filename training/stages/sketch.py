@@ -190,7 +190,7 @@ def load_extractor(cfg: SketchConfig, models_dir: Path | None) -> tuple[str, nn.
         base = _models_dir(models_dir)
         found = next((base / f for f in ANIME2SKETCH_FILES if (base / f).is_file()), None)
         if found is not None:
-            from pipeline.models import load_module_weights
+            from manifests.weights import load_module_weights
 
             net = Anime2Sketch(cfg.anime2sketch_size)
             load_module_weights(net, found, prefix="module.")  # WeightsError naming the file if it is not
