@@ -311,8 +311,9 @@ def checkpoint_file(path: str | Path, names: tuple[str, ...] = FOLDER_FILES) -> 
     )
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
-    """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
+def existing_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file `path` names (see `checkpoint_file`), checked without reading it: CheckpointError
+    when it is a URL, missing, or not weights at all (an LFS pointer, an HTML page, a cut-off file)."""
     if "://" in str(path):  # e.g. train.init_checkpoint set in a config file
         raise CheckpointError(f"{path} is a URL; checkpoints are read from local files: download it first")
     from manifests.weights import not_weights, weights_format
@@ -323,7 +324,20 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     odd = not_weights(path)
     if odd:
         raise CheckpointError(f"{path}: {odd}")
-    kind = weights_format(path) or ("safetensors" if path.suffix == ".safetensors" else "torch")
+    if weights_format(path) is None:
+        raise CheckpointError(
+            f"cannot read {path} ({path.stat().st_size:,} bytes): its first bytes are neither a safetensors"
+            " header nor a PyTorch file: damaged or not a torch.save file"
+        )
+    return path
+
+
+def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
+    """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
+    from manifests.weights import weights_format
+
+    path = existing_checkpoint(path)
+    kind = weights_format(path)
     if kind == "safetensors":  # by its bytes: a safetensors file named .ckpt, a torch file named .safetensors
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -465,6 +465,10 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             if problem:
                 raise FileNotFoundError(problem)
         engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # a batch the ranks split
+        if run.train.init_checkpoint:  # a missing or cut-off file, before the run takes its folder
+            from training.checkpoint import existing_checkpoint
+
+            existing_checkpoint(run.train.init_checkpoint)
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))

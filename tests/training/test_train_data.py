@@ -278,6 +278,7 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
         "no shards at": ["--data", str(tmp_path / "missing")],
         "train.float8 must be one of": ["--data", str(train_shards), "--set", "train.float8=fp4"],
         "notes.ckpt": ["--data", str(train_shards), "--init", str(tmp_path / "notes.ckpt")],
+        "checkpoint not found: ": ["--data", str(train_shards), "--init", str(tmp_path / "absent.ckpt")],
         "notes.ckpt is not a shard (.tar)": ["--data", str(tmp_path / "notes.ckpt")],
         "notes.ckpt is a file; give a folder for the run": [
             "--data",
@@ -297,6 +298,8 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
             main(["rectify", "--preset", "tiny", "--out", str(tmp_path / "out"), *extra])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "inbetweener train: error: " in err and message in err, (message, err)
+        # refused before the run takes its folder (a missing --init left .lock and train_index.parquet)
+        assert not (tmp_path / "out").exists(), message
 
 
 # --- real-world shards: partly bad, cut short, remote, changed between runs -------------------------------------
