@@ -6,6 +6,7 @@ with the largest differences. A stack dump after 150 s shows where a stuck run w
     python bench/cuda_graph_check.py [toon-512|tiny] [cuda|cpu] [compile|eager] [seconds before the stack dump]
 """
 
+import argparse
 import faulthandler
 import sys
 import time
@@ -18,12 +19,18 @@ from inference.bench_gpu import build  # noqa: E402
 from inference.cuda_graph import GraphedCall  # noqa: E402
 from inference.sampler import InferenceModel, precision  # noqa: E402
 
-faulthandler.dump_traceback_later(int(sys.argv[4]) if len(sys.argv) > 4 else 150, exit=True)
-preset = sys.argv[1] if len(sys.argv) > 1 else "toon-512"
-dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda")
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("preset", nargs="?", default="toon-512", choices=["toon-512", "tiny"])
+parser.add_argument("device", nargs="?", default="cuda")
+parser.add_argument("mode", nargs="?", default="eager", choices=["compile", "eager"])
+parser.add_argument("stack_dump_s", nargs="?", type=int, default=150, help="seconds before the stack dump")
+args = parser.parse_args()
+faulthandler.dump_traceback_later(args.stack_dump_s, exit=True)
+preset = args.preset
+dev = torch.device(args.device)
 dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 model = build(preset, dev, with_clip=False)
-compiled = len(sys.argv) > 3 and sys.argv[3] == "compile"
+compiled = args.mode == "compile"
 im = InferenceModel(model, dev, dtype, compile=compiled, compile_decoder=False)
 cfg = model.cfg
 g = torch.Generator().manual_seed(0)
