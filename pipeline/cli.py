@@ -353,5 +353,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     # the stages whose weights must be fetched are skipped explicitly (the report says so).
     skips = ["--skip", "aesthetic", "--skip", "caption", "--skip", "alignment"]
     # --restart: the footage was just generated again, and work left by an earlier version's demo
-    # (another scoring config) would otherwise stop the job
-    return curate_main([str(footage), "--out", str(args.out / "curated"), "--restart", *skips])
+    # (another scoring config) would otherwise stop the job; split.sticky=false: each demo starts over,
+    # its split drawn as a first run's (a sticky split kept an earlier demo's train out of eval)
+    fresh = ["--restart", "--set", "split.sticky=false"]
+    return curate_main([str(footage), "--out", str(args.out / "curated"), *fresh, *skips])

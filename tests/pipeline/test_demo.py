@@ -25,3 +25,16 @@ def test_demo_help_says_where_out_is_and_what_goes_in_it(capsys):
         demo_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "default: out/demo" in out and "OUT/curated/" in out and "--restart" in out
+
+
+def test_each_demo_starts_over(tmp_path, monkeypatch):
+    """A rerun kept the earlier demo's split (split.sticky), so a demo that fetched Big Buck Bunny after one
+    that could not differed from a fresh one; each demo now curates as a first run does."""
+    from pipeline import cli, samples
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(samples, "generate_footage", lambda folder: folder.mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(cli, "curate_main", lambda argv: seen.append(argv) or 0)
+    assert demo_main(["--out", str(tmp_path / "demo"), "--no-fetch"]) == 0
+    (argv,) = seen
+    assert "--restart" in argv and argv[argv.index("--set") + 1] == "split.sticky=false"
