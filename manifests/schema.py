@@ -45,8 +45,12 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
         "the source is telecined film (3:2 pulldown found by FFmpeg's idet): frame numbers count its film"
         " frames (fieldmatch, yadif, decimate), `fps` their rate (29.97 -> 23.976). Null or false: not",
     ),
-    ("width", pa.int32(), "source frame width in pixels"),
-    ("height", pa.int32(), "source frame height in pixels"),
+    (
+        "width",
+        pa.int32(),
+        "source frame width in pixels, as displayed (a 90-degree display rotation swaps them)",
+    ),
+    ("height", pa.int32(), "source frame height in pixels, as displayed"),
     ("num_frames", pa.int64(), "end_frame - start_frame"),
     ("codec", pa.string(), "source video codec"),
     (
