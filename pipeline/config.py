@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 class ProbeConfig:
     max_width: int = 4096  # larger frames are an error row (absurd input), not a slow job
     max_height: int = 4096
+    # smaller frames are an error row too: a thumbnail or icon video upscaled 8x and more to the 512x320
+    # clips is blur, not training data (a 16x16 source was kept)
+    min_width: int = 64
+    min_height: int = 48
     max_duration_s: float = 6 * 3600.0  # longer than this is an error row
     vfr_tolerance: float = (
         0.05  # frame intervals varying more than this (relative) = variable rate: curated on a constant grid
@@ -323,6 +327,10 @@ def _validate(config: CurateConfig) -> None:
     probe, timing, motion, write = config.probe, config.timing, config.motion, config.write
     checks += [
         (probe.max_width >= 1 and probe.max_height >= 1, "probe.max_width and probe.max_height must be >= 1"),
+        (
+            1 <= probe.min_width <= probe.max_width and 1 <= probe.min_height <= probe.max_height,
+            "probe.min_width and probe.min_height must be >= 1 and at most probe.max_width and probe.max_height",
+        ),
         (probe.max_duration_s > 0, "probe.max_duration_s must be > 0"),
         (probe.vfr_tolerance >= 0, "probe.vfr_tolerance must be >= 0"),
         (probe.vfr_fps is None or 1 <= probe.vfr_fps <= 240, "probe.vfr_fps must be in 1..240 or null"),

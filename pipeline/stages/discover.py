@@ -224,6 +224,8 @@ class ProbeStage(Stage):
 
     max_width: int = 4096
     max_height: int = 4096
+    min_width: int = 64
+    min_height: int = 48
     max_duration_s: float = 6 * 3600.0
     vfr_tolerance: float = 0.05
     vfr_fps: float | None = None
@@ -258,6 +260,11 @@ class ProbeStage(Stage):
                 raise SourceError(
                     f"frame size {info.width}x{info.height} exceeds probe.max_width x probe.max_height "
                     f"= {self.max_width}x{self.max_height}"
+                )
+            if info.width < self.min_width or info.height < self.min_height:
+                raise SourceError(
+                    f"frame size {info.width}x{info.height} is under probe.min_width x probe.min_height "
+                    f"= {self.min_width}x{self.min_height} (a thumbnail? its clips would be upscaled blur)"
                 )
             if info.fps <= 0:
                 raise SourceError("video stream has no frame rate")

@@ -39,6 +39,7 @@ def test_yaml_file_overrides(tmp_path):
         (["motion.min=0.5", "motion.max=0.2"], "motion.max must be > motion.min"),
         (["probe.max_width=0"], "probe.max_width and probe.max_height must be >= 1"),  # was: all error rows
         (["aesthetic.batch_size=0"], "aesthetic.batch_size must be >= 1"),
+        (["probe.min_width=8000"], "probe.min_width and probe.min_height must be >= 1 and at most"),
         (["motion.min=inf"], r"'motion.min': inf is not a finite number"),  # was saved, Infinity in JSON
         (["text.max=nan"], r"'text.max': nan is not a finite number"),  # NaN passes every comparison
         (["motion.min=-1"], r"motion.min must be >= 0 \(0 keeps still shots too\)$"),  # said "or null"

@@ -324,6 +324,18 @@ def test_bad_inputs_become_error_rows(footage, case, reason):
         assert reason in row["reason"]
 
 
+def test_a_thumbnail_sized_source_is_an_error_row(tmp_path):
+    """A 16x16 video was kept and its clips upscaled 32x to 512x320; frames under probe.min_width x
+    probe.min_height are refused as absurd input, as those over the maximum are."""
+    frames = [np.full((16, 16, 3), 40 * i, np.uint8) for i in range(6)]
+    samples.write_video(tmp_path / "icon.mp4", frames, 24, (16, 16))
+    row = probe(str(tmp_path / "icon.mp4"))
+    assert (
+        row["status"] == "error"
+        and "16x16 is under probe.min_width x probe.min_height = 64x48" in row["reason"]
+    )
+
+
 def test_corrupt_file_is_an_error_row(footage):
     out, _, _ = footage
     row = probe(str(out / "corrupt.mp4"))
