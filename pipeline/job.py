@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -241,6 +242,7 @@ class CurateJob:
             done_file.exists()
             and manifest.exists()
             and json.loads(done_file.read_text()).get("key") == done_key
+            and not self._thresholds_changed()  # `select` rewrote the manifest since: decided again
         ):
             table = read_manifest(manifest)
             result = self._result(table, noop=True)
@@ -283,19 +285,8 @@ class CurateJob:
     def _say_thresholds_changed(self) -> None:
         """A rerun applies the thresholds it is given (defaults included): say which differ from those the
         manifest was written with, by an earlier curate or by `select`, so that they are not lost unsaid."""
+        changed = self._thresholds_changed()
         manifest = self.out / "manifest.parquet"
-        if not manifest.is_file():
-            return
-        try:
-            written = manifest_config(manifest)
-        except ManifestError:
-            return
-        changed = []
-        for section, key in sorted(THRESHOLD_KEYS):
-            then = written.get(section, {}).get(key)
-            now = getattr(getattr(self.config, section), key)
-            if then is not None and then != now and getattr(getattr(self.config, section), "enabled", True):
-                changed.append((f"{section}.{key}", then, now))
         if changed:
             listed = ", ".join(f"{k} {then} there, {now} now" for k, then, now in changed)
             keep = " ".join(f"--set {k}={then}" for k, then, _ in changed)
@@ -303,6 +294,23 @@ class CurateJob:
                 f"thresholds differ from those {manifest} was written with ({listed}); this run applies"
                 f" the new ones: {keep} keeps the earlier"
             )
+
+    def _thresholds_changed(self) -> list[tuple[str, Any, Any]]:
+        """(section.key, in the manifest, in this run's config) of each threshold that differs."""
+        manifest = self.out / "manifest.parquet"
+        if not manifest.is_file():
+            return []
+        try:
+            written = manifest_config(manifest)
+        except ManifestError:
+            return []
+        changed = []
+        for section, key in sorted(THRESHOLD_KEYS):
+            then = written.get(section, {}).get(key)
+            now = getattr(getattr(self.config, section), key)
+            if then is not None and then != now and getattr(getattr(self.config, section), "enabled", True):
+                changed.append((f"{section}.{key}", then, now))
+        return changed
 
     def _sources(self) -> list[str]:
         self._unmatched: list[str] = []
