@@ -369,8 +369,15 @@ class _ActorUDF:
 
     def __call__(self, ray_batch):
         rows = _unwrap(ray_batch)
+        out = []
+        # a whole source's block (run_stages' isolate) goes through in the stage's batches
+        for start in range(0, len(rows), max(1, self.stage.batch_size)):
+            out += self._batch(rows[start : start + max(1, self.stage.batch_size)])
+        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
+
+    def _batch(self, rows: list[dict]) -> list[dict]:
         try:
-            out = rows_of(self.stage(batch_of(rows)))
+            return rows_of(self.stage(batch_of(rows)))
         except Exception:  # noqa: BLE001 - one clip (or the batch's size: GPU memory) fails, not the batch
             out = []
             for row in rows:
@@ -378,7 +385,7 @@ class _ActorUDF:
                     out += rows_of(self.stage(batch_of([row])))
                 except Exception as exc:  # noqa: BLE001 - an error row naming the error
                     out.append(_failed(self.stage, row, exc))
-        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
+            return out
 
 
 def _tasks(workers: int):
@@ -473,10 +480,11 @@ def run_stages(
 ) -> Iterator[dict]:
     """Stream rows through the stages on Ray Data; yields output rows (heavy columns dropped).
 
-    A model actor has several batches in flight (the next one waits on it while it computes): a batch
-    that kills it takes the others down with it, and each such death spends one of their retries too,
-    so a source beside a crashing one can be given up with it. `isolate` sends each actor one batch at
-    a time (slower: the actor waits for each next batch), for a second try of the given-up sources."""
+    A model actor's batch holds clips of several sources, and more batches wait on the actor while it
+    computes: a clip that kills it takes them all down, and each such death spends one of their retries
+    too, so a source beside a crashing one can be given up with it. `isolate` hands each actor one
+    source at a time (its clips in the stage's batches; slower: the actor waits for each next source),
+    for a second try of the given-up sources."""
     import ray
 
     ds = ray.data.from_items(
@@ -506,7 +514,7 @@ def run_stages(
             ds = ds.map_batches(
                 _ActorUDF,
                 fn_constructor_args=(stage, drop),
-                batch_size=stage.batch_size,
+                batch_size=None if isolate else stage.batch_size,  # None: one source's block per call
                 compute=ray.data.ActorPoolStrategy(
                     size=pool.actors, max_tasks_in_flight_per_actor=1 if isolate else None
                 ),

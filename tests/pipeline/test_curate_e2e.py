@@ -191,7 +191,7 @@ def test_a_source_that_kills_a_model_actor_takes_no_other_source_with_it(tmp_pat
     @dataclass
     class ModelCrashesOnEpisode2(Stage):
         name = "model_crashes"
-        batch_size: int = 1
+        batch_size: int = 8  # clips of several sources in one batch
 
         def setup(self) -> None:
             self.ready = True
