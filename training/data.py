@@ -1,10 +1,13 @@
 """Training data: 16-frame windows streamed from the curate job's WebDataset shards, resumable exactly.
 
 A shard is a plain tar of samples `KEY.mp4` (the clip), `KEY.json` (its manifest row), `KEY.txt` (its
-caption, may be empty). Shards are named by a folder (a curate `OUT`, `OUT/shards/train`, or any folder
-of `.tar` files), a glob, a `{000000..000099}` brace pattern, a list file (`.txt`: one shard per line),
-`pipe:COMMAND` (the command writes the tar to stdout, webdataset's convention), or any fsspec URL
-(`s3://`, `gs://`, `https://`, `file://`; a URL ending in `/` lists its `*.tar`).
+caption, may be empty). Shards of other tools are read too: the clip in another container (`.mkv`,
+`.webm`, `.avi`, `.gif`, ...) or as numbered frames (`KEY.0000.jpg`, ...), the caption in `KEY.caption` or
+the json's caption/text/prompt, `.tar.gz` shards. Shards are named by a folder (a curate `OUT`,
+`OUT/shards/train`, or any folder of `.tar`/`.tar.gz` files), a glob, a `{000000..000099}` brace
+pattern, a list file (`.txt`: one shard per line), `pipe:COMMAND` (the command writes the tar to stdout,
+webdataset's convention), or any fsspec URL (`s3://`, `gs://`, `https://`, `file://`; a URL ending in
+`/` lists its shards).
 
 The stream (one per reading slot = rank x DataLoader worker) is a pure function of (seed, epoch, slot):
     shards, permuted per epoch -> this slot's part (whole shards when there are at least as many shards
@@ -16,9 +19,10 @@ the batches after a resume equal those of an uninterrupted run. Workers are rota
 the DataLoader's round-robin continues with the worker whose turn it was.
 
 Nothing here is fatal for bad input: an unreadable or truncated shard, a sample without a readable
-mp4, a clip shorter than one window are skipped and counted (`SlotState.counts`), and the trainer logs
-the counts, until a reading slot can never get a usable clip (`_Fruitless`: then a DataError, one line). webdataset (the library) is not used: its pipeline exposes no position to resume from, and
-the GPU machines have only torch.
+video, a clip shorter than one window are skipped and counted (`SlotState.counts`; each sample is said
+once, with its shard), and the trainer logs the counts, until a reading slot can never get a usable clip
+(`_Fruitless`: then a DataError, one line). webdataset (the library) is not used: its pipeline exposes no
+position to resume from, and the GPU machines have only torch.
 
 Window policy (stated, as the issue asks):
 * frames: `frames` frames at a stride drawn uniformly from [stride_min, stride_max], limited so the
@@ -124,7 +128,7 @@ def write_train_index(shards: list[str], path: Path) -> int | None:
 
     from manifests.files import atomic_path
 
-    siblings = [Path(s).with_suffix(".parquet") for s in shards]
+    siblings = [Path(re.sub(r"\.(tar|tar\.gz|tgz)$", "", s) + ".parquet") for s in shards]  # gzipped too
     if not siblings or any(is_url(s) for s in shards) or not all(p.is_file() for p in siblings):
         return None
     columns = ["clip_id", "source_id", "phash"]
@@ -186,8 +190,11 @@ def list_shards(spec: str) -> list[str]:
         if "*" in spec or spec.endswith("/"):
             try:
                 fs, _, paths = fsspec.get_fs_token_paths(spec)
-                pattern = paths[0].rstrip("/") + ("/*.tar" if spec.endswith("/") else "")
-                return [f"{protocol}://{p}" for p in sorted(fs.glob(pattern))]
+                pattern = paths[0].rstrip("/") + ("/*" if spec.endswith("/") else "")
+                found = sorted(fs.glob(pattern))
+                if spec.endswith("/"):  # its shards, plain or gzipped
+                    found = [p for p in found if is_tar_name(p)]
+                return [f"{protocol}://{p}" for p in found]
             except Exception as exc:  # offline, denied, no such bucket: one line naming the URL
                 raise FileNotFoundError(f"{spec}: cannot list it: {type(exc).__name__}: {exc}") from exc
         return [spec]
@@ -196,8 +203,8 @@ def list_shards(spec: str) -> list[str]:
     if any(c in spec for c in "*?["):
         return sorted(glob.glob(spec))
     path = Path(spec)
-    if path.is_dir():
-        return [str(p) for p in sorted(path.glob("*.tar"))]
+    if path.is_dir():  # its shards, plain or gzipped (a hidden name is a file being written)
+        return [str(p) for p in sorted(path.iterdir()) if is_tar_name(p.name) and not p.name.startswith(".")]
     if path.suffix in (".txt", ".lst", ".list") and path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines()]
         named = [line for line in lines if line and not line.startswith("#")]
@@ -325,7 +332,8 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar read as a stream: {"__key__": key, ext: bytes, ...}.
 
     Members are grouped by key (the path up to the first dot of the file name), as webdataset does;
-    a sample ends where the key changes. Errors of a truncated or garbled tar propagate (a tar cut at a
+    a sample ends where the key changes, or where an extension comes again (the same key twice in a row,
+    a tar appended to: two samples, not one whose first clip is lost). Errors of a truncated or garbled tar propagate (a tar cut at a
     member boundary included); the sample being read when one comes is not yielded.
     """
     current: dict[str, Any] | None = None
@@ -339,7 +347,7 @@ def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
             stem, ext = name.split(".", 1)
             key = f"{folder}/{stem}" if folder else stem
             data = tar.extractfile(member).read()
-            if current is not None and current["__key__"] != key:
+            if current is not None and (current["__key__"] != key or ext.lower() in current):
                 yield current
                 current = None
             if current is None:
@@ -385,15 +393,69 @@ class SampleError(Exception):
         self.reason = reason
 
 
+# Where shards from other tools keep a clip: a video member in any container PyAV reads, or numbered frames
+# (KEY.0000.jpg, KEY.0001.jpg, ...). A member is known by its last extension, so that a key with a dot in it
+# (KEY = `a` of `a.v2.mp4`: webdataset cuts the key at the first dot) still finds its video and caption.
+VIDEO_EXTENSIONS = ("mp4", "m4v", "mov", "mkv", "webm", "avi", "gif", "mpg", "mpeg", "ts", "flv", "ogv")
+_FRAME_MEMBER = re.compile(r"(?:.*\.)?(\d+)\.(?:jpe?g|png|webp|bmp)")
+# the caption's fields in a sample's json, in this order (img2dataset writes caption, others text or prompt)
+CAPTION_FIELDS = ("caption", "text", "prompt")
+
+
+def _members(sample: dict[str, Any], extensions: tuple[str, ...]) -> list[str]:
+    return [ext for ext in sample if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in extensions]
+
+
+def _clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
+    """The clip of a sample: its video's bytes, or its numbered frames' bytes in order (SampleError if none)."""
+    key = sample["__key__"]
+    videos = _members(sample, VIDEO_EXTENSIONS)
+    if len(videos) > 1:
+        raise SampleError(
+            "corrupt",
+            f"{key}: {len(videos)} videos under one key ({', '.join(sorted(videos)[:3])}): webdataset takes the"
+            " key up to the first dot of a member's name, so keys with dots run together; write keys without dots",
+        )
+    if videos:
+        return sample[videos[0]]
+    numbered = sorted((int(m.group(1)), ext) for ext in sample if (m := _FRAME_MEMBER.fullmatch(ext)))
+    if numbered:
+        return [sample[ext] for _, ext in numbered]
+    present = ", ".join(sorted(ext for ext in sample if not ext.startswith("__"))) or "none"
+    raise SampleError(
+        "corrupt", f"{key}: no video member ({'/'.join(VIDEO_EXTENSIONS[:6])}/...; it has {present})"
+    )
+
+
 def _caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
-    text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-    return text or str(meta.get("caption") or "")
+    for ext in _members(sample, ("txt", "caption")):
+        text = sample[ext].decode("utf-8", errors="replace").strip()
+        if text:
+            return text
+    return next((str(meta[f]).strip() for f in CAPTION_FIELDS if meta.get(f)), "")
 
 
-def _decode_frames(data: bytes, needed_last: int) -> tuple[list[Any], float]:
-    """PyAV frames 0..needed_last (fewer if the clip is shorter) and the stream's frame rate."""
+def _rgb(frame: Any) -> np.ndarray:
+    """uint8 [h, w, 3] of a PyAV frame; one with an alpha channel (a cel with a transparent background:
+    PNG, GIF) over white, the paper it was drawn on, not over whatever colour its transparent pixels hold."""
+    if len(frame.format.components) not in (2, 4):  # gray+alpha, RGBA / YUVA
+        return frame.to_ndarray(format="rgb24")
+    rgba = frame.to_ndarray(format="rgba").astype(np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+
+
+def _decode_frames(data: bytes | list[bytes], needed_last: int) -> tuple[list[Any], float]:
+    """PyAV frames 0..needed_last (fewer if the clip is shorter) and the stream's frame rate (0 for frames
+    given as images)."""
     import av
 
+    if isinstance(data, list):  # numbered images: one frame each
+        frames = []
+        for image in data[: needed_last + 1]:
+            with av.open(io.BytesIO(image)) as container:
+                frames.append(next(container.decode(video=0)))
+        return frames, 0.0
     frames = []
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -405,11 +467,16 @@ def _decode_frames(data: bytes, needed_last: int) -> tuple[list[Any], float]:
     return frames, rate
 
 
-def _clip_length(data: bytes, meta: dict[str, Any]) -> int:
+def _clip_length(data: bytes | list[bytes], meta: dict[str, Any]) -> int:
     import av
 
+    if isinstance(data, list):
+        return len(data)
     with av.open(io.BytesIO(data)) as container:
-        n = int(container.streams.video[0].frames or 0)
+        stream = container.streams.video[0]
+        n = int(stream.frames or 0)
+        if not n:  # Matroska/WebM (and others) state no frame count: count the packets (nothing is decoded)
+            n = sum(1 for packet in container.demux(stream) if packet.size)
     return n or int(meta.get("num_frames") or 0)
 
 
@@ -446,11 +513,11 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     import json
 
     key = sample["__key__"]
-    data = sample.get("mp4")
+    data = _clip_data(sample)
     if not data:
-        raise SampleError("corrupt", f"{key}: no mp4 member")
+        raise SampleError("corrupt", f"{key}: an empty video member")
     try:
-        meta = json.loads(sample["json"]) if sample.get("json") else {}
+        meta = next((json.loads(sample[ext]) for ext in _members(sample, ("json",)) if sample[ext]), {})
     except ValueError:
         meta = {}
     if not isinstance(meta, dict):  # valid JSON, not a row
@@ -483,7 +550,11 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     h0, w0 = frames[0].height, frames[0].width
     if max(h0 * cfg.width / (w0 * cfg.height), w0 * cfg.height / (h0 * cfg.width)) > MAX_ASPECT_MISMATCH:
         raise SampleError("corrupt", f"{key}: a {w0}x{h0} clip is too far from the window's aspect to crop")
-    picked = np.stack([frames[start + i * stride].to_ndarray(format="rgb24") for i in range(cfg.frames)])
+    picked = [_rgb(frames[start + i * stride]) for i in range(cfg.frames)]
+    sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in picked})
+    if len(sizes) > 1:  # numbered frames of other sizes, a stream that changes size: no one crop fits all
+        raise SampleError("corrupt", f"{key}: frames of different sizes ({', '.join(sizes[:3])})")
+    picked = np.stack(picked)
     video = cover_crop(torch.from_numpy(picked), cfg.height, cfg.width, cfg.crop, rng)
     fps = rate or float(meta.get("fps") or 0) or 24.0
     fs = max(1, int(fps // stride)) if cfg.fs_mode == "fps" else stride
@@ -643,6 +714,7 @@ def _raw_samples(
             with open_shard(url) as stream:
                 for sample in iter_tar_samples(stream):
                     if take is None or index % slots == take:
+                        sample["__url__"] = url  # which shard, for the message of a sample skipped
                         yield sample
                     index += 1
         except DataError:  # a setup error (a missing fsspec backend): stop
@@ -710,6 +782,8 @@ class ClipStream(IterableDataset):
         bad = list(start.bad_shards)
         epoch, skip = start.epoch, start.pos
         pending: list[dict[str, Any]] = []
+        # (shard, key) of the skipped samples warned of: each once, not every epoch
+        said: set[tuple[str, str]] = set()
         # An epoch in which this slot's shards give no usable clip (they are the bad ones this time) is not
         # an error: the next epoch deals it other shards. Only when the slot's fruitless epochs have covered
         # every shard is there no training data at all.
@@ -728,13 +802,14 @@ class ClipStream(IterableDataset):
                     continue  # replaying up to the saved position: bytes read, nothing decoded
                 try:
                     item = decode_window(sample, self.cfg, sample_rng(self.seed, epoch, sample["__key__"]))
-                except SampleError as exc:
-                    counts[exc.reason] = counts.get(exc.reason, 0) + 1
-                    log.warning("skipping sample: %s", exc)
-                    continue
-                except Exception as exc:  # an input no one foresaw: that sample is lost, not the run
-                    counts["corrupt"] += 1
-                    log.warning("skipping sample %s: %s: %s", sample.get("__key__"), type(exc).__name__, exc)
+                except Exception as exc:  # an input no one foresaw too: that sample is lost, not the run
+                    reason = exc.reason if isinstance(exc, SampleError) else "corrupt"
+                    counts[reason] = counts.get(reason, 0) + 1
+                    where = (sample.get("__url__", ""), sample["__key__"])
+                    if where not in said:
+                        said.add(where)
+                        detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"
+                        log.warning("skipping sample %s of shard %s (%s)", where[1], where[0], detail)
                     continue
                 good += 1
                 pending.append(item)
@@ -844,7 +919,11 @@ def eval_windows(shards: list[str], cfg: DataConfig, count: int) -> list[dict[st
     for sample in _raw_samples(shards, 0, 1, 0, []):
         try:
             out.append(decode_window(sample, cfg, None))
-        except SampleError:
+        except Exception as exc:  # as in the training stream: that sample is lost, not the run
+            detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "no eval window from sample %s of shard %s (%s)", sample["__key__"], sample["__url__"], detail
+            )
             continue
         if len(out) >= count:
             break

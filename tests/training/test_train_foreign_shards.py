@@ -1,0 +1,189 @@
+"""Shards made by other tools than curate: other containers, numbered frames, captions in other members,
+keys with dots, gzipped shards, members that are no sample. What can be trained on is read; what cannot is
+skipped, counted and said once with its shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data
+
+SMALL = data.DataConfig(frames=4, height=32, width=48, num_workers=0, shuffle_buffer=1)
+
+
+def frames_of(n: int, size=(48, 32)) -> np.ndarray:
+    """uint8 [n, h, w, 3]: flat colours, a different one per frame (lossy codecs keep them near)."""
+    w, h = size
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i] = (40 + 20 * i, 200 - 15 * i, 90)
+    return out
+
+
+def encode(frames: np.ndarray, fmt: str, codec: str, pix_fmt: str = "yuv420p") -> bytes:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def image(array: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode, format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def samples_of(path: Path) -> dict[str, dict]:
+    with open(path, "rb") as f:
+        return {s["__key__"]: s for s in data.iter_tar_samples(f)}
+
+
+def test_clips_in_any_container_or_as_numbered_frames_give_their_frames_and_captions(tmp_path):
+    clip = frames_of(6)
+    shard = write_tar(
+        tmp_path / "other.tar",
+        [
+            ("avi.avi", encode(clip, "avi", "mpeg4")),
+            ("avi.txt", b"an avi"),
+            ("mkv.mkv", encode(clip, "matroska", "libx264")),  # Matroska states no frame count
+            ("mkv.json", json.dumps({"text": "from the json's text"}).encode()),
+            ("webm.webm", encode(clip, "webm", "libvpx-vp9")),
+            ("webm.caption", b"from .caption"),
+            ("gif.gif", encode(clip, "gif", "gif", "rgb8")),
+            ("gif.json", json.dumps({"prompt": "from the json's prompt"}).encode()),
+            *[(f"seq.{i:04d}.jpg", image(f, "JPEG")) for i, f in enumerate(clip)],
+            ("seq.jpg", image(clip[-1], "JPEG")),  # a thumbnail, not a frame
+            ("seq.txt", b"numbered frames"),
+            ("ten.mp4", encode(clip, "mp4", "libx264", "yuv420p10le")),  # 10-bit (High 10)
+            ("dotted.v2.mp4", encode(clip, "mp4", "libx264")),  # webdataset's key: `dotted`
+            ("dotted.v2.txt", b"a key with a dot"),
+        ],
+    )
+    samples = samples_of(shard)
+    captions = {
+        "avi": "an avi",
+        "mkv": "from the json's text",
+        "webm": "from .caption",
+        "gif": "from the json's prompt",
+        "seq": "numbered frames",
+        "ten": "",
+        "dotted": "a key with a dot",
+    }
+    assert set(samples) == set(captions)
+    for key, caption in captions.items():
+        w = data.decode_window(samples[key], SMALL, None)  # stride 1, from frame 0: frames 0..3
+        assert w["video"].shape == (3, 4, 32, 48) and w["caption"] == caption, key
+        colours = w["video"].float().mean(dim=(2, 3)).T  # [t, 3]
+        expected = clip[:4, 0, 0].astype(np.float32)  # the clip's frames, not black, not another frame
+        assert np.abs(colours.numpy() - expected).max() < 12, (key, colours, expected)
+
+
+def test_keys_with_dots_that_run_together_are_said_not_mixed(tmp_path):
+    clip = encode(frames_of(4), "mp4", "libx264")
+    shard = write_tar(tmp_path / "dots.tar", [("take.1.mp4", clip), ("take.2.mp4", clip)])
+    (sample,) = samples_of(shard).values()
+    with pytest.raises(data.SampleError, match="2 videos under one key .*keys with dots"):
+        data.decode_window(sample, SMALL, None)
+
+
+def test_transparent_frames_are_over_white_not_black(tmp_path):
+    frames = np.zeros((4, 32, 48, 4), np.uint8)  # transparent black everywhere ...
+    frames[:, 8:24, 16:32] = (200, 30, 30, 255)  # ... but an opaque red cel in the middle
+    shard = write_tar(
+        tmp_path / "cels.tar", [(f"cel.{i:03d}.png", image(f, "PNG")) for i, f in enumerate(frames)]
+    )
+    w = data.decode_window(samples_of(shard)["cel"], SMALL, None)
+    assert (w["video"][:, :, 0, 0] == 255).all()  # the background: white paper
+    assert w["video"][:, 0, 16, 24].tolist() == [200, 30, 30]  # the cel as drawn
+
+
+def test_a_folder_of_gzipped_shards_is_listed(tmp_path):
+    clip = encode(frames_of(4), "mp4", "libx264")
+    write_tar(tmp_path / "000000.tar.gz", [("a.mp4", clip)], mode="w:gz")
+    write_tar(tmp_path / "000001.tgz", [("b.mp4", clip)], mode="w:gz")
+    write_tar(tmp_path / ".000002.tar", [("c.mp4", clip)])  # a shard being written
+    (tmp_path / "README.md").write_text("shards from elsewhere")
+    shards = data.list_shards(str(tmp_path))
+    assert shards == [str(tmp_path / "000000.tar.gz"), str(tmp_path / "000001.tgz")]
+    batch = next(iter(data.make_loader(shards, SMALL, 2, seed=0)))
+    assert sorted(batch["key"]) == ["a", "b"]
+
+
+def test_a_skipped_sample_is_said_once_with_its_shard(tmp_path, caplog):
+    clip = encode(frames_of(4), "mp4", "libx264")
+    shard = write_tar(tmp_path / "000000.tar", [("README.md", b"# made by another tool"), ("good.mp4", clip)])
+    loader = data.make_loader([str(shard)], SMALL, 1, seed=0)
+    batches = iter(loader)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        for _ in range(3):  # three epochs of one good clip each
+            batch = next(batches)
+            assert batch["key"] == ["good"]
+    said = [r.getMessage() for r in caplog.records if "README" in r.getMessage()]
+    assert len(said) == 1 and str(shard) in said[0] and "no video member" in said[0], said
+    assert batch["state"].counts["corrupt"] >= 2  # counted every time it is read
+
+
+def test_the_same_key_twice_in_a_row_is_two_samples(tmp_path):
+    """As webdataset reads it: an extension that comes again starts a new sample (the first clip was lost)."""
+    first, second = encode(frames_of(4), "mp4", "libx264"), encode(frames_of(5), "mp4", "libx264")
+    shard = write_tar(
+        tmp_path / "twice.tar", [("a.mp4", first), ("a.txt", b"one"), ("a.mp4", second), ("a.txt", b"two")]
+    )
+    with open(shard, "rb") as f:
+        samples = list(data.iter_tar_samples(f))
+    assert [(s["mp4"], s["txt"]) for s in samples] == [(first, b"one"), (second, b"two")]
+
+
+def test_frames_of_different_sizes_are_a_skipped_sample_not_a_crash(tmp_path):
+    """The sample videos of a run are drawn before its first step: such a sample stopped the run there."""
+    small, big = frames_of(4), frames_of(4, size=(64, 40))
+    mixed = [small[0], big[1], small[2], big[3]]
+    shard = write_tar(
+        tmp_path / "000000.tar",
+        [
+            *[(f"mixed.{i:02d}.png", image(f, "PNG")) for i, f in enumerate(mixed)],
+            ("good.mp4", encode(small, "mp4", "libx264")),
+        ],
+    )
+    with pytest.raises(data.SampleError, match="frames of different sizes"):
+        data.decode_window(samples_of(shard)["mixed"], SMALL, None)
+    assert [w["key"] for w in data.eval_windows([str(shard)], SMALL, 2)] == ["good"]
+
+
+def test_a_gzipped_shards_index_is_recorded_for_evaluate(tmp_path):
+    """evaluate checks its clips against the run's train_index; a gzipped shard's index (000000.parquet) was
+    looked for as 000000.tar.parquet, and the run recorded nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "000000.tar.gz", [("a.mp4", encode(frames_of(4), "mp4", "libx264"))], mode="w:gz")
+    pq.write_table(
+        pa.table({"clip_id": ["a"], "source_id": ["s"], "phash": ["0f"]}), tmp_path / "000000.parquet"
+    )
+    assert data.write_train_index([str(tmp_path / "000000.tar.gz")], tmp_path / "run" / data.TRAIN_INDEX) == 1
