@@ -793,15 +793,20 @@ class CurateJob:
         for uri in sorted({r["source_uri"] for r in rows if r["status"] != "error" or r["start_frame"] != 0}):
             first.setdefault(source_of[uri], uri)
         owner: dict[str, str] = {}  # an error row's clip id -> the first URI (sorted) whose row has it
-        for uri, cid in sorted({(r["source_uri"], r["clip_id"]) for r in rows if r["status"] == "error"}):
+        errors = {
+            (r["source_uri"], r["clip_id"]) for r in rows if r["status"] == "error" and not r["num_frames"]
+        }
+        for uri, cid in sorted(errors):
             owner.setdefault(cid, uri)
         out, marked, renamed = [], set(), False
         for row in rows:
             original = first.get(row["source_id"], row["source_uri"])
-            if row["status"] == "error" and owner[row["clip_id"]] != row["source_uri"]:
+            # the file itself failed (no clip of it): its one row; a copy's clip errors are its duplicate row
+            whole_source = row["status"] == "error" and not row["num_frames"]
+            if whole_source and owner[row["clip_id"]] != row["source_uri"]:
                 renamed = True
                 row = {**row, "clip_id": make_clip_id(f"{row['source_id']}:{row['source_uri']}", -1, -1)}
-            if original == row["source_uri"] or row["status"] == "error":
+            if original == row["source_uri"] or whole_source:
                 out.append(row)
             elif row["source_uri"] not in marked:
                 marked.add(row["source_uri"])

@@ -313,6 +313,12 @@ def test_byte_identical_broken_sources_keep_an_error_row_each_with_its_own_id(tm
         for uri in ("/f/e.mp4", "/f/e_copy.mp4")
         for k in range(2)
     ]
+    rows += [  # clips of a good file that failed (a decode error at frame 80), in the file and in its copy
+        {"clip_id": f"e{k}", "source_id": "e", "source_uri": uri, "start_frame": 40 * k, "num_frames": 40,
+         "status": "error", "reason": "shots: decode failed at frame 80"}
+        for uri in ("/f/e.mp4", "/f/e_copy.mp4")
+        for k in (2, 3)
+    ]  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
     out = CurateJob(["x"], tmp_path / "out", CurateConfig())._drop_duplicate_sources(table).to_pylist()
     errors = [r for r in out if r["status"] == "error"]
@@ -321,8 +327,10 @@ def test_byte_identical_broken_sources_keep_an_error_row_each_with_its_own_id(tm
         "b_empty.mp4",
         "c_text.mp4",
         "d_text.mp4",
+        "e.mp4",  # the curated file's two failed clips; its copy's are folded into its duplicate row
+        "e.mp4",
     ]
-    assert len({r["clip_id"] for r in out}) == len(out) == 4 + 2 + 1
+    assert len({r["clip_id"] for r in out}) == len(out) == 4 + 2 + 2 + 1
     assert [r["reason"] for r in out if r["status"] == "rejected"] == [
         "probe: duplicate: same content as /f/e.mp4"
     ]
