@@ -91,15 +91,26 @@ class DataConfig:
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    """`a{000..002}b` -> [a000b, a001b, a002b] (zero padding kept), `{x,y}` alternatives; nested left to right."""
+    """`a{000..002}b` -> [a000b, a001b, a002b] (zero padding kept), `{0..8..4}` with a step, `{a..c}` letters,
+    `{x,y}` alternatives (as the shell and webdataset's braceexpand); nested left to right."""
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match:
         return [pattern]
     head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
     if ".." in body:
-        lo, hi = body.split("..", 1)
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        found = re.fullmatch(r"(\d+|[a-zA-Z])\.\.(\d+|[a-zA-Z])(?:\.\.(\d+))?", body)
+        lo, hi, step = found.groups() if found else ("", "", "0")
+        numeric = lo.isdigit() and hi.isdigit()
+        if not found or int(step or 1) == 0 or (not numeric and (lo.isdigit() or hi.isdigit())):
+            raise ValueError(
+                f"{pattern}: {{{body}}} is not a range: write {{000000..000099}} (a step: {{0..98..2}}, letters:"
+                " {a..f})"
+            )
+        first, last = (int(lo), int(hi)) if numeric else (ord(lo), ord(hi))
+        step = int(step or 1) if first <= last else -int(step or 1)
+        width = len(lo) if numeric and lo.startswith("0") else 0
+        values = range(first, last + (1 if step > 0 else -1), step)
+        options = [str(v).zfill(width) if numeric else chr(v) for v in values]
     else:
         options = body.split(",")
     return [out for option in options for out in _expand_braces(head + option + tail)]

@@ -187,3 +187,26 @@ def test_a_gzipped_shards_index_is_recorded_for_evaluate(tmp_path):
         pa.table({"clip_id": ["a"], "source_id": ["s"], "phash": ["0f"]}), tmp_path / "000000.parquet"
     )
     assert data.write_train_index([str(tmp_path / "000000.tar.gz")], tmp_path / "run" / data.TRAIN_INDEX) == 1
+
+
+def test_brace_patterns_as_the_shell_writes_them(tmp_path, capsys):
+    from training.train import main
+
+    assert data.list_shards(str(tmp_path / "s-{a..c}.tar")) == [str(tmp_path / f"s-{x}.tar") for x in "abc"]
+    assert data.list_shards(str(tmp_path / "{000..004..2}.tar")) == [
+        str(tmp_path / f"{i:03d}.tar") for i in (0, 2, 4)
+    ]
+    with pytest.raises(SystemExit) as exc:  # a traceback-free line, not "invalid literal for int()"
+        main(
+            [
+                "rectify",
+                "--preset",
+                "tiny",
+                "--out",
+                str(tmp_path / "out"),
+                "--data",
+                str(tmp_path / "{0..x}.tar"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "{0..x} is not a range: write {000000..000099}" in err, err
