@@ -338,16 +338,17 @@ POOLED_BY_METRIC = {
     "kvd": ("kvd", "kvd_mmd2", "fvd_note", "real_vs_real_floor"),
     "clip_txt": ("clip_txt", "clip_txt_clips"),
     "cpbd": ("cpbd", "cpbd_real"),
+    "psnr": ("psnr", "psnr_exact_frames"),
 }
 
 
 def with_earlier_metrics(result: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict[str, Any]:
     """`result` with the metrics that an earlier run of the same method, settings and clips computed and
     this one did not (`--metrics lpips` after a full run replaced FVD, CLIP... with blanks); their weights'
-    record comes along. An earlier run of other clips or another protocol is not mixed in."""
-    same = all(result.get(k) == earlier.get(k) for k in ("kind", "generation", "protocol")) and clip_set(
-        result
-    ) == clip_set(earlier)
+    record comes along. An earlier run of other clips, another protocol or other scoring code (a metric
+    fixed since) is not mixed in."""
+    keys = ("kind", "generation", "protocol", "scoring_code")
+    same = all(result.get(k) == earlier.get(k) for k in keys) and clip_set(result) == clip_set(earlier)
     carried = [m for m in earlier.get("metrics_computed", []) if m not in result.get("metrics_computed", [])]
     if not same or not carried:
         return dict(result)
@@ -480,12 +481,12 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             m = r["metrics"]
             floor = m.get("real_vs_real_floor", {})
             lines.append(
-                f"- {r['label']}: LPIPS interior {_fmt(_pooled(m, 'lpips', 'interior'), 4)}, CLIP_img interior "
+                f"- {label(r)}: LPIPS interior {_fmt(_pooled(m, 'lpips', 'interior'), 4)}, CLIP_img interior "
                 f"{_fmt(_pooled(m, 'clip_img', 'interior'), 4)}, PSNR interior "
                 f"{_fmt(_pooled(m, 'psnr', 'interior'), 2)}, SSIM interior {_fmt(_pooled(m, 'ssim', 'interior'), 4)},"
                 f" ground-truth CPBD {_fmt(_pooled(m, 'cpbd_real'), 4)}, "
                 f"real-vs-real floor FVD {_fmt(floor.get('fvd'), 2)} / KVD {_fmt(floor.get('kvd'), 3)} "
-                f"(halves of {floor.get('n_half', '-')}); results/{r['run']}.json"
+                f"(halves of {floor.get('n_half', '-')}); results/{r.get('file', r['run'] + '.json')}"
             )
     if dec:
         lines += [

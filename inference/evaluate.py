@@ -478,6 +478,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         weights: dict[str, Any] = dict(extractors.record)
         if checkpoint is not None and (method in ("model", "decoder") or _clip_towers(extractors)):
             weights["checkpoint"] = {"file": str(checkpoint), "sha256": file_sha256(checkpoint, hash_cache)}
+        # one file per run and set of clips: a --limit 5 try after the 1K run is a row of its own
+        result_path = args.out / "results" / f"{run_name}-{data['clips_sha256'][:8]}.json"
         label = {"model": "ToonCrafter (ours)", "decoder": "VAE decoder (ours)"}.get(
             method, METHODS.get(method, method)
         )
@@ -500,14 +502,14 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "cached": cached,
             },
             "code_version": _code_version(),
+            "scoring_code": _scoring_code(),  # what a later run of fewer --metrics may carry over
+            "file": result_path.name,
         }
         if method == "decoder":
             result["protocol"]["decoder"] = (
                 "all frames VAE-encoded (posterior mean), decoded together with the first and last frames' "
                 "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
             )
-        # one file per run and set of clips: a --limit 5 try after the 1K run is a row of its own
-        result_path = args.out / "results" / f"{run_name}-{data['clips_sha256'][:8]}.json"
         earlier = _load_result(result_path)
         if earlier is not None:
             result = with_earlier_metrics(result, earlier)
@@ -677,12 +679,14 @@ def _load_result(path: Path) -> dict[str, Any] | None:
 # The code that turns a clip into its cached per-clip scores: edited, the cached scores are redone
 # (a fixed CPBD or SSIM was served from the cache of the old code). Pooling (FVD, KVD) runs every time.
 SCORING_MODULES = (
+    "inference.eval_data",  # the ground-truth window, resized and cropped
     "inference.eval_scores",
     "training.features",
     "training.metrics.cpbd",
     "training.metrics.frames",
     "training.metrics.lpips",
     "training.metrics.preprocess",
+    "training.models.clip",  # CLIP on the checkpoint's towers
 )
 
 

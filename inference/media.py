@@ -341,7 +341,7 @@ def to_uint8_frames(video: torch.Tensor, what: str = "", dtype: torch.dtype | No
         precision = f" at {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
         raise InputError(
             f"{what + ': ' if what else ''}the model's output holds NaN or inf{precision}: a checkpoint with"
-            " non-finite weights, an untrained one, or an fp16 overflow (--dtype bf16 or fp32)"
+            " non-finite weights (damaged, or saved from a diverged run), or an fp16 overflow (--dtype bf16 or fp32)"
         )
     x = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).numpy()

@@ -124,7 +124,8 @@ def test_clip_txt_is_over_the_captioned_clips_only(tmp_path, capsys):
     m = json.loads(path.read_text())["metrics"]
     assert m["n_clips"] == 2 and m["clip_txt_clips"] == 1
     assert cli.main([*argv, "--limit", "1"], extractors=fake_extractors()) == 0  # the captioned clip alone
-    assert json.loads(path.read_text())["metrics"]["clip_txt"] == m["clip_txt"]
+    (alone,) = set((out / "results").glob("*.json")) - {path}  # another set of clips: a file of its own
+    assert json.loads(alone.read_text())["metrics"]["clip_txt"] == m["clip_txt"]
     assert "CLIP_txt is over the 1 of 2 clips that have a caption" in capsys.readouterr().err
     assert cli.main(argv, extractors=fake_extractors()) == 0
     assert f"| {m['clip_txt']['all']:.4f} (1 of 2 captioned) |" in (out / "results.md").read_text()
@@ -322,3 +323,9 @@ def test_runs_on_other_clips_or_metrics_keep_what_earlier_runs_measured(curated,
     assert cli.main([*base, "--metrics", "psnr"], extractors=fake_extractors()) == 0
     (new,) = set((out / "scores").iterdir()) - score_dirs
     assert len(list(new.glob("*.npz"))) == 2  # both clips scored again
+    # and the earlier run's metrics, scored by the old code, are not carried into the new row
+    (row,) = [r for r in results().values() if r["metrics"]["n_clips"] == 2]
+    assert row["metrics"]["lpips"] is None and "metrics_carried" not in row
+    # results.md names each row's own file (the name carries the set of clips now)
+    table = (out / "results.md").read_text()
+    assert all(f"results/{name}" in table for name in results())
