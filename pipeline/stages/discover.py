@@ -161,7 +161,12 @@ def _glob_local(pattern: Path) -> list[str]:
     link to a parent folder made it search forever); as with the shell, a hidden name matches only a
     pattern part that starts with "." itself."""
     parts = pattern.parts
-    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    # the leading folders that exist as named are the root, brackets and all: a folder "[Group] Show"
+    # is itself, not a character class (as a path that exists is, `discover`)
+    known = 0
+    while known < len(parts) - 1 and Path(*parts[: known + 1]).is_dir():
+        known += 1
+    first = next((i for i in range(known, len(parts)) if glob.has_magic(parts[i])), known)
     root, rest = Path(*parts[:first]) if first else Path("."), parts[first:]
     dotted = any(part.startswith(".") for part in rest)
     # `in/*` or `ep*`: the videos among what matches; `*.y4m` names its extension: what it matches

@@ -505,6 +505,8 @@ def test_an_existing_path_with_brackets_is_itself_not_a_glob(tmp_path):
     assert discover([str(episode)]) == [str(episode)]
     assert discover([str(folder)]) == [str(episode)]
     assert discover([str(tmp_path / "*" / "*.mkv")]) == [str(episode)]  # a pattern is still a pattern
+    assert discover([str(folder / "*.mkv")]) == [str(episode)]  # in a folder named with brackets too
+    assert discover([str(folder / "*[1080p].mkv")]) == []  # the file's own name: still a pattern's class
 
 
 def test_broken_links_to_videos_are_error_rows_not_left_out(tmp_path):
