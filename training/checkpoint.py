@@ -316,7 +316,7 @@ def existing_checkpoint(path: str | Path) -> Path:
     when it is a URL, missing, or not weights at all (an LFS pointer, an HTML page, a cut-off file)."""
     if "://" in str(path):  # e.g. train.init_checkpoint set in a config file
         raise CheckpointError(f"{path} is a URL; checkpoints are read from local files: download it first")
-    from manifests.weights import not_weights, weights_format
+    from manifests.weights import not_weights, quick_problem, weights_format
 
     path = checkpoint_file(path)
     if not path.is_file():
@@ -329,6 +329,9 @@ def existing_checkpoint(path: str | Path) -> Path:
             f"cannot read {path} ({path.stat().st_size:,} bytes): its first bytes are neither a safetensors"
             " header nor a PyTorch file: damaged or not a torch.save file"
         )
+    cut = quick_problem(path)  # a safetensors file or a torch.save zip shorter than it says
+    if cut:
+        raise CheckpointError(f"cannot read {path} ({path.stat().st_size:,} bytes): {cut}")
     return path
 
 
