@@ -59,10 +59,12 @@ class FolderBusy(RuntimeError):
 def curate_out_of(path: Path | str) -> Path | None:
     """The curate OUT folder a local input belongs to (the folder, its manifest.parquet, its shards or a
     split's folder), or None (a URL, plain shards): the folder whose lock guards what is read."""
-    text = str(path)
-    if "://" in text and not text.startswith("file://"):
+    from manifests.remote import local_path
+
+    text = local_path(str(path))  # file:///runs%201/out is /runs 1/out
+    if "://" in text:
         return None
-    path = Path(text.removeprefix("file://"))
+    path = Path(text)
     for candidate in (path, path.parent, path.parent.parent, path.parent.parent.parent):
         if (candidate / "manifest.parquet").is_file() and (candidate / "shards").is_dir():
             return candidate

@@ -145,3 +145,16 @@ def test_a_forked_child_does_not_keep_its_parents_lock(tmp_path):
     finally:
         child.kill()
         child.join()
+
+
+def test_the_curate_out_of_a_file_url_is_found_as_its_path_is(tmp_path):
+    """train and evaluate take the shared lock of the curate OUT they read; given as a file:// URL with
+    %-escapes (`Path.as_uri()` writes them for a space), the OUT was not found and no lock was taken."""
+    from manifests.files import curate_out_of
+
+    out = tmp_path / "runs 1" / "out"
+    (out / "shards" / "train").mkdir(parents=True)
+    (out / "manifest.parquet").write_bytes(b"PAR1")
+    assert curate_out_of(out.as_uri()) == out == curate_out_of(str(out / "shards" / "train"))
+    assert curate_out_of((out / "shards").as_uri().replace("file://", "file://localhost")) == out
+    assert curate_out_of("s3://bucket/out") is None
