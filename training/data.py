@@ -32,6 +32,7 @@ Window policy (stated, as the issue asks):
   bilinear), then cropped to height x width (centre crop by default, `crop: random` draws one offset per
   clip). For clips wider than 1.6:1 this equals the reference's resize-short-side + centre crop; for
   narrower clips it never pads. The curate job already writes 512x320 clips, for which it is a no-op.
+  The clip is taken as players show it: turned by its display rotation, its pixels made square.
 * frame-stride condition `fs`: with `fs_mode: fps` (the reference's `fps_condition_type: fps`, MODEL.md
   2.4) the clip's frame rate divided by the stride, floored (DynamiCrafter: `fps_ori // frame_stride`);
   with `fs_mode: stride` the stride itself.
@@ -478,25 +479,36 @@ def _decode_frames(data: bytes | list[bytes], needed_last: int) -> tuple[list[An
     return frames, rate
 
 
-def _clip_length(data: bytes | list[bytes], meta: dict[str, Any]) -> int:
+def _clip_facts(data: bytes | list[bytes], meta: dict[str, Any]) -> tuple[int, float]:
+    """(frames, pixel aspect: width over height of a stored pixel, as DVD's 720x480 for 16:9 has 32/27; 1.0
+    when unset or absurd) of a clip, from its container."""
     import av
 
     if isinstance(data, list):
-        return len(data)
+        return len(data), 1.0
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
+        sar = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1)
         n = int(stream.frames or 0)
         if not n:  # Matroska/WebM (and others) state no frame count: count the packets (nothing is decoded)
             n = sum(1 for packet in container.demux(stream) if packet.size)
-    return n or int(meta.get("num_frames") or 0)
+    return n or int(meta.get("num_frames") or 0), sar if 0.25 <= sar <= 4.0 else 1.0
 
 
-def cover_crop(video: torch.Tensor, height: int, width: int, crop: str, rng: np.random.Generator | None):
-    """uint8 [t, H0, W0, 3] -> uint8 [3, t, height, width]: scale to cover, then crop (module docstring)."""
+def cover_crop(
+    video: torch.Tensor,
+    height: int,
+    width: int,
+    crop: str,
+    rng: np.random.Generator | None,
+    pixel_aspect: float = 1.0,
+):
+    """uint8 [t, H0, W0, 3] -> uint8 [3, t, height, width]: scale to cover, then crop (module docstring).
+    A stored pixel `pixel_aspect` times as wide as high is scaled to a square one (not a stretched clip)."""
     t, h0, w0, _ = video.shape
     x = video.permute(0, 3, 1, 2)  # [t, 3, H0, W0]
-    scale = max(height / h0, width / w0)
-    size = (max(height, round(h0 * scale)), max(width, round(w0 * scale)))
+    scale = max(height / h0, width / (w0 * pixel_aspect))
+    size = (max(height, round(h0 * scale)), max(width, round(w0 * pixel_aspect * scale)))
     if size != (h0, w0):
         x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
         x = x.round().clamp(0, 255).to(torch.uint8)
@@ -534,7 +546,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     if not isinstance(meta, dict):  # valid JSON, not a row
         meta = {}
     try:
-        n = _clip_length(data, meta)
+        n, sar = _clip_facts(data, meta)
     except Exception as exc:  # PyAV raises many types for broken files
         raise SampleError("corrupt", f"{key}: {exc}") from exc
     for attempt in range(2):  # a container that over-states its length is decoded once more with the true one
@@ -558,15 +570,24 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         if attempt or not frames:
             raise SampleError("corrupt", f"{key}: decodes {len(frames)} frames, {n} stated")
         n = len(frames)
-    h0, w0 = frames[0].height, frames[0].width
-    if max(h0 * cfg.width / (w0 * cfg.height), w0 * cfg.height / (h0 * cfg.width)) > MAX_ASPECT_MISMATCH:
+    # a display rotation (phones store portrait video as landscape frames and a rotation; players turn it):
+    # quarter turns counterclockwise that show the frames upright, as the curate job decodes them
+    turns = round((getattr(frames[0], "rotation", 0) or 0) / 90) % 4
+    if turns % 2:  # a stored pixel stands on its side once the frame is turned
+        sar = 1 / sar
+    h0, w0 = (frames[0].width, frames[0].height) if turns % 2 else (frames[0].height, frames[0].width)
+    shown = w0 * sar  # the displayed width
+    if (
+        max(h0 * cfg.width / (shown * cfg.height), shown * cfg.height / (h0 * cfg.width))
+        > MAX_ASPECT_MISMATCH
+    ):
         raise SampleError("corrupt", f"{key}: a {w0}x{h0} clip is too far from the window's aspect to crop")
-    picked = [_rgb(frames[start + i * stride]) for i in range(cfg.frames)]
+    picked = [np.rot90(_rgb(frames[start + i * stride]), turns) for i in range(cfg.frames)]
     sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in picked})
     if len(sizes) > 1:  # numbered frames of other sizes, a stream that changes size: no one crop fits all
         raise SampleError("corrupt", f"{key}: frames of different sizes ({', '.join(sizes[:3])})")
-    picked = np.stack(picked)
-    video = cover_crop(torch.from_numpy(picked), cfg.height, cfg.width, cfg.crop, rng)
+    picked = np.stack(picked)  # [t, h, w, 3], upright
+    video = cover_crop(torch.from_numpy(picked), cfg.height, cfg.width, cfg.crop, rng, sar)
     fps = rate or float(meta.get("fps") or 0) or 24.0
     fs = max(1, int(fps // stride)) if cfg.fs_mode == "fps" else stride
     return {

@@ -210,3 +210,42 @@ def test_brace_patterns_as_the_shell_writes_them(tmp_path, capsys):
         )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "{0..x} is not a range: write {000000..000099}" in err, err
+
+
+def turned_clip(rotation: int = 0, sar=None) -> bytes:
+    """48x32 stored frames, blue with a red 8x8 square at the stored top-left; `rotation`: the display
+    matrix's angle (a phone's portrait video: stored landscape, -90); `sar`: the pixel aspect."""
+    from fractions import Fraction
+
+    import av
+
+    frame = np.full((32, 48, 3), (30, 60, 200), np.uint8)
+    frame[:8, :8] = (250, 20, 20)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(24))
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        if sar:
+            stream.codec_context.sample_aspect_ratio = sar
+        stream.set_display_rotation(rotation)
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_a_turned_or_anamorphic_clip_is_shown_upright_and_unstretched():
+    """Players turn a phone's portrait video and widen anamorphic pixels; training read the stored frames:
+    a clip on its side, or squeezed, fed to the model."""
+    cfg = data.DataConfig(frames=4, height=48, width=32, num_workers=0)  # the upright clip's size: no crop
+    for rotation, corner in ((-90, (0, -1)), (90, (-1, 0))):  # turned clockwise / counterclockwise to show
+        w = data.decode_window({"__key__": "turned", "mp4": turned_clip(rotation)}, cfg, None)
+        red = w["video"][0, 0] > 200  # [h, w]: where the red square is
+        assert red[corner].item() and red.sum() < 48 * 32 / 4, rotation
+    # stored 48x32 with pixels 2:1 wide: shown 96x32, so a 32x96 window takes the whole picture
+    cfg = data.DataConfig(frames=4, height=32, width=96, num_workers=0)
+    w = data.decode_window({"__key__": "wide", "mp4": turned_clip(sar=2)}, cfg, None)
+    red_columns = (
+        (w["video"][0, 0] > 200).any(dim=0).nonzero().flatten()
+    )  # the 8 stored columns, twice as wide
+    assert red_columns.min() == 0 and 14 <= red_columns.max() <= 17, red_columns
