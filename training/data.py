@@ -457,14 +457,20 @@ def _rgb(frame: Any) -> np.ndarray:
     return (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
 
 
-def _decode_frames(data: bytes | list[bytes], needed_last: int) -> tuple[list[Any], float]:
+def _decode_frames(
+    data: bytes | list[bytes], needed_last: int, keep: set[int] | None = None
+) -> tuple[list[Any], float]:
     """PyAV frames 0..needed_last (fewer if the clip is shorter) and the stream's frame rate (0 for frames
-    given as images)."""
+    given as images). With `keep`, the frames at other indices are None: a window late in a long clip (a
+    whole episode in a shard of another tool) holds its 16 frames, not the thousands decoded before them."""
     import av
 
     if isinstance(data, list):  # numbered images: one frame each
         frames = []
-        for image in data[: needed_last + 1]:
+        for index, image in enumerate(data[: needed_last + 1]):
+            if keep is not None and index not in keep:
+                frames.append(None)
+                continue
             with av.open(io.BytesIO(image)) as container:
                 frames.append(next(container.decode(video=0)))
         return frames, 0.0
@@ -473,7 +479,7 @@ def _decode_frames(data: bytes | list[bytes], needed_last: int) -> tuple[list[An
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         for frame in container.decode(stream):
-            frames.append(frame)
+            frames.append(frame if keep is None or len(frames) in keep else None)
             if len(frames) > needed_last:
                 break
     return frames, rate
@@ -562,7 +568,9 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         span = stride * (cfg.frames - 1)
         start = 0 if rng is None else int(rng.integers(n - span))
         try:
-            frames, rate = _decode_frames(data, start + span)
+            frames, rate = _decode_frames(
+                data, start + span, keep=set(range(start, start + span + 1, stride))
+            )
         except Exception as exc:
             raise SampleError("corrupt", f"{key}: {exc}") from exc
         if len(frames) > start + span:
@@ -572,10 +580,11 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
         n = len(frames)
     # a display rotation (phones store portrait video as landscape frames and a rotation; players turn it):
     # quarter turns counterclockwise that show the frames upright, as the curate job decodes them
-    turns = round((getattr(frames[0], "rotation", 0) or 0) / 90) % 4
+    first = frames[start]
+    turns = round((getattr(first, "rotation", 0) or 0) / 90) % 4
     if turns % 2:  # a stored pixel stands on its side once the frame is turned
         sar = 1 / sar
-    h0, w0 = (frames[0].width, frames[0].height) if turns % 2 else (frames[0].height, frames[0].width)
+    h0, w0 = (first.width, first.height) if turns % 2 else (first.height, first.width)
     shown = w0 * sar  # the displayed width
     if (
         max(h0 * cfg.width / (shown * cfg.height), shown * cfg.height / (h0 * cfg.width))

@@ -23,7 +23,7 @@ def frames_of(n: int, size=(48, 32)) -> np.ndarray:
     w, h = size
     out = np.empty((n, h, w, 3), np.uint8)
     for i in range(n):
-        out[i] = (40 + 20 * i, 200 - 15 * i, 90)
+        out[i] = (40 + 15 * i, 200 - 12 * i, 90)
     return out
 
 
@@ -249,3 +249,18 @@ def test_a_turned_or_anamorphic_clip_is_shown_upright_and_unstretched():
         (w["video"][0, 0] > 200).any(dim=0).nonzero().flatten()
     )  # the 8 stored columns, twice as wide
     assert red_columns.min() == 0 and 14 <= red_columns.max() <= 17, red_columns
+
+
+def test_a_window_late_in_a_long_clip_holds_only_its_frames(tmp_path):
+    """Shards of other tools may hold whole episodes: every frame decoded before a late window was held
+    (tens of GB for minutes of HD video: the run was killed for memory mid-epoch)."""
+    clip = frames_of(12)
+    for data_ in (encode(clip, "mp4", "libx264"), [image(f, "PNG") for f in clip]):
+        frames, _ = data._decode_frames(data_, 11, keep={8, 11})
+        assert len(frames) == 12 and [i for i, f in enumerate(frames) if f is not None] == [8, 11]
+    sample = {"__key__": "long", "mp4": encode(clip, "mp4", "libx264")}
+    for seed in range(4):  # the window's frames are still the clip's frames at start + i * stride
+        w = data.decode_window(sample, SMALL, np.random.default_rng(seed))
+        colours = w["video"].float().mean(dim=(2, 3)).T.numpy()  # [t, 3]
+        expected = clip[w["start"] : w["start"] + 4 * w["stride"] : w["stride"], 0, 0].astype(np.float32)
+        assert np.abs(colours - expected).max() < 12, (seed, colours, expected)
