@@ -42,6 +42,7 @@ from pipeline.config import (
     MODEL_STAGES,
     RUNTIME_KEYS,
     SCORING_SECTIONS,
+    SELECT_KEYS,
     THRESHOLD_KEYS,
     ConfigError,
     CurateConfig,
@@ -291,12 +292,14 @@ class CurateJob:
             listed = ", ".join(f"{k} {then} there, {now} now" for k, then, now in changed)
             keep = " ".join(f"--set {k}={then}" for k, then, _ in changed)
             self._say(
-                f"thresholds differ from those {manifest} was written with ({listed}); this run applies"
+                f"settings differ from those {manifest} was written with ({listed}); this run applies"
                 f" the new ones: {keep} keeps the earlier"
             )
 
     def _thresholds_changed(self) -> list[tuple[str, Any, Any]]:
-        """(section.key, in the manifest, in this run's config) of each threshold that differs."""
+        """(section.key, in the manifest, in this run's config) of each setting `select` rewrites (the
+        thresholds, the split's, the shard size) that differs. (split.history_from, a path, is left out:
+        written resolved, it would differ from a relative one given again.)"""
         manifest = self.out / "manifest.parquet"
         if not manifest.is_file():
             return []
@@ -305,7 +308,7 @@ class CurateJob:
         except ManifestError:
             return []
         changed = []
-        for section, key in sorted(THRESHOLD_KEYS):
+        for section, key in sorted(SELECT_KEYS - {("split", "history_from")}):
             then = written.get(section, {}).get(key)
             now = getattr(getattr(self.config, section), key)
             if then is not None and then != now and getattr(getattr(self.config, section), "enabled", True):
@@ -636,7 +639,9 @@ class CurateJob:
             given_up_file.unlink()
         self._adopt_relative_parts(sources)
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
-        if len(pending) < len(sources):
+        if not pending:
+            self._say(f"all {len(sources)} sources already scored: deciding and writing again")
+        elif len(pending) < len(sources):
             self._say(f"resuming: {len(sources) - len(pending)} of {len(sources)} sources already scored")
         if not pending:
             return []

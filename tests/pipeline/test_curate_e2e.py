@@ -331,6 +331,10 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     ]
     assert sorted(rerun) == sorted(r["clip_id"] for r in kept_before)
     assert curate_main([*argv, *SKIPS]) == 0 and "nothing to do" in capsys.readouterr().err  # then a no-op
+    assert select_main([str(copy), "--set", "split.seed=3", "--quiet"]) == 0  # the split's settings too
+    assert curate_main([*argv, *SKIPS]) == 0
+    err = capsys.readouterr().err
+    assert "split.seed 3 there, 0 now" in err and "sources already scored: deciding and writing again" in err
 
 
 def test_a_damaged_work_part_costs_thumbnails_not_the_report(curated, tmp_path, capsys):
@@ -699,7 +703,7 @@ def test_a_rerun_says_what_it_changes(curated, tmp_path, capsys):
     sets = ["--set", "write.width=256", "--set", "write.height=160"]
     assert curate_main([str(one), "--out", str(copy), *sets, *SKIPS]) == 0
     err = capsys.readouterr().err
-    assert "thresholds differ from those" in err and "motion.min 0.06 there, 0.05 now" in err
+    assert "settings differ from those" in err and "motion.min 0.06 there, 0.05 now" in err
     assert "are not among the inputs this time" in err and "leave the manifest and the shards" in err
     assert "the clip cache holds clips encoded with other write settings" in err
     (shard, *_) = list_shards(copy / "shards" / "train")
