@@ -34,7 +34,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from manifests.files import default_file_mode, write_json_atomic
 from manifests.remote import not_a_url
@@ -47,9 +46,6 @@ from manifests.weights import (  # the file checks every job shares; curate's st
     safetensors_header,
     strip_prefix,
 )
-
-if TYPE_CHECKING:
-    pass
 
 ENV_VAR = "INBETWEENER_MODELS"
 DEFAULT_DIR = "~/.cache/inbetweener/models"
