@@ -8,8 +8,10 @@ A source is any of:
   in manifest order, read from the shards beside it (`OUT/shards/<row.shard>`).
 
 A shard sample is `KEY.mp4` + `KEY.json` (its manifest row) + `KEY.txt` (its caption), consecutive in
-the tar (WebDataset's grouping). Only the standard library's tarfile and PyAV are used (webdataset
-would import torch's data loading machinery for nothing here).
+the tar (WebDataset's grouping). Shards of other tools are read as training reads them
+(`training.data.clip_data`): a video in another container or numbered frames, a caption in `KEY.caption`
+or the json's caption/text/prompt field. Only the standard library's tarfile and PyAV read the shards
+(webdataset would import torch's data loading machinery for nothing here).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.media import InputError, decode_video
+from inference.media import InputError
 from manifests.tar import EndCheckedTarInfo
+from training.data import CAPTION_FIELDS, SampleError, clip_data, decode_clip
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -32,7 +35,7 @@ log = logging.getLogger("inbetweener.eval_data")
 @dataclass
 class EvalClip:
     key: str  # the WebDataset key (= clip_id)
-    mp4: bytes  # the clip as stored
+    video: bytes | list[bytes]  # the clip as stored: a video's bytes, or numbered frames' (another tool's)
     caption: str
     meta: dict = field(default_factory=dict)  # its manifest row
     shard: str = ""  # the tar it came from
@@ -43,19 +46,22 @@ class EvalClip:
         """A digest of the clip's bytes: the same key re-curated (another crop, size or encode) differs."""
         import hashlib
 
-        return hashlib.sha256(self.mp4).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for part in self.video if isinstance(self.video, list) else [self.video]:
+            digest.update(part)
+        return digest.hexdigest()[:16]
 
     def frames(self) -> np.ndarray:
-        """Every frame, uint8 [T, H, W, 3]; InputError naming the clip when its mp4 does not decode (or
+        """Every frame, uint8 [T, H, W, 3], upright; InputError naming the clip when it does not decode (or
         could not be read from its shard)."""
         import av
 
         if self.missing:
             raise InputError(self.missing)
         try:
-            return decode_video(self.mp4)
+            return decode_clip(self.video)
         except (av.error.FFmpegError, ValueError, OSError) as exc:  # InputError is a ValueError
-            raise InputError(f"{self.shard}:{self.key}: its mp4 does not decode ({exc})") from exc
+            raise InputError(f"{self.shard}:{self.key}: its video does not decode ({exc})") from exc
 
 
 def _is_manifest(path: Path) -> bool:
@@ -70,7 +76,11 @@ def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
     key = None
 
     def finish() -> EvalClip | None:
-        if key is None or "mp4" not in current:
+        if key is None:
+            return None
+        try:
+            video = clip_data({"__key__": key, **current})
+        except SampleError:  # no clip in it (a stray member): not a sample
             return None
         meta = {}
         if "json" in current:
@@ -80,14 +90,17 @@ def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
                 log.warning(
                     "%s:%s: its json member is unreadable; the clip is used without it", tar_path, key
                 )
-        caption = meta.get("caption") or ""
-        if "txt" in current:
+        if not isinstance(meta, dict):  # valid JSON, not a row
+            meta = {}
+        caption = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), "")
+        text = next((current[ext] for ext in ("txt", "caption") if current.get(ext, b"").strip()), None)
+        if text is not None:
             try:
-                caption = current["txt"].decode()
+                caption = text.decode()
             except UnicodeDecodeError:  # a shard of another tool (latin-1): a traceback stopped the run
-                caption = current["txt"].decode(errors="replace")
+                caption = text.decode(errors="replace")
                 log.warning("%s:%s: its caption is not UTF-8; undecodable bytes replaced", tar_path, key)
-        return EvalClip(key, current["mp4"], caption, meta, str(tar_path))
+        return EvalClip(key, video, caption, meta, str(tar_path))
 
     count = 0
     try:

@@ -418,7 +418,7 @@ def _members(sample: dict[str, Any], extensions: tuple[str, ...]) -> list[str]:
     return [ext for ext in sample if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in extensions]
 
 
-def _clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
+def clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
     """The clip of a sample: its video's bytes, or its numbered frames' bytes in order (SampleError if none)."""
     key = sample["__key__"]
     videos = _members(sample, VIDEO_EXTENSIONS)
@@ -439,7 +439,7 @@ def _clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
     )
 
 
-def _caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
+def sample_caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
     for ext in _members(sample, ("txt", "caption")):
         text = sample[ext].decode("utf-8", errors="replace").strip()
         if text:
@@ -483,6 +483,20 @@ def _decode_frames(
             if len(frames) > needed_last:
                 break
     return frames, rate
+
+
+def decode_clip(data: bytes | list[bytes]) -> np.ndarray:
+    """Every frame of a clip (`clip_data`: a video's bytes or numbered frames), uint8 [T, H, W, 3], upright
+    (a display rotation applied, as `decode_window` does) and over white where it is transparent."""
+    frames, _ = _decode_frames(data, 1 << 62)
+    if not frames:
+        raise ValueError("the clip holds no frames")
+    turns = round((getattr(frames[0], "rotation", 0) or 0) / 90) % 4
+    pictures = [np.rot90(_rgb(frame), turns) for frame in frames]
+    sizes = sorted({f"{p.shape[1]}x{p.shape[0]}" for p in pictures})
+    if len(sizes) > 1:
+        raise ValueError(f"frames of different sizes ({', '.join(sizes[:3])})")
+    return np.ascontiguousarray(np.stack(pictures))
 
 
 def _clip_facts(data: bytes | list[bytes], meta: dict[str, Any]) -> tuple[int, float]:
@@ -542,7 +556,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     import json
 
     key = sample["__key__"]
-    data = _clip_data(sample)
+    data = clip_data(sample)
     if not data:
         raise SampleError("corrupt", f"{key}: an empty video member")
     try:
@@ -601,7 +615,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     fs = max(1, int(fps // stride)) if cfg.fs_mode == "fps" else stride
     return {
         "video": video,
-        "caption": _caption(sample, meta),
+        "caption": sample_caption(sample, meta),
         "fs": fs,
         "stride": stride,
         "start": start,

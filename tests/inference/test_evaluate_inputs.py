@@ -329,3 +329,34 @@ def test_runs_on_other_clips_or_metrics_keep_what_earlier_runs_measured(curated,
     # results.md names each row's own file (the name carries the set of clips now)
     table = (out / "results.md").read_text()
     assert all(f"results/{name}" in table for name in results())
+
+
+def test_eval_shards_of_other_tools_are_read_as_training_reads_them(tmp_path):
+    """Shards made by other tools (a video in another container, numbered frames, the caption in the json's
+    `text`) gave no clip at all: only KEY.mp4 and KEY.txt were looked for."""
+    import io
+
+    from PIL import Image
+
+    frames = _clip_frames(16, 0)
+    png = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        png.append(buffer.getvalue())
+    shards = tmp_path / "theirs"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        _member(tar, "a.mov", _mp4(frames))  # an mp4 under another container's name: PyAV reads it
+        _member(tar, "a.caption", b"a square gliding")
+        for i, data in enumerate(png):
+            _member(tar, f"b.{i:04d}.png", data)
+        _member(tar, "b.json", json.dumps({"text": "a square, frame by frame"}).encode())
+        _member(tar, "c.json", b"{}")  # no clip in it: not a sample
+    clips = list(iter_clips([shards], "eval"))
+    assert [(c.key, c.caption) for c in clips] == [
+        ("a", "a square gliding"),
+        ("b", "a square, frame by frame"),
+    ]
+    assert np.array_equal(clips[1].frames(), frames)  # PNG frames are lossless
+    assert clips[0].frames().shape == frames.shape and clips[0].content != clips[1].content
