@@ -656,7 +656,7 @@ class CurateJob:
             # a model actor's death takes down the batches queued on it: sources beside a crashing
             # one may have been given up with it; tried again with one batch per actor at a time
             self._say(
-                f"{len(given_up)} source(s) lost with a worker that died: trying them once more, one source per model worker at a time"
+                f"{len(given_up)} source(s) lost with a worker that died: trying them once more, one clip per model call"
             )
             isolated = run_stages([{"source_uri": u} for u in given_up], stages, workers, isolate=True)
             self._score_pass(isolated, progress)

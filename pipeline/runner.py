@@ -370,7 +370,7 @@ class _ActorUDF:
     def __call__(self, ray_batch):
         rows = _unwrap(ray_batch)
         out = []
-        # a whole source's block (run_stages' isolate) goes through in the stage's batches
+        # at most the stage's batch size at once, whatever Ray hands over
         for start in range(0, len(rows), max(1, self.stage.batch_size)):
             out += self._batch(rows[start : start + max(1, self.stage.batch_size)])
         return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
@@ -482,8 +482,8 @@ def run_stages(
 
     A model actor's batch holds clips of several sources, and more batches wait on the actor while it
     computes: a clip that kills it takes them all down, and each such death spends one of their retries
-    too, so a source beside a crashing one can be given up with it. `isolate` hands each actor one
-    source at a time (its clips in the stage's batches; slower: the actor waits for each next source),
+    too, so a source beside a crashing one can be given up with it. `isolate` hands each actor one block
+    (one source's clips: a task's output) at a time, its clips one by one (slow: no batching on the GPU),
     for a second try of the given-up sources."""
     import ray
 
@@ -514,7 +514,9 @@ def run_stages(
             ds = ds.map_batches(
                 _ActorUDF,
                 fn_constructor_args=(stage, drop),
-                batch_size=None if isolate else stage.batch_size,  # None: one source's block per call
+                # isolate: batches of 1, so a call never holds rows of two blocks (a block holds one source's
+                # rows: one task's output); not None, which Ray refuses beside a GPU request
+                batch_size=1 if isolate else stage.batch_size,
                 compute=ray.data.ActorPoolStrategy(
                     size=pool.actors, max_tasks_in_flight_per_actor=1 if isolate else None
                 ),

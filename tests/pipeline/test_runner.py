@@ -376,7 +376,7 @@ def test_every_model_pool_runs_beside_the_decoding_on_one_gpu(tmp_path):
     CPUs as the job's local Ray has them (2 decoding workers + 1): a decoding task stage, then four
     model stages that ask for GPU shares. All four pools' actors are up at once while rows stream
     through them. Sized as each pool over every GPU (4 + 4 + 2 + 4 actors, 4 GPUs' worth, a CPU
-    each), the job never got its rows through."""
+    each), the job never got its rows through. The isolated second try of given-up sources runs there too."""
     import subprocess
     import sys
     from pathlib import Path
@@ -427,6 +427,9 @@ rows = list(run_stages([{{"source_uri": f"s{{i}}"}} for i in range(8)], stages, 
 assert len(rows) == 8, rows
 assert all(r["seen"] == ["decode", "text", "aesthetic", "caption", "alignment"] for r in rows), rows
 assert all(r["together"] for r in rows), rows
+# the second try of given-up sources (isolate) asks for the same GPU shares: Ray refused its batch size
+rows = list(run_stages([{{"source_uri": f"s{{i}}"}} for i in range(3)], stages, workers=2, isolate=True))
+assert sorted(r["source_uri"] for r in rows) == ["s0", "s1", "s2"], rows
 print("all rows through, every pool up at once")
 """
     root = Path(__file__).resolve().parents[2]
