@@ -679,8 +679,10 @@ def _load_result(path: Path) -> dict[str, Any] | None:
 # The code that turns a clip into its cached per-clip scores: edited, the cached scores are redone
 # (a fixed CPBD or SSIM was served from the cache of the old code). Pooling (FVD, KVD) runs every time.
 SCORING_MODULES = (
-    "inference.eval_data",  # the ground-truth window, resized and cropped
+    "inference.eval_data",  # the ground-truth window
     "inference.eval_scores",
+    "inference.media",  # its resize and crop (fit_frame)
+    "training.data",  # a clip's decoding (decode_clip)
     "training.features",
     "training.metrics.cpbd",
     "training.metrics.frames",

@@ -450,7 +450,8 @@ def sample_caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
 def _rgb(frame: Any) -> np.ndarray:
     """uint8 [h, w, 3] of a PyAV frame; one with an alpha channel (a cel with a transparent background:
     PNG, GIF) over white, the paper it was drawn on, not over whatever colour its transparent pixels hold."""
-    if len(frame.format.components) not in (2, 4):  # gray+alpha, RGBA / YUVA
+    # gray+alpha, RGBA / YUVA, or a palette with a transparent entry (pngquant's PNGs, GIFs)
+    if not (frame.format.name == "pal8" or len(frame.format.components) in (2, 4)):
         return frame.to_ndarray(format="rgb24")
     rgba = frame.to_ndarray(format="rgba").astype(np.float32)
     alpha = rgba[..., 3:] / 255.0

@@ -121,6 +121,17 @@ def test_transparent_frames_are_over_white_not_black(tmp_path):
     w = data.decode_window(samples_of(shard)["cel"], SMALL, None)
     assert (w["video"][:, :, 0, 0] == 255).all()  # the background: white paper
     assert w["video"][:, 0, 16, 24].tolist() == [200, 30, 30]  # the cel as drawn
+    # the same cels as palette PNGs with a transparent entry (what pngquant writes): over white too
+    from PIL import Image
+
+    paletted = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).quantize(colors=4).save(buffer, "PNG", transparency=0)
+        paletted.append(buffer.getvalue())
+    shard = write_tar(tmp_path / "pal.tar", [(f"pal.{i:03d}.png", png) for i, png in enumerate(paletted)])
+    w = data.decode_window(samples_of(shard)["pal"], SMALL, None)
+    assert (w["video"][:, :, 0, 0] == 255).all()
 
 
 def test_a_folder_of_gzipped_shards_is_listed(tmp_path):
