@@ -298,8 +298,8 @@ class CurateJob:
 
     def _thresholds_changed(self) -> list[tuple[str, Any, Any]]:
         """(section.key, in the manifest, in this run's config) of each setting `select` rewrites (the
-        thresholds, the split's, the shard size) that differs. (split.history_from, a path, is left out:
-        written resolved, it would differ from a relative one given again.)"""
+        thresholds, the split's, the shard size) that differs; split.history_from, a path, by the file it
+        names (a relative path given again is the same)."""
         manifest = self.out / "manifest.parquet"
         if not manifest.is_file():
             return []
@@ -308,9 +308,15 @@ class CurateJob:
         except ManifestError:
             return []
         changed = []
-        for section, key in sorted(SELECT_KEYS - {("split", "history_from")}):
+
+        def named(value: Any) -> Any:
+            return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) else value
+
+        for section, key in sorted(SELECT_KEYS):
             then = written.get(section, {}).get(key)
             now = getattr(getattr(self.config, section), key)
+            if key == "history_from":
+                then, now = named(then), named(now)
             if then is not None and then != now and getattr(getattr(self.config, section), "enabled", True):
                 changed.append((f"{section}.{key}", then, now))
         return changed

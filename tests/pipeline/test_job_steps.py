@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from manifests.schema import CLIP_SCHEMA
-from pipeline.config import ConfigError, CurateConfig
+from pipeline.config import ConfigError, CurateConfig, load_config
 from pipeline.job import CurateJob
 from pipeline.report import funnel
 
@@ -334,3 +334,22 @@ def test_byte_identical_broken_sources_keep_an_error_row_each_with_its_own_id(tm
     assert [r["reason"] for r in out if r["status"] == "rejected"] == [
         "probe: duplicate: same content as /f/e.mp4"
     ]
+
+
+def test_a_history_from_that_select_changed_is_a_change_and_a_relative_one_is_its_path(tmp_path, monkeypatch):
+    """`select --set split.history_from=X` then a plain curate rerun was still "nothing to do" (the path was
+    left out of the comparison); the same folder given relative to the working directory is no change."""
+    from pipeline import job as job_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"PAR1")
+    older = tmp_path / "v1"
+    written = CurateConfig().to_dict()
+    written["split"]["history_from"] = str(older)
+    monkeypatch.setattr(job_module, "manifest_config", lambda path: written)
+    plain = CurateJob(["x"], out, CurateConfig())
+    assert [name for name, _, _ in plain._thresholds_changed()] == ["split.history_from"]
+    monkeypatch.chdir(tmp_path)
+    relative = CurateJob(["x"], out, load_config(sets=["split.history_from=v1"]))
+    assert relative._thresholds_changed() == []
