@@ -109,7 +109,9 @@ def _expand_braces(pattern: str) -> list[str]:
             )
         first, last = (int(lo), int(hi)) if numeric else (ord(lo), ord(hi))
         step = int(step or 1) if first <= last else -int(step or 1)
-        width = len(lo) if numeric and lo.startswith("0") else 0
+        # zero padding as bash pads: to the longer end's width when either end has a leading zero
+        padded = numeric and any(len(end) > 1 and end.startswith("0") for end in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
         values = range(first, last + (1 if step > 0 else -1), step)
         options = [str(v).zfill(width) if numeric else chr(v) for v in values]
     else:
@@ -423,10 +425,15 @@ def clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
     key = sample["__key__"]
     videos = _members(sample, VIDEO_EXTENSIONS)
     if len(videos) > 1:
+        dotted = any("." in ext for ext in videos)
+        why = (
+            "webdataset takes the key up to the first dot of a member's name, so keys with dots run together;"
+            " write keys without dots"
+            if dotted
+            else "which is the clip is not known; keep one video per sample"
+        )
         raise SampleError(
-            "corrupt",
-            f"{key}: {len(videos)} videos under one key ({', '.join(sorted(videos)[:3])}): webdataset takes the"
-            " key up to the first dot of a member's name, so keys with dots run together; write keys without dots",
+            "corrupt", f"{key}: {len(videos)} videos under one key ({', '.join(sorted(videos)[:3])}): {why}"
         )
     if videos:
         return sample[videos[0]]

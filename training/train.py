@@ -427,13 +427,13 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         shards = list_shards(run.data.train)
         if not shards:
             raise FileNotFoundError(
-                f"no training shards (*.tar) at {run.data.train}: pass --data (a curate OUT folder, a shard"
+                f"no training shards (*.tar, *.tar.gz) at {run.data.train}: pass --data (a curate OUT folder, a shard"
                 " folder, a glob or a URL)"
             )
         not_tar = [s for s in shards if not is_url(s) and not is_tar_name(s)]
         if not_tar:
             raise FileNotFoundError(
-                f"{not_tar[0]} is not a shard (.tar){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"
+                f"{not_tar[0]} is not a shard (.tar, .tar.gz){f' (and {len(not_tar) - 1} more)' if len(not_tar) > 1 else ''}:"
                 " pass --data a curate OUT folder (or its manifest.parquet), a shard folder, a glob or a URL"
             )
         check_shards(shards)  # missing files, the eval split, URLs that cannot be read at all

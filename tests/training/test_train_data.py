@@ -278,13 +278,13 @@ def test_bad_inputs_stop_with_one_line_and_code_2(tmp_path, train_shards, capsys
     torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.ckpt")
     (tmp_path / "cut.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:2000])
     cases = {
-        "no training shards (*.tar) at": ["--data", str(tmp_path / "empty")],
+        "no training shards (*.tar, *.tar.gz) at": ["--data", str(tmp_path / "empty")],
         "no shards at": ["--data", str(tmp_path / "missing")],
         "train.float8 must be one of": ["--data", str(train_shards), "--set", "train.float8=fp4"],
         "notes.ckpt": ["--data", str(train_shards), "--init", str(tmp_path / "notes.ckpt")],
         "checkpoint not found: ": ["--data", str(train_shards), "--init", str(tmp_path / "absent.ckpt")],
         "cut.ckpt (": ["--data", str(train_shards), "--init", str(tmp_path / "cut.ckpt")],  # half a download
-        "notes.ckpt is not a shard (.tar)": ["--data", str(tmp_path / "notes.ckpt")],
+        "notes.ckpt is not a shard (.tar, .tar.gz)": ["--data", str(tmp_path / "notes.ckpt")],
         "notes.ckpt is a file; give a folder for the run": [
             "--data",
             str(train_shards),

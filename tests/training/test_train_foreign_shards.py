@@ -110,6 +110,11 @@ def test_keys_with_dots_that_run_together_are_said_not_mixed(tmp_path):
     (sample,) = samples_of(shard).values()
     with pytest.raises(data.SampleError, match="2 videos under one key .*keys with dots"):
         data.decode_window(sample, SMALL, None)
+    # two videos under a key without a dot (a clip and its preview): not blamed on dots
+    shard = write_tar(tmp_path / "two.tar", [("take.mp4", clip), ("take.gif", clip)])
+    (sample,) = samples_of(shard).values()
+    with pytest.raises(data.SampleError, match="2 videos under one key .*keep one video per sample"):
+        data.decode_window(sample, SMALL, None)
 
 
 def test_transparent_frames_are_over_white_not_black(tmp_path):
@@ -207,6 +212,12 @@ def test_brace_patterns_as_the_shell_writes_them(tmp_path, capsys):
     assert data.list_shards(str(tmp_path / "{000..004..2}.tar")) == [
         str(tmp_path / f"{i:03d}.tar") for i in (0, 2, 4)
     ]
+    # padded as bash pads: to the longer end when either end has a leading zero
+    assert (
+        data._expand_braces("{08..100}")[:2] == ["008", "009"]
+        and data._expand_braces("{1..010}")[-1] == "010"
+    )
+    assert data._expand_braces("{8..10}") == ["8", "9", "10"]
     with pytest.raises(SystemExit) as exc:  # a traceback-free line, not "invalid literal for int()"
         main(
             [
