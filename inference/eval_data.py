@@ -51,15 +51,15 @@ class EvalClip:
             digest.update(part)
         return digest.hexdigest()[:16]
 
-    def frames(self) -> np.ndarray:
-        """Every frame, uint8 [T, H, W, 3], upright; InputError naming the clip when it does not decode (or
-        could not be read from its shard)."""
+    def frames(self, limit: int | None = None) -> np.ndarray:
+        """Every frame (or the first `limit`), uint8 [T, H, W, 3], upright; InputError naming the clip when
+        it does not decode (or could not be read from its shard)."""
         import av
 
         if self.missing:
             raise InputError(self.missing)
         try:
-            return decode_clip(self.video)
+            return decode_clip(self.video, limit)
         except (av.error.FFmpegError, ValueError, OSError) as exc:  # InputError is a ValueError
             raise InputError(f"{self.shard}:{self.key}: its video does not decode ({exc})") from exc
 

@@ -191,10 +191,15 @@ class _Window:
         """The [T, H, W, 3] ground-truth window at `size`."""
         from inference.eval_data import clip_window
 
-        window = clip_window(self.clip.frames(), args.frames, args.stride)
+        window = clip_window(self.clip.frames(_window_span(args)), args.frames, args.stride)
         if window.shape[1:3] != size:
             window = np.stack([fit_frame(f, size) for f in window])
         return window
+
+
+def _window_span(args: argparse.Namespace) -> int:
+    """Frames a clip's window reaches (its first frame to its last)."""
+    return (args.frames - 1) * args.stride + 1
 
 
 def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
@@ -215,7 +220,7 @@ def _windows(args: argparse.Namespace) -> tuple[list[_Window], list[dict]]:
             skipped.append({"key": clip.key, "reason": f"given twice: already evaluated from {seen[name]}"})
             continue
         try:
-            frames = clip.frames()
+            frames = clip.frames(_window_span(args))  # a whole episode of another tool: its window only
         except InputError as exc:  # a corrupt clip is reported in the results, not a crashed evaluation
             skipped.append({"key": clip.key, "reason": str(exc)})
             continue

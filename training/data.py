@@ -493,10 +493,12 @@ def _decode_frames(
     return frames, rate
 
 
-def decode_clip(data: bytes | list[bytes]) -> np.ndarray:
-    """Every frame of a clip (`clip_data`: a video's bytes or numbered frames), uint8 [T, H, W, 3], upright
-    (a display rotation applied, as `decode_window` does) and over white where it is transparent."""
-    frames, _ = _decode_frames(data, 1 << 62)
+def decode_clip(data: bytes | list[bytes], limit: int | None = None) -> np.ndarray:
+    """The frames of a clip (`clip_data`: a video's bytes or numbered frames), the first `limit` of them or
+    all, uint8 [T, H, W, 3], upright (a display rotation applied, as `decode_window` does) and over white
+    where it is transparent. A limit keeps a whole episode in one sample (other tools' shards) from
+    filling memory for a window of its first frames."""
+    frames, _ = _decode_frames(data, (limit - 1) if limit else 1 << 62)
     if not frames:
         raise ValueError("the clip holds no frames")
     turns = round((getattr(frames[0], "rotation", 0) or 0) / 90) % 4

@@ -486,7 +486,9 @@ def test_ground_truth_is_decoded_at_each_clips_turn_not_held(curated, tmp_path, 
 
     calls = []
     real = EvalClip.frames
-    monkeypatch.setattr(EvalClip, "frames", lambda self: calls.append(self.key) or real(self))
+    monkeypatch.setattr(
+        EvalClip, "frames", lambda self, limit=None: calls.append(self.key) or real(self, limit)
+    )
     argv = [str(curated), "--out", str(tmp_path / "eval"), "--method", "linear", *TINY]
     assert cli.main(argv, extractors=fake_extractors()) == 0
     assert sorted(calls) == sorted([*CLIPS, "clip000a", "clip000b"])  # check all, score the two long ones

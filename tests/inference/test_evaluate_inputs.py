@@ -360,3 +360,5 @@ def test_eval_shards_of_other_tools_are_read_as_training_reads_them(tmp_path):
     ]
     assert np.array_equal(clips[1].frames(), frames)  # PNG frames are lossless
     assert clips[0].frames().shape == frames.shape and clips[0].content != clips[1].content
+    # a window's frames only (a whole episode of another tool in one sample would fill memory)
+    assert clips[0].frames(4).shape == (4, *frames.shape[1:]) and len(clips[1].frames(5)) == 5
