@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError
-from manifests.tar import EndCheckedTarInfo
-from training.data import CAPTION_FIELDS, SampleError, clip_data, decode_clip
+from training.data import CAPTION_FIELDS, SampleError, clip_data, decode_clip, iter_tar_samples
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -69,61 +68,54 @@ def _is_manifest(path: Path) -> bool:
 
 
 def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
-    """The samples of one shard, in order: members grouped by key (the name up to the first dot). A shard
-    unreadable from some point on (cut short, also exactly between two members; damaged) gives the
-    clips before it, and `problems[str(tar_path)]` says why the rest is missing."""
-    current: dict[str, bytes] = {}
-    key = None
-
-    def finish() -> EvalClip | None:
-        if key is None:
-            return None
-        try:
-            video = clip_data({"__key__": key, **current})
-        except SampleError:  # no clip in it (a stray member): not a sample
-            return None
-        meta = {}
-        if "json" in current:
-            try:
-                meta = json.loads(current["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError):  # the clip and its caption still serve
-                log.warning(
-                    "%s:%s: its json member is unreadable; the clip is used without it", tar_path, key
-                )
-        if not isinstance(meta, dict):  # valid JSON, not a row
-            meta = {}
-        caption = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), "")
-        text = next((current[ext] for ext in ("txt", "caption") if current.get(ext, b"").strip()), None)
-        if text is not None:
-            try:
-                caption = text.decode()
-            except UnicodeDecodeError:  # a shard of another tool (latin-1): a traceback stopped the run
-                caption = text.decode(errors="replace")
-                log.warning("%s:%s: its caption is not UTF-8; undecodable bytes replaced", tar_path, key)
-        return EvalClip(key, video, caption, meta, str(tar_path))
-
+    """The samples of one shard, in order, grouped as training groups them (`training.data.iter_tar_samples`:
+    by key, a repeated extension starting the next sample; gzipped shards too). A shard unreadable from
+    some point on (cut short, also exactly between two members; damaged) gives the clips before it, and
+    `problems[str(tar_path)]` says why the rest is missing."""
     count = 0
     try:
-        with tarfile.open(tar_path, tarinfo=EndCheckedTarInfo) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = Path(member.name).name
-                k, _, ext = name.partition(".")
-                if k != key:
-                    clip = finish()
-                    if clip is not None:
-                        count += 1
-                        yield clip
-                    key, current = k, {}
-                handle = tar.extractfile(member)
-                current[ext] = handle.read() if handle is not None else b""
+        with open(tar_path, "rb") as stream:
+            for sample in iter_tar_samples(stream):
+                clip = _clip_of(sample, tar_path)
+                if clip is not None:
+                    count += 1
+                    yield clip
     except (tarfile.TarError, OSError, EOFError) as exc:  # the sample being read is incomplete: not given
         problems[str(tar_path)] = f"{tar_path}: unreadable after {count} clip(s) ({exc})"
-        return
-    clip = finish()
-    if clip is not None:
-        yield clip
+
+
+def _clip_of(sample: dict, tar_path: Path) -> EvalClip | None:
+    """A sample's clip, manifest row and caption (None: no clip in it, a stray member). Members are known by
+    their last extension, so that a key with a dot in it (`a` of `a.v2.mp4`) keeps its json and caption."""
+    key = sample["__key__"]
+    try:
+        video = clip_data(sample)
+    except SampleError:
+        return None
+
+    def member(*names: str) -> bytes | None:
+        found = (
+            sample[ext] for ext in sample if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in names
+        )
+        return next((data for data in found if data.strip()), None)
+
+    meta = {}
+    if member("json") is not None:
+        try:
+            meta = json.loads(member("json"))
+        except (json.JSONDecodeError, UnicodeDecodeError):  # the clip and its caption still serve
+            log.warning("%s:%s: its json member is unreadable; the clip is used without it", tar_path, key)
+    if not isinstance(meta, dict):  # valid JSON, not a row
+        meta = {}
+    caption = next((str(meta[f]) for f in CAPTION_FIELDS if meta.get(f)), "")
+    text = member("txt", "caption")
+    if text is not None:
+        try:
+            caption = text.decode()
+        except UnicodeDecodeError:  # a shard of another tool (latin-1): a traceback stopped the run
+            caption = text.decode(errors="replace")
+            log.warning("%s:%s: its caption is not UTF-8; undecodable bytes replaced", tar_path, key)
+    return EvalClip(key, video, caption, meta, str(tar_path))
 
 
 def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
@@ -188,22 +180,27 @@ def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
 
 def shard_files(source: Path, split: str = "eval") -> list[Path]:
     """The shard tars a (non-manifest) source names, in order."""
-    from manifests.io import list_shards
+    from training.data import is_tar_name
 
     if source.is_file():
-        if source.suffix != ".tar":
+        if not is_tar_name(source.name):
             raise InputError(
-                f"{source}: expected a shard (.tar), a shard folder, a curate output or a manifest"
+                f"{source}: expected a shard (.tar, .tar.gz), a shard folder, a curate output or a manifest"
             )
         return [source]
     if not source.is_dir():
         raise InputError(f"{source}: no such file or folder")
     for folder in (source, source / split, source / "shards" / split):
-        tars = list_shards(folder) if folder.is_dir() else []
+        # complete shards (a temporary one is hidden by a leading dot), gzipped ones of other tools too
+        tars = sorted(
+            p
+            for p in (folder.iterdir() if folder.is_dir() else [])
+            if is_tar_name(p.name) and not p.name.startswith(".")
+        )
         if tars:
             return tars
     raise InputError(
-        f"{source}: no shards found (looked for *.tar in it, in {split}/ and in shards/{split}/)"
+        f"{source}: no shards found (looked for *.tar and *.tar.gz in it, in {split}/ and in shards/{split}/)"
         + _resplit_hint(source, split)
     )
 

@@ -362,3 +362,26 @@ def test_eval_shards_of_other_tools_are_read_as_training_reads_them(tmp_path):
     assert clips[0].frames().shape == frames.shape and clips[0].content != clips[1].content
     # a window's frames only (a whole episode of another tool in one sample would fill memory)
     assert clips[0].frames(4).shape == (4, *frames.shape[1:]) and len(clips[1].frames(5)) == 5
+
+
+def test_eval_shards_group_samples_as_training_does(tmp_path):
+    """Evaluate grouped members by its own rule: a dotted key lost its json and caption, the same key twice
+    in a row was one clip (the first overwritten), and gzipped shards were refused."""
+    clip = _mp4(_clip_frames(16, 1))
+    shards = tmp_path / "theirs"
+    shards.mkdir()
+    with tarfile.open(shards / "000000.tar.gz", "w:gz", format=tarfile.USTAR_FORMAT) as tar:
+        _member(tar, "take.v2.mp4", clip)
+        _member(tar, "take.v2.txt", b"the second take")
+        _member(tar, "again.mp4", clip)
+        _member(tar, "again.txt", b"first")
+        _member(tar, "again.mp4", _mp4(_clip_frames(16, 2)))  # a tar appended to: the same key again
+        _member(tar, "again.txt", b"second")
+    clips = list(iter_clips([shards], "eval"))
+    assert [(c.key, c.caption) for c in clips] == [
+        ("take", "the second take"),
+        ("again", "first"),
+        ("again", "second"),
+    ]
+    assert clips[1].content != clips[2].content
+    assert [c.key for c in iter_clips([shards / "000000.tar.gz"], "eval")] == ["take", "again", "again"]
