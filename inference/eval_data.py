@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError
-from training.data import CAPTION_FIELDS, SampleError, clip_data, decode_clip, iter_tar_samples
+from training.data import CAPTION_FIELDS, SampleError, clip_data, clip_ends, decode_clip, iter_tar_samples
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -49,6 +49,18 @@ class EvalClip:
         for part in self.video if isinstance(self.video, list) else [self.video]:
             digest.update(part)
         return digest.hexdigest()[:16]
+
+    def ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """The first and last frames (an in-between's keyframes), without holding the rest; InputError as
+        `frames`."""
+        import av
+
+        if self.missing:
+            raise InputError(self.missing)
+        try:
+            return clip_ends(self.video)
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            raise InputError(f"{self.shard}:{self.key}: its video does not decode ({exc})") from exc
 
     def frames(self, limit: int | None = None) -> np.ndarray:
         """Every frame (or the first `limit`), uint8 [T, H, W, 3], upright; InputError naming the clip when

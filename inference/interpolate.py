@@ -382,8 +382,7 @@ def _manifest_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
     from inference.eval_data import iter_clips
 
     def ends(clip) -> list[np.ndarray]:
-        frames = clip.frames()  # decoded at the clip's turn: the job holds only its encoded bytes
-        return [frames[0], frames[-1]]
+        return list(clip.ends())  # decoded at the clip's turn: the job holds only its encoded bytes
 
     jobs, missing = [], []
     for clip in iter_clips([path], split=args.split):

@@ -509,6 +509,25 @@ def decode_clip(data: bytes | list[bytes], limit: int | None = None) -> np.ndarr
     return np.ascontiguousarray(np.stack(pictures))
 
 
+def clip_ends(data: bytes | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last frames of a clip (as `decode_clip` gives them), decoded through without holding
+    the frames between: the keyframes of an in-between, from a clip of any length."""
+    import av
+
+    if isinstance(data, list):
+        ends = [_decode_frames([data[0]], 0)[0][0], _decode_frames([data[-1]], 0)[0][0]] if data else []
+    else:
+        ends = []
+        with av.open(io.BytesIO(data)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                ends = [ends[0] if ends else frame, frame]
+    if not ends:
+        raise ValueError("the clip holds no frames")
+    turns = round((getattr(ends[0], "rotation", 0) or 0) / 90) % 4
+    first, last = (np.ascontiguousarray(np.rot90(_rgb(frame), turns)) for frame in ends)
+    return first, last
+
+
 def _clip_facts(data: bytes | list[bytes], meta: dict[str, Any]) -> tuple[int, float]:
     """(frames, pixel aspect: width over height of a stored pixel, as DVD's 720x480 for 16:9 has 32/27; 1.0
     when unset or absurd) of a clip, from its container."""

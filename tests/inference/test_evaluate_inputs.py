@@ -362,6 +362,11 @@ def test_eval_shards_of_other_tools_are_read_as_training_reads_them(tmp_path):
     assert clips[0].frames().shape == frames.shape and clips[0].content != clips[1].content
     # a window's frames only (a whole episode of another tool in one sample would fill memory)
     assert clips[0].frames(4).shape == (4, *frames.shape[1:]) and len(clips[1].frames(5)) == 5
+    # an in-between's keyframes (interpolate --batch from a manifest): the ends, without the frames between
+    for clip in clips:
+        whole = clip.frames()
+        first, last = clip.ends()
+        assert np.array_equal(first, whole[0]) and np.array_equal(last, whole[-1])
 
 
 def test_eval_shards_group_samples_as_training_does(tmp_path):
