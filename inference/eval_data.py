@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError
-from training.data import CAPTION_FIELDS, SampleError, clip_data, clip_ends, decode_clip, iter_tar_samples
+from training.data import (
+    CAPTION_FIELDS,
+    SampleError,
+    clip_data,
+    clip_ends,
+    decode_clip,
+    iter_tar_samples,
+    members,
+)
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -53,24 +61,20 @@ class EvalClip:
     def ends(self) -> tuple[np.ndarray, np.ndarray]:
         """The first and last frames (an in-between's keyframes), without holding the rest; InputError as
         `frames`."""
-        import av
-
-        if self.missing:
-            raise InputError(self.missing)
-        try:
-            return clip_ends(self.video)
-        except (av.error.FFmpegError, ValueError, OSError) as exc:
-            raise InputError(f"{self.shard}:{self.key}: its video does not decode ({exc})") from exc
+        return self._decoded(clip_ends)
 
     def frames(self, limit: int | None = None) -> np.ndarray:
         """Every frame (or the first `limit`), uint8 [T, H, W, 3], upright; InputError naming the clip when
         it does not decode (or could not be read from its shard)."""
+        return self._decoded(lambda video: decode_clip(video, limit))
+
+    def _decoded(self, decode):
         import av
 
         if self.missing:
             raise InputError(self.missing)
         try:
-            return decode_clip(self.video, limit)
+            return decode(self.video)
         except (av.error.FFmpegError, ValueError, OSError) as exc:  # InputError is a ValueError
             raise InputError(f"{self.shard}:{self.key}: its video does not decode ({exc})") from exc
 
@@ -106,10 +110,7 @@ def _clip_of(sample: dict, tar_path: Path) -> EvalClip | None:
         return None
 
     def member(*names: str) -> bytes | None:
-        found = (
-            sample[ext] for ext in sample if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in names
-        )
-        return next((data for data in found if data.strip()), None)
+        return next((sample[ext] for ext in members(sample, names) if sample[ext].strip()), None)
 
     meta = {}
     if member("json") is not None:

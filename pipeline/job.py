@@ -239,18 +239,19 @@ class CurateJob:
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
+        changed = self._thresholds_changed()
         if (
             done_file.exists()
             and manifest.exists()
             and json.loads(done_file.read_text()).get("key") == done_key
-            and not self._thresholds_changed()  # `select` rewrote the manifest since: decided again
+            and not changed  # `select` rewrote the manifest since: decided again
         ):
             table = read_manifest(manifest)
             result = self._result(table, noop=True)
             self._say("nothing to do: this job already finished with the same inputs and config")
             return result
         self._say_leaving(sources)
-        self._say_thresholds_changed()
+        self._say_thresholds_changed(changed)
         given_up = self._score(sources)
         table = self._load_parts(sources)
         result = self.finalize(table)
@@ -283,10 +284,10 @@ class CurateJob:
                 " shards; give them again to keep them"
             )
 
-    def _say_thresholds_changed(self) -> None:
+    def _say_thresholds_changed(self, changed: list[tuple[str, Any, Any]]) -> None:
         """A rerun applies the thresholds it is given (defaults included): say which differ from those the
-        manifest was written with, by an earlier curate or by `select`, so that they are not lost unsaid."""
-        changed = self._thresholds_changed()
+        manifest was written with, by an earlier curate or by `select` (`_thresholds_changed`), so that they
+        are not lost unsaid."""
         manifest = self.out / "manifest.parquet"
         if changed:
             listed = ", ".join(f"{k} {then} there, {now} now" for k, then, now in changed)

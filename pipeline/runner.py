@@ -369,15 +369,8 @@ class _ActorUDF:
 
     def __call__(self, ray_batch):
         rows = _unwrap(ray_batch)
-        out = []
-        # at most the stage's batch size at once, whatever Ray hands over
-        for start in range(0, len(rows), max(1, self.stage.batch_size)):
-            out += self._batch(rows[start : start + max(1, self.stage.batch_size)])
-        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
-
-    def _batch(self, rows: list[dict]) -> list[dict]:
         try:
-            return rows_of(self.stage(batch_of(rows)))
+            out = rows_of(self.stage(batch_of(rows)))
         except Exception:  # noqa: BLE001 - one clip (or the batch's size: GPU memory) fails, not the batch
             out = []
             for row in rows:
@@ -385,7 +378,7 @@ class _ActorUDF:
                     out += rows_of(self.stage(batch_of([row])))
                 except Exception as exc:  # noqa: BLE001 - an error row naming the error
                     out.append(_failed(self.stage, row, exc))
-            return out
+        return _wrap([{k: v for k, v in row.items() if k not in self.drop} for row in out])
 
 
 def _tasks(workers: int):

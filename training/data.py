@@ -416,14 +416,15 @@ _FRAME_MEMBER = re.compile(r"(?:.*\.)?(\d+)\.(?:jpe?g|png|webp|bmp)")
 CAPTION_FIELDS = ("caption", "text", "prompt")
 
 
-def _members(sample: dict[str, Any], extensions: tuple[str, ...]) -> list[str]:
+def members(sample: dict[str, Any], extensions: tuple[str, ...]) -> list[str]:
+    """A sample's members of these extensions, each known by its last one (`a.v2.json` is a json)."""
     return [ext for ext in sample if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in extensions]
 
 
 def clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
     """The clip of a sample: its video's bytes, or its numbered frames' bytes in order (SampleError if none)."""
     key = sample["__key__"]
-    videos = _members(sample, VIDEO_EXTENSIONS)
+    videos = members(sample, VIDEO_EXTENSIONS)
     if len(videos) > 1:
         dotted = any("." in ext for ext in videos)
         why = (
@@ -447,7 +448,7 @@ def clip_data(sample: dict[str, Any]) -> bytes | list[bytes]:
 
 
 def sample_caption(sample: dict[str, Any], meta: dict[str, Any]) -> str:
-    for ext in _members(sample, ("txt", "caption")):
+    for ext in members(sample, ("txt", "caption")):
         text = sample[ext].decode("utf-8", errors="replace").strip()
         if text:
             return text
@@ -493,6 +494,12 @@ def _decode_frames(
     return frames, rate
 
 
+def _quarter_turns(frame: Any) -> int:
+    """Quarter turns counterclockwise (0..3) that show a decoded frame upright, from its display matrix (as
+    curate's `pipeline.video.quarter_turns`; phones store portrait video as landscape frames and a rotation)."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
 def decode_clip(data: bytes | list[bytes], limit: int | None = None) -> np.ndarray:
     """The frames of a clip (`clip_data`: a video's bytes or numbered frames), the first `limit` of them or
     all, uint8 [T, H, W, 3], upright (a display rotation applied, as `decode_window` does) and over white
@@ -501,7 +508,7 @@ def decode_clip(data: bytes | list[bytes], limit: int | None = None) -> np.ndarr
     frames, _ = _decode_frames(data, (limit - 1) if limit else 1 << 62)
     if not frames:
         raise ValueError("the clip holds no frames")
-    turns = round((getattr(frames[0], "rotation", 0) or 0) / 90) % 4
+    turns = _quarter_turns(frames[0])
     pictures = [np.rot90(_rgb(frame), turns) for frame in frames]
     sizes = sorted({f"{p.shape[1]}x{p.shape[0]}" for p in pictures})
     if len(sizes) > 1:
@@ -523,7 +530,7 @@ def clip_ends(data: bytes | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
                 ends = [ends[0] if ends else frame, frame]
     if not ends:
         raise ValueError("the clip holds no frames")
-    turns = round((getattr(ends[0], "rotation", 0) or 0) / 90) % 4
+    turns = _quarter_turns(ends[0])
     first, last = (np.ascontiguousarray(np.rot90(_rgb(frame), turns)) for frame in ends)
     return first, last
 
@@ -589,7 +596,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     if not data:
         raise SampleError("corrupt", f"{key}: an empty video member")
     try:
-        meta = next((json.loads(sample[ext]) for ext in _members(sample, ("json",)) if sample[ext]), {})
+        meta = next((json.loads(sample[ext]) for ext in members(sample, ("json",)) if sample[ext]), {})
     except ValueError:
         meta = {}
     if not isinstance(meta, dict):  # valid JSON, not a row
@@ -624,7 +631,7 @@ def decode_window(sample: dict[str, Any], cfg: DataConfig, rng: np.random.Genera
     # a display rotation (phones store portrait video as landscape frames and a rotation; players turn it):
     # quarter turns counterclockwise that show the frames upright, as the curate job decodes them
     first = frames[start]
-    turns = round((getattr(first, "rotation", 0) or 0) / 90) % 4
+    turns = _quarter_turns(first)
     if turns % 2:  # a stored pixel stands on its side once the frame is turned
         sar = 1 / sar
     h0, w0 = (first.width, first.height) if turns % 2 else (first.height, first.width)

@@ -108,6 +108,19 @@ def test_variable_rate_source_is_curated_on_a_constant_grid(curated):
     assert "Variable frame rate: 1 of " in (curated["out"] / "report.html").read_text()
 
 
+def _curate_with_episode_2_given_up(tmp_path, out):
+    """Curate the sample footage (with a stage patched in that crashes on episode 2) into `out`: its rows
+    by file, episode 2's being the one error row of a source whose worker died on every attempt."""
+    samples.generate_footage(tmp_path / "footage")
+    assert (
+        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
+    )
+    files = rows_by_file(read_manifest(out / "manifest.parquet"))
+    (row,) = files["episode_02.mp4"]
+    assert row["status"] == "error" and row["reason"].startswith("score: the worker processing it died")
+    return files
+
+
 def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_path, monkeypatch):
     """A source whose decoding kills the worker process (a crash in FFmpeg, memory exhausted) hung
     the job: Ray retried it for ever. It is now an error row saying so, and the job finishes."""
@@ -131,14 +144,8 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
     monkeypatch.setattr(
         CurateJob, "stages", lambda self: [*stages(self)[:1], CrashesOnEpisode2(), *stages(self)[1:]]
     )
-    samples.generate_footage(tmp_path / "footage")
     out = tmp_path / "out"
-    assert (
-        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
-    )
-    files = rows_by_file(read_manifest(out / "manifest.parquet"))
-    (row,) = files["episode_02.mp4"]
-    assert row["status"] == "error" and row["reason"].startswith("score: the worker processing it died")
+    files = _curate_with_episode_2_given_up(tmp_path, out)
     assert any(r["status"] == "kept" for r in files["episode_01.mp4"])
     # an out-of-memory or a lost node is worth another try: the rerun scores it (not a no-op)
     monkeypatch.setattr(CurateJob, "stages", stages)
@@ -216,14 +223,8 @@ def test_a_source_that_kills_a_model_actor_takes_no_other_source_with_it(tmp_pat
                 yield row
 
     monkeypatch.setattr(runner, "run_stages", loses_episode_1_with_the_crash)
-    samples.generate_footage(tmp_path / "footage")
     out = tmp_path / "out"
-    assert (
-        curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
-    )
-    files = rows_by_file(read_manifest(out / "manifest.parquet"))
-    (row,) = files["episode_02.mp4"]
-    assert row["status"] == "error" and row["reason"].startswith("score: the worker processing it died")
+    files = _curate_with_episode_2_given_up(tmp_path, out)
     others = {name: rows for name, rows in files.items() if name != "episode_02.mp4"}
     assert others and not any(
         r["reason"] and "worker processing it died" in r["reason"] for rows in others.values() for r in rows
