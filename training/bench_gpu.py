@@ -187,7 +187,9 @@ def cap_memory(device: torch.device, cap_gib: float) -> float | None:
     total = torch.cuda.get_device_properties(device).total_memory
     if total <= (cap_gib + 1) * 2**30:
         return None
-    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, device)
+    # set_per_process_memory_fraction wants an index: a bare "cuda" device names none.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total, index)
     return cap_gib
 
 

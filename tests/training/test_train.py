@@ -624,8 +624,15 @@ def test_bench_gpu_caps_a_larger_card_at_an_80gb_cards_memory(monkeypatch):
     from training import bench_gpu
 
     fractions = []
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: fractions.append(f))
-    gpu = torch.device("cuda", 0)
+
+    def set_fraction(fraction, device=None):
+        # torch refuses a device without an index here (the first H200 run of the cap ended so)
+        assert isinstance(device, int), device
+        fractions.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = torch.device("cuda")  # as the bench's --device cuda gives it
 
     def card(gib: float) -> None:
         props = SimpleNamespace(total_memory=int(gib * 2**30))
