@@ -45,7 +45,9 @@
 #             persistent kernels for the MLP's 4,096-wide rows), then replayed as CUDA graphs, then its
 #             baseline (the fourth run's form: biases after the GEMMs, patch embedding a convolution,
 #             whole last block, looped reductions), and a profiler table of one call of the fastest
-#             form (how busy the GPU was, then its kernels).
+#             form (how busy the GPU was, then its kernels); then the fastest form and alignment at
+#             more clips per call (CPC, default 256,1024; the stages' own: 64 and 128): the fifth run
+#             (H200) found the GPU idle 19% of a 64-clip call, at the call's start and end.
 # Other parts, run when their limits are set:
 #   T_BESIDE: the plain-layout compiled rectify step in the background from the start, on half the
 #             CPUs, beside the sample on the other half (the fourth run's plan: 514 s in all). Its first
@@ -127,7 +129,7 @@ unset TORCHINDUCTOR_COMPILE_THREADS
 part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${CL_LEVELS:-0,none,1}" --recompute-budget "${RB:-0.3}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --profile "$OUT/train_cl_kernels.txt" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part $T_COMPILE env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --profile "$OUT/train_kernels.txt" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part $T_EAGER python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
-WHOLE=1 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -12
+WHOLE=1 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --clips-per-call "${CPC:-256,1024}" --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20
 for f in .gpucache/*_cache.xz; do  # a carried cache, saved again by its bench, adds nothing: not back

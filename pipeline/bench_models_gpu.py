@@ -457,6 +457,7 @@ def run(
     frames_per_forward: tuple[int, ...] = (),
     fp8: bool = False,
     profile: Path | None = None,
+    clips_per_call: tuple[int, ...] = (),
 ) -> dict:
     import torch
 
@@ -503,7 +504,8 @@ def run(
         clip, tokenizer, impl = build_clip(tiny, fallback, device, clip_dtype)
         mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
         aesthetic = _aesthetic_stage(clip, mlp, device, clip_dtype, batch["aesthetic"])
-        profiled = aesthetic
+        profiled, profiled_name = aesthetic, "aesthetic"  # the fastest form measured so far
+        alignment = None
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
             record(
@@ -539,18 +541,21 @@ def run(
             rows = [{**r, "caption": caption, "clip_image_emb": emb} for r in _rows(batch["alignment"], size)]
             record(results, "alignment", {"model": impl, **measure(alignment, rows, device, batches)})
             # baseline, same run: the text tower over all 77 positions (open_clip's encode_text)
-            alignment.text_embeddings = functools.partial(alignment.text_embeddings, trim=False)
+            trimmed = alignment.text_embeddings
+            alignment.text_embeddings = functools.partial(trimmed, trim=False)
             record(
                 results,
                 "alignment_all_positions",
                 {"model": impl, **measure(alignment, rows, device, batches)},
             )
+            alignment.text_embeddings = trimmed
         if "aesthetic" in stages and compile_backend:
             # the same tower compiled in place, after every eager use
             row = _compiled_row(aesthetic, compile_backend, _rows(batch["aesthetic"], size), device, batches)
             record(
                 results, "aesthetic_compiled", {"model": f"{impl}, torch.compile {compile_backend}", **row}
             )
+            profiled_name = "aesthetic_compiled"
         if "aesthetic" in stages and fp8:
             # a second tower with the same weights, bf16 around fp8 linears (aesthetic.precision=fp8);
             # compiled with the fp16 row's backend; if that fails, the error is a row and fp8 runs eager.
@@ -594,7 +599,7 @@ def run(
                         )
                         continue
                     if fused:
-                        profiled = stage8
+                        profiled, profiled_name = stage8, name
                     if fused and GraphedCall.applies(device):
                         try:
                             row = _graph_row(stage8, _rows(batch["aesthetic"], size), device, batches)
@@ -602,6 +607,7 @@ def run(
                                 reference, list(stage8.process_rows(smooth))
                             )
                             record(results, f"{name}_graph", {"model": f"{impl8}, CUDA graph", **row})
+                            profiled_name = f"{name}_graph"
                         except Exception as exc:
                             stage8.cuda_graph, stage8._graphed = False, None
                             record(
@@ -619,6 +625,18 @@ def run(
             call = lambda: list(profiled.process_rows(rows))  # noqa: E731
             profile.write_text(kernel_table(call, device, 30, f"one call of {len(rows)} clips"))
             print(f"wrote {profile}: {profile.read_text().splitlines()[0]}", flush=True)
+        for n in clips_per_call:  # the fastest forms with more clips per call: the per-call waits amortised
+            if "aesthetic" in stages:
+                row = measure(profiled, _rows(n, size), device, batches)
+                form = results["stages"][profiled_name]["model"]
+                record(results, f"aesthetic_{n}_per_call", {"model": form, "form": profiled_name, **row})
+            if alignment is not None:
+                rows = [{**r, "caption": caption, "clip_image_emb": emb} for r in _rows(n, size)]
+                record(
+                    results,
+                    f"alignment_{n}_per_call",
+                    {"model": impl, **measure(alignment, rows, device, batches)},
+                )
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):
             a, b = (
@@ -633,6 +651,13 @@ def run(
                 if "clips_per_s" in results["stages"].get(name, {}):
                     a = results["stages"][name]["clips_per_s"]
                     results[f"{name}_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
+            for n in clips_per_call:
+                a, b = (
+                    results["stages"].get(f"{k}_{n}_per_call", {}).get("clips_per_s")
+                    for k in ("aesthetic", "alignment")
+                )
+                if a and b:
+                    results[f"{n}_per_call_plus_alignment_clips_per_s"] = round(1 / (1 / a + 1 / b), 2)
 
     if "caption" in stages:
         if device.type == "cuda":
@@ -690,8 +715,21 @@ def main(argv: list[str] | None = None) -> int:
         help="write torch.profiler's table of one more aesthetic call (its last form: fp8 or compiled"
         " when measured) here, after how busy the device was during it",
     )
+    p.add_argument(
+        "--clips-per-call",
+        default="",
+        metavar="N,M",
+        help="also measure the fastest aesthetic form and the alignment stage with these many clips per"
+        " call (the stages' defaults: 64 and 128), and the two together at each",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
+    try:
+        per_call = tuple(int(x) for x in args.clips_per_call.split(",") if x.strip())
+        if any(n < 1 for n in per_call):
+            raise ValueError
+    except ValueError:
+        p.error(f"--clips-per-call: expected positive integers like 256,512, got {args.clips_per_call!r}")
     try:
         fpf = tuple(int(x) for x in args.frames_per_forward.split(",") if x.strip())
         if any(n < 1 for n in fpf):
@@ -708,7 +746,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     batches = args.batches or (1 if args.tiny else 5)
     results = run(
-        args.device, args.tiny, args.fallbacks, batches, stages, args.compile, fpf, args.fp8, args.profile
+        args.device,
+        args.tiny,
+        args.fallbacks,
+        batches,
+        stages,
+        args.compile,
+        fpf,
+        args.fp8,
+        args.profile,
+        per_call,
     )
     print(f"device: {results['device']}  torch {results['torch']}  keyframes {results['keyframe_size']}")
     width = max(map(len, results["stages"]), default=0)
@@ -745,6 +792,12 @@ def main(argv: list[str] | None = None) -> int:
         if f"{name}_plus_alignment_clips_per_s" in results:
             print(
                 f"  {name} + alignment together: {results[f'{name}_plus_alignment_clips_per_s']:.1f} clips/s"
+            )
+    for n in per_call:
+        if f"{n}_per_call_plus_alignment_clips_per_s" in results:
+            print(
+                f"  {n} clips per call, the fastest aesthetic form + alignment together:"
+                f" {results[f'{n}_per_call_plus_alignment_clips_per_s']:.1f} clips/s"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

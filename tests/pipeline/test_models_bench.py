@@ -40,7 +40,8 @@ def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(
 
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--tiny", "--fallbacks", "--stages", "aesthetic,alignment", "--fp8"]
-    assert main([*args, "--compile", "eager", "--frames-per-forward", "2", "--out", str(out)]) == 0
+    more = ["--frames-per-forward", "2", "--clips-per-call", "3"]
+    assert main([*args, "--compile", "eager", *more, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     fp8 = results["stages"]["aesthetic_fp8_compiled"]  # fp8 linears, compiled like the fp16 row
     assert "fp8 e4m3" in fp8["model"] and "torch.compile eager" in fp8["model"] and fp8["clips_per_s"] > 0
@@ -63,11 +64,22 @@ def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(
     compiled = results["stages"]["aesthetic_compiled"]
     assert "torch.compile eager" in compiled["model"] and compiled["clips_per_s"] > 0
     assert compiled["first_call_s"] > 0 and results["aesthetic_compiled_plus_alignment_clips_per_s"] > 0
+    # more clips per call: the fastest form measured (here fp8 compiled: no CUDA graph on a CPU), both stages
+    per_call = results["stages"]["aesthetic_3_per_call"]
+    assert per_call["batch_size"] == 3 and per_call["form"] == "aesthetic_fp8_compiled"
+    assert per_call["model"] == fp8["model"] and per_call["clips_per_s"] > 0
+    assert results["stages"]["alignment_3_per_call"]["batch_size"] == 3
+    assert results["3_per_call_plus_alignment_clips_per_s"] > 0
+    assert "3 clips per call, the fastest aesthetic form + alignment together" in printed
 
 
 @pytest.mark.parametrize(
     "flag, message",
-    [("--frames-per-forward=0", "positive integers"), ("--compile=nope", "unknown torch.compile")],
+    [
+        ("--frames-per-forward=0", "positive integers"),
+        ("--compile=nope", "unknown torch.compile"),
+        ("--clips-per-call=64,x", "--clips-per-call: expected positive integers"),
+    ],
 )
 def test_bench_rejects_bad_options_before_building_models(flag, message, capsys):
     from pipeline.bench_models_gpu import main
