@@ -143,9 +143,20 @@ def _check_values(path: Path, table: pa.Table, column: str, allowed: tuple[str, 
 
 
 def manifest_config(path: Path | str) -> dict:
-    """The resolved job config stored in a manifest's metadata."""
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"inbetweener.config", b"{}"))
+    """The resolved job config stored in a manifest's metadata (ManifestError when the file or its config
+    cannot be read: a manifest cut short by a copy, metadata rewritten by another tool)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        config = json.loads(meta.get(b"inbetweener.config", b"{}"))
+    except (pa.ArrowException, OSError) as exc:
+        raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+    except ValueError as exc:  # json's JSONDecodeError, UnicodeDecodeError
+        raise ManifestError(
+            f"{path}: its job config (inbetweener.config metadata) is not JSON ({exc})"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: its job config (inbetweener.config metadata) is not a JSON object")
+    return config
 
 
 def read_shard_index(shard_dir: Path | str) -> pa.Table:

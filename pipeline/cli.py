@@ -116,7 +116,7 @@ def curate_main(argv: list[str] | None = None) -> int:
             print(job.plan())
             return 0
         result = job.run()
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:  # ManifestError: an earlier manifest the rerun needs
         print(f"inbetweener curate: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing OUT failed (disk full, permissions): one line, the work done is kept

@@ -246,10 +246,15 @@ class CurateJob:
             and json.loads(done_file.read_text()).get("key") == done_key
             and not changed  # `select` rewrote the manifest since: decided again
         ):
-            table = read_manifest(manifest)
-            result = self._result(table, noop=True)
-            self._say("nothing to do: this job already finished with the same inputs and config")
-            return result
+            try:
+                table = read_manifest(manifest)
+                manifest_config(manifest)  # select and report read it too
+            except ManifestError as exc:  # cut short by a copy, overwritten: written again, as when deleted
+                self._say(f"{exc}; it is written again from the scored sources, with this run's settings")
+            else:
+                result = self._result(table, noop=True)
+                self._say("nothing to do: this job already finished with the same inputs and config")
+                return result
         self._say_leaving(sources)
         self._say_thresholds_changed(changed)
         given_up = self._score(sources)
@@ -1002,7 +1007,14 @@ class CurateJob:
             return None
         written = manifest_config(manifest).get("split", {})  # a key added since: its default then
         settings = {k: written.get(k, getattr(SplitConfig(), k)) for k in STICKY_KEYS}
-        table = pq.read_table(manifest, columns=["clip_id", "source_id", "split"]).to_pylist()
+        columns = ["clip_id", "source_id", "split"]
+        try:
+            missing = [c for c in columns if c not in pq.read_schema(manifest).names]
+            table = None if missing else pq.read_table(manifest, columns=columns).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"{manifest}: not a readable Parquet manifest ({exc})") from exc
+        if missing:
+            raise ManifestError(f"{manifest}: no {', '.join(missing)} column (every manifest has it)")
         assigned = (
             (r["clip_id"], r["source_id"], r["split"]) for r in table if r["split"] in ("train", "eval")
         )

@@ -69,6 +69,19 @@ def test_write_read_round_trip_keeps_rows_version_and_config(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_a_manifest_config_that_cannot_be_read_is_a_manifest_error(tmp_path):
+    path = write_manifest(to_table([{"clip_id": "c1", "status": "kept"}]), tmp_path / "m.parquet", config={})
+    table = pq.read_table(path)
+    meta = table.schema.metadata
+    for value, expected in ((b"{not json", "is not JSON"), (b"[1, 2]", "is not a JSON object")):
+        pq.write_table(table.replace_schema_metadata({**meta, b"inbetweener.config": value}), path)
+        with pytest.raises(ManifestError, match=expected):
+            manifest_config(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ManifestError, match="m.parquet: not a readable Parquet manifest"):
+        manifest_config(path)
+
+
 def test_extra_columns_and_foreign_files_are_errors(tmp_path):
     with pytest.raises(ValueError, match="outside the schema"):
         to_table([{"clip_id": "c", "surprise": 1}])

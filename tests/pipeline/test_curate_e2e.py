@@ -282,6 +282,42 @@ def test_rerun_is_a_quick_noop(curated, capsys):
     assert code == 1
 
 
+def test_a_rerun_writes_a_damaged_manifest_again_and_a_bad_config_is_one_line(curated, tmp_path, capsys):
+    """A manifest cut short by a copy made the rerun of a finished job a pyarrow traceback (a deleted one
+    is written again from the scored sources: so is this one); its config metadata that is not JSON made
+    select and report one."""
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy)
+    kept = sorted(
+        r["clip_id"] for r in read_manifest(copy / "manifest.parquet").to_pylist() if r["status"] == "kept"
+    )
+    meta = pq.read_schema(copy / "manifest.parquet").metadata
+    (copy / "manifest.parquet").write_bytes((copy / "manifest.parquet").read_bytes()[:3000])
+    argv = [
+        str(curated["footage"]),
+        str(curated["bad"]["missing"]),
+        "--out",
+        str(copy),
+        "--set",
+        SMALL_SHARDS,
+    ]
+    capsys.readouterr()
+    assert curate_main([*argv, *SKIPS]) == 0
+    err = capsys.readouterr().err
+    assert "manifest.parquet: not a readable Parquet manifest" in err and "written again" in err
+    table = read_manifest(copy / "manifest.parquet")
+    assert sorted(r["clip_id"] for r in table.to_pylist() if r["status"] == "kept") == kept
+
+    pq.write_table(
+        table.replace_schema_metadata({**meta, b"inbetweener.config": b"{not json"}),
+        copy / "manifest.parquet",
+    )
+    for main in (select_main, report_main):
+        assert main([str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert "inbetweener.config metadata) is not JSON" in err and "Traceback" not in err
+
+
 def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     copy = tmp_path / "out"
     shutil.copytree(curated["out"], copy)

@@ -214,6 +214,29 @@ def test_a_new_folder_keeps_an_earlier_folders_train_out_of_eval(tmp_path):
         split_in(tmp_path / "v4", v2_rows, history_from=str(tmp_path / "nowhere"))
 
 
+def test_a_history_from_whose_manifest_cannot_be_read_is_named(tmp_path):
+    """An earlier OUT without split_history.parquet is read through its manifest: one cut short, or without
+    a split column, was a pyarrow traceback."""
+    import pyarrow.parquet as pq
+
+    from manifests.io import write_manifest
+
+    rows = kept_rows([3, 4])
+    for name, damage in (("cut", "cut"), ("nosplit", "split")):
+        old = tmp_path / name
+        old.mkdir()
+        write_manifest(rows, old / "manifest.parquet", CurateConfig().to_dict())
+        if damage == "cut":
+            (old / "manifest.parquet").write_bytes((old / "manifest.parquet").read_bytes()[:500])
+            expected = r"cut/manifest.parquet: not a readable Parquet manifest"
+        else:
+            table = pq.read_table(old / "manifest.parquet")
+            pq.write_table(table.drop_columns(["split"]), old / "manifest.parquet")
+            expected = r"nosplit/manifest.parquet: no split column"
+        with pytest.raises(ConfigError, match=expected):
+            split_in(tmp_path / f"new_{name}", rows, history_from=str(old))
+
+
 def test_the_leak_check_across_folders_finds_what_a_fresh_draw_leaks(tmp_path, capsys):
     """report OUT --leaks --against OTHER checks the folders as one dataset: a fresh draw of a new version
     in a new folder leaks the old one's train into its eval; split.history_from does not."""
