@@ -51,7 +51,7 @@ bench: $(STAMP)  ## curate benchmark: decode vs CPU stages, 1 and 2 workers, pea
 gpu-wheels:  ## fetch the wheels bench/gpu_checks.sh installs on the GPU machine into .whl/
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 torchao==0.18.0
+		-d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 torchao==0.18.0 tokenizers==0.23.3
 
 gpu-rehearsal:  ## run the GPU checks' CPU paths with the GPU machine's torch (2.11), in .venv-gpu
 	bash bench/rehearse_gpu_torch.sh

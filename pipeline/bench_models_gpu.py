@@ -49,6 +49,7 @@ from pipeline.stages.aesthetic import (
 )
 from pipeline.stages.alignment import AlignmentStage
 from pipeline.stages.caption import CaptionStage
+from pipeline.stages.clip_tokens import clip_tokenizer
 from pipeline.stages.text import CraftDetector, TextStage
 from training.profile_unet import kernel_table
 
@@ -197,7 +198,7 @@ def build_clip(tiny: bool, fallback: bool, device, dtype):
                     },
                 }
             net = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
-            return net.eval().to(device, dtype), open_clip.get_tokenizer(name), f"open_clip {name}"
+            return net.eval().to(device, dtype), clip_tokenizer(name), f"open_clip {name}"
         except ImportError:
             pass
     from transformers import CLIPConfig, CLIPModel
@@ -337,6 +338,55 @@ def _rows(n: int, size: tuple[int, int], seed: int = 0) -> list[dict]:
     h, w = size
     frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(3)]
     return [{"row_kind": "clip", "clip_id": f"c{i}", "keyframes": list(frames)} for i in range(n)]
+
+
+# words of BLIP-2-like captions: the bench's captions differ, as a job's do (open_clip caches each
+# word's merges, not each caption's)
+CAPTION_WORDS = (  # noqa: SIM905 - a word list reads better as one string
+    "a an the cartoon anime character girl boy man woman dog cat bird robot monster walks runs jumps"
+    " flies sits stands looks smiles talks holds with red blue green yellow hair hat dress ball sword"
+    " umbrella in on at across through under over front of room forest street city sky night sunny"
+    " meadow house car train water beach two three people group is are and 's"
+).split()
+
+
+def _captions(n: int, seed: int = 3) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(CAPTION_WORDS, rng.integers(6, 15))) for _ in range(n)]
+
+
+def _caption_rows(rows: list[dict], emb: np.ndarray) -> list[dict]:
+    """rows with a caption each and the stored image embeddings the aesthetic stage leaves."""
+    return [
+        {**r, "caption": c, "clip_image_emb": emb} for r, c in zip(rows, _captions(len(rows)), strict=True)
+    ]
+
+
+def tokenizer_row(tokenizer, n: int = 1024, repeats: int = 3) -> dict | None:
+    """Captions/s of open_clip's tokenizer and of the stage's (`FastClipTokenizer`) on n captions,
+    interleaved, the best of `repeats` each; whether their ids agree. None for another tokenizer."""
+    import torch
+
+    from pipeline.stages.clip_tokens import FastClipTokenizer
+
+    if not isinstance(tokenizer, FastClipTokenizer):
+        return None
+    captions = _captions(n, seed=4)
+    best = {"open_clip": float("inf"), "fast": float("inf")}
+    for _ in range(repeats):
+        for name, tok in (("open_clip", tokenizer.simple), ("fast", tokenizer)):
+            start = time.perf_counter()
+            ids = tok(captions)
+            best[name] = min(best[name], time.perf_counter() - start)
+            if name == "open_clip":
+                reference = ids
+    return {
+        "captions": n,
+        "open_clip_captions_per_s": round(n / best["open_clip"], 1),
+        "fast_captions_per_s": round(n / best["fast"], 1),
+        "speedup": round(best["open_clip"] / best["fast"], 2),
+        "same_ids": bool(torch.equal(reference, ids)),
+    }
 
 
 def _smooth_rows(n: int, size: tuple[int, int], seed: int = 2) -> list[dict]:
@@ -537,9 +587,11 @@ def run(
             # their dot products with the caption's embedding are computed here)
             emb = np.random.default_rng(1).standard_normal((3, 32 if tiny else 768)).astype(np.float32)
             emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
-            caption = "a cartoon character walks across a sunny meadow"
-            rows = [{**r, "caption": caption, "clip_image_emb": emb} for r in _rows(batch["alignment"], size)]
+            rows = _caption_rows(_rows(batch["alignment"], size), emb)
             record(results, "alignment", {"model": impl, **measure(alignment, rows, device, batches)})
+            tokens = tokenizer_row(tokenizer)
+            if tokens:
+                results["alignment_tokenizer"] = tokens
             # baseline, same run: the text tower over all 77 positions (open_clip's encode_text)
             trimmed = alignment.text_embeddings
             alignment.text_embeddings = functools.partial(trimmed, trim=False)
@@ -631,7 +683,7 @@ def run(
                 form = results["stages"][profiled_name]["model"]
                 record(results, f"aesthetic_{n}_per_call", {"model": form, "form": profiled_name, **row})
             if alignment is not None:
-                rows = [{**r, "caption": caption, "clip_image_emb": emb} for r in _rows(n, size)]
+                rows = _caption_rows(_rows(n, size), emb)
                 record(
                     results,
                     f"alignment_{n}_per_call",
@@ -772,6 +824,13 @@ def main(argv: list[str] | None = None) -> int:
             results["stages"][k]["clips_per_s"] for k in ("alignment", "alignment_all_positions")
         )
         print(f"  alignment, text tower up to the longest caption vs all 77 positions: {trimmed / full:.2f}x")
+    if "alignment_tokenizer" in results:
+        t = results["alignment_tokenizer"]
+        print(
+            f"  alignment's tokenizer (open_clip's ids, BPE in Rust) vs open_clip's: {t['speedup']:.2f}x"
+            f" ({t['fast_captions_per_s']:.0f} vs {t['open_clip_captions_per_s']:.0f} captions/s,"
+            f" same ids: {t['same_ids']})"
+        )
     if "aesthetic_plus_alignment_clips_per_s" in results:
         print(
             f"  aesthetic + alignment together: {results['aesthetic_plus_alignment_clips_per_s']:.1f} clips/s"

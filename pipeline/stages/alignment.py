@@ -36,6 +36,7 @@ from pipeline.models import (
 )
 from pipeline.stages.aesthetic import clip_weight_file, encode_frames, encode_text_trimmed, load_clip
 from pipeline.stages.base import Stage
+from pipeline.stages.clip_tokens import clip_tokenizer
 
 ALIGNMENT_MIN = 0.18  # default alignment.min: reject clips whose worst frame/caption cosine is below this
 
@@ -58,13 +59,11 @@ class AlignmentStage(Stage):
         return [clip_weight_file(self.clip_model, self.clip_pretrained, resolve_models_dir(self.models_dir))]
 
     def setup(self) -> None:
-        import open_clip
-
         root = resolve_models_dir(self.models_dir)
         self._device = pick_device(self.device)
         self._dtype = pick_dtype(self.precision, self._device)
         self._clip = load_clip(self.clip_model, self.clip_pretrained, root, self._device, self._dtype)
-        self._tokenizer = open_clip.get_tokenizer(self.clip_model)
+        self._tokenizer = clip_tokenizer(self.clip_model)  # open_clip's ids, its BPE in Rust
         self._model = f"open_clip {self.clip_model}/{self.clip_pretrained}"
         self._sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
 

@@ -152,6 +152,9 @@ def test_text_tower_runs_only_up_to_the_longest_caption_with_open_clip_results(m
     seen = []
     stage._clip.transformer.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
     tokens = stage._tokenizer(captions)
+    from pipeline.stages.clip_tokens import FastClipTokenizer
+
+    assert isinstance(stage._tokenizer, FastClipTokenizer)  # open_clip's ids, its BPE in Rust
     with torch.inference_mode():
         full = torch.nn.functional.normalize(stage._clip.encode_text(tokens), dim=-1).numpy()
     assert seen == [77]
