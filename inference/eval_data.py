@@ -9,9 +9,9 @@ A source is any of:
 
 A shard sample is `KEY.mp4` + `KEY.json` (its manifest row) + `KEY.txt` (its caption), consecutive in
 the tar (WebDataset's grouping). Shards of other tools are read as training reads them
-(`training.data.clip_data`): a video in another container or numbered frames, a caption in `KEY.caption`
-or the json's caption/text/prompt field. Only the standard library's tarfile and PyAV read the shards
-(webdataset would import torch's data loading machinery for nothing here).
+(`training.shard_samples.clip_data`): a video in another container or numbered frames, a caption in
+`KEY.caption` or the json's caption/text/prompt field. Only the standard library's tarfile and PyAV read
+the shards (webdataset would import torch's data loading machinery for nothing here).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from inference.media import InputError
-from training.data import (
+from training.shard_samples import (
     CAPTION_FIELDS,
     SampleError,
     clip_data,
     clip_ends,
     decode_clip,
-    iter_tar_samples,
     members,
 )
+from training.shards import iter_tar_samples
 
 log = logging.getLogger("inbetweener.eval_data")
 
@@ -84,10 +84,10 @@ def _is_manifest(path: Path) -> bool:
 
 
 def _samples(tar_path: Path, problems: dict[str, str]) -> Iterator[EvalClip]:
-    """The samples of one shard, in order, grouped as training groups them (`training.data.iter_tar_samples`:
-    by key, a repeated extension starting the next sample; gzipped shards too). A shard unreadable from
-    some point on (cut short, also exactly between two members; damaged) gives the clips before it, and
-    `problems[str(tar_path)]` says why the rest is missing."""
+    """The samples of one shard, in order, grouped as training groups them
+    (`training.shards.iter_tar_samples`: by key, a repeated extension starting the next sample; gzipped
+    shards too). A shard unreadable from some point on (cut short, also exactly between two members;
+    damaged) gives the clips before it, and `problems[str(tar_path)]` says why the rest is missing."""
     count = 0
     try:
         with open(tar_path, "rb") as stream:
@@ -193,7 +193,7 @@ def _manifest_clips(path: Path, split: str) -> Iterator[EvalClip]:
 
 def shard_files(source: Path, split: str = "eval") -> list[Path]:
     """The shard tars a (non-manifest) source names, in order."""
-    from training.data import is_tar_name
+    from training.shards import is_tar_name
 
     if source.is_file():
         if not is_tar_name(source.name):
@@ -292,7 +292,7 @@ def training_overlap(checkpoint: Path, clips: Sequence[EvalClip], max_distance: 
     import pyarrow.parquet as pq
 
     from manifests.split import cross_split_pairs
-    from training.data import TRAIN_INDEX
+    from training.shards import TRAIN_INDEX
 
     index = next((p / TRAIN_INDEX for p in list(checkpoint.parents)[:4] if (p / TRAIN_INDEX).is_file()), None)
     if index is None:

@@ -687,13 +687,14 @@ SCORING_MODULES = (
     "inference.eval_data",  # the ground-truth window
     "inference.eval_scores",
     "inference.media",  # its resize and crop (fit_frame)
-    "training.data",  # a clip's decoding (decode_clip)
     "training.features",
     "training.metrics.cpbd",
     "training.metrics.frames",
     "training.metrics.lpips",
     "training.metrics.preprocess",
     "training.models.clip",  # CLIP on the checkpoint's towers
+    "training.shard_samples",  # a clip's decoding (decode_clip)
+    "training.shards",  # a shard's members grouped into clips (iter_tar_samples)
 )
 
 

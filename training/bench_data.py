@@ -10,8 +10,8 @@ encoded as the curate job encodes clips: libx264 veryfast, crf 18) into 4 shards
 What it times, on the same shards, in this order:
 * `decode floor`: PyAV decoding each window's frames in this process, from the clip's first frame to the
   window's last (H.264 decodes in order, so training's decode_window cannot skip them), nothing else;
-* `decode_window`: training/data.py's whole per-clip work in this process: that decoding, the 16 picked
-  frames' RGB conversion, the cover-resize and crop to 320x512;
+* `decode_window`: training/shard_samples.py's whole per-clip work in this process: that decoding, the 16
+  picked frames' RGB conversion, the cover-resize and crop to 320x512;
 * `loader, W workers`: make_loader's DataLoader (W worker processes, --batch windows per batch, the
   shuffle buffer and the prefetching), windows/s over --windows windows after its first batch (the
   workers' start-up is left out).
@@ -32,17 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.data import (
-    DataConfig,
-    _decode_frames,
-    decode_window,
-    iter_tar_samples,
-    list_shards,
-    make_loader,
-    open_shard,
-    sample_rng,
-    write_shard,
-)
+from training.data import DataConfig, make_loader, sample_rng
+from training.shard_samples import _decode_frames, decode_window
+from training.shards import iter_tar_samples, list_shards, open_shard, write_shard
 
 GPU_RATE = 4.85  # windows/s of one H100's compiled rectify step at batch 6 (BENCHMARKS.md, fourth run)
 SEED = 0

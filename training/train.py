@@ -32,26 +32,21 @@ from einops import rearrange
 from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, not_a_url
 from training import engine, float8
-from training.data import (
-    TRAIN_INDEX,
-    DataConfig,
-    DataError,
-    DataState,
-    check_shards,
-    collate,
-    eval_windows,
-    is_tar_name,
-    is_url,
-    list_shards,
-    make_loader,
-    split_dirs,
-    to_model_range,
-    write_train_index,
-)
+from training.data import DataConfig, DataState, collate, eval_windows, make_loader, to_model_range
 from training.engine import TrainConfig
 from training.models.layout import set_channels_last
 from training.models.vae import resnet_blocks
 from training.roles import format_role_table
+from training.shards import (
+    TRAIN_INDEX,
+    DataError,
+    check_shards,
+    is_tar_name,
+    is_url,
+    list_shards,
+    split_dirs,
+    write_train_index,
+)
 from training.stages import decoder, rectify, sketch
 from training.stages.common import unet_blocks
 

@@ -14,7 +14,7 @@ from manifests.remote import MissingBackendError, check_backend, local_folder, n
 from pipeline.cli import curate_main
 from pipeline.config import ConfigError
 from pipeline.stages.discover import discover
-from training import data
+from training.shards import list_shards
 from training.train import main as train_main
 
 
@@ -88,9 +88,9 @@ def test_train_stops_with_one_line_on_a_missing_backend_or_an_unlistable_store(
     no_s3fs, unlistable, tmp_path, capsys
 ):
     with pytest.raises(MissingBackendError):
-        data.list_shards("s3://bucket/shards/{000000..000003}.tar")  # before the braces are expanded
+        list_shards("s3://bucket/shards/{000000..000003}.tar")  # before the braces are expanded
     with pytest.raises(FileNotFoundError, match="unlistable://bucket/raw/: cannot list it"):
-        data.list_shards(unlistable)
+        list_shards(unlistable)
     for spec in ("s3://bucket/shards/", unlistable):
         with pytest.raises(SystemExit) as stop:
             train_main(["rectify", "--preset", "tiny", "--data", spec, "--out", str(tmp_path / "run")])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.data import write_shard  # noqa: F401  (the tests' shards: KEY.mp4, KEY.json, KEY.txt)
+from training.shards import write_shard  # noqa: F401  (the tests' shards: KEY.mp4, KEY.json, KEY.txt)
 
 
 def load_fixture(shared_reference: Path, name: str) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:

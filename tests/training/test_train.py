@@ -319,6 +319,8 @@ def test_overfit_one_clip(tmp_path, one_clip_shard):
     from training import data
     from training.checkpoint import load_model
     from training.engine import TrainConfig
+    from training.shard_samples import decode_window
+    from training.shards import iter_tar_samples
     from training.stages.common import diffusion_step
     from training.train import initial_model
 
@@ -338,8 +340,8 @@ def test_overfit_one_clip(tmp_path, one_clip_shard):
         f"train.ckpt_every={OVERFIT_STEPS}",
     )
     with open(one_clip_shard / "000000.tar", "rb") as f:
-        sample = next(data.iter_tar_samples(f))
-    window = data.decode_window(sample, data.DataConfig(frames=4, height=64, width=96), None)
+        sample = next(iter_tar_samples(f))
+    window = decode_window(sample, data.DataConfig(frames=4, height=64, width=96), None)
     batch = data.collate([window] * 8)
 
     def fixed_loss(model) -> float:

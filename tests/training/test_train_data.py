@@ -12,6 +12,16 @@ import pytest
 import torch
 
 from training import data, roles
+from training.shard_samples import SampleError, _decode_frames, cover_crop, decode_window
+from training.shards import (
+    DataError,
+    check_shards,
+    iter_tar_samples,
+    list_shards,
+    open_shard,
+    split_dirs,
+    write_shard,
+)
 
 
 def windows_of(shards: list[str], cfg: data.DataConfig, batch: int, count: int, state=None):
@@ -31,11 +41,11 @@ def test_window_is_16_frames_at_320x512_with_stride_condition(tmp_path):
     write_shard(tmp_path / "000000.tar", [clip_sample("big", 60, (512, 320), 3, caption="a ball")])
     cfg = data.DataConfig(num_workers=0)  # defaults: 16 frames at 320x512, stride 1..6, fs = fps // stride
     with open(tmp_path / "000000.tar", "rb") as f:
-        sample = next(data.iter_tar_samples(f))
+        sample = next(iter_tar_samples(f))
     strides = set()
-    frames, _ = data._decode_frames(sample["mp4"], 59)
+    frames, _ = _decode_frames(sample["mp4"], 59)
     for seed in range(8):
-        w = data.decode_window(sample, cfg, np.random.default_rng(seed))
+        w = decode_window(sample, cfg, np.random.default_rng(seed))
         assert w["video"].shape == (3, 16, 320, 512) and w["video"].dtype == torch.uint8
         assert 1 <= w["stride"] <= min(6, 59 // 15)
         assert w["start"] >= 0 and w["start"] + 15 * w["stride"] < 60  # where the window lies in the clip
@@ -56,58 +66,58 @@ def test_cover_crop_policy_never_pads():
     frame = torch.zeros(2, 480, 640, 3, dtype=torch.uint8)
     frame[:, :, :, 0] = 200  # a flat red frame
     frame[:, 240, :, 1] = 255  # one green row in the middle
-    out = data.cover_crop(frame, 320, 512, "center", None)  # [3, t, 320, 512]
+    out = cover_crop(frame, 320, 512, "center", None)  # [3, t, 320, 512]
     assert out.shape == (3, 2, 320, 512)
     assert (out[0] == 200).all()  # no black border anywhere
     assert out[1, :, 155:165].max() > 100 and out[1, :, :100].max() == 0  # the middle row stays in the middle
-    same = data.cover_crop(torch.full((1, 320, 512, 3), 7, dtype=torch.uint8), 320, 512, "center", None)
+    same = cover_crop(torch.full((1, 320, 512, 3), 7, dtype=torch.uint8), 320, 512, "center", None)
     assert (same == 7).all()  # curated clips (already 512x320) pass through unchanged
 
 
 def test_shard_specs(train_shards: Path, tmp_path: Path):
     train_dir = train_shards / "shards" / "train"
     expected = [str(p) for p in sorted(train_dir.glob("*.tar"))]
-    assert data.split_dirs(str(train_shards)) == (str(train_dir), str(train_shards / "shards" / "eval"))
+    assert split_dirs(str(train_shards)) == (str(train_dir), str(train_shards / "shards" / "eval"))
     out = (
         tmp_path / "OUT"
     )  # a curate output: its manifest (what interpolate and evaluate take) names its shards
     (out / "shards" / "train").mkdir(parents=True)
     (out / "manifest.parquet").write_bytes(b"PAR1")
     # copied to the training machine without its eval split: no eval shards (a traceback before)
-    assert data.split_dirs(str(out / "manifest.parquet")) == (str(out / "shards" / "train"), "")
+    assert split_dirs(str(out / "manifest.parquet")) == (str(out / "shards" / "train"), "")
     (out / "shards" / "eval").mkdir()
     assert (
-        data.split_dirs(str(out / "manifest.parquet"))
-        == data.split_dirs(str(out))
+        split_dirs(str(out / "manifest.parquet"))
+        == split_dirs(str(out))
         == (
             str(out / "shards" / "train"),
             str(out / "shards" / "eval"),
         )
     )
     with pytest.raises(ValueError, match="is the held-out eval split of a curate output"):
-        data.split_dirs(str(out / "shards" / "eval"))  # training on it would leak the eval clips
-    assert data.list_shards(str(train_dir)) == expected
-    assert data.list_shards(str(train_dir / "*.tar")) == expected
-    assert data.list_shards(str(train_dir / "{000000..000001}.tar")) == expected
+        split_dirs(str(out / "shards" / "eval"))  # training on it would leak the eval clips
+    assert list_shards(str(train_dir)) == expected
+    assert list_shards(str(train_dir / "*.tar")) == expected
+    assert list_shards(str(train_dir / "{000000..000001}.tar")) == expected
     (tmp_path / "list.txt").write_text("\n".join(expected) + "\n")
-    assert data.list_shards(str(tmp_path / "list.txt")) == expected
+    assert list_shards(str(tmp_path / "list.txt")) == expected
     # relative entries are relative to the list file's folder (they were taken from the working directory)
     (train_dir / "rel.txt").write_text("\n".join(Path(e).name for e in expected) + "\n")
-    assert data.list_shards(str(train_dir / "rel.txt")) == expected
+    assert list_shards(str(train_dir / "rel.txt")) == expected
     # a file:// URL is its local path, with or without the trailing slash (fsspec lists neither folder)
-    assert data.list_shards(f"file://{train_dir}/") == data.list_shards(f"file://{train_dir}") == expected
-    assert data.split_dirs(f"file://{train_shards}") == data.split_dirs(str(train_shards))
+    assert list_shards(f"file://{train_dir}/") == list_shards(f"file://{train_dir}") == expected
+    assert split_dirs(f"file://{train_shards}") == split_dirs(str(train_shards))
     # URLs and pipes stream the same samples as local files
     for url in (f"file://{expected[0]}", f"pipe:cat {expected[0]}"):
-        with data.open_shard(url) as stream:
-            keys = [s["__key__"] for s in data.iter_tar_samples(stream)]
+        with open_shard(url) as stream:
+            keys = [s["__key__"] for s in iter_tar_samples(stream)]
         assert keys == ["clip000", "clip001", "clip002"]
 
 
 def test_stream_resumes_at_the_same_sample_with_workers(train_shards: Path):
     """Batches after a saved position equal those of an uninterrupted stream (2 workers, odd split point:
     the resumed loader must rotate its workers), across an epoch boundary."""
-    shards = data.list_shards(str(train_shards / "shards" / "train"))
+    shards = list_shards(str(train_shards / "shards" / "train"))
     cfg = data.DataConfig(frames=4, height=32, width=48, num_workers=2, shuffle_buffer=3)
     whole, _ = windows_of(shards, cfg, 1, 9)
     head, state = windows_of(shards, cfg, 1, 5)
@@ -120,7 +130,7 @@ def test_stream_resumes_at_the_same_sample_with_workers(train_shards: Path):
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_counted(corrupt_shards: Path):
-    shards = data.list_shards(str(corrupt_shards))
+    shards = list_shards(str(corrupt_shards))
     cfg = data.DataConfig(
         frames=4, height=32, width=48, num_workers=0, shuffle_buffer=2, shuffle_shards=False
     )
@@ -260,7 +270,7 @@ def test_help_has_an_example(capsys):
 
 
 def test_data_position_mismatch_is_refused(train_shards: Path):
-    shards = data.list_shards(str(train_shards / "shards" / "train"))
+    shards = list_shards(str(train_shards / "shards" / "train"))
     cfg = data.DataConfig(num_workers=2)
     with pytest.raises(ValueError, match="same"):
         data.ClipStream(shards, cfg, 1, 0, state=data.DataState(world=1, workers=4))
@@ -323,7 +333,7 @@ def half_bad(tmp_path_factory, train_shards: Path) -> Path:
     for p in sorted((train_shards / "shards" / "train").glob("*.tar")):
         shutil.copy(p, out / p.name)
     (out / "000002.tar").write_bytes(b"")
-    data.write_shard(out / "000003.tar", [clip_sample(f"short{i}", 3, (64, 40), i) for i in range(2)])
+    write_shard(out / "000003.tar", [clip_sample(f"short{i}", 3, (64, 40), i) for i in range(2)])
     return out
 
 
@@ -331,7 +341,7 @@ def test_an_epoch_that_deals_one_worker_only_bad_shards_does_not_stop_the_run(ha
     """Shards are dealt to workers anew each epoch; where both bad ones went to one worker, that worker's
     epoch held no usable clip and the run stopped ("no usable clip in a whole epoch"), at the same step on
     every --resume. Now that worker reads on into the next epoch; the run stops only when no shard gives data."""
-    shards = data.list_shards(str(half_bad))
+    shards = list_shards(str(half_bad))
     slots = 2
     together = []  # epochs whose deal gives one slot both bad shards
     for epoch in range(8):
@@ -348,7 +358,7 @@ def test_an_epoch_that_deals_one_worker_only_bad_shards_does_not_stop_the_run(ha
     skipped = state.skipped()
     assert skipped["too_short"] >= 2 and skipped["bad_shards"] == 1  # distinct shards, not per epoch
     # more workers than good shards: a worker dealt only the 0-byte shard reads on (it stopped at once)
-    data.write_shard(half_bad / "000003.tar", [])
+    write_shard(half_bad / "000003.tar", [])
     windows_of(shards, data.DataConfig(**SMALL, num_workers=4), 1, 6)
 
 
@@ -356,9 +366,9 @@ def test_no_usable_clip_anywhere_still_stops_with_one_line(tmp_path):
     from tests.training.conftest import clip_sample
 
     for i in range(3):
-        data.write_shard(tmp_path / f"00000{i}.tar", [clip_sample(f"s{i}", 3, (64, 40), i)])
-    shards = data.list_shards(str(tmp_path))
-    with pytest.raises(data.DataError, match=r"no usable clip in any of the 3 shard\(s\)"):
+        write_shard(tmp_path / f"00000{i}.tar", [clip_sample(f"s{i}", 3, (64, 40), i)])
+    shards = list_shards(str(tmp_path))
+    with pytest.raises(DataError, match=r"no usable clip in any of the 3 shard\(s\)"):
         windows_of(shards, data.DataConfig(**SMALL, num_workers=0), 1, 1)
 
 
@@ -396,14 +406,13 @@ def test_a_backends_own_error_type_is_a_bad_shard_and_no_readable_url_stops_firs
     class NoCredentialsError(Exception):
         pass
 
-    real = data.open_shard
-
-    def open_shard(url):
+    def failing_open(url):
         if url.startswith("s3://"):
             raise NoCredentialsError("Unable to locate credentials")
-        return real(url)
+        return open_shard(url)
 
-    monkeypatch.setattr(data, "open_shard", open_shard)
+    monkeypatch.setattr(data, "open_shard", failing_open)  # the stream's reads
+    monkeypatch.setattr("training.shards.open_shard", failing_open)  # check_shards' probe
     good = str(train_shards / "shards" / "train" / "000000.tar")
     bad: list[str] = []
     why: dict[str, str] = {}
@@ -412,23 +421,21 @@ def test_a_backends_own_error_type_is_a_bad_shard_and_no_readable_url_stops_firs
         "s3://b/000000.tar": "NoCredentialsError: Unable to locate credentials"
     }
     with pytest.raises(ValueError, match=r"cannot read the shards: s3://b/000000.tar: NoCredentialsError"):
-        data.check_shards([f"s3://b/{i:06d}.tar" for i in range(5)])
-    data.check_shards(["s3://b/000000.tar", f"file://{good}"])  # one bad shard among readable ones: no stop
+        check_shards([f"s3://b/{i:06d}.tar" for i in range(5)])
+    check_shards(["s3://b/000000.tar", f"file://{good}"])  # one bad shard among readable ones: no stop
 
 
 def test_missing_and_held_out_shards_are_named_before_training(train_shards: Path, tmp_path: Path):
     train_dir = train_shards / "shards" / "train"
     with pytest.raises(ValueError, match=r"1 of 3 shards do not exist: .*000009\.tar"):
-        data.check_shards(
-            data.list_shards(str(train_dir / "{000000..000001}.tar")) + [str(train_dir / "000009.tar")]
-        )
+        check_shards(list_shards(str(train_dir / "{000000..000001}.tar")) + [str(train_dir / "000009.tar")])
     for spec in (
         str(train_shards / "shards" / "*" / "*.tar"),
         str(train_shards / "shards" / "eval" / "000000.tar"),
     ):
         with pytest.raises(ValueError, match=r"eval/000000\.tar is in the held-out eval split"):
-            data.check_shards(data.list_shards(spec))
-    data.check_shards(data.list_shards(str(train_dir)))
+            check_shards(list_shards(spec))
+    check_shards(list_shards(str(train_dir)))
 
 
 def test_resuming_on_other_shards_is_refused_unless_the_data_restarts(train_shards: Path, tmp_path: Path):
@@ -438,13 +445,13 @@ def test_resuming_on_other_shards_is_refused_unless_the_data_restarts(train_shar
 
     folder = tmp_path / "shards"
     shutil.copytree(train_shards / "shards" / "train", folder)
-    shards = data.list_shards(str(folder))
+    shards = list_shards(str(folder))
     cfg = data.DataConfig(**SMALL, num_workers=1)
     _, state = windows_of(shards, cfg, 1, 3)
     saved = data.DataState.from_dict(state.to_dict())
     saved.check_resumable(shards, 1, 0)  # one slot either way
     shutil.copy(folder / "000000.tar", folder / "000002.tar")
-    grown = data.list_shards(str(folder))
+    grown = list_shards(str(folder))
     with pytest.raises(ValueError, match="the shards differ from those the data position was saved on"):
         windows_of(grown, cfg, 1, 1, state=saved)
     with pytest.raises(ValueError, match="--restart-data"):
@@ -460,10 +467,10 @@ def test_samples_no_one_foresaw_are_skipped_not_fatal(train_shards: Path):
 
     sample = clip_sample("odd", 20, (64, 40), 3, caption="a disc")
     tar_like = {"__key__": "odd", "mp4": sample["mp4"], "json": b"null", "txt": b"a disc"}
-    assert data.decode_window(tar_like, data.DataConfig(**SMALL), None)["caption"] == "a disc"
+    assert decode_window(tar_like, data.DataConfig(**SMALL), None)["caption"] == "a disc"
     wide = clip_sample("wide", 20, (640, 8), 3)
-    with pytest.raises(data.SampleError, match=r"wide: a 640x8 clip is too far from the window's aspect"):
-        data.decode_window({"__key__": "wide", "mp4": wide["mp4"]}, data.DataConfig(**SMALL), None)
+    with pytest.raises(SampleError, match=r"wide: a 640x8 clip is too far from the window's aspect"):
+        decode_window({"__key__": "wide", "mp4": wide["mp4"]}, data.DataConfig(**SMALL), None)
 
 
 def test_sparse_clips_on_more_slots_than_shards_do_not_stop_the_run(tmp_path):
@@ -474,8 +481,8 @@ def test_sparse_clips_on_more_slots_than_shards_do_not_stop_the_run(tmp_path):
     for i in range(3):  # shards of 5, 4 and 3 samples: which slot takes a sample depends on the order
         samples = [clip_sample(f"s{i}{j}", 3, (64, 40), j) for j in range(4 - i)]  # too short for a window
         samples.insert(i, clip_sample(f"ok{i}", 8, (64, 40), 10 + i))
-        data.write_shard(tmp_path / f"00000{i}.tar", samples)
-    shards = data.list_shards(str(tmp_path))
+        write_shard(tmp_path / f"00000{i}.tar", samples)
+    shards = list_shards(str(tmp_path))
     cfg = data.DataConfig(**SMALL, num_workers=0)
     for rank in range(4):
         batches, _ = windows_of_rank(shards, cfg, rank=rank, world=4, count=4)
@@ -499,10 +506,10 @@ def test_a_fixed_deal_of_bad_shards_names_a_bad_shard_and_the_way_out(half_bad: 
         ("000002.tar", "000001.tar"),
     ):
         shutil.copy(half_bad / src, folder / name)
-    data.write_shard(folder / "000003.tar", [])
-    shards = data.list_shards(str(folder))  # unshuffled, slot 1 of 2 is dealt 000001 (0 bytes) and 000003
+    write_shard(folder / "000003.tar", [])
+    shards = list_shards(str(folder))  # unshuffled, slot 1 of 2 is dealt 000001 (0 bytes) and 000003
     cfg = data.DataConfig(**SMALL, num_workers=2, shuffle_shards=False)
-    with pytest.raises(data.DataError) as stop:
+    with pytest.raises(DataError) as stop:
         windows_of(shards, cfg, 1, 4)
     message = str(stop.value)
     assert "found no usable clip in what it was dealt: 2 of 4 shard(s) (the same every epoch" in message
@@ -514,4 +521,4 @@ def test_a_pipe_command_that_writes_much_to_stderr_does_not_hang(train_shards: P
     url = f"pipe:head -c 300000 /dev/zero | tr '\\0' x >&2; cat {whole}"  # wget's progress, say
     bad: list[str] = []
     assert len(list(data._raw_samples([url], 0, 1, 0, bad))) == 3 and bad == []
-    data.check_shards([f"pipe:sleep 30; curl -s https://example.com/{i}.tar" for i in range(3)])  # not run
+    check_shards([f"pipe:sleep 30; curl -s https://example.com/{i}.tar" for i in range(3)])  # not run

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from training import data
+from training.shard_samples import SampleError, _decode_frames, decode_window
+from training.shards import TRAIN_INDEX, _expand_braces, iter_tar_samples, list_shards, write_train_index
 
 SMALL = data.DataConfig(frames=4, height=32, width=48, num_workers=0, shuffle_buffer=1)
 
@@ -61,7 +63,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> 
 
 def samples_of(path: Path) -> dict[str, dict]:
     with open(path, "rb") as f:
-        return {s["__key__"]: s for s in data.iter_tar_samples(f)}
+        return {s["__key__"]: s for s in iter_tar_samples(f)}
 
 
 def test_clips_in_any_container_or_as_numbered_frames_give_their_frames_and_captions(tmp_path):
@@ -97,7 +99,7 @@ def test_clips_in_any_container_or_as_numbered_frames_give_their_frames_and_capt
     }
     assert set(samples) == set(captions)
     for key, caption in captions.items():
-        w = data.decode_window(samples[key], SMALL, None)  # stride 1, from frame 0: frames 0..3
+        w = decode_window(samples[key], SMALL, None)  # stride 1, from frame 0: frames 0..3
         assert w["video"].shape == (3, 4, 32, 48) and w["caption"] == caption, key
         colours = w["video"].float().mean(dim=(2, 3)).T  # [t, 3]
         expected = clip[:4, 0, 0].astype(np.float32)  # the clip's frames, not black, not another frame
@@ -108,13 +110,13 @@ def test_keys_with_dots_that_run_together_are_said_not_mixed(tmp_path):
     clip = encode(frames_of(4), "mp4", "libx264")
     shard = write_tar(tmp_path / "dots.tar", [("take.1.mp4", clip), ("take.2.mp4", clip)])
     (sample,) = samples_of(shard).values()
-    with pytest.raises(data.SampleError, match="2 videos under one key .*keys with dots"):
-        data.decode_window(sample, SMALL, None)
+    with pytest.raises(SampleError, match="2 videos under one key .*keys with dots"):
+        decode_window(sample, SMALL, None)
     # two videos under a key without a dot (a clip and its preview): not blamed on dots
     shard = write_tar(tmp_path / "two.tar", [("take.mp4", clip), ("take.gif", clip)])
     (sample,) = samples_of(shard).values()
-    with pytest.raises(data.SampleError, match="2 videos under one key .*keep one video per sample"):
-        data.decode_window(sample, SMALL, None)
+    with pytest.raises(SampleError, match="2 videos under one key .*keep one video per sample"):
+        decode_window(sample, SMALL, None)
 
 
 def test_transparent_frames_are_over_white_not_black(tmp_path):
@@ -123,7 +125,7 @@ def test_transparent_frames_are_over_white_not_black(tmp_path):
     shard = write_tar(
         tmp_path / "cels.tar", [(f"cel.{i:03d}.png", image(f, "PNG")) for i, f in enumerate(frames)]
     )
-    w = data.decode_window(samples_of(shard)["cel"], SMALL, None)
+    w = decode_window(samples_of(shard)["cel"], SMALL, None)
     assert (w["video"][:, :, 0, 0] == 255).all()  # the background: white paper
     assert w["video"][:, 0, 16, 24].tolist() == [200, 30, 30]  # the cel as drawn
     # the same cels as palette PNGs with a transparent entry (what pngquant writes): over white too
@@ -135,7 +137,7 @@ def test_transparent_frames_are_over_white_not_black(tmp_path):
         Image.fromarray(frame).quantize(colors=4).save(buffer, "PNG", transparency=0)
         paletted.append(buffer.getvalue())
     shard = write_tar(tmp_path / "pal.tar", [(f"pal.{i:03d}.png", png) for i, png in enumerate(paletted)])
-    w = data.decode_window(samples_of(shard)["pal"], SMALL, None)
+    w = decode_window(samples_of(shard)["pal"], SMALL, None)
     assert (w["video"][:, :, 0, 0] == 255).all()
 
 
@@ -145,7 +147,7 @@ def test_a_folder_of_gzipped_shards_is_listed(tmp_path):
     write_tar(tmp_path / "000001.tgz", [("b.mp4", clip)], mode="w:gz")
     write_tar(tmp_path / ".000002.tar", [("c.mp4", clip)])  # a shard being written
     (tmp_path / "README.md").write_text("shards from elsewhere")
-    shards = data.list_shards(str(tmp_path))
+    shards = list_shards(str(tmp_path))
     assert shards == [str(tmp_path / "000000.tar.gz"), str(tmp_path / "000001.tgz")]
     batch = next(iter(data.make_loader(shards, SMALL, 2, seed=0)))
     assert sorted(batch["key"]) == ["a", "b"]
@@ -172,7 +174,7 @@ def test_the_same_key_twice_in_a_row_is_two_samples(tmp_path):
         tmp_path / "twice.tar", [("a.mp4", first), ("a.txt", b"one"), ("a.mp4", second), ("a.txt", b"two")]
     )
     with open(shard, "rb") as f:
-        samples = list(data.iter_tar_samples(f))
+        samples = list(iter_tar_samples(f))
     assert [(s["mp4"], s["txt"]) for s in samples] == [(first, b"one"), (second, b"two")]
 
 
@@ -187,8 +189,8 @@ def test_frames_of_different_sizes_are_a_skipped_sample_not_a_crash(tmp_path):
             ("good.mp4", encode(small, "mp4", "libx264")),
         ],
     )
-    with pytest.raises(data.SampleError, match="frames of different sizes"):
-        data.decode_window(samples_of(shard)["mixed"], SMALL, None)
+    with pytest.raises(SampleError, match="frames of different sizes"):
+        decode_window(samples_of(shard)["mixed"], SMALL, None)
     assert [w["key"] for w in data.eval_windows([str(shard)], SMALL, 2)] == ["good"]
 
 
@@ -202,22 +204,19 @@ def test_a_gzipped_shards_index_is_recorded_for_evaluate(tmp_path):
     pq.write_table(
         pa.table({"clip_id": ["a"], "source_id": ["s"], "phash": ["0f"]}), tmp_path / "000000.parquet"
     )
-    assert data.write_train_index([str(tmp_path / "000000.tar.gz")], tmp_path / "run" / data.TRAIN_INDEX) == 1
+    assert write_train_index([str(tmp_path / "000000.tar.gz")], tmp_path / "run" / TRAIN_INDEX) == 1
 
 
 def test_brace_patterns_as_the_shell_writes_them(tmp_path, capsys):
     from training.train import main
 
-    assert data.list_shards(str(tmp_path / "s-{a..c}.tar")) == [str(tmp_path / f"s-{x}.tar") for x in "abc"]
-    assert data.list_shards(str(tmp_path / "{000..004..2}.tar")) == [
+    assert list_shards(str(tmp_path / "s-{a..c}.tar")) == [str(tmp_path / f"s-{x}.tar") for x in "abc"]
+    assert list_shards(str(tmp_path / "{000..004..2}.tar")) == [
         str(tmp_path / f"{i:03d}.tar") for i in (0, 2, 4)
     ]
     # padded as bash pads: to the longer end when either end has a leading zero
-    assert (
-        data._expand_braces("{08..100}")[:2] == ["008", "009"]
-        and data._expand_braces("{1..010}")[-1] == "010"
-    )
-    assert data._expand_braces("{8..10}") == ["8", "9", "10"]
+    assert _expand_braces("{08..100}")[:2] == ["008", "009"] and _expand_braces("{1..010}")[-1] == "010"
+    assert _expand_braces("{8..10}") == ["8", "9", "10"]
     with pytest.raises(SystemExit) as exc:  # a traceback-free line, not "invalid literal for int()"
         main(
             [
@@ -261,12 +260,12 @@ def test_a_turned_or_anamorphic_clip_is_shown_upright_and_unstretched():
     a clip on its side, or squeezed, fed to the model."""
     cfg = data.DataConfig(frames=4, height=48, width=32, num_workers=0)  # the upright clip's size: no crop
     for rotation, corner in ((-90, (0, -1)), (90, (-1, 0))):  # turned clockwise / counterclockwise to show
-        w = data.decode_window({"__key__": "turned", "mp4": turned_clip(rotation)}, cfg, None)
+        w = decode_window({"__key__": "turned", "mp4": turned_clip(rotation)}, cfg, None)
         red = w["video"][0, 0] > 200  # [h, w]: where the red square is
         assert red[corner].item() and red.sum() < 48 * 32 / 4, rotation
     # stored 48x32 with pixels 2:1 wide: shown 96x32, so a 32x96 window takes the whole picture
     cfg = data.DataConfig(frames=4, height=32, width=96, num_workers=0)
-    w = data.decode_window({"__key__": "wide", "mp4": turned_clip(sar=2)}, cfg, None)
+    w = decode_window({"__key__": "wide", "mp4": turned_clip(sar=2)}, cfg, None)
     red_columns = (
         (w["video"][0, 0] > 200).any(dim=0).nonzero().flatten()
     )  # the 8 stored columns, twice as wide
@@ -278,11 +277,11 @@ def test_a_window_late_in_a_long_clip_holds_only_its_frames(tmp_path):
     (tens of GB for minutes of HD video: the run was killed for memory mid-epoch)."""
     clip = frames_of(12)
     for data_ in (encode(clip, "mp4", "libx264"), [image(f, "PNG") for f in clip]):
-        frames, _ = data._decode_frames(data_, 11, keep={8, 11})
+        frames, _ = _decode_frames(data_, 11, keep={8, 11})
         assert len(frames) == 12 and [i for i, f in enumerate(frames) if f is not None] == [8, 11]
     sample = {"__key__": "long", "mp4": encode(clip, "mp4", "libx264")}
     for seed in range(4):  # the window's frames are still the clip's frames at start + i * stride
-        w = data.decode_window(sample, SMALL, np.random.default_rng(seed))
+        w = decode_window(sample, SMALL, np.random.default_rng(seed))
         colours = w["video"].float().mean(dim=(2, 3)).T.numpy()  # [t, 3]
         expected = clip[w["start"] : w["start"] + 4 * w["stride"] : w["stride"], 0, 0].astype(np.float32)
         assert np.abs(colours - expected).max() < 12, (seed, colours, expected)

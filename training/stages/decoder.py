@@ -35,9 +35,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training import roles
-from training.data import collate, eval_windows, list_shards, to_model_range
+from training.data import collate, eval_windows, to_model_range
 from training.models.tooncrafter import ToonCrafter
 from training.models.vae import RefCrossAttention, ResnetBlock
+from training.shards import list_shards
 from training.stages.common import FrozenParts, Stage, save_model
 
 log = logging.getLogger(__name__)
