@@ -65,10 +65,22 @@ def check_backend(url: str) -> None:
         raise MissingBackendError(f"{url}: fsspec knows no {protocol}:// protocol ({exc})") from exc
 
 
+def no_empty_path(text: str) -> str:
+    """argparse check of a path argument: an empty one (a script's unset variable: `--out "$OUT"`) is
+    refused. Path("") is the working folder, so curate wrote its OUT there, interpolate its frames, and
+    curate searched it for footage."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is an empty path (an unset variable in a script?); give the path (. for this folder)"
+        )
+    return text
+
+
 def not_a_url(text: str) -> str:
     """argparse type of the input files and folders read whole (keyframes, checkpoints, the models dir): a
     URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file. A
     `file://` URL is its local path."""
+    no_empty_path(text)
     text = local_path(text)
     if "://" in text:
         raise argparse.ArgumentTypeError(
@@ -86,6 +98,7 @@ def local_folder(text: str) -> Path:
     """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
     refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job
     would write there. A `file://` URL is its local path."""
+    no_empty_path(text)
     text = local_path(text)
     if "://" in text:
         raise argparse.ArgumentTypeError(

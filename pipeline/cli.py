@@ -8,7 +8,7 @@ from pathlib import Path
 
 from manifests.files import FolderBusy, folder_lock, make_writable_folder
 from manifests.io import ManifestError, manifest_config, read_manifest
-from manifests.remote import local_folder, not_a_url
+from manifests.remote import local_folder, no_empty_path, not_a_url
 from pipeline.config import MODEL_STAGES, SELECT_KEYS, ConfigError, config_from_dict, load_config, parse_set
 from pipeline.select import rules
 
@@ -37,6 +37,7 @@ Rerun the same command after a crash to continue; a finished job reruns as a no-
     p.add_argument(
         "inputs",
         nargs="+",
+        type=no_empty_path,
         help="files, folders, globs, list files (.txt, .lst, .list: one input a line) or object-store URIs",
     )
     p.add_argument("--out", required=True, type=local_folder, help="output folder")

@@ -69,6 +69,26 @@ def test_a_missing_backend_names_the_url_the_package_and_the_extra(no_s3fs):
     )
 
 
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, capsys, monkeypatch):
+    """`--out "$OUT"` with OUT unset: Path("") is ".", so curate wrote its OUT into the working folder (and
+    `curate ""` curated every video under it), interpolate its frames."""
+    from inference.interpolate import main as interpolate_main
+    from pipeline.cli import report_main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, main in (
+        (["x.mp4", "--out", "", "--dry-run"], curate_main),
+        (["", "--out", "out", "--dry-run"], curate_main),
+        ([" "], report_main),
+        (["a.png", "b.png", "--out", "", "--dry-run"], interpolate_main),
+        (["a.png", "b.png", "--checkpoint", "", "--dry-run"], interpolate_main),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "is an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_curate_stops_before_any_work_on_a_missing_backend_or_an_unlistable_store(
     no_s3fs, unlistable, tmp_path, capsys
 ):
