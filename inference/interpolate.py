@@ -301,12 +301,30 @@ MAX_LISTED = 20  # problems a refused batch lists before "... and N more"
 
 def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
     """Rows of a CSV/TSV/JSONL batch file as jobs (keyframes read and checked)."""
-    text = path.read_text()
+    data = path.read_bytes()
+    try:  # utf-8-sig: the byte-order mark Excel's "CSV UTF-8" and Notepad write is not part of the header
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}; Excel's plain CSV is"
+            " Windows-1252): save it as UTF-8 (Excel: CSV UTF-8)"
+        ) from None
     if path.suffix in (".jsonl", ".ndjson"):
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not JSON lines ({exc})") from exc
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"{path}: line {number} is not JSON ({exc.msg}, column {exc.colno})"
+                ) from None
+            if not isinstance(rows[-1], dict):
+                raise InputError(
+                    f'{path}: line {number} is not a JSON object (a row is {{"start": ..., "end": ...}})'
+                )
     elif path.suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
         rows = list(reader)
@@ -334,6 +352,9 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
         try:
             keys = split(row.get("keyframes")) or [row.get("start"), row.get("end")]
             if any(not k for k in keys):
+                empty = [c for c in ("start", "end") if c in row and not row[c]]
+                if empty and "keyframes" not in row:
+                    raise InputError(f"its {' and '.join(f'`{c}`' for c in empty)} is empty")
                 raise InputError("needs `start` and `end` (or `keyframes`) columns")
             paths = [resolve(k) for k in keys]
             size = check_keyframe_files(paths)  # headers only: the pixels are read at the row's turn

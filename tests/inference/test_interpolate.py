@@ -281,6 +281,30 @@ def test_a_batch_without_its_header_line_says_so_once(files, tmp_path, capsys, n
     assert "row 1" not in err and not out.exists()
 
 
+def test_batch_files_as_spreadsheets_and_scripts_write_them(files, tmp_path, capsys, no_device_work):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (its header was not recognised); its plain CSV is
+    Windows-1252, and a JSON line that is no object was a traceback; a JSON error named line 1 of any
+    line; an empty `start` cell was said to be a missing column."""
+    root, ckpt, keys = files
+    run = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--dry-run", *FAST]
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(f"\ufeffstart,end,prompt\n{keys['a']},{keys['b']},walk\n".encode())
+    assert cli.main(["--batch", str(bom), *run]) == 0
+    cases = {
+        "cp1252.csv": (b"start,end,prompt\na.png,b.png,caf\xe9\n", "not UTF-8 text (byte 0xe9 on line 2"),
+        "list.jsonl": (
+            f'{{"start": "{keys["a"]}", "end": "{keys["b"]}"}}\n[1, 2]\n'.encode(),
+            "line 2 is not a JSON object",
+        ),
+        "broken.jsonl": (b'{"start": "a.png", "end": "b.png"}\n\n{"start": \n', "line 3 is not JSON"),
+        "empty.csv": (f"start,end\n{keys['a']},\n".encode(), "row 1: its `end` is empty"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        err = _error(capsys, ["--batch", str(tmp_path / name), *run])
+        assert f"{tmp_path / name}: " in err and message in err and "Traceback" not in err
+
+
 def test_dry_run_says_what_a_batch_would_do_and_loads_nothing(
     files, tmp_path, capsys, monkeypatch, no_device_work
 ):
