@@ -368,6 +368,11 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
             problems.append(f"row {i + 1}: {exc}")
             continue
         name = row.get("name") or f"{i:04d}_{paths[0].stem}_{paths[-1].stem}"
+        if _safe_name(str(name)).casefold() == BATCH_STATUS:
+            problems.append(
+                f"row {i + 1}: the name {name!r} is the batch's own OUT/{BATCH_STATUS}; give another"
+            )
+            continue
         # one folder on a case-insensitive file system (macOS, Windows) counts as one here too
         names.setdefault(_safe_name(str(name)).casefold(), []).append(str(name))
         prompt = row.get("prompt")
@@ -769,6 +774,9 @@ def _header_config(checkpoint: Path):
         raise InputError(str(exc)) from exc
 
 
+BATCH_STATUS = "batch.json"  # OUT/batch.json: so no row's output folder may take that name
+
+
 def write_batch_status(out: Path, jobs: list[Job], failed: dict[str, str]) -> Path:
     """OUT/batch.json: every row of the batch with its status ("done": its output folder is complete, from
     this run or an earlier one; "error", with the reason; "pending": not reached), for scripts to read."""
@@ -781,7 +789,7 @@ def write_batch_status(out: Path, jobs: list[Job], failed: dict[str, str]) -> Pa
 
     rows = [{"name": j.name, "keyframes": j.labels, **status(j)} for j in jobs]
     counts = {k: sum(r["status"] == k for r in rows) for k in ("done", "error", "pending")}
-    path = out / "batch.json"
+    path = out / BATCH_STATUS
     write_json_atomic(path, {"rows": rows, **counts})
     return path
 

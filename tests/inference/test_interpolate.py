@@ -284,7 +284,8 @@ def test_a_batch_without_its_header_line_says_so_once(files, tmp_path, capsys, n
 def test_batch_files_as_spreadsheets_and_scripts_write_them(files, tmp_path, capsys, no_device_work):
     """Excel's "CSV UTF-8" starts with a byte-order mark (its header was not recognised); its plain CSV is
     Windows-1252, and a JSON line that is no object was a traceback; a JSON error named line 1 of any
-    line; an empty `start` cell was said to be a missing column."""
+    line; an empty `start` cell was said to be a missing column; a row named batch.json took the status file's
+    place (a traceback once every row had run)."""
     root, ckpt, keys = files
     run = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--dry-run", *FAST]
     bom = tmp_path / "excel.csv"
@@ -298,6 +299,10 @@ def test_batch_files_as_spreadsheets_and_scripts_write_them(files, tmp_path, cap
         ),
         "broken.jsonl": (b'{"start": "a.png", "end": "b.png"}\n\n{"start": \n', "line 3 is not JSON"),
         "empty.csv": (f"start,end\n{keys['a']},\n".encode(), "row 1: its `end` is empty"),
+        "status.csv": (
+            f"start,end,name\n{keys['a']},{keys['b']},Batch.json\n".encode(),
+            "row 1: the name 'Batch.json' is the batch's own OUT/batch.json",
+        ),
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
