@@ -9,12 +9,17 @@
 # `carry: [".whl", ".gpucache"]`) and the next run on the same torch and card loads them instead of
 # compiling. At most 8 files come back: the profiler tables end up in full_log.txt, not files of their own.
 # What the defaults run, in one call (`timeout_s` 600), one part after another on the whole machine:
-#   T_CL (issue "Training", 420 s): the compiled rectify step at batch 6 with the UNet's activations
+#   Next run's plan (fifth run, H200: T_CL's compile had not finished at 400 s, 27 graphs; the CLIP part
+#   measured): call 1 the defaults (T_CL alone, 545 s), call 2 while warm `T_CL=0 T_CLIP=150 BUDGET=260`
+#   (the eager baseline, then the CLIP part).
+#   T_CL (issue "Training", 545 s): the compiled rectify step at batch 6 with the UNet's activations
 #             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
 #             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
 #             blocks torch.compile'd with static shapes under an activation budget (RB, default 0.3:
 #             train.recompute_budget, the compiler recomputing norms and activations rather than whole
-#             blocks), recomputing every UNet block (CL_LEVELS, default 0,none,1), then none (the
+#             blocks), CL_LEVELS (default none,0 since the fifth run: the budget's own case first, so
+#             that a compile cut short still measures it, then every UNet block recomputed; before:
+#             0,none,1, every UNet block recomputed, then none (the
 #             budget alone; estimated from the saved bytes on the CPU, scaled by the 11 GiB that levels 2
 #             measured over all: ~55 GiB at RB 0.3, ~68 at 0.5, ~106 without a budget), then only the finest level, then the first again with cuDNN's autotuning; a
 #             profile of one step (kernel time by kind) goes to the full log. Levels 0 recompute
@@ -32,13 +37,14 @@
 #             channels-last inside inductor instead (TORCHINDUCTOR_FORCE_LAYOUT_OPT); FLOAT8=tensorwise
 #             runs the UNet's large transformer linears as torchao fp8 GEMMs (train.float8; 27% of a
 #             forward's FLOPs).
-#   T_EAGER (100 s, when no cache was carried, else 0): the rectify step eager at levels 0 and 2, the
-#             same-run baseline then. The compile caches are not committed, so a fresh checkout has
+#   T_EAGER (100 s, when no cache was carried, else 0; only when that much is left, as cut short it
+#             measures little: after T_CL's 545 s it waits for the second call): the rectify step
+#             eager at levels 0 and 2, the same-run baseline then. The compile caches are not committed, so a fresh checkout has
 #             none: the plain layout's compile from scratch (~280 s alone) does not fit in one call
 #             after T_CL's. The third run measured eager at 1.99-2.10 s/step and the fourth the
 #             compiled plain layout at 1.238-1.321 s, so this run's eager rows carry the comparison.
 #   T_CLIP (110 s, only when that much is left, else in a second call while the machine is warm:
-#             `T_CL=0 T_EAGER=0 T_CLIP=170 BUDGET=180`; issue "Curate, part 2"): aesthetic +
+#             `T_CL=0 T_CLIP=150 BUDGET=260`, after the eager baseline; issue "Curate, part 2"): aesthetic +
 #             alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3 linears
 #             (fourth run: 680 and 789 clips/s together): the fp8 tower as the stage runs it (biases
 #             in the GEMMs, patch embedding as a GEMM, last block for the class token alone, inductor's
@@ -126,9 +132,9 @@ part ${T_MODEL:-0} python3 -m training.bench_model --no-sample --repeats 2 --tem
 touch "$GATE/gpu_free"  # the compiled rectify step beside may now time its steps
 [ -n "$BESIDE" ] && wait "$BESIDE"
 unset TORCHINDUCTOR_COMPILE_THREADS
-part ${T_CL:-420} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${CL_LEVELS:-0,none,1}" --recompute-budget "${RB:-0.3}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --profile "$OUT/train_cl_kernels.txt" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
+part ${T_CL:-545} env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${CL_LEVELS:-none,0}" --recompute-budget "${RB:-0.3}" --cudnn-benchmark --channels-last --temporal-conv "$TC" --profile "$OUT/train_cl_kernels.txt" --json "$OUT/train_cl.json" --compile-cache "$OUT/train_cl_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
 part $T_COMPILE env TORCHINDUCTOR_FORCE_LAYOUT_OPT=${FORCE_CL:-0} python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 2 --no-decoder --compile inductor --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --float8 "${FLOAT8:-}" --profile "$OUT/train_kernels.txt" --json "$OUT/train_compiled.json" --compile-cache "$OUT/train_cache.xz" 2>&1 | grep -vE "^ |^W[0-9]" | tail -16
-part $T_EAGER python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
+WHOLE=1 part $T_EAGER python3 -m training.bench_gpu --batches 6 --steps 3 --warmup 1 --no-decoder --breakdown --checkpoint-levels "${LEVELS:-0,2}" --cudnn-benchmark --temporal-conv "$TC" --json "$OUT/train_eager6.json" 2>&1 | grep -vE "^ |^W[0-9]" | tail -12
 WHOLE=1 part ${T_CLIP:-110} python3 -m pipeline.bench_models_gpu --stages aesthetic,alignment --batches 5 --frames-per-forward "${FPF:-}" --compile inductor --fp8 --clips-per-call "${CPC:-256,1024}" --out "$OUT/clip.json" --profile "$OUT/clip_kernels.txt" 2>&1 | grep -vE "^W[0-9]|WARNING|^measured " | tail -16
 part ${T_TRAIN:-0} python3 -m training.bench_gpu --batches 1,2,4,6 --steps 3 --warmup 1 --json "$OUT/train.json" 2>&1 | tail -25
 part ${T_CURATE:-0} python3 -m pipeline.bench_models_gpu --batches 3 --out "$OUT/curate_models.json" 2>&1 | tail -20

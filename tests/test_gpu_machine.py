@@ -243,11 +243,15 @@ def test_the_gpu_script_times_a_baseline_in_the_same_run(tmp_path):
 
 
 def test_the_gpu_script_skips_a_part_whose_whole_limit_is_not_left(tmp_path):
-    """The aesthetic bench's first minutes compile: cut short it measures nothing, so it waits for a
-    call of its own rather than starting with what is left; a part without WHOLE takes what is left."""
+    """The aesthetic bench's first minutes compile and the eager baseline's warm-up steps take a while:
+    cut short they measure little, so they wait for a call of their own rather than starting with what
+    is left; a part without WHOLE (the channels-last step) takes what is left."""
     short = parts_run(tmp_path / "short", {"T_CL": "0", "T_CLIP": "110", "BUDGET": "60"}, cached=False)
-    assert not any("pipeline.bench_models_gpu" in c for c in short)
-    assert any("training.bench_gpu" in c for c in short)  # the eager baseline: 60 s of its 100
+    assert short == []  # neither the eager baseline (100 s) nor the CLIP part (110 s) fits in 60 s
+    cl = parts_run(tmp_path / "cl", {"T_CL": "545", "T_CLIP": "110", "BUDGET": "60"}, cached=False)
+    assert len(cl) == 1 and "--channels-last" in cl[0]  # 60 s of its 545
+    eager = parts_run(tmp_path / "eager", {"T_CL": "0", "T_CLIP": "0", "BUDGET": "120"}, cached=False)
+    assert len(eager) == 1 and "training.bench_gpu" in eager[0] and "--compile" not in eager[0]
     whole = parts_run(
         tmp_path / "whole", {"T_CL": "0", "T_EAGER": "0", "T_CLIP": "110", "BUDGET": "120"}, cached=False
     )
