@@ -125,13 +125,22 @@ def _decode_frames(
         return frames, 0.0
     frames = []
     with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
+        stream = _main_stream(container)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         for frame in container.decode(stream):
             frames.append(frame if keep is None or len(frames) in keep else None)
             if len(frames) > needed_last:
                 break
     return frames, rate
+
+
+def _main_stream(container: Any) -> Any:
+    """The clip's video stream as FFmpeg picks it (`av_find_best_stream`, as curate's decoder does): a
+    cover-art still or thumbnail stored as a first video stream is passed over."""
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise ValueError(f"no video stream (streams: {', '.join(kinds)})")
+    return container.streams.best("video") or container.streams.video[0]
 
 
 def _quarter_turns(frame: Any) -> int:
@@ -166,7 +175,7 @@ def clip_ends(data: bytes | list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     else:
         ends = []
         with av.open(io.BytesIO(data)) as container:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in container.decode(_main_stream(container)):
                 ends = [ends[0] if ends else frame, frame]
     if not ends:
         raise ValueError("the clip holds no frames")
@@ -183,7 +192,7 @@ def _clip_facts(data: bytes | list[bytes], meta: dict[str, Any]) -> tuple[int, f
     if isinstance(data, list):
         return len(data), 1.0
     with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
+        stream = _main_stream(container)
         sar = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1)
         n = int(stream.frames or 0)
         if not n:  # Matroska/WebM (and others) state no frame count: count the packets (nothing is decoded)

@@ -285,3 +285,46 @@ def test_a_window_late_in_a_long_clip_holds_only_its_frames(tmp_path):
         colours = w["video"].float().mean(dim=(2, 3)).T.numpy()  # [t, 3]
         expected = clip[w["start"] : w["start"] + 4 * w["stride"] : w["stride"], 0, 0].astype(np.float32)
         assert np.abs(colours - expected).max() < 12, (seed, colours, expected)
+
+
+def test_a_clip_with_a_still_before_its_video_gives_the_video():
+    """Another tool's mkv/mp4 may hold a cover-art still or thumbnail as its first video stream: training
+    and evaluate read that one-frame stream instead of the clip (curate's decoder already takes FFmpeg's
+    choice of stream)."""
+    from fractions import Fraction
+
+    import av
+
+    from training.shard_samples import _clip_facts, clip_ends, decode_clip
+
+    clip = frames_of(12)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        still = container.add_stream("mjpeg", rate=Fraction(1))
+        still.width, still.height, still.pix_fmt = 16, 16, "yuvj420p"
+        main = container.add_stream("libx264", rate=Fraction(24))
+        main.width, main.height, main.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        cover = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200, np.uint8), format="rgb24")
+        for packet in [*still.encode(cover), *still.encode()]:
+            container.mux(packet)
+        for f in clip:
+            container.mux(main.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(main.encode())
+    data_ = buffer.getvalue()
+    frames = decode_clip(data_)
+    assert frames.shape == clip.shape  # 12 frames of 48x32, not the 16x16 still
+    assert np.abs(frames.astype(int) - clip).mean() < 6
+    first, last = clip_ends(data_)
+    assert np.abs(first.astype(int) - clip[0]).mean() < 6 and np.abs(last.astype(int) - clip[-1]).mean() < 6
+    assert _clip_facts(data_, {})[0] == 12
+    w = decode_window({"__key__": "covered", "mkv": data_}, SMALL, None)
+    assert w["video"].shape[1] == SMALL.frames
+    audio_only = io.BytesIO()
+    with av.open(audio_only, "w", format="matroska") as container:
+        sound = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*sound.encode(frame), *sound.encode()]:
+            container.mux(packet)
+    with pytest.raises(ValueError, match=r"no video stream \(streams: audio\)"):
+        decode_clip(audio_only.getvalue())
