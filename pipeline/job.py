@@ -841,6 +841,7 @@ class CurateJob:
         from pipeline.runner import run_tasks
 
         rows = table.to_pylist()
+        self._recover_from_shards(rows)
         jobs: dict[str, dict] = {}
         for row in rows:
             if row["status"] == "kept" and not (self.clips / f"{row['clip_id']}.mp4").exists():
@@ -893,6 +894,51 @@ class CurateJob:
                         row.update(status="error", reason=failures[row["clip_id"]])
                 table = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
         return table
+
+    def _recover_from_shards(self, rows: list[dict]) -> None:
+        """Clips missing from the clip cache that this OUT's shards hold (the manifest's `shard` and `key`:
+        select's rows, also those its thresholds now reject, for a later select) are taken from there: an OUT copied without its hidden .work (`cp -r OUT/*`),
+        or with .work deleted to save its copy of every clip, was encoded again from every source, and
+        where the footage was not at hand select stopped, though the shards held every clip. The shards
+        were written with the manifest's write settings, which select keeps; a curate run's rows (from
+        its scored parts) have no shard. A shard that cannot be read gives what it can; the rest is
+        encoded from the sources."""
+        import tarfile
+
+        wanted: dict[str, dict[str, str]] = {}  # shard -> {member name: clip id}
+        for row in rows:
+            shard, key = row.get("shard"), row.get("key")
+            if (
+                shard  # kept or not now: the shards are about to be replaced, and the cache keeps every clip
+                and key
+                and ".." not in Path(shard).parts
+                and not (self.clips / f"{row['clip_id']}.mp4").exists()
+            ):
+                wanted.setdefault(shard, {})[f"{key}.mp4"] = row["clip_id"]
+        recovered = 0
+        for shard, members in sorted(wanted.items()):
+            try:
+                tar = tarfile.open(self.out / "shards" / shard)  # noqa: SIM115 (closed by the with below)
+            except (tarfile.TarError, OSError):  # gone (deleted, another selection's name), or damaged
+                continue
+            with tar:
+                while members:
+                    try:
+                        member = tar.next()
+                        if member is None:
+                            break
+                        clip_id = members.pop(member.name, None) if member.isfile() else None
+                        data = tar.extractfile(member).read() if clip_id else None
+                    except (tarfile.TarError, OSError, EOFError):  # cut short: what came before is kept
+                        break
+                    if data:
+                        save_clip(self.clips, clip_id, data)
+                        recovered += 1
+        if recovered:
+            self._say(
+                f"write: {recovered} clip{'' if recovered == 1 else 's'} not in the clip cache taken from this"
+                " OUT's shards (not encoded again)"
+            )
 
     def _adopt_clip_cache(self) -> None:
         """Clips an earlier version kept directly in .work/clips (for every write setting alike) move to the

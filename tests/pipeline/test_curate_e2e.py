@@ -653,9 +653,9 @@ def test_dry_run_says_what_would_happen_and_writes_nothing(curated, tmp_path, ca
 
 
 def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_again(tmp_path, capsys):
-    """A kept clip must be encoded again when the clip cache is gone: with the footage moved away,
-    select stops and leaves the manifest and the shards as they were; a write error row (the footage
-    vanished while curate wrote) becomes a kept clip again once the footage is back."""
+    """A kept clip must be encoded again when neither the clip cache nor the shards hold it: with the
+    footage moved away, select stops and leaves the manifest and the shards as they were; a write error
+    row (the footage vanished while curate wrote) becomes a kept clip again once the footage is back."""
     from pipeline.cli import _saved_config
     from pipeline.config import config_from_dict
     from pipeline.job import CurateJob
@@ -670,12 +670,17 @@ def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_a
     shutil.rmtree(out / ".work" / "clips")
     footage.rename(tmp_path / "moved")
     capsys.readouterr()
-    assert select_main([str(out), "--set", "motion.min=0.06", "--quiet"]) == 2
+    assert select_main([str(out), "--set", "motion.min=0", "--quiet"]) == 2  # the still shot: never encoded
     err = capsys.readouterr().err
     assert "are not in the clip cache" in err and "no such file" in err and "nothing was changed" in err
     assert manifest.read_bytes() == before
     assert {p.name: p.read_bytes() for p in list_shards(out / "shards" / "train")} == shards
-    # curate's own final steps (not select) turn the missing footage into write errors ...
+    # curate's own final steps (not select) turn the missing footage into write errors, once the shards,
+    # which select takes clips missing from the cache from, are gone too ...
+    shutil.rmtree(out / ".work" / "clips")
+    for split in ("train", "eval"):
+        for shard in list_shards(out / "shards" / split):
+            shard.unlink()
     config = config_from_dict(_saved_config(manifest))
     config.run.progress = False
     CurateJob([], out, config).finalize(read_manifest(manifest))
@@ -689,6 +694,44 @@ def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_a
     index = read_shard_index(out / "shards" / "train")["clip_id"].to_pylist()
     index += read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist()
     assert sorted(index) == kept
+
+
+def test_select_takes_the_clips_missing_from_the_cache_from_the_shards(curated, tmp_path, capsys):
+    """An OUT copied without its hidden .work (`cp -r OUT/* COPY/`), or whose .work was deleted to save its
+    copy of every clip: select encoded every kept clip again from the footage, and where the footage was
+    not at hand it stopped, though the shards held every clip. The clips a select rejects stay in the
+    cache for the next one."""
+    import tarfile
+
+    from manifests.io import manifest_config
+
+    def clips_in_shards(out):
+        clips = {}
+        for split in ("train", "eval"):
+            for shard in list_shards(out / "shards" / split):
+                with tarfile.open(shard) as tar:
+                    clips.update({m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".mp4")})
+        return clips
+
+    copy = tmp_path / "out"
+    shutil.copytree(curated["out"], copy, ignore=shutil.ignore_patterns(".work", ".lock"))
+    before = clips_in_shards(copy)
+    kept = [r for r in read_manifest(copy / "manifest.parquet").to_pylist() if r["status"] == "kept"]
+    threshold = sorted(r["motion_mean"] for r in kept)[len(kept) // 2]
+    default = manifest_config(copy / "manifest.parquet")["motion"]["min"]
+    moved = curated["root"] / "footage_moved"
+    curated["footage"].rename(moved)
+    capsys.readouterr()
+    try:
+        assert select_main([str(copy), "--set", f"motion.min={threshold}"]) == 0
+        said = capsys.readouterr()
+        assert f"write: {len(before)} clips not in the clip cache taken from this OUT's shards" in said.err
+        assert "[write]" not in said.out + said.err  # nothing encoded
+        assert 0 < len(clips_in_shards(copy)) < len(before)
+        assert select_main([str(copy), "--set", f"motion.min={default}", "--quiet"]) == 0
+    finally:
+        moved.rename(curated["footage"])
+    assert clips_in_shards(copy) == before
 
 
 def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(
