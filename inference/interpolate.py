@@ -542,6 +542,28 @@ def warn_far_from_training(size: tuple[int, int], name: str = "") -> bool:
     return True
 
 
+FAR_UPSCALE = 4  # a keyframe scaled up more than this many times to the frame is warned about
+
+
+def warn_upscaled(keyframe: tuple[int, int], size: tuple[int, int], name: str = "") -> bool:
+    """Warn (and say True) when a keyframe (height, width) is much smaller than the frame it is scaled to: a
+    1x1 or thumbnail-sized picture became a 320-pixel frame of blur, and nothing said why."""
+    factor = min(size) / max(min(keyframe), 1)
+    if factor <= FAR_UPSCALE:
+        return False
+    log.warning(
+        "%skeyframe %dx%d is scaled up %.0fx to the %dx%d frame, so the in-betweens have no more detail than it:"
+        " give larger keyframes, or a smaller --short-side",
+        f"{name}: " if name else "",
+        keyframe[1],
+        keyframe[0],
+        factor,
+        size[1],
+        size[0],
+    )
+    return True
+
+
 def warn_long_prompts(jobs: list[Job]) -> None:
     """The text encoder reads 77 tokens (75 of the prompt); a longer prompt is cut there, as the reference
     does. Said, so that a detail at the end of a long prompt is not believed to be used."""
@@ -568,6 +590,7 @@ def prepare_frames(job: Job, size: tuple[int, int] | None, short_side: int, mult
     target = size or frame_size(h, w, short_side, multiple)
     check_size(target, multiple)
     warn_far_from_training(target, job.name)
+    warn_upscaled(min((img.shape[:2] for img in images), key=min), target, job.name)
     keyframes = [to_model_range(fit_frame(k, target)) for k in images]
     hints = {i: torch.from_numpy(sketch_hint(fit_frame(s, target))) for i, s in job.read_sketches().items()}
     return keyframes, hints, target
@@ -739,6 +762,10 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
         )
         for size in frames:
             warn_far_from_training(size)
+        for job in jobs:
+            target = parse_size(args.size) if args.size else frame_size(*job.size, args.short_side, multiple)
+            if warn_upscaled(job.size, target, job.name if len(jobs) > 1 else ""):
+                break  # once: a batch of thumbnails is told by its first
         print(
             f"frame sizes (sides multiples of {multiple}): "
             + ", ".join(f"{w}x{h} ({_rows(k)})" for (h, w), k in sorted(frames.items()))

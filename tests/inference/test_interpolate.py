@@ -537,7 +537,8 @@ def test_dry_run_checks_the_frame_size_and_warns_of_shapes_and_prompts_far_from_
     files, tmp_path, capsys, caplog, no_device_work
 ):
     """A --size the model cannot take passed the dry run (refused only after loading); a 20:1 pan
-    background ran as a huge frame unlike anything the model saw; a prompt past 75 tokens was cut unsaid."""
+    background ran as a huge frame unlike anything the model saw; a prompt past 75 tokens was cut unsaid;
+    a keyframe far smaller than the frame was scaled up unsaid."""
     root, ckpt, keys = files
     argv = [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), "--dry-run", *FAST]
     assert "frame size 30x60 must be positive multiples of 32" in _error(capsys, [*argv, "--size", "30x60"])
@@ -549,6 +550,13 @@ def test_dry_run_checks_the_frame_size_and_warns_of_shapes_and_prompts_far_from_
         assert cli.main([str(pan), str(pan), "--prompt", long_prompt, *argv[2:]]) == 0
     assert "frame 320x32 is 10.0:1; the model was trained on 1.6:1 frames" in caplog.text
     assert "prompts longer than 75 tokens are cut there: the prompt (120 tokens)" in caplog.text
+    assert "scaled up" not in caplog.text  # 40 pixels high to 32
+    dot = tmp_path / "dot.png"  # a 1x1 picture became a 32x32 (at the default, 320x320) frame unsaid
+    Image.new("RGB", (1, 1), "white").save(dot)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inbetweener.interpolate"):
+        assert cli.main([str(dot), str(dot), *argv[2:]]) == 0
+    assert "keyframe 1x1 is scaled up 32x to the 32x32 frame" in caplog.text
 
 
 def test_a_file_that_is_not_an_image(files, tmp_path, capsys, no_device_work):
