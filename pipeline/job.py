@@ -55,7 +55,7 @@ from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
 from pipeline.stages.write import EncodeSource, save_clip, swap_in, write_shards
-from pipeline.video import is_local, local_path
+from pipeline.video import is_local, local_path, says_missing, source_exists
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
 SPLIT_HISTORY = "split_history.parquet"  # what was in train and eval (split.sticky)
@@ -240,11 +240,13 @@ class CurateJob:
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
         changed = self._thresholds_changed()
+        back = self._back_again(sources)
         if (
             done_file.exists()
             and manifest.exists()
             and json.loads(done_file.read_text()).get("key") == done_key
             and not changed  # `select` rewrote the manifest since: decided again
+            and not back  # a source that was not there is now: scored and written
         ):
             try:
                 table = read_manifest(manifest)
@@ -257,12 +259,52 @@ class CurateJob:
                 return result
         self._say_leaving(sources)
         self._say_thresholds_changed(changed)
+        self._rescore_back_again(back)
         given_up = self._score(sources)
         table = self._load_parts(sources)
         result = self.finalize(table)
         if not given_up and not self._encodes_given_up:  # a rerun tries them again: not a no-op
             write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
+
+    def _back_again(self, sources: list[str]) -> list[str]:
+        """Sources among `sources` that this OUT's manifest has as not there (error rows saying `no such file`,
+        `no such object`, ...: a disk not mounted, footage moved away or deleted mid-job, a store out of reach)
+        and that are there now. The rerun of a finished job was a no-op that kept them error rows for good,
+        unless --restart scored everything again."""
+        manifest = self.out / "manifest.parquet"
+        if not manifest.is_file():
+            return []
+        try:
+            rows = pq.read_table(manifest, columns=["source_uri", "status", "reason"]).to_pylist()
+        except (pa.ArrowInvalid, OSError, KeyError):
+            return []
+        current = set(sources)
+        missed = {
+            _absolute(r["source_uri"])
+            for r in rows
+            if r["status"] == "error" and says_missing(r["reason"]) and _absolute(r["source_uri"]) in current
+        }
+        return sorted(uri for uri in missed if source_exists(uri))
+
+    def _rescore_back_again(self, back: list[str]) -> None:
+        """Sources that were not there when they were to be scored (their part is error rows only) are
+        scored again; those missing only when their clips were to be written keep their scores, and their
+        kept clips, not in the clip cache, are encoded."""
+        if not back:
+            return
+        for uri in back:
+            part = self.parts / f"{uri_key(uri)}.parquet"
+            try:
+                statuses = pq.read_table(part, columns=["status"]).column("status").to_pylist()
+            except (pa.ArrowInvalid, OSError, KeyError):
+                continue
+            if all(status == "error" for status in statuses):
+                part.unlink(missing_ok=True)
+        self._say(
+            f"{len(back)} source(s) that were not there when {self.out / 'manifest.parquet'} was written are"
+            f" there now (e.g. {back[0]}): curated this time"
+        )
 
     def _leaving(self, sources: list[str]) -> tuple[list[str], int, int]:
         """Sources of this OUT's manifest that are not among `sources` (an input left out, a file deleted,

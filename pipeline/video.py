@@ -56,6 +56,29 @@ class SourceMissing(SourceError):
     """A source that is not there (moved, deleted, a store out of reach): not a fault of its content."""
 
 
+def says_missing(reason: str | None) -> bool:
+    """Whether an error row's reason (`stage: why`) is a `SourceMissing`: the source was not there then (a
+    disk not mounted, a file moved away mid-job, a store out of reach), so a rerun looks for it again."""
+    why = (reason or "").split(": ", 1)[-1]
+    if why.startswith("cannot open as video"):  # open_container: the file was there, its content is bad
+        return False
+    return why.startswith(("no such file: ", "no such object: ", "broken link: ", "cannot open "))
+
+
+def source_exists(uri: str) -> bool:
+    """Whether a source is there now (a local path, or an object an fsspec store can see); a store that
+    cannot be asked (offline, no credentials) says no."""
+    if is_local(uri):
+        return os.path.isfile(local_path(uri))
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return bool(fs.isfile(path))
+    except Exception:  # noqa: BLE001 - unreachable: not there for this run
+        return False
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 

@@ -696,6 +696,61 @@ def test_select_without_the_sources_changes_nothing_and_write_errors_are_tried_a
     assert sorted(index) == kept
 
 
+def test_a_source_missing_in_a_run_is_curated_by_the_rerun_once_it_is_back(tmp_path, capsys):
+    """A source that was not there (a disk not mounted, footage moved away or deleted mid-job) is an error
+    row; the rerun of that finished job was a no-op even once it was back, so it stayed one for good (only
+    --restart, scoring everything again, took it). Still missing, the rerun is a no-op as before."""
+    from pipeline.cli import _saved_config
+    from pipeline.config import config_from_dict
+    from pipeline.job import CurateJob
+
+    footage, out, away = tmp_path / "footage", tmp_path / "out", tmp_path / "away.mp4"
+    samples.generate_footage(footage, size=(128, 80))
+    episode = footage / "episode_02.mp4"
+    manifest = out / "manifest.parquet"
+    args = [
+        *map(str, sorted(footage.glob("*.mp4"))),
+        "--out",
+        str(out),
+        "--skip",
+        "text,aesthetic,caption,alignment",
+    ]
+    episode.rename(away)
+
+    def rows_of_episode():
+        return [r for r in read_manifest(manifest).to_pylist() if r["source_uri"] == str(episode)]
+
+    assert curate_main(args) == 0
+    assert [r["reason"] for r in rows_of_episode()] == [f"probe: no such file: {episode}"]
+    capsys.readouterr()
+    assert curate_main(args) == 0 and "nothing to do" in capsys.readouterr().err  # still missing
+    away.rename(episode)
+    assert curate_main(args) == 0
+    said = capsys.readouterr().err
+    assert "nothing to do" not in said and "1 source(s) that were not there" in said
+    kept = sorted(r["clip_id"] for r in rows_of_episode() if r["status"] == "kept")
+    assert kept and all(r["status"] != "error" for r in rows_of_episode())
+    # gone again when its clips were to be written (as when the shards and the clip cache are gone):
+    # write error rows, which the rerun writes once it is back
+    shutil.rmtree(out / ".work" / "clips")
+    for split in ("train", "eval"):
+        for shard in list_shards(out / "shards" / split):
+            shard.unlink()
+    episode.rename(away)
+    config = config_from_dict(_saved_config(manifest))
+    config.run.progress = False
+    CurateJob([], out, config).finalize(read_manifest(manifest))
+    assert {r["reason"] for r in rows_of_episode() if r["clip_id"] in kept} == {
+        f"write: no such file: {episode}"
+    }
+    away.rename(episode)
+    assert curate_main(args) == 0 and "nothing to do" not in capsys.readouterr().err
+    assert sorted(r["clip_id"] for r in rows_of_episode() if r["status"] == "kept") == kept
+    index = read_shard_index(out / "shards" / "train")["clip_id"].to_pylist()
+    index += read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist()
+    assert set(kept) <= set(index)
+
+
 def test_select_takes_the_clips_missing_from_the_cache_from_the_shards(curated, tmp_path, capsys):
     """An OUT copied without its hidden .work (`cp -r OUT/* COPY/`), or whose .work was deleted to save its
     copy of every clip: select encoded every kept clip again from the footage, and where the footage was
