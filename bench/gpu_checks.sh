@@ -52,8 +52,10 @@
 #             baseline (the fourth run's form: biases after the GEMMs, patch embedding a convolution,
 #             whole last block, looped reductions), and a profiler table of one call of the fastest
 #             form (how busy the GPU was, then its kernels); then the fastest form and alignment at
-#             more clips per call (CPC, default 256,1024; the stages' own: 64 and 128): the fifth run
-#             (H200) found the GPU idle 19% of a 64-clip call, at the call's start and end.
+#             more clips per call (CPC, default 256,1024; the stages' own: 256 and 128 since the fifth
+#             run, 64 and 128 before); the alignment stage with its captions tokenized in Rust (the
+#             same ids as open_clip's), then its text tower compiled and replayed as CUDA graphs
+#             (alignment.compile, alignment.cuda_graph), and the fastest forms of both together.
 # Other parts, run when their limits are set:
 #   T_BESIDE: the plain-layout compiled rectify step in the background from the start, on half the
 #             CPUs, beside the sample on the other half (the fourth run's plan: 514 s in all). Its first

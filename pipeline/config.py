@@ -382,13 +382,15 @@ def _validate(config: CurateConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if config.aesthetic.enabled and config.aesthetic.compile:  # only then is torch worth importing here
-        from pipeline.stages.aesthetic import check_compile_backend
+    for name in ("aesthetic", "alignment"):
+        stage = getattr(config, name)
+        if stage.enabled and stage.compile:  # only then is torch worth importing here
+            from pipeline.stages.aesthetic import check_compile_backend
 
-        try:
-            check_compile_backend(config.aesthetic.compile, "aesthetic.compile")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+            try:
+                check_compile_backend(stage.compile, f"{name}.compile")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
 
 
 def parse_set(items: list[str]) -> dict[str, dict]:

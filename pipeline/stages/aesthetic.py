@@ -234,24 +234,33 @@ class FrameUploader:
         return x
 
 
-def encode_text_trimmed(net, tokens):
-    """open_clip's `encode_text` over only the token positions that can reach the pooled feature.
+def text_positions(net, tokens, multiple: int = 1) -> int | None:
+    """How many leading token positions reach some caption's pooled feature, rounded up to `multiple`
+    and at most the context length; None for a text tower of another kind.
 
     CLIP's text tower is causal and pools the end-of-text token, so the padding after the longest
-    caption's end-of-text never reaches any caption's feature: the tower runs on the first n
-    positions (n = the last end-of-text position + 1) instead of all 77, the same result for ~4x
-    fewer FLOPs with a caption of ~15 words. Models of another kind (no causal mask, another
-    pooling) take open_clip's own path."""
+    caption's end-of-text never reaches any caption's feature: the tower runs on the first n positions
+    (n = the last end-of-text position + 1) instead of all 77, the same result for ~4x fewer FLOPs
+    with a caption of ~15 words (`text_features`). Models of another kind (no causal mask, another
+    pooling) take open_clip's own `encode_text`. Tokens on the host cost no wait for the device."""
     pool = getattr(net, "text_pool_type", None)
     mask = getattr(net, "attn_mask", None)
     if pool not in ("argmax", "eos") or mask is None or not hasattr(net, "positional_embedding"):
-        return net.encode_text(tokens)
-    from open_clip.transformer import text_global_pool  # an open_clip model: open_clip is there
-
+        return None
     eos = getattr(net, "text_eos_id", None)
     ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
     n = int(ends.max()) + 1
-    tokens = tokens[:, :n]
+    return min(-(-n // multiple) * multiple, tokens.shape[1])
+
+
+def text_features(net, tokens):
+    """The text tower of an open_clip model of `text_positions`' kind over all of `tokens`' positions
+    (already cut to the ones that matter): pooled, projected features [n, D]. Nothing waits for the
+    device, so a CUDA graph records it whole."""
+    from open_clip.transformer import text_global_pool  # an open_clip model: open_clip is there
+
+    n = tokens.shape[1]
+    pool, mask, eos = net.text_pool_type, net.attn_mask, getattr(net, "text_eos_id", None)
     cast = net.transformer.get_cast_dtype()
     x = net.token_embedding(tokens).to(cast) + net.positional_embedding[:n].to(cast)
     x = net.ln_final(net.transformer(x, attn_mask=mask[:n, :n]))

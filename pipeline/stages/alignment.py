@@ -21,6 +21,7 @@ written caption of the same frame; raise it with `select`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +35,19 @@ from pipeline.models import (
     pick_dtype,
     resolve_models_dir,
 )
-from pipeline.stages.aesthetic import clip_weight_file, encode_frames, encode_text_trimmed, load_clip
+from pipeline.stages.aesthetic import (
+    _padded,
+    check_compile_backend,
+    clip_weight_file,
+    encode_frames,
+    load_clip,
+    text_features,
+    text_positions,
+)
 from pipeline.stages.base import Stage
 from pipeline.stages.clip_tokens import clip_tokenizer
 
+TEXT_POSITIONS = 16  # a compiled or graphed text tower runs over a multiple of this many positions
 ALIGNMENT_MIN = 0.18  # default alignment.min: reject clips whose worst frame/caption cosine is below this
 
 
@@ -50,8 +60,11 @@ class AlignmentStage(Stage):
     precision: str = "auto"  # auto = fp16 on GPU, fp32 on CPU
     batch_size: int = 128  # clips (captions) per call
     num_gpus: float = 0.25  # the text tower is small; set 0 on machines without GPU
+    compile: str = ""  # a torch.compile backend for the text tower ("inductor" on GPU); "": eager
+    cuda_graph: bool = False  # GPU only: replay each text-tower forward as a CUDA graph
 
     name = "alignment"
+    _graphed = None  # set by tune_text_tower(): the CUDA-graph replay of each text forward
     reads = ("clip_image_emb", "keyframes")  # keyframes only where the aesthetic stage did not run
     num_cpus = 1.0
 
@@ -66,6 +79,23 @@ class AlignmentStage(Stage):
         self._tokenizer = clip_tokenizer(self.clip_model)  # open_clip's ids, its BPE in Rust
         self._model = f"open_clip {self.clip_model}/{self.clip_pretrained}"
         self._sha256 = file_sha256(root / clip_file(self.clip_model, self.clip_pretrained).path, root)
+        self.tune_text_tower()
+
+    def tune_text_tower(self) -> None:
+        """`compile`: the text transformer torch.compile'd in place with static shapes; `cuda_graph` on a
+        CUDA device: each text forward recorded once per shape and replayed (one launch instead of
+        ~200: the tower's GPU work for a batch of captions is well under a millisecond, its launches are
+        not). Either way a forward sees `batch_size` captions (a short batch padded) over a multiple of
+        TEXT_POSITIONS positions: a few shapes in all (5 for CLIP's 77)."""
+        from inference.cuda_graph import GraphedCall
+
+        tower = self._clip.transformer
+        if self.compile and getattr(tower, "_compiled_call_impl", None) is None:  # once per tower
+            check_compile_backend(self.compile, "alignment.compile")
+            tower.compile(backend=self.compile, dynamic=False)
+        self._graphed = None
+        if self.cuda_graph and GraphedCall.applies(self._device):
+            self._graphed = GraphedCall(functools.partial(_text_embedding, self._clip))
 
     def text_embeddings(self, captions: list[str], trim: bool = True) -> np.ndarray:
         """Captions -> L2-normalised CLIP text embeddings, float32 [n, D]. `trim=False` runs the text
@@ -73,9 +103,22 @@ class AlignmentStage(Stage):
         import torch
 
         with torch.inference_mode():
-            tokens = self._tokenizer(captions).to(self._device)  # [n, context_length]
-            emb = encode_text_trimmed(self._clip, tokens) if trim else self._clip.encode_text(tokens)
-            return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+            tokens = self._tokenizer(captions)  # [n, context_length], on the host
+            fixed = bool(self.compile) or self._graphed is not None
+            n = text_positions(self._clip, tokens, TEXT_POSITIONS if fixed else 1) if trim else None
+            if n is None:  # every position (the baseline), or a tower of another kind
+                emb = self._clip.encode_text(tokens.to(self._device))
+                return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+            tokens = tokens[:, :n].to(self._device)
+            if not fixed:
+                return _text_embedding(self._clip, tokens).cpu().numpy()
+            embed = self._graphed or functools.partial(_text_embedding, self._clip)
+            size = self.batch_size
+            parts = []
+            for i in range(0, len(tokens), size):
+                part = tokens[i : i + size]
+                parts.append(embed(_padded(part, size))[: len(part)])
+            return torch.cat(parts).cpu().numpy()
 
     def process_rows(self, rows: list[dict]):
         todo = [
@@ -113,3 +156,10 @@ class AlignmentStage(Stage):
                 "clip_sim_min": min(first, mid, last),
                 **add_lineage(row, self.name, self._model, self._sha256),
             }
+
+
+def _text_embedding(net, tokens):
+    """Tokens cut to the positions that matter -> L2-normalised text embeddings, float32 [n, D]."""
+    import torch
+
+    return torch.nn.functional.normalize(text_features(net, tokens).float(), dim=-1)

@@ -71,6 +71,11 @@ def test_bench_measures_other_forward_sizes_and_the_compiled_tower_beside_eager(
     assert results["stages"]["alignment_3_per_call"]["batch_size"] == 3
     assert results["3_per_call_plus_alignment_clips_per_s"] > 0
     assert "3 clips per call, the fastest aesthetic form + alignment together" in printed
+    # the fastest forms together (the text tower's compiled forms need open_clip's tower: not here)
+    assert "alignment_compiled" not in results["stages"]
+    best = results["fastest_forms_together"]
+    assert best["alignment"] == "alignment" and best["clips_per_s"] > 0
+    assert best["aesthetic"] in results["stages"] and "the fastest forms at the stages' own" in printed
 
 
 @pytest.mark.parametrize(

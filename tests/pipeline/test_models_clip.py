@@ -290,6 +290,57 @@ def test_cuda_graph_gets_one_input_shape_and_gives_the_eager_embeddings(models):
 def test_unknown_compile_backend_is_a_config_error_before_any_work():
     from pipeline.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="aesthetic.compile"):
-        load_config(sets=["aesthetic.compile=nope"])
-    assert load_config(sets=["aesthetic.compile=inductor"]).aesthetic.compile == "inductor"
+    for name in ("aesthetic", "alignment"):
+        with pytest.raises(ConfigError, match=f"{name}.compile"):
+            load_config(sets=[f"{name}.compile=nope"])
+        assert getattr(load_config(sets=[f"{name}.compile=inductor"]), name).compile == "inductor"
+
+
+def test_compiled_or_graphed_text_tower_meets_few_shapes_and_gives_the_eager_embeddings(models):
+    """alignment.compile / alignment.cuda_graph: the text tower sees batch_size captions (a short batch
+    padded, a long one in parts) over a multiple of 16 positions, so it compiles or records a few
+    shapes, not one per batch and caption length; the embeddings are the eager ones. On the CPU the
+    graph option does nothing; a spy with GraphedCall's contract stands in for it."""
+    import torch
+    from torch._dynamo import register_backend
+
+    from pipeline.stages.alignment import _text_embedding
+
+    shapes = []
+
+    @register_backend(name="inbetweener_test_text_shapes")
+    def counting(graph, example_inputs):
+        shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    def stage(**settings) -> AlignmentStage:
+        s = AlignmentStage(
+            clip_model=TINY, clip_pretrained=TAG, models_dir=str(models), device="cpu", **settings
+        )
+        s.setup()
+        return s
+
+    captions = ["a cat", "a cartoon dog runs across a sunny meadow at noon with a red ball", "word " * 40]
+    eager = stage()
+    want = eager.text_embeddings(captions)
+    torch._dynamo.reset()
+    compiled = stage(compile="inbetweener_test_text_shapes", batch_size=2)
+    graphed = stage(cuda_graph=True, batch_size=2)
+    assert graphed._graphed is None  # no CUDA device: the option does nothing
+    replayed = []
+
+    def replay(tokens):
+        replayed.append(tuple(tokens.shape))
+        return _text_embedding(graphed._clip, tokens)
+
+    graphed._graphed = replay
+    for s in (compiled, graphed):
+        for batch in ([0], [0, 1], [0, 1, 2]):
+            got = s.text_embeddings([captions[i] for i in batch])
+            np.testing.assert_allclose(got, want[batch], atol=2e-6)
+    # 1 caption of 3 tokens -> 2 x 16; 2 captions (16 tokens) -> 2 x 16; 3 (the third 42) -> 2 x 48, twice
+    assert replayed == [(2, 16), (2, 16), (2, 48), (2, 48)]
+    compiled_shapes = sorted(
+        {s for graph in shapes for s in graph if len(s) == 3}
+    )  # [batch, positions, width]
+    assert compiled_shapes == [(2, 16, 32), (2, 48, 32)]
