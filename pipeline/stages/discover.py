@@ -100,16 +100,20 @@ def _expand(item: str, reading: frozenset[str] = frozenset()) -> list[str]:
     return [str(path)]
 
 
-def _walk(root: Path) -> list[str]:
+def _walk(root: Path, seen: set[str] | None = None, within: str | None = None) -> list[str]:
     """The videos below a folder, not hidden, following links to folders once each (by their real path),
     but never a link to the folder itself or one above it (`up -> ..`, a link to `/`: the walk would leave
     the input, or take the whole disk). A broken link to a video (a disk not mounted, git-annex content not
-    fetched) is kept: its error row says so."""
-    out, seen = [], set()
+    fetched) is kept: its error row says so. `seen`: real paths of folders walked already (shared by the
+    walks of one glob's folders); `within`: a folder (real path) whose walks these are, never walked
+    again through a link, nor any folder above it."""
+    out, seen = [], set() if seen is None else seen
     top = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        above = folder != str(root) and os.path.commonpath([real, top]) == real
+        above = folder != str(root) and any(
+            os.path.commonpath([real, t]) == real for t in (top, within) if t is not None
+        )
         if real in seen or above:  # a link back to a folder walked already, or out of the input
             dirs[:] = []
             continue
@@ -157,9 +161,10 @@ def _list_file(path: Path, reading: frozenset[str] = frozenset()) -> list[str]:
 
 def _glob_local(pattern: Path) -> list[str]:
     """The video files a local glob matches (`in/*` leaves out the .srt and .jpg beside the videos, as a
-    folder input does). `**` does not follow links to folders (the standard library's glob does, and a
-    link to a parent folder made it search forever); as with the shell, a hidden name matches only a
-    pattern part that starts with "." itself."""
+    folder input does), and the videos in the folders it matches (`footage/season*`, quoted or from a list
+    file, gave nothing: the shell hands those folders over, and a folder is searched). `**` does not follow
+    links to folders (the standard library's glob does, and a link to a parent folder made it search
+    forever); as with the shell, a hidden name matches only a pattern part that starts with "." itself."""
     parts = pattern.parts
     # the leading folders that exist as named are the root, brackets and all: a folder "[Group] Show"
     # is itself, not a character class (as a path that exists is, `discover`)
@@ -172,13 +177,17 @@ def _glob_local(pattern: Path) -> list[str]:
     # `in/*` or `ep*`: the videos among what matches; `*.y4m` names its extension: what it matches
     suffix = Path(rest[-1]).suffix
     named = bool(suffix) and not glob.has_magic(suffix)
-    return sorted(
-        str(p)
-        for p in root.glob(str(Path(*rest)))
-        if _file_or_broken_link(p)
-        and (named or _is_video(p.name))
-        and (dotted or not _hidden(p.relative_to(root).parts))
-    )
+    out: list[str] = []
+    walked: set[str] = set()  # each folder once, whichever matched folders lead to it
+    within = os.path.realpath(root)
+    for p in sorted(root.glob(str(Path(*rest)))):
+        if not dotted and _hidden(p.relative_to(root).parts):
+            continue
+        if p.is_dir():
+            out += _walk(p, walked, within)
+        elif _file_or_broken_link(p) and (named or _is_video(p.name)):
+            out.append(str(p))
+    return sorted(set(out))
 
 
 def _is_video(name: str) -> bool:
@@ -202,18 +211,25 @@ def _expand_remote(uri: str) -> list[str]:
 
     try:
         check_backend(uri)
-        fs, _, paths = fsspec.get_fs_token_paths(uri)
+        fs, target = fsspec.core.url_to_fs(uri)
         protocol = uri.split("://", 1)[0]
-        if any(ch in uri for ch in "*?["):
-            return sorted(f"{protocol}://{p}" for p in paths)
-        target = paths[0]
+        # an object whose key has glob characters (`[Group] Show 01.mkv`, `what?.mp4`) is itself; an http
+        # URL's `?` is its query
+        if glob.has_magic(target) and protocol not in ("http", "https") and not fs.exists(target):
+            # the objects it matches, and the videos under the prefixes it matches (`s3://b/season*`: they
+            # were sources, each an error row)
+            # (a hidden name, `._a.mp4` or `.trash/`, only where the pattern names it, as a local glob)
+            found: set[str] = set()
+            parts = target.rstrip("/").split("/")
+            first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            dotted = any(part.startswith(".") for part in parts[first:])
+            for path, info in fs.glob(target, detail=True).items():
+                if not dotted and _hidden(path.rstrip("/").split("/")[first:]):
+                    continue
+                found.update(_remote_videos(fs, path) if info.get("type") == "directory" else [path])
+            return sorted(f"{protocol}://{p}" for p in found)
         if fs.isdir(target):
-            root = target.rstrip("/") + "/"
-            return sorted(
-                f"{protocol}://{p}"
-                for p in fs.find(target)
-                if _is_video(p) and not _hidden(p[len(root) :].split("/") if p.startswith(root) else [p])
-            )
+            return sorted(f"{protocol}://{p}" for p in _remote_videos(fs, target))
     except MissingBackendError as exc:
         raise ConfigError(str(exc)) from exc
     except (
@@ -221,6 +237,16 @@ def _expand_remote(uri: str) -> list[str]:
     ) as exc:  # the store's own error (offline, denied, no such bucket): one line, no traceback
         raise ConfigError(f"{uri}: cannot list it: {type(exc).__name__}: {exc}") from exc
     return [uri]
+
+
+def _remote_videos(fs, target: str) -> list[str]:
+    """The videos below a prefix of an fsspec store, not hidden."""
+    root = target.rstrip("/") + "/"
+    return [
+        p
+        for p in fs.find(target)
+        if _is_video(p) and not _hidden(p[len(root) :].split("/") if p.startswith(root) else [p])
+    ]
 
 
 @dataclass

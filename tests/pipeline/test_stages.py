@@ -89,7 +89,7 @@ def test_discover_as_users_lay_out_footage(tmp_path, monkeypatch, capsys):
         str(root / r) for r in ("bluray/00001.m2ts", "disc/VTS_01_1.VOB", "ep1.mp4", "season2/s2e1.mkv")
     ]
     assert discover([str(root)]) == videos
-    assert discover([str(root / "*")]) == [str(root / "ep1.mp4")]  # a glob takes videos only
+    assert discover([str(root / "*")]) == videos  # a glob takes videos only, and searches the folders matched
     assert discover([str(root / "notes.txt")]) == [] and "not a list of sources" in capsys.readouterr().err
     listed = tmp_path / "list.txt"
     listed.write_bytes("\ufeffin/ep1.mp4\n".encode())  # saved by Notepad
@@ -117,6 +117,36 @@ def test_discover_as_users_lay_out_footage(tmp_path, monkeypatch, capsys):
     latin.write_bytes(b"in/caf\xe9.mp4\n")  # a list saved in Latin-1: the name is said, not "missing"
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         discover([str(latin)])
+
+
+def test_a_glob_that_matches_folders_searches_them_locally_and_in_a_store(tmp_path):
+    """`footage/season*` quoted (or in a list file) gave nothing: the shell hands the folders it matches
+    over, and a folder is searched; a glob took only files. In a store the prefixes it matched were sources,
+    each an error row. Each folder is searched once, never through a link back to the glob's folder."""
+    import fsspec
+
+    for rel in ["season1/e1.mp4", "season1/extras/x.mkv", "season1/e1.srt", "season2/e2.mp4", ".old/e0.mp4"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "season2" / "up").symlink_to(tmp_path)
+    (tmp_path / "season3").symlink_to(tmp_path / "season1")  # the same folder: searched once
+    expected = [str(tmp_path / r) for r in ("season1/e1.mp4", "season1/extras/x.mkv", "season2/e2.mp4")]
+    unmatched: list[str] = []
+    assert discover([str(tmp_path / "season*")], unmatched) == expected and unmatched == []
+    assert discover([str(tmp_path / "seaso?2")]) == [str(tmp_path / "season2/e2.mp4")]
+    fs = fsspec.filesystem("memory")
+    for rel in ["season1/e1.mp4", "season1/extras/x.mkv", "season1/notes.txt", "season1/.Trash/t.mp4"]:
+        fs.pipe(f"/globbed/{rel}", b"x")
+    fs.pipe("/globbed/season2/e2.mp4", b"x")
+    fs.pipe("/globbed/season2/._e2.mp4", b"macOS resource fork")
+    fs.pipe("/globbed/[x] e3.mp4", b"x")  # an object whose key has glob characters is itself
+    found = [f"memory:///globbed/{r}" for r in ("season1/e1.mp4", "season1/extras/x.mkv", "season2/e2.mp4")]
+    assert discover(["memory://globbed/season*"]) == discover(["memory://globbed/seaso?[12]/"]) == found
+    assert discover(["memory://globbed/season2/*"]) == ["memory:///globbed/season2/e2.mp4"]
+    assert discover(["memory://globbed/[x] e3.mp4"]) == ["memory://globbed/[x] e3.mp4"]
+    assert discover(["memory://globbed/nothing*"], unmatched) == [] and unmatched == [
+        "memory://globbed/nothing*"
+    ]
 
 
 def test_discover_reads_object_store_uris():
