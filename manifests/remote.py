@@ -10,6 +10,7 @@ is used, so local runs never need it.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 CLOUD_EXTRA = "pip install 'inbetweener[cloud]'"
@@ -40,6 +41,13 @@ def local_path(uri: str) -> str:
         path = path[len("localhost") :]
     # not urlsplit: a name with a bare `#` or `?` is a path, not a fragment or a query
     return unquote(path, errors="surrogateescape")
+
+
+def expand_home(text: str) -> str:
+    """A leading `~` (`~/footage`, `~user/footage`) is the home folder, as the shell makes it of an unquoted
+    word: quoted, or as `--out=~/run` (bash leaves that `~`), it was a folder named `~` in the working
+    folder, which curate wrote its OUT under (and a later `rm -r ~...` to clean it up is a disaster)."""
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 def protocol_of(url: str) -> str:
@@ -79,9 +87,9 @@ def no_empty_path(text: str) -> str:
 def not_a_url(text: str) -> str:
     """argparse type of the input files and folders read whole (keyframes, checkpoints, the models dir): a
     URL is refused by name, instead of being folded by Path() into a missing local `s3:/...` file. A
-    `file://` URL is its local path."""
+    `file://` URL is its local path; a leading `~` the home folder (`expand_home`)."""
     no_empty_path(text)
-    text = local_path(text)
+    text = expand_home(local_path(text))
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; this reads local files: download it (or mount the bucket) and give its path"
@@ -97,9 +105,9 @@ def local_input(text: str) -> Path:
 def local_folder(text: str) -> Path:
     """argparse type of the output folders (`--out`, select's and report's OUT): a local path. A URL is
     refused by name: Path() would fold s3://bucket/run into a local folder `s3:/bucket/run`, and the job
-    would write there. A `file://` URL is its local path."""
+    would write there. A `file://` URL is its local path; a leading `~` the home folder (`expand_home`)."""
     no_empty_path(text)
-    text = local_path(text)
+    text = expand_home(local_path(text))
     if "://" in text:
         raise argparse.ArgumentTypeError(
             f"{text} is a URL; outputs go to a local folder (or a bucket mounted as one): give its path, and"

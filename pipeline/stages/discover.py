@@ -17,7 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from manifests.keys import clip_id, source_id_from_stream
-from manifests.remote import local_path
+from manifests.remote import expand_home, local_path
 from pipeline.stages.base import Stage
 from pipeline.video import (
     VIDEO_EXTENSIONS,
@@ -89,7 +89,7 @@ def _printable(text: str) -> str:
 def _expand(item: str, reading: frozenset[str] = frozenset()) -> list[str]:
     if not is_local(item):
         return _expand_remote(item)
-    path = Path(os.path.abspath(local_path(item)))
+    path = Path(os.path.abspath(expand_home(local_path(item))))
     # a path that exists is itself, brackets and all (`[Group] Show - 01 [1080p].mkv` matched nothing)
     if glob.has_magic(str(path)) and not os.path.lexists(path):
         return _glob_local(path)

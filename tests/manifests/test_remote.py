@@ -89,6 +89,23 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_leading_tilde_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
+    """`--out=~/runs/r1` (bash leaves that `~`) or a quoted `"~/footage"`: curate wrote its OUT into a folder
+    named `~` in the working folder, and looked for the footage there."""
+    home = tmp_path / "home"
+    (home / "footage").mkdir(parents=True)
+    (home / "footage" / "ep1.mp4").write_bytes(b"x")
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "work")
+    assert local_folder("~/runs/r1") == home / "runs" / "r1" and not_a_url("~/m.ckpt") == f"{home}/m.ckpt"
+    assert discover(["~/footage"]) == discover(["~/footage/*.mp4"]) == [str(home / "footage" / "ep1.mp4")]
+    assert curate_main(["~/footage", "--out=~/runs/r1", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert f"output: {home / 'runs' / 'r1'} " in said and str(home / "footage" / "ep1.mp4") in said
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 def test_curate_stops_before_any_work_on_a_missing_backend_or_an_unlistable_store(
     no_s3fs, unlistable, tmp_path, capsys
 ):
