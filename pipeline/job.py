@@ -387,6 +387,8 @@ class CurateJob:
         existing = next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             why = "Not a directory" if not existing.is_dir() else "Permission denied"
+            if existing.is_dir() and os.statvfs(existing).f_flag & os.ST_RDONLY:  # as the run says it
+                why = "Read-only file system"
             raise ConfigError(f"--out {self.out} cannot be written: {why}")
         lines = [f"sources: {len(sources)}"]
         local = [u for u in sources if is_local(u) and os.path.isfile(local_path(u))]

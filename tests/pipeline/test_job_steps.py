@@ -376,3 +376,27 @@ def test_a_history_from_that_select_changed_is_a_change_and_a_relative_one_is_it
     monkeypatch.chdir(tmp_path)
     relative = CurateJob(["x"], out, load_config(sets=["split.history_from=v1"]))
     assert relative._thresholds_changed() == []
+
+
+def test_a_dry_run_names_a_read_only_out_as_the_run_does(tmp_path, monkeypatch):
+    """A dry run into a read-only mount said `Permission denied` (the run itself: `Read-only file system`),
+    sending the user to chmod, which cannot help."""
+    import os
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "ep1.mp4").write_bytes(b"x")
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path):
+            self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", ReadOnly)
+    job = CurateJob([str(inputs)], tmp_path / "mnt" / "out", CurateConfig())
+    with pytest.raises(ConfigError, match="out cannot be written: Read-only file system$"):
+        job.plan()
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    with pytest.raises(ConfigError, match="out cannot be written: Permission denied$"):
+        job.plan()
