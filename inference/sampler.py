@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,8 +75,16 @@ class SamplerSettings:
             raise ValueError(f"steps must be in 1..1000, got {self.steps}")
         if self.frames < 2:
             raise ValueError(f"frames must be at least 2 (the two keyframes), got {self.frames}")
-        if self.eta < 0 or self.cfg < 0 or not 0 <= self.guidance_rescale <= 1:
-            raise ValueError("eta and cfg must be >= 0 and guidance_rescale in [0, 1]")
+        if not (0 <= self.eta < math.inf and 0 <= self.cfg < math.inf and 0 <= self.guidance_rescale <= 1):
+            # written so that NaN fails too: a NaN cfg sampled every step before its NaN frames were refused
+            raise ValueError(
+                "eta and cfg must be finite and >= 0 and guidance_rescale in [0, 1], got eta"
+                f" {self.eta}, cfg {self.cfg}, guidance_rescale {self.guidance_rescale}"
+            )
+        if not math.isfinite(self.sketch_scale):
+            raise ValueError(f"sketch_scale must be a finite number, got {self.sketch_scale}")
+        if self.fs < 1:
+            raise ValueError(f"fs (the frame stride) must be >= 1 (trained on 5-30), got {self.fs}")
         if self.decode_chunk is not None and self.decode_chunk < 0:
             raise ValueError(f"decode_chunk must be >= 0 (0: all frames at once), got {self.decode_chunk}")
 

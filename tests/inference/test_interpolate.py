@@ -395,11 +395,17 @@ def _error(capsys, argv) -> str:
     [
         (["--dtype", "bf16"], "--dtype bf16 runs on a GPU; on the CPU the model runs in fp32"),
         (["--decode-chunk", "-2"], "decode_chunk must be >= 0"),
+        (["--cfg", "nan"], "eta and cfg must be finite and >= 0"),
+        (["--eta", "inf"], "eta and cfg must be finite and >= 0"),
+        (["--sketch-scale", "nan"], "sketch_scale must be a finite number, got nan"),
+        (["--fs", "0"], "fs (the frame stride) must be >= 1"),
     ],
-    ids=["half-on-cpu", "negative-chunk"],
+    ids=["half-on-cpu", "negative-chunk", "nan-cfg", "inf-eta", "nan-sketch-scale", "zero-fs"],
 )
 def test_settings_the_cpu_run_cannot_take_are_one_line(flags, message, files, capsys, no_device_work):
-    """Both used to end in torch's traceback mid-run (a dtype clash on the CPU, a negative split size)."""
+    """The first two used to end in torch's traceback mid-run (a dtype clash on the CPU, a negative split
+    size); a NaN or infinite cfg or eta (NaN passed `cfg < 0`) sampled every step before its NaN frames were
+    refused, and a frame stride of 0 or below, outside anything the model was conditioned on, ran."""
     root, ckpt, keys = files
     err = _error(capsys, [str(keys["a"]), str(keys["b"]), "--checkpoint", str(ckpt), *FAST, *flags])
     assert message in err and "Traceback" not in err
