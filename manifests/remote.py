@@ -30,8 +30,8 @@ class MissingBackendError(ValueError):
 
 def local_path(uri: str) -> str:
     """A `file://` URL is its local path, its %-escapes decoded and a `localhost` host dropped (RFC 8089:
-    `Path.as_uri()` and file managers write `file:///ep%2001.mp4` for `/ep 01.mp4`); anything else is
-    returned as given."""
+    `Path.as_uri()` and file managers write `file:///ep%2001.mp4` for `/ep 01.mp4`), or its name as it is
+    written where only that file exists; anything else is returned as given."""
     if not uri.startswith("file://"):
         return uri
     from urllib.parse import unquote
@@ -40,7 +40,12 @@ def local_path(uri: str) -> str:
     if path.lower().startswith("localhost/"):
         path = path[len("localhost") :]
     # not urlsplit: a name with a bare `#` or `?` is a path, not a fragment or a query
-    return unquote(path, errors="surrogateescape")
+    decoded = unquote(path, errors="surrogateescape")
+    # fsspec writes file:// URLs unescaped (`LocalFileSystem.unstrip_protocol`): a name that holds `%20`
+    # itself (as wget saves `Episode%2001.mp4`) is that file, when its decoded name is none
+    if decoded != path and not os.path.lexists(decoded) and os.path.lexists(path):
+        return path
+    return decoded
 
 
 def expand_home(text: str) -> str:

@@ -213,3 +213,11 @@ def test_file_urls_are_decoded_to_the_files_they_name(tmp_path):
         assert discover([url]) == [str(video)]
         assert ProbeStage().process({"source_uri": url})["reason"] == "probe: zero-byte file"
     assert discover([tmp_path.as_uri()]) == [str(video)]
+    # fsspec writes them unescaped: a name holding `%20` itself (wget's) is that file, where it is the one
+    saved = tmp_path / "Episode%2002.mp4"
+    saved.write_bytes(b"")
+    assert fsspec.filesystem("file").unstrip_protocol(str(saved)) == f"file://{saved}"
+    assert discover([f"file://{saved}"]) == [str(saved)]
+    assert ProbeStage().process({"source_uri": f"file://{saved}"})["reason"] == "probe: zero-byte file"
+    (tmp_path / "Episode 02.mp4").write_bytes(b"")  # both there: the URL is read as RFC 8089 says
+    assert discover([f"file://{saved}"]) == [str(tmp_path / "Episode 02.mp4")]
