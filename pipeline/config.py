@@ -258,8 +258,9 @@ def _parse_scalar(text: str):
     return value
 
 
-def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateConfig:
-    """Apply {section: {key: value}} to a config, checking every section, key and value."""
+def apply_overrides(config: CurateConfig, overrides: dict[str, dict], validate: bool = True) -> CurateConfig:
+    """Apply {section: {key: value}} to a config, checking every section, key and value (`validate`: and
+    the settings together, which a config read back from a manifest leaves to the overrides given with it)."""
     for section, values in overrides.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
             known = [f.name for f in dataclasses.fields(config)]
@@ -278,7 +279,8 @@ def apply_overrides(config: CurateConfig, overrides: dict[str, dict]) -> CurateC
                     f" (known: {sorted(fields)})"
                 )
             setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
-    _validate(config)
+    if validate:
+        _validate(config)
     return config
 
 
@@ -341,6 +343,16 @@ def _validate(config: CurateConfig) -> None:
         (0 <= timing.changed_max <= 1, "timing.changed_max must be in [0, 1]"),
         (0 < timing.dominant_share <= 1, "timing.dominant_share must be in (0, 1]"),
         (motion.min is None or motion.min >= 0, "motion.min must be >= 0 (0 keeps still shots too)"),
+        (  # a fraction of the frame: below 0 every clip was rejected, as if text covered them all
+            config.text.max is None or config.text.max >= 0,
+            f"text.max must be >= 0 (the largest fraction of the frame text may cover; 1 or null keeps every"
+            f" clip), got {config.text.max}",
+        ),
+        (  # a cosine similarity: above 1 every clip was rejected
+            config.alignment.min is None or -1 <= config.alignment.min <= 1,
+            f"alignment.min must be in [-1, 1] (a cosine similarity; null keeps every clip), got"
+            f" {config.alignment.min}",
+        ),
         (
             motion.max is None or motion.min is None or motion.max > motion.min,
             "motion.max must be > motion.min (or null: no upper bound)",
@@ -423,5 +435,7 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None) -
     return config
 
 
-def config_from_dict(data: dict) -> CurateConfig:
-    return apply_overrides(CurateConfig(), data)
+def config_from_dict(data: dict, validate: bool = True) -> CurateConfig:
+    """A config saved in a manifest. `validate=False` for select, whose --set may correct a value an earlier
+    version let through (text.max=-0.1 was refused even with --set text.max=0.02), and report."""
+    return apply_overrides(CurateConfig(), data, validate)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_set
+from pipeline.config import ConfigError, CurateConfig, load_config, parse_set
 
 
 def test_set_overrides_fields_with_types():
@@ -43,11 +43,30 @@ def test_yaml_file_overrides(tmp_path):
         (["motion.min=inf"], r"'motion.min': inf is not a finite number"),  # was saved, Infinity in JSON
         (["text.max=nan"], r"'text.max': nan is not a finite number"),  # NaN passes every comparison
         (["motion.min=-1"], r"motion.min must be >= 0 \(0 keeps still shots too\)$"),  # said "or null"
+        (["text.max=-0.1"], r"text.max must be >= 0 .*, got -0.1$"),  # rejected every clip, exit 0
+        (["alignment.min=1.5"], r"alignment.min must be in \[-1, 1\] .*, got 1.5$"),  # the same
     ],
 )
 def test_bad_keys_and_values_name_the_key(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(sets=sets)
+
+
+def test_a_saved_value_now_refused_is_corrected_by_select_and_shown_by_report(tmp_path, capsys):
+    """A manifest written while text.max=-0.1 passed: select refused it even with `--set text.max=0.02`
+    (the saved config was checked before the --set items were applied), and report would not draw it."""
+    from manifests.io import write_manifest
+    from manifests.schema import CLIP_SCHEMA
+    from pipeline.cli import report_main, select_main
+
+    saved = CurateConfig().to_dict()
+    saved["text"]["max"] = -0.1
+    out = tmp_path / "out"
+    write_manifest(CLIP_SCHEMA.empty_table(), out / "manifest.parquet", saved)
+    assert select_main([str(out), "--quiet"]) == 2
+    assert "text.max must be >= 0" in capsys.readouterr().err
+    assert report_main([str(out)]) == 0
+    assert select_main([str(out), "--set", "text.max=0.02", "--quiet"]) == 0
 
 
 def test_bad_yaml_file_names_the_file(tmp_path):
