@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,14 @@ def curate_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit must be >= 1, got {args.limit}")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} is a file; give a folder for the job's output")
+        # a link to a disk not mounted: the run said `File exists`, the dry run nothing (and making its
+        # target would write the job onto the disk the link is on)
+        broken = next((p for p in (args.out, *args.out.parents) if p.is_symlink() and not p.exists()), None)
+        if broken is not None:
+            raise ConfigError(
+                f"--out {args.out}: {broken} is a link to {os.readlink(broken)}, which is not there (a disk not"
+                " mounted?): mount or create it, or give another folder"
+            )
         job = CurateJob(args.inputs, args.out, config, restart=args.restart, limit=args.limit)
         if args.dry_run:
             print(job.plan())

@@ -477,6 +477,23 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert not (out / "manifest.parquet").exists()
 
 
+def test_an_out_through_a_broken_link_is_named_before_any_work(tmp_path, capsys):
+    """`--out` a link (or under a link) to a disk not mounted: the run said `cannot be written: File exists`,
+    and the dry run saw nothing wrong."""
+    (tmp_path / "footage").mkdir()
+    (tmp_path / "footage" / "ep1.mp4").write_bytes(b"x")
+    link = tmp_path / "scratch"
+    link.symlink_to(tmp_path / "unmounted" / "scratch")
+    for out in (link, link / "run1"):
+        for dry in ([], ["--dry-run"]):
+            assert curate_main([str(tmp_path / "footage"), "--out", str(out), *dry, *SKIPS]) == 2
+            assert (
+                f"--out {out}: {link} is a link to {tmp_path / 'unmounted' / 'scratch'}, which is not there"
+                in capsys.readouterr().err
+            )
+    assert not (tmp_path / "unmounted").exists()
+
+
 def test_resume_after_kill_9(tmp_path):
     footage = tmp_path / "footage"
     samples.generate_footage(footage)
