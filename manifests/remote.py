@@ -28,10 +28,25 @@ class MissingBackendError(ValueError):
     """A URL whose protocol's fsspec implementation is not installed (or is unknown to fsspec)."""
 
 
+def lower_scheme(uri: str) -> str:
+    """A URL with its scheme in lower case (RFC 3986: `FILE:///x`, `S3://bucket` are `file:///x`,
+    `s3://bucket`; fsspec knew no `FILE` or `S3` protocol); anything else as given."""
+    scheme, sep, rest = uri.partition("://")
+    if (
+        sep
+        and scheme
+        and not scheme.islower()
+        and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
+    ):
+        return f"{scheme.lower()}://{rest}"
+    return uri
+
+
 def local_path(uri: str) -> str:
     """A `file://` URL is its local path, its %-escapes decoded and a `localhost` host dropped (RFC 8089:
     `Path.as_uri()` and file managers write `file:///ep%2001.mp4` for `/ep 01.mp4`), or its name as it is
     written where only that file exists; anything else is returned as given."""
+    uri = lower_scheme(uri)
     if not uri.startswith("file://"):
         return uri
     from urllib.parse import unquote

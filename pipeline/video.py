@@ -80,7 +80,7 @@ def source_exists(uri: str) -> bool:
 
 
 def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
+    return "://" not in uri or uri[:7].lower() == "file://"
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from manifests.keys import clip_id, source_id_from_stream
-from manifests.remote import expand_home, local_path
+from manifests.remote import expand_home, local_path, lower_scheme
 from pipeline.stages.base import Stage
 from pipeline.video import (
     VIDEO_EXTENSIONS,
@@ -87,6 +87,7 @@ def _printable(text: str) -> str:
 
 
 def _expand(item: str, reading: frozenset[str] = frozenset()) -> list[str]:
+    item = lower_scheme(item)
     if not is_local(item):
         return _expand_remote(item)
     path = Path(os.path.abspath(expand_home(local_path(item))))

@@ -213,6 +213,11 @@ def test_file_urls_are_decoded_to_the_files_they_name(tmp_path):
         assert discover([url]) == [str(video)]
         assert ProbeStage().process({"source_uri": url})["reason"] == "probe: zero-byte file"
     assert discover([tmp_path.as_uri()]) == [str(video)]
+    # a scheme is the same in any case (RFC 3986): fsspec knew no FILE:// (nor S3://) protocol
+    assert discover([tmp_path.as_uri().replace("file://", "FILE://")]) == [str(video)]
+    assert local_folder("File:///tmp/run") == Path("/tmp/run")
+    fsspec.filesystem("memory").pipe("/cased/a.mp4", b"x")
+    assert discover(["MEMORY://cased/"]) == ["memory:///cased/a.mp4"]
     # fsspec writes them unescaped: a name holding `%20` itself (wget's) is that file, where it is the one
     saved = tmp_path / "Episode%2002.mp4"
     saved.write_bytes(b"")
