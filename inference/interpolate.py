@@ -614,6 +614,13 @@ def run(args: argparse.Namespace) -> int:
         if not jobs:
             print("nothing to do: every output exists")
             return 0
+    blocked = [str(args.out / j.name) for j in jobs if j.name and (args.out / j.name).is_file()]
+    if blocked:  # a row's folder would fail after its sampling, with a traceback that ended the batch
+        more = f" and {len(blocked) - 5} more" if len(blocked) > 5 else ""
+        raise InputError(
+            f"{', '.join(blocked[:5])}{more}: a file where a row writes its output folder; move it aside or"
+            " give the row another `name`"
+        )
     from inference.sampler import device_and_dtype
 
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -682,31 +689,38 @@ def run(args: argparse.Namespace) -> int:
         )  # NaN: InputError, the run stops (every row would)
         out_dir = args.out / job.name
         inputs = [*job.labels, *job.sketch_labels.values()]  # a user's drawings in the folder stay
-        written = write_outputs(frames, out_dir, args.fps, formats, keep=inputs)
-        meta = {
-            "keyframes": job.labels,
-            "sketches": {str(k): v for k, v in sorted(job.sketch_labels.items())},
-            "prompt": job.prompt,
-            "seed": job.seed,
-            "frames": int(frames.shape[0]),
-            "size": {"height": target[0], "width": target[1]},
-            "fps": args.fps,
-            "settings": asdict(settings),
-            "checkpoint": str(checkpoint),
-            "sketch_checkpoint": str(sketch_path) if sketch_path else None,
-            "preset": preset,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "compile": args.compile,
-            "cuda_graph": im.cuda_graph,
-            "channels_last": im.channels_last,
-            "clip_towers": "host" if im.offload_clip else "device",
-            "seconds": round(time.perf_counter() - start, 3),
-            "outputs": {
-                k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()
-            },
-        }
-        write_json_atomic(out_dir / "meta.json", meta)
+        try:  # a full disk: every row after it would fail too, each after its sampling
+            written = write_outputs(frames, out_dir, args.fps, formats, keep=inputs)
+            meta = {
+                "keyframes": job.labels,
+                "sketches": {str(k): v for k, v in sorted(job.sketch_labels.items())},
+                "prompt": job.prompt,
+                "seed": job.seed,
+                "frames": int(frames.shape[0]),
+                "size": {"height": target[0], "width": target[1]},
+                "fps": args.fps,
+                "settings": asdict(settings),
+                "checkpoint": str(checkpoint),
+                "sketch_checkpoint": str(sketch_path) if sketch_path else None,
+                "preset": preset,
+                "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."),
+                "compile": args.compile,
+                "cuda_graph": im.cuda_graph,
+                "channels_last": im.channels_last,
+                "clip_towers": "host" if im.offload_clip else "device",
+                "seconds": round(time.perf_counter() - start, 3),
+                "outputs": {
+                    k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in written.items()
+                },
+            }
+            write_json_atomic(out_dir / "meta.json", meta)
+        except OSError as exc:
+            failed[job.name] = f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}"
+            rows.write(
+                f"{job.name or out_dir}: not written: {failed[job.name]}; the run stops", file=sys.stderr
+            )
+            break
         parts = [str(written[k]) for k in ("mp4", "gif") if k in written]
         if "png" in written:
             parts.append(f"{out_dir / 'frames'}/0000..{len(frames) - 1:04d}.png")
@@ -720,7 +734,11 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         log.info("peak GPU memory %.2f GiB", torch.cuda.max_memory_allocated(device) / 2**30)
     if args.batch is not None:
-        write_batch_status(args.out, every_job, failed)
+        try:
+            write_batch_status(args.out, every_job, failed)
+        except OSError as exc:  # the disk that stopped the run: its rows are said above
+            print(f"inbetweener interpolate: cannot write {args.out / BATCH_STATUS}: {exc.strerror or exc}",
+                  file=sys.stderr)  # fmt: skip
     if failed:
         print(
             f"inbetweener interpolate: {len(failed)} of {len(jobs)} rows not interpolated (listed above); "

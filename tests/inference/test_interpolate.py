@@ -374,6 +374,44 @@ def test_a_row_that_fails_at_its_turn_does_not_stop_the_batch(files, tmp_path, c
     assert (status["done"], status["error"]) == (2, 0)
 
 
+def test_a_batch_stopped_by_its_disk_is_one_line_and_a_file_in_a_rows_place_is_found_first(
+    files, tmp_path, capsys, monkeypatch
+):
+    """A full disk mid-batch was a traceback without batch.json; a file where a row writes its folder was
+    the same traceback, after that row's sampling."""
+    import errno
+
+    from inference import media
+
+    root, ckpt, keys = files
+    batch = _write_batch(tmp_path / "pairs.csv", [[str(keys["a"]), str(keys["b"]), "", ""]] * 3)
+    out = tmp_path / "out"
+    argv = ["--batch", str(batch), "--frames", "4", "--formats", "png", "--checkpoint", str(ckpt),
+            "--out", str(out), *FAST]  # fmt: skip
+    out.mkdir()
+    (out / "0001_a_b").write_text("notes")
+    assert cli.main(argv) == 2
+    assert f"{out / '0001_a_b'}: a file where a row writes its output folder" in capsys.readouterr().err
+    (out / "0001_a_b").unlink()
+    real, calls = media.write_outputs, []
+
+    def fills_up(frames, out_dir, *args, **kwargs):
+        calls.append(out_dir)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "frames" / "0000.png"))
+        return real(frames, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(media, "write_outputs", fills_up)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"0001_a_b: not written: cannot write {out}/0001_a_b/frames/0000.png: No space left on device" in err
+    )
+    assert "Traceback" not in err and len(calls) == 2  # the run stops: the third row would fail too
+    status = json.loads((out / "batch.json").read_text())
+    assert [r["status"] for r in status["rows"]] == ["done", "error", "pending"]
+
+
 # --- errors, all raised before the model reaches a device ------------------------------------------------------
 
 
