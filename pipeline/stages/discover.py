@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -89,7 +90,7 @@ def _printable(text: str) -> str:
 def _expand(item: str, reading: frozenset[str] = frozenset()) -> list[str]:
     item = lower_scheme(item)
     if not is_local(item):
-        return _expand_remote(item)
+        return _expand_remote(item, reading)
     path = Path(os.path.abspath(expand_home(local_path(item))))
     # a path that exists is itself, brackets and all (`[Group] Show - 01 [1080p].mkv` matched nothing)
     if glob.has_magic(str(path)) and not os.path.lexists(path):
@@ -137,26 +138,58 @@ def _list_file(path: Path, reading: frozenset[str] = frozenset()) -> list[str]:
     if real in reading:
         print(f"{path}: a list that names itself (or a list naming it): read once", file=sys.stderr)
         return []
-    # surrogateescape: a Latin-1 name in the list keeps its bytes, and discover names it as not UTF-8
-    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
-    # `~/footage/ep1.mp4`: the shell expands it on a command line, not in a file
-    entries = [
-        os.path.expanduser(line.strip())
-        for line in text.splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
+    entries = _list_entries(path.read_bytes())
     resolved = [e if "://" in e or os.path.isabs(e) else str(path.parent / e) for e in entries]
-    # a path (a folder on a disk not mounted yet is one too) or a video name; prose is neither
-    plausible = [e for e in entries if "://" in e or "/" in e or os.sep in e or _is_video(e)]
-    plausible += [e for e in resolved if os.path.exists(e)]
-    if entries and not plausible:
-        print(
-            f"{path}: no line names a video, folder or URL: not a list of sources, left out", file=sys.stderr
-        )
+    if _notes(path, entries, [e for e in resolved if os.path.exists(e)]):
         return []
     out = []
     for entry in resolved:
         out.extend(_expand(entry, reading | {real}))
+    return out
+
+
+def _list_entries(data: bytes) -> list[str]:
+    """A list file's entries: its lines, `#` comments and blank lines left out, a BOM ignored."""
+    # surrogateescape: a Latin-1 name in the list keeps its bytes, and discover names it as not UTF-8
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    # `~/footage/ep1.mp4`: the shell expands it on a command line, not in a file
+    return [
+        os.path.expanduser(line.strip())
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def _notes(name, entries: list[str], there: list[str]) -> bool:
+    """Whether a .txt's lines name nothing that could be a source (notes, not a list): said."""
+    # a path (a folder on a disk not mounted yet is one too) or a video name; prose is neither
+    plausible = [e for e in entries if "://" in e or "/" in e or os.sep in e or _is_video(e)] + there
+    if entries and not plausible:
+        print(
+            f"{name}: no line names a video, folder or URL: not a list of sources, left out", file=sys.stderr
+        )
+        return True
+    return False
+
+
+def _remote_list(uri: str, data: bytes, reading: frozenset[str]) -> list[str]:
+    """A list file in a store (`s3://bucket/lists/batch1.txt`), read as a local one is: an entry is a URL, a
+    local absolute path, or relative to the list's prefix. It was taken for a video, an error row."""
+    if uri in reading:
+        print(f"{uri}: a list that names itself (or a list naming it): read once", file=sys.stderr)
+        return []
+    entries = _list_entries(data)
+    scheme, rest = uri.split("://", 1)
+    folder = posixpath.dirname(rest)
+    resolved = [
+        e if "://" in e or os.path.isabs(e) else f"{scheme}://{posixpath.normpath(posixpath.join(folder, e))}"
+        for e in entries
+    ]
+    if _notes(uri, entries, []):
+        return []
+    out = []
+    for entry in resolved:
+        out.extend(_expand(entry, reading | {uri}))
     return out
 
 
@@ -200,8 +233,8 @@ def _hidden(parts) -> bool:
     return any(part.startswith(".") for part in parts)
 
 
-def _expand_remote(uri: str) -> list[str]:
-    """Object-store URIs through fsspec: a prefix lists its videos, a glob is expanded.
+def _expand_remote(uri: str, reading: frozenset[str] = frozenset()) -> list[str]:
+    """Object-store URIs through fsspec: a prefix lists its videos, a glob is expanded, a list file is read.
 
     A protocol without its fsspec backend, or a store that cannot be listed (offline, no credentials),
     stops the job before any work with a ConfigError naming the URI."""
@@ -231,13 +264,16 @@ def _expand_remote(uri: str) -> list[str]:
             return sorted(f"{protocol}://{p}" for p in found)
         if fs.isdir(target):
             return sorted(f"{protocol}://{p}" for p in _remote_videos(fs, target))
+        listed = None
+        if os.path.splitext(target)[1].lower() in LIST_EXTENSIONS and fs.isfile(target):
+            listed = fs.cat_file(target)
     except MissingBackendError as exc:
         raise ConfigError(str(exc)) from exc
     except (
         Exception
     ) as exc:  # the store's own error (offline, denied, no such bucket): one line, no traceback
         raise ConfigError(f"{uri}: cannot list it: {type(exc).__name__}: {exc}") from exc
-    return [uri]
+    return [uri] if listed is None else _remote_list(uri, listed, reading)
 
 
 def _remote_videos(fs, target: str) -> list[str]:

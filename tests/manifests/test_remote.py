@@ -106,6 +106,32 @@ def test_a_leading_tilde_is_the_home_folder_not_a_folder_named_tilde(tmp_path, m
     assert list((tmp_path / "work").iterdir()) == []
 
 
+def test_a_list_file_in_a_store_is_read_as_a_local_one_is(tmp_path, capsys):
+    """`s3://bucket/lists/batch1.txt` was taken for a video: one error row, `not a readable video container`,
+    and none of the footage it names."""
+    local = tmp_path / "ep9.mp4"
+    local.write_bytes(b"x")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/store/raw/a.mp4", b"x")
+    fs.pipe("/store/raw/season2/b.mkv", b"x")
+    fs.pipe(
+        "/store/lists/batch1.txt",
+        f"\ufeff# batch 1\n../raw/a.mp4\nmemory:///store/raw/season2/\n{local}\nbatch1.txt\n".encode(),
+    )
+    fs.pipe("/store/lists/notes.txt", b"check the colours of episode 2\n")
+    assert discover(["memory://store/lists/batch1.txt"]) == [
+        "memory://store/raw/a.mp4",  # relative to the list's prefix
+        "memory:///store/raw/season2/b.mkv",
+        str(local),  # a local path, as on a local list
+    ]
+    assert "batch1.txt: a list that names itself" in capsys.readouterr().err
+    unmatched: list[str] = []
+    assert discover(["memory://store/lists/notes.txt"], unmatched) == []
+    assert (
+        unmatched == ["memory://store/lists/notes.txt"] and "not a list of sources" in capsys.readouterr().err
+    )
+
+
 def test_curate_stops_before_any_work_on_a_missing_backend_or_an_unlistable_store(
     no_s3fs, unlistable, tmp_path, capsys
 ):
