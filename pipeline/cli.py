@@ -130,7 +130,7 @@ def curate_main(argv: list[str] | None = None) -> int:
         print(f"inbetweener curate: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing OUT failed (disk full, permissions): one line, the work done is kept
-        print(f"inbetweener curate: {os_error(exc)}; scored sources are kept in {args.out}/.work: "
+        print(f"inbetweener curate: {os_error(exc, args.out)}; scored sources are kept in {args.out}/.work: "
               "the same command continues from them", file=sys.stderr)  # fmt: skip
         return 1
     print(result.summary())
@@ -211,7 +211,7 @@ def select_main(argv: list[str] | None = None) -> int:
         print(f"inbetweener select: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the manifest and the shards are replaced whole, so they are as they were
-        print(f"inbetweener select: {os_error(exc)}", file=sys.stderr)
+        print(f"inbetweener select: {os_error(exc, args.out)}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0
@@ -280,16 +280,19 @@ def report_main(argv: list[str] | None = None) -> int:
         print(f"inbetweener report: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"inbetweener report: {os_error(exc)}", file=sys.stderr)
+        print(f"inbetweener report: {os_error(exc, args.out)}", file=sys.stderr)
         return 1
     print(f"report: {path}")
     return 0
 
 
-def os_error(exc: OSError) -> str:
-    """'cannot write PATH: No space left on device', from an OSError raised while writing."""
+def os_error(exc: OSError, where: Path | None = None) -> str:
+    """'cannot write PATH: No space left on device', from an OSError raised while writing; `where` (the OUT
+    folder) when the error names no file (a write to an open file: a tar's, a Parquet writer's)."""
     if exc.filename:
         return f"cannot write {exc.filename}: {exc.strerror or exc}"
+    if where is not None:
+        return f"cannot write in {where}: {exc.strerror or exc}"
     return str(exc)
 
 

@@ -54,7 +54,7 @@ from pipeline.stages.discover import ProbeStage, discover, error_fields
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
-from pipeline.stages.write import EncodeSource, save_clip, swap_in, write_shards
+from pipeline.stages.write import EncodeSource, save_clip, staging_dir, swap_in, write_shards
 from pipeline.video import is_local, local_path, says_missing, source_exists
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
@@ -1174,12 +1174,19 @@ class CurateJob:
         order = sorted(range(len(rows)), key=lambda i: (rows[i]["source_uri"], rows[i]["start_frame"] or 0))
         by_id = {}
         splits = ("train", "eval")
-        for split in splits:  # both are complete before either replaces the old one: no mixed versions
-            chosen = [rows[i] for i in order if rows[i]["split"] == split]
-            written = write_shards(
-                chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes
-            )
-            by_id.update({r["clip_id"]: r for r in written})
+        try:
+            for split in splits:  # both are complete before either replaces the old one: no mixed versions
+                chosen = [rows[i] for i in order if rows[i]["split"] == split]
+                written = write_shards(
+                    chosen, self.clips, self.out / "shards" / split, split, self.config.write.shard_bytes
+                )
+                by_id.update({r["clip_id"]: r for r in written})
+        except BaseException:  # a full disk: the half-built shards would keep it full (report then failed)
+            import shutil
+
+            for split in splits:
+                shutil.rmtree(staging_dir(self.out / "shards" / split), ignore_errors=True)
+            raise
         for split in splits:
             swap_in(self.out / "shards" / split)
         final = []

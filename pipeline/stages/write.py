@@ -144,24 +144,29 @@ def write_shards(
         tar, shard_rows, size = None, [], 0
         index += 1
 
-    for row in rows:
-        if tar is None:
-            tar = tarfile.open(tmp_dir / f"{shard_name(index)}.tar", "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
-        key = sample_key(row["clip_id"])
-        row = {**row, "split": split, "shard": f"{split}/{shard_name(index)}.tar", "key": key}
-        mp4 = (clip_dir / f"{row['clip_id']}.mp4").read_bytes()
-        meta = json.dumps(
-            {k: row.get(k) for k in CLIP_SCHEMA.names}, sort_keys=True, default=_json_default
-        ).encode()
-        _tar_member(tar, f"{key}.mp4", mp4)
-        _tar_member(tar, f"{key}.json", meta)
-        _tar_member(tar, f"{key}.txt", (row.get("caption") or "").encode())
-        size += len(mp4) + len(meta)
-        shard_rows.append(row)
-        out_rows.append(row)
-        if size >= shard_bytes:
-            close()
-    close()
+    try:
+        for row in rows:
+            if tar is None:
+                tar = tarfile.open(tmp_dir / f"{shard_name(index)}.tar", "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in close())
+            key = sample_key(row["clip_id"])
+            row = {**row, "split": split, "shard": f"{split}/{shard_name(index)}.tar", "key": key}
+            mp4 = (clip_dir / f"{row['clip_id']}.mp4").read_bytes()
+            meta = json.dumps(
+                {k: row.get(k) for k in CLIP_SCHEMA.names}, sort_keys=True, default=_json_default
+            ).encode()
+            _tar_member(tar, f"{key}.mp4", mp4)
+            _tar_member(tar, f"{key}.json", meta)
+            _tar_member(tar, f"{key}.txt", (row.get("caption") or "").encode())
+            size += len(mp4) + len(meta)
+            shard_rows.append(row)
+            out_rows.append(row)
+            if size >= shard_bytes:
+                close()
+        close()
+    except OSError as exc:  # a write to an open tar or Parquet file names no file: the shard it was writing
+        if not exc.filename:
+            exc.filename = str(shard_dir / f"{shard_name(index)}.tar")
+        raise
     return out_rows
 
 

@@ -810,31 +810,34 @@ def test_a_select_that_fails_while_writing_eval_leaves_train_as_it_was(
     curated, tmp_path, monkeypatch, capsys
 ):
     """Disk full while the eval shards are written: the train shards must not already be the new
-    selection's (a clip could then be in the old eval and the new train)."""
+    selection's (a clip could then be in the old eval and the new train). The error, raised by a write to
+    the open tar, names no file: the shard is named; the half-built shards are removed (they kept the
+    disk full, so that `report` failed next, and the message named no file)."""
     import errno
 
     from manifests.io import list_shards
-    from pipeline import job
+    from pipeline.stages import write
 
     copy = tmp_path / "out"
     shutil.copytree(curated["out"], copy)
     before = {p.name: p.read_bytes() for p in list_shards(copy / "shards" / "train")}
     manifest = (copy / "manifest.parquet").read_bytes()
-    real = job.write_shards
+    real = write._tar_member
 
-    def eval_fails(rows, clip_dir, shard_dir, split, *args, **kwargs):
-        if split == "eval":
-            raise OSError(errno.ENOSPC, "No space left on device", str(shard_dir / "000000.tar"))
-        return real(rows, clip_dir, shard_dir, split, *args, **kwargs)
+    def eval_fails(tar, name, data):
+        if "/.eval.tmp/" in str(tar.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tar, name, data)
 
-    monkeypatch.setattr(job, "write_shards", eval_fails)
+    monkeypatch.setattr(write, "_tar_member", eval_fails)
     capsys.readouterr()
     assert select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"]) == 1
     err = capsys.readouterr().err  # one line, not a traceback
     assert err == f"inbetweener select: cannot write {copy}/shards/eval/000000.tar: No space left on device\n"
     assert {p.name: p.read_bytes() for p in list_shards(copy / "shards" / "train")} == before
     assert (copy / "manifest.parquet").read_bytes() == manifest
-    monkeypatch.setattr(job, "write_shards", real)  # the next select finishes the work
+    assert sorted(p.name for p in (copy / "shards").iterdir()) == ["eval", "train"]
+    monkeypatch.setattr(write, "_tar_member", real)  # the next select finishes the work
     assert select_main([str(copy), "--set", SMALL_SHARDS.replace("150000", "90000"), "--quiet"]) == 0
     assert len(list_shards(copy / "shards" / "train")) > len(before)
 
