@@ -235,7 +235,13 @@ class CurateJob:
         self.check_encoder()
         self._history_from()  # split histories that cannot be read stop the job before any work
         if self.config.split.sticky:
-            self._history_of(self.out)
+            try:
+                self._history_of(self.out)
+            except ManifestError as exc:  # the only record of this OUT's split (no split_history.parquet)
+                raise ConfigError(
+                    f"{exc}; it holds this OUT's earlier split, which a rerun keeps (split.sticky): restore it,"
+                    " or --set split.sticky=false to draw the split afresh"
+                ) from None
         done_key = self._done_key(sources)
         done_file = self.work / "done.json"
         manifest = self.out / "manifest.parquet"
@@ -1062,7 +1068,7 @@ class CurateJob:
         """What earlier splits put in train and eval: this OUT's, when the split is sticky and was drawn with
         the same settings (else None, saying why), joined by split.history_from's."""
         own = self._history_of(self.out) if self.config.split.sticky else None
-        if not self.config.split.sticky and self._history_of(self.out) is not None:
+        if not self.config.split.sticky and self._had_a_split():
             self._say(
                 "split: drawn afresh (split.sticky=false); clips that were in train may now be in eval, so"
                 " evaluate models trained on the earlier shards on the earlier eval"
@@ -1080,6 +1086,13 @@ class CurateJob:
         if own is None:
             return other
         return previous.then(other) if other else previous
+
+    def _had_a_split(self) -> bool:
+        """Whether this OUT has an earlier split to say goodbye to (one whose record cannot be read had)."""
+        try:
+            return self._history_of(self.out) is not None
+        except ManifestError:
+            return True
 
     @staticmethod
     def _history_of(folder: Path):

@@ -237,6 +237,22 @@ def test_a_history_from_whose_manifest_cannot_be_read_is_named(tmp_path):
             split_in(tmp_path / f"new_{name}", rows, history_from=str(old))
 
 
+def test_a_rerun_whose_only_split_record_is_unreadable_says_how_to_go_on(tmp_path):
+    """An OUT written before split_history.parquet existed keeps its split in its manifest alone: cut short,
+    the rerun was a pyarrow traceback, and with split.sticky=false too (which needs no earlier split)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"PAR1 cut short")
+    config = load_config(sets=["aesthetic.enabled=false", "caption.enabled=false", "alignment.enabled=false"])
+    config.run.progress = False
+    with pytest.raises(
+        ConfigError, match=r"not a readable Parquet manifest .*; it holds this OUT's earlier split"
+    ):
+        CurateJob([str(tmp_path / "x.mp4")], out, config).run()
+    config.split.sticky = False
+    assert CurateJob([str(tmp_path / "x.mp4")], out, config)._had_a_split()
+
+
 def test_the_leak_check_across_folders_finds_what_a_fresh_draw_leaks(tmp_path, capsys):
     """report OUT --leaks --against OTHER checks the folders as one dataset: a fresh draw of a new version
     in a new folder leaks the old one's train into its eval; split.history_from does not."""
