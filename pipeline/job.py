@@ -899,6 +899,7 @@ class CurateJob:
                     row["source_uri"],
                     {
                         "source_uri": row["source_uri"],
+                        "source_id": row["source_id"],  # checked against the file before it is encoded
                         "fps": row["fps"],
                         "vfr": row["vfr"],
                         "ivtc": row["ivtc"],

@@ -21,9 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.files import atomic_path, write_json_atomic
-from manifests.keys import sample_key, shard_name
+from manifests.keys import sample_key, shard_name, source_id_from_stream
 from manifests.schema import CLIP_SCHEMA, to_table
-from pipeline.video import SourceError, SourceMissing, as_box, encode_clip, iter_pictures, source_retime
+from pipeline.video import (
+    SourceError,
+    SourceMissing,
+    as_box,
+    encode_clip,
+    iter_pictures,
+    open_binary,
+    source_retime,
+)
 
 
 @dataclass
@@ -57,6 +65,7 @@ class EncodeSource:
         missing = None  # the source is not there (as opposed to a source that fails to decode)
         last = max(wanted) if wanted else -1
         try:
+            _check_unchanged(job["source_uri"], job.get("source_id"))
             box = as_box(job.get("content_box"))
             # YUV planes from decoder to encoder (no RGB in between: half the cost of a frame)
             decoded = iter_pictures(
@@ -86,6 +95,21 @@ class EncodeSource:
             if cid not in encoded and cid not in errors:
                 errors[cid] = "write: source ended before the clip's last frame"
         return {"source_uri": job["source_uri"], "encoded": encoded, "errors": errors, "missing": missing}
+
+
+def _check_unchanged(uri: str, scored: str | None) -> None:
+    """The source's bytes are those its clips were scored on (its content id): a file replaced under the
+    same name (a new cut, a re-encode) had its frames written as the earlier file's clips, with their ids,
+    scores and captions. Said as a source that is not there: select stops, curate makes error rows."""
+    if not scored:
+        return
+    with open_binary(uri) as handle:
+        now = source_id_from_stream(handle)
+    if now != scored:
+        raise SourceMissing(
+            f"{uri} changed since it was scored (content id {scored}, now {now}): its clips' scores are of the"
+            " earlier file; put that back, or curate the new one"
+        )
 
 
 def _resample(start: int, end: int, src_fps: float, out_fps: float) -> list[int]:

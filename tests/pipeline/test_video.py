@@ -509,6 +509,30 @@ def test_a_clip_the_encoder_fails_on_is_its_row_not_a_worker_crash(tmp_path, mon
     assert result["errors"] == {"b": "write: encoding failed (ValueError: odd number of rows)"}
 
 
+def test_a_source_replaced_since_it_was_scored_is_not_encoded_as_its_clips(tmp_path):
+    """A file replaced under the same name (a new cut, a re-encode) was encoded at the earlier file's frame
+    ranges, as the earlier file's clips (their ids, scores and captions): select wrote other pictures into
+    the shards unsaid. It is said as a source that is not there: select stops, curate makes error rows."""
+    from manifests.keys import source_id_from_stream
+    from pipeline import samples
+    from pipeline.stages import write
+
+    path = tmp_path / "ep.mp4"
+    samples.write_video(path, (_drawing(i) for i in range(24)), 24, (160, 96))
+    with path.open("rb") as handle:
+        scored = source_id_from_stream(handle)
+    job = {"source_uri": str(path), "source_id": scored, "fps": 24.0, "vfr": False, "ivtc": False,
+           "content_box": None, "clips": [{"clip_id": "a", "start_frame": 0, "end_frame": 12}]}  # fmt: skip
+    assert set(write.EncodeSource(160, 96)(job)["encoded"]) == {"a"}
+    samples.write_video(path, (_drawing(i + 5) for i in range(24)), 24, (160, 96))  # another cut
+    result = write.EncodeSource(160, 96)(job)
+    assert (
+        result["encoded"] == {}
+        and f"{path} changed since it was scored (content id {scored}" in result["missing"]
+    )
+    assert result["errors"]["a"].startswith(f"write: {path} changed since it was scored")
+
+
 COLOUR_BARS = [(220, 30, 40), (30, 200, 60), (40, 60, 220), (240, 200, 40), (128, 128, 128), (250, 250, 245)]
 
 
