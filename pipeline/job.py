@@ -899,7 +899,10 @@ class CurateJob:
                     row["source_uri"],
                     {
                         "source_uri": row["source_uri"],
-                        "source_id": row["source_id"],  # checked against the file before it is encoded
+                        # select: checked against the file before it is encoded (scored long ago, maybe
+                        # replaced since); curate hashed it moments ago, and one more read of every
+                        # source (a corpus in an object store) is not worth it there
+                        "source_id": row["source_id"] if sources_required else None,
                         "fps": row["fps"],
                         "vfr": row["vfr"],
                         "ivtc": row["ivtc"],
