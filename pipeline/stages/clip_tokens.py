@@ -10,7 +10,10 @@ same token ids from open_clip's own vocabulary and merge ranks:
   `tokenizers` BPE (open_clip's split pattern, GPT-2's byte alphabet, the `</w>` end-of-word suffix)
   for the whole batch;
 - any other caption (accents, emoji, tabs, HTML entities) takes open_clip's own `encode`, so text
-  that ftfy would repair is still repaired.
+  that ftfy would repair is still repaired; so does one naming a special token (`<end_of_text>`):
+  open_clip's pattern reads it as that token only where a match starts at its `<` ('a <end_of_text>'
+  but not '!<end_of_text>', where its punctuation run takes '!<'), which `tokenizers`' added tokens
+  cannot express.
 
 Sequences are framed, truncated and padded as open_clip frames them (start and end tokens, the last
 kept token replaced by the end token when cut, zeros after). Tests compare both on many captions.
@@ -60,9 +63,8 @@ class FastClipTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-        # open_clip's pattern matches its special tokens first, as whole tokens
-        specials = [simple.decoder[i] for i in simple.all_special_ids]
-        self.backend.add_special_tokens(specials)
+        # captions naming these take open_clip's path (see the module docstring)
+        self.specials = [simple.decoder[i] for i in simple.all_special_ids]
 
     @classmethod
     def wrap(cls, tok):
@@ -83,9 +85,10 @@ class FastClipTokenizer:
         ids: list[list[int] | None] = [None] * len(texts)
         fast, cleaned = [], []
         for i, text in enumerate(texts):
-            if _PLAIN.fullmatch(text):
+            clean = _SPACES.sub(" ", text).strip().lower() if _PLAIN.fullmatch(text) else None
+            if clean is not None and not any(s in clean for s in self.specials):
                 fast.append(i)
-                cleaned.append(_SPACES.sub(" ", text).strip().lower())
+                cleaned.append(clean)
             else:
                 ids[i] = self.simple.encode(text)
         encoded = self.backend.encode_batch_fast(cleaned, add_special_tokens=False)  # no offsets
@@ -101,6 +104,8 @@ class FastClipTokenizer:
         n = context_length or self.context_length
         out = np.zeros((len(texts), n), np.int64)
         for row, ids in enumerate(self.encode_batch(texts)):
-            seq = [self.sot, *ids[: n - 2], self.eot]  # cut: the last kept token becomes the end token
+            # cut: the last kept token becomes the end token (n = 1 keeps only the end token)
+            seq = [self.sot, *ids[: max(n - 2, 0)], self.eot][:n]
+            seq[-1] = self.eot
             out[row, : len(seq)] = seq
         return torch.from_numpy(out)
