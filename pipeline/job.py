@@ -54,7 +54,7 @@ from pipeline.stages.discover import ProbeStage, discover, error_fields
 from pipeline.stages.motion import MotionStage
 from pipeline.stages.shots import ShotsStage
 from pipeline.stages.timing import TimingStage
-from pipeline.stages.write import EncodeSource, save_clip, staging_dir, swap_in, write_shards
+from pipeline.stages.write import EncodeSource, save_clip, says_changed, staging_dir, swap_in, write_shards
 from pipeline.video import is_local, local_path, says_missing, source_exists
 
 WORK_SCHEMA = CLIP_SCHEMA.append(pa.field("thumb", pa.binary()))
@@ -188,6 +188,7 @@ class CurateJob:
         self.clips = self.work / "clips" / clip_cache_name(config.write)
         self.restart = restart
         self._encodes_given_up = False  # a source's encode task died on every attempt (see _encode)
+        self._scored_now: set[str] = set()  # sources this run scored (hashed moments before they are encoded)
         self.log = config.run.progress
 
     # ------------------------------------------------------------------ entry points
@@ -273,44 +274,56 @@ class CurateJob:
             write_json_atomic(done_file, {"key": done_key, "sources": len(sources)})
         return result
 
-    def _back_again(self, sources: list[str]) -> list[str]:
+    def _back_again(self, sources: list[str]) -> dict[str, bool]:
         """Sources among `sources` that this OUT's manifest has as not there (error rows saying `no such file`,
         `no such object`, ...: a disk not mounted, footage moved away or deleted mid-job, a store out of reach)
-        and that are there now. The rerun of a finished job was a no-op that kept them error rows for good,
-        unless --restart scored everything again."""
+        and that are there now, or as replaced since they were scored (`write: ... changed since it was
+        scored`): {uri: replaced}. The rerun of a finished job was a no-op that kept them error rows for
+        good, unless --restart scored everything again."""
         manifest = self.out / "manifest.parquet"
         if not manifest.is_file():
-            return []
+            return {}
         try:
             rows = pq.read_table(manifest, columns=["source_uri", "status", "reason"]).to_pylist()
         except (pa.ArrowInvalid, OSError, KeyError):
-            return []
+            return {}
         current = set(sources)
-        missed = {
-            _absolute(r["source_uri"])
-            for r in rows
-            if r["status"] == "error" and says_missing(r["reason"]) and _absolute(r["source_uri"]) in current
-        }
-        return sorted(uri for uri in missed if source_exists(uri))
+        back: dict[str, bool] = {}
+        for r in rows:
+            uri = _absolute(r["source_uri"])
+            if r["status"] != "error" or uri not in current:
+                continue
+            if says_changed(r["reason"]):
+                back[uri] = True
+            elif says_missing(r["reason"]):
+                back.setdefault(uri, False)
+        return {uri: back[uri] for uri in sorted(back) if source_exists(uri)}
 
-    def _rescore_back_again(self, back: list[str]) -> None:
-        """Sources that were not there when they were to be scored (their part is error rows only) are
-        scored again; those missing only when their clips were to be written keep their scores, and their
-        kept clips, not in the clip cache, are encoded."""
+    def _rescore_back_again(self, back: dict[str, bool]) -> None:
+        """Sources that were not there when they were to be scored (their part is error rows only), and those
+        replaced since they were scored, are scored again; those missing only when their clips were to be
+        written keep their scores, and their kept clips, not in the clip cache, are encoded."""
         if not back:
             return
-        for uri in back:
+        for uri, was_replaced in back.items():
             part = self.parts / f"{uri_key(uri)}.parquet"
             try:
                 statuses = pq.read_table(part, columns=["status"]).column("status").to_pylist()
             except (pa.ArrowInvalid, OSError, KeyError):
                 continue
-            if all(status == "error" for status in statuses):
+            if was_replaced or all(status == "error" for status in statuses):
                 part.unlink(missing_ok=True)
-        self._say(
-            f"{len(back)} source(s) that were not there when {self.out / 'manifest.parquet'} was written are"
-            f" there now (e.g. {back[0]}): curated this time"
-        )
+        missing = [uri for uri, was_replaced in back.items() if not was_replaced]
+        replaced = [uri for uri, was_replaced in back.items() if was_replaced]
+        if missing:
+            self._say(
+                f"{len(missing)} source(s) that were not there when {self.out / 'manifest.parquet'} was written"
+                f" are there now (e.g. {missing[0]}): curated this time"
+            )
+        if replaced:
+            self._say(
+                f"{len(replaced)} source(s) replaced since they were scored (e.g. {replaced[0]}): scored again"
+            )
 
     def _leaving(self, sources: list[str]) -> tuple[list[str], int, int]:
         """Sources of this OUT's manifest that are not among `sources` (an input left out, a file deleted,
@@ -712,6 +725,7 @@ class CurateJob:
         workers = self._workers()
         progress = Progress("score", len(pending), "sources", self.log)
         stages = self.stages()
+        self._scored_now.update(pending)
         self._score_pass(run_stages([{"source_uri": u} for u in pending], stages, workers), progress)
         given_up = [uri for uri in pending if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
         if given_up and any(stage.has_setup() for stage in stages):
@@ -899,10 +913,10 @@ class CurateJob:
                     row["source_uri"],
                     {
                         "source_uri": row["source_uri"],
-                        # select: checked against the file before it is encoded (scored long ago, maybe
-                        # replaced since); curate hashed it moments ago, and one more read of every
-                        # source (a corpus in an object store) is not worth it there
-                        "source_id": row["source_id"] if sources_required else None,
+                        # checked against the file before it is encoded when it was scored by an earlier
+                        # run (select; a curate rerun or resume: maybe replaced since); this run hashed
+                        # it moments ago, and one more read of every source is not worth it there
+                        "source_id": None if row["source_uri"] in self._scored_now else row["source_id"],
                         "fps": row["fps"],
                         "vfr": row["vfr"],
                         "ivtc": row["ivtc"],

@@ -97,6 +97,15 @@ class EncodeSource:
         return {"source_uri": job["source_uri"], "encoded": encoded, "errors": errors, "missing": missing}
 
 
+CHANGED = "changed since it was scored"  # in the reason of a replaced source's `write:` error rows
+
+
+def says_changed(reason: str | None) -> bool:
+    """Whether an error row's reason says its source was replaced since it was scored (`_check_unchanged`):
+    a curate rerun scores it again."""
+    return (reason or "").startswith("write: ") and f" {CHANGED} (content id " in reason
+
+
 def _check_unchanged(uri: str, scored: str | None) -> None:
     """The source's bytes are those its clips were scored on (its content id): a file replaced under the
     same name (a new cut, a re-encode) had its frames written as the earlier file's clips, with their ids,
@@ -107,8 +116,8 @@ def _check_unchanged(uri: str, scored: str | None) -> None:
         now = source_id_from_stream(handle)
     if now != scored:
         raise SourceMissing(
-            f"{uri} changed since it was scored (content id {scored}, now {now}): its clips' scores are of the"
-            " earlier file; put that back, or curate the new one"
+            f"{uri} {CHANGED} (content id {scored}, now {now}): its clips' scores are of the earlier file; put"
+            " that back, or curate the new one"
         )
 
 

@@ -768,6 +768,50 @@ def test_a_source_missing_in_a_run_is_curated_by_the_rerun_once_it_is_back(tmp_p
     assert set(kept) <= set(index)
 
 
+def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is_scored_again(
+    tmp_path, capsys
+):
+    """A curate rerun or resume encodes the clips of sources an earlier run scored: one replaced under the
+    same name since (a new cut) had its new frames written under the earlier file's clip ids and scores
+    (the content check ran for select only). Its clips are error rows, and the next rerun scores it again."""
+    from manifests.keys import source_id_from_stream
+
+    footage, out, other = tmp_path / "footage", tmp_path / "out", tmp_path / "other"
+    samples.generate_footage(footage, size=(128, 80))
+    samples.generate_footage(other, seed=1, size=(128, 80))
+    episode = footage / "episode_02.mp4"
+    manifest = out / "manifest.parquet"
+    args = [str(footage), "--out", str(out), "--skip", "text,aesthetic,caption,alignment"]
+
+    def rows_of_episode():
+        return [r for r in read_manifest(manifest).to_pylist() if r["source_uri"] == str(episode)]
+
+    assert curate_main(args) == 0
+    old_kept = {r["clip_id"] for r in rows_of_episode() if r["status"] == "kept"}
+    assert old_kept
+    # a job stopped after scoring (nothing encoded yet), whose footage is replaced before it is run again
+    (out / ".work" / "done.json").unlink()
+    shutil.rmtree(out / ".work" / "clips")
+    shutil.copy(other / "episode_02.mp4", episode)
+    capsys.readouterr()
+    assert curate_main(args) == 0
+    reasons = {r["reason"] for r in rows_of_episode() if r["clip_id"] in old_kept}
+    assert len(reasons) == 1 and f"write: {episode} changed since it was scored" in reasons.pop()
+    written = set(read_shard_index(out / "shards" / "train")["clip_id"].to_pylist())
+    written |= set(read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist())
+    assert not written & old_kept
+    capsys.readouterr()
+    assert curate_main(args) == 0
+    assert "1 source(s) replaced since they were scored" in capsys.readouterr().err
+    with episode.open("rb") as handle:
+        now = source_id_from_stream(handle)
+    rows = rows_of_episode()
+    assert {r["source_id"] for r in rows} == {now} and all(r["status"] != "error" for r in rows)
+    written = set(read_shard_index(out / "shards" / "train")["clip_id"].to_pylist())
+    written |= set(read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist())
+    assert {r["clip_id"] for r in rows if r["status"] == "kept"} <= written
+
+
 def test_select_takes_the_clips_missing_from_the_cache_from_the_shards(curated, tmp_path, capsys):
     """An OUT copied without its hidden .work (`cp -r OUT/* COPY/`), or whose .work was deleted to save its
     copy of every clip: select encoded every kept clip again from the footage, and where the footage was
