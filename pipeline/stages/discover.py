@@ -257,10 +257,17 @@ def _expand_remote(uri: str, reading: frozenset[str] = frozenset()) -> list[str]
             parts = target.rstrip("/").split("/")
             first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
             dotted = any(part.startswith(".") for part in parts[first:])
+            # `in/*`: the videos among what matches (the .srt and .txt beside them were sources, each an
+            # error row); `*.y4m` names its extension: what it matches (as `_glob_local`)
+            suffix = posixpath.splitext(parts[-1])[1]
+            named = bool(suffix) and not glob.has_magic(suffix)
             for path, info in fs.glob(target, detail=True).items():
                 if not dotted and _hidden(path.rstrip("/").split("/")[first:]):
                     continue
-                found.update(_remote_videos(fs, path) if info.get("type") == "directory" else [path])
+                if info.get("type") == "directory":
+                    found.update(_remote_videos(fs, path))
+                elif named or _is_video(path):
+                    found.add(path)
             return sorted(f"{protocol}://{p}" for p in found)
         if fs.isdir(target):
             return sorted(f"{protocol}://{p}" for p in _remote_videos(fs, target))

@@ -143,6 +143,9 @@ def test_a_glob_that_matches_folders_searches_them_locally_and_in_a_store(tmp_pa
     found = [f"memory:///globbed/{r}" for r in ("season1/e1.mp4", "season1/extras/x.mkv", "season2/e2.mp4")]
     assert discover(["memory://globbed/season*"]) == discover(["memory://globbed/seaso?[12]/"]) == found
     assert discover(["memory://globbed/season2/*"]) == ["memory:///globbed/season2/e2.mp4"]
+    # the videos among the objects a glob matches, as a local glob takes them (notes.txt was a source)
+    assert discover(["memory://globbed/season1/*"]) == found[:2]
+    assert discover(["memory://globbed/season1/*.txt"]) == ["memory:///globbed/season1/notes.txt"]
     assert discover(["memory://globbed/[x] e3.mp4"]) == ["memory://globbed/[x] e3.mp4"]
     assert discover(["memory://globbed/nothing*"], unmatched) == [] and unmatched == [
         "memory://globbed/nothing*"
