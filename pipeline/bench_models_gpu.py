@@ -506,25 +506,31 @@ def _fastest_together(stages: dict) -> dict:
     return {"aesthetic": a_name, "alignment": b_name, "clips_per_s": round(1 / (1 / a + 1 / b), 2)}
 
 
-def _alignment_forms(results: dict, alignment, impl: str, backend: str, rows, device, batches: int) -> None:
+def _alignment_forms(results: dict, alignment, impl: str, backend: str, rows, device, batches: int) -> str:
     """Rows alignment_compiled and alignment_compiled_graph (GPU only): the text tower compiled, then
     each forward replayed; a form that fails is a row with its error, and the stage is left in the last
-    form that worked (the one the per-call rows measure)."""
+    form that worked (the one the per-call rows measure), whose row name is returned."""
     from inference.cuda_graph import GraphedCall
 
     forms = [("alignment_compiled", False)] + (
         [("alignment_compiled_graph", True)] if GraphedCall.applies(device) else []
     )
+    worked = "alignment"
     for name, graph in forms:
         model = f"{impl}, text tower torch.compile {backend}" + (", CUDA graph" if graph else "")
         try:
             alignment.compile, alignment.cuda_graph = backend, graph
             alignment.tune_text_tower()
             record(results, name, {"model": model, **measure(alignment, rows, device, batches)})
+            worked = name
         except Exception as exc:  # one shot on a lent GPU: keep the other rows
             alignment.cuda_graph, alignment._graphed = False, None
+            if not graph:  # the compile failed: back to the eager tower (a compiled one raises again)
+                alignment.compile = ""
+                alignment._clip.transformer._compiled_call_impl = None
             record(results, name, {"model": model, "error": f"{type(exc).__name__}: {exc}"[:600]})
-            return
+            break
+    return worked
 
 
 def _module(clip):
@@ -589,7 +595,7 @@ def run(
         mlp = build_aesthetic_mlp(32 if tiny else 768).eval().to(device)
         aesthetic = _aesthetic_stage(clip, mlp, device, clip_dtype, batch["aesthetic"])
         profiled, profiled_name = aesthetic, "aesthetic"  # the fastest form measured so far
-        alignment = None
+        alignment, alignment_form = None, "alignment"  # the alignment stage's form after its rows
         if "aesthetic" in stages:
             rows = _rows(batch["aesthetic"], size)
             record(
@@ -637,7 +643,9 @@ def run(
             alignment.text_embeddings = trimmed
             if compile_backend and hasattr(clip, "text_pool_type"):  # an open_clip tower (not --fallbacks):
                 # the text tower compiled, then (on a GPU) replayed as CUDA graphs
-                _alignment_forms(results, alignment, impl, compile_backend, rows, device, batches)
+                alignment_form = _alignment_forms(
+                    results, alignment, impl, compile_backend, rows, device, batches
+                )
         if "aesthetic" in stages and compile_backend:
             # the same tower compiled in place, after every eager use
             row = _compiled_row(aesthetic, compile_backend, _rows(batch["aesthetic"], size), device, batches)
@@ -721,10 +729,11 @@ def run(
                 record(results, f"aesthetic_{n}_per_call", {"model": form, "form": profiled_name, **row})
             if alignment is not None:
                 rows = _caption_rows(_rows(n, size), emb)
+                form = results["stages"][alignment_form]["model"]
                 record(
                     results,
                     f"alignment_{n}_per_call",
-                    {"model": impl, **measure(alignment, rows, device, batches)},
+                    {"model": form, "form": alignment_form, **measure(alignment, rows, device, batches)},
                 )
         del clip, aesthetic
         if {"aesthetic", "alignment"} <= set(results["stages"]):

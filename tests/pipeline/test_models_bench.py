@@ -157,3 +157,34 @@ def test_the_fp8_forms_wide_reductions_fall_back_to_loops_when_they_fail(tmp_pat
     baseline = stages["aesthetic_fp8_unfused_compiled"]
     assert baseline["clips_per_s"] > 0 and "multi-kernel" not in baseline["model"]
     assert re.search(r"aesthetic_fp8_compiled_wide_reductions +failed: RuntimeError", capsys.readouterr().out)
+
+
+def test_text_tower_forms_label_the_per_call_rows_and_a_failed_compile_leaves_it_eager(tmp_path):
+    """The per-call alignment rows name the form the stage was left in; a text-tower compile that fails
+    is an error row and the stage goes back to the eager tower (it raised again in the per-call rows,
+    and the bench stopped without its JSON)."""
+    from torch._dynamo import register_backend
+
+    from pipeline.bench_models_gpu import main
+
+    @register_backend(name="inbetweener_test_broken")
+    def broken(graph, example_inputs):
+        raise RuntimeError("backend broke")
+
+    args = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--stages",
+        "alignment",
+        "--clips-per-call",
+        "3",
+    ]  # open_clip's tower
+    for backend, form in (("eager", "alignment_compiled"), ("inbetweener_test_broken", "alignment")):
+        out = tmp_path / f"{backend}.json"
+        assert main([*args, "--compile", backend, "--out", str(out)]) == 0
+        stages = json.loads(out.read_text())["stages"]
+        per_call = stages["alignment_3_per_call"]
+        assert per_call["form"] == form and per_call["model"] == stages[form]["model"], backend
+        assert per_call["clips_per_s"] > 0
+    assert "backend broke" in stages["alignment_compiled"]["error"]
