@@ -965,9 +965,10 @@ class CurateJob:
 
     def _recover_from_shards(self, rows: list[dict]) -> None:
         """Clips missing from the clip cache that this OUT's shards hold (the manifest's `shard` and `key`:
-        select's rows, also those its thresholds now reject, for a later select) are taken from there: an OUT copied without its hidden .work (`cp -r OUT/*`),
-        or with .work deleted to save its copy of every clip, was encoded again from every source, and
-        where the footage was not at hand select stopped, though the shards held every clip. The shards
+        select's rows, also those its thresholds now reject, for a later select) are taken from there: an
+        OUT copied without its hidden .work (`cp -r OUT/*`), or with .work deleted to save its copy of every
+        clip, was encoded again from every source, and where the footage was not at hand select stopped,
+        though the shards held every clip. The shards
         were written with the manifest's write settings, which select keeps; a curate run's rows (from
         its scored parts) have no shard. A shard that cannot be read gives what it can; the rest is
         encoded from the sources."""
