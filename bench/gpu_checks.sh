@@ -10,8 +10,10 @@
 # compiling. At most 8 files come back: the profiler tables end up in full_log.txt, not files of their own.
 # What the defaults run, in one call (`timeout_s` 600), one part after another on the whole machine:
 #   Next run's plan (fifth run, H200: T_CL's compile had not finished at 400 s, 27 graphs; the CLIP part
-#   measured): call 1 the defaults (T_CL alone, 545 s), call 2 while warm `T_CL=0 T_CLIP=150 BUDGET=260`
-#   (the eager baseline, then the CLIP part).
+#   measured): call 1 the defaults (T_CL alone, 545 s), call 2 while warm `T_CL=0 T_EAGER=0 T_CLIP=200
+#   BUDGET=210` (the CLIP part now also compiles the text tower: ~20-30 s more than the fifth run's 110 s).
+#   900 s hold both, not a third part: the eager baselines are on record per card (H100 third run, H200
+#   fifth run), and MFU is against the card's peak, not a baseline.
 #   T_CL (issue "Training", 545 s): the compiled rectify step at batch 6 with the UNet's activations
 #             stored channels-last (--channels-last, train.channels_last: the convolutions read and write
 #             NHWC, no layout conversions around them), every UNet block and the frozen VAE encoder's
@@ -44,7 +46,7 @@
 #             after T_CL's. The third run measured eager at 1.99-2.10 s/step and the fourth the
 #             compiled plain layout at 1.238-1.321 s, so this run's eager rows carry the comparison.
 #   T_CLIP (110 s, only when that much is left, else in a second call while the machine is warm:
-#             `T_CL=0 T_CLIP=150 BUDGET=260`, after the eager baseline; issue "Curate, part 2"): aesthetic +
+#             `T_CL=0 T_EAGER=0 T_CLIP=200 BUDGET=210`; issue "Curate, part 2"): aesthetic +
 #             alignment clips/s with the image tower compiled, in fp16 and with fp8 e4m3 linears
 #             (fourth run: 680 and 789 clips/s together): the fp8 tower as the stage runs it (biases
 #             in the GEMMs, patch embedding as a GEMM, last block for the class token alone, inductor's
