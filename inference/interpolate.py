@@ -327,6 +327,8 @@ def _row_jobs(path: Path, args: argparse.Namespace) -> list[Job]:
                 )
     elif path.suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
+        if reader.fieldnames:  # `Start`, ` END `: a spreadsheet's header as typed
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
         rows = list(reader)
         header = list(reader.fieldnames or [])
         if rows and "keyframes" not in header and not {"start", "end"} <= set(header):

@@ -291,6 +291,9 @@ def test_batch_files_as_spreadsheets_and_scripts_write_them(files, tmp_path, cap
     bom = tmp_path / "excel.csv"
     bom.write_bytes(f"\ufeffstart,end,prompt\n{keys['a']},{keys['b']},walk\n".encode())
     assert cli.main(["--batch", str(bom), *run]) == 0
+    typed = tmp_path / "typed.csv"  # a header as typed in a spreadsheet: capitals, spaces
+    typed.write_text(f"Start, END ,Prompt\n{keys['a']},{keys['b']},walk\n")
+    assert cli.main(["--batch", str(typed), *run]) == 0
     cases = {
         "cp1252.csv": (b"start,end,prompt\na.png,b.png,caf\xe9\n", "not UTF-8 text (byte 0xe9 on line 2"),
         "list.jsonl": (
