@@ -25,6 +25,7 @@ EXCEPTIONS = {
     ("pipeline/models.py", "inference"),
     # the aesthetic stage's CUDA graph capture on a GPU (the class inference's sampler uses too)
     ("pipeline/stages/aesthetic.py", "inference"),
+    ("pipeline/stages/alignment.py", "inference"),  # the same, for the text tower
     # the GPU benchmark of curate's model stages: the same CUDA graph class and kernel table as training's
     ("pipeline/bench_models_gpu.py", "training"),
     ("pipeline/bench_models_gpu.py", "inference"),
