@@ -619,9 +619,8 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, **values: Any) -> None
 
 def config_changes(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields whose value differs from the checkpoint's config.yaml: {"train.steps": (old, new)}."""
-    import yaml
 
-    saved = yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}
+    saved = read_saved_config(folder)
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -767,7 +766,7 @@ def load_checkpoint(
     `restart_data` a replicated (DDP) checkpoint continues on another number of ranks: its state is one
     file, the same for every rank; a rank it had no data position for gets rank 0's (restarted anyway),
     marked with the rank it came from."""
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = read_meta(folder)
     check_world(folder, d.world, restart_data)
     state_file = folder / (f"shard_{d.rank}.pt" if meta["sharded"] else "state.pt")
     state = _load_state(state_file, folder)
@@ -791,7 +790,7 @@ def load_checkpoint(
 def check_world(folder: Path, world: int, restart_data: bool) -> None:
     """ValueError when the checkpoint in `folder` cannot continue on `world` ranks: a sharded (FSDP) one
     holds one shard per rank; a replicated one needs --restart-data (the data position is per rank)."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
+    meta = read_meta(Path(folder))
     if meta["world"] == world:
         return
     if meta.get("sharded"):
@@ -805,6 +804,43 @@ def check_world(folder: Path, world: int, restart_data: bool) -> None:
             " continue the same sample order, or pass --restart-data to go on with the weights, optimizer and"
             " step on these ranks, reading the data in a new order"
         )
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json (step, world, sharded); a damaged one is the ValueError of `_load_state`."""
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not {"world", "sharded"} <= set(meta):
+            raise ValueError("not the mapping of step, world and sharded a checkpoint writes")
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise _damaged(path, Path(folder), str(exc)) from exc
+    return meta
+
+
+def read_saved_config(folder: Path) -> dict[str, Any]:
+    """The run config a checkpoint saved (config.yaml); a damaged one is the ValueError of `_load_state`."""
+    import yaml
+
+    from manifests.messages import yaml_problem
+
+    path = Path(folder) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise _damaged(path, Path(folder), exc.strerror or str(exc)) from exc
+    except (yaml.YAMLError, ValueError) as exc:  # cut-off bytes: a ReaderError of several lines
+        raise _damaged(path, Path(folder), yaml_problem(exc).splitlines()[0]) from exc
+    if not isinstance(saved, dict):
+        raise _damaged(path, Path(folder), "not the mapping of sections a checkpoint writes")
+    return saved
+
+
+def _damaged(path: Path, folder: Path, why: str) -> ValueError:
+    return ValueError(
+        f"cannot read {path} ({why}): the checkpoint {folder.name} is damaged or incomplete; move {folder}"
+        " aside and --resume continues from the one before it"
+    )
 
 
 def read_rank_state(folder: Path, rank: int = 0) -> dict[str, Any]:
@@ -821,10 +857,7 @@ def _load_state(path: Path, folder: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(
-            f"cannot read {path} ({load_failure(exc)}): the checkpoint {folder.name} is damaged or"
-            f" incomplete; move {folder} aside and --resume continues from the one before it"
-        ) from exc
+        raise _damaged(path, folder, load_failure(exc)) from exc
 
 
 # --- logging -------------------------------------------------------------------------------------------------

@@ -323,9 +323,9 @@ def _check_same_start(folder: Path, run: RunConfig) -> None:
     """A resume rebuilds the frozen weights from the init checkpoint and the preset the run began with: a
     resume without --init, or with another file or preset, silently trained on other (random) frozen
     weights. Refused, naming what the run began with."""
-    import yaml
-
-    saved = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train", {})
+    saved = engine.read_saved_config(folder).get("train", {})
+    if not isinstance(saved, dict):
+        saved = {}
     for key, flag in (
         ("preset", "--preset"),
         ("init_checkpoint", "--init"),

@@ -459,6 +459,31 @@ def test_a_damaged_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, t
     assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
 
 
+def test_a_damaged_meta_or_config_of_the_newest_checkpoint_is_one_line_naming_it(
+    tmp_path, train_shards, monkeypatch, capsys
+):
+    """An empty meta.json was "error: Expecting value: line 1 column 1 (char 0)", naming no file; a config.yaml
+    cut short was a yaml ReaderError traceback (exit 1). Both now name the file and the way on, exit 2,
+    before the model is built."""
+    import training.train as train_module
+
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=1")
+    newest = latest(out)
+    monkeypatch.setattr(train_module, "initial_model", lambda *a: pytest.fail("the model was built first"))
+    config = newest / "config.yaml"
+    whole = config.read_bytes()
+    for path, damage in [(newest / "meta.json", b""), (config, whole[:300]), (config, whole + b"\0" * 8)]:
+        kept = path.read_bytes()
+        path.write_bytes(damage)
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", out, train_shards, *common, "--set", "train.steps=2", "--resume")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err, err
+        assert f"cannot read {path} (" in err and f"move {newest} aside" in err, err
+        path.write_bytes(kept)
+
+
 def test_resuming_on_changed_shards_stops_first_and_restart_data_continues(
     tmp_path, train_shards, monkeypatch, capsys
 ):
