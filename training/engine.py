@@ -773,6 +773,16 @@ def load_checkpoint(
     missing = sorted(set(trainable) - set(state["trainable"]))
     if missing:
         raise ValueError(f"{state_file} lacks trained parameters {missing[:5]}: another stage or model?")
+    extra = sorted(set(state["trainable"]) - set(trainable))  # the optimizer's groups would not match
+    other = sorted(n for n, p in trainable.items() if state["trainable"][n].shape != local(p).shape)
+    if extra or other:  # each rank's own part under FSDP, as saved
+        raise ValueError(
+            f"{state_file} trained other parameters than this run: "
+            + (f"{len(extra)} this run does not train (e.g. {extra[:3]})" if extra else "")
+            + ("; " if extra and other else "")
+            + (f"{len(other)} of another shape (e.g. {other[:3]})" if other else "")
+            + ": resume with the settings the run began with (its config.yaml)"
+        )
     with torch.no_grad():
         for n, p in trainable.items():
             local(p).copy_(state["trainable"][n])

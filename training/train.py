@@ -319,11 +319,37 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: {problem}")
 
 
-def _check_same_start(folder: Path, run: RunConfig) -> None:
+# The settings that choose which tensors a stage trains, and their shapes: a resume with another value has
+# other parameters than its checkpoint (torch's "parameter group that doesn't match", a size mismatch).
+TRAINED_SET = {"rectify": ("train_roles",), "decoder": ("disc_channels", "disc_layers")}
+
+
+def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
     """A resume rebuilds the frozen weights from the init checkpoint and the preset the run began with: a
     resume without --init, or with another file or preset, silently trained on other (random) frozen
-    weights. Refused, naming what the run began with."""
-    saved = engine.read_saved_config(folder).get("train", {})
+    weights. Refused, naming what the run began with; so is a resume of another stage's run, or one whose
+    trained parameters differ (those were found only once the model was built, in torch's words)."""
+    whole = engine.read_saved_config(folder)
+    run_dir = folder.parent.parent
+    then_stage = whole.get("stage")
+    if then_stage is not None and then_stage != stage:
+        raise ValueError(
+            f"the run in {run_dir} is a {then_stage!r} run, not {stage!r}: resume it with `inbetweener train"
+            f" {then_stage} ... --resume`, or give this {stage} run another --out"
+        )
+    section = whole.get(stage)
+    for key in TRAINED_SET.get(stage, ()):
+        if not isinstance(section, dict) or key not in section:
+            continue
+        then, now = section[key], engine.to_plain(getattr(getattr(run, stage), key))
+        if then != now:
+            raise ValueError(
+                f"the run in {run_dir} began with {stage}.{key}={then!r}, this one has {now!r}: that changes the"
+                f" parameters it trains, so its checkpoint cannot continue; resume with --set {stage}.{key}="
+                f"{json.dumps(then).replace(' ', '')}, or start a new run from its model (--init"
+                f" {folder})"
+            )
+    saved = whole.get("train", {})
     if not isinstance(saved, dict):
         saved = {}
     for key, flag in (
@@ -413,7 +439,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         engine.check_device(run.train)
         resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
         if resume_from is not None:  # first: a resume must start as its run began (its preset, its init)
-            _check_same_start(resume_from, run)
+            _check_same_start(resume_from, run, args.stage)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
             raise ValueError(
                 f"train {args.stage}: preset {run.train.preset} starts from a checkpoint: pass --init"

@@ -484,6 +484,41 @@ def test_a_damaged_meta_or_config_of_the_newest_checkpoint_is_one_line_naming_it
         path.write_bytes(kept)
 
 
+def test_a_resume_of_another_stages_run_or_of_other_trained_parameters_is_one_line(
+    tmp_path, train_shards, monkeypatch, capsys
+):
+    """`train decoder --resume` on a rectify run said "state.pt lacks trained parameters [discriminator...]:
+    another stage or model?" once the model was built; a resume with another rectify.train_roles was torch's
+    "loaded state dict contains a parameter group that doesn't match", another decoder.disc_channels a size
+    mismatch traceback. Now the stage and the setting are named before the model is built."""
+    import yaml
+
+    import training.train as train_module
+
+    common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
+    out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=1")
+    real = train_module.initial_model
+    monkeypatch.setattr(train_module, "initial_model", lambda *a: pytest.fail("the model was built first"))
+    roles = ("--set", "rectify.train_roles=[spatial]")
+    for stage, extra, message in [
+        ("sketch", (), f"the run in {out} is a 'rectify' run, not 'sketch'"),
+        ("rectify", roles, "began with rectify.train_roles=['spatial', 'image_kv', 'image_proj'], this one"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train(stage, out, train_shards, *common, *extra, "--set", "train.steps=2", "--resume")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+    monkeypatch.setattr(train_module, "initial_model", real)
+    config = latest(out) / "config.yaml"  # a config without the setting: said once the state is read
+    saved = yaml.safe_load(config.read_text())
+    del saved["rectify"]
+    config.write_text(yaml.safe_dump(saved))
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", out, train_shards, *common, *roles, "--set", "train.steps=2", "--resume")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "trained other parameters than this run" in err and "Traceback" not in err
+
+
 def test_resuming_on_changed_shards_stops_first_and_restart_data_continues(
     tmp_path, train_shards, monkeypatch, capsys
 ):
