@@ -345,9 +345,7 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     FSDP, which wrap around the blocks). Returns the number of blocks compiled; "" compiles nothing."""
     if not backend:
         return 0
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in known:
-        raise ValueError(f"train.compile: unknown torch.compile backend {backend!r}; one of {sorted(known)}")
+    check_compile_backend(backend)
     # The blocks share a few forward functions and Dynamo keeps 8 graphs per function by default: the
     # UNet's blocks need more (one per block shape), or the blocks past the 8th would silently run eager.
     dynamo = torch._dynamo.config
@@ -360,6 +358,15 @@ def compile_blocks(blocks: list[nn.Module], backend: str) -> int:
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
     return len(blocks)
+
+
+def check_compile_backend(backend: str) -> None:
+    """ValueError naming train.compile when torch.compile has no such backend ("" compiles nothing)."""
+    if not backend:
+        return
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"train.compile: unknown torch.compile backend {backend!r}; one of {sorted(known)}")
 
 
 def check_recompute_budget(budget: float, backend: str) -> None:

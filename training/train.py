@@ -216,6 +216,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError(f"sections {wrong} belong to other stages than {args.stage!r}")
     run = engine.apply_overrides(RunConfig(), merged, "config")
     check_ranges(run)
+    engine.check_compile_backend(run.train.compile)  # it was said once the model was built
     engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run

@@ -1002,14 +1002,17 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         (["rectify.uncond_prob=0.5"], "rectify.uncond_prob must be in [0, 1/3], got 0.5"),
         (["rectify.train_roles=[]"], "rectify.train_roles must be at least one role"),
         (["train.lr=.inf"], "train.lr must be > 0 and finite"),
+        # was said once the model was built (minutes at full size), the run's folder taken
+        (["train.compile=inductr"], "train.compile: unknown torch.compile backend 'inductr'"),
     ],
-    ids=["section-value", "precision", "uncond", "no-roles", "inf-lr"],
+    ids=["section-value", "precision", "uncond", "no-roles", "inf-lr", "compile-backend"],
 )
 def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tmp_path, train_shards, capsys):
     with pytest.raises(SystemExit) as stop:
         train("rectify", tmp_path / "run", train_shards, *[a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # said before the run takes its folder
 
 
 def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp_path, train_shards, capsys):
