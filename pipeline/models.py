@@ -289,18 +289,28 @@ def check_hf_snapshot(folder: Path) -> list[str]:
 
 def _config_shapes_problems(folder: Path, shapes: Shapes) -> list[str]:
     """config.json against the weights: the model it describes, built on the meta device (no memory), must
-    have the shapes the files hold (a config of another size loaded into a RuntimeError deep in a worker)."""
+    have the shapes the files hold (a config of another size loaded into a RuntimeError deep in a worker)
+    and every parameter in them (transformers initialises a missing one at random and captions on, with
+    only a load report in a worker's log); a parameter tied to one the files hold (OPT's lm_head) is there."""
     try:
         import torch
         from transformers import Blip2Config, Blip2ForConditionalGeneration
 
         config = Blip2Config.from_pretrained(folder, local_files_only=True)
         with torch.device("meta"):
-            expected = {
-                k: tuple(v.shape) for k, v in Blip2ForConditionalGeneration(config).state_dict().items()
-            }
+            model = Blip2ForConditionalGeneration(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        tied: dict[int, set[str]] = {}  # tied parameters are one object under several names
+        for name, param in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(param), set()).add(name)
     except Exception as exc:  # a config transformers cannot build a model from
         return [f"{folder / 'config.json'}: does not describe a BLIP-2 model ({type(exc).__name__}: {exc})"]
+    absent = sorted(k for names in tied.values() if not names & set(shapes) for k in names if k in expected)
+    if absent:
+        return [
+            f"{folder}: {len(absent)} weights missing from the safetensors files (e.g. {', '.join(absent[:3])});"
+            " they would be initialised at random: a shard of another download or a cut conversion?"
+        ]
     wrong = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
     if not wrong:
         return []

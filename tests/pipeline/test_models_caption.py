@@ -149,6 +149,26 @@ def test_a_snapshot_whose_files_disagree_is_named_before_any_work(models, tmp_pa
     assert "model.safetensors.index.json: missing: the folder holds 1 safetensors shards" in problem
 
 
+def test_a_snapshot_missing_a_weight_is_named_not_initialised_at_random(models, tmp_path):
+    """A safetensors file without one of the model's parameters passed `models check` and curate's
+    pre-check; transformers then initialised it at random and the job captioned on, silently."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "hf" / REPO
+    shutil.copytree(models / "hf" / REPO, folder)
+    stage = CaptionStage(model=REPO, models_dir=str(tmp_path), device="cpu")
+    assert check_weights([stage]) == []  # lm_head is tied to the embeddings: not in the file, not missing
+    state = load_file(folder / "model.safetensors")
+    del state["qformer.layernorm.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (problem,) = check_weights([stage])
+    assert "1 weights missing from the safetensors files (e.g. qformer.layernorm.weight)" in problem
+    with pytest.raises(WeightsError, match="qformer.layernorm.weight"):
+        stage.setup()
+
+
 def test_a_model_that_does_not_load_in_a_worker_is_one_line(tmp_path):
     """The stage's setup in a Ray actor: its exception arrives on the driver wrapped by Ray, the cause's
     type and message inside; the job says that one line."""
