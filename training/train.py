@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -199,10 +200,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         cli["decoder"] = {"lpips_weight": 0.0}
     files = [_stage_file(engine.load_overrides(path), path, args.stage) for path in args.config]
     sets = engine.parse_set(args.set)
-    for layer in [*files, sets]:  # a section given as a value (`--set train=5`): said before it is read
-        for section, values in layer.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"config section {section!r} must be a mapping of settings, got {values!r}")
+    for origin, layer in zip([*args.config, "--set"], [*files, sets], strict=True):
+        _check_layer(origin, layer, args.stage)  # each error names the file (or --set) it comes from
     preset = "toon-512"
     for layer in [*files, cli, sets]:
         preset = layer.get("train", {}).get("preset", preset)
@@ -211,15 +210,45 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         layers.append(TINY_PROFILE)
     layers += [*files, cli, sets]
     merged = engine.merge_overrides(*layers)
-    wrong = sorted((set(STAGES) - {args.stage}) & {key for layer in [*files, sets] for key in layer})
-    if wrong:
-        raise ValueError(f"sections {wrong} belong to other stages than {args.stage!r}")
     run = engine.apply_overrides(RunConfig(), merged, "config")
     check_ranges(run)
     engine.check_compile_backend(run.train.compile)  # it was said once the model was built
     engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
+
+
+def _check_layer(origin: str, layer: dict[str, Any], stage: str) -> None:
+    """One config file's (or --set's) sections and keys, ValueError naming `origin`: a section given as a
+    value (`--set train=5`, `train:` left empty), a key without its section (`--set steps=3`), a section of
+    another stage, an unknown key or a value of the wrong type (these named no file)."""
+    import difflib
+
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    for section, values in layer.items():
+        if isinstance(values, dict):
+            continue
+        if section not in sections:  # a bare key: which section's? (this stage's first)
+            owner: dict[str, str] = {}
+            for name in ["train", "data", stage, *sections]:
+                for f in dataclasses.fields(getattr(RunConfig(), name)):
+                    owner.setdefault(f.name, f"{name}.{f.name}")
+            close = difflib.get_close_matches(section, list(owner), n=1, cutoff=0.6)
+            hint = f"; did you mean {owner[close[0]]}?" if close else ""
+            raise ValueError(
+                f"{origin}: {section!r} is not a setting: settings are section.key (sections"
+                f" {sorted(sections)}){hint}"
+            )
+        raise ValueError(
+            f"{origin}: config section {section!r} must be a mapping of settings, got {values!r}"
+        )
+    wrong = sorted((set(STAGES) - {stage}) & set(layer))
+    if wrong:
+        raise ValueError(f"{origin}: sections {wrong} belong to other stages than {stage!r}")
+    try:
+        engine.apply_overrides(RunConfig(), layer, "config")
+    except ValueError as exc:
+        raise ValueError(f"{origin}: {exc}") from exc
 
 
 def _stage_file(layer: dict[str, Any], path: str, stage: str) -> dict[str, Any]:

@@ -1015,6 +1015,33 @@ def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tm
     assert not (tmp_path / "run").exists()  # said before the run takes its folder
 
 
+def test_a_config_error_names_the_file_or_set_it_comes_from(tmp_path):
+    """An unknown key, a wrong type, an empty section or another stage's section in one of several config
+    files named no file ("unknown key config.foo"); `--set stpes=3` (no section) said "config section
+    'stpes' must be a mapping of settings"."""
+    from training.train import parse_args, resolve_config
+
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("train:\n  steps: 3\n")
+    for text, message in [
+        ("foo:\n  x: 1\n", "unknown key config.foo"),
+        ("train:\n  steps: abc\n", "config.train.steps: expected int, got 'abc'"),
+        ("train:\n", "config section 'train' must be a mapping of settings, got None"),
+        ("decoder:\n  lpips_weight: 0\n", "sections ['decoder'] belong to other stages than 'rectify'"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ValueError) as error:
+            resolve_config(parse_args(["rectify", "--out", "x", "--config", str(good), "--config", str(bad)]))
+        assert str(error.value).startswith(f"{bad}: ") and message in str(error.value)
+    for item, message in [
+        ("stpes=3", "--set: 'stpes' is not a setting: settings are section.key"),
+        ("uncond_prob=0.1", "did you mean rectify.uncond_prob?"),
+        ("train.stpes=3", "--set: unknown key config.train.stpes; did you mean train.steps?"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            resolve_config(parse_args(["rectify", "--out", "x", "--config", str(good), "--set", item]))
+
+
 def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp_path, train_shards, capsys):
     from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
     from training.stages.sketch import save_encoder
