@@ -475,6 +475,11 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 f"train {args.stage}: preset {run.train.preset} starts from a checkpoint: pass --init"
                 f" ({INIT_HINT[args.stage]}), or --from-scratch to train it from random weights"
             )
+        if not run.data.train:  # it said "no training shards ... at : pass --data"
+            raise ValueError(
+                "no training data given: pass --data (a curate OUT folder, a shard folder, a glob or a URL),"
+                " or set data.train in a --config file"
+            )
         shards = list_shards(run.data.train)
         if not shards:
             raise FileNotFoundError(

@@ -1042,6 +1042,15 @@ def test_a_config_error_names_the_file_or_set_it_comes_from(tmp_path):
             resolve_config(parse_args(["rectify", "--out", "x", "--config", str(good), "--set", item]))
 
 
+def test_a_run_without_data_says_to_pass_data(tmp_path, capsys):
+    """Without --data it said "no training shards (*.tar, *.tar.gz) at : pass --data" (an empty path)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["rectify", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "no training data given: pass --data" in err and " at :" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp_path, train_shards, capsys):
     from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
     from training.stages.sketch import save_encoder
