@@ -402,6 +402,36 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
             )
 
 
+def _check_init_kind(path: Path, stage: str) -> None:
+    """--init names a file of a training checkpoint that is no model, said by its header or its name before
+    the run takes its folder: a sketch encoder (a sketch run's `step_N` folder, or its export) was a
+    20-line key mismatch once the run had taken its folder; a checkpoint's state.pt "no state dict found"."""
+    import re
+
+    from manifests.weights import weights_format
+    from training.stages.sketch import SKETCH_CONFIG_METADATA
+
+    wanted = f"--init takes a whole model ({INIT_HINT[stage]})"
+    if weights_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 (said in full when the model loads)
+            return
+        if SKETCH_CONFIG_METADATA in meta:
+            raise ValueError(
+                f"--init {path} is a sketch encoder (what `train sketch` exports): {wanted}; a sketch encoder"
+                " goes to `interpolate --sketch-checkpoint`"
+            )
+    elif re.fullmatch(r"state\.pt|(rank|shard)_\d+\.pt", path.name) and (path.parent / "meta.json").is_file():
+        raise ValueError(
+            f"--init {path} is the training state of a checkpoint, not its model: {wanted}; give the checkpoint"
+            f" folder {path.parent} (its model.safetensors), or --resume to continue that run"
+        )
+
+
 def initial_model(cfg: TrainConfig):
     """The ToonCrafter the stage starts from, identical on every rank: the init checkpoint (a plain
     DynamiCrafter decoder becomes a dual-reference one that starts as the plain one), or a seeded random
@@ -524,7 +554,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if run.train.init_checkpoint:  # a missing or cut-off file, before the run takes its folder
             from training.checkpoint import existing_checkpoint
 
-            existing_checkpoint(run.train.init_checkpoint)
+            _check_init_kind(existing_checkpoint(run.train.init_checkpoint), args.stage)
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))

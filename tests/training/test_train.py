@@ -1066,9 +1066,17 @@ def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp
     assert "is the config of a 'rectify' run, not of 'decoder'" in capsys.readouterr().err
     sketch = tmp_path / "sketch_encoder.safetensors"
     save_encoder(SketchEncoder(SKETCH_ENCODER_PRESETS["tiny"]), sketch, {})  # as `train sketch` exports it
-    with pytest.raises(SystemExit):
-        train("rectify", tmp_path / "wrong", train_shards, "--init", str(sketch))
-    assert "the file is a sketch encoder" in capsys.readouterr().err
+    # said by its header before the run takes its folder (it was a 20-line key mismatch after); a
+    # checkpoint's training state by its name (it was "no state dict found")
+    for given, message in [
+        (sketch, f"--init {sketch} is a sketch encoder (what `train sketch` exports)"),
+        (latest(out) / "state.pt", "is the training state of a checkpoint, not its model: --init"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", tmp_path / "wrong", train_shards, "--init", str(given))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "wrong").exists()
 
 
 def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_taken(
