@@ -102,6 +102,12 @@ def safetensors_header(path: Path) -> dict[str, dict]:
                 raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (length,) = struct.unpack("<Q", head)
             if length > size - 8 or length > 100_000_000:
+                if weights_format(path) == "torch":  # its first bytes read as a header of exabytes
+                    raise WeightsError(
+                        f"{path}: a PyTorch file (torch.save: a zip or a pickle), not safetensors: the"
+                        " safetensors download of these weights goes here (or convert it with safetensors'"
+                        " save_file)"
+                    )
                 raise WeightsError(f"{path}: truncated or not a safetensors file (header of {length} bytes)")
             header = json.loads(f.read(length))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -122,6 +128,11 @@ def load_torch_state_dict(path: Path) -> dict:
     odd = not_weights(path)
     if odd:
         raise WeightsError(f"{path}: {odd}")
+    if weights_format(path) == "safetensors":  # the same tensors saved the other way: read them as they are
+        from safetensors.torch import load_file
+
+        safetensors_header(path)  # truncated: named as such
+        return load_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip / pickle, wrong file: one readable error

@@ -108,6 +108,30 @@ def test_truncated_safetensors_header_is_detected(tmp_path):
         safetensors_header(path)
 
 
+def test_a_pickle_where_safetensors_go_and_safetensors_where_a_pickle_goes_are_told_apart(tmp_path):
+    """A torch.save file under the CLIP safetensors name was 'truncated or not a safetensors file (header
+    of 578712552184433488 bytes)'; the same tensors as safetensors under the MLP's .pth name were
+    'cannot be read as a PyTorch state dict: Unsupported operand 168'."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models import WeightsError, load_torch_state_dict
+
+    tensors = {"a": torch.zeros(10, 10), "b": torch.ones(3)}
+    pickled = tmp_path / "w.safetensors"
+    torch.save(tensors, pickled)
+    with pytest.raises(
+        WeightsError, match=r"w.safetensors: a PyTorch file \(torch.save.*\), not safetensors"
+    ):
+        safetensors_header(pickled)
+    safe = tmp_path / "w.pth"
+    save_file(tensors, safe)
+    assert {k: tuple(v.shape) for k, v in load_torch_state_dict(safe).items()} == {"a": (10, 10), "b": (3,)}
+    safe.write_bytes(safe.read_bytes()[:-4])
+    with pytest.raises(WeightsError, match="w.pth: truncated"):
+        load_torch_state_dict(safe)
+
+
 def test_lineage_merges_stages():
     row = add_lineage({}, "text", "ppocr:det.onnx", "aa")
     row = add_lineage(row, "aesthetic", "laion", "bb", clip_sha256="cc")
