@@ -77,10 +77,10 @@ def find_weights(
     from training.checkpoint import CheckpointError, checkpoint_file
 
     base = models_dir(root)
+    names = ("sketch_encoder.safetensors",) if weight is SKETCH_FILE else FOLDER_NAMES
     if explicit is not None:
         path = Path(explicit).expanduser()
         try:  # a training step folder (what `train` prints), a DeepSpeed folder
-            names = ("sketch_encoder.safetensors",) if weight is SKETCH_FILE else FOLDER_NAMES
             path = checkpoint_file(path, names)
         except CheckpointError as exc:
             raise InputError(str(exc)) from None
@@ -90,10 +90,26 @@ def find_weights(
                 f"{flag} {path}: no such file{_weight_files_beside(path)}.\n{download_help(weight, base)}"
             )
         return path
+    if base.exists() and not base.is_dir():
+        raise InputError(
+            f"the models dir {base} is a file, not a folder (set by --models-dir or ${MODELS_DIR_ENV})"
+        )
     candidates = [base / weight.relpath, *(base / alt for alt in ALTERNATIVES.get(weight, ()))]
     for path in candidates:
         if path.is_file():
             return path
+    for path in candidates:  # there, but not as a file: say what it is rather than "not found"
+        if path.is_dir():  # a Lightning-DeepSpeed `model.ckpt` is a folder
+            try:
+                found = checkpoint_file(path, names)
+            except CheckpointError as exc:
+                raise InputError(f"{exc}\n{download_help(weight, base)}") from None
+            if found.is_file():
+                return found
+        elif path.is_symlink():
+            raise InputError(
+                f"{path} is a link to {os.readlink(path)}, which does not exist.\n{download_help(weight, base)}"
+            )
     looked = "\n".join(f"    {p}" for p in candidates)
     raise InputError(f"{weight.what} not found; looked for\n{looked}\n{download_help(weight, base)}")
 

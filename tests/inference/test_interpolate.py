@@ -839,3 +839,27 @@ def test_a_training_step_folder_is_a_checkpoint_and_the_model_is_no_sketch_encod
         capsys, [*argv, "--checkpoint", str(ckpt), "--sketch", str(sketch), "--sketch-checkpoint", str(ckpt)]
     )
     assert "is the interpolation model, not a sketch encoder: it goes to --checkpoint" in err
+
+
+def test_the_models_dirs_checkpoint_as_a_folder_a_dead_link_or_a_file_dir_is_named_not_not_found(tmp_path):
+    """`tooncrafter/model.ckpt` as a folder (Lightning-DeepSpeed saves one) or a link to nothing, and a models
+    dir that is a file, were each '... not found; looked for ...', about a path that is there."""
+    from inference.media import InputError
+    from inference.weights import TOONCRAFTER_FILE, find_weights
+
+    ckpt = tmp_path / "models" / "tooncrafter" / "model.ckpt"
+    ckpt.mkdir(parents=True)
+    with pytest.raises(
+        InputError, match=r"model.ckpt is a folder without a checkpoint file .*holds: nothing"
+    ):
+        find_weights(None, TOONCRAFTER_FILE, tmp_path / "models")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    assert find_weights(None, TOONCRAFTER_FILE, tmp_path / "models") == ckpt / "model.safetensors"
+    (ckpt / "model.safetensors").unlink()
+    ckpt.rmdir()
+    ckpt.symlink_to(tmp_path / "gone.ckpt")
+    with pytest.raises(InputError, match=r"model.ckpt is a link to .*gone.ckpt, which does not exist"):
+        find_weights(None, TOONCRAFTER_FILE, tmp_path / "models")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="the models dir .*file is a file, not a folder"):
+        find_weights(None, TOONCRAFTER_FILE, tmp_path / "file")
