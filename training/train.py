@@ -700,6 +700,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage_name}", unit="step", dynamic_ncols=True)
+        held.callback(bar.close)  # closed before Ctrl-C's line is said (it was redrawn after it)
     t_last, step_last = time.perf_counter(), step
     nonfinite_run, nonfinite_steps = 0, 0  # updates skipped for a gradient that is not finite
 

@@ -1166,6 +1166,26 @@ def test_ctrl_c_says_how_to_go_on_from_where_the_run_is(tmp_path, monkeypatch, c
     assert f"run it again with --resume to go on from {step}" in capsys.readouterr().err
 
 
+def test_ctrl_c_mid_run_ends_with_its_line_not_the_progress_bar(tmp_path, train_shards, monkeypatch, capsys):
+    """Ctrl-C in the loop: the progress bar was closed (redrawn) after the line saying how to go on."""
+    from training import train as train_module
+
+    real, calls = train_module._next_batch, []
+
+    def interrupted(batches, bar):
+        calls.append(1)
+        if len(calls) > 4:  # in step 3 (2 micro-batches a step), after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real(batches, bar)
+
+    monkeypatch.setattr(train_module, "_next_batch", interrupted)
+    argv = ["rectify", "--preset", "tiny", "--data", str(train_shards), "--out", str(tmp_path / "run"),
+            "--set", "data.num_workers=0", "--set", "train.sample_every=0", "--set", "train.ckpt_every=2"]  # fmt: skip
+    assert main(argv) == 130
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert last.startswith("inbetweener train: interrupted; run it again with --resume"), last
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half_written(
     tmp_path, train_shards, capsys, monkeypatch
 ):
