@@ -555,6 +555,12 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             from training.checkpoint import existing_checkpoint
 
             _check_init_kind(existing_checkpoint(run.train.init_checkpoint), args.stage)
+        source = curate_out_of(run.data.train)
+        if source is not None and Path(args.out).resolve() == source.resolve():  # it said to wait for itself
+            raise ValueError(
+                f"--out {args.out} is the curate output the run reads (--data): give the run a folder of its"
+                f" own, e.g. {Path(args.out) / 'runs' / args.stage}"
+            )
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))

@@ -231,6 +231,25 @@ def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsy
     assert (data / ".lock").read_text() == f"inbetweener train rectify (pid {os.getpid()}) reads it\n"
 
 
+def test_a_run_into_the_curate_out_it_reads_is_refused_by_name(tmp_path, train_shards, capsys):
+    """--out = the curate OUT given as --data: "is being written by inbetweener train rectify (pid <its
+    own>); wait for it to end", the run waiting for itself. A folder inside it is a folder of its own."""
+    import shutil
+
+    data = tmp_path / "curated"
+    shutil.copytree(train_shards, data)
+    (data / "manifest.parquet").write_bytes(b"")
+    for given in (data, data / "shards" / "train"):
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", data, given, "--set", "train.steps=1")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"--out {data} is the curate output the run reads (--data)" in err, (
+            err
+        )
+    assert not (data / ".lock").exists() and not (data / "checkpoints").exists()
+    train("rectify", data / "runs" / "rectify", data, "--set", "train.steps=1")
+
+
 def test_a_run_records_the_clips_it_trains_on(tmp_path, train_shards):
     """From the index curate writes beside each shard: evaluate checks its eval clips against it. Shards
     without an index (from elsewhere) leave no record rather than a wrong one."""
