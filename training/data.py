@@ -373,7 +373,14 @@ class _Fruitless:
             f" {counts['too_short']} too short in all; {len(self.unreadable)} shard(s) unreadable"
         )
         if self._whole_shards() and self.tried >= set(self.shards):
-            return f"no usable clip in any of the {len(self.shards)} shard(s) ({found}), e.g. {example}"
+            # every clip shorter than a window: the setting to change, not only the count
+            short = counts["too_short"] and counts["too_short"] >= self.samples - counts["corrupt"]
+            hint = (
+                ": every clip is shorter than a window; lower data.frames (or data.stride_min)"
+                if short
+                else ""
+            )
+            return f"no usable clip in any of the {len(self.shards)} shard(s) ({found}), e.g. {example}{hint}"
         fixed = " (the same every epoch: data.shuffle_shards=false)" if not self.shuffled else ""
         return (
             f"reading slot {slot} of {self.slots} found no usable clip in what it was dealt: {len(self.tried)} of"

@@ -250,6 +250,15 @@ def test_a_run_into_the_curate_out_it_reads_is_refused_by_name(tmp_path, train_s
     train("rectify", data / "runs" / "rectify", data, "--set", "train.steps=1")
 
 
+def test_clips_all_shorter_than_the_window_name_the_setting_to_lower(tmp_path, train_shards, capsys):
+    """data.frames above every clip's length said only "6 too short in all", not what to change."""
+    with pytest.raises(SystemExit) as stop:
+        train("rectify", tmp_path / "run", train_shards, "--set", "data.frames=64")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "6 too short in all" in err
+    assert "every clip is shorter than a window; lower data.frames (or data.stride_min)" in err
+
+
 def test_a_run_records_the_clips_it_trains_on(tmp_path, train_shards):
     """From the index curate writes beside each shard: evaluate checks its eval clips against it. Shards
     without an index (from elsewhere) leave no record rather than a wrong one."""
