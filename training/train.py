@@ -180,15 +180,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     cli: dict[str, Any] = {"train": {}, "data": {}}
     if args.preset:
         cli["train"]["preset"] = args.preset
-    if args.init:  # a checkpoint folder (as the `done:` line names it): its exported model
-        from training.checkpoint import CheckpointError, checkpoint_file
-
-        try:  # a `latest` pointer resolved now: recorded, it would name another step at the resume
-            chosen = checkpoint_file(args.init)
-        except CheckpointError:
-            chosen = Path(args.init)  # said when it is read, with the other input errors
-        # absolute: a resume from another folder names the same file (_check_same_start)
-        cli["train"]["init_checkpoint"] = os.path.abspath(chosen) if chosen.exists() else args.init
+    if args.init:
+        cli["train"]["init_checkpoint"] = args.init  # the file it names: below
     if args.from_scratch:
         cli["train"]["from_scratch"] = True
     if args.data:
@@ -211,11 +204,29 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     layers += [*files, cli, sets]
     merged = engine.merge_overrides(*layers)
     run = engine.apply_overrides(RunConfig(), merged, "config")
+    if run.train.init_checkpoint:  # however given: --init, --set train.init_checkpoint, a config file
+        run.train.init_checkpoint = _chosen_init(run.train.init_checkpoint)
     check_ranges(run)
     engine.check_compile_backend(run.train.compile)  # it was said once the model was built
     engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
+
+
+def _chosen_init(given: str) -> str:
+    """The file an init checkpoint names, as the run records it: a checkpoint folder (as the `done:` line
+    names it) is its exported model; a `latest` pointer is resolved now (recorded, it would name another
+    step at the resume: given by --set or a config file, it was); absolute, so that a resume from another
+    folder names the same file (_check_same_start)."""
+    from training.checkpoint import CheckpointError, checkpoint_file
+
+    if "://" in given:
+        return given  # refused by name with the other input errors
+    try:
+        chosen = checkpoint_file(given)
+    except CheckpointError:
+        return given  # said when it is read, with the other input errors
+    return os.path.abspath(chosen) if chosen.exists() else given
 
 
 def _check_layer(origin: str, layer: dict[str, Any], stage: str) -> None:

@@ -1134,6 +1134,27 @@ def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_
     assert resolve_config(args).train.init_checkpoint == str(folder / "model.safetensors")
 
 
+def test_an_init_given_by_set_or_a_config_file_is_recorded_as_the_file_it_names(
+    tmp_path, dc_checkpoint, monkeypatch
+):
+    """--init's `latest` pointer, checkpoint folder and relative path were resolved, train.init_checkpoint
+    given by --set or a config file was recorded as given: the pointer would name another step at the
+    resume, and a resume with the equivalent --init was refused ("began with ...latest")."""
+    from training.train import parse_args, resolve_config
+
+    folder = tmp_path / "step_0000002"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(dc_checkpoint.read_bytes())
+    (tmp_path / "latest").write_text("step_0000002\n")
+    config = tmp_path / "init.yaml"
+    config.write_text("train:\n  init_checkpoint: latest\n")
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--set", "train.init_checkpoint=latest"], ["--set", "train.init_checkpoint=step_0000002"],
+                  ["--config", str(config)], ["--init", "latest"]):  # fmt: skip
+        run = resolve_config(parse_args(["rectify", "--out", "o", *extra]))
+        assert run.train.init_checkpoint == str(folder / "model.safetensors"), extra
+
+
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, train_shards, capsys):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit) as stop:
