@@ -860,6 +860,20 @@ def _damaged(path: Path, folder: Path, why: str) -> ValueError:
     )
 
 
+def check_state_files(folder: Path) -> None:
+    """The training state of a checkpoint, checked without loading it (missing, cut short): said before a
+    resume builds the model (minutes at full size), as `_load_state` would say it after."""
+    from manifests.weights import quick_problem
+
+    meta = read_meta(folder)
+    names = [f"shard_{r}.pt" for r in range(meta["world"])] if meta["sharded"] else ["state.pt"]
+    for name in names:
+        path = Path(folder) / name
+        problem = "No such file" if not path.is_file() else quick_problem(path)
+        if problem:
+            raise _damaged(path, Path(folder), problem)
+
+
 def read_rank_state(folder: Path, rank: int = 0) -> dict[str, Any]:
     """One rank's data position and RNG states from a checkpoint (a small file: read before a resume
     builds the model, to check the data position against the run's shards and workers)."""

@@ -576,6 +576,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))
             engine.check_world(resume_from, world, args.restart_data)
+            engine.check_state_files(resume_from)  # it was found damaged once the model was built
             if not args.restart_data:
                 saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
                 saved.check_resumable(shards, world, run.data.num_workers)

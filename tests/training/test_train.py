@@ -492,7 +492,7 @@ def test_a_damaged_meta_or_config_of_the_newest_checkpoint_is_one_line_naming_it
 ):
     """An empty meta.json was "error: Expecting value: line 1 column 1 (char 0)", naming no file; a config.yaml
     cut short was a yaml ReaderError traceback (exit 1). Both now name the file and the way on, exit 2,
-    before the model is built."""
+    before the model is built; so does a state.pt cut short."""
     import training.train as train_module
 
     common = ["--set", "train.global_batch=1", "--set", "train.ckpt_every=1"]
@@ -501,7 +501,9 @@ def test_a_damaged_meta_or_config_of_the_newest_checkpoint_is_one_line_naming_it
     monkeypatch.setattr(train_module, "initial_model", lambda *a: pytest.fail("the model was built first"))
     config = newest / "config.yaml"
     whole = config.read_bytes()
-    for path, damage in [(newest / "meta.json", b""), (config, whole[:300]), (config, whole + b"\0" * 8)]:
+    state = newest / "state.pt"  # cut short: it was found once the model was built (minutes at full size)
+    damages = [(newest / "meta.json", b""), (config, whole[:300]), (config, whole + b"\0" * 8)]
+    for path, damage in [*damages, (state, state.read_bytes()[:1000])]:
         kept = path.read_bytes()
         path.write_bytes(damage)
         with pytest.raises(SystemExit) as stop:
