@@ -792,7 +792,9 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
         )
     else:
         print("keyframe sizes: the clips' (decoded at each row's turn)")
-    print(f"checkpoint: {checkpoint} (found; loaded and checked only by a real run)")
+    print(
+        f"checkpoint: {checkpoint} (found and whole; its weights are loaded and checked only by a real run)"
+    )
     print(f"sketch encoder: {sketch_path}" if sketch_path else "sketch encoder: not needed")
     sketched = [j for j in jobs if j.sketch_files]
     if len(jobs) == 1 and sketched:

@@ -73,7 +73,25 @@ def _weight_files_beside(path: Path, most: int = 8) -> str:
 def find_weights(
     explicit: str | os.PathLike | None, weight: WeightFile, root: str | os.PathLike | None
 ) -> Path:
-    """The file to load: `explicit` when given (it must exist), else the models dir's copy."""
+    """The file to load: `explicit` when given (it must exist), else the models dir's copy; InputError
+    when it is not weights at all or cut short, told from its bytes without loading it (evaluate decoded
+    every clip of the eval split before loading a truncated checkpoint)."""
+    from training.checkpoint import CheckpointError, existing_checkpoint
+
+    path = _find_weights(explicit, weight, root)
+    try:
+        existing_checkpoint(path)
+    except CheckpointError as exc:
+        flag = "--sketch-checkpoint" if weight is SKETCH_FILE else "--checkpoint"
+        raise InputError(
+            f"{exc}\n{download_help(weight, models_dir(root))}" if explicit is None else f"{flag}: {exc}"
+        ) from None
+    return path
+
+
+def _find_weights(
+    explicit: str | os.PathLike | None, weight: WeightFile, root: str | os.PathLike | None
+) -> Path:
     from training.checkpoint import CheckpointError, checkpoint_file
 
     base = models_dir(root)

@@ -390,3 +390,21 @@ def test_eval_shards_group_samples_as_training_does(tmp_path):
     ]
     assert clips[1].content != clips[2].content
     assert [c.key for c in iter_clips([shards / "000000.tar.gz"], "eval")] == ["take", "again", "again"]
+
+
+def test_a_truncated_checkpoint_stops_before_any_clip_is_decoded(curated, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The checkpoint was read only when the first clip was generated: after every clip of the eval split
+    had been decoded (and the baselines scored) a truncated download stopped the run."""
+    whole = _tiny_checkpoint(tmp_path / "whole.safetensors", 0)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+    def no_clips(*args, **kwargs):
+        raise AssertionError("the clips were decoded before the checkpoint was checked")
+
+    monkeypatch.setattr(cli, "_windows", no_clips)
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "model", "--checkpoint", str(cut), *TINY]
+    assert cli.main(argv, extractors=fake_extractors()) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint: cannot read {cut}" in err and "truncated: the header announces" in err
