@@ -306,6 +306,12 @@ def check_ranges(run: RunConfig) -> None:
         ("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1"),
     ]
     rules.append(("train.precision", t.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"))
+    from training.models.tooncrafter import TOONCRAFTER_PRESETS, size_step
+
+    if t.preset in TOONCRAFTER_PRESETS:  # other sides crashed in the UNet, or lost rows in the VAE unsaid
+        step = size_step(TOONCRAFTER_PRESETS[t.preset])
+        why = f"a multiple of {step} (the {t.preset} model's VAE and UNet downsampling)"
+        rules += [("data.height", d.height % step == 0, why), ("data.width", d.width % step == 0, why)]
     for stage in STAGES:  # the stage sections' probabilities (each given or not, checked alike)
         section = getattr(run, stage)
         if hasattr(section, "uncond_prob"):
