@@ -308,6 +308,8 @@ def check_ranges(run: RunConfig) -> None:
     rules.append(("train.precision", t.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"))
     from training.models.tooncrafter import TOONCRAFTER_PRESETS, size_step
 
+    presets = sorted(TOONCRAFTER_PRESETS)  # --set train.preset=huge: "preset huge starts from a checkpoint"
+    rules.append(("train.preset", t.preset in TOONCRAFTER_PRESETS, f"one of {', '.join(presets)}"))
     if t.preset in TOONCRAFTER_PRESETS:  # other sides crashed in the UNet, or lost rows in the VAE unsaid
         step = size_step(TOONCRAFTER_PRESETS[t.preset])
         why = f"a multiple of {step} (the {t.preset} model's VAE and UNet downsampling)"

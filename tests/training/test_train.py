@@ -1037,8 +1037,19 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         # 64x52 crashed in the UNet (a skip of another size); 70 rows lost 6 in the VAE, unsaid
         (["data.width=52"], "data.width must be a multiple of 32 (the tiny model's VAE and UNet"),
         (["data.height=70"], "data.height must be a multiple of 32"),
+        (["train.preset=huge"], "train.preset must be one of tiny, toon-512, got 'huge'"),
     ],
-    ids=["section-value", "precision", "uncond", "no-roles", "inf-lr", "compile-backend", "width", "height"],
+    ids=[
+        "section-value",
+        "precision",
+        "uncond",
+        "no-roles",
+        "inf-lr",
+        "compile-backend",
+        "width",
+        "height",
+        "preset",
+    ],
 )
 def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tmp_path, train_shards, capsys):
     with pytest.raises(SystemExit) as stop:
