@@ -546,7 +546,17 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if args.restart_data and not args.resume:
             raise ValueError("--restart-data goes with --resume (a new run reads the data from its start)")
         if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
-            raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(Path(args.out))}")
+            given = Path(args.out)  # its checkpoints/ or a step_N given as --out: the run folder is above
+            above = {given.parent: given.name, given.parent.parent: given.parent.name}
+            run_dir = next(
+                (p for p, n in above.items() if n == "checkpoints" and engine.latest_checkpoint(p)), None
+            )
+            hint = (
+                f": {given} is inside the run folder {run_dir}; resume with --out {run_dir}"
+                if run_dir
+                else ""
+            )
+            raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(given)}{hint}")
         earlier = engine.latest_checkpoint(Path(args.out)) if not args.resume else None
         if earlier is not None:  # its pruning would delete the new run's checkpoints (lower steps) first
             raise ValueError(

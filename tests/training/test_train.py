@@ -592,6 +592,19 @@ def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
 
 
+def test_resume_given_a_checkpoint_folder_as_out_names_the_run_folder(tmp_path, train_shards, capsys):
+    """--out RUN/checkpoints or RUN/checkpoints/step_N with --resume said only "no checkpoint in
+    RUN/checkpoints/checkpoints"."""
+    step = tmp_path / "run" / "checkpoints" / "step_0000001"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")  # what makes it a complete checkpoint to latest_checkpoint
+    for given in (step.parent, step):
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", given, train_shards, "--resume")
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"inside the run folder {tmp_path / 'run'}; resume with --out" in err
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shards_that_all_fail_to_read_stop_the_run_with_one_line(workers, tmp_path, capsys):
     """Every shard unreadable (not tars at all): the run stops with one line naming a shard and why, exit
