@@ -213,6 +213,33 @@ def test_decoder_without_lpips_weights_stops_with_the_file_and_the_way_out(tmp_p
         assert not (tmp_path / stage).exists(), stage
 
 
+def test_damaged_lpips_or_anime2sketch_weights_stop_before_the_run_takes_its_folder(
+    tmp_path, train_shards, capsys
+):
+    """Present but empty or cut short, they passed the pre-check (it looked for the files only): the run took
+    its folder, indexed the data and loaded the model, then stopped (the loss's LPIPS with exit 1)."""
+    models = tmp_path / "models"
+    (models / "lpips").mkdir(parents=True)
+    (models / "lpips" / "alex.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # a torch.save zip, cut
+    (models / "lpips" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    (models / "tooncrafter").mkdir()
+    (models / "tooncrafter" / "sketch_extractor.pth").write_bytes(b"")
+    for stage, extra, message in [
+        (
+            "decoder",
+            ("--set", "decoder.lpips_net=alex"),
+            r"alex\.pth: truncated[\s\S]*empty file[\s\S]*--no-lpips",
+        ),
+        ("decoder", ("--no-lpips",), r"the eval LPIPS \(alex\) weights .*alex\.pth: truncated"),
+        ("sketch", (), r"Anime2Sketch weights .*sketch_extractor\.pth: an empty file"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train(stage, tmp_path / stage, train_shards, "--models-dir", str(models), *extra)
+        assert stop.value.code == 2
+        assert re.search(message, capsys.readouterr().err), stage
+        assert not (tmp_path / stage).exists(), stage
+
+
 def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsys):
     """select swaps a curate OUT's shard folders: under a running training the shards would change
     mid-epoch (another version of the dataset, an inexact resume). train holds the OUT's lock shared."""

@@ -90,19 +90,33 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 
 def missing_weights(cfg: DecoderConfig, models_dir: Path | None) -> str | None:
-    """Why the loss's LPIPS cannot load (its files absent), said before the run takes its folder; None: fine."""
+    """Why the loss's LPIPS cannot load (its files absent, empty or cut short) or the eval LPIPS's files,
+    when there, would not, said before the run takes its folder; None: fine. (A damaged file stopped the
+    run, exit 1, after it had taken its folder and loaded the model.)"""
+    from manifests.weights import quick_problem
     from training.features import MissingWeightsError, require_file
+    from training.features import models_dir as resolve
     from training.metrics.lpips import LPIPS_FILES
 
-    if cfg.lpips_weight <= 0:
-        return None
     missing = []
-    for weight in LPIPS_FILES[cfg.lpips_net]:
+    for weight in LPIPS_FILES[cfg.lpips_net] if cfg.lpips_weight > 0 else ():
         try:
-            require_file(weight, models_dir)
+            path = require_file(weight, models_dir)
         except MissingWeightsError as exc:
             missing.append(str(exc))
-    return _lpips_advice(cfg.lpips_net, "\n".join(missing)) if missing else None
+            continue
+        if problem := quick_problem(path):
+            missing.append(f"{path}: {problem}")
+    if missing:
+        return _lpips_advice(cfg.lpips_net, "\n".join(missing))
+    for weight in LPIPS_FILES[cfg.eval_lpips_net]:  # absent: the eval goes without LPIPS (a warning)
+        path = resolve(models_dir) / weight.relpath
+        if path.is_file() and (problem := quick_problem(path)):
+            return (
+                f"train decoder: the eval LPIPS ({cfg.eval_lpips_net}) weights {path}: {problem}; replace it,"
+                " or move it aside to evaluate without LPIPS"
+            )
+    return None
 
 
 def _lpips_advice(net: str, problem: object) -> str:

@@ -172,12 +172,21 @@ def _models_dir(models_dir: Path | None) -> Path:
 
 
 def missing_weights(cfg: SketchConfig, models_dir: Path | None) -> str | None:
-    """Why `load_extractor` would stop (Anime2Sketch asked for, its weights absent); None: fine."""
+    """Why `load_extractor` would stop (Anime2Sketch asked for, its weights absent; its file empty or cut
+    short); None: fine."""
+    from manifests.weights import quick_problem
+
     base = _models_dir(models_dir)
-    if cfg.extractor == "anime2sketch" and not any((base / f).is_file() for f in ANIME2SKETCH_FILES):
+    found = next((base / f for f in ANIME2SKETCH_FILES if (base / f).is_file()), None)
+    if cfg.extractor == "anime2sketch" and found is None:
         return (
             f"train sketch: Anime2Sketch weights not found: put {' or '.join(ANIME2SKETCH_FILES)} under the "
             f"models dir {base} (from {ANIME2SKETCH_SOURCE}), or use --set sketch.extractor=xdog"
+        )
+    if cfg.extractor != "xdog" and found is not None and (problem := quick_problem(found)):
+        return (  # `auto` would load it: a damaged file stopped the run after it had taken its folder
+            f"train sketch: Anime2Sketch weights {found}: {problem}; replace it (from {ANIME2SKETCH_SOURCE}),"
+            " or use --set sketch.extractor=xdog"
         )
     return None
 
