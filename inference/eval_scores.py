@@ -126,8 +126,8 @@ class TowerCLIP(torch.nn.Module):
 
 
 def missing_weights(needs: Sequence[str], root: str | os.PathLike | None, clip_fallback: bool) -> list[str]:
-    """What `load_extractors(needs, root)` would miss, every file at once (it stops at the first), read
-    from the models dir before any clip is decoded. `clip_fallback`: the CLIP towers of the interpolation
+    """What `load_extractors(needs, root)` would miss or find damaged (empty, cut short, not weights), every
+    file at once (it stops at the first), read from the models dir before any clip is decoded. `clip_fallback`: the CLIP towers of the interpolation
     checkpoint serve when the CLIP file is absent."""
     from training import features
 
@@ -138,12 +138,21 @@ def missing_weights(needs: Sequence[str], root: str | os.PathLike | None, clip_f
         files += features.LPIPS_FILES["alex"]
     if "clip" in needs and not clip_fallback:
         files.append(features.CLIP_FILE)
+    elif "clip" in needs and (features.models_dir(root) / features.CLIP_FILE.relpath).is_file():
+        files.append(features.CLIP_FILE)  # there: it serves, not the towers, so it must be whole
+    from manifests.weights import quick_problem
+
     out = []
     for weight in files:
         try:
-            features.require_file(weight, root)
+            path = features.require_file(weight, root)
         except FileNotFoundError as exc:
             out.append(str(exc))
+            continue
+        if problem := quick_problem(
+            path
+        ):  # empty or cut short: it stopped the run after every clip was decoded
+            out.append(f"{path}: {problem}")
     return out
 
 

@@ -315,7 +315,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 missing = [] if extractors is not None else missing_weights(needs, args.models_dir, True)
                 if missing:
                     raise InputError(
-                        f"{exc}\nand {len(missing)} metric weight file(s) missing:\n" + "\n".join(missing)
+                        f"{exc}\nand {len(missing)} metric weight file(s) missing or damaged:\n"
+                        + "\n".join(missing)
                     ) from None
                 raise
     if needs_model:
@@ -329,7 +330,9 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                     f"\nfor CLIP, the ToonCrafter checkpoint at {TOONCRAFTER_FILE.relpath} in the models dir (or"
                     " --checkpoint) serves instead: its CLIP towers"
                 )
-            raise InputError(f"{len(missing)} weight file(s) missing:\n" + "\n".join(missing) + hint)
+            raise InputError(
+                f"{len(missing)} weight file(s) missing or damaged:\n" + "\n".join(missing) + hint
+            )
 
     def loaded():
         m = load_tooncrafter(checkpoint, args.preset)

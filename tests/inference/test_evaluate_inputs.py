@@ -408,3 +408,20 @@ def test_a_truncated_checkpoint_stops_before_any_clip_is_decoded(curated, tmp_pa
     assert cli.main(argv, extractors=fake_extractors()) == 2
     err = capsys.readouterr().err
     assert f"--checkpoint: cannot read {cut}" in err and "truncated: the header announces" in err
+
+
+def test_a_cut_metric_weight_file_stops_before_any_clip_is_decoded(curated, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The pre-check looked for the metric weights only: an empty or cut I3D file was loaded, and refused,
+    after every clip of the eval split had been decoded."""
+    models = tmp_path / "models"
+    (models / "i3d").mkdir(parents=True)
+    (models / "i3d" / "i3d_torchscript.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # a zip, cut
+
+    def no_clips(*args, **kwargs):
+        raise AssertionError("the clips were decoded before the metric weights were checked")
+
+    monkeypatch.setattr(cli, "_windows", no_clips)
+    argv = [str(curated), "--out", str(tmp_path / "eval"), "--method", "linear", "--metrics", "fvd", "psnr"]
+    assert cli.main([*argv, "--models-dir", str(models), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "1 weight file(s) missing or damaged" in err and "i3d_torchscript.pt: truncated" in err
