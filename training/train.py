@@ -321,8 +321,15 @@ def check_ranges(run: RunConfig) -> None:
             rules.append((f"{stage}.uncond_prob", 0 <= section.uncond_prob <= 1 / 3, "in [0, 1/3]"))
         if hasattr(section, "train_roles"):
             rules.append((f"{stage}.train_roles", len(section.train_roles) > 0, "at least one role"))
-    sk = run.sketch
+    from training.features import LPIPS_FILES
+
+    nets = f"one of {', '.join(sorted(LPIPS_FILES))}"  # a KeyError traceback once the stage was built
+    dc, sk = run.decoder, run.sketch
     rules += [
+        ("decoder.lpips_net", dc.lpips_net in LPIPS_FILES, nets),
+        ("decoder.eval_lpips_net", dc.eval_lpips_net in LPIPS_FILES, nets),
+        # said once the model was built, the run's folder taken
+        ("sketch.extractor", sk.extractor in ("auto", "anime2sketch", "xdog"), "auto, anime2sketch or xdog"),
         ("sketch.frame_prob_min", 0 <= sk.frame_prob_min <= 1, "in [0, 1]"),
         (
             "sketch.frame_prob_max",

@@ -1099,6 +1099,29 @@ def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tm
     assert not (tmp_path / "run").exists()  # said before the run takes its folder
 
 
+@pytest.mark.parametrize(
+    ("stage", "setting", "message"),
+    [
+        ("decoder", "decoder.lpips_net=resnet", "decoder.lpips_net must be one of alex, vgg, got 'resnet'"),
+        ("decoder", "decoder.eval_lpips_net=squeeze", "decoder.eval_lpips_net must be one of alex, vgg"),
+        (
+            "sketch",
+            "sketch.extractor=canny",
+            "sketch.extractor must be auto, anime2sketch or xdog, got 'canny'",
+        ),
+    ],
+    ids=["lpips-net", "eval-lpips-net", "extractor"],
+)
+def test_stage_settings_are_checked_before_any_work(stage, setting, message, tmp_path, train_shards, capsys):
+    """The LPIPS nets were a KeyError traceback; the sketch extractor was said once the model was built,
+    the run's folder taken."""
+    with pytest.raises(SystemExit) as stop:
+        train(stage, tmp_path / "run", train_shards, "--set", setting)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_error_names_the_file_or_set_it_comes_from(tmp_path):
     """An unknown key, a wrong type, an empty section or another stage's section in one of several config
     files named no file ("unknown key config.foo"); `--set stpes=3` (no section) said "config section
