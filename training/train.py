@@ -321,12 +321,25 @@ def check_ranges(run: RunConfig) -> None:
             rules.append((f"{stage}.uncond_prob", 0 <= section.uncond_prob <= 1 / 3, "in [0, 1/3]"))
         if hasattr(section, "train_roles"):
             rules.append((f"{stage}.train_roles", len(section.train_roles) > 0, "at least one role"))
+            from training.roles import ROLES  # an unknown one was said once the model was built
+
+            rules.append(
+                (f"{stage}.train_roles", set(section.train_roles) <= set(ROLES), f"roles of {list(ROLES)}")
+            )
     from training.features import LPIPS_FILES
 
     nets = f"one of {', '.join(sorted(LPIPS_FILES))}"  # a KeyError traceback once the stage was built
     dc, sk = run.decoder, run.sketch
     rules += [
         ("decoder.lpips_net", dc.lpips_net in LPIPS_FILES, nets),
+        # a negative weight trains towards the error, silently; no channels or size was a traceback
+        ("decoder.l1_weight", dc.l1_weight >= 0, ">= 0"),
+        ("decoder.lpips_weight", dc.lpips_weight >= 0, ">= 0 (0 = no LPIPS)"),
+        ("decoder.disc_weight", dc.disc_weight >= 0, ">= 0"),
+        ("decoder.disc_lr", 0 <= dc.disc_lr < math.inf, ">= 0 and finite (0 = train.lr)"),
+        ("decoder.disc_channels", dc.disc_channels >= 1, ">= 1"),
+        ("decoder.disc_layers", dc.disc_layers >= 0, ">= 0"),
+        ("decoder.eval_size", dc.eval_size >= 1, ">= 1"),
         ("decoder.eval_lpips_net", dc.eval_lpips_net in LPIPS_FILES, nets),
         # said once the model was built, the run's folder taken
         ("sketch.extractor", sk.extractor in ("auto", "anime2sketch", "xdog"), "auto, anime2sketch or xdog"),
