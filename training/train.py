@@ -286,6 +286,7 @@ def check_ranges(run: RunConfig) -> None:
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1) (0 exports the raw weights)"),
         ("train.checkpoint_levels", t.checkpoint_levels >= 0, ">= 0 (0 = every block)"),
+        ("train.seed", t.seed >= 0, ">= 0"),  # numpy's seeding: a traceback once the data was read
         ("train.ckpt_every", t.ckpt_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 0, ">= 0 (0 keeps all)"),
         ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, ">= 1"),

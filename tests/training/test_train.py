@@ -1078,6 +1078,7 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         (["data.width=52"], "data.width must be a multiple of 32 (the tiny model's VAE and UNet"),
         (["data.height=70"], "data.height must be a multiple of 32"),
         (["train.preset=huge"], "train.preset must be one of tiny, toon-512, got 'huge'"),
+        (["train.seed=-5"], "train.seed must be >= 0, got -5"),  # numpy's traceback in the loader
     ],
     ids=[
         "section-value",
@@ -1089,6 +1090,7 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         "width",
         "height",
         "preset",
+        "seed",
     ],
 )
 def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tmp_path, train_shards, capsys):
