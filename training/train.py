@@ -315,6 +315,11 @@ def check_ranges(run: RunConfig) -> None:
         step = size_step(TOONCRAFTER_PRESETS[t.preset])
         why = f"a multiple of {step} (the {t.preset} model's VAE and UNet downsampling)"
         rules += [("data.height", d.height % step == 0, why), ("data.width", d.width % step == 0, why)]
+        # more DDIM steps than the schedule has timesteps repeat timesteps (2000: minutes of sampling)
+        most = TOONCRAFTER_PRESETS[t.preset].schedule.num_timesteps
+        rules.append(
+            ("train.sample_steps", t.sample_steps <= most, f"in 1..{most} (the schedule's timesteps)")
+        )
     for stage in STAGES:  # the stage sections' probabilities (each given or not, checked alike)
         section = getattr(run, stage)
         if hasattr(section, "uncond_prob"):

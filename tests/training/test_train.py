@@ -1079,6 +1079,7 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         (["data.height=70"], "data.height must be a multiple of 32"),
         (["train.preset=huge"], "train.preset must be one of tiny, toon-512, got 'huge'"),
         (["train.seed=-5"], "train.seed must be >= 0, got -5"),  # numpy's traceback in the loader
+        (["train.sample_steps=2000"], "train.sample_steps must be in 1..1000 (the schedule's timesteps)"),
     ],
     ids=[
         "section-value",
@@ -1091,6 +1092,7 @@ def test_a_run_over_an_earlier_one_and_a_resume_that_changes_its_start_are_refus
         "height",
         "preset",
         "seed",
+        "sample-steps",
     ],
 )
 def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tmp_path, train_shards, capsys):
