@@ -754,6 +754,14 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     samples_here = d.main or (fsdp and d.active)  # sharded weights: every rank takes part in sampling
     if samples_here and tc.sample_every > 0:
         windows = eval_windows(eval_shards or shards, run.data, tc.sample_clips)
+        if not windows and eval_shards:  # an eval split of short clips: there were no sample videos, unsaid
+            log.warning(
+                "no clip of the eval split (%s) gives a window of data.frames=%d: sample videos from the"
+                " training shards",
+                run.data.eval,
+                run.data.frames,
+            )
+            windows = eval_windows(shards, run.data, tc.sample_clips)
         sample_batch = collate(windows) if windows else None
 
     logger = engine.Logger(out, d.main, first_step=step + 1)  # a resume's logs replace what followed

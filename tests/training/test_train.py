@@ -286,6 +286,28 @@ def test_clips_all_shorter_than_the_window_name_the_setting_to_lower(tmp_path, t
     assert "every clip is shorter than a window; lower data.frames (or data.stride_min)" in err
 
 
+def test_an_eval_split_of_clips_shorter_than_the_window_is_said_once(tmp_path, train_shards, caplog):
+    """The decoder's eval logged an empty row ({"step": N}) every eval_every steps and the sample videos
+    were left out, with only a warning per sample; now one line each, and the samples come from the
+    training shards."""
+    import shutil
+
+    from tests.training.conftest import clip_sample, write_shard
+
+    data = tmp_path / "curated"
+    shutil.copytree(train_shards / "shards" / "train", data / "shards" / "train")
+    write_shard(data / "shards" / "eval" / "000000.tar", [clip_sample("s0", 3, (128, 80), 5)])
+    sets = ["train.steps=2", "train.eval_every=1", "train.sample_every=1", "train.sample_steps=1"]
+    argv = ["decoder", "--preset", "tiny", "--no-lpips", "--data", str(data), "--out", str(tmp_path / "run"),
+            "--set", "data.num_workers=0", *[a for item in sets for a in ("--set", item)]]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("decoder eval: no clip of the eval split" in m and m.endswith("skipped") for m in said), said
+    assert any("sample videos from the training shards" in m for m in said), said
+    assert all("train/loss" in row for row in metrics(tmp_path / "run"))
+
+
 def test_a_run_records_the_clips_it_trains_on(tmp_path, train_shards):
     """From the index curate writes beside each shard: evaluate checks its eval clips against it. Shards
     without an index (from elsewhere) leave no record rather than a wrong one."""

@@ -245,7 +245,7 @@ def build(model: ToonCrafter, run: Any, models_dir: Path | None) -> Stage:
     )
 
 
-def _evaluator(net: DecoderNet, run: Any, shards: list[str], models_dir: Path | None):
+def _evaluator(net: DecoderNet, run: Any, shards: list[str], models_dir: Path | None):  # None: no window
     """PSNR / SSIM / LPIPS of reconstructions of the first eval clips (loaded once, decoded in order)."""
     from training.features import MissingWeightsError
     from training.metrics import psnr, quantize_uint8, resize_frames, ssim
@@ -253,6 +253,13 @@ def _evaluator(net: DecoderNet, run: Any, shards: list[str], models_dir: Path | 
 
     cfg: DecoderConfig = run.decoder
     windows = eval_windows(shards, run.data, run.train.eval_clips)
+    if not windows:  # it logged an empty eval every eval_every steps
+        log.warning(
+            "decoder eval: no clip of the eval split (%s) gives a window of data.frames=%d: skipped",
+            run.data.eval,
+            run.data.frames,
+        )
+        return None
     try:
         metric_lpips = load_lpips(models_dir, net=cfg.eval_lpips_net)
     except MissingWeightsError as exc:
