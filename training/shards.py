@@ -123,7 +123,9 @@ def split_dirs(spec: str) -> tuple[str, str]:
         return str(path / "shards" / "train"), str(held_out) if held_out.is_dir() else ""
     if not is_url(spec) and path.name == "train" and (path.parent / "eval").is_dir():
         return spec, str(path.parent / "eval")
-    if not is_url(spec) and path.name == "eval" and (path.parent / "train").is_dir():
+    # the eval split beside its train split, or copied alone with the OUT's layout (OUT/shards/eval)
+    curate_eval = path.parent.name == "shards" and (path.parent.parent / "manifest.parquet").is_file()
+    if not is_url(spec) and path.name == "eval" and ((path.parent / "train").is_dir() or curate_eval):
         raise ValueError(
             f"{spec} is the held-out eval split of a curate output: training on it would leak it into the"
             f" model. Give the curate OUT folder or {path.parent / 'train'} (the eval split is then used for"

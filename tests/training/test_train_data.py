@@ -96,6 +96,10 @@ def test_shard_specs(train_shards: Path, tmp_path: Path):
     )
     with pytest.raises(ValueError, match="is the held-out eval split of a curate output"):
         split_dirs(str(out / "shards" / "eval"))  # training on it would leak the eval clips
+    (out / "shards" / "train").rename(out / "shards" / "train_elsewhere")  # the eval split alone, in its OUT
+    with pytest.raises(ValueError, match="is the held-out eval split of a curate output"):
+        split_dirs(str(out / "shards" / "eval"))
+    (out / "shards" / "train_elsewhere").rename(out / "shards" / "train")
     assert list_shards(str(train_dir)) == expected
     assert list_shards(str(train_dir / "*.tar")) == expected
     assert list_shards(str(train_dir / "{000000..000001}.tar")) == expected
