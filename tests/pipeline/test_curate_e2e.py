@@ -49,6 +49,11 @@ def rows_by_file(table) -> dict[str, list[dict]]:
     return out
 
 
+def _rerun_argv(curated: dict, out: Path) -> list[str]:
+    """The curated fixture's inputs (footage and its missing source) again, into `out`."""
+    return [str(curated["footage"]), str(curated["bad"]["missing"]), "--out", str(out), "--set", SMALL_SHARDS]
+
+
 def test_job_finishes_and_writes_the_layout(curated):
     out = curated["out"]
     assert curated["code"] == 0  # failed sources do not fail the job without --fail-on-error
@@ -293,14 +298,7 @@ def test_a_rerun_writes_a_damaged_manifest_again_and_a_bad_config_is_one_line(cu
     )
     meta = pq.read_schema(copy / "manifest.parquet").metadata
     (copy / "manifest.parquet").write_bytes((copy / "manifest.parquet").read_bytes()[:3000])
-    argv = [
-        str(curated["footage"]),
-        str(curated["bad"]["missing"]),
-        "--out",
-        str(copy),
-        "--set",
-        SMALL_SHARDS,
-    ]
+    argv = _rerun_argv(curated, copy)
     capsys.readouterr()
     assert curate_main([*argv, *SKIPS]) == 0
     err = capsys.readouterr().err
@@ -352,14 +350,7 @@ def test_select_rethresholds_without_the_footage(curated, tmp_path, capsys):
     ]
     assert sorted(again) == sorted(r["clip_id"] for r in kept_after)
     # a curate rerun applies its own thresholds: select's are said and replaced ("nothing to do" kept them)
-    argv = [
-        str(curated["footage"]),
-        str(curated["bad"]["missing"]),
-        "--out",
-        str(copy),
-        "--set",
-        SMALL_SHARDS,
-    ]
+    argv = _rerun_argv(curated, copy)
     assert curate_main([*argv, *SKIPS]) == 0
     err = capsys.readouterr().err
     assert "nothing to do" not in err and f"motion.min {threshold} there" in err
