@@ -23,3 +23,29 @@ def yaml_problem(exc: Exception) -> str:
         return str(exc)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{problem}{where}"
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load`, except that a key given twice in one mapping is a `yaml.YAMLError` ("found
+    duplicate key 'lr' at line 4, column 3"): PyYAML keeps the last one silently, so a config that sets
+    `lr` twice ran with whichever came later and nobody was told."""
+    import yaml
+
+    class _NoDuplicateKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key overriding it is fine
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=_NoDuplicateKeys)  # noqa: S506 - a SafeLoader subclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from manifests.messages import did_you_mean, yaml_problem
+from manifests.messages import did_you_mean, load_yaml, yaml_problem
 from pipeline.stages.aesthetic import AESTHETIC_MIN, AestheticStage
 from pipeline.stages.alignment import ALIGNMENT_MIN, AlignmentStage
 from pipeline.stages.caption import CaptionStage
@@ -247,7 +247,7 @@ def _coerce(value, annotation, key: str):
 def _parse_scalar(text: str):
     """`--set` values are YAML scalars: 0.3, true, null, ultrafast."""
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse value {text!r}: {exc}") from exc
     if isinstance(value, str):  # YAML 1.1 reads 1e-2 as a string
@@ -424,7 +424,7 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None) -
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read config ({yaml_problem(exc)})") from exc
         if not isinstance(data, dict):

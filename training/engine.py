@@ -169,7 +169,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "data.frames=16"]` -> {"train": {"lr": 1e-4}, "data": {"frames": 16}} (YAML values)."""
     import yaml
 
-    from manifests.messages import yaml_problem
+    from manifests.messages import load_yaml, yaml_problem
 
     out: dict[str, Any] = {}
     for item in items:
@@ -181,7 +181,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+            node[leaf] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {item}: the value is not valid YAML ({yaml_problem(exc)})") from exc
     return out
@@ -191,10 +191,10 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping (empty file: no overrides)."""
     import yaml
 
-    from manifests.messages import yaml_problem
+    from manifests.messages import load_yaml, yaml_problem
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the config file ({exc.strerror})") from exc
     except yaml.YAMLError as exc:

@@ -80,6 +80,17 @@ def test_bad_yaml_file_names_the_file(tmp_path):
     assert "\n" not in str(err.value) and "at line 3, column 1" in str(err.value)
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """PyYAML keeps the later of two equal keys without a word: `min` set twice under `motion` ran with
+    whichever came last. A YAML merge (`<<: *base`) overridden by a key is not a duplicate."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("motion:\n  min: 0.1\n  max_pairs: 3\n  min: 0.9\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: .*found duplicate key 'min' at line 4, column 3"):
+        load_config(path)
+    path.write_text("motion:\n  <<: {min: 0.1, max_pairs: 4}\n  min: 0.2\n")
+    assert (load_config(path).motion.min, load_config(path).motion.max_pairs) == (0.2, 4)
+
+
 def test_parse_set_reads_yaml_scalars():
     assert parse_set(["motion.min = 0.1"]) == {"motion": {"min": 0.1}}  # a quoted item with spaces
     assert parse_set(["run.fail_on_error=true", "motion.min=1e-2"]) == {

@@ -1165,6 +1165,8 @@ def test_a_config_error_names_the_file_or_set_it_comes_from(tmp_path):
         ("train:\n  steps: abc\n", "config.train.steps: expected int, got 'abc'"),
         ("train:\n", "config section 'train' must be a mapping of settings, got None"),
         ("decoder:\n  lpips_weight: 0\n", "sections ['decoder'] belong to other stages than 'rectify'"),
+        # PyYAML kept the later of two `lr`s silently: which one the run used depended on the order
+        ("train:\n  lr: 1.0e-5\n  steps: 3\n  lr: 1.0e-4\n", "found duplicate key 'lr' at line 4, column 3"),
     ]:
         bad.write_text(text)
         with pytest.raises(ValueError) as error:
