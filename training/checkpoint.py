@@ -335,8 +335,10 @@ def existing_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
-    """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config."""
+def read_checkpoint(path: str | Path, allow_pickle: bool = True, layout_only: bool = False) -> Checkpoint:
+    """Read any supported file into a flat state dict (wrapper prefixes removed) and its embedded config.
+    `layout_only`: a safetensors file's tensors are meta tensors of the header's shapes and dtypes (nothing
+    read); a torch file is memory-mapped either way when it is a zip."""
     from manifests.weights import weights_format
 
     path = existing_checkpoint(path)
@@ -345,7 +347,10 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
-            state_dict = load_file(str(path))
+                if layout_only:
+                    state_dict = {key: _meta_tensor(f.get_slice(key)) for key in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+            if not layout_only:
+                state_dict = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
         config = _embedded_config(meta.get(CONFIG_METADATA), path)
@@ -358,6 +363,43 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = True) -> Checkpoint:
     if non_tensors:
         raise CheckpointError(f"{path}: state dict entries that are not tensors: {non_tensors[:5]}")
     return Checkpoint(path, _rename_legacy(_drop_ema(_strip_wrappers(state_dict), path)), config, meta)
+
+
+def _meta_tensor(view) -> torch.Tensor:
+    """A meta tensor of a safetensors slice's shape and dtype."""
+    dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), torch.float32)  # a dtype unknown here: keys and shape
+    return torch.empty(view.get_shape(), dtype=dtype, device="meta")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def check_loadable(path: str | Path, preset: str | None = None, **overrides: Any) -> None:
+    """Raise what `load_model(path, preset, **overrides)` would raise for a file of another model (another
+    preset, another network, keys missing), from the file's key names and shapes alone: a run checks its
+    --init with it before it takes its folder, and loads the tensors later. Loading warnings are left to
+    the load itself, which says them once."""
+    quiet = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        ckpt = read_checkpoint(path, layout_only=True)
+        cfg = resolve_config(ckpt, preset, **overrides)
+        with torch.device("meta"):
+            model = ToonCrafter(cfg)
+        _check_keys(model, ckpt.state_dict, str(ckpt.path))
+    finally:
+        log.setLevel(quiet)
 
 
 # --- checking --------------------------------------------------------------------------------------------------
@@ -513,17 +555,7 @@ def load_state_dict(
     file's tensors the model's (for a model built on the meta device); the caller then runs
     `model.init_buffers(device)`."""
     state_dict = dict(state_dict)
-    expected = model.state_dict()
-    report = compare_keys(expected, state_dict)
-    plain_into_dual = (
-        model.cfg.dual_ref_decoder
-        and report.missing
-        and not report.unexpected
-        and not report.mismatched
-        and set(report.missing) == dual_ref_only_keys(model.cfg)
-    )
-    if not report.ok and not plain_into_dual:
-        raise CheckpointMismatchError(describe_mismatch(report, source, expected))
+    plain_into_dual = _check_keys(model, state_dict, source)
     _check_schedule(model, state_dict, source)
     if not plain_into_dual:
         model.load_state_dict(state_dict, strict=True, assign=assign)
@@ -552,6 +584,23 @@ def load_state_dict(
         len(initialised),
     )
     return initialised
+
+
+def _check_keys(model: ToonCrafter, state_dict: Mapping[str, torch.Tensor], source: str) -> bool:
+    """The file's keys and shapes against the model's (a CheckpointMismatchError naming what differs); True
+    when the file has the plain decoder and the model the dual-reference one (initialised from it)."""
+    expected = model.state_dict()
+    report = compare_keys(expected, state_dict)
+    plain_into_dual = bool(
+        model.cfg.dual_ref_decoder
+        and report.missing
+        and not report.unexpected
+        and not report.mismatched
+        and set(report.missing) == dual_ref_only_keys(model.cfg)
+    )
+    if not report.ok and not plain_into_dual:
+        raise CheckpointMismatchError(describe_mismatch(report, source, expected))
+    return plain_into_dual
 
 
 def _cast(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

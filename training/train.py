@@ -606,10 +606,13 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             if problem:
                 raise FileNotFoundError(problem)
         engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # a batch the ranks split
-        if run.train.init_checkpoint:  # a missing or cut-off file, before the run takes its folder
-            from training.checkpoint import existing_checkpoint
+        if (
+            run.train.init_checkpoint
+        ):  # a missing, cut-off or other model's file, before the run takes its folder
+            from training.checkpoint import check_loadable, existing_checkpoint
 
             _check_init_kind(existing_checkpoint(run.train.init_checkpoint), args.stage)
+            check_loadable(run.train.init_checkpoint, preset=run.train.preset, dual_ref_decoder=True)
         source = curate_out_of(run.data.train)
         if source is not None and Path(args.out).resolve() == source.resolve():  # it said to wait for itself
             raise ValueError(

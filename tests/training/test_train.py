@@ -1218,6 +1218,32 @@ def test_a_checkpoints_config_is_a_config_file_and_a_sketch_encoder_is_named(tmp
         assert not (tmp_path / "wrong").exists()
 
 
+def test_an_init_of_another_model_is_refused_before_the_run_takes_its_folder(
+    tmp_path, train_shards, dc_checkpoint, capsys
+):
+    """An --init whose keys are another network's, or a pickled checkpoint of another preset, was refused
+    only when the model was built: after the run had taken its folder (lock, shard index, config printed).
+    Its key names and shapes are checked first now; a good --init still trains."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(dc_checkpoint))
+    vae_only = tmp_path / "vae_only.safetensors"  # e.g. a VAE or an SD checkpoint given by mistake
+    save_file({k: v for k, v in tensors.items() if k.startswith("first_stage_model.")}, str(vae_only))
+    pickled = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": tensors}, pickled)
+    for given, extra, message in [
+        (vae_only, [], "missing"),
+        (pickled, ["--preset", "toon-512"], "key layout of preset 'tiny', not 'toon-512'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            train("rectify", tmp_path / "wrong", train_shards, "--init", str(given), *extra)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and str(given) in err, err
+        assert not (tmp_path / "wrong").exists()
+    out = train("rectify", tmp_path / "good", train_shards, "--init", str(dc_checkpoint))
+    assert (out / "checkpoints" / "latest").is_file()
+
+
 def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_taken(
     tmp_path, dc_checkpoint
 ):
