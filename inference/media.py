@@ -481,7 +481,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: float, crf: int = 10) -> Path
     with atomic_path(path, suffix=".mp4") as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video.py)
+        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video_encode.py)
             stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

@@ -647,7 +647,7 @@ class CurateJob:
         import numpy as np
 
         from pipeline.runner import is_cluster
-        from pipeline.video import encode_clip
+        from pipeline.video_encode import encode_clip
 
         if is_cluster(self.config.run.address):
             return  # a cluster's workers encode with their own FFmpeg: a clip theirs cannot is its error row

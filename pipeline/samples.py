@@ -276,7 +276,7 @@ def write_video(
         stream.codec_context.thread_count = 1  # polite on shared cores
         if steps_ms:
             stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
-        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video.py)
+        if codec == "libx264":  # mbtree=0: the same frames give the same bytes (pipeline/video_encode.py)
             stream.options = {"crf": "18", "preset": preset, "x264-params": "mbtree=0"}
         else:
             stream.bit_rate = 4_000_000

@@ -66,7 +66,7 @@ def generate_shards(folder: Path, clips: int, seconds: float, size: tuple[int, i
     """`clips` cartoon clips (drawings held on ones, twos or threes) as the curate job writes them, in 4
     shards (fewer when there are fewer clips)."""
     from pipeline.samples import PALETTES, Shot, shot_frames
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     palettes = [p for p in PALETTES if p != "title"]
     samples = []

@@ -24,12 +24,12 @@ from pipeline.video import (
     VIDEO_EXTENSIONS,
     SourceError,
     detect_borders,
-    detect_telecine,
     grid_rate,
     is_local,
     open_binary,
     probe,
 )
+from pipeline.video_decode import detect_telecine
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 # SMPTE ST 2084 (FFmpeg's AVCOL_TRC_SMPTE2084). HLG (18) passes: it is made to look right on SDR displays

@@ -19,7 +19,9 @@ from manifests.keys import clip_id
 from manifests.schema import SOURCE_COLUMNS
 from pipeline.stages.base import Stage
 from pipeline.stages.discover import error_fields
-from pipeline.video import SourceError, as_box, encode_jpeg, iter_pictures, source_retime
+from pipeline.video import SourceError, as_box, source_retime
+from pipeline.video_decode import iter_pictures
+from pipeline.video_encode import encode_jpeg
 
 
 @dataclass

@@ -27,11 +27,11 @@ from pipeline.video import (
     SourceError,
     SourceMissing,
     as_box,
-    encode_clip,
-    iter_pictures,
     open_binary,
     source_retime,
 )
+from pipeline.video_decode import iter_pictures
+from pipeline.video_encode import encode_clip
 
 
 @dataclass

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.video import Retime, iter_frames, iter_pictures
+from pipeline.video import Retime
+from pipeline.video_decode import iter_frames, iter_pictures
 
 
 def _write(path, pix_fmt: str, size=(200, 120), frames: int = 6) -> None:
@@ -101,7 +102,7 @@ def test_pictures_encode_to_the_frames_of_the_rgb_path(tmp_path, pix_fmt):
     resizing differences and a near-lossless encode."""
     import io
 
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     path = tmp_path / f"clip_{pix_fmt}.mp4"
     _write(path, pix_fmt)
@@ -121,7 +122,7 @@ def test_clip_encoding_gives_the_same_bytes_after_decoding():
     import io
 
     from pipeline import samples
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     frames = [
         f.copy()
@@ -142,7 +143,7 @@ def test_clip_encoding_keeps_colours_as_pyav_converts_them():
     or a shifted range, and lose no more at edges."""
     import io
 
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (233, 180, 150)]
     frame = np.zeros((64, 96, 3), np.uint8)
@@ -409,7 +410,7 @@ def test_telecined_film_is_found_and_decoded_as_its_film_frames(tmp_path):
     """Telecined film is found (FFmpeg's idet sees its repeated fields; native interlaced video has
     none) and decoded back to its own frames, in order, none combed; deinterlacing it frame for frame
     gave 5 frames for every 4 drawings, one of them repeated and two woven from two drawings."""
-    from pipeline.video import detect_telecine
+    from pipeline.video_decode import detect_telecine
 
     film = [_drawing(i, (320, 240)) for i in range(48)]
     telecined, native = tmp_path / "telecined.mp4", tmp_path / "native.mp4"
@@ -433,7 +434,7 @@ def test_telecined_film_is_found_and_decoded_as_its_film_frames(tmp_path):
 def test_telecine_is_found_past_a_still_opening_in_containers_without_a_stream_duration(tmp_path, suffix):
     """idet reads frames from the middle of the source; Matroska and MPEG-TS (DVD rips) give no
     stream duration, and it read their first frames instead: a still opening, no repeated field."""
-    from pipeline.video import detect_telecine
+    from pipeline.video_decode import detect_telecine
 
     path = tmp_path / f"late{suffix}"
     first_pts = 30_000 if suffix == ".ts" else 0  # a recording whose clock starts at 1001 s
@@ -571,7 +572,7 @@ def test_colours_survive_analysis_and_writing_in_the_sources_matrix(tmp_path, ma
     pictures = list(iter_pictures(str(path), w, h))
     assert np.abs(bars(pictures[0].rgb()) - truth).max() <= 3
     assert np.abs(bars(next(iter_frames(str(path), w, h))) - truth).max() <= 3
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     with av.open(io.BytesIO(encode_clip(pictures, 24.0, crf=0))) as container:
         written = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -582,7 +583,7 @@ def test_colours_survive_analysis_and_writing_in_the_sources_matrix(tmp_path, ma
 def test_scene_detection_frames_have_the_keyframes_colours(colour):
     """Picture.bgr (the small frames PySceneDetect compares) converts as rgb() does: it read every
     picture as BT.601 limited range, stretching full-range captures' contrast."""
-    from pipeline.video import Picture
+    from pipeline.video_decode import Picture
 
     planes = (
         np.full((64, 96), 230, np.uint8),

@@ -64,7 +64,7 @@ def cartoon_clip(num_frames: int, size: tuple[int, int], seed: int):
 
 def encode_mp4(frames, fps: int = 24) -> bytes:
     """An mp4 as the curate job writes clips (libx264, yuv420p; the fastest preset for tests)."""
-    from pipeline.video import encode_clip
+    from pipeline.video_encode import encode_clip
 
     return encode_clip(list(frames), fps, preset="ultrafast")
 
