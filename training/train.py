@@ -433,7 +433,8 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
         ("from_scratch", "--from-scratch"),
     ):
         then, now = saved.get(key), getattr(run.train, key)
-        if key == "init_checkpoint" and then and now and _same_file(then, now):
+        # a run begun before init paths were resolved recorded the folder or `latest` pointer it was given
+        if key == "init_checkpoint" and then and now and _same_file(_chosen_init(str(then)), now):
             continue
         if key in saved and then != now:
             given = (

@@ -1326,6 +1326,16 @@ def test_a_resume_names_its_init_by_any_path_and_a_refused_run_leaves_no_folder(
     again = ["--init", str(tmp_path / "models" / "dc.safetensors"), "--set", "train.steps=2", "--resume"]
     train("rectify", out, train_shards, *common, *again)
     assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 2
+    # a run begun by older code recorded the checkpoint folder it was given, not the file in it: the resume
+    # with that folder was refused ("began with .../step_0000002, this one has .../model.safetensors")
+    folder = tmp_path / "models" / "step_0000002"
+    folder.mkdir()
+    (tmp_path / "models" / "dc.safetensors").rename(folder / "model.safetensors")
+    saved = latest(out) / "config.yaml"
+    saved.write_text(saved.read_text().replace(str(tmp_path / "models" / "dc.safetensors"), str(folder)))
+    assert f"init_checkpoint: {folder}\n" in saved.read_text()
+    train("rectify", out, train_shards, *common, "--init", str(folder), "--set", "train.steps=3", "--resume")
+    assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
     with pytest.raises(SystemExit):
         train("rectify", tmp_path / "fresh", train_shards, "--set", "train.lr=-1")
     assert "train.lr must be" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
