@@ -573,7 +573,9 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if args.restart_data and not args.resume:
             raise ValueError("--restart-data goes with --resume (a new run reads the data from its start)")
         if args.resume and resume_from is None:  # said before the initial checkpoint loads (minutes)
-            given = Path(args.out)  # its checkpoints/ or a step_N given as --out: the run folder is above
+            given = Path(
+                args.out
+            ).absolute()  # its checkpoints/ or a step_N as --out: the run folder is above
             above = {given.parent: given.name, given.parent.parent: given.parent.name}
             run_dir = next(
                 (p for p, n in above.items() if n == "checkpoints" and engine.latest_checkpoint(p)), None
@@ -600,10 +602,11 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             from training.stages import sketch as sketch_stage
 
             given = Path(args.models_dir) if args.models_dir else None
-            module, cfg = (
-                (decoder_stage, run.decoder) if args.stage == "decoder" else (sketch_stage, run.sketch)
-            )
-            problem = module.missing_weights(cfg, given)
+            if args.stage == "decoder":  # the eval's LPIPS only where the eval runs
+                evaluates = run.train.eval_every > 0 and bool(eval_shards)
+                problem = decoder_stage.missing_weights(run.decoder, given, evaluates)
+            else:
+                problem = sketch_stage.missing_weights(run.sketch, given)
             if problem:
                 raise FileNotFoundError(problem)
         engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # a batch the ranks split

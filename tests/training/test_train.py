@@ -238,6 +238,11 @@ def test_damaged_lpips_or_anime2sketch_weights_stop_before_the_run_takes_its_fol
         assert stop.value.code == 2
         assert re.search(message, capsys.readouterr().err), stage
         assert not (tmp_path / stage).exists(), stage
+    # the eval's LPIPS only matters to a run that evaluates: without eval the damaged file is not read
+    one_step = ("--set", "train.steps=1", "--set", "train.global_batch=1")
+    train("decoder", tmp_path / "no_eval", train_shards, "--models-dir", str(models), "--no-lpips",
+          "--set", "train.eval_every=0", *one_step)  # fmt: skip
+    assert (tmp_path / "no_eval" / "checkpoints" / "latest").is_file()
 
 
 def test_a_run_holds_its_curate_out_against_select(tmp_path, train_shards, capsys):
@@ -641,13 +646,16 @@ def test_resume_without_a_checkpoint_stops_before_the_initial_weights_load(
     assert f"--resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}" in capsys.readouterr().err
 
 
-def test_resume_given_a_checkpoint_folder_as_out_names_the_run_folder(tmp_path, train_shards, capsys):
+def test_resume_given_a_checkpoint_folder_as_out_names_the_run_folder(
+    tmp_path, train_shards, monkeypatch, capsys
+):
     """--out RUN/checkpoints or RUN/checkpoints/step_N with --resume said only "no checkpoint in
-    RUN/checkpoints/checkpoints"."""
+    RUN/checkpoints/checkpoints"; so did `--out checkpoints` typed inside the run folder."""
     step = tmp_path / "run" / "checkpoints" / "step_0000001"
     step.mkdir(parents=True)
     (step / "meta.json").write_text("{}")  # what makes it a complete checkpoint to latest_checkpoint
-    for given in (step.parent, step):
+    monkeypatch.chdir(tmp_path / "run")
+    for given in (step.parent, step, Path("checkpoints")):
         with pytest.raises(SystemExit) as stop:
             train("rectify", given, train_shards, "--resume")
         err = capsys.readouterr().err

@@ -89,10 +89,10 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def missing_weights(cfg: DecoderConfig, models_dir: Path | None) -> str | None:
-    """Why the loss's LPIPS cannot load (its files absent, empty or cut short) or the eval LPIPS's files,
-    when there, would not, said before the run takes its folder; None: fine. (A damaged file stopped the
-    run, exit 1, after it had taken its folder and loaded the model.)"""
+def missing_weights(cfg: DecoderConfig, models_dir: Path | None, evaluates: bool = True) -> str | None:
+    """Why the loss's LPIPS cannot load (its files absent, empty or cut short) or, for a run that
+    `evaluates`, the eval LPIPS's files, when there, would not, said before the run takes its folder; None:
+    fine. (A damaged file stopped the run, exit 1, after it had taken its folder and loaded the model.)"""
     from manifests.weights import quick_problem
     from training.features import MissingWeightsError, require_file
     from training.features import models_dir as resolve
@@ -109,7 +109,7 @@ def missing_weights(cfg: DecoderConfig, models_dir: Path | None) -> str | None:
             missing.append(f"{path}: {problem}")
     if missing:
         return _lpips_advice(cfg.lpips_net, "\n".join(missing))
-    for weight in LPIPS_FILES[cfg.eval_lpips_net]:  # absent: the eval goes without LPIPS (a warning)
+    for weight in LPIPS_FILES[cfg.eval_lpips_net] if evaluates else ():  # absent: no eval LPIPS (a warning)
         path = resolve(models_dir) / weight.relpath
         if path.is_file() and (problem := quick_problem(path)):
             return (
