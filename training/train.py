@@ -345,7 +345,11 @@ def check_ranges(run: RunConfig) -> None:
         ("decoder.disc_lr", 0 <= dc.disc_lr < math.inf, ">= 0 and finite (0 = train.lr)"),
         ("decoder.disc_channels", dc.disc_channels >= 1, ">= 1"),
         ("decoder.disc_layers", dc.disc_layers >= 0, ">= 0"),
-        ("decoder.eval_size", dc.eval_size >= 1, ">= 1"),
+        (  # smaller frames failed in the first eval, after training: SSIM's 11-tap window, LPIPS' strides
+            "decoder.eval_size",
+            dc.eval_size >= EVAL_SIZE_MIN.get(dc.eval_lpips_net, 11),
+            f">= {EVAL_SIZE_MIN.get(dc.eval_lpips_net, 11)} (the smallest frame LPIPS ({dc.eval_lpips_net}) takes)",
+        ),
         ("decoder.eval_lpips_net", dc.eval_lpips_net in LPIPS_FILES, nets),
         # said once the model was built, the run's folder taken
         ("sketch.extractor", sk.extractor in ("auto", "anime2sketch", "xdog"), "auto, anime2sketch or xdog"),
@@ -366,6 +370,8 @@ def check_ranges(run: RunConfig) -> None:
             f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}"
         )
 
+
+EVAL_SIZE_MIN = {"alex": 31, "vgg": 16}  # the smallest square each LPIPS backbone's strides take (SSIM: 11)
 
 INIT_HINT = {  # what each stage starts from (the paper's order: rectify, then sketch; decoder apart)
     "rectify": "the DynamiCrafter-512-interp model.ckpt",

@@ -1144,11 +1144,26 @@ def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tm
             "sketch.extractor must be auto, anime2sketch or xdog, got 'canny'",
         ),
         ("decoder", "decoder.disc_channels=0", "decoder.disc_channels must be >= 1, got 0"),  # conv traceback
-        ("decoder", "decoder.eval_size=0", "decoder.eval_size must be >= 1, got 0"),  # at the first eval
+        # at the first eval, after training: 0, or sizes SSIM's window or LPIPS' strides do not take
+        (
+            "decoder",
+            "decoder.eval_size=0",
+            "decoder.eval_size must be >= 31 (the smallest frame LPIPS (alex)",
+        ),
+        ("decoder", "decoder.eval_size=30", "decoder.eval_size must be >= 31"),
         ("decoder", "decoder.l1_weight=-1", "decoder.l1_weight must be >= 0, got -1.0"),  # trained silently
         ("rectify", "rectify.train_roles=[spatail]", "rectify.train_roles must be roles of ["),  # model built
     ],
-    ids=["lpips-net", "eval-lpips-net", "extractor", "disc-channels", "eval-size", "l1-weight", "roles"],
+    ids=[
+        "lpips-net",
+        "eval-lpips-net",
+        "extractor",
+        "disc-channels",
+        "eval-size",
+        "eval-size-30",
+        "l1-weight",
+        "roles",
+    ],
 )
 def test_stage_settings_are_checked_before_any_work(stage, setting, message, tmp_path, train_shards, capsys):
     """The LPIPS nets, no discriminator channels, a zero eval size were tracebacks; the sketch extractor and an
