@@ -18,7 +18,7 @@ from manifests import read_manifest
 from manifests.io import list_shards, read_shard_index
 from pipeline import samples
 from pipeline.cli import curate_main, report_main, select_main
-from pipeline.job import uri_key
+from pipeline.job_resume import uri_key
 from pipeline.report import funnel
 
 pytestmark = pytest.mark.slow
@@ -160,7 +160,7 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
     files = rows_by_file(read_manifest(out / "manifest.parquet"))
     assert any(r["status"] == "kept" for r in files["episode_02.mp4"])
     # the same in the write stage: the source's kept clips become errors, the others are written
-    from pipeline import job as job_module
+    from pipeline import job_steps
     from pipeline.stages.write import EncodeSource
 
     class CrashingEncoder(EncodeSource):
@@ -172,7 +172,7 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
             return super().__call__(job)
 
     monkeypatch.setattr(CurateJob, "stages", stages)
-    monkeypatch.setattr(job_module, "EncodeSource", CrashingEncoder)
+    monkeypatch.setattr(job_steps, "EncodeSource", CrashingEncoder)
     out = tmp_path / "out2"
     assert (
         curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
@@ -183,7 +183,7 @@ def test_a_source_that_kills_its_worker_is_an_error_row_and_the_job_ends(tmp_pat
     ]
     assert len(scored) == 3 and all(r["status"] == "error" and r["shard"] is None for r in scored)
     assert any(r["status"] == "kept" and r["shard"] for r in files["episode_02.mp4"])
-    monkeypatch.setattr(job_module, "EncodeSource", EncodeSource)  # and a rerun writes them
+    monkeypatch.setattr(job_steps, "EncodeSource", EncodeSource)  # and a rerun writes them
     assert (
         curate_main([str(tmp_path / "footage"), "--out", str(out), "--quiet", *SKIPS, "--skip", "text"]) == 0
     )

@@ -150,11 +150,11 @@ def test_scored_parts_are_read_without_their_thumbnails(tmp_path):
 
 
 def test_progress_prints_the_first_and_last_update_and_one_line_per_interval(capsys, monkeypatch):
-    from pipeline import job
+    from pipeline import job_steps
 
     clock = iter(range(0, 10_000, 1))  # each call to the clock is one second later
-    monkeypatch.setattr(job.time, "monotonic", lambda: next(clock))
-    progress = job.Progress("score", 2000, "sources", interval=10.0)
+    monkeypatch.setattr(job_steps.time, "monotonic", lambda: next(clock))
+    progress = job_steps.Progress("score", 2000, "sources", interval=10.0)
     for _ in range(2000):
         progress.update(1, 100)
     lines = capsys.readouterr().err.splitlines()
@@ -294,7 +294,7 @@ def test_work_of_an_earlier_version_is_adopted_not_redone(tmp_path, monkeypatch)
     import pyarrow.parquet as pq
 
     from manifests.io import write_manifest
-    from pipeline.job import WORK_SCHEMA, clip_cache_name, uri_key
+    from pipeline.job_resume import WORK_SCHEMA, clip_cache_name, uri_key
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in").mkdir()
@@ -378,7 +378,7 @@ def test_byte_identical_broken_sources_keep_an_error_row_each_with_its_own_id(tm
 def test_a_history_from_that_select_changed_is_a_change_and_a_relative_one_is_its_path(tmp_path, monkeypatch):
     """`select --set split.history_from=X` then a plain curate rerun was still "nothing to do" (the path was
     left out of the comparison); the same folder given relative to the working directory is no change."""
-    from pipeline import job as job_module
+    from pipeline import job_resume
 
     out = tmp_path / "out"
     out.mkdir()
@@ -386,7 +386,7 @@ def test_a_history_from_that_select_changed_is_a_change_and_a_relative_one_is_it
     older = tmp_path / "v1"
     written = CurateConfig().to_dict()
     written["split"]["history_from"] = str(older)
-    monkeypatch.setattr(job_module, "manifest_config", lambda path: written)
+    monkeypatch.setattr(job_resume, "manifest_config", lambda path: written)
     plain = CurateJob(["x"], out, CurateConfig())
     assert [name for name, _, _ in plain._thresholds_changed()] == ["split.history_from"]
     monkeypatch.chdir(tmp_path)
