@@ -45,15 +45,28 @@ def not_weights(path: Path) -> str | None:
 
 
 def quick_problem(path: Path) -> str | None:
-    """What is wrong with a weight file that can be told without loading it (None: nothing found): not
-    weights at all (`not_weights`), a safetensors file shorter than its header says, a zip (torch.save)
-    whose directory at its end is missing: a download cut short."""
+    """What is wrong with a weight file (safetensors or torch.save) that can be told without loading it
+    (None: nothing found): not weights at all (`not_weights`, or first bytes of neither format), a
+    safetensors file shorter than its header says or cut inside its header, a zip (torch.save) whose
+    directory at its end is missing: a download cut short."""
     import zipfile
 
     odd = not_weights(path)
     if odd:
         return odd
     kind = weights_format(path)
+    if kind is None:
+        with open(path, "rb") as f:
+            head = f.read(262)
+        if head[257:262] == b"ustar":  # torch.save's tar format of before 2018, which torch.load still reads
+            return None
+        if len(head) > 8 and head[8:9] == b"{":  # a header length past the end: cut inside the header
+            (length,) = struct.unpack("<Q", head[:8])
+            return f"truncated: a safetensors header of {length:,} bytes in a file of {path.stat().st_size:,}"
+        return (
+            "its first bytes are neither a safetensors header nor a PyTorch file (torch.save): damaged, or"
+            " another kind of file"
+        )
     if kind == "safetensors":
         try:
             safetensors_header(path)

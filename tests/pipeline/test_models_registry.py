@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,10 @@ def test_list_shows_the_other_jobs_weights_and_accepts_converted_copies(tmp_path
     """interpolate, evaluate and train look their files up in the same folder: the listing names each with
     its source, and finds the converted copy `inbetweener convert` writes in the original's place."""
     (tmp_path / "tooncrafter").mkdir()
-    (tmp_path / "tooncrafter" / "model.safetensors").write_bytes(b"x" * 2048)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(500)}, str(tmp_path / "tooncrafter" / "model.safetensors"))  # 2,000 + header
     assert cli(["models", "--models-dir", str(tmp_path), "list", "--no-hashes"]) == 0
     out = capsys.readouterr().out
     jobs = [line for line in out.splitlines() if line.startswith("job ")]
@@ -155,12 +159,21 @@ def test_the_other_jobs_broken_files_are_not_called_present(tmp_path, capsys):
     (tmp_path / "i3d" / "i3d_torchscript.pt").write_bytes(b"")
     (tmp_path / "lpips").mkdir()
     (tmp_path / "lpips" / "alex.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    # bytes of no weight format, and a safetensors file cut inside its header, were "present" too
+    (tmp_path / "lpips" / "vgg.pth").write_bytes(random.Random(0).randbytes(4096))
+    from safetensors.torch import save_file
+
+    save_file({f"w{i}": torch.zeros(8) for i in range(50)}, str(tmp_path / "whole.safetensors"))
+    cut = (tmp_path / "whole.safetensors").read_bytes()[:200]
+    (tmp_path / "lpips" / "vgg16-397923af.pth").write_bytes(cut)
     assert cli(["models", "--models-dir", str(tmp_path), "list", "--no-hashes"]) == 0
     out = capsys.readouterr().out
     assert "tooncrafter/model.ckpt  BROKEN: truncated: the zip directory" in out
     assert "tooncrafter/sketch_encoder.ckpt  BROKEN: a folder, not a weight file" in out
     assert "i3d/i3d_torchscript.pt  BROKEN: an empty file (0 bytes)" in out
     assert "lpips/alex.pth  BROKEN: a Git LFS pointer" in out
+    assert "lpips/vgg.pth  BROKEN: its first bytes are neither a safetensors header nor a PyTorch file" in out
+    assert "lpips/vgg16-397923af.pth  BROKEN: truncated: a safetensors header of" in out
     assert cli(["models", "--models-dir", str(tmp_path / "whole.ckpt"), "list"]) == 2
     assert "whole.ckpt is a file, not a models folder" in capsys.readouterr().err
     assert check_weights(["aesthetic"], tmp_path / "whole.ckpt") == [
