@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from inference.cuda_graph import GraphedCall
-from training.engine import (
+from training.compilation import (
     cache_saved,
     compile_progress,
     load_compile_cache,

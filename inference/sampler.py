@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from inference.cuda_graph import GraphedCall
 from inference.media import DTYPES, InputError
+from training.compilation import compile_blocks
 from training.diffusion.ddim import StepInfo, sample_ddim, uniform_trailing_timesteps
 from training.diffusion.guidance import batched_cfg_denoiser, cfg_denoiser
-from training.engine import compile_blocks
 from training.models.layout import set_channels_last
 from training.models.vae import resnet_blocks
 

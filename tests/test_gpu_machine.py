@@ -61,7 +61,7 @@ def test_compile_cache_round_trip_without_pyarrow(tmp_path):
     cache = tmp_path / "sample_cache.xz"
     code = f"""
 import torch
-from training.engine import load_compile_cache, save_compile_cache
+from training.compilation import load_compile_cache, save_compile_cache
 f = torch.compile(lambda x: x.sin() + 1)
 f(torch.randn(8))
 assert save_compile_cache({str(cache)!r}) > 0

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from training.engine import (
+from training.compilation import (
     cache_saved,
     check_recompute_budget,
     compile_progress,
@@ -313,7 +313,8 @@ def _build(
 ) -> Case:
     """The step of `stage` as train.py runs it, with random weights built directly on `device`."""
     from training import float8 as fp8
-    from training.engine import EMA, TrainConfig, adamw, compile_blocks, compile_unet_blocks
+    from training.compilation import compile_blocks, compile_unet_blocks
+    from training.engine import EMA, TrainConfig, adamw
     from training.models.layout import set_channels_last
     from training.models.tooncrafter import build_tooncrafter
     from training.models.unet import set_temporal_conv

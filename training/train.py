@@ -32,7 +32,7 @@ from einops import rearrange
 
 from manifests.files import FolderBusy, curate_out_of, folder_lock
 from manifests.remote import local_folder, not_a_url
-from training import engine, float8
+from training import compilation, config_overrides, engine, float8, run_checkpoints
 from training.data import DataConfig, DataState, collate, eval_windows, make_loader, to_model_range
 from training.engine import TrainConfig
 from training.models.layout import set_channels_last
@@ -106,9 +106,9 @@ class RunConfig:
         """The sections a stage's run uses (what is printed and saved)."""
         return {
             "stage": stage,
-            "train": engine.to_plain(self.train),
-            "data": engine.to_plain(self.data),
-            stage: engine.to_plain(getattr(self, stage)),
+            "train": config_overrides.to_plain(self.train),
+            "data": config_overrides.to_plain(self.data),
+            stage: config_overrides.to_plain(getattr(self, stage)),
         }
 
 
@@ -191,8 +191,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             cli["data"]["eval"] = eval_spec
     if getattr(args, "no_lpips", False):
         cli["decoder"] = {"lpips_weight": 0.0}
-    files = [_stage_file(engine.load_overrides(path), path, args.stage) for path in args.config]
-    sets = engine.parse_set(args.set)
+    files = [_stage_file(config_overrides.load_overrides(path), path, args.stage) for path in args.config]
+    sets = config_overrides.parse_set(args.set)
     for origin, layer in zip([*args.config, "--set"], [*files, sets], strict=True):
         _check_layer(origin, layer, args.stage)  # each error names the file (or --set) it comes from
     preset = "toon-512"
@@ -202,13 +202,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if preset == "tiny":
         layers.append(TINY_PROFILE)
     layers += [*files, cli, sets]
-    merged = engine.merge_overrides(*layers)
-    run = engine.apply_overrides(RunConfig(), merged, "config")
+    merged = config_overrides.merge_overrides(*layers)
+    run = config_overrides.apply_overrides(RunConfig(), merged, "config")
     if run.train.init_checkpoint:  # however given: --init, --set train.init_checkpoint, a config file
         run.train.init_checkpoint = _chosen_init(run.train.init_checkpoint)
     check_ranges(run)
-    engine.check_compile_backend(run.train.compile)  # it was said once the model was built
-    engine.check_recompute_budget(run.train.recompute_budget, run.train.compile)
+    compilation.check_compile_backend(run.train.compile)  # it was said once the model was built
+    compilation.check_recompute_budget(run.train.recompute_budget, run.train.compile)
     float8.check_settings(run.train.float8, run.train.float8_layers)
     return run
 
@@ -257,7 +257,7 @@ def _check_layer(origin: str, layer: dict[str, Any], stage: str) -> None:
     if wrong:
         raise ValueError(f"{origin}: sections {wrong} belong to other stages than {stage!r}")
     try:
-        engine.apply_overrides(RunConfig(), layer, "config")
+        config_overrides.apply_overrides(RunConfig(), layer, "config")
     except ValueError as exc:
         raise ValueError(f"{origin}: {exc}") from exc
 
@@ -410,7 +410,7 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
     resume without --init, or with another file or preset, silently trained on other (random) frozen
     weights. Refused, naming what the run began with; so is a resume of another stage's run, or one whose
     trained parameters differ (those were found only once the model was built, in torch's words)."""
-    whole = engine.read_saved_config(folder)
+    whole = run_checkpoints.read_saved_config(folder)
     run_dir = folder.parent.parent
     then_stage = whole.get("stage")
     if then_stage is not None and then_stage != stage:
@@ -422,7 +422,7 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
     for key in TRAINED_SET.get(stage, ()):
         if not isinstance(section, dict) or key not in section:
             continue
-        then, now = section[key], engine.to_plain(getattr(getattr(run, stage), key))
+        then, now = section[key], config_overrides.to_plain(getattr(getattr(run, stage), key))
         if then != now:
             raise ValueError(
                 f"the run in {run_dir} began with {stage}.{key}={then!r}, this one has {now!r}: that changes the"
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as held:  # the run folder's lock, for the whole run
             return _main(argv, held)
     except KeyboardInterrupt:
-        last = engine.latest_checkpoint(_RUN_OUT[-1]) if _RUN_OUT else None
+        last = run_checkpoints.latest_checkpoint(_RUN_OUT[-1]) if _RUN_OUT else None
         hint = (
             f"run it again with --resume to go on from {last}"
             if last is not None
@@ -549,7 +549,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             raise ValueError(f"--out {args.out} is a file; give a folder for the run")
         run = resolve_config(args)
         engine.check_device(run.train)
-        resume_from = engine.latest_checkpoint(Path(args.out)) if args.resume else None
+        resume_from = run_checkpoints.latest_checkpoint(Path(args.out)) if args.resume else None
         if resume_from is not None:  # first: a resume must start as its run began (its preset, its init)
             _check_same_start(resume_from, run, args.stage)
         if run.train.preset != "tiny" and not run.train.init_checkpoint and not run.train.from_scratch:
@@ -584,15 +584,18 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             ).absolute()  # its checkpoints/ or a step_N as --out: the run folder is above
             above = {given.parent: given.name, given.parent.parent: given.parent.name}
             run_dir = next(
-                (p for p, n in above.items() if n == "checkpoints" and engine.latest_checkpoint(p)), None
+                (p for p, n in above.items() if n == "checkpoints" and run_checkpoints.latest_checkpoint(p)),
+                None,
             )
             hint = (
                 f": {given} is inside the run folder {run_dir}; resume with --out {run_dir}"
                 if run_dir
                 else ""
             )
-            raise FileNotFoundError(f"--resume: no checkpoint in {engine.checkpoint_root(given)}{hint}")
-        earlier = engine.latest_checkpoint(Path(args.out)) if not args.resume else None
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {run_checkpoints.checkpoint_root(given)}{hint}"
+            )
+        earlier = run_checkpoints.latest_checkpoint(Path(args.out)) if not args.resume else None
         if earlier is not None:  # its pruning would delete the new run's checkpoints (lower steps) first
             raise ValueError(
                 f"--out {args.out} holds the checkpoints of an earlier run (latest {earlier.name}): --resume"
@@ -632,10 +635,10 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         _check_writable(Path(args.out))  # last: a run refused above leaves no empty folder
         if resume_from is not None:  # said before the model is built (minutes)
             world = int(os.environ.get("WORLD_SIZE", 1))
-            engine.check_world(resume_from, world, args.restart_data)
-            engine.check_state_files(resume_from)  # it was found damaged once the model was built
+            run_checkpoints.check_world(resume_from, world, args.restart_data)
+            run_checkpoints.check_state_files(resume_from)  # it was found damaged once the model was built
             if not args.restart_data:
-                saved = DataState.from_dict(engine.read_rank_state(resume_from)["data"])
+                saved = DataState.from_dict(run_checkpoints.read_rank_state(resume_from)["data"])
                 saved.check_resumable(shards, world, run.data.num_workers)
     tc, stage_name = run.train, args.stage
     out = Path(args.out)
@@ -656,7 +659,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             data = curate_out_of(run.data.train)  # and no `select` swaps the shards under the run
             if data is not None:
                 held.enter_context(folder_lock(data, f"inbetweener train {stage_name}", shared=True))
-        for stale in engine.remove_stale_tmp(out):
+        for stale in run_checkpoints.remove_stale_tmp(out):
             log.info("removed %s, a checkpoint an earlier run left half-written", stale)
         if write_train_index(shards, out / TRAIN_INDEX) is None:  # what evaluate checks its clips against
             log.info("no shard index beside the shards: %s not written", out / TRAIN_INDEX)
@@ -676,10 +679,12 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if tc.float8:
             float8.check_device(device)
         fp8_layers = float8.convert_unet(model.unet, tc.float8, tc.float8_layers)
-        compiled = engine.compile_unet_blocks(
+        compiled = compilation.compile_unet_blocks(
             model.unet, unet_blocks(model)[:-1], tc.compile, tc.recompute_budget
         )
-    frozen = engine.compile_blocks(resnet_blocks(model.vae.encoder), tc.compile)  # frozen, run every step
+    frozen = compilation.compile_blocks(
+        resnet_blocks(model.vae.encoder), tc.compile
+    )  # frozen, run every step
     if d.main:
         print(format_role_table(stage.roles), flush=True)
         if tc.float8:
@@ -729,15 +734,15 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     if resume_from is not None:
         folder = resume_from
         with _input_errors():  # a damaged checkpoint, or another number of ranks
-            step, rank_state = engine.load_checkpoint(
+            step, rank_state = run_checkpoints.load_checkpoint(
                 folder, d, trainable=trainable, optimizers=optimizers, ema=ema, restart_data=args.restart_data
             )
         # the config's optimizer settings, not the saved ones (lr is set every step)
-        engine.set_hyperparameters(
+        run_checkpoints.set_hyperparameters(
             optimizers["model"], betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
         )
         if "discriminator" in optimizers:
-            engine.set_hyperparameters(
+            run_checkpoints.set_hyperparameters(
                 optimizers["discriminator"], lr=run.decoder.disc_lr or tc.lr, weight_decay=tc.weight_decay
             )
         data_state = DataState.from_dict(rank_state["data"])
@@ -748,7 +753,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         else:  # on another number of ranks: each rank's noise seeded anew, from the step
             torch.manual_seed(tc.seed + d.rank + 1_000_003 * step)
         if d.main:
-            changed = engine.config_changes(folder, run.for_stage(stage_name))
+            changed = run_checkpoints.config_changes(folder, run.for_stage(stage_name))
             print(
                 f"resumed from {folder} at step {step}" + (f"; config changed: {changed}" if changed else ""),
                 flush=True,
@@ -844,7 +849,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                         f"inbetweener train: error: the gradient has not been finite for {nonfinite_run} steps"
                         f" in a row (to step {step}; the weights were left as they were): the run stops."
                         f" Lower train.lr, or check the data; --resume continues from"
-                        f" {engine.latest_checkpoint(out) or 'the start (no checkpoint yet)'}",
+                        f" {run_checkpoints.latest_checkpoint(out) or 'the start (no checkpoint yet)'}",
                         file=sys.stderr,
                     )
                 raise SystemExit(1)
@@ -890,7 +895,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
             rank_state = {"data": data_state.to_dict(), "rng": engine.capture_rng(device)}
             try:
-                engine.save_checkpoint(
+                run_checkpoints.save_checkpoint(
                     out,
                     step,
                     d,
@@ -903,7 +908,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     keep=tc.keep_checkpoints,
                     sharded=fsdp and d.active,
                 )
-            except engine.CheckpointWriteError as exc:
+            except run_checkpoints.CheckpointWriteError as exc:
                 if bar is not None:
                     bar.close()
                 print(f"inbetweener train: error: {exc}", file=sys.stderr)
@@ -916,7 +921,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     skipped["data/bad_shards"] = _distinct_bad_shards(data_state, d)
     if d.main:  # the skipped samples of every rank
         skipped = {k.removeprefix("data/"): int(v) for k, v in skipped.items()}
-        print(f"done: {step} steps; checkpoint {engine.latest_checkpoint(out)}; skipped {skipped}")
+        print(f"done: {step} steps; checkpoint {run_checkpoints.latest_checkpoint(out)}; skipped {skipped}")
     engine.barrier(d)
     if d.active:
         torch.distributed.destroy_process_group()

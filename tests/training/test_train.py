@@ -927,7 +927,7 @@ def test_every_block_is_compiled_past_dynamos_default_limit():
     graphs per function, the UNet's blocks past the 8th ran eager on a GPU."""
     from torch import nn
 
-    from training.engine import compile_blocks
+    from training.compilation import compile_blocks
 
     class Block(nn.Module):
         def __init__(self, width: int):
@@ -952,7 +952,7 @@ def test_compiled_blocks_keep_static_shapes_across_block_widths_and_decodes():
     symbolic-shape recompile (on the H100 most UNet blocks compiled that way). compile_blocks keeps every
     graph static: the tiny dual-reference decoder through a full and a reference (14-frame) decode."""
     from inference.sampler import encode_keyframes
-    from training.engine import compile_blocks
+    from training.compilation import compile_blocks
     from training.models.tooncrafter import build_tooncrafter
     from training.models.vae import resnet_blocks
 
@@ -982,7 +982,7 @@ def test_compiled_blocks_keep_static_shapes_across_block_widths_and_decodes():
 def test_compile_cache_round_trip_and_bad_files(tmp_path):
     """What torch.compile built is written to one file for the next GPU machine; loading it back works,
     a missing file is no error, a damaged one is named."""
-    from training.engine import load_compile_cache, save_compile_cache
+    from training.compilation import load_compile_cache, save_compile_cache
 
     fn = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, backend="inductor")
     x = torch.randn(8, 8)
@@ -1019,7 +1019,8 @@ def test_compile_cache_round_trip_and_bad_files(tmp_path):
 def test_unknown_compile_backend_is_named():
     from torch import nn
 
-    from training.engine import adamw, compile_blocks
+    from training.compilation import compile_blocks
+    from training.engine import adamw
 
     with pytest.raises(ValueError, match="train.compile"):
         compile_blocks([nn.Linear(2, 2)], "no-such-backend")
@@ -1032,7 +1033,7 @@ def test_compile_progress_reports_while_the_block_runs(capsys):
     while the block runs, none after it."""
     import time
 
-    from training.engine import compile_progress
+    from training.compilation import compile_progress
 
     with compile_progress("rectify batch 6: compiling", interval=0.05):
         time.sleep(0.4)
@@ -1047,7 +1048,7 @@ def test_wait_for_file_returns_when_the_file_comes_and_gives_up_after_its_limit(
     """How the GPU checks' two benches keep out of each other's timed runs."""
     import threading
 
-    from training.engine import wait_for_file
+    from training.compilation import wait_for_file
 
     signal = tmp_path / "compiled"
     threading.Timer(0.3, signal.touch).start()
@@ -1413,7 +1414,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half
     checkpoint; the half-written folder removed (and a killed run's, at the next start)."""
     import collections
 
-    from training import engine
+    from training import run_checkpoints
 
     common = ["--set", "train.ckpt_every=1"]
     out = train("rectify", tmp_path / "run", train_shards, *common, "--set", "train.steps=1")
@@ -1429,8 +1430,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing_half
         return real_save(obj, path, *args, **kwargs)
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(engine.torch, "save", full_disk)
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(run_checkpoints.torch, "save", full_disk)
+    monkeypatch.setattr(run_checkpoints.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     argv = ["rectify", "--preset", "tiny", "--data", str(train_shards), "--out", str(out), "--set",
             "data.num_workers=0", "--set", "train.sample_every=0", *common, "--set", "train.steps=2", "--resume"]  # fmt: skip
     with pytest.raises(SystemExit) as stop:

@@ -200,7 +200,7 @@ def test_roles_from_names_agree_with_module_types():
 
 
 def test_run_config_layers_and_errors(tmp_path: Path):
-    from training import engine
+    from training import config_overrides
     from training.train import parse_args, resolve_config
 
     for stage, lr, batch, steps in (
@@ -253,7 +253,7 @@ def test_run_config_layers_and_errors(tmp_path: Path):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.recompute_budget=0.5"]))
     budget = ["--set", "train.recompute_budget=0.5", "--set", "train.compile=inductor"]
     assert resolve_config(parse_args(["rectify", "--out", "x", *budget])).train.recompute_budget == 0.5
-    assert engine.parse_set(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    assert config_overrides.parse_set(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
     # a YAML typo: one line naming the file (or the --set item) and where, not PyYAML's traceback
     (tmp_path / "typo.yaml").write_text("train:\n  lr: [1e-5\n")
     with pytest.raises(ValueError, match=r"typo.yaml: not a valid YAML config \(.* at line 3, column 1\)"):
@@ -261,7 +261,7 @@ def test_run_config_layers_and_errors(tmp_path: Path):
     with pytest.raises(ValueError, match="absent.yaml: cannot read the config file"):
         resolve_config(parse_args(["rectify", "--out", "x", "--config", str(tmp_path / "absent.yaml")]))
     with pytest.raises(ValueError, match=r"--set train.lr=\[1,: the value is not valid YAML"):
-        engine.parse_set(["train.lr=[1,"])
+        config_overrides.parse_set(["train.lr=[1,"])
 
 
 def test_help_has_an_example(capsys):
