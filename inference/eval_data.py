@@ -3,7 +3,8 @@
 A source is any of:
 * a curate output folder `OUT`: read through its manifest (below), shard by shard; without one, its
   `OUT/shards/<split>/*.tar`,
-* a folder of shards (`OUT/shards/eval`), or shard files `NNNNNN.tar`,
+* a folder of shards (`OUT/shards/eval`), or shard files `NNNNNN.tar` (also as a glob or a
+  `{000000..000009}` pattern, as train's --data takes them),
 * a clip manifest (`OUT/manifest.parquet` or a `manifest/` folder of parts): its kept rows of the split,
   in manifest order, read from the shards beside it (`OUT/shards/<row.shard>`).
 
@@ -245,7 +246,7 @@ def iter_clips(
             f"{urls[0]}: evaluate reads local files; copy the curate output (its"
             " manifest.parquet and shards/eval/) to this machine, or mount the bucket, and give that path"
         )
-    for source in map(Path, sources):
+    for source in map(Path, _expanded(sources)):
         if not source.exists():
             raise InputError(f"{source}: no such file or folder")
         if source.is_dir() and (source / "shards").is_dir():  # a curate output: its manifest says what the
@@ -259,6 +260,27 @@ def iter_clips(
                 return
             yield clip
             count += 1
+
+
+def _expanded(sources: Sequence[str]) -> list[str]:
+    """Each source, a glob or a `{000000..000099}` pattern (as train's --data takes them: quoted, or past the
+    shell's argument limit) as the paths it names, in order; a path that exists is taken as it is."""
+    import glob
+    import os
+
+    from training.shards import list_shards
+
+    out = []
+    for source in sources:
+        if os.path.lexists(source) or not (glob.has_magic(source) or "{" in source):
+            out.append(source)
+            continue
+        for pattern in list_shards(source) if "{" in source else [source]:  # braces first, as the shell
+            matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not matched:
+                raise InputError(f"{source}: no file or folder matches it")
+            out += matched
+    return out
 
 
 def _shard_clips(source: Path, split: str) -> Iterator[EvalClip]:

@@ -425,3 +425,26 @@ def test_a_cut_metric_weight_file_stops_before_any_clip_is_decoded(curated, tmp_
     assert cli.main([*argv, "--models-dir", str(models), *TINY]) == 2
     err = capsys.readouterr().err
     assert "1 weight file(s) missing or damaged" in err and "i3d_torchscript.pt: truncated" in err
+
+
+def test_shards_named_by_a_glob_or_a_brace_pattern_are_read(curated, tmp_path, capsys):  # noqa: F811
+    """train's --data takes `shards/eval/*.tar` and `{000000..000009}.tar` (quoted, or past the shell's argument
+    limit): evaluate said "no such file or folder" of both."""
+    import shutil
+
+    shards = tmp_path / "eval"
+    shards.mkdir()
+    for i in range(2):  # two shards of other keys
+        with tarfile.open(shards / f"{i:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            _member(tar, f"k{i}.mp4", _mp4(_clip_frames(16, i)))
+    shutil.copy(curated / "shards" / "eval" / "000000.tar", shards / "000002.tar")
+    keys = ["k0", "k1", "clip000a", "clip000b", "clip000c"]
+    assert [c.key for c in iter_clips([f"{shards}/*.tar"])] == keys
+    assert [c.key for c in iter_clips([f"{shards}/{{000001..000002}}.tar"])] == keys[1:]
+    out = tmp_path / "out"
+    argv = [f"{shards}/00000[01].tar", "--out", str(out), "--method", "linear", "--metrics", "psnr", *TINY]
+    assert cli.main(argv) == 0
+    (path,) = (out / "results").glob("*.json")
+    assert json.loads(path.read_text())["metrics"]["n_clips"] == 2
+    assert cli.main([f"{tmp_path}/nothing/*.tar", *argv[1:]]) == 2
+    assert f"{tmp_path}/nothing/*.tar: no file or folder matches it" in capsys.readouterr().err
