@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = read_checkpoint(args.input, allow_pickle=not args.no_pickle)
         if ckpt.config is not None:
-            cfg = resolve_config(ckpt)
+            cfg = resolve_config(ckpt, args.preset)  # a --preset it contradicts is refused, not dropped
         else:
             cfg = detect_config(ckpt.state_dict, [args.preset] if args.preset else None)
             if cfg is None:  # no preset matches: load it anyway to report what differs

@@ -352,3 +352,16 @@ def test_a_safetensors_file_whose_first_byte_looks_like_a_pickle_keeps_its_confi
     assert path.read_bytes()[0] == 0x80
     assert header_config(path) == tiny.cfg
     assert read_checkpoint(path).config == tiny.cfg
+
+
+def test_convert_refuses_a_preset_the_files_config_contradicts(tiny, tmp_path, capsys):
+    """`convert tiny.safetensors --preset toon-512` wrote the tiny model and exited 0 (a file without a
+    config is refused so): the preset given was dropped without a word."""
+    from training import convert
+
+    src = save_safetensors(tiny, tmp_path / "tiny.safetensors")
+    out = tmp_path / "out.safetensors"
+    assert convert.main([str(src), str(out), "--preset", "toon-512"]) == 1
+    assert "carries the config of preset 'tiny', not 'toon-512'" in capsys.readouterr().err
+    assert not out.exists()
+    assert convert.main([str(src), str(out), "--preset", "tiny"]) == 0 and out.is_file()
