@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "report": ("pipeline.cli", "report_main", "rebuild report.html from a manifest"),
     "models": (
-        "pipeline.models",
+        "pipeline.models_cli",
         "models_main",
         "list every job's weights; check and download the curate stages'",
     ),

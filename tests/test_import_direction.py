@@ -21,8 +21,8 @@ EXCEPTIONS = {
     # a benchmark run from the command line: it draws its footage with curate's sample generator
     ("training/bench_data.py", "pipeline"),
     # `inbetweener models list` lists every job's weights, which those jobs define
-    ("pipeline/models.py", "training"),
-    ("pipeline/models.py", "inference"),
+    ("pipeline/models_cli.py", "training"),
+    ("pipeline/models_cli.py", "inference"),
     # the aesthetic stage's CUDA graph capture on a GPU (the class inference's sampler uses too)
     ("pipeline/stages/aesthetic.py", "inference"),
     ("pipeline/stages/alignment.py", "inference"),  # the same, for the text tower
