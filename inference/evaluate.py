@@ -533,7 +533,16 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 " caption (a split curated with --skip caption has none)",
                 file=sys.stderr,
             )
-    results = [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
+    results = []
+    for path in sorted((args.out / "results").glob("*.json")):
+        found = _load_result(path)
+        if found is None:  # was a traceback after every clip's work, and no table
+            print(
+                f"warning: {path}: not a result of evaluate (damaged or another file); not in the table",
+                file=sys.stderr,
+            )
+            continue
+        results.append(found)
     table = markdown_table(results)
     from manifests.files import write_bytes_atomic
 
@@ -679,10 +688,17 @@ def _summary(m: dict, decoder: bool) -> str:
 
 
 def _load_result(path: Path) -> dict[str, Any] | None:
+    """A results JSON as this command writes it; None when there is none, or it is damaged or another file
+    (this run's replaces it; the table leaves it out)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or damaged: this run's replaces it
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(result, dict) or result.get("kind") not in ("generation", "decoder"):
+        return None
+    if not isinstance(result.get("metrics"), dict) or not isinstance(result.get("data"), dict):
+        return None
+    return result if all(k in result for k in ("label", "run")) and "n_clips" in result["metrics"] else None
 
 
 # The code that turns a clip into its cached per-clip scores: edited, the cached scores are redone

@@ -448,3 +448,22 @@ def test_shards_named_by_a_glob_or_a_brace_pattern_are_read(curated, tmp_path, c
     assert json.loads(path.read_text())["metrics"]["n_clips"] == 2
     assert cli.main([f"{tmp_path}/nothing/*.tar", *argv[1:]]) == 2
     assert f"{tmp_path}/nothing/*.tar: no file or folder matches it" in capsys.readouterr().err
+
+
+def test_a_damaged_or_foreign_json_in_the_results_folder_is_left_out_of_the_table(curated, tmp_path, capsys):  # noqa: F811
+    """A cut-off JSON, a list, or a file of another tool in OUT/results stopped the run with a traceback after
+    every clip was scored, and results.md was not written."""
+    out = tmp_path / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "psnr", "--limit", "1", *TINY]
+    assert cli.main(argv) == 0
+    (out / "results" / "cut.json").write_text('{"kind": "generation", "metrics": {')
+    (out / "results" / "list.json").write_text("[1, 2]")
+    (out / "results" / "notes.json").write_text('{"note": "mine"}')
+    (out / "results.md").unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    for name in ("cut.json", "list.json", "notes.json"):
+        assert f"{name}: not a result of evaluate" in err
+    assert "different sets of clips" not in err  # a foreign file is not a set of clips
+    assert "| **linear_blend** [16 frames, 32x64] | 1 |" in (out / "results.md").read_text()
