@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"output {args.output} is a folder; give the file to write (e.g. {args.output / 'model.safetensors'})"
         )
+    not_folder = next((p for p in args.output.parents if p.exists() and not p.is_dir()), None)
+    if not_folder is not None:  # said after the input was read, as "File exists"
+        parser.error(f"output {args.output}: {not_folder} is a file, not a folder")
     try:
         ckpt = read_checkpoint(args.input, allow_pickle=not args.no_pickle)
         if ckpt.config is not None:

@@ -365,3 +365,16 @@ def test_convert_refuses_a_preset_the_files_config_contradicts(tiny, tmp_path, c
     assert "carries the config of preset 'tiny', not 'toon-512'" in capsys.readouterr().err
     assert not out.exists()
     assert convert.main([str(src), str(out), "--preset", "tiny"]) == 0 and out.is_file()
+
+
+def test_convert_into_a_folder_that_is_a_file_says_so_before_reading(tmp_path, capsys, monkeypatch):
+    """`convert model.ckpt notes.txt/model.safetensors` read the whole input (10 GB at full size), then said
+    "cannot write ...: File exists"."""
+    from training import checkpoint, convert
+
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda *a, **k: pytest.fail("the input was read"))
+    with pytest.raises(SystemExit) as exit_:
+        convert.main([str(tmp_path / "in.ckpt"), str(tmp_path / "notes.txt" / "sub" / "out.safetensors")])
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
