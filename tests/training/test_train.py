@@ -1180,7 +1180,7 @@ def test_a_config_error_names_the_file_or_set_it_comes_from(tmp_path):
     """An unknown key, a wrong type, an empty section or another stage's section in one of several config
     files named no file ("unknown key config.foo"); `--set stpes=3` (no section) said "config section
     'stpes' must be a mapping of settings"."""
-    from training.train import parse_args, resolve_config
+    from training.run_config import parse_args, resolve_config
 
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text("train:\n  steps: 3\n")
@@ -1276,7 +1276,7 @@ def test_an_init_without_its_config_names_its_preset_and_a_checkpoint_folder_is_
     from safetensors.torch import load_file
 
     from training.checkpoint import CheckpointError, load_model
-    from training.train import parse_args, resolve_config
+    from training.run_config import parse_args, resolve_config
 
     pickled = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(str(dc_checkpoint))}, pickled)
@@ -1301,7 +1301,7 @@ def test_an_init_given_by_set_or_a_config_file_is_recorded_as_the_file_it_names(
     """--init's `latest` pointer, checkpoint folder and relative path were resolved, train.init_checkpoint
     given by --set or a config file was recorded as given: the pointer would name another step at the
     resume, and a resume with the equivalent --init was refused ("began with ...latest")."""
-    from training.train import parse_args, resolve_config
+    from training.run_config import parse_args, resolve_config
 
     folder = tmp_path / "step_0000002"
     folder.mkdir()

@@ -201,7 +201,7 @@ def test_roles_from_names_agree_with_module_types():
 
 def test_run_config_layers_and_errors(tmp_path: Path):
     from training import config_overrides
-    from training.train import parse_args, resolve_config
+    from training.run_config import parse_args, resolve_config
 
     for stage, lr, batch, steps in (
         ("rectify", 1e-6, 32, 50_000),

@@ -99,7 +99,7 @@ def test_converted_unet_trains_like_the_original():
 
 
 def test_settings_and_device_errors():
-    from training.train import parse_args, resolve_config
+    from training.run_config import parse_args, resolve_config
 
     with pytest.raises(ValueError, match="train.float8 must be one of"):
         resolve_config(parse_args(["rectify", "--out", "x", "--set", "train.float8=fp4"]))
