@@ -263,6 +263,9 @@ def run(args: argparse.Namespace, extractors=None) -> int:
         raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the results")
+    not_folder = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
+    if not_folder is not None:  # a traceback at the first clip's cache file, after its work
+        raise InputError(f"--out {args.out}: {not_folder} is a file, not a folder")
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     if min(size) <= 0:
         raise InputError(f"the evaluation frame {size[0]}x{size[1]} must have positive sides")

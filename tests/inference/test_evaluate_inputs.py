@@ -467,3 +467,12 @@ def test_a_damaged_or_foreign_json_in_the_results_folder_is_left_out_of_the_tabl
         assert f"{name}: not a result of evaluate" in err
     assert "different sets of clips" not in err  # a foreign file is not a set of clips
     assert "| **linear_blend** [16 frames, 32x64] | 1 |" in (out / "results.md").read_text()
+
+
+def test_an_out_folder_under_a_file_is_refused_before_any_clip(curated, tmp_path, capsys):  # noqa: F811
+    """`--out notes.txt/eval` decoded the clips, generated the first and stopped with NotADirectoryError."""
+    (tmp_path / "notes.txt").write_text("x")
+    out = tmp_path / "notes.txt" / "eval"
+    argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "psnr", *TINY]
+    assert cli.main(argv) == 2
+    assert f"--out {out}: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
