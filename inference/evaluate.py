@@ -261,10 +261,6 @@ def run(args: argparse.Namespace, extractors=None) -> int:
 
     if args.frames < 2 or args.stride < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--frames must be >= 2, --stride >= 1, --limit >= 1")
-    if args.frames < 3 and not args.decoder_only:  # its two given keyframes scored: a perfect row
-        raise InputError(
-            f"--frames {args.frames} leaves no frame between the two keyframes to generate: give 3 or more"
-        )
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the results")
     not_folder = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)

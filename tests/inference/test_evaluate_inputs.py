@@ -476,22 +476,3 @@ def test_an_out_folder_under_a_file_is_refused_before_any_clip(curated, tmp_path
     argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "psnr", *TINY]
     assert cli.main(argv) == 2
     assert f"--out {out}: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
-
-
-def test_a_window_of_only_the_two_keyframes_is_refused(curated, tmp_path, capsys):  # noqa: F811
-    """`--frames 2` scored the given keyframes against themselves: a row of LPIPS 0.0000, CLIP_img 1.0000."""
-    argv = [
-        str(curated),
-        "--out",
-        str(tmp_path / "e"),
-        "--method",
-        "linear",
-        "--metrics",
-        "lpips",
-        "--frames",
-        "2",
-    ]
-    assert cli.main([*argv, *TINY], extractors=fake_extractors()) == 2
-    assert "--frames 2 leaves no frame between the two keyframes" in capsys.readouterr().err
-    assert not (tmp_path / "e").exists()
-    assert cli.main([*argv[:-2], "--frames", "3", *TINY], extractors=fake_extractors()) == 0
