@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         model = model_from_checkpoint(ckpt, cfg, dtype=None)
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         save_safetensors(model, args.output, dtype=dtype, metadata={"inbetweener.source": args.input.name})
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # a file that is not this model's: refused input, as every command's
         print(f"inbetweener convert: {exc}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as exc:  # the output's folder not writable, the disk full
         print(f"inbetweener convert: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -361,7 +361,9 @@ def test_convert_refuses_a_preset_the_files_config_contradicts(tiny, tmp_path, c
 
     src = save_safetensors(tiny, tmp_path / "tiny.safetensors")
     out = tmp_path / "out.safetensors"
-    assert convert.main([str(src), str(out), "--preset", "toon-512"]) == 1
+    assert (
+        convert.main([str(src), str(out), "--preset", "toon-512"]) == 2
+    )  # refused input, as train and interpolate exit
     assert "carries the config of preset 'tiny', not 'toon-512'" in capsys.readouterr().err
     assert not out.exists()
     assert convert.main([str(src), str(out), "--preset", "tiny"]) == 0 and out.is_file()

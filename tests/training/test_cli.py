@@ -103,7 +103,9 @@ def test_convert_keeps_a_plain_decoder_unless_asked_to_start_the_dual_one(tmp_pa
 def test_convert_reports_a_wrong_file(tmp_path, capsys):
     src = tmp_path / "vae.pt"
     torch.save(build_tooncrafter("tiny").first_stage_model.state_dict(), src)
-    assert convert.main([str(src), str(tmp_path / "out.safetensors"), "--preset", "tiny"]) == 1
+    assert (
+        convert.main([str(src), str(tmp_path / "out.safetensors"), "--preset", "tiny"]) == 2
+    )  # refused input, as train and interpolate exit
     err = capsys.readouterr().err
     assert str(src) in err and "missing" in err and "unexpected" in err
     assert not (tmp_path / "out.safetensors").exists()
