@@ -492,7 +492,8 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             weights["checkpoint"] = {"file": str(checkpoint), "sha256": file_sha256(checkpoint, hash_cache)}
         # one file per run and set of clips: a --limit 5 try after the 1K run is a row of its own
         result_path = args.out / "results" / f"{run_name}-{data['clips_sha256'][:8]}.json"
-        label = {"model": "ToonCrafter (ours)", "decoder": "VAE decoder (ours)"}.get(
+        decoder = _decoder_kind(model, checkpoint) if method == "decoder" else None
+        label = {"model": "ToonCrafter (ours)", "decoder": f"VAE decoder, {decoder} (ours)"}.get(
             method, METHODS.get(method, method)
         )
         result = {
@@ -518,9 +519,10 @@ def run(args: argparse.Namespace, extractors=None) -> int:
             "file": result_path.name,
         }
         if method == "decoder":
+            result["decoder"] = decoder
             result["protocol"]["decoder"] = (
-                "all frames VAE-encoded (posterior mean), decoded together with the first and last frames' "
-                "features (dual-reference decoder; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
+                "all frames VAE-encoded (posterior mean), decoded together (a dual-reference decoder with the"
+                " first and last frames' features; no second decode), uint8, PSNR/SSIM/LPIPS per frame"
             )
         earlier = _load_result(result_path)
         if earlier is not None:
@@ -642,6 +644,22 @@ def _generate(
         im, to_model_range(gt[0]), to_model_range(gt[-1]), caption, settings, seed, progress=False
     )
     return _finite_uint8(video[0], key, im.dtype)
+
+
+def _decoder_kind(model: _Lazy, checkpoint: Path) -> str:
+    """Which VAE decoder the checkpoint has, "dual-reference" (ToonCrafter's) or "plain" (DynamiCrafter's):
+    the rows of both were one label, "VAE decoder (ours)", in the table that compares them. From the model
+    when this run loaded it, else from the file's config or key names (nothing loaded)."""
+    from training.checkpoint import detect_config, read_layout
+
+    if model.built:
+        cfg = model().cfg
+    else:
+        ckpt = read_layout(checkpoint)
+        cfg = ckpt.config or detect_config(ckpt.state_dict)
+    if cfg is None:
+        return "custom"
+    return "dual-reference" if cfg.dual_ref_decoder else "plain"
 
 
 def _reconstruct(im, gt: np.ndarray, key: str) -> np.ndarray:

@@ -385,21 +385,31 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def check_loadable(path: str | Path, preset: str | None = None, **overrides: Any) -> None:
-    """Raise what `load_model(path, preset, **overrides)` would raise for a file of another model (another
-    preset, another network, keys missing), from the file's key names and shapes alone: a run checks its
-    --init with it before it takes its folder, and loads the tensors later. Loading warnings are left to
-    the load itself, which says them once."""
+def read_layout(path: str | Path) -> Checkpoint:
+    """`read_checkpoint(path, layout_only=True)` without its warnings (pickled objects, EMA entries): a
+    check before the real load, which says them once."""
     quiet = log.level
     log.setLevel(logging.ERROR)
     try:
-        ckpt = read_checkpoint(path, layout_only=True)
-        cfg = resolve_config(ckpt, preset, **overrides)
-        with torch.device("meta"):
-            model = ToonCrafter(cfg)
-        _check_keys(model, ckpt.state_dict, str(ckpt.path))
+        return read_checkpoint(path, layout_only=True)
     finally:
         log.setLevel(quiet)
+
+
+def check_loadable(path: str | Path, preset: str | None = None, **overrides: Any) -> None:
+    """Raise what `load_model(path, preset, **overrides)` would raise for a file of another model (another
+    preset, another network, keys missing), from the file's key names and shapes alone: a run checks its
+    --init with it before it takes its folder, and loads the tensors later."""
+    ckpt = read_layout(path)
+    quiet = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        cfg = resolve_config(ckpt, preset, **overrides)
+    finally:
+        log.setLevel(quiet)
+    with torch.device("meta"):
+        model = ToonCrafter(cfg)
+    _check_keys(model, ckpt.state_dict, str(ckpt.path))
 
 
 # --- checking --------------------------------------------------------------------------------------------------

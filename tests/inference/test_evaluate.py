@@ -209,6 +209,21 @@ def test_decoder_only_scores_the_reconstruction(curated, checkpoint, tmp_path):
     assert result["kind"] == "decoder" and m["n_clips"] == 2 and result["data"]["size"] == [32, 32]
     assert 0 < m["psnr"]["all"] < 100 and -1 <= m["ssim"]["all"] <= 1 and m["lpips"]["all"] >= 0
     assert "full dual-reference decoder (paper)" in (out / "results.md").read_text()
+    # the decoder is named: a plain (DynamiCrafter) decoder's row and a dual-reference one's were both
+    # "VAE decoder (ours)", in the table that compares them
+    assert result["decoder"] == "dual-reference" and result["label"] == "VAE decoder, dual-reference (ours)"
+    torch.manual_seed(1)
+    plain = tmp_path / "dynamicrafter.ckpt"  # pickled, no config: told by its key names
+    torch.save({"state_dict": build_tooncrafter("tiny", dual_ref_decoder=False).state_dict()}, plain)
+    assert cli.main([*argv[:-5], "--checkpoint", str(plain), "--device", "cpu", "--quiet"],
+                    extractors=fake_extractors()) == 0  # fmt: skip
+    labels = {json.loads(p.read_text())["label"] for p in (out / "results").glob("decoder-*.json")}
+    assert labels == {"VAE decoder, dual-reference (ours)", "VAE decoder, plain (ours)"}
+    table = (out / "results.md").read_text()
+    assert "VAE decoder, plain (ours)" in table and "VAE decoder, dual-reference (ours)" in table
+    path.unlink()
+    assert cli.main(argv, extractors=fake_extractors()) == 0  # its scores cached: the model is not loaded
+    assert json.loads(path.read_text())["decoder"] == "dual-reference"
 
 
 def test_a_checkpoint_evaluated_on_clips_it_trained_on_is_flagged(curated, checkpoint, tmp_path, capsys):
