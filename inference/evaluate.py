@@ -445,6 +445,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "size": size,
                 "frames": args.frames,
                 "dtype": str(dtype),
+                "device": device.type,  # other kernels, other frames: a CPU run's were reused, the JSON said cuda
             }
         elif method == "model":
             gen_id = {
@@ -453,6 +454,7 @@ def run(args: argparse.Namespace, extractors=None) -> int:
                 "settings": asdict(settings),
                 "seed": args.seed,
                 "dtype": str(dtype),
+                "device": device.type,  # and another generator: other noise for the same seed
             }
         else:
             gen_id = {"method": METHODS[method], "frames": args.frames}

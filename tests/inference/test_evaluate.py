@@ -207,6 +207,9 @@ def test_decoder_only_scores_the_reconstruction(curated, checkpoint, tmp_path):
     result = json.loads(path.read_text())
     m = result["metrics"]
     assert result["kind"] == "decoder" and m["n_clips"] == 2 and result["data"]["size"] == [32, 32]
+    # the device is part of what made the reconstructions: a CPU run's were reused by a GPU run of the
+    # same OUT, whose JSON then said cuda
+    assert result["generation"]["device"] == result["device"] == "cpu"
     assert 0 < m["psnr"]["all"] < 100 and -1 <= m["ssim"]["all"] <= 1 and m["lpips"]["all"] >= 0
     assert "full dual-reference decoder (paper)" in (out / "results.md").read_text()
     # the decoder is named: a plain (DynamiCrafter) decoder's row and a dual-reference one's were both
