@@ -262,9 +262,13 @@ def iter_clips(
             count += 1
 
 
+LIST_SUFFIXES = (".txt", ".lst", ".list")  # a file listing shards, as train's --data takes it
+
+
 def _expanded(sources: Sequence[str]) -> list[str]:
-    """Each source, a glob or a `{000000..000099}` pattern (as train's --data takes them: quoted, or past the
-    shell's argument limit) as the paths it names, in order; a path that exists is taken as it is."""
+    """Each source, a glob, a `{000000..000099}` pattern or a list file (as train's --data takes them:
+    quoted, or past the shell's argument limit) as the paths it names, in order; a path that exists is
+    taken as it is."""
     import glob
     import os
 
@@ -272,6 +276,9 @@ def _expanded(sources: Sequence[str]) -> list[str]:
 
     out = []
     for source in sources:
+        if Path(source).suffix in LIST_SUFFIXES and Path(source).is_file():  # a list of shards, one a line
+            out += list_shards(source)
+            continue
         if os.path.lexists(source) or not (glob.has_magic(source) or "{" in source):
             out.append(source)
             continue

@@ -46,7 +46,7 @@ examples:
   inbetweener evaluate out/run1 --out out/eval --method linear flow --metrics cpbd   # needs no weights
 
 sources: a curate output folder, its shards/eval folder, shard .tar files (or a quoted glob or
-  {000000..000009} pattern of them), or the clip manifest.
+  {000000..000009} pattern of them, or a .txt file listing them), or the clip manifest.
 protocol (shared/reference/METRICS.md): 16-frame windows (frames 0..15 of each clip, --stride to skip),
   at 320x512; the model gets frames 0 and 15 and the caption; FVD/KVD from StyleGAN-V's I3D; LPIPS
   (AlexNet, v0.1) over all 16 and the 14 interior frames; CLIP_img/CLIP_txt raw cosines with OpenCLIP

@@ -448,6 +448,10 @@ def test_shards_named_by_a_glob_or_a_brace_pattern_are_read(curated, tmp_path, c
     assert json.loads(path.read_text())["metrics"]["n_clips"] == 2
     assert cli.main([f"{tmp_path}/nothing/*.tar", *argv[1:]]) == 2
     assert f"{tmp_path}/nothing/*.tar: no file or folder matches it" in capsys.readouterr().err
+    # a list file of shards (train's --data takes it; evaluate said "expected a shard"), entries relative
+    # to the list's folder
+    (tmp_path / "eval.txt").write_text("# the eval shards\neval/000002.tar\n\neval/000000.tar\n")
+    assert [c.key for c in iter_clips([str(tmp_path / "eval.txt")])] == [*keys[2:], "k0"]
 
 
 def test_a_damaged_or_foreign_json_in_the_results_folder_is_left_out_of_the_table(curated, tmp_path, capsys):  # noqa: F811
