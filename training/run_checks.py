@@ -96,8 +96,27 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
     ):
         then, now = saved.get(key), getattr(run.train, key)
         # a run begun before init paths were resolved recorded the folder or `latest` pointer it was given
-        if key == "init_checkpoint" and then and now and _same_file(_chosen_init(str(then)), now):
+        root = _pointer_root(str(then)) if key == "init_checkpoint" and then and now else None
+        if (
+            key == "init_checkpoint"
+            and then
+            and now
+            and root is None
+            and _same_file(_chosen_init(str(then)), now)
+        ):
             continue
+        if root is not None:  # which step it named then is not known: one of that run's, said
+            if Path(now).resolve().is_relative_to(root.resolve()):
+                print(
+                    f"the run began from {then}, a pointer to the newest checkpoint of that run, which may name a"
+                    f" later step now: resuming with {now}, the one given"
+                )
+                continue
+            raise ValueError(
+                f"the run in {folder.parent.parent} began with train.init_checkpoint={then!r}, a pointer to the"
+                f" newest checkpoint of {root}, this one has {now!r}: its frozen weights come from there; resume"
+                f" with --init the step folder of {root} the run began from"
+            )
         if key in saved and then != now:
             given = (
                 f"{flag} {then}"
@@ -108,6 +127,17 @@ def _check_same_start(folder: Path, run: RunConfig, stage: str) -> None:
                 f"the run in {folder.parent.parent} began with train.{key}={then!r}, this one has {now!r}: its"
                 f" frozen weights come from there; resume with {given}"
             )
+
+
+def _pointer_root(recorded: str) -> Path | None:
+    """The checkpoints folder when a recorded init path is a training run's `latest` pointer (the file, or
+    the checkpoints folder it is in), else None: what it names changes as that run goes on."""
+    path = Path(recorded)
+    if path.is_file() and path.name == "latest":
+        return path.parent
+    if path.is_dir() and (path / "latest").is_file():
+        return path
+    return None
 
 
 def _check_init_kind(path: Path, stage: str) -> None:

@@ -1360,6 +1360,33 @@ def test_a_resume_names_its_init_by_any_path_and_a_refused_run_leaves_no_folder(
     assert f"init_checkpoint: {folder}\n" in saved.read_text()
     train("rectify", out, train_shards, *common, "--init", str(folder), "--set", "train.steps=3", "--resume")
     assert torch.load(latest(out) / "state.pt", weights_only=False)["step"] == 3
+    # or the `latest` pointer of the run it started from: which step it named then is unknown (following
+    # it now took a later step's weights, said nowhere); a step of that run is taken, said, another refused
+    (tmp_path / "models" / "latest").write_text("step_0000002\n")
+    saved = latest(out) / "config.yaml"
+    recorded = f"init_checkpoint: {folder / 'model.safetensors'}\n"
+    assert recorded in saved.read_text()
+    saved.write_text(
+        saved.read_text().replace(recorded, f"init_checkpoint: {tmp_path / 'models' / 'latest'}\n")
+    )
+    elsewhere = tmp_path / "elsewhere" / "dc.safetensors"
+    elsewhere.write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(SystemExit):
+        train(
+            "rectify",
+            out,
+            train_shards,
+            *common,
+            "--init",
+            str(elsewhere),
+            "--set",
+            "train.steps=4",
+            "--resume",
+        )
+    assert "resume with --init the step folder of" in capsys.readouterr().err
+    train("rectify", out, train_shards, *common, "--init", str(folder), "--set", "train.steps=4", "--resume")
+    said = capsys.readouterr().out
+    assert f"the run began from {tmp_path / 'models' / 'latest'}, a pointer to the newest checkpoint" in said
     with pytest.raises(SystemExit):
         train("rectify", tmp_path / "fresh", train_shards, "--set", "train.lr=-1")
     assert "train.lr must be" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
