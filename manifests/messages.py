@@ -38,6 +38,10 @@ def load_yaml(text: str):
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key overriding it is fine
                     continue
                 key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:  # a list as a key: PyYAML's own "found unhashable key" below
+                    continue
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         "while reading a mapping",

@@ -87,6 +87,9 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("motion:\n  min: 0.1\n  max_pairs: 3\n  min: 0.9\n")
     with pytest.raises(ConfigError, match=r"twice.yaml: .*found duplicate key 'min' at line 4, column 3"):
         load_config(path)
+    path.write_text("motion:\n  ? [1, 2]\n  : 3\n")  # a list as a key: a config error, not a TypeError
+    with pytest.raises(ConfigError, match="twice.yaml: .*found unhashable key"):
+        load_config(path)
     path.write_text("motion:\n  <<: {min: 0.1, max_pairs: 4}\n  min: 0.2\n")
     assert (load_config(path).motion.min, load_config(path).motion.max_pairs) == (0.2, 4)
 
