@@ -239,14 +239,8 @@ def iter_clips(
     from manifests.remote import local_path
 
     count = 0
-    sources = [local_path(str(s)) for s in sources]  # a file:// URL is its local path
-    urls = [s for s in sources if "://" in s]
-    if urls:  # Path() would fold s3://b/x into s3:/b/x and report that as a missing file
-        raise InputError(
-            f"{urls[0]}: evaluate reads local files; copy the curate output (its"
-            " manifest.parquet and shards/eval/) to this machine, or mount the bucket, and give that path"
-        )
-    for source in map(Path, _expanded(sources)):
+    sources = _local_files([local_path(str(s)) for s in sources])  # a file:// URL is its local path
+    for source in map(Path, _local_files([local_path(s) for s in _expanded(sources)])):  # a list's lines too
         if not source.exists():
             raise InputError(f"{source}: no such file or folder")
         if source.is_dir() and (source / "shards").is_dir():  # a curate output: its manifest says what the
@@ -260,6 +254,18 @@ def iter_clips(
                 return
             yield clip
             count += 1
+
+
+def _local_files(sources: list[str]) -> list[str]:
+    """`sources`, or an InputError naming the first URL among them (Path() would fold s3://b/x into s3:/b/x
+    and report that as a missing file)."""
+    urls = [s for s in sources if "://" in s]
+    if urls:
+        raise InputError(
+            f"{urls[0]}: evaluate reads local files; copy the curate output (its"
+            " manifest.parquet and shards/eval/) to this machine, or mount the bucket, and give that path"
+        )
+    return sources
 
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")  # a file listing shards, as train's --data takes it

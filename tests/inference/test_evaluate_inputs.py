@@ -17,6 +17,7 @@ from inference import evaluate as cli
 from inference.baselines import flow_warp
 from inference.eval_data import iter_clips
 from inference.eval_scores import markdown_table
+from inference.media import InputError
 from tests.inference.test_evaluate import (  # noqa: F401 (curated: a fixture)
     TINY,
     _clip_frames,
@@ -452,6 +453,12 @@ def test_shards_named_by_a_glob_or_a_brace_pattern_are_read(curated, tmp_path, c
     # to the list's folder
     (tmp_path / "eval.txt").write_text("# the eval shards\neval/000002.tar\n\neval/000000.tar\n")
     assert [c.key for c in iter_clips([str(tmp_path / "eval.txt")])] == [*keys[2:], "k0"]
+    # its lines as train reads them: a file:// URL is the local file, an object-store URL is named as such
+    (tmp_path / "eval.txt").write_text(f"file://{shards}/000000.tar\ns3://bucket/eval/000000.tar\n")
+    with pytest.raises(InputError, match="^s3://bucket/eval/000000.tar: evaluate reads local files"):
+        list(iter_clips([str(tmp_path / "eval.txt")]))
+    (tmp_path / "eval.txt").write_text(f"file://{shards}/000000.tar\n")
+    assert [c.key for c in iter_clips([str(tmp_path / "eval.txt")])] == ["k0"]
 
 
 def test_a_damaged_or_foreign_json_in_the_results_folder_is_left_out_of_the_table(curated, tmp_path, capsys):  # noqa: F811
