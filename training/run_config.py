@@ -316,7 +316,7 @@ def check_ranges(run: RunConfig) -> None:
         ("decoder.disc_layers", dc.disc_layers >= 0, ">= 0"),
         (  # smaller frames failed in the first eval, after training: SSIM's 11-tap window, LPIPS' strides
             "decoder.eval_size",
-            dc.eval_size >= EVAL_SIZE_MIN.get(dc.eval_lpips_net, 11),
+            dc.eval_size >= EVAL_SIZE_MIN.get(dc.eval_lpips_net, 11) or t.eval_every == 0,  # else unused
             f">= {EVAL_SIZE_MIN.get(dc.eval_lpips_net, 11)} (the smallest frame LPIPS ({dc.eval_lpips_net}) takes)",
         ),
         ("decoder.eval_lpips_net", dc.eval_lpips_net in LPIPS_FILES, nets),

@@ -1134,6 +1134,13 @@ def test_settings_that_crashed_or_trained_wrongly_are_one_line(sets, message, tm
     assert not (tmp_path / "run").exists()  # said before the run takes its folder
 
 
+def test_an_eval_size_is_not_checked_for_a_run_that_does_not_evaluate():
+    from training.run_config import parse_args, resolve_config
+
+    args = ["decoder", "--out", "x", "--set", "decoder.eval_size=20", "--set", "train.eval_every=0"]
+    assert resolve_config(parse_args(args)).decoder.eval_size == 20
+
+
 @pytest.mark.parametrize(
     ("stage", "setting", "message"),
     [
