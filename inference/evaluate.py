@@ -577,7 +577,8 @@ def _check_model_size(size: tuple[int, int], checkpoint, args: argparse.Namespac
     and the clips were decoded). Before loading, the config is known from a safetensors header, or from
     --preset; a pickled checkpoint (`.ckpt`) without --preset is checked once loaded (`cfg`), since
     load_tooncrafter reads its preset from its weights."""
-    from training.checkpoint import CheckpointError, header_config
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import header_config
     from training.models.tooncrafter import size_step, tooncrafter_config
 
     if cfg is None:
@@ -652,7 +653,8 @@ def _decoder_kind(model: _Lazy, checkpoint: Path) -> str:
     """Which VAE decoder the checkpoint has, "dual-reference" (ToonCrafter's) or "plain" (DynamiCrafter's):
     the rows of both were one label, "VAE decoder (ours)", in the table that compares them. From the model
     when this run loaded it, else from the file's config or key names (nothing loaded)."""
-    from training.checkpoint import detect_config, read_layout
+    from training.checkpoint import detect_config
+    from training.checkpoint_files import read_layout
 
     if model.built:
         cfg = model().cfg

@@ -472,7 +472,8 @@ def _dry_run(args, every_job, jobs, settings, formats, checkpoint, sketch_path, 
 
 
 def _header_config(checkpoint: Path):
-    from training.checkpoint import CheckpointError, header_config
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import header_config
 
     try:
         return header_config(checkpoint)

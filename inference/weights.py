@@ -76,7 +76,8 @@ def find_weights(
     """The file to load: `explicit` when given (it must exist), else the models dir's copy; InputError
     when it is not weights at all or cut short, told from its bytes without loading it (evaluate decoded
     every clip of the eval split before loading a truncated checkpoint)."""
-    from training.checkpoint import CheckpointError, existing_checkpoint
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import existing_checkpoint
 
     path = _find_weights(explicit, weight, root)
     try:
@@ -92,7 +93,8 @@ def find_weights(
 def _find_weights(
     explicit: str | os.PathLike | None, weight: WeightFile, root: str | os.PathLike | None
 ) -> Path:
-    from training.checkpoint import CheckpointError, checkpoint_file
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import checkpoint_file
 
     base = models_dir(root)
     names = ("sketch_encoder.safetensors",) if weight is SKETCH_FILE else FOLDER_NAMES
@@ -135,13 +137,8 @@ def _find_weights(
 def load_tooncrafter(path: Path, preset: str | None = None) -> nn.Module:
     """A ToonCrafter with the file's weights, on the CPU in the file's dtype; InputError when the file is
     not a checkpoint of this model (e.g. the sketch encoder, a VAE alone, another network)."""
-    from training.checkpoint import (
-        CheckpointError,
-        detect_config,
-        model_from_checkpoint,
-        preset_name,
-        read_checkpoint,
-    )
+    from training.checkpoint import CheckpointError, detect_config, model_from_checkpoint, preset_name
+    from training.checkpoint_files import read_checkpoint
     from training.models.tooncrafter import tooncrafter_config
 
     try:
@@ -171,7 +168,8 @@ def load_sketch_encoder(path: Path, preset: str | None) -> nn.Module:
     Thin adapter: training/checkpoint.py reads the file (any format, wrapper prefixes removed); the keys
     are checked strictly here against `SketchEncoder` (a `control_model.` prefix, as in ControlNet
     checkpoints, is removed)."""
-    from training.checkpoint import CheckpointError, compare_keys, describe_mismatch, read_checkpoint
+    from training.checkpoint import CheckpointError, compare_keys, describe_mismatch
+    from training.checkpoint_files import read_checkpoint
     from training.models.sketch import SKETCH_ENCODER_PRESETS, SketchEncoder
 
     cfg = SKETCH_ENCODER_PRESETS.get(preset or "toon-512", SKETCH_ENCODER_PRESETS["toon-512"])

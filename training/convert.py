@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         detect_config,
         model_from_checkpoint,
         preset_name,
-        read_checkpoint,
         resolve_config,
         save_safetensors,
     )
+    from training.checkpoint_files import read_checkpoint
     from training.models.tooncrafter import TOONCRAFTER_PRESETS
 
     parser = argparse.ArgumentParser(

@@ -255,7 +255,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[RunConfig, Path | None, list
             raise FileNotFoundError(problem)
     engine.accumulation_steps(run.train, int(os.environ.get("WORLD_SIZE", 1)))  # a batch the ranks split
     if run.train.init_checkpoint:  # a missing, cut-off or other model's file, before the run takes its folder
-        from training.checkpoint import check_loadable, existing_checkpoint
+        from training.checkpoint import check_loadable
+        from training.checkpoint_files import existing_checkpoint
 
         _check_init_kind(existing_checkpoint(run.train.init_checkpoint), args.stage)
         check_loadable(run.train.init_checkpoint, preset=run.train.preset, dual_ref_decoder=True)

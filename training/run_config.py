@@ -187,7 +187,8 @@ def _chosen_init(given: str) -> str:
     names it) is its exported model; a `latest` pointer is resolved now (recorded, it would name another
     step at the resume: given by --set or a config file, it was); absolute, so that a resume from another
     folder names the same file (_check_same_start)."""
-    from training.checkpoint import CheckpointError, checkpoint_file
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import checkpoint_file
 
     if "://" in given:
         return given  # refused by name with the other input errors

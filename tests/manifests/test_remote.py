@@ -219,7 +219,8 @@ def test_an_input_file_url_is_refused_by_name(argv, url, tmp_path, monkeypatch, 
 
 
 def test_a_checkpoint_url_from_a_config_file_is_named():
-    from training.checkpoint import CheckpointError, read_checkpoint
+    from training.checkpoint import CheckpointError
+    from training.checkpoint_files import read_checkpoint
 
     with pytest.raises(
         CheckpointError, match="s3://bucket/dc.ckpt is a URL; checkpoints are read from local"

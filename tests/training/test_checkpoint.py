@@ -18,9 +18,9 @@ from training.checkpoint import (
     dual_ref_only_keys,
     load_model,
     load_state_dict,
-    read_checkpoint,
     save_safetensors,
 )
+from training.checkpoint_files import read_checkpoint
 from training.models.tooncrafter import ToonCrafter, ToonCrafterConfig, build_tooncrafter
 
 
@@ -340,7 +340,7 @@ def test_a_safetensors_file_whose_first_byte_looks_like_a_pickle_keeps_its_confi
     pickle's first byte: the file was read as a torch file, without its embedded config."""
     from safetensors.torch import save_file
 
-    from training.checkpoint import header_config
+    from training.checkpoint_files import header_config
 
     base = {k: v.contiguous() for k, v in tiny.state_dict().items()}
     meta = {"inbetweener.config": json.dumps(tiny.cfg.to_dict())}
@@ -372,10 +372,12 @@ def test_convert_refuses_a_preset_the_files_config_contradicts(tiny, tmp_path, c
 def test_convert_into_a_folder_that_is_a_file_says_so_before_reading(tmp_path, capsys, monkeypatch):
     """`convert model.ckpt notes.txt/model.safetensors` read the whole input (10 GB at full size), then said
     "cannot write ...: File exists"."""
-    from training import checkpoint, convert
+    from training import checkpoint_files, convert
 
     (tmp_path / "notes.txt").write_text("x")
-    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda *a, **k: pytest.fail("the input was read"))
+    monkeypatch.setattr(
+        checkpoint_files, "read_checkpoint", lambda *a, **k: pytest.fail("the input was read")
+    )
     with pytest.raises(SystemExit) as exit_:
         convert.main([str(tmp_path / "in.ckpt"), str(tmp_path / "notes.txt" / "sub" / "out.safetensors")])
     assert exit_.value.code == 2
