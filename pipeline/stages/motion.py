@@ -32,17 +32,15 @@ def flow_statistics(flows: list[np.ndarray]) -> dict:
         return {"motion_mean": 0.0, "motion_p90": 0.0, "motion_residual": 0.0}
     h, w = flows[0].shape[:2]
     diagonal = float(np.hypot(w, h))
-    import cv2
-
     means, residuals = [], []
     for flow in flows:
-        means.append(float(cv2.magnitude(flow[..., 0], flow[..., 1]).mean()) / diagonal * 100.0)
-        coarse = np.ascontiguousarray(
-            flow[::2, ::2]
-        )  # the residual is a shape measure: half resolution serves
+        flow = flow.astype(np.float64)  # not cv2.magnitude: its float32 result changed in the last bit
+        # with the arrays' addresses, so a resumed job's scores differed from an uninterrupted run's
+        means.append(float(np.hypot(flow[..., 0], flow[..., 1]).mean()) / diagonal * 100.0)
+        coarse = flow[::2, ::2]  # the residual is a shape measure: half resolution serves
         global_shift = np.median(coarse[::2, ::2].reshape(-1, 2), axis=0)  # the camera's translation
-        rest = coarse - global_shift.astype(np.float32)
-        residuals.append(float(cv2.magnitude(rest[..., 0], rest[..., 1]).mean()) / diagonal * 100.0)
+        rest = coarse - global_shift
+        residuals.append(float(np.hypot(rest[..., 0], rest[..., 1]).mean()) / diagonal * 100.0)
     return {
         "motion_mean": float(np.mean(means)),
         "motion_p90": float(np.percentile(means, 90)),
