@@ -140,12 +140,14 @@ class CurateJob(ResumeMixin, StepsMixin):
         manifest = self.out / "manifest.parquet"
         changed = self._thresholds_changed()
         back = self._back_again(sources)
+        replaced = self._changed_since_scored(sources)
         if (
             done_file.exists()
             and manifest.exists()
             and json.loads(done_file.read_text()).get("key") == done_key
             and not changed  # `select` rewrote the manifest since: decided again
             and not back  # a source that was not there is now: scored and written
+            and not replaced  # a file replaced under the same name: scored again
         ):
             try:
                 table = read_manifest(manifest)
@@ -159,6 +161,7 @@ class CurateJob(ResumeMixin, StepsMixin):
         self._say_leaving(sources)
         self._say_thresholds_changed(changed)
         self._rescore_back_again(back)
+        self._rescore_changed(replaced)
         given_up = self._score(sources)
         table = self._load_parts(sources)
         result = self.finalize(table)

@@ -91,6 +91,21 @@ def uri_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:20]
 
 
+STAMP_KEY = b"inbetweener.source_stamp"  # a part's Parquet metadata: its local source's size and mtime then
+
+
+def source_stamp(uri: str) -> str | None:
+    """`size:mtime_ns` of a local source (None for a store's object, or a file not there): a part saved with
+    one is scored again when its file no longer has it (replaced under the same name)."""
+    if not is_local(uri):
+        return None
+    try:
+        st = os.stat(uri)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 class ResumeMixin:
     """The OUT/.work bookkeeping of `CurateJob`: resuming, rerunning, adopting earlier work."""
 
@@ -317,6 +332,33 @@ class ResumeMixin:
                 changed.append((f"{section}.{key}", then, now))
         return changed
 
+    def _changed_since_scored(self, sources: list[str]) -> list[str]:
+        """Local sources whose part records another size or mtime than the file has now: replaced under the
+        same name since they were scored. Their finished job's rerun was a no-op, and a rerun for other
+        reasons wrote their old clips from the clip cache, both keeping the old file's scores and frames."""
+        changed = []
+        for uri in sources:
+            part = self.parts / f"{uri_key(uri)}.parquet"
+            if not is_local(uri) or not part.is_file():
+                continue
+            try:
+                then = (pq.read_schema(part).metadata or {}).get(STAMP_KEY)
+            except (pa.ArrowException, OSError):
+                continue
+            now = source_stamp(uri)
+            if then is not None and now is not None and then.decode() != now:
+                changed.append(uri)
+        return changed
+
+    def _rescore_changed(self, changed: list[str]) -> None:
+        for uri in changed:
+            (self.parts / f"{uri_key(uri)}.parquet").unlink(missing_ok=True)
+        if changed:
+            self._say(
+                f"{len(changed)} source(s) changed (size or modification time) since they were scored"
+                f" (e.g. {changed[0]}): scored again"
+            )
+
     def _adopt_relative_parts(self, sources: list[str]) -> None:
         """Sources are named by absolute paths now; an earlier version named them as typed (relative to the
         working directory then). A part saved under a source's path relative to this working directory is
@@ -353,6 +395,9 @@ class ResumeMixin:
         for row in clean:
             row.setdefault("split", "none")
         table = pa.Table.from_pylist(clean, schema=WORK_SCHEMA)
+        stamp = getattr(self, "_stamps", {}).get(uri)  # taken before it was scored: a later change is seen
+        if stamp is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), STAMP_KEY: stamp})
         with atomic_path(self.parts / f"{uri_key(uri)}.parquet", suffix=".parquet") as tmp:
             pq.write_table(table, tmp)
 

@@ -25,7 +25,7 @@ from manifests.files import write_json_atomic
 from manifests.io import ManifestError, manifest_config, read_split_history, write_split_history
 from manifests.schema import CLIP_SCHEMA, SOURCE_COLUMNS
 from pipeline.config import ConfigError, SplitConfig
-from pipeline.job_resume import uri_key
+from pipeline.job_resume import source_stamp, uri_key
 from pipeline.stages.discover import error_fields
 from pipeline.stages.write import EncodeSource, save_clip, staging_dir, swap_in, write_shards
 
@@ -90,6 +90,7 @@ class StepsMixin:
             given_up_file.unlink()
         self._adopt_relative_parts(sources)
         pending = [uri for uri in sources if not (self.parts / f"{uri_key(uri)}.parquet").exists()]
+        self._stamps = {uri: stamp for uri in pending if (stamp := source_stamp(uri)) is not None}
         if not pending:
             self._say(f"all {len(sources)} sources already scored: deciding and writing again")
         elif len(pending) < len(sources):

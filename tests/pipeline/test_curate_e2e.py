@@ -764,7 +764,8 @@ def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is
 ):
     """A curate rerun or resume encodes the clips of sources an earlier run scored: one replaced under the
     same name since (a new cut) had its new frames written under the earlier file's clip ids and scores
-    (the content check ran for select only). Its clips are error rows, and the next rerun scores it again."""
+    (the content check ran for select only). Its part records the file's size and mtime: it is scored
+    again (a source whose part has none, scored by an earlier version, is caught by the check at write)."""
     from manifests.keys import source_id_from_stream
 
     footage, out, other = tmp_path / "footage", tmp_path / "out", tmp_path / "other"
@@ -785,15 +786,9 @@ def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is
     shutil.rmtree(out / ".work" / "clips")
     shutil.copy(other / "episode_02.mp4", episode)
     capsys.readouterr()
-    assert curate_main(args) == 0
-    reasons = {r["reason"] for r in rows_of_episode() if r["clip_id"] in old_kept}
-    assert len(reasons) == 1 and f"write: {episode} changed since it was scored" in reasons.pop()
-    written = set(read_shard_index(out / "shards" / "train")["clip_id"].to_pylist())
-    written |= set(read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist())
-    assert not written & old_kept
-    capsys.readouterr()
-    assert curate_main(args) == 0
-    assert "1 source(s) replaced since they were scored" in capsys.readouterr().err
+    assert curate_main(args) == 0  # its part records another size and mtime: scored again at once
+    assert "1 source(s) changed (size or modification time) since they were scored" in capsys.readouterr().err
+    assert not {r["clip_id"] for r in rows_of_episode()} & old_kept
     with episode.open("rb") as handle:
         now = source_id_from_stream(handle)
     rows = rows_of_episode()
@@ -801,6 +796,30 @@ def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is
     written = set(read_shard_index(out / "shards" / "train")["clip_id"].to_pylist())
     written |= set(read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist())
     assert {r["clip_id"] for r in rows if r["status"] == "kept"} <= written
+
+
+def test_a_source_replaced_after_a_finished_job_is_scored_again_by_the_same_command(tmp_path, capsys):
+    """A file replaced under the same name after the job finished: the same command was a no-op (and a rerun
+    for another reason took its old clips from the clip cache), so its old scores and frames stayed in the
+    manifest and shards for good. Its part records the file's size and mtime: the rerun scores it again."""
+    from manifests.keys import source_id_from_stream
+
+    footage, other, out = tmp_path / "footage", tmp_path / "other", tmp_path / "out"
+    samples.generate_footage(footage, size=(128, 80))
+    samples.generate_footage(other, seed=1, size=(128, 80))
+    episode = footage / "episode_02.mp4"
+    args = [str(footage), "--out", str(out), "--skip", "text,aesthetic,caption,alignment", "--quiet"]
+    assert curate_main(args) == 0
+    shutil.copy(other / "episode_02.mp4", episode)
+    capsys.readouterr()
+    assert curate_main(args[:-1]) == 0
+    assert "1 source(s) changed (size or modification time) since they were scored" in capsys.readouterr().err
+    with episode.open("rb") as handle:
+        now = source_id_from_stream(handle)
+    rows = [r for r in read_manifest(out / "manifest.parquet").to_pylist() if r["source_uri"] == str(episode)]
+    assert {r["source_id"] for r in rows} == {now}
+    capsys.readouterr()
+    assert curate_main(args[:-1]) == 0 and "nothing to do" in capsys.readouterr().err
 
 
 def test_select_takes_the_clips_missing_from_the_cache_from_the_shards(curated, tmp_path, capsys):
