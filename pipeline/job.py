@@ -224,7 +224,25 @@ class CurateJob(ResumeMixin, StepsMixin):
             )
             done_file = self.work / "done.json"
             finished = done_file.exists() and json.loads(done_file.read_text()).get("key")
-            if saved == current and finished == self._done_key(sources):
+            # what run scores or decides again, though its inputs and config are the same (nothing written)
+            replaced = self._changed_since_scored(sources, refresh=False) if saved == current else []
+            back = self._back_again(sources) if saved == current else []
+            again = self._thresholds_changed() if saved == current else []
+            if replaced:
+                lines.append(
+                    f"replaced: {len(replaced)} source(s) changed since they were scored (e.g. {replaced[0]}):"
+                    " would be scored again"
+                )
+            if back:
+                lines.append(
+                    f"back: {len(back)} source(s) missing at an earlier run are there now: would be scored"
+                )
+            if again:
+                lines.append(
+                    f"settings changed since the manifest was written ({', '.join(k for k, _, _ in again)}):"
+                    " would decide and write again"
+                )
+            if saved == current and finished == self._done_key(sources) and not (replaced or back or again):
                 lines[-1] += "; finished with these inputs and this config: run would be a no-op"
         stages = [type(stage).__name__.removesuffix("Stage").lower() for stage in self.stages()]
         lines.append("stages: " + " -> ".join(stages) + " -> write")

@@ -106,6 +106,26 @@ def source_stamp(uri: str) -> str | None:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _content_id(uri: str) -> str | None:
+    """The content id of a local source now (None: it cannot be read)."""
+    from manifests.keys import source_id_from_stream
+
+    try:
+        with open(uri, "rb") as handle:
+            return source_id_from_stream(handle)
+    except OSError:
+        return None
+
+
+def _part_source_id(part: Path) -> str | None:
+    """The content id a part's rows were scored from (None: none recorded, e.g. a source that failed)."""
+    try:
+        ids = pq.read_table(part, columns=["source_id"]).column("source_id").to_pylist()
+    except (pa.ArrowException, OSError, KeyError):
+        return None
+    return next((i for i in ids if i), None)
+
+
 class ResumeMixin:
     """The OUT/.work bookkeeping of `CurateJob`: resuming, rerunning, adopting earlier work."""
 
@@ -332,11 +352,13 @@ class ResumeMixin:
                 changed.append((f"{section}.{key}", then, now))
         return changed
 
-    def _changed_since_scored(self, sources: list[str]) -> list[str]:
-        """Local sources whose part records another size or mtime than the file has now: replaced under the
-        same name since they were scored. Their finished job's rerun was a no-op, and a rerun for other
-        reasons wrote their old clips from the clip cache, both keeping the old file's scores and frames."""
-        changed = []
+    def _changed_since_scored(self, sources: list[str], refresh: bool = True) -> list[str]:
+        """Local sources replaced under the same name since they were scored: their part records another size
+        or mtime than the file has now, and the file's content id is not the part's. Their finished job's
+        rerun was a no-op, and a rerun for other reasons wrote their old clips from the clip cache, both
+        keeping the old file's scores and frames. A file only touched (copied without its times, synced)
+        keeps its scores: with `refresh`, its part takes the file's size and mtime now (said)."""
+        changed, touched = [], []
         for uri in sources:
             part = self.parts / f"{uri_key(uri)}.parquet"
             if not is_local(uri) or not part.is_file():
@@ -346,8 +368,23 @@ class ResumeMixin:
             except (pa.ArrowException, OSError):
                 continue
             now = source_stamp(uri)
-            if then is not None and now is not None and then.decode() != now:
+            if then is None or now is None or then.decode() == now:
+                continue
+            content = _content_id(uri)  # a hash costs far less than scoring again
+            if content is not None and content == _part_source_id(part):
+                touched.append(uri)
+                if refresh:
+                    table = pq.read_table(part)
+                    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STAMP_KEY: now})
+                    with atomic_path(part, suffix=".parquet") as tmp:
+                        pq.write_table(table, tmp)
+            else:
                 changed.append(uri)
+        if touched and refresh:
+            self._say(
+                f"{len(touched)} source(s) have another modification time but the same content as when they"
+                f" were scored (e.g. {touched[0]}): their scores are kept"
+            )
         return changed
 
     def _rescore_changed(self, changed: list[str]) -> None:
@@ -355,8 +392,8 @@ class ResumeMixin:
             (self.parts / f"{uri_key(uri)}.parquet").unlink(missing_ok=True)
         if changed:
             self._say(
-                f"{len(changed)} source(s) changed (size or modification time) since they were scored"
-                f" (e.g. {changed[0]}): scored again"
+                f"{len(changed)} source(s) changed since they were scored (another size or modification time,"
+                f" and other content; e.g. {changed[0]}): scored again"
             )
 
     def _adopt_relative_parts(self, sources: list[str]) -> None:

@@ -18,7 +18,7 @@ from manifests import read_manifest
 from manifests.io import list_shards, read_shard_index
 from pipeline import samples
 from pipeline.cli import curate_main, report_main, select_main
-from pipeline.job_resume import uri_key
+from pipeline.job_resume import STAMP_KEY, uri_key
 from pipeline.report import funnel
 
 pytestmark = pytest.mark.slow
@@ -764,8 +764,8 @@ def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is
 ):
     """A curate rerun or resume encodes the clips of sources an earlier run scored: one replaced under the
     same name since (a new cut) had its new frames written under the earlier file's clip ids and scores
-    (the content check ran for select only). Its part records the file's size and mtime: it is scored
-    again (a source whose part has none, scored by an earlier version, is caught by the check at write)."""
+    (the content check ran for select only). Its clips are error rows, and the next rerun scores it again.
+    (A part that records its file's size and mtime has it scored again at once: the test below.)"""
     from manifests.keys import source_id_from_stream
 
     footage, out, other = tmp_path / "footage", tmp_path / "out", tmp_path / "other"
@@ -784,11 +784,23 @@ def test_a_source_replaced_before_a_rerun_is_not_written_as_its_old_clips_and_is
     # a job stopped after scoring (nothing encoded yet), whose footage is replaced before it is run again
     (out / ".work" / "done.json").unlink()
     shutil.rmtree(out / ".work" / "clips")
+    # a part scored by a version before parts recorded their file's size and mtime (87e0397): only the
+    # content check at write tells the file was replaced
+    part = out / ".work" / "sources" / f"{uri_key(str(episode))}.parquet"
+    table = pq.read_table(part)
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != STAMP_KEY}
+    pq.write_table(table.replace_schema_metadata(meta), part)
     shutil.copy(other / "episode_02.mp4", episode)
     capsys.readouterr()
-    assert curate_main(args) == 0  # its part records another size and mtime: scored again at once
-    assert "1 source(s) changed (size or modification time) since they were scored" in capsys.readouterr().err
-    assert not {r["clip_id"] for r in rows_of_episode()} & old_kept
+    assert curate_main(args) == 0
+    reasons = {r["reason"] for r in rows_of_episode() if r["clip_id"] in old_kept}
+    assert len(reasons) == 1 and f"write: {episode} changed since it was scored" in reasons.pop()
+    written = set(read_shard_index(out / "shards" / "train")["clip_id"].to_pylist())
+    written |= set(read_shard_index(out / "shards" / "eval")["clip_id"].to_pylist())
+    assert not written & old_kept
+    capsys.readouterr()
+    assert curate_main(args) == 0
+    assert "1 source(s) replaced since they were scored" in capsys.readouterr().err
     with episode.open("rb") as handle:
         now = source_id_from_stream(handle)
     rows = rows_of_episode()
@@ -812,14 +824,27 @@ def test_a_source_replaced_after_a_finished_job_is_scored_again_by_the_same_comm
     assert curate_main(args) == 0
     shutil.copy(other / "episode_02.mp4", episode)
     capsys.readouterr()
+    assert curate_main([*args, "--dry-run"]) == 0  # it said "run would be a no-op"
+    said = capsys.readouterr()
+    assert "replaced: 1 source(s) changed since they were scored" in said.out + said.err
+    assert "no-op" not in said.out + said.err
     assert curate_main(args[:-1]) == 0
-    assert "1 source(s) changed (size or modification time) since they were scored" in capsys.readouterr().err
+    assert "1 source(s) changed since they were scored" in capsys.readouterr().err
     with episode.open("rb") as handle:
         now = source_id_from_stream(handle)
     rows = [r for r in read_manifest(out / "manifest.parquet").to_pylist() if r["source_uri"] == str(episode)]
     assert {r["source_id"] for r in rows} == {now}
     capsys.readouterr()
     assert curate_main(args[:-1]) == 0 and "nothing to do" in capsys.readouterr().err
+    # footage copied without its times (cp -r, rsync without -t): the same bytes, other mtimes; hashed,
+    # not scored again (each part takes the new mtime), and the job is still done
+    for video in footage.iterdir():
+        os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert curate_main(args[:-1]) == 0
+    said = capsys.readouterr().err
+    assert "same content as when they were scored" in said and "nothing to do" in said
+    assert curate_main(args[:-1]) == 0
+    assert "same content" not in capsys.readouterr().err
 
 
 def test_select_takes_the_clips_missing_from_the_cache_from_the_shards(curated, tmp_path, capsys):
