@@ -6,7 +6,7 @@ activation memory budget, its knapsack solver), but no inductor codegen or Trito
 is built with rectify's trainable set (training/roles.py) and each block compiled as train.py compiles them
 (training/compilation.py), then one forward and backward runs on 16 frames of 8x8 latents: the graphs
 have the full-size structure, the arithmetic is small. Each case runs in a process of its own (the budget is
-process-wide), one after the other, and prints Dynamo's compile-time table:
+process-wide), one after the other, and prints one line of its compile times:
 
     python bench/partition_probe.py                    # budgets 1.0 and 0.3, plain layout, then 0.3 channels-last
     python bench/partition_probe.py --cases 0.3:cl     # one case: budget 0.3, channels-last activations
@@ -76,7 +76,12 @@ def main() -> None:
         budget, _, layout = args.one.partition(":")
         one_case(float(budget), layout == "cl", args.preset)
         return
-    for case in args.cases.split(","):
+    cases = args.cases.split(",")
+    for case in cases:
+        budget, _, layout = case.partition(":")
+        if layout not in ("", "cl") or not budget.replace(".", "", 1).isdigit():
+            parser.error(f"--cases: {case!r} is not a budget, or a budget then :cl for channels-last")
+    for case in cases:
         subprocess.run([sys.executable, __file__, "--one", case, "--preset", args.preset], check=True)
 
 

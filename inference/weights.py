@@ -2,7 +2,7 @@
 
 Nothing downloads. The models dir is `--models-dir`, else `$INBETWEENER_MODELS`, else
 `~/.cache/inbetweener/models` (training/features.py); the released files go under `tooncrafter/`.
-Loading goes through training/checkpoint.py (every format it reads, strict keys): the config embedded
+Loading goes through training/checkpoint.py (every format checkpoint_files.py reads, strict keys): the config embedded
 in the file wins, else the preset whose key layout the file has, else `--preset`.
 """
 
@@ -165,7 +165,7 @@ def load_tooncrafter(path: Path, preset: str | None = None) -> nn.Module:
 def load_sketch_encoder(path: Path, preset: str | None) -> nn.Module:
     """The sketch encoder of the file, matching the interpolation model's preset (`tiny` or `toon-512`).
 
-    Thin adapter: training/checkpoint.py reads the file (any format, wrapper prefixes removed); the keys
+    Thin adapter: training/checkpoint_files.py reads the file (any format, wrapper prefixes removed); the keys
     are checked strictly here against `SketchEncoder` (a `control_model.` prefix, as in ControlNet
     checkpoints, is removed)."""
     from training.checkpoint import CheckpointError, compare_keys, describe_mismatch
