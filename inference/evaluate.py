@@ -266,6 +266,11 @@ def run(args: argparse.Namespace, extractors=None) -> int:
     not_folder = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
     if not_folder is not None:  # a traceback at the first clip's cache file, after its work
         raise InputError(f"--out {args.out}: {not_folder} is a file, not a folder")
+    if not args.out.exists() and args.out.suffix.lower() in (".md", ".json", ".csv", ".html", ".txt"):
+        raise InputError(  # it made a folder named results.md, the results inside it
+            f"--out {args.out} names a file: --out is the folder that gets results.md and results/"
+            f" (e.g. --out {args.out.parent})"
+        )
     size = (args.decoder_size, args.decoder_size) if args.decoder_only else parse_size(args.size)
     if min(size) <= 0:
         raise InputError(f"the evaluation frame {size[0]}x{size[1]} must have positive sides")

@@ -487,3 +487,8 @@ def test_an_out_folder_under_a_file_is_refused_before_any_clip(curated, tmp_path
     argv = [str(curated), "--out", str(out), "--method", "linear", "--metrics", "psnr", *TINY]
     assert cli.main(argv) == 2
     assert f"--out {out}: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    # `--out eval/results.md`, the file the user wants to read: a folder of that name was made for it
+    named = tmp_path / "eval" / "results.md"
+    assert cli.main([str(curated), "--out", str(named), *argv[3:]]) == 2
+    assert f"--out {named} names a file: --out is the folder" in capsys.readouterr().err
+    assert not named.exists()
