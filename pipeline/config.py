@@ -157,6 +157,9 @@ class RunConfig:
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
     fail_on_error: bool = False  # exit non-zero when any source failed
     progress: bool = True
+    # a local Ray's shared object store, GiB; None = Ray's default (30% of RAM). Workers' RSS counts its
+    # pages (decoding queues keyframe rows there ahead of scoring): cap it where memory is counted by RSS
+    object_store_gib: float | None = None
 
 
 @dataclass
@@ -316,6 +319,10 @@ def _validate(config: CurateConfig) -> None:
         (config.write.shard_bytes > 0, "write.shard_bytes must be > 0"),
         (config.write.fps is None or config.write.fps > 0, "write.fps must be > 0 or null"),
         (config.run.workers >= 0, "run.workers must be >= 0"),
+        (
+            config.run.object_store_gib is None or config.run.object_store_gib >= 0.1,
+            "run.object_store_gib must be >= 0.1 (Ray's smallest store is 75 MiB) or null",
+        ),
         (config.split.eval_size >= 0, "split.eval_size must be >= 0"),
         (
             not config.alignment.enabled or (config.aesthetic.enabled and config.caption.enabled),

@@ -397,7 +397,10 @@ class CurateJob(ResumeMixin, StepsMixin):
         from pipeline.runner import init_ray
 
         workers = self.config.run.workers or os.cpu_count() or 1
-        init_ray(self.config.run.address, num_cpus=workers + 1)
+        store = self.config.run.object_store_gib
+        init_ray(
+            self.config.run.address, num_cpus=workers + 1, object_store_bytes=store and int(store * 2**30)
+        )
 
     def _workers(self) -> int:
         import ray

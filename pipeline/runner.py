@@ -130,8 +130,11 @@ def _tune_scheduling() -> None:
         manager.get_global_limits = _ask_again_while_zero(manager.get_global_limits)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Start (or join) Ray once per process: `address`, else RAY_ADDRESS, else a local instance."""
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, object_store_bytes: int | None = None
+) -> None:
+    """Start (or join) Ray once per process: `address`, else RAY_ADDRESS, else a local instance (with
+    `num_cpus` and an object store of `object_store_bytes`; a cluster's are set by its `ray start`)."""
     import ray
 
     _tune_scheduling()
@@ -161,6 +164,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
+        if object_store_bytes:
+            kwargs["object_store_memory"] = object_store_bytes
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     problem = probe_gcs(address) if address else None
     if problem:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -385,6 +386,7 @@ def test_every_model_pool_runs_beside_the_decoding_on_one_gpu(tmp_path):
 import os, time
 from dataclasses import dataclass
 from pathlib import Path
+from pathlib import Path
 import ray
 from pipeline.runner import init_ray, run_stages
 from pipeline.stages.base import Stage
@@ -477,3 +479,29 @@ def test_a_cluster_too_small_for_the_actors_and_one_task_is_refused():
     with pytest.raises(ConfigError, match=r"has 1 CPU\(s\): the model stages' actors hold 0.1"):
         check_room(1.0, {1: Pool(1, 0.0, 0.1)}, groups)
     check_room(2.0, {1: Pool(1, 0.0, 0.1)}, groups)  # room for both
+
+
+def test_a_local_rays_object_store_takes_the_configured_size(monkeypatch):
+    """Decoding queues keyframe rows in the object store ahead of scoring, and workers' RSS counts its
+    pages (BENCHMARKS.md: 1 GB of a decoding worker's RSS at 800 sources with Ray's default store of 30% of
+    RAM): run.object_store_gib caps it; the job passes it to a local Ray, not to a cluster's."""
+    import ray
+
+    from pipeline import runner
+    from pipeline.config import ConfigError, load_config
+    from pipeline.job import CurateJob
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(runner, "probe_gcs", lambda address: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_config(sets=["run.object_store_gib=0.75", "run.workers=1"])
+    CurateJob([], Path("unused"), config)._init_ray()
+    assert calls[-1]["object_store_memory"] == int(0.75 * 2**30) and calls[-1]["address"] == "local"
+    CurateJob([], Path("unused"), load_config(sets=["run.workers=1"]))._init_ray()
+    assert "object_store_memory" not in calls[-1]  # Ray's default
+    runner.init_ray("10.0.0.9:6379", object_store_bytes=2**30)
+    assert "object_store_memory" not in calls[-1]  # a cluster's store is set by its `ray start`
+    with pytest.raises(ConfigError, match="run.object_store_gib must be >= 0.1"):
+        load_config(sets=["run.object_store_gib=0.01"])
