@@ -235,7 +235,8 @@ class CurateJob(ResumeMixin, StepsMixin):
                 )
             if back:
                 lines.append(
-                    f"back: {len(back)} source(s) missing at an earlier run are there now: would be scored"
+                    f"back: {len(back)} source(s) the manifest has as error rows (missing then, or replaced since"
+                    " they were scored) are there now: would be scored again"
                 )
             if again:
                 lines.append(

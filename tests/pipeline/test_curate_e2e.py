@@ -733,6 +733,10 @@ def test_a_source_missing_in_a_run_is_curated_by_the_rerun_once_it_is_back(tmp_p
     capsys.readouterr()
     assert curate_main(args) == 0 and "nothing to do" in capsys.readouterr().err  # still missing
     away.rename(episode)
+    assert curate_main([*args, "--dry-run"]) == 0  # it said "run would be a no-op"
+    said = capsys.readouterr()
+    assert "back: 1 source(s) the manifest has as error rows" in said.out + said.err
+    assert "no-op" not in said.out + said.err
     assert curate_main(args) == 0
     said = capsys.readouterr().err
     assert "nothing to do" not in said and "1 source(s) that were not there" in said
