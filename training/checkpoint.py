@@ -40,6 +40,7 @@ from training.checkpoint_files import (
     CONFIG_METADATA,
     Checkpoint,
     CheckpointError,
+    quiet_log,
     read_checkpoint,
     read_layout,
 )
@@ -94,12 +95,8 @@ def check_loadable(path: str | Path, preset: str | None = None, **overrides: Any
     preset, another network, keys missing), from the file's key names and shapes alone: a run checks its
     --init with it before it takes its folder, and loads the tensors later."""
     ckpt = read_layout(path)
-    quiet = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with quiet_log():
         cfg = resolve_config(ckpt, preset, **overrides)
-    finally:
-        log.setLevel(quiet)
     with torch.device("meta"):
         model = ToonCrafter(cfg)
     _check_keys(model, ckpt.state_dict, str(ckpt.path))

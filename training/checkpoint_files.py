@@ -7,11 +7,12 @@ training/checkpoint.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,9 +330,16 @@ _SAFETENSORS_DTYPES = {
 def read_layout(path: str | Path) -> Checkpoint:
     """`read_checkpoint(path, layout_only=True)` without its warnings (pickled objects, EMA entries): a
     check before the real load, which says them once."""
-    quiet = log.level
+    with quiet_log():
+        return read_checkpoint(path, layout_only=True)
+
+
+@contextlib.contextmanager
+def quiet_log() -> Iterator[None]:
+    """The checkpoint logger's warnings held back: for a check before the real load, which says them once."""
+    level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return read_checkpoint(path, layout_only=True)
+        yield
     finally:
-        log.setLevel(quiet)
+        log.setLevel(level)
